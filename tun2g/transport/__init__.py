@@ -1,0 +1,1 @@
+"""Transports: socket-like byte streams (TCP, TLS, KCP, HTTP Upgrade) under smux."""
