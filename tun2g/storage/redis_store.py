@@ -1,0 +1,222 @@
+"""The Redis store: tokens and routes shared by every server process of a cluster.
+
+Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
+
+    P token:<sha256hex>   hash    id, user, scopes (JSON list), created (unix seconds), note
+    P token-id:<id>       string  <sha256hex> of that token's secret (list/revoke by public id)
+    P tokens              set     every token id
+    P route:<domain>      hash    user, created (domain normalized: lowercase, no :port, no trailing dot)
+    P routes              set     every routed domain
+
+A server's token check is one HGETALL and its route check one HGET. Writes
+that touch several keys run in one MULTI/EXEC transaction; read-then-write
+(the duplicate-secret and route-owner checks) WATCHes the key it read.
+
+gevent: redis-py is pure Python on sockets, so under gevent's monkey-patching
+every call is cooperative. Timeouts bound every call; a connection failure
+becomes StorageUnavailable naming the URL, never a redis traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from tun2g.storage.base import (
+    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, StorageError, StorageUnavailable, TokenInfo,
+    hash_secret, new_secret, new_token_id, normalize_domain, normalize_token_id, route_taken_error,
+    validate_note, validate_scopes, validate_secret, validate_user,
+)
+
+DEFAULT_KEY_PREFIX = "tun2g:"
+CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
+COMMAND_TIMEOUT = 5.0  # seconds per command
+# One quick retry re-dials a pooled connection that a Redis restart broke; more would
+# only delay the StorageUnavailable a caller needs to see.
+_RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
+
+
+class RedisStorage:
+    """Tokens and routes in Redis (see the module docstring for the key schema)."""
+
+    def __init__(self, url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+        self.url = url
+        self.key_prefix = key_prefix
+        try:
+            self._client = redis.Redis.from_url(
+                url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=COMMAND_TIMEOUT, retry=_RETRY, health_check_interval=30)
+        except ValueError as err:
+            raise StorageError(f"invalid Redis URL {self.describe()}: {err}") from None
+
+    # -- the Storage protocol -------------------------------------------------------
+
+    def has_token(self, token: str) -> tuple[str, list[str]]:
+        if not isinstance(token, str) or not token:
+            raise NoSuchToken("no token given")
+        with self._errors():
+            fields = self._client.hgetall(self._token_key(hash_secret(token)))
+        if not fields:
+            raise NoSuchToken("unknown or revoked token")
+        return fields["user"], json.loads(fields["scopes"])
+
+    def has_route(self, domain: str) -> str:
+        domain = normalize_domain(domain)
+        with self._errors():
+            user = self._client.hget(self._route_key(domain), "user")
+        if user is None:
+            raise NoSuchRoute(f"no route for {domain}")
+        return user
+
+    def create_token(self, user: str, scopes: Iterable[str] = DEFAULT_SCOPES,
+                     note: str = "") -> tuple[TokenInfo, str]:
+        secret = new_secret()
+        return self.import_token(user, secret, scopes, note), secret
+
+    def import_token(self, user: str, secret: str, scopes: Iterable[str] = DEFAULT_SCOPES,
+                     note: str = "") -> TokenInfo:
+        info = TokenInfo(new_token_id(), validate_user(user), validate_scopes(scopes), time.time(),
+                         validate_note(note))
+        digest = hash_secret(validate_secret(secret))
+        token_key = self._token_key(digest)
+
+        def insert(pipe: redis.client.Pipeline) -> None:
+            existing = pipe.hget(token_key, "id")
+            if existing is not None:
+                raise StorageError(f"this secret is already registered as token {existing}")
+            pipe.multi()
+            pipe.hset(token_key, mapping={"id": info.id, "user": info.user, "scopes": json.dumps(info.scopes),
+                                          "created": repr(info.created), "note": info.note})
+            pipe.set(self._key("token-id:", info.id), digest)
+            pipe.sadd(self._key("tokens"), info.id)
+
+        with self._errors():
+            self._client.transaction(insert, token_key)
+        return info
+
+    def list_tokens(self, user: str | None = None) -> list[TokenInfo]:
+        wanted = None if user is None else validate_user(user)
+        with self._errors():
+            ids = sorted(self._client.smembers(self._key("tokens")))
+            digests = self._client.mget([self._key("token-id:", token_id) for token_id in ids]) if ids else []
+            with self._client.pipeline(transaction=False) as pipe:
+                for digest in digests:
+                    pipe.hgetall(self._token_key(digest or "-"))
+                records = pipe.execute()
+        tokens = [_token_info(fields) for fields in records if fields]
+        return sorted((t for t in tokens if wanted in (None, t.user)), key=lambda t: (t.created, t.id))
+
+    def revoke_token(self, token_id: str) -> None:
+        token_id = normalize_token_id(token_id)
+        id_key = self._key("token-id:", token_id)
+        with self._errors():
+            digest = self._client.get(id_key)
+            if digest is None:
+                raise NoSuchToken(f"no token with id {token_id!r} (see `tun2g token list`)")
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self._token_key(digest), id_key)
+                pipe.srem(self._key("tokens"), token_id)
+                pipe.execute()
+
+    def add_route(self, domain: str, user: str) -> Route:
+        route = Route(normalize_domain(domain), validate_user(user), time.time())
+        route_key = self._route_key(route.domain)
+
+        def insert(pipe: redis.client.Pipeline) -> Route:
+            fields = pipe.hgetall(route_key)
+            if fields:
+                if fields["user"] != route.user:
+                    raise route_taken_error(route.domain, fields["user"])
+                return Route(route.domain, fields["user"], float(fields["created"]))
+            pipe.multi()
+            pipe.hset(route_key, mapping={"user": route.user, "created": repr(route.created)})
+            pipe.sadd(self._key("routes"), route.domain)
+            return route
+
+        with self._errors():
+            return self._client.transaction(insert, route_key, value_from_callable=True)
+
+    def remove_route(self, domain: str) -> None:
+        domain = normalize_domain(domain)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._route_key(domain))
+            pipe.srem(self._key("routes"), domain)
+            deleted, _ = pipe.execute()
+        if not deleted:
+            raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
+
+    def list_routes(self, user: str | None = None) -> list[Route]:
+        wanted = None if user is None else validate_user(user)
+        with self._errors():
+            domains = sorted(self._client.smembers(self._key("routes")))
+            with self._client.pipeline(transaction=False) as pipe:
+                for domain in domains:
+                    pipe.hgetall(self._route_key(domain))
+                records = pipe.execute()
+        routes = [Route(domain, fields["user"], float(fields["created"]))
+                  for domain, fields in zip(domains, records) if fields]
+        return [route for route in routes if wanted in (None, route.user)]
+
+    def ping(self) -> None:
+        with self._errors():
+            self._client.ping()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def describe(self) -> str:
+        return redact_url(self.url)
+
+    def __repr__(self) -> str:
+        return f"<RedisStorage {self.describe()} prefix={self.key_prefix!r}>"
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self.key_prefix + "".join(parts)
+
+    def _token_key(self, digest: str) -> str:
+        return self._key("token:", digest)
+
+    def _route_key(self, domain: str) -> str:
+        return self._key("route:", domain)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn redis-py's exceptions into StorageUnavailable / StorageError with a next step."""
+        try:
+            yield
+        except redis.AuthenticationError as err:
+            raise StorageUnavailable(
+                f"Redis at {self.describe()} rejected the credentials ({err}); check the user "
+                f"and password in REDIS_URL / --storage") from None
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise StorageUnavailable(
+                f"cannot reach Redis at {self.describe()} ({err}); check that redis-server is "
+                f"running there and that REDIS_URL / --storage names it") from None
+        except redis.RedisError as err:
+            raise StorageError(f"Redis at {self.describe()} refused the command: {err}") from None
+
+
+def _token_info(fields: dict[str, str]) -> TokenInfo:
+    return TokenInfo(fields["id"], fields["user"], tuple(json.loads(fields["scopes"])),
+                     float(fields["created"]), fields.get("note", ""))
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<unparseable URL>"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))

@@ -1,0 +1,257 @@
+"""The embedded store: one SQLite file, so a newcomer needs no other service.
+
+The server and the `tun2g token` / `tun2g route` commands open the same file
+(see `default_sqlite_path`). WAL mode lets the server read while a command
+writes; a change is visible to the other process at its next lookup, so a
+revoked token stops authenticating at once.
+
+gevent: sqlite3 calls never yield to the hub, so each is kept short (indexed
+single-row statements). SQLite's own busy handler sleeps *inside* C, which
+would freeze every greenlet, so it is off; when another process holds the
+write lock we retry with a cooperative sleep instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import gevent
+
+from tun2g.storage.base import (
+    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, StorageError, TokenInfo, hash_secret,
+    new_secret, new_token_id, normalize_domain, normalize_token_id, route_taken_error,
+    validate_note, validate_scopes, validate_secret, validate_user,
+)
+
+SCHEMA_VERSION = 1
+LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
+
+# Each entry upgrades the schema from version N-1 to N; append, never edit.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE tokens (
+               id            TEXT PRIMARY KEY,
+               secret_sha256 TEXT NOT NULL UNIQUE,
+               user          TEXT NOT NULL,
+               scopes        TEXT NOT NULL,  -- JSON list of strings
+               created       REAL NOT NULL,  -- unix seconds
+               note          TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX tokens_by_user ON tokens (user)",
+        """CREATE TABLE routes (
+               domain  TEXT PRIMARY KEY,     -- normalized: lowercase, no port, no trailing dot
+               user    TEXT NOT NULL,
+               created REAL NOT NULL)""",
+        "CREATE INDEX routes_by_user ON routes (user)",
+    ),
+}
+
+T = TypeVar("T")
+
+
+class SQLiteStorage:
+    """Tokens and routes in a SQLite file (or ":memory:" for one process's tests)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        # Patched to gevent's lock under monkey-patching; also correct with real threads.
+        self._lock = threading.RLock()
+        self._connection: sqlite3.Connection | None = None
+        self._pid = 0
+        self._closed = False
+        self._run(lambda db: None)  # open now, so a bad path fails at start-up, not at first use
+
+    # -- the Storage protocol -------------------------------------------------------
+
+    def has_token(self, token: str) -> tuple[str, list[str]]:
+        if not isinstance(token, str) or not token:
+            raise NoSuchToken("no token given")
+        row = self._run(lambda db: db.execute(
+            "SELECT user, scopes FROM tokens WHERE secret_sha256 = ?", (hash_secret(token),)).fetchone())
+        if row is None:
+            raise NoSuchToken("unknown or revoked token")
+        return row[0], json.loads(row[1])
+
+    def has_route(self, domain: str) -> str:
+        domain = normalize_domain(domain)
+        row = self._run(lambda db: db.execute(
+            "SELECT user FROM routes WHERE domain = ?", (domain,)).fetchone())
+        if row is None:
+            raise NoSuchRoute(f"no route for {domain}")
+        return row[0]
+
+    def create_token(self, user: str, scopes: Iterable[str] = DEFAULT_SCOPES,
+                     note: str = "") -> tuple[TokenInfo, str]:
+        secret = new_secret()
+        return self.import_token(user, secret, scopes, note), secret
+
+    def import_token(self, user: str, secret: str, scopes: Iterable[str] = DEFAULT_SCOPES,
+                     note: str = "") -> TokenInfo:
+        info = TokenInfo(new_token_id(), validate_user(user), validate_scopes(scopes), time.time(),
+                         validate_note(note))
+        digest = hash_secret(validate_secret(secret))
+
+        def insert(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                existing = db.execute("SELECT id FROM tokens WHERE secret_sha256 = ?", (digest,)).fetchone()
+                if existing is not None:
+                    raise StorageError(f"this secret is already registered as token {existing[0]}")
+                db.execute("INSERT INTO tokens (id, secret_sha256, user, scopes, created, note) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           (info.id, digest, info.user, json.dumps(info.scopes), info.created, info.note))
+
+        self._run(insert)
+        return info
+
+    def list_tokens(self, user: str | None = None) -> list[TokenInfo]:
+        query = "SELECT id, user, scopes, created, note FROM tokens"
+        params: tuple = ()
+        if user is not None:
+            query, params = query + " WHERE user = ?", (validate_user(user),)
+        rows = self._run(lambda db: db.execute(query + " ORDER BY created, id", params).fetchall())
+        return [TokenInfo(row[0], row[1], tuple(json.loads(row[2])), row[3], row[4]) for row in rows]
+
+    def revoke_token(self, token_id: str) -> None:
+        token_id = normalize_token_id(token_id)
+        deleted = self._run(lambda db: db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount)
+        if not deleted:
+            raise NoSuchToken(f"no token with id {token_id!r} (see `tun2g token list`)")
+
+    def add_route(self, domain: str, user: str) -> Route:
+        route = Route(normalize_domain(domain), validate_user(user), time.time())
+
+        def insert(db: sqlite3.Connection) -> Route:
+            with _write_transaction(db):
+                row = db.execute("SELECT user, created FROM routes WHERE domain = ?",
+                                 (route.domain,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO routes (domain, user, created) VALUES (?, ?, ?)",
+                               (route.domain, route.user, route.created))
+                    return route
+            if row[0] != route.user:
+                raise route_taken_error(route.domain, row[0])
+            return Route(route.domain, row[0], row[1])
+
+        return self._run(insert)
+
+    def remove_route(self, domain: str) -> None:
+        domain = normalize_domain(domain)
+        deleted = self._run(lambda db: db.execute("DELETE FROM routes WHERE domain = ?", (domain,)).rowcount)
+        if not deleted:
+            raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
+
+    def list_routes(self, user: str | None = None) -> list[Route]:
+        query = "SELECT domain, user, created FROM routes"
+        params: tuple = ()
+        if user is not None:
+            query, params = query + " WHERE user = ?", (validate_user(user),)
+        rows = self._run(lambda db: db.execute(query + " ORDER BY domain", params).fetchall())
+        return [Route(*row) for row in rows]
+
+    def ping(self) -> None:
+        self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def describe(self) -> str:
+        return f"sqlite:{self.path}"
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStorage {self.describe()}>"
+
+    # -- connection handling ---------------------------------------------------------
+
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run one short unit of work, retrying cooperatively while another process writes."""
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                with self._lock:
+                    return work(self._connect())
+            except sqlite3.OperationalError as err:
+                if not _is_busy(err) or time.monotonic() > deadline:
+                    raise self._error(err) from None
+            except sqlite3.Error as err:
+                raise self._error(err) from None
+            gevent.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StorageError(f"{self.describe()} is closed")
+        # A connection must not cross fork() (gunicorn workers): each process opens its own.
+        if self._connection is None or self._pid != os.getpid():
+            self._connection = self._open()
+            self._pid = os.getpid()
+        return self._connection
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The file holds token hashes: readable by its owner only.
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        db = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
+            _migrate(db)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _error(self, err: sqlite3.Error) -> StorageError:
+        hint = ""
+        if _is_busy(err):
+            hint = f"; another process kept the database locked for over {LOCK_WAIT_SECONDS:.0f}s"
+        elif "unable to open" in str(err) or "readonly" in str(err):
+            hint = "; check that the directory exists and is writable (or set TUN2G_DATA_DIR)"
+        elif "not a database" in str(err):
+            hint = "; the file is not a tun2g SQLite store"
+        return StorageError(f"SQLite store {self.path}: {err}{hint}")
+
+
+@contextmanager
+def _write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (the connection is in autocommit mode)."""
+    # IMMEDIATE takes the write lock up front, so a read-then-write can't deadlock.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create or upgrade the schema, recording the version in schema_version."""
+    with _write_transaction(db):
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > SCHEMA_VERSION:
+            raise StorageError(f"the database has schema version {current}, newer than this "
+                               f"tun2g understands ({SCHEMA_VERSION}); upgrade tun2g")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+
+def _is_busy(err: sqlite3.Error) -> bool:
+    text = str(err)
+    return "locked" in text or "busy" in text
