@@ -1,0 +1,274 @@
+"""A smux session over any socket-like transport, driven by gevent greenlets.
+
+Three greenlets per session: the reader (transport -> SessionState -> wake streams),
+the writer (writer.FrameWriter) and the keepalive ticker. All protocol rules live in
+state.py; this module only moves bytes and wakes waiters.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from typing import Callable
+
+import gevent
+from gevent.event import Event
+
+from .config import ACCEPT_BACKLOG, Config, ConfigError
+from .errors import ProtocolError, SessionClosedError
+from .frame import FIN, NOP, SYN
+from .state import SessionState
+from .stream import Stream
+from .writer import FrameWriter
+
+# recv_into this much at a time: a few frames per call at full speed, so per-call
+# costs (syscall, greenlet switch, event dispatch) stay small next to the copying.
+READ_BUFFER_SIZE = 256 * 1024
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class Session:
+    """One smux session; ``client`` picks odd (client) or even (server) stream ids."""
+
+    def __init__(self, transport, client: bool, config: Config | None = None) -> None:
+        config = config if config is not None else Config()
+        config.validate()
+        if config.version is None and not client:
+            raise ConfigError("version=None (adopt the peer's version) works only on a client; "
+                              "a server must be configured with version 1 or 2")
+        self.config = config
+        self.client = client
+        self._transport = transport
+        _set_nodelay(transport)
+        self._state = SessionState(config, client)
+        self._closed = False
+        self._close_reason: Exception | None = None
+        self._closed_event = Event()
+        self._close_callbacks: list[Callable[[Session], None]] = []
+        self._accept_queue: deque[Stream] = deque()
+        self._accept_ready = Event()
+        self._accept_space = Event()
+        self._budget_ready = Event()
+        self._version_known = Event()
+        if config.version is not None:
+            self._version_known.set()
+        self._writer = FrameWriter(transport, config.max_frame_size, config.version, self._on_write_error)
+        self._reader = gevent.spawn(self._read_loop)
+        self._keepalive = None if config.keepalive_disabled else gevent.spawn(self._keepalive_loop)
+
+    # --- public API ----------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        """True once the session has died, for whatever reason."""
+        return self._closed
+
+    @property
+    def close_reason(self) -> Exception | None:
+        """Why the session died (None while it is open)."""
+        return self._close_reason
+
+    @property
+    def num_streams(self) -> int:
+        """Streams in the table: open in at least one direction and not closed locally."""
+        return len(self._state.streams)
+
+    @property
+    def version(self) -> int | None:
+        """The protocol version in use (None while an automatic client waits for the first frame)."""
+        return self._state.version
+
+    @property
+    def greenlets(self) -> list[gevent.Greenlet]:
+        """The session's own greenlets (all dead once it is closed); for leak checks."""
+        return [g for g in (self._reader, self._writer.greenlet, self._keepalive) if g is not None]
+
+    @property
+    def transport(self):
+        """The underlying socket-like object."""
+        return self._transport
+
+    def open_stream(self) -> Stream:
+        """Open a new stream; its SYN is queued after the stream is registered."""
+        self._raise_if_closed()
+        stream = Stream(self, self._state.open_stream())
+        self._writer.send_control(SYN, stream.id)
+        return stream
+
+    def accept_stream(self, timeout: float | None = None) -> Stream:
+        """Wait for the next stream the peer opens; socket.timeout after ``timeout`` seconds."""
+        deadline = _deadline(timeout)
+        while not self._accept_queue:
+            self._raise_if_closed()
+            self._accept_ready.clear()
+            if not self._accept_ready.wait(_remaining(deadline)) and not self._accept_queue:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._raise_if_closed()
+                    raise socket.timeout(f"no stream was opened by the peer within {timeout} s")
+        self._raise_if_closed()
+        stream = self._accept_queue.popleft()
+        self._accept_space.set()
+        return stream
+
+    def close(self) -> None:
+        """Close the session and its transport, silently (like Go: no frame is sent)."""
+        self._die(SessionClosedError("smux session closed by the local application"))
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until the session is closed; False if it is still open after ``timeout`` seconds."""
+        return self._closed_event.wait(timeout)
+
+    def add_close_callback(self, callback: Callable[[Session], None]) -> None:
+        """Call ``callback(session)`` once, in its own greenlet, when the session dies."""
+        if self._closed:
+            gevent.spawn(callback, self)
+        else:
+            self._close_callbacks.append(callback)
+
+    def __repr__(self) -> str:
+        role = "client" if self.client else "server"
+        status = f"closed: {self._close_reason}" if self._closed else f"{self.num_streams} streams"
+        return f"<smux.Session {role} v{self.version} {status}>"
+
+    # --- used by Stream ------------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise SessionClosedError(f"smux session is closed: {self._close_reason}") from self._close_reason
+
+    def _flush_outbox(self) -> None:
+        writer = self._writer
+        for cmd, sid, value in self._state.take_outbox():
+            if cmd == FIN:
+                writer.send_data(sid, None)  # behind the stream's queued data
+            else:
+                writer.send_control(cmd, sid, value)
+
+    def _after_read(self) -> None:
+        """A stream handed bytes to the application: send UPDs, resume a paused reader."""
+        self._flush_outbox()
+        if self._state.budget > 0:
+            self._budget_ready.set()
+
+    def _wait_version(self, deadline: float | None) -> bool:
+        return self._version_known.wait(_remaining(deadline))
+
+    def _die(self, reason: Exception) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        current = gevent.getcurrent()
+        for greenlet in (self._reader, self._keepalive):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=False)
+        self._writer.close()
+        try:
+            self._transport.close()
+        except OSError:
+            pass
+        for stream_state in list(self._state.streams.values()):
+            stream_state.handle._wake()
+        for event in (self._accept_ready, self._accept_space, self._budget_ready, self._version_known,
+                      self._closed_event):
+            event.set()
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            gevent.spawn(callback, self)
+
+    def _on_write_error(self, error: Exception) -> None:
+        self._die(SessionClosedError(f"writing to the transport failed: {error!r}"))
+
+    # --- greenlets -------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        state = self._state
+        buffer = memoryview(bytearray(READ_BUFFER_SIZE))
+        recv_into = getattr(self._transport, "recv_into", None)
+        recv = self._transport.recv
+        try:
+            while True:
+                while state.budget <= 0:  # Go semantics: stop reading until the application reads
+                    self._budget_ready.clear()
+                    self._budget_ready.wait()
+                if recv_into is not None:
+                    data = buffer[:recv_into(buffer)]
+                else:
+                    data = recv(READ_BUFFER_SIZE)
+                if not len(data):
+                    where = " in the middle of a frame" if state.decoder.in_frame else ""
+                    self._die(SessionClosedError(f"the peer closed the smux connection{where}"))
+                    return
+                if not self._dispatch(state.receive(data)):
+                    return
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:
+            self._die(exc if isinstance(exc, ProtocolError) else
+                      SessionClosedError(f"reading from the transport failed: {exc!r}"))
+
+    def _dispatch(self, received) -> bool:
+        """Wake streams and queue accepts for one received chunk; False when the session died."""
+        if self._writer.version is None and self._state.version is not None:
+            self._writer.set_version(self._state.version)
+            self._version_known.set()
+        opened = [Stream(self, stream_state) for stream_state in received.opened]
+        for stream_state in received.changed:
+            stream_state.handle._wake()
+        self._flush_outbox()
+        for stream in opened:
+            while len(self._accept_queue) >= ACCEPT_BACKLOG and not self._closed:
+                self._accept_space.clear()
+                self._accept_space.wait()
+            self._accept_queue.append(stream)
+            self._accept_ready.set()
+        if received.error is not None:
+            self._die(received.error)
+        return not self._closed
+
+    def _keepalive_loop(self) -> None:
+        interval, timeout = self.config.keepalive_interval, self.config.keepalive_timeout
+        decoder = self._state.decoder
+        now = time.monotonic()
+        next_ping, next_check = now + interval, now + timeout
+        headers_seen = decoder.headers_decoded
+        while True:
+            gevent.sleep(max(0.0, min(next_ping, next_check) - time.monotonic()))
+            now = time.monotonic()
+            if now >= next_ping:
+                if self._writer.version is not None:
+                    self._writer.send_control(NOP, 0)
+                next_ping = _next_tick(next_ping, interval, now)
+            if now >= next_check:
+                # Go: close when no header arrived during a whole period, unless we
+                # stopped reading ourselves (budget spent).
+                if decoder.headers_decoded == headers_seen and self._state.budget > 0:
+                    self._die(SessionClosedError(f"keepalive timeout: nothing received in {timeout:g} s"))
+                    return
+                headers_seen = decoder.headers_decoded
+                next_check = _next_tick(next_check, timeout, now)
+
+
+def _next_tick(previous: float, period: float, now: float) -> float:
+    """The next tick of a ticker; after a stall it restarts from now instead of firing in a burst."""
+    following = previous + period
+    return following if following > now else now + period
+
+
+def _set_nodelay(transport) -> None:
+    """TCP_NODELAY on TCP transports: smux frames are small and latency-sensitive."""
+    setsockopt = getattr(transport, "setsockopt", None)
+    if setsockopt is None or getattr(transport, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass

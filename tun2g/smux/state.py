@@ -1,0 +1,250 @@
+"""smux session and stream state as pure code: bytes and calls in, events and frames out.
+
+No sockets and no greenlets here. The driver (session.py) feeds received bytes to
+``SessionState.receive`` and sends what ``take_outbox`` returns; the application
+side calls the read/close/shutdown/window methods. Rules follow PROTOCOL.md §2.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import INITIAL_PEER_WINDOW, Config
+from .errors import ProtocolError, StreamIdsExhaustedError
+from .frame import FIN, PSH, SYN, UPD, FrameDecoder
+
+_UINT32 = 0xFFFFFFFF
+
+# An outgoing control frame: (cmd, sid, (consumed, window) for UPD else None).
+OutgoingFrame = tuple
+
+
+def _int32(value: int) -> int:
+    """Reinterpret a uint32 as int32, as Go's smux does for its window arithmetic."""
+    value &= _UINT32
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+class StreamState:
+    """One stream's buffers, half-close flags and v2 window counters."""
+
+    __slots__ = ("sid", "chunks", "buffered", "fin_received", "fin_sent", "read_closed", "reset_message",
+                 "registered", "num_read", "read_since_update", "num_written", "peer_consumed", "peer_window",
+                 "handle")
+
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.chunks: deque[bytes] = deque()  # received payload not yet read
+        self.buffered = 0  # sum of len(chunks), counted against the session budget
+        self.fin_received = False  # the peer sent FIN: EOF once chunks are drained
+        self.fin_sent = False  # we sent FIN: no more writes
+        self.read_closed = False  # shutdown(SHUT_RD), close() or reset: incoming data is dropped
+        self.reset_message: str | None = None  # why the stream was reset locally
+        self.registered = True  # still in the session's stream table
+        self.num_read = 0  # v2: bytes the application has read, uint32
+        self.read_since_update = 0  # v2: bytes read since the last UPD we sent
+        self.num_written = 0  # v2: payload bytes sent, uint32
+        self.peer_consumed = 0  # v2: the peer's last reported numRead
+        self.peer_window = INITIAL_PEER_WINDOW  # v2: the peer's last advertised window
+        self.handle = None  # opaque slot for the I/O layer's stream object
+
+    @property
+    def at_eof(self) -> bool:
+        """Nothing buffered and nothing more will come."""
+        return not self.chunks and (self.fin_received or self.read_closed)
+
+    def __repr__(self) -> str:
+        return (f"<StreamState {self.sid} buffered={self.buffered} fin_received={self.fin_received} "
+                f"fin_sent={self.fin_sent} registered={self.registered}>")
+
+
+@dataclass
+class Received:
+    """What one chunk of received bytes changed."""
+
+    opened: list[StreamState] = field(default_factory=list)  # new streams for accept, in SYN order
+    changed: set[StreamState] = field(default_factory=set)  # got data, FIN, UPD or a reset
+    error: ProtocolError | None = None  # the peer misbehaved; the session must end
+
+
+class SessionState:
+    """The stream table, the session receive budget and the frames waiting to be sent."""
+
+    def __init__(self, config: Config, client: bool) -> None:
+        self.config = config
+        self.client = client
+        self.decoder = FrameDecoder(config.version)
+        self.streams: dict[int, StreamState] = {}
+        self.budget = config.max_receive_buffer  # Go's bucket: the reader pauses while it is <= 0
+        self._next_id = 1 if client else 0
+        self._ids_exhausted = False
+        self._outbox: list[OutgoingFrame] = []
+        self._backlog = config.stream_backlog(config.version) if config.version else 0
+
+    @property
+    def version(self) -> int | None:
+        """The agreed version; None until an automatic client has seen the first frame."""
+        return self.decoder.version
+
+    def take_outbox(self) -> list[OutgoingFrame]:
+        """Control frames (FIN, UPD) that state changes produced, oldest first; clears them."""
+        frames, self._outbox = self._outbox, []
+        return frames
+
+    # --- opening -----------------------------------------------------------------
+
+    def open_stream(self) -> StreamState:
+        """Allocate the next id (client 3, 5, ...; server 2, 4, ...) and register the stream.
+
+        The caller sends the SYN; registering first means no reply can be lost.
+        """
+        sid = self._next_id + 2
+        if self._ids_exhausted or sid > _UINT32:
+            self._ids_exhausted = True
+            raise StreamIdsExhaustedError(
+                "no stream ids left on this smux session (go-away); open a new session")
+        self._next_id = sid
+        stream = StreamState(sid)
+        self.streams[sid] = stream
+        return stream
+
+    # --- receiving ---------------------------------------------------------------
+
+    def receive(self, data) -> Received:
+        """Apply received bytes; arbitrary chunking is fine."""
+        result = Received()
+        events = self.decoder.feed(data)
+        if not self._backlog and self.version is not None:  # an automatic version was just learned
+            self._backlog = self.config.stream_backlog(self.version)
+        self._receive(events, result)
+        result.error = self.decoder.error
+        return result
+
+    def _receive(self, events, result: Received) -> None:
+        streams = self.streams
+        changed = result.changed
+        for cmd, sid, value, _complete in events:
+            if cmd == PSH:
+                stream = streams.get(sid)
+                size = len(value)
+                if stream is None or not size or stream.read_closed:
+                    continue  # unknown or closed stream: payload is read and dropped
+                stream.chunks.append(bytes(value))
+                stream.buffered += size
+                self.budget -= size
+                changed.add(stream)
+                if stream.buffered > self._backlog:
+                    self._reset(stream)
+            elif cmd == SYN:
+                if sid not in streams:
+                    stream = streams[sid] = StreamState(sid)
+                    result.opened.append(stream)
+            elif cmd == FIN:
+                stream = streams.get(sid)
+                if stream is not None:
+                    stream.fin_received = True
+                    changed.add(stream)
+                    if stream.fin_sent:
+                        self._unregister(stream)
+            elif cmd == UPD:
+                stream = streams.get(sid)
+                if stream is not None:
+                    stream.peer_consumed, stream.peer_window = value
+                    changed.add(stream)
+            # NOP: only activity, which decoder.headers_decoded already counts.
+
+    def _reset(self, stream: StreamState) -> None:
+        stream.reset_message = (
+            f"stream {stream.sid} reset: its reader fell more than {self._backlog} bytes behind "
+            "(the peer kept sending while nobody read it); read streams promptly or raise max_stream_backlog")
+        self.close_stream(stream)
+
+    # --- the application side ----------------------------------------------------
+
+    def read(self, stream: StreamState, size: int) -> bytes:
+        """Take up to ``size`` buffered bytes (b"" when nothing is buffered)."""
+        chunks = stream.chunks
+        if not chunks or size <= 0:
+            return b""
+        first = chunks[0]
+        if len(first) <= size:
+            chunks.popleft()
+        else:
+            chunks[0] = first[size:]
+            first = first[:size]
+        self._consumed(stream, len(first))
+        return first
+
+    def read_into(self, stream: StreamState, target: memoryview) -> int:
+        """Copy buffered bytes into ``target`` (a byte memoryview); returns how many."""
+        chunks = stream.chunks
+        filled, room = 0, len(target)
+        while chunks and filled < room:
+            chunk = chunks[0]
+            take = min(len(chunk), room - filled)
+            target[filled:filled + take] = chunk[:take] if take < len(chunk) else chunk
+            filled += take
+            if take < len(chunk):
+                chunks[0] = chunk[take:]
+            else:
+                chunks.popleft()
+        if filled:
+            self._consumed(stream, filled)
+        return filled
+
+    def _consumed(self, stream: StreamState, size: int) -> None:
+        stream.buffered -= size
+        self.budget += size
+        if self.version == 2 and not stream.read_closed:
+            stream.num_read = (stream.num_read + size) & _UINT32
+            stream.read_since_update += size
+            # Go: on the first read (numRead == n) and after each half buffer read.
+            if stream.read_since_update >= self.config.max_stream_buffer // 2 or stream.num_read == size:
+                self._outbox.append((UPD, stream.sid, (stream.num_read, self.config.max_stream_buffer)))
+                stream.read_since_update = 0
+
+    def send_window(self, stream: StreamState) -> int:
+        """How many more payload bytes the stream may send now (v1: effectively unlimited)."""
+        if self.version != 2:
+            return 1 << 62
+        inflight = _int32(stream.num_written - stream.peer_consumed)
+        if inflight < 0:
+            raise ProtocolError(
+                f"smux protocol error from peer: stream {stream.sid} reports {stream.peer_consumed} bytes "
+                f"consumed but only {stream.num_written} were sent")
+        return _int32(stream.peer_window) - inflight
+
+    def record_sent(self, stream: StreamState, size: int) -> None:
+        """Count ``size`` payload bytes as handed to the writer."""
+        stream.num_written = (stream.num_written + size) & _UINT32
+
+    def shutdown_write(self, stream: StreamState) -> None:
+        """Queue our FIN once; a stream both sides have finished leaves the table."""
+        if not stream.fin_sent:
+            stream.fin_sent = True
+            self._outbox.append((FIN, stream.sid, None))
+        if stream.fin_received:
+            self._unregister(stream)
+
+    def shutdown_read(self, stream: StreamState) -> None:
+        """Drop buffered data and everything that still arrives for the stream."""
+        stream.read_closed = True
+        if stream.buffered:
+            self.budget += stream.buffered
+            stream.buffered = 0
+            stream.chunks.clear()
+
+    def close_stream(self, stream: StreamState) -> None:
+        """Go's Stream.Close: FIN once, drop buffered data, forget the stream."""
+        self.shutdown_read(stream)
+        if not stream.fin_sent:
+            stream.fin_sent = True
+            self._outbox.append((FIN, stream.sid, None))
+        self._unregister(stream)
+
+    def _unregister(self, stream: StreamState) -> None:
+        if stream.registered:
+            stream.registered = False
+            if self.streams.get(stream.sid) is stream:
+                del self.streams[stream.sid]

@@ -1,0 +1,290 @@
+"""A smux stream with a socket-like interface (recv/send/makefile/shutdown/timeouts)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+
+from gevent.event import Event
+
+from .errors import ProtocolError, StreamResetError
+from .state import StreamState
+
+# One send() hands at most this much to the writer, so that a huge sendall from one
+# stream still interleaves with other streams' frames.
+WRITE_CHUNK = 256 * 1024
+
+_PLACEHOLDER_ADDRESS = ("0.0.0.0", 0)
+
+
+class Stream:
+    """One bidirectional byte stream inside a smux Session; create it with Session.open_stream/accept_stream."""
+
+    def __init__(self, session, state: StreamState) -> None:
+        self.session = session
+        self._state = state
+        state.handle = self
+        self._readable = Event()
+        self._writable = Event()
+        self._timeout: float | None = None
+
+    @property
+    def id(self) -> int:
+        """The smux stream id."""
+        return self._state.sid
+
+    @property
+    def closed(self) -> bool:
+        """True after close() (or a reset): this side will neither read nor write any more."""
+        return self._state.read_closed and self._state.fin_sent
+
+    @property
+    def is_finished(self) -> bool:
+        """True when both sides have sent FIN (or the stream was closed locally)."""
+        return not self._state.registered
+
+    @property
+    def fin_received(self) -> bool:
+        """True once the peer has sent FIN (it will send no more data)."""
+        return self._state.fin_received
+
+    def __repr__(self) -> str:
+        return f"<smux.Stream {self.id} {self._state!r}>"
+
+    # --- timeouts, socket look-alikes ---------------------------------------------
+
+    def settimeout(self, timeout: float | None) -> None:
+        """None blocks, 0 never blocks (BlockingIOError), t > 0 raises socket.timeout after t seconds."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or a non-negative number of seconds")
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getpeername(self):
+        return self._transport_address("getpeername")
+
+    def getsockname(self):
+        return self._transport_address("getsockname")
+
+    def _transport_address(self, name: str):
+        method = getattr(self.session.transport, name, None)
+        try:
+            return method() if method is not None else _PLACEHOLDER_ADDRESS
+        except OSError:
+            return _PLACEHOLDER_ADDRESS
+
+    def fileno(self) -> int:
+        return -1
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- reading ------------------------------------------------------------------
+
+    def recv(self, bufsize: int) -> bytes:
+        """Up to ``bufsize`` bytes; b"" at EOF (peer FIN, or local shutdown/close)."""
+        if bufsize <= 0 or not self._wait_readable():
+            return b""
+        data = self.session._state.read(self._state, bufsize)
+        self.session._after_read()
+        return data
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        """Read into ``buffer`` (at most ``nbytes`` if given); 0 at EOF."""
+        target = memoryview(buffer).cast("B")
+        if nbytes:
+            target = target[:nbytes]
+        if not len(target) or not self._wait_readable():
+            return 0
+        count = self.session._state.read_into(self._state, target)
+        self.session._after_read()
+        return count
+
+    def _wait_readable(self) -> bool:
+        """True when data is buffered, False at EOF; raises on reset, dead session or timeout."""
+        state = self._state
+        deadline = None
+        while not state.chunks:
+            if state.reset_message is not None:
+                raise StreamResetError(state.reset_message)
+            if state.fin_received or state.read_closed:
+                return False
+            self.session._raise_if_closed()
+            deadline = self._wait(self._readable, deadline, "reading")
+        return True
+
+    # --- writing ------------------------------------------------------------------
+
+    def send(self, data) -> int:
+        """Send some of ``data``; returns how many bytes were written to the session."""
+        view = memoryview(data).cast("B")
+        session, state = self.session, self._state
+        deadline = None
+        while True:
+            self._check_writable()
+            if session.version is None:
+                deadline = self._wait_version(deadline)
+                continue
+            try:
+                window = session._state.send_window(state)
+            except ProtocolError as exc:
+                session._die(exc)
+                raise
+            if window > 0 or not len(view):
+                break
+            if state.fin_received:  # v2: no window update can come any more (Go returns EOF)
+                raise BrokenPipeError(f"stream {self.id}: the peer closed the stream and reads no more")
+            deadline = self._wait(self._writable, deadline, "writing (the peer's window is full)")
+        if not len(view):
+            return 0
+        size = min(len(view), window, WRITE_CHUNK)
+        session._state.record_sent(state, size)
+        request = session._writer.send_data(state.sid, view[:size])
+        self._wait_written(request, size, deadline)
+        return size
+
+    def sendall(self, data) -> None:
+        """Send all of ``data`` (blocking until the writer has taken it)."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            view = view[self.send(view):]
+
+    def _check_writable(self) -> None:
+        state = self._state
+        if state.reset_message is not None:
+            raise StreamResetError(state.reset_message)
+        self.session._raise_if_closed()
+        if state.fin_sent:
+            raise BrokenPipeError(f"stream {self.id} was shut down for writing; no more data can be sent")
+
+    def _wait_version(self, deadline: float | None) -> float | None:
+        deadline = self._start_deadline(deadline, "writing (the peer has not spoken yet)")
+        if not self.session._wait_version(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            self._raise_timeout("writing (the peer has not spoken yet)")
+        return deadline
+
+    def _wait_written(self, request, size: int, deadline: float | None) -> None:
+        deadline = self._start_deadline(deadline, "writing", allow_zero=True)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if request.done.wait(timeout):
+            if request.failed:
+                self.session._raise_if_closed()
+                raise BrokenPipeError(f"stream {self.id}: the session stopped before the data was sent")
+            return
+        if self.session._writer.cancel(request):
+            self.session._state.record_sent(self._state, -size)
+            self._raise_timeout("writing")
+        request.done.wait()  # already being written: the bytes are on their way
+
+    # --- closing ------------------------------------------------------------------
+
+    def shutdown(self, how: int) -> None:
+        """SHUT_WR sends FIN (we may still read); SHUT_RD drops unread and future data; SHUT_RDWR both."""
+        state = self.session._state
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            state.shutdown_read(self._state)
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            state.shutdown_write(self._state)
+        self.session._after_read()
+        self._wake()
+
+    def close(self) -> None:
+        """Send FIN unless sent, drop unread data and forget the stream (idempotent)."""
+        self.session._state.close_stream(self._state)
+        self.session._after_read()
+        self._wake()
+
+    def makefile(self, mode: str = "r", buffering: int | None = None, *,
+                 encoding: str | None = None, errors: str | None = None, newline: str | None = None):
+        """A file object over the stream, like socket.makefile (closing it leaves the stream open)."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only 'r', 'w' and 'b' are supported)")
+        reading, writing = "r" in mode, "w" in mode
+        if not (reading or writing):
+            reading = True
+        raw = StreamIO(self, reading, writing)
+        if buffering is None:
+            buffering = -1
+        if buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        if reading and writing:
+            buffered = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffered = io.BufferedReader(raw, buffering)
+        else:
+            buffered = io.BufferedWriter(raw, buffering)
+        if "b" in mode:
+            return buffered
+        text = io.TextIOWrapper(buffered, encoding, errors, newline)
+        text.mode = mode
+        return text
+
+    # --- waiting --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Something changed (data, FIN, UPD, reset, session death): re-check blocked calls."""
+        self._readable.set()
+        self._writable.set()
+
+    def _start_deadline(self, deadline: float | None, what: str, allow_zero: bool = False) -> float | None:
+        if deadline is not None or self._timeout is None:
+            return deadline
+        if self._timeout == 0 and not allow_zero:
+            raise BlockingIOError(f"stream {self.id}: {what} would block")
+        return time.monotonic() + self._timeout
+
+    def _wait(self, event: Event, deadline: float | None, what: str) -> float | None:
+        """Block on ``event`` until it is set or the stream's timeout expires."""
+        deadline = self._start_deadline(deadline, what)
+        event.clear()
+        if deadline is None:
+            event.wait()
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not event.wait(remaining):
+                self._raise_timeout(what)
+        return deadline
+
+    def _raise_timeout(self, what: str) -> None:
+        raise socket.timeout(f"stream {self.id}: timed out {what} after {self._timeout} s")
+
+
+class StreamIO(io.RawIOBase):
+    """The raw file object behind Stream.makefile (wrap it in io.Buffered*)."""
+
+    def __init__(self, stream: Stream, reading: bool, writing: bool) -> None:
+        super().__init__()
+        self._stream = stream
+        self._reading = reading
+        self._writing = writing
+
+    def readable(self) -> bool:
+        return self._reading
+
+    def writable(self) -> bool:
+        return self._writing
+
+    def readinto(self, buffer) -> int:
+        self._checkClosed()
+        return self._stream.recv_into(buffer)
+
+    def write(self, data) -> int:
+        self._checkClosed()
+        return self._stream.send(data)
+
+    @property
+    def name(self) -> str:
+        return f"<smux stream {self._stream.id}>"
