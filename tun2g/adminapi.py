@@ -1,0 +1,66 @@
+"""The server's admin HTTP API: backends, kill, status (JSON), for `tun2g backends` / `tun2g kill`.
+
+It listens on its own address (loopback by default), apart from public
+traffic, and requires `Authorization: Bearer <admin token>` when a token is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from tun2g.errors import NoSuchBackend
+
+
+class AdminAPI:
+    """A WSGI app over a Server."""
+
+    def __init__(self, server, admin_token: str | None = None):
+        self.server = server
+        self.admin_token = admin_token
+        self.started = time.time()
+
+    def __call__(self, environ, start_response):
+        if not self._authorized(environ):
+            return _json(start_response, 401, {"error": "admin token required: pass --admin-token"})
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+        query = dict(part.split("=", 1) for part in environ.get("QUERY_STRING", "").split("&") if "=" in part)
+        if method == "GET" and path == "/backends":
+            return _json(start_response, 200, [b.to_dict() for b in self._backends(query)])
+        if method == "POST" and path.startswith("/backends/") and path.endswith("/kill"):
+            backend_id = path[len("/backends/"):-len("/kill")]
+            try:
+                self.server.kill_backend(backend_id)
+            except NoSuchBackend as exc:
+                return _json(start_response, 404, {"error": str(exc)})
+            return _json(start_response, 200, {"killed": backend_id})
+        if method == "GET" and path == "/status":
+            backends = self.server.get_all_backends()
+            return _json(start_response, 200, {
+                "node": self.server.config.node_id, "uptime": round(time.time() - self.started, 1),
+                "backends": len(backends), "domains": len({b.domain for b in backends}),
+                "requests_in_flight": sum(b.requests_in_flight for b in backends)})
+        return _json(start_response, 404, {"error": f"no admin endpoint {method} {path}; "
+                                                    "try GET /backends, POST /backends/ID/kill, GET /status"})
+
+    def _backends(self, query: dict) -> list:
+        if "domain" in query:
+            return self.server.get_backends_for_domain(query["domain"])
+        if "user" in query:
+            return self.server.get_backends_for_user(query["user"])
+        return self.server.get_all_backends()
+
+    def _authorized(self, environ) -> bool:
+        if not self.admin_token:
+            return True
+        supplied = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(supplied.encode(), self.admin_token.encode())
+
+
+def _json(start_response, status: int, payload) -> list:
+    body = json.dumps(payload, indent=1).encode() + b"\n"
+    reasons = {200: "OK", 401: "Unauthorized", 404: "Not Found"}
+    start_response(f"{status} {reasons[status]}", [("Content-Type", "application/json"),
+                                                  ("Content-Length", str(len(body)))])
+    return [body]

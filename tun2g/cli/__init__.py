@@ -1,0 +1,38 @@
+"""The `tun2g` command line: one click group, one module per family of commands."""
+
+from __future__ import annotations
+
+import click
+
+from tun2g import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tun2g")
+def main():
+    """tun2g: a self-hosted HTTP tunnel, wire-compatible with Go tun2.
+
+    \b
+    Quick start (one machine, embedded SQLite storage):
+      tun2g server                                  # public HTTP :8080, tunnels :4443 (TLS)
+      tun2g route add app.localhost --user me
+      tun2g token create --user me                  # prints a token, once
+      tun2g client --server localhost:4443 --ca ~/.local/share/tun2g/tun2g-dev-cert.pem \\
+                   --token TOKEN --domain app.localhost --backend http://127.0.0.1:3000
+      curl -H 'Host: app.localhost' http://127.0.0.1:8080/
+
+    Every option also reads an environment variable, shown in each command's --help.
+    """
+
+
+def _register() -> None:
+    from tun2g.cli.admin import route, token
+    from tun2g.cli.client_cmd import client
+    from tun2g.cli.ops import backends, cert, kill
+    from tun2g.cli.server_cmd import server
+
+    for command in (server, client, token, route, backends, kill, cert):
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,85 @@
+"""`tun2g client`: expose a local HTTP service through a tun2 server."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from tun2g.cli.options import env_option
+
+
+@click.command()
+@env_option("--server", "server_addr", env="TUN2G_SERVER", required=True, metavar="HOST:PORT|URL",
+            help="The tun2 server's tunnel address (or https://host for --conn-type upgrade).")
+@env_option("--token", env="TUN2G_TOKEN", required=True, help="Token from `tun2g token create`.")
+@env_option("--domain", env="TUN2G_DOMAIN", required=True, help="Public domain to serve (a route you own).")
+@env_option("--backend", "backend_url", env="TUN2G_BACKEND", required=True, metavar="URL",
+            help="Local service to forward to, e.g. http://127.0.0.1:3000 (a path prefix is kept).")
+@env_option("--conn-type", env="TUN2G_CONN_TYPE", type=click.Choice(["tcp", "kcp", "upgrade"]), default="tcp",
+            show_default=True, help="tcp: TLS over TCP; kcp: TLS over KCP (UDP); upgrade: HTTP Upgrade "
+                                    "on the server's public port.")
+@env_option("--ca", "ca_file", env="TUN2G_CA", type=click.Path(exists=True, dir_okay=False),
+            help="Trust this CA (or self-signed certificate) for the server, e.g. the dev certificate.")
+@env_option("--insecure", is_flag=True, env="TUN2G_INSECURE",
+            help="Do not verify the server's certificate (tests only).")
+@env_option("--plain", is_flag=True, env="TUN2G_PLAIN", help="No TLS at all; for a server run with "
+                                                             "--plain-tunnel (development and tests only).")
+@env_option("--backend-insecure", is_flag=True, env="TUN2G_BACKEND_INSECURE",
+            help="Do not verify an https backend's certificate.")
+@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
+            show_default=True, help="Must match the server's.")
+@env_option("--reconnect/--no-reconnect", env="TUN2G_RECONNECT", default=True, show_default=True,
+            help="Reconnect with exponential backoff when the tunnel drops.")
+@env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
+            default="info", show_default=True)
+def client(server_addr, token, domain, backend_url, conn_type, ca_file, insecure, plain, backend_insecure,
+           smux_version, reconnect, log_level):
+    """Connect to a tun2 server and serve DOMAIN from a local backend.
+
+    \b
+    Example:
+      tun2g client --server tunnel.example.com:4443 --token $TOKEN \\
+                   --domain app.example.com --backend http://127.0.0.1:3000
+
+    Exits with status 2 when the server rejects the token or domain, 1 on other fatal errors.
+    """
+    import gevent
+
+    from tun2g import smux
+    from tun2g.client import AuthRejected, Client, ClientConfig
+    from tun2g.errors import ConfigurationError
+    from tun2g.log import configure
+
+    configure(log_level)
+    if plain:
+        click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
+    try:
+        config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
+                              conn_type=conn_type, plain=plain, ca_file=ca_file, insecure=insecure,
+                              backend_insecure=backend_insecure, reconnect=reconnect,
+                              smux_config=smux.Config(version=int(smux_version)))
+    except ConfigurationError as exc:
+        raise click.UsageError(str(exc)) from None
+    tunnel = Client(config, on_status=_print_status)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, tunnel.close)
+    try:
+        tunnel.run()
+    except AuthRejected as exc:
+        click.echo(f"tun2g client: {exc}. Check the token (`tun2g token list`) and that the route for "
+                   f"{domain} belongs to the token's user (`tun2g route list`).", err=True)
+        sys.exit(2)
+
+
+def _print_status(tunnel) -> None:
+    """One human line per state change on stdout; the log carries the details."""
+    state = tunnel.state
+    if state == "connected":
+        click.echo(f"tun2g: connected as {tunnel.config.domain} via {tunnel.config.server_addr}"
+                   f" -> {tunnel.config.backend_url} (requests served so far: {tunnel.requests_served})")
+    elif state == "connecting":
+        click.echo(f"tun2g: connecting to {tunnel.config.server_addr} ...")
+    elif state == "waiting":
+        click.echo(f"tun2g: disconnected; requests served so far: {tunnel.requests_served}; retrying")

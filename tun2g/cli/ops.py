@@ -1,0 +1,81 @@
+"""`tun2g backends`, `tun2g kill` and `tun2g cert`: operating a running server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tun2g.cli.options import env_option
+
+_admin_url = env_option("--admin", "admin_url", env="TUN2G_ADMIN_URL", default="http://127.0.0.1:7070",
+                        show_default=True, help="The server's admin API (its --admin address).")
+_admin_token = env_option("--admin-token", env="TUN2G_ADMIN_TOKEN", help="Bearer token if the server requires one.")
+
+
+def _admin_request(method: str, url: str, token: str | None):
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = requests.request(method, url, headers=headers, timeout=10)
+    except requests.RequestException as exc:
+        click.echo(f"tun2g: cannot reach the admin API at {url}: {exc}. Is `tun2g server` running, "
+                   f"and is --admin right?", err=True)
+        sys.exit(1)
+    payload = response.json()
+    if response.status_code != 200:
+        click.echo(f"tun2g: {payload.get('error', response.reason)}", err=True)
+        sys.exit(1)
+    return payload
+
+
+@click.command()
+@_admin_url
+@_admin_token
+@click.option("--domain", help="Only backends serving this domain.")
+@click.option("--user", help="Only backends owned by this user.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def backends(admin_url, admin_token, domain, user, as_json):
+    """List the tunnel clients connected to the server."""
+    query = f"?domain={domain}" if domain else f"?user={user}" if user else ""
+    rows = _admin_request("GET", f"{admin_url.rstrip('/')}/backends{query}", admin_token)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no backends connected")
+        return
+    columns = ("id", "domain", "user", "proto", "host", "usable", "phi", "requests_in_flight", "node")
+    table = [columns] + [tuple(str(round(r[c], 2) if c == "phi" else r[c]) for c in columns) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@click.command()
+@_admin_url
+@_admin_token
+@click.argument("backend_id")
+def kill(admin_url, admin_token, backend_id):
+    """Disconnect one backend (by the ID `tun2g backends` shows). It may reconnect."""
+    _admin_request("POST", f"{admin_url.rstrip('/')}/backends/{backend_id}/kill", admin_token)
+    click.echo(f"killed {backend_id}")
+
+
+@click.command()
+@click.option("--out", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where to write tun2g-dev-cert.pem and tun2g-dev-key.pem.")
+@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1", "::1"), show_default=True,
+              help="Names and addresses the certificate is valid for (repeat).")
+def cert(directory, hosts):
+    """Make a self-signed development certificate for the tunnel port.
+
+    Start the server with --tls-cert/--tls-key and give clients --ca with the certificate.
+    """
+    from tun2g.transport.tls import make_dev_certificate
+
+    cert_path, key_path = make_dev_certificate(Path(directory), hostnames=tuple(hosts))
+    click.echo(f"certificate: {cert_path}\nkey:         {key_path}")

@@ -1,0 +1,23 @@
+"""Option helpers shared by the commands: environment fallbacks and value checks."""
+
+from __future__ import annotations
+
+import click
+
+from tun2g.transport.tcp import split_host_port
+
+
+def env_option(*decls, env: str, **kwargs):
+    """A click option that falls back to the environment variable `env` (shown in --help)."""
+    return click.option(*decls, envvar=env, show_envvar=True, **kwargs)
+
+
+def host_port(ctx, param, value):
+    """Validate HOST:PORT values early, with a message that shows the expected form."""
+    if value is None:
+        return None
+    try:
+        split_host_port(value)
+    except ValueError:
+        raise click.BadParameter(f"expected HOST:PORT (e.g. 0.0.0.0:8080 or :8080), got {value!r}") from None
+    return value

@@ -1,0 +1,73 @@
+"""`tun2g server`: the public HTTP front, the tunnel listeners and the admin API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from tun2g.cli.options import env_option, host_port
+
+
+@click.command()
+@env_option("--http", "http_addr", env="TUN2G_HTTP", callback=host_port, metavar="HOST:PORT",
+            help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080.")
+@env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
+            callback=host_port, metavar="HOST:PORT", help="Address where tunnel clients connect (TCP).")
+@env_option("--tls-cert", env="TUN2G_TLS_CERT", type=click.Path(exists=True, dir_okay=False),
+            help="PEM certificate for the tunnel port. Without it a development certificate is made.")
+@env_option("--tls-key", env="TUN2G_TLS_KEY", type=click.Path(exists=True, dir_okay=False),
+            help="PEM private key matching --tls-cert.")
+@env_option("--plain-tunnel", is_flag=True, env="TUN2G_PLAIN_TUNNEL",
+            help="No TLS on the tunnel port. For development and tests only: tokens travel in clear.")
+@env_option("--kcp", "kcp_addr", env="TUN2G_KCP", callback=host_port, metavar="HOST:PORT",
+            help="Also accept tunnel clients over KCP (UDP) here, with TLS inside as Go tun2 does.")
+@env_option("--storage", env="TUN2G_STORAGE", metavar="URL",
+            help="Token and route store: sqlite:///path.db or redis://host:port/db. "
+                 "Default: REDIS_URL if set, else the embedded SQLite file.")
+@env_option("--redis-url", env="REDIS_URL", metavar="URL", help="Redis for storage (when --storage is unset).")
+@env_option("--admin", "admin_addr", env="TUN2G_ADMIN", default="127.0.0.1:7070", show_default=True,
+            callback=host_port, metavar="HOST:PORT", help="Admin API (backends, kill, status).")
+@env_option("--admin-token", env="TUN2G_ADMIN_TOKEN", help="Require this bearer token on the admin API.")
+@env_option("--node-id", env="TUN2G_NODE_ID", help="This process's name in logs and the backend list.")
+@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
+            show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
+@env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
+            help="Seconds between health pings of each tunnel.")
+@env_option("--access-log/--no-access-log", env="TUN2G_ACCESS_LOG", default=True, show_default=True,
+            help="Log one line per proxied request.")
+@env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
+            default="info", show_default=True)
+def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, storage, redis_url, admin_addr,
+           admin_token, node_id, smux_version, ping_interval, access_log, log_level):
+    """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
+
+    \b
+    Examples:
+      tun2g server                                 # development: SQLite store, dev TLS certificate
+      tun2g server --tls-cert cert.pem --tls-key key.pem --http :80 --tunnel :4443
+      PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
+    """
+    from tun2g.serve import ServerSetup
+
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if http_addr is None:
+        http_addr = f":{os.environ['PORT']}" if os.environ.get("PORT") else ":8080"
+    setup = ServerSetup(http_addr=http_addr, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
+                        plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, storage_url=storage or redis_url,
+                        admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
+                        smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
+                        log_level=log_level)
+    try:
+        running = setup.start()
+    except (OSError, ValueError) as exc:
+        click.echo(f"tun2g server: {exc}", err=True)
+        sys.exit(1)
+    import gevent
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, running.stop)
+    running.wait()

@@ -1,0 +1,240 @@
+"""Client: holds a tunnel to a tun2 server and reverse-proxies its streams to a local backend."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Group
+
+from tun2g import smux
+from tun2g.errors import ConfigurationError, Tun2Error
+from tun2g.http import (BackendPool, DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange,
+                        simple_response)
+from tun2g.log import get_logger
+from tun2g.protocol import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
+from tun2g.transport import dialers
+
+log = get_logger(__name__)
+
+CONN_TYPES = ("tcp", "kcp", "upgrade")
+# A Go tun2 server never answers the Auth; after this long without a reply on a
+# live session we take the silence as acceptance.
+REPLY_GRACE = 3.0
+ACCEPT_CONTROL_TIMEOUT = 15.0
+
+
+class AuthRejected(Tun2Error):
+    """The server refused the token or domain; retrying would not help."""
+
+
+class ConnectionLost(Tun2Error):
+    """The tunnel could not be set up or broke; the client may retry."""
+
+
+@dataclass
+class ClientConfig:
+    """What a Client dials and where it sends the requests it receives."""
+
+    server_addr: str
+    token: str
+    domain: str
+    backend_url: str
+    conn_type: str = "tcp"
+    plain: bool = False
+    ca_file: str | None = None
+    insecure: bool = False
+    tls_context: object = None
+    backend_ca_file: str | None = None
+    backend_insecure: bool = False
+    smux_config: smux.Config | None = None
+    reconnect: bool = True
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    connect_timeout: float = 10.0
+    kcp_options: object = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.conn_type not in CONN_TYPES:
+            raise ConfigurationError(f"conn_type must be one of {', '.join(CONN_TYPES)}, not {self.conn_type!r}")
+        for name in ("server_addr", "token", "domain", "backend_url"):
+            if not getattr(self, name):
+                raise ConfigurationError(f"ClientConfig.{name} is required")
+        if urlsplit(self.backend_url).scheme not in ("http", "https"):
+            raise ConfigurationError(f"backend URL must start with http:// or https://, got {self.backend_url!r}")
+        if self.smux_config is None:
+            self.smux_config = smux.Config()
+        self.smux_config.validate()
+
+
+class Client:
+    """Connects to a server and proxies every stream it opens to the backend (Go tun2's Client)."""
+
+    def __init__(self, config: ClientConfig, on_status=None):
+        if not isinstance(config, ClientConfig):
+            raise ConfigurationError("Client needs a ClientConfig, got %r" % (config,))
+        self.config = config
+        self.pool = BackendPool(config.backend_url, tls_verify=not config.backend_insecure,
+                                ca_file=config.backend_ca_file)
+        self.state = "idle"
+        self.backend_id = None
+        self.requests_served = 0
+        self._on_status = on_status or (lambda client: None)
+        self._closed = Event()
+        self._session = None
+        self._handlers = Group()
+
+    def run(self) -> None:
+        """Connect and serve, reconnecting with exponential backoff and jitter.
+
+        Returns after `close()`; raises AuthRejected when the server refuses us.
+        """
+        delay = self.config.backoff_initial
+        while not self._closed.is_set():
+            started = time.monotonic()
+            try:
+                self.connect()
+            except AuthRejected:
+                self._set_state("rejected")
+                raise
+            except (ConnectionLost, OSError, smux.SessionClosedError, socket.timeout) as exc:
+                log.warning("disconnected", server=self.config.server_addr, error=str(exc) or type(exc).__name__)
+            if self._closed.is_set() or not self.config.reconnect:
+                return
+            if time.monotonic() - started > 60:
+                delay = self.config.backoff_initial  # it was up for a while: start the backoff afresh
+            wait = random.uniform(0.5, 1.0) * delay
+            self._set_state("waiting", retry_in=round(wait, 2))
+            if self._closed.wait(wait):
+                return
+            delay = min(self.config.backoff_max, delay * 2)
+
+    def connect(self) -> None:
+        """Dial once, authenticate and serve until the session ends (Go's Connect)."""
+        self._set_state("connecting")
+        transport = dialers.dial(self.config)
+        session = smux.Session(transport, client=True, config=self.config.smux_config)
+        self._session = session
+        try:
+            control = session.accept_stream(timeout=ACCEPT_CONTROL_TIMEOUT)
+            control.sendall(Auth(self.config.token, self.config.domain).encode())
+            serving = gevent.spawn(self._accept_loop, session)
+            try:
+                self._await_reply(control, session)
+                session.wait_closed()
+            finally:
+                serving.kill()
+            raise ConnectionLost(f"session ended: {session.close_reason or 'closed'}")
+        finally:
+            session.close()
+            self._session = None
+
+    def _await_reply(self, control, session) -> None:
+        """Read tun2g's auth reply; silence from a live session means a Go server accepted us."""
+        control.settimeout(REPLY_GRACE)
+        line = b""
+        try:
+            while not line.endswith(b"\n") and len(line) < MAX_REPLY_SIZE:
+                data = control.recv(MAX_REPLY_SIZE)
+                if not data:
+                    break
+                line += data
+        except socket.timeout:
+            if not session.is_closed:
+                self.backend_id = None
+                self._set_state("connected", confirmed=False)
+                return
+        except (OSError, smux.SessionClosedError):
+            pass
+        if not line:
+            raise ConnectionLost("the server closed the tunnel right after our Auth (a Go tun2 server does this "
+                                 "when it rejects the token or the domain)")
+        try:
+            reply = decode_reply(line.strip())
+        except AuthFormatError as exc:
+            raise ConnectionLost(str(exc)) from None
+        if not reply["ok"]:
+            raise AuthRejected(f"server rejected us: {reply.get('error', 'no reason given')}")
+        self.backend_id = reply.get("backend")
+        self._set_state("connected", confirmed=True)
+
+    def _accept_loop(self, session) -> None:
+        while True:
+            try:
+                stream = session.accept_stream()
+            except (smux.SessionClosedError, OSError):
+                return
+            self._handlers.spawn(self._serve_stream, stream)
+
+    def _serve_stream(self, stream) -> None:
+        """Serve the HTTP exchanges the server sends on one stream."""
+        reader = MessageReader(stream)
+        peer_ip = _peer_ip(stream)
+        try:
+            while True:
+                try:
+                    head = reader.read_request_head()
+                except HTTPError as exc:
+                    stream.sendall(simple_response(exc.status, f"{exc.message}\n".encode(), close=True))
+                    return
+                if head is None or not self._proxy(head, reader, stream, peer_ip):
+                    return
+        except (OSError, smux.SessionClosedError, DownstreamError):
+            return
+        finally:
+            stream.close()
+
+    def _proxy(self, head, reader, stream, peer_ip: str) -> bool:
+        if head.target == HEALTH_PATH and (head.host or "") == HEALTH_HOST and head.method == "GET":
+            # The server's health ping: answered here, so a slow backend /health
+            # cannot make the server drop a healthy tunnel (the original did).
+            stream.sendall(simple_response(200, b"ok\n"))
+            return head.keep_alive
+        head.target = self.pool.join_path(head.target)
+        forwarded_for = head.get("X-Forwarded-For")
+        head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
+        try:
+            upstream, upstream_reader = self.pool.acquire()
+        except OSError as exc:
+            message = f"tun2g client: cannot reach the backend {self.config.backend_url}: {exc}\n"
+            log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
+            stream.sendall(simple_response(502, message.encode(), close=True))
+            return False
+        reusable = False
+        try:
+            result = forward_exchange(head, reader, upstream, stream, upstream_reader=upstream_reader)
+            reusable = result.upstream_reusable
+        except UpstreamError as exc:
+            log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
+            stream.sendall(simple_response(502, f"tun2g client: the backend failed: {exc}\n".encode(), close=True))
+            return False
+        finally:
+            self.pool.release(upstream, upstream_reader, reusable)
+        self.requests_served += 1
+        return result.keep_alive
+
+    def _set_state(self, state: str, **fields) -> None:
+        self.state = state
+        log.info(state, server=self.config.server_addr, domain=self.config.domain, **fields)
+        self._on_status(self)
+
+    def close(self) -> None:
+        """Stop serving and do not reconnect."""
+        self._closed.set()
+        if self._session is not None:
+            self._session.close()
+        self._handlers.kill(block=False)
+        self.pool.close()
+
+
+def _peer_ip(stream) -> str:
+    try:
+        return stream.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        return "127.0.0.1"

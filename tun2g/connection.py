@@ -1,0 +1,101 @@
+"""Connection: one authenticated tunnel (an smux session) on the server side."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+from tun2g.backend import Backend
+from tun2g.errors import CantOpenSessionStream, CantReadResponse, CantWriteRequest
+from tun2g.http import HTTPError, MessageReader
+from tun2g.phi import PhiAccrualDetector
+from tun2g.protocol import PING_REQUEST
+from tun2g.smux import SessionClosedError
+
+
+class Connection:
+    """A registered tunnel: its session, its Auth and its health.
+
+    Streams are opened per request; `in_flight` drives least-loaded routing.
+    """
+
+    def __init__(self, session, control_stream, auth, user: str, *, proto: str, host: str,
+                 node: str = "", phi_threshold: float = 8.0, ping_interval: float = 5.0):
+        self.id = uuid.uuid4().hex[:16]
+        self.session = session
+        self.control_stream = control_stream
+        self.auth = auth
+        self.user = user
+        self.domain = auth.domain
+        self.proto = proto
+        self.host = host
+        self.node = node
+        self.connected_at = time.time()
+        self.usable = True
+        self.in_flight = 0
+        self.served = 0
+        self._phi = PhiAccrualDetector(threshold=phi_threshold, first_heartbeat_estimate=ping_interval)
+        self._phi.heartbeat()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.session.is_closed
+
+    def open_stream(self):
+        """A new stream to the client, for one HTTP exchange."""
+        try:
+            return self.session.open_stream()
+        except (SessionClosedError, OSError) as exc:
+            self.usable = False
+            raise CantOpenSessionStream(str(exc)) from exc
+
+    def ping(self, timeout: float) -> float:
+        """Send the Go server's health request and wait for any response head.
+
+        Any HTTP status counts as alive, as in the original. Returns the round
+        trip in seconds; raises a tun2 error on failure.
+        """
+        started = time.monotonic()
+        stream = self.open_stream()
+        try:
+            stream.settimeout(timeout)
+            try:
+                stream.sendall(PING_REQUEST)
+            except (OSError, SessionClosedError) as exc:
+                raise CantWriteRequest(str(exc)) from exc
+            try:
+                reader = MessageReader(stream)
+                head = reader.read_response_head("GET")
+                while 100 <= head.status < 200:
+                    head = reader.read_response_head("GET")
+            except (OSError, HTTPError, SessionClosedError, socket.timeout) as exc:
+                raise CantReadResponse(str(exc) or type(exc).__name__) from exc
+        finally:
+            stream.close()
+        self._phi.heartbeat()
+        return time.monotonic() - started
+
+    @property
+    def phi(self) -> float:
+        return self._phi.phi()
+
+    def close(self) -> None:
+        """Close the session (and so every stream); idempotent."""
+        self.usable = False
+        self.session.close()
+
+    def backend(self) -> Backend:
+        """The public record of this connection."""
+        return Backend(id=self.id, proto=self.proto, user=self.user, domain=self.domain, phi=self.phi,
+                       host=self.host, usable=self.usable and not self.is_closed, node=self.node,
+                       connected_at=self.connected_at, requests_in_flight=self.in_flight,
+                       requests_served=self.served)
+
+    def log_fields(self) -> dict:
+        """Key/value pairs identifying this connection in log lines (Go's F())."""
+        return {"backend": self.id, "domain": self.domain, "user": self.user, "remote": self.host,
+                "proto": self.proto}
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.domain} {self.host}>"

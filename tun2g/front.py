@@ -1,0 +1,138 @@
+"""The standalone public HTTP front: one greenlet per public connection.
+
+It parses each request head, picks a tunnel by Host and lets the HTTP layer
+stream the exchange between the public socket and a fresh smux stream. This
+path moves bytes without building WSGI environs; `tun2g.wsgi` is the
+mountable alternative.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from gevent.server import StreamServer
+
+from tun2g.errors import CantOpenSessionStream
+from tun2g.http import (DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange, simple_response,
+                        strip_hop_by_hop)
+from tun2g.log import get_logger
+from tun2g.pages import gateway_error_body, no_backends_body
+from tun2g.transport.tcp import tune
+
+log = get_logger(__name__)
+
+HTML = "text/html; charset=utf-8"
+
+
+class HTTPFront:
+    """Serves public HTTP for a Server; `serve(listener)` returns the running StreamServer."""
+
+    def __init__(self, server, *, scheme: str = "http", access_log: bool = True):
+        self.server = server
+        self.scheme = scheme
+        self.access_log = access_log
+
+    def serve(self, listener) -> StreamServer:
+        stream_server = StreamServer(listener, self.handle)
+        stream_server.start()
+        return stream_server
+
+    def handle(self, sock, address) -> None:
+        """Serve requests on one public connection until it closes."""
+        tune(sock)
+        peer_ip = address[0] if isinstance(address, tuple) else "unknown"
+        reader = MessageReader(sock)
+        try:
+            while True:
+                try:
+                    head = reader.read_request_head()
+                except HTTPError as exc:
+                    _send_quietly(sock, simple_response(exc.status, f"{exc.message}\n".encode(), close=True))
+                    return
+                if head is None or not self.handle_request(head, reader, sock, peer_ip):
+                    return
+        except (OSError, DownstreamError):
+            return  # the public client went away between requests
+        finally:
+            sock.close()
+
+    def handle_request(self, head, reader, sock, peer_ip: str) -> bool:
+        """Proxy one request; True when the public connection may carry another."""
+        started = time.monotonic()
+        request_id = head.get("X-Request-Id") or uuid.uuid4().hex
+        host = head.host or ""
+        prepare_request(head, request_id=request_id, peer_ip=peer_ip, scheme=self.scheme)
+        tried = []
+        while True:
+            connection = self.server.route(host, exclude=tried)
+            if connection is None:
+                body = no_backends_body(host, request_id)
+                if tried:  # there were tunnels, and each broke under this request
+                    body = gateway_error_body(502, "Bad Gateway", "The tunnel to this site's backend broke.",
+                                              request_id)
+                keep = head.keep_alive and not _has_body(head)
+                _send_quietly(sock, simple_response(502, body, content_type=HTML, version=head.version,
+                                                    headers=[("X-Request-Id", request_id)], close=not keep))
+                self._log(head, host, 502, started, request_id, None)
+                return keep
+            try:
+                stream = connection.open_stream()
+            except CantOpenSessionStream as exc:
+                self.server.retire(connection, str(exc))
+                tried.append(connection)
+                continue
+            break
+        connection.in_flight += 1
+        try:
+            result = forward_exchange(head, reader, stream, sock,
+                                      response_filter=lambda response: response.set("X-Request-Id", request_id))
+        except UpstreamError as exc:
+            if connection.is_closed:
+                self.server.retire(connection, str(exc))
+            body = gateway_error_body(502, "Bad Gateway", f"The backend's tunnel failed: {exc}", request_id)
+            _send_quietly(sock, simple_response(502, body, content_type=HTML, version=head.version,
+                                                headers=[("X-Request-Id", request_id)], close=True))
+            self._log(head, host, 502, started, request_id, connection)
+            return False
+        except DownstreamError:
+            return False  # the public client left: only this stream ends, never the tunnel
+        finally:
+            stream.close()
+            connection.in_flight -= 1
+            connection.served += 1
+        self._log(head, host, result.status, started, request_id, connection)
+        return result.keep_alive
+
+    def _log(self, head, host, status, started, request_id, connection) -> None:
+        if self.access_log:
+            log.info("request", method=head.method, host=host, path=head.target, status=status,
+                     ms=round((time.monotonic() - started) * 1000, 2), request_id=request_id,
+                     backend=connection.id if connection else "-")
+
+
+def prepare_request(head, *, request_id: str, peer_ip: str, scheme: str) -> None:
+    """Rewrite a public request head for the tunnel: proxy headers in, hop-by-hop out."""
+    upgrade = head.get("Upgrade") if head.wants_upgrade else None
+    strip_hop_by_hop(head)
+    if upgrade:
+        head.set("Connection", "Upgrade")
+        head.set("Upgrade", upgrade)
+    forwarded_for = head.get("X-Forwarded-For")
+    head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
+    if head.get("X-Forwarded-Proto") is None:
+        head.set("X-Forwarded-Proto", scheme)
+    if head.get("X-Forwarded-Host") is None and head.host:
+        head.set("X-Forwarded-Host", head.host)
+    head.set("X-Request-Id", request_id)
+
+
+def _has_body(head) -> bool:
+    return head.chunked or bool(head.content_length)
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass

@@ -1,0 +1,146 @@
+"""The tun2 control protocol: the Auth handshake and the health ping, sans-I/O.
+
+On every tunnel the server opens the control stream (id 2 from a Go server),
+the client writes one JSON object `{"token": ..., "domain": ...}` with no
+newline, and the server decodes it with a streaming JSON reader. tun2g adds a
+one-line JSON reply on the same stream (`{"ok": true, ...}` or
+`{"ok": false, "error": ...}`); the Go client never reads that stream, so the
+reply is invisible to it, while a tun2g client learns why it was refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from tun2g.errors import AuthMismatch
+
+# The Auth object is two short strings; anything near this size is not a client.
+MAX_AUTH_SIZE = 8192
+MAX_REPLY_SIZE = 8192
+
+# What the Go server writes on each ping stream (ORIGINAL.md 5.5), byte for byte.
+HEALTH_PATH = "/health"
+HEALTH_HOST = "backend"
+PING_REQUEST = b"GET /health HTTP/1.1\r\nHost: backend\r\nUser-Agent: Go-http-client/1.1\r\n\r\n"
+
+CONNECT_SCOPE = "connect"
+
+
+class AuthFormatError(ValueError):
+    """The bytes on the control stream are not an Auth object."""
+
+
+@dataclass(frozen=True)
+class Auth:
+    """What a client presents: its token and the domain it wants to serve."""
+
+    token: str
+    domain: str
+
+    def encode(self) -> bytes:
+        """The wire form, as Go's json.Marshal writes it: compact, no newline."""
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+class JSONObjectReader:
+    """Finds the end of one JSON object in a byte stream fed piece by piece.
+
+    Go's json.Decoder reads exactly one value and no more; this tracks braces
+    outside strings so a split object waits for its tail and a stream that never
+    closes its object is cut off at `limit` bytes.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._buffer = bytearray()
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._started = False
+
+    def feed(self, data: bytes) -> dict | None:
+        """Add bytes; return the decoded object once it is complete, else None."""
+        for index, byte in enumerate(data):
+            self._buffer.append(byte)
+            if len(self._buffer) > self._limit:
+                raise AuthFormatError(f"no complete JSON object within {self._limit} bytes")
+            if self._advance(byte):
+                return self._decode()
+        return None
+
+    def _advance(self, byte: int) -> bool:
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif byte == 0x5C:  # backslash
+                self._escaped = True
+            elif byte == 0x22:  # quote
+                self._in_string = False
+            return False
+        if byte == 0x22:
+            self._in_string = True
+        elif byte == 0x7B:  # {
+            self._depth += 1
+            self._started = True
+        elif byte == 0x7D:  # }
+            self._depth -= 1
+            return self._started and self._depth == 0
+        elif not self._started and byte not in b" \t\r\n":
+            raise AuthFormatError(f"expected a JSON object, got byte {bytes([byte])!r}")
+        return False
+
+    def _decode(self) -> dict:
+        try:
+            value = json.loads(self._buffer)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AuthFormatError(f"invalid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise AuthFormatError("expected a JSON object")
+        return value
+
+
+def parse_auth(obj: dict) -> Auth:
+    """Validate a decoded Auth object: both fields present and strings."""
+    token, domain = obj.get("token"), obj.get("domain")
+    if not isinstance(token, str) or not isinstance(domain, str):
+        raise AuthFormatError('the Auth object needs string fields "token" and "domain"')
+    return Auth(token=token, domain=domain)
+
+
+def verify_auth(storage, auth: Auth, normalize_domain) -> str:
+    """Check an Auth as the Go server does, in its order; return the owning user.
+
+    Route exists, token exists, token has the connect scope, route owner equals
+    token owner. Raises AuthMismatch naming the failed check.
+    """
+    domain = normalize_domain(auth.domain)
+    try:
+        route_user = storage.has_route(domain)
+    except LookupError:
+        raise AuthMismatch(f"no route for domain {domain!r}; add one with `tun2g route add {domain} --user USER`") from None
+    try:
+        token_user, scopes = storage.has_token(auth.token)
+    except LookupError:
+        raise AuthMismatch("unknown or revoked token; create one with `tun2g token create --user USER`") from None
+    if CONNECT_SCOPE not in scopes:
+        raise AuthMismatch(f"token lacks the {CONNECT_SCOPE!r} scope (it has {sorted(scopes)})")
+    if route_user != token_user:
+        raise AuthMismatch(f"domain {domain!r} does not belong to the token's user")
+    return token_user
+
+
+def encode_reply(ok: bool, **fields) -> bytes:
+    """tun2g's reply on the control stream: one JSON line."""
+    return json.dumps({"ok": ok, **fields}, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_reply(line: bytes) -> dict:
+    """Parse a reply line; raises AuthFormatError when it is not one."""
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuthFormatError(f"invalid reply on the control stream: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
+        raise AuthFormatError("invalid reply on the control stream: no boolean 'ok'")
+    return value

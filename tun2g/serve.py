@@ -1,0 +1,135 @@
+"""Assemble a complete server process from settings: listeners, TLS, storage, admin API.
+
+The command line builds a ServerSetup from its options; tests and embedders
+can do the same and get back a RunningServer with its bound addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gevent
+from gevent.pywsgi import WSGIServer
+
+from tun2g import smux
+from tun2g.adminapi import AdminAPI
+from tun2g.front import HTTPFront
+from tun2g.log import configure, get_logger
+from tun2g.server import Server, ServerConfig
+from tun2g.storage import default_sqlite_path, open_storage
+from tun2g.transport import tcp, tls
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ServerSetup:
+    """Everything `tun2g server` can be told."""
+
+    http_addr: str = ":8080"
+    tunnel_addr: str = ":4443"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    plain_tunnel: bool = False
+    kcp_addr: str | None = None
+    storage_url: str | None = None
+    admin_addr: str | None = "127.0.0.1:7070"
+    admin_token: str | None = None
+    node_id: str | None = None
+    smux_version: int = 1
+    ping_interval: float = 5.0
+    access_log: bool = True
+    log_level: str = "info"
+
+    def start(self) -> "RunningServer":
+        """Open the store and every listener, start serving, and return the running server."""
+        configure(self.log_level)
+        storage = open_storage(self.storage_url)
+        smux_config = smux.Config.tun2_server()
+        smux_config.version = self.smux_version
+        config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval)
+        if self.node_id:
+            config.node_id = self.node_id
+        server = Server(config)
+        running = RunningServer(server)
+
+        http_listener = tcp.listen(self.http_addr)
+        running.http_address = http_listener.getsockname()[:2]
+        running.services.append(HTTPFront(server, access_log=self.access_log).serve(http_listener))
+
+        cert, key = self._certificate()
+        tunnel_listener = tcp.listen(self.tunnel_addr)
+        running.tunnel_address = tunnel_listener.getsockname()[:2]
+        if self.plain_tunnel:
+            log.warning("plain_tunnel", note="tunnel traffic, tokens included, is NOT encrypted; "
+                                             "use this for development and tests only")
+            secure = None
+        else:
+            context = tls.server_context(cert, key)
+            secure = lambda sock: tls.accept_tls(sock, context)  # noqa: E731
+        running.tasks.append(gevent.spawn(server.listen, tunnel_listener, secure,
+                                          "tcp" if self.plain_tunnel else "tcp+tls"))
+        if self.kcp_addr:
+            running.kcp_address = self._start_kcp(server, running, cert, key)
+        if self.admin_addr:
+            host, port = tcp.split_host_port(self.admin_addr)
+            admin = WSGIServer((host, port), AdminAPI(server, self.admin_token), log=None, error_log=None)
+            admin.start()
+            running.admin_address = admin.address[:2]
+            running.services.append(admin)
+        log.info("listening", http=_fmt(running.http_address), tunnel=_fmt(running.tunnel_address),
+                 tunnel_tls=not self.plain_tunnel, kcp=_fmt(running.kcp_address),
+                 admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
+        if not self.plain_tunnel and self.tls_cert is None:
+            log.info("dev_certificate", cert=str(cert),
+                     hint=f"clients connect with --ca {cert} (or use --tls-cert/--tls-key in production)")
+        return running
+
+    def _certificate(self):
+        if self.tls_cert:
+            return self.tls_cert, self.tls_key
+        if self.plain_tunnel and not self.kcp_addr:
+            return None, None
+        return tls.make_dev_certificate(default_sqlite_path().parent)
+
+    def _start_kcp(self, server, running, cert, key):
+        from tun2g.transport import kcp, memtls
+
+        listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.KCPOptions())
+        if self.plain_tunnel:
+            secure = None
+        else:
+            context = memtls.server_context(str(cert), str(key))
+            secure = lambda conn: memtls.wrap(conn, context, server_side=True)  # noqa: E731
+        running.tasks.append(gevent.spawn(server.listen, listener, secure,
+                                          "kcp" if self.plain_tunnel else "kcp+tls"))
+        return listener.address[:2]
+
+
+@dataclass
+class RunningServer:
+    """A started server and the addresses it actually bound."""
+
+    server: Server
+    http_address: tuple | None = None
+    tunnel_address: tuple | None = None
+    kcp_address: tuple | None = None
+    admin_address: tuple | None = None
+    services: list = field(default_factory=list)
+    tasks: list = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Close listeners and tunnels; wakes `wait()`."""
+        log.info("stopping")
+        for service in self.services:
+            service.stop(timeout=1)
+        self.server.close()
+        gevent.killall(self.tasks, block=False)
+        self.server.storage.close()
+
+    def wait(self) -> None:
+        self.server.wait()
+
+
+def _fmt(address) -> str:
+    return f"{address[0]}:{address[1]}" if address else "-"
