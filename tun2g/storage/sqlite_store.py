@@ -183,7 +183,7 @@ class SQLiteStorage:
             except sqlite3.OperationalError as err:
                 if not _is_busy(err) or time.monotonic() > deadline:
                     raise self._error(err) from None
-            except sqlite3.Error as err:
+            except (sqlite3.Error, OSError) as err:
                 raise self._error(err) from None
             gevent.sleep(delay)
             delay = min(delay * 2, 0.05)
@@ -212,12 +212,12 @@ class SQLiteStorage:
             raise
         return db
 
-    def _error(self, err: sqlite3.Error) -> StorageError:
+    def _error(self, err: sqlite3.Error | OSError) -> StorageError:
         hint = ""
-        if _is_busy(err):
-            hint = f"; another process kept the database locked for over {LOCK_WAIT_SECONDS:.0f}s"
-        elif "unable to open" in str(err) or "readonly" in str(err):
+        if isinstance(err, OSError) or "unable to open" in str(err) or "readonly" in str(err):
             hint = "; check that the directory exists and is writable (or set TUN2G_DATA_DIR)"
+        elif _is_busy(err):
+            hint = f"; another process kept the database locked for over {LOCK_WAIT_SECONDS:g} s"
         elif "not a database" in str(err):
             hint = "; the file is not a tun2g SQLite store"
         return StorageError(f"SQLite store {self.path}: {err}{hint}")
