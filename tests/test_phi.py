@@ -8,13 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tun2g.phi import PHI_CEILING, PhiAccrualFailureDetector, phi_of
+from tun2g.phi import PHI_CEILING, PhiAccrualDetector, phi_of
 
 
-def detector_with_beats(interval: float, count: int, **options) -> PhiAccrualFailureDetector:
+def detector_with_beats(interval: float, count: int, **options) -> PhiAccrualDetector:
     """A detector that saw `count` heartbeats `interval` seconds apart, the last at t=0."""
     options.setdefault("first_heartbeat_estimate", interval)
-    detector = PhiAccrualFailureDetector(**options)
+    detector = PhiAccrualDetector(**options)
     for beat in range(count):
         detector.heartbeat(now=(beat - count + 1) * interval)
     return detector
@@ -28,14 +28,14 @@ def test_phi_matches_the_normal_distribution(sigmas):
 
 
 def test_no_heartbeat_yet_means_no_suspicion():
-    detector = PhiAccrualFailureDetector()
+    detector = PhiAccrualDetector()
     assert detector.phi(now=1e9) == 0.0
     assert detector.is_available(now=1e9)
     assert detector.last_heartbeat is None
 
 
 def test_first_heartbeat_uses_the_estimate():
-    detector = PhiAccrualFailureDetector(first_heartbeat_estimate=1.0)
+    detector = PhiAccrualDetector(first_heartbeat_estimate=1.0)
     detector.heartbeat(now=100.0)
     assert detector.last_heartbeat == 100.0
     assert detector.phi(now=101.0) == pytest.approx(0.3, abs=0.2)  # on time: a coin flip
@@ -96,7 +96,7 @@ def test_extreme_values_are_finite_and_json_encodable():
 ])
 def test_bad_options_say_which_one(options, words):
     with pytest.raises(ValueError, match=words):
-        PhiAccrualFailureDetector(**options)
+        PhiAccrualDetector(**options)
 
 
 intervals = st.lists(st.floats(min_value=0.0, max_value=1e4, allow_nan=False), min_size=0, max_size=40)
@@ -108,7 +108,7 @@ elapsed = st.floats(min_value=0.0, max_value=1e7, allow_nan=False)
        min_std_dev=st.floats(min_value=1e-6, max_value=100.0),
        pause=st.floats(min_value=0.0, max_value=100.0))
 def test_phi_never_decreases_as_time_passes(intervals, first, second, min_std_dev, pause):
-    detector = PhiAccrualFailureDetector(min_std_dev=min_std_dev, acceptable_pause=pause)
+    detector = PhiAccrualDetector(min_std_dev=min_std_dev, acceptable_pause=pause)
     now = 0.0
     for interval in [0.0, *intervals]:
         now += interval

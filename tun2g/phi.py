@@ -6,7 +6,7 @@ inter-arrival times of recent heartbeats (health-ping replies) are modelled
 as a normal distribution. phi 1 means a 10 % chance the peer is merely slow,
 phi 3 a 0.1 % chance, phi 8 (the default threshold) one in 10^8.
 
-Like Akka's PhiAccrualFailureDetector, we use the logistic approximation of
+Like Akka's PhiAccrualDetector, we use the logistic approximation of
 the normal CDF (Bowling et al., 2009), F(y) ~ 1 / (1 + exp(-y (1.5976 + 0.070566 y^2))),
 so P(later) = 1 - F(y) and phi = log10(1 + exp(z)) with z = y (1.5976 + 0.070566 y^2),
 y = (elapsed - mean) / std_dev. We evaluate it as a numerically stable
@@ -33,7 +33,7 @@ PHI_CEILING = 1000.0  # far beyond any useful threshold; keeps values finite and
 _LN10 = math.log(10.0)
 
 
-class PhiAccrualFailureDetector:
+class PhiAccrualDetector:
     """Suspicion that a peer has failed, from the arrival times of its heartbeats."""
 
     def __init__(self, threshold: float = 8.0, max_samples: int = 100, min_std_dev: float = 0.5,
