@@ -26,6 +26,12 @@ from .writer import FrameWriter
 # costs (syscall, greenlet switch, event dispatch) stay small next to the copying.
 READ_BUFFER_SIZE = 256 * 1024
 
+# A stream holding more than half its backlog makes the reader wait this long for
+# its application to catch up before reading on. A reader that is merely scheduled
+# later than the reader greenlet then never trips the reset; a stream nobody reads
+# delays the others by at most about twice this, once, before it is reset.
+BACKLOG_GRACE = 0.25
+
 
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
@@ -57,6 +63,7 @@ class Session:
         self._accept_ready = Event()
         self._accept_space = Event()
         self._budget_ready = Event()
+        self._drained = Event()  # an application read happened (see BACKLOG_GRACE)
         self._version_known = Event()
         if config.version is not None:
             self._version_known.set()
@@ -155,6 +162,7 @@ class Session:
     def _after_read(self) -> None:
         """A stream handed bytes to the application: send UPDs, resume a paused reader."""
         self._flush_outbox()
+        self._drained.set()
         if self._state.budget > 0:
             self._budget_ready.set()
 
@@ -199,15 +207,12 @@ class Session:
                 while state.budget <= 0:  # Go semantics: stop reading until the application reads
                     self._budget_ready.clear()
                     self._budget_ready.wait()
-                if recv_into is not None:
-                    data = buffer[:recv_into(buffer)]
-                else:
-                    data = recv(READ_BUFFER_SIZE)
+                data = recv(READ_BUFFER_SIZE)
                 if not len(data):
                     where = " in the middle of a frame" if state.decoder.in_frame else ""
                     self._die(SessionClosedError(f"the peer closed the smux connection{where}"))
                     return
-                if not self._dispatch(state.receive(data)):
+                if not self._dispatch(state.receive(data, keep_views=True)):
                     return
         except gevent.GreenletExit:
             raise
@@ -224,6 +229,7 @@ class Session:
         for stream_state in received.changed:
             stream_state.handle._wake()
         self._flush_outbox()
+        self._wait_for_backlogged(received.changed)
         for stream in opened:
             while len(self._accept_queue) >= ACCEPT_BACKLOG and not self._closed:
                 self._accept_space.clear()
@@ -233,6 +239,16 @@ class Session:
         if received.error is not None:
             self._die(received.error)
         return not self._closed
+
+    def _wait_for_backlogged(self, changed) -> None:
+        """Give streams past half their backlog a chance to be read before reading on."""
+        soft_limit = self._state.backlog // 2
+        for stream_state in changed:
+            deadline = _deadline(BACKLOG_GRACE)
+            while stream_state.buffered > soft_limit and not self._closed:
+                self._drained.clear()
+                if not self._drained.wait(_remaining(deadline)):
+                    break
 
     def _keepalive_loop(self) -> None:
         interval, timeout = self.config.keepalive_interval, self.config.keepalive_timeout

@@ -35,7 +35,7 @@ class StreamState:
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
-        self.chunks: deque[bytes] = deque()  # received payload not yet read
+        self.chunks: deque[bytes | memoryview] = deque()  # received payload not yet read
         self.buffered = 0  # sum of len(chunks), counted against the session budget
         self.fin_received = False  # the peer sent FIN: EOF once chunks are drained
         self.fin_sent = False  # we sent FIN: no more writes
@@ -80,7 +80,7 @@ class SessionState:
         self._next_id = 1 if client else 0
         self._ids_exhausted = False
         self._outbox: list[OutgoingFrame] = []
-        self._backlog = config.stream_backlog(config.version) if config.version else 0
+        self.backlog = config.stream_backlog(config.version) if config.version else 0
 
     @property
     def version(self) -> int | None:
@@ -111,12 +111,18 @@ class SessionState:
 
     # --- receiving ---------------------------------------------------------------
 
-    def receive(self, data) -> Received:
-        """Apply received bytes; arbitrary chunking is fine."""
+    def receive(self, data, keep_views: bool = False) -> Received:
+        """Apply received bytes; arbitrary chunking is fine.
+
+        With ``keep_views`` (``data`` must then be immutable, e.g. bytes) streams keep
+        zero-copy views of large payload pieces instead of copies. Small pieces are
+        still copied, so a view never pins a buffer more than 8 times its own size.
+        """
         result = Received()
         events = self.decoder.feed(data)
-        if not self._backlog and self.version is not None:  # an automatic version was just learned
-            self._backlog = self.config.stream_backlog(self.version)
+        self._min_view = len(data) >> 3 if keep_views else 1 << 62
+        if not self.backlog and self.version is not None:  # an automatic version was just learned
+            self.backlog = self.config.stream_backlog(self.version)
         self._receive(events, result)
         result.error = self.decoder.error
         return result
@@ -124,17 +130,18 @@ class SessionState:
     def _receive(self, events, result: Received) -> None:
         streams = self.streams
         changed = result.changed
+        min_view = self._min_view
         for cmd, sid, value, _complete in events:
             if cmd == PSH:
                 stream = streams.get(sid)
                 size = len(value)
                 if stream is None or not size or stream.read_closed:
                     continue  # unknown or closed stream: payload is read and dropped
-                stream.chunks.append(bytes(value))
+                stream.chunks.append(value if size >= min_view else bytes(value))
                 stream.buffered += size
                 self.budget -= size
                 changed.add(stream)
-                if stream.buffered > self._backlog:
+                if stream.buffered > self.backlog:
                     self._reset(stream)
             elif cmd == SYN:
                 if sid not in streams:
@@ -156,7 +163,7 @@ class SessionState:
 
     def _reset(self, stream: StreamState) -> None:
         stream.reset_message = (
-            f"stream {stream.sid} reset: its reader fell more than {self._backlog} bytes behind "
+            f"stream {stream.sid} reset: its reader fell more than {self.backlog} bytes behind "
             "(the peer kept sending while nobody read it); read streams promptly or raise max_stream_backlog")
         self.close_stream(stream)
 
@@ -168,13 +175,16 @@ class SessionState:
         if not chunks or size <= 0:
             return b""
         first = chunks[0]
-        if len(first) <= size:
+        if len(first) == size or (len(first) < size and len(chunks) == 1):
             chunks.popleft()
-        else:
+            self._consumed(stream, len(first))
+            return first if type(first) is bytes else bytes(first)
+        if len(first) > size:
             chunks[0] = first[size:]
-            first = first[:size]
-        self._consumed(stream, len(first))
-        return first
+            self._consumed(stream, size)
+            return bytes(first[:size])
+        target = bytearray(min(size, stream.buffered))
+        return bytes(target[:self.read_into(stream, memoryview(target))])
 
     def read_into(self, stream: StreamState, target: memoryview) -> int:
         """Copy buffered bytes into ``target`` (a byte memoryview); returns how many."""
