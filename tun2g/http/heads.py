@@ -1,0 +1,156 @@
+"""HTTP/1.1 message heads as plain records, plus the header rules a proxy follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+Headers = list[tuple[str, str]]
+
+# RFC 9110 section 7.6.1: connection-specific fields a proxy must not forward.
+# "Proxy-Connection" is the non-standard ancestor of Connection; the two
+# Proxy-Auth* fields belong to the hop that asked for them (as in Go's ReverseProxy).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+
+class HTTPError(Exception):
+    """A peer sent an HTTP message we cannot accept; ``status`` is the answer to give it.
+
+    400 malformed, 413 body too large, 431 head too large, 501 unsupported
+    (a transfer coding other than chunked, CONNECT).
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+class _HeaderFields:
+    """Case-insensitive access to an ordered ``headers`` list (order and case are kept)."""
+
+    __slots__ = ()
+    headers: Headers
+    version: str
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header ``name`` (any case), or ``default``."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of header ``name``, in order."""
+        name = name.lower()
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every ``name`` header by one ``name: value`` (kept at the first one's place)."""
+        lowered = name.lower()
+        kept: Headers = []
+        placed = False
+        for header in self.headers:
+            if header[0].lower() != lowered:
+                kept.append(header)
+            elif not placed:
+                kept.append((name, value))
+                placed = True
+        if not placed:
+            kept.append((name, value))
+        self.headers = kept
+
+    def add(self, name: str, value: str) -> None:
+        """Append a ``name: value`` header, keeping any existing ones."""
+        self.headers.append((name, value))
+
+    def remove(self, name: str) -> None:
+        """Drop every ``name`` header."""
+        name = name.lower()
+        self.headers = [h for h in self.headers if h[0].lower() != name]
+
+    def connection_tokens(self) -> set[str]:
+        """The lower-cased options listed in Connection headers (e.g. {"close"} or {"upgrade"})."""
+        tokens = set()
+        for key, value in self.headers:
+            if key.lower() == "connection":
+                tokens.update(token.strip().lower() for token in value.split(","))
+        tokens.discard("")
+        return tokens
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the sender wants the connection kept open (HTTP/1.1 by default, 1.0 on request)."""
+        tokens = self.connection_tokens()
+        if "close" in tokens:
+            return False
+        return self.version != "HTTP/1.0" or "keep-alive" in tokens
+
+    @property
+    def content_length(self) -> int | None:
+        """The Content-Length as an int, or None when absent or not a number."""
+        value = self.get("content-length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the body is sent with the chunked transfer coding."""
+        value = self.get("transfer-encoding")
+        return value is not None and value.rsplit(",", 1)[-1].strip().lower() == "chunked"
+
+
+@dataclass(slots=True)
+class RequestHead(_HeaderFields):
+    """The request line and headers of one HTTP request."""
+
+    method: str
+    target: str
+    version: str = "HTTP/1.1"
+    headers: Headers = field(default_factory=list)
+
+    @property
+    def wants_upgrade(self) -> bool:
+        """Whether the client asks to switch protocols (``Connection: upgrade`` plus ``Upgrade``)."""
+        return self.get("upgrade") is not None and "upgrade" in self.connection_tokens()
+
+    @property
+    def expects_continue(self) -> bool:
+        """Whether the client waits for ``100 Continue`` before sending its body."""
+        value = self.get("expect")
+        return value is not None and value.strip().lower() == "100-continue"
+
+    @property
+    def host(self) -> str | None:
+        """The Host header, exactly as sent (case and port kept, like the original's routing key)."""
+        return self.get("host")
+
+
+@dataclass(slots=True)
+class ResponseHead(_HeaderFields):
+    """The status line and headers of one HTTP response."""
+
+    status: int
+    reason: str = ""
+    version: str = "HTTP/1.1"
+    headers: Headers = field(default_factory=list)
+
+
+def forwardable_headers(headers: Iterable[tuple[str, str]]) -> Headers:
+    """``headers`` without the hop-by-hop fields and those named in Connection."""
+    headers = list(headers)
+    dropped = HOP_BY_HOP
+    for key, value in headers:
+        if key.lower() == "connection":
+            dropped = dropped.union(token.strip().lower() for token in value.split(","))
+    return [h for h in headers if h[0].lower() not in dropped]
+
+
+def strip_hop_by_hop(head: RequestHead | ResponseHead) -> None:
+    """Remove the hop-by-hop headers of ``head`` in place (RFC 9110 section 7.6.1)."""
+    head.headers = forwardable_headers(head.headers)
