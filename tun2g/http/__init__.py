@@ -1,0 +1,20 @@
+"""HTTP/1.1 on socket-like objects: heads, streamed bodies, one proxied exchange, a backend pool.
+
+The parsing and encoding are sans-I/O (``heads``, ``parser``, ``encode``); the
+gevent drivers (``reader``, ``relay``, ``pool``) only move bytes.
+"""
+
+from .encode import (LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head, simple_response,
+                     write_request_head, write_response_head)
+from .heads import HOP_BY_HOP, HTTPError, RequestHead, ResponseHead, forwardable_headers, strip_hop_by_hop
+from .parser import CHUNKED, UNTIL_CLOSE, MessageParser
+from .pool import BackendPool
+from .reader import MessageReader
+from .relay import DownstreamError, ExchangeResult, UpstreamError, forward_exchange
+
+__all__ = [
+    "BackendPool", "CHUNKED", "DownstreamError", "ExchangeResult", "HOP_BY_HOP", "HTTPError", "LAST_CHUNK",
+    "MessageParser", "MessageReader", "RequestHead", "ResponseHead", "UNTIL_CLOSE", "UpstreamError",
+    "encode_chunk", "encode_request_head", "encode_response_head", "forward_exchange", "forwardable_headers",
+    "simple_response", "strip_hop_by_hop", "write_request_head", "write_response_head",
+]

@@ -1,0 +1,100 @@
+"""Keep-alive connections to one HTTP or HTTPS backend (the tunnel client's --backend URL)."""
+
+from __future__ import annotations
+
+import select
+import socket as stdlib_socket
+from urllib.parse import urlsplit
+
+from gevent import monkey, socket, ssl
+
+from .reader import MessageReader
+
+# A zero-timeout poll never blocks, so the unpatched one is safe and cheaper.
+_poll = monkey.get_original("select", "poll")
+
+
+class BackendPool:
+    """Dials ``url``'s host (TCP_NODELAY, TLS for https) and keeps idle keep-alive connections for reuse."""
+
+    def __init__(self, url: str, *, tls_verify: bool = True, ca_file: str | None = None,
+                 connect_timeout: float = 5.0, max_idle: int = 32) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"backend URL {url!r} must look like http://host:port or https://host/path")
+        self.url = url
+        self.scheme = parts.scheme
+        self.host_header = parts.netloc
+        self.path_prefix = parts.path
+        self.query = parts.query
+        self.address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: list[tuple[object, MessageReader]] = []
+        self._closed = False
+        self._tls = None
+        if parts.scheme == "https":
+            self._tls = ssl.create_default_context(cafile=ca_file)
+            if not tls_verify:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+
+    def join_path(self, target: str) -> str:
+        """The request target to send the backend: the URL's path joined before it, queries merged.
+
+        Like Go's httputil.NewSingleHostReverseProxy: "/base" + "/x" = "/base/x".
+        """
+        path, _, query = target.partition("?")
+        prefix = self.path_prefix
+        if prefix:
+            if prefix.endswith("/") and path.startswith("/"):
+                path = prefix + path[1:]
+            elif not prefix.endswith("/") and not path.startswith("/"):
+                path = f"{prefix}/{path}"
+            else:
+                path = prefix + path
+        if self.query:
+            query = f"{self.query}&{query}" if query else self.query
+        return f"{path}?{query}" if query or "?" in target else path
+
+    def acquire(self):
+        """An idle connection still open, or a new one: ``(sock, reader)``. Raises ``OSError`` if dialing fails."""
+        while self._idle:
+            sock, reader = self._idle.pop()
+            if _still_idle(sock):
+                return sock, reader
+            sock.close()
+        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.address[0])
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, MessageReader(sock)
+
+    def release(self, sock, reader: MessageReader, reusable: bool) -> None:
+        """Give a connection back: kept for reuse when ``reusable`` and there is room, else closed."""
+        if reusable and not self._closed and len(self._idle) < self.max_idle and reader.body_complete:
+            self._idle.append((sock, reader))
+        else:
+            sock.close()
+
+    def close(self) -> None:
+        """Close every idle connection; later releases close theirs."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for sock, _ in idle:
+            sock.close()
+
+
+def _still_idle(sock) -> bool:
+    """False when an idle connection has something to read: the backend closed it (or sent junk)."""
+    try:
+        poller = _poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError):
+        return False

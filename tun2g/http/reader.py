@@ -1,0 +1,136 @@
+"""Reads HTTP/1.1 messages with streamed bodies from a socket-like object (thin driver over MessageParser)."""
+
+from __future__ import annotations
+
+from .heads import HTTPError, RequestHead, ResponseHead
+from .parser import CLOSED, DEFAULT_MAX_HEAD_SIZE, END, HeadEvent, MessageParser, Upgraded
+
+RECV_SIZE = 65536
+
+
+class MessageReader:
+    """Reads requests (or responses) one after another from ``sock``, keeping what it over-read.
+
+    Reuse one reader for every message of a keep-alive connection: pipelined bytes
+    stay queued for the next message. Socket errors propagate as ``OSError``; a
+    peer breaking HTTP raises ``HTTPError``.
+    """
+
+    def __init__(self, sock, *, max_head_size: int = DEFAULT_MAX_HEAD_SIZE) -> None:
+        self.sock = sock
+        self.max_head_size = max_head_size
+        self.body_complete = True
+        self.framing = 0           # of the current message: a length, CHUNKED or UNTIL_CLOSE
+        self.keep_alive = False    # the current message's sender allows another message after it
+        self.upgrade = False       # the current message asks for (request) or grants (101) an upgrade
+        self.messages_read = 0     # heads read so far (> 0: the connection has been used before)
+        self._parser: MessageParser | None = None
+        self._events = None
+
+    def _parser_for(self, is_request: bool) -> MessageParser:
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = MessageParser(is_request, self.max_head_size)
+            self._events = parser.events
+        elif parser.is_request != is_request:
+            raise RuntimeError("a MessageReader reads either requests or responses, not both")
+        return parser
+
+    def _next_event(self):
+        events, parser = self._events, self._parser
+        while not events:
+            if parser.finished:
+                return parser.terminal_event
+            parser.receive_data(self.sock.recv(RECV_SIZE))
+        return events.popleft()
+
+    def read_request_head(self) -> RequestHead | None:
+        """The next request's head, or None if the peer closed cleanly before sending one."""
+        self._parser_for(True)
+        return self._read_head()
+
+    def read_response_head(self, request_method: str) -> ResponseHead:
+        """The next response's head (a 1xx is returned as is: call again for the final one)."""
+        self._parser_for(False).request_method = request_method
+        head = self._read_head()
+        if head is None:
+            raise HTTPError(502, "the connection closed before a response arrived")
+        return head
+
+    def _read_head(self):
+        if not self.body_complete:
+            raise RuntimeError("read the current message's body to its end before the next head")
+        event = self._next_event()
+        if type(event) is not HeadEvent:
+            if event is CLOSED:
+                return None
+            raise _unexpected(event)
+        self.messages_read += 1
+        self.framing = event.framing
+        self.keep_alive = event.keep_alive
+        self.upgrade = event.upgrade
+        events = self._events
+        if events and events[0] is END:
+            events.popleft()
+        else:
+            self.body_complete = False
+        return event.head
+
+    def read_body(self, max_chunk: int = RECV_SIZE) -> bytes:
+        """The next piece of the current message's decoded body; b"" once it is complete."""
+        if self.body_complete:
+            return b""
+        event = self._next_event()
+        if event is END:
+            self.body_complete = True
+            return b""
+        if type(event) is not bytes:
+            raise _unexpected(event)
+        events = self._events
+        if events and type(events[0]) is bytes and len(event) < max_chunk:
+            pieces = [event]
+            size = len(event)
+            while events and type(events[0]) is bytes and size < max_chunk:
+                piece = events.popleft()
+                pieces.append(piece)
+                size += len(piece)
+            event = b"".join(pieces)
+        if len(event) > max_chunk:
+            events.appendleft(event[max_chunk:])
+            event = event[:max_chunk]
+        elif events and events[0] is END:
+            events.popleft()
+            self.body_complete = True
+        return event
+
+    def take_ready_body(self) -> bytes:
+        """The body bytes already received (maybe b""), without waiting; ``body_complete`` tells if that was all."""
+        events = self._events
+        if self.body_complete or not events:
+            return b""
+        pieces = []
+        while events and type(events[0]) is bytes:
+            pieces.append(events.popleft())
+        if events and events[0] is END:
+            events.popleft()
+            self.body_complete = True
+        return b"".join(pieces)
+
+    def take_buffered(self) -> bytes:
+        """Raw bytes received past the current message (after a protocol switch), for splicing."""
+        events = self._events
+        if events and type(events[0]) is Upgraded:
+            return events.popleft().rest
+        return b""
+
+    @property
+    def switched_protocols(self) -> bool:
+        """Whether the connection has left HTTP (a protocol switch was parsed)."""
+        events = self._events
+        return bool(events) and type(events[0]) is Upgraded
+
+
+def _unexpected(event) -> Exception:
+    if isinstance(event, HTTPError):
+        return event
+    return HTTPError(400, f"unexpected {event!r} while reading HTTP (the connection switched protocols?)")

@@ -1,0 +1,233 @@
+"""Moves one HTTP exchange between two socket-like objects: request up, response down, bodies streamed."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import gevent
+
+from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
+from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
+from .parser import CHUNKED
+from .reader import RECV_SIZE, MessageReader
+
+
+class UpstreamError(Exception):
+    """The upstream failed before any final response went downstream: answer the client with a 502."""
+
+
+class DownstreamError(Exception):
+    """The downstream peer went away (or broke HTTP) mid-exchange: drop the upstream connection."""
+
+
+@dataclass(slots=True)
+class ExchangeResult:
+    """How one forwarded exchange ended."""
+
+    status: int              # the final status sent downstream
+    keep_alive: bool         # the downstream connection may carry another request
+    upstream_reusable: bool  # the upstream connection is at a clean message boundary and keep-alive
+    upgraded: bool = False   # a 101 was relayed and the connections were spliced until both ended
+    request_bytes: int = 0   # bytes written upstream (head, framing and body)
+    response_bytes: int = 0  # bytes written downstream (interim and final heads, framing and body)
+
+
+def forward_exchange(request: RequestHead, request_reader: MessageReader, upstream, downstream, *,
+                     response_filter: Callable[[ResponseHead], None] | None = None,
+                     upstream_reader: MessageReader | None = None) -> ExchangeResult:
+    """Send ``request`` and its body (read from ``request_reader``) upstream and relay the response downstream.
+
+    Hop-by-hop headers are dropped both ways and framing is set here. A request
+    body is pumped by a second greenlet while the response is read (so 100-continue
+    and early answers work); a bodyless request uses none. ``response_filter`` may
+    edit the final response head. Raises ``UpstreamError`` while no final response
+    has gone downstream (answer 502), ``DownstreamError`` when the client side fails;
+    an upstream failing mid-body closes ``downstream`` and returns keep_alive=False.
+    """
+    if upstream_reader is None:
+        upstream_reader = MessageReader(upstream)
+    return _Exchange(request, request_reader, upstream, downstream, upstream_reader).run(response_filter)
+
+
+class _Exchange:
+    def __init__(self, request, request_reader, upstream, downstream, upstream_reader) -> None:
+        self.request = request
+        self.request_reader = request_reader
+        self.upstream = upstream
+        self.downstream = downstream
+        self.upstream_reader = upstream_reader
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.pump: gevent.Greenlet | None = None
+        self.request_sent = False      # the whole request body went upstream
+        self.downstream_failure: Exception | None = None
+
+    def run(self, response_filter) -> ExchangeResult:
+        try:
+            self._send_request()
+            head = self._read_final_head()
+            if response_filter is not None:
+                response_filter(head)
+            if head.status == 101:
+                return self._splice(head)
+            return self._relay_response(head)
+        finally:
+            if self.pump is not None and not self.pump.dead:
+                self.pump.kill()
+
+    # --- request -------------------------------------------------------------------
+
+    def _send_request(self) -> None:
+        request, reader = self.request, self.request_reader
+        headers = forwardable_headers(request.headers)
+        upgrade = request.get("Upgrade") if reader.upgrade else None
+        if upgrade:
+            headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
+        chunked = reader.framing == CHUNKED
+        payload = encode_request_head(request, chunked=chunked, headers=headers)
+        if not reader.body_complete:
+            payload += _framed(reader.take_ready_body(), chunked)
+        if chunked and reader.body_complete:
+            payload += LAST_CHUNK
+        try:
+            self.upstream.sendall(payload)
+        except OSError as exc:
+            raise UpstreamError(f"cannot send the request upstream: {_describe(exc)}") from exc
+        self.request_bytes = len(payload)
+        if reader.body_complete:
+            self.request_sent = True
+        else:
+            self.pump = gevent.spawn(self._pump_request_body, chunked)
+
+    def _pump_request_body(self, chunked: bool) -> None:
+        reader, upstream = self.request_reader, self.upstream
+        while not reader.body_complete:
+            try:
+                data = reader.read_body()
+            except (OSError, HTTPError) as exc:
+                self.downstream_failure = exc
+                _close_quietly(upstream)  # wakes the greenlet waiting for the response
+                return
+            payload = _framed(data, chunked)
+            if chunked and reader.body_complete:
+                payload += LAST_CHUNK
+            try:
+                upstream.sendall(payload)
+            except OSError:
+                return  # the upstream stopped reading; its response (or failure) says why
+            self.request_bytes += len(payload)
+        self.request_sent = True
+
+    # --- response ------------------------------------------------------------------
+
+    def _read_final_head(self) -> ResponseHead:
+        reader, method = self.upstream_reader, self.request.method
+        while True:
+            try:
+                head = reader.read_response_head(method)
+            except (OSError, HTTPError) as exc:
+                if self.downstream_failure is not None:
+                    raise DownstreamError(f"the client failed while sending its body: "
+                                          f"{_describe(self.downstream_failure)}") from exc
+                raise UpstreamError(f"no valid response from upstream: {_describe(exc)}") from exc
+            if head.status >= 200 or head.status == 101:
+                return head
+            if (self.request.expects_continue if head.status == 100 else self.request.version == "HTTP/1.1"):
+                self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)))
+
+    def _relay_response(self, head: ResponseHead) -> ExchangeResult:
+        reader, request_reader = self.upstream_reader, self.request_reader
+        client_speaks_11 = self.request.version == "HTTP/1.1"
+        chunked_out = reader.framing < 0 and client_speaks_11
+        keep_alive = (request_reader.keep_alive and request_reader.body_complete and not request_reader.upgrade
+                      and (reader.framing >= 0 or client_speaks_11))
+        connection = ("keep-alive" if not client_speaks_11 else None) if keep_alive else "close"
+        payload = encode_response_head(head, chunked=chunked_out, connection=connection,
+                                       headers=forwardable_headers(head.headers))
+        payload += _framed(reader.take_ready_body(), chunked_out)
+        complete = reader.body_complete
+        if complete and chunked_out:
+            payload += LAST_CHUNK
+        self._send_down(payload)
+        while not complete:
+            try:
+                data = reader.read_body()
+            except (OSError, HTTPError) as exc:
+                if self.downstream_failure is not None:
+                    raise DownstreamError(f"the client failed: {_describe(self.downstream_failure)}") from exc
+                _close_quietly(self.downstream)  # no terminating chunk: the client sees the cut
+                return self._result(head.status, False, False)
+            complete = reader.body_complete
+            payload = _framed(data, chunked_out)
+            if complete and chunked_out:
+                payload += LAST_CHUNK
+            if payload:
+                self._send_down(payload)
+        return self._result(head.status, keep_alive, reader.keep_alive)
+
+    def _result(self, status: int, keep_alive: bool, upstream_keep_alive: bool, upgraded: bool = False):
+        return ExchangeResult(status, keep_alive, upstream_keep_alive and self.request_sent, upgraded,
+                              self.request_bytes, self.response_bytes)
+
+    def _send_down(self, payload: bytes) -> None:
+        try:
+            self.downstream.sendall(payload)
+        except OSError as exc:
+            raise DownstreamError(f"cannot write to the client: {_describe(exc)}") from exc
+        self.response_bytes += len(payload)
+
+    # --- protocol switch -----------------------------------------------------------
+
+    def _splice(self, head: ResponseHead) -> ExchangeResult:
+        upgrade = head.get("Upgrade")
+        if not self.request_reader.upgrade or not self.upstream_reader.switched_protocols or not upgrade:
+            raise UpstreamError("upstream answered 101 Switching Protocols to a request that did not ask for it"
+                                if not self.request_reader.upgrade else "upstream sent an invalid 101 response")
+        headers = forwardable_headers(head.headers) + [("Connection", "Upgrade"), ("Upgrade", upgrade)]
+        self._send_down(encode_response_head(head, headers=headers) + self.upstream_reader.take_buffered())
+        if self.pump is not None:
+            self.pump.kill()
+        upward = gevent.spawn(_copy_raw, self.downstream, self.upstream, self.request_reader.take_buffered())
+        self.response_bytes += _copy_raw(self.upstream, self.downstream, b"")
+        self.request_bytes += upward.get()
+        return self._result(101, False, False, upgraded=True)
+
+
+def _framed(data: bytes, chunked: bool) -> bytes:
+    return encode_chunk(data) if chunked and data else data
+
+
+def _copy_raw(source, sink, first: bytes) -> int:
+    """Copy raw bytes until ``source`` ends; then half-close ``sink`` (or close both on error)."""
+    copied = 0
+    try:
+        if first:
+            sink.sendall(first)
+            copied = len(first)
+        while True:
+            data = source.recv(RECV_SIZE)
+            if not data:
+                break
+            sink.sendall(data)
+            copied += len(data)
+        if hasattr(sink, "unwrap"):
+            raise OSError("TLS cannot be half-closed")  # an SSLSocket's shutdown() drops TLS for reading too
+        sink.shutdown(socket.SHUT_WR)
+    except (OSError, AttributeError):
+        # One direction broke (or cannot half-close): end both, waking the other direction.
+        _close_quietly(source)
+        _close_quietly(sink)
+    return copied
+
+
+def _close_quietly(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
