@@ -198,6 +198,10 @@ class RedisStorage:
                 f"Redis at {self.describe()} rejected the credentials ({err}); check the user "
                 f"and password in REDIS_URL / --storage") from None
         except (redis.ConnectionError, redis.TimeoutError) as err:
+            if "CERTIFICATE_VERIFY_FAILED" in str(err):
+                raise StorageUnavailable(
+                    f"Redis at {self.describe()} has a certificate we cannot verify ({err}); for a "
+                    f"provider's self-signed Redis (e.g. Heroku) add ?ssl_cert_reqs=none to the URL") from None
             raise StorageUnavailable(
                 f"cannot reach Redis at {self.describe()} ({err}); check that redis-server is "
                 f"running there and that REDIS_URL / --storage names it") from None

@@ -1,0 +1,276 @@
+"""`tun2g token` and `tun2g route`: who may connect, and which domains each user may serve.
+
+Both commands open the same store the server uses: --storage, else
+TUN2G_STORAGE, else REDIS_URL, else the embedded SQLite file, so on one
+machine no flags are needed and on a Heroku-style deploy `heroku run` finds
+the add-on's Redis. Errors are one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import click
+
+from tun2g.cli.options import env_option
+from tun2g.storage import CONNECT_SCOPE, NoSuchRoute, Storage, StorageError, normalize_domain, open_storage
+
+SHORT_SECRET = 20  # characters; shorter imported secrets get a warning (generated ones have 43)
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+_storage_option = env_option(
+    "--storage", "storage_url", env="TUN2G_STORAGE", metavar="URL",
+    help="Where tokens and routes live: sqlite:///path.db, sqlite:relative.db, redis://host:port/db or "
+         "rediss://... (add ?ssl_cert_reqs=none for a provider's self-signed Redis). "
+         "Default: REDIS_URL if set, else the embedded SQLite file the server uses.")
+_user_filter = click.option("--user", help="Only this user's entries.")
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@contextmanager
+def _opened(storage_url: str | None) -> Iterator[Storage]:
+    """The store, closed afterwards; a StorageError becomes one line on stderr and exit status 1."""
+    storage = None
+    try:
+        storage = open_storage(storage_url)
+        yield storage
+    except StorageError as exc:
+        click.echo(f"tun2g: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        if storage is not None:
+            storage.close()
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _print_json(records: list) -> None:
+    click.echo(json.dumps([record.as_json() for record in records], indent=2))
+
+
+# -- tun2g token ----------------------------------------------------------------------------
+
+@click.group(context_settings=CONTEXT)
+def token():
+    """Create, list, import and revoke the tokens tunnel clients authenticate with.
+
+    A token belongs to a user; a client may serve a domain when its token's
+    user owns the domain's route (see `tun2g route`). The secret is printed
+    once at creation; only its SHA-256 hash is stored.
+
+    \b
+    Examples:
+      tun2g token create --user alice --note "alice's laptop"
+      tun2g token list --user alice
+      tun2g token revoke 3f9a1c2b7d4e
+      tun2g token import --user alice --secret -   < token-from-go-tun2.txt
+      heroku run scripts/tun2g-token list          # against the app's REDIS_URL
+    """
+
+
+@token.command("create", context_settings=CONTEXT)
+@click.option("--user", required=True, help="The user the token authenticates as.")
+@click.option("--scope", "scopes", multiple=True, default=(CONNECT_SCOPE,), show_default=True,
+              help=f"Grant this scope (repeat for several). The server requires {CONNECT_SCOPE!r}.")
+@click.option("--note", default="", help="A reminder of who or what uses the token.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the secret (for scripts).")
+@_json_flag
+@_storage_option
+def token_create(user, scopes, note, quiet, as_json, storage_url):
+    """Create a token for a user and print its secret, once.
+
+    \b
+    Examples:
+      tun2g token create --user alice
+      TOKEN=$(tun2g token create --user ci --note "CI previews" --quiet)
+      tun2g token create --user alice --json
+    """
+    with _opened(storage_url) as storage:
+        info, secret = storage.create_token(user, scopes=scopes, note=note)
+        domains = [route.domain for route in storage.list_routes(user=info.user)]
+        where = storage.describe()
+    if quiet:
+        click.echo(secret)
+        return
+    if as_json:
+        click.echo(json.dumps({**info.as_json(), "token": secret}, indent=2))
+        return
+    click.echo(f"Created token {info.id} for user {info.user} (scopes: {', '.join(info.scopes)}) in {where}.\n")
+    click.echo("The token is shown only now; only its hash is stored:\n")
+    click.echo(f"    {secret}\n")
+    if CONNECT_SCOPE not in info.scopes:
+        click.echo(f"Without the {CONNECT_SCOPE!r} scope this token cannot open tunnels.")
+        return
+    click.echo("Connect a tunnel client with it:\n")
+    click.echo(f"    tun2g client --server SERVER:4443 --token {secret} \\\n"
+               f"        --domain {domains[0] if domains else 'DOMAIN'} --backend http://127.0.0.1:3000\n")
+    if not domains:
+        click.echo(f"{info.user} owns no domain yet: tun2g route add DOMAIN --user {info.user}")
+
+
+@token.command("list", context_settings=CONTEXT)
+@_user_filter
+@_json_flag
+@_storage_option
+def token_list(user, as_json, storage_url):
+    """List tokens (ids, users, scopes; never secrets), oldest first.
+
+    \b
+    Examples:
+      tun2g token list
+      tun2g token list --user alice --json
+    """
+    with _opened(storage_url) as storage:
+        tokens = storage.list_tokens(user=user)
+        where = storage.describe()
+    if as_json:
+        _print_json(tokens)
+    elif not tokens:
+        click.echo(f"no tokens{f' for {user}' if user else ''} in {where}")
+    else:
+        _print_table(("ID", "USER", "SCOPES", "CREATED", "NOTE"),
+                     [(t.id, t.user, ",".join(t.scopes), _when(t.created), t.note) for t in tokens])
+
+
+@token.command("revoke", context_settings=CONTEXT)
+@click.argument("token_id", metavar="ID")
+@_storage_option
+def token_revoke(token_id, storage_url):
+    """Revoke the token with this ID (from `tun2g token list`).
+
+    New connections with it are refused at once. Tunnels already connected
+    stay up until they reconnect; drop them with `tun2g backends` and `tun2g kill`.
+
+    \b
+    Example:
+      tun2g token revoke 3f9a1c2b7d4e
+    """
+    with _opened(storage_url) as storage:
+        storage.revoke_token(token_id)
+    click.echo(f"Revoked token {token_id.strip().lower()}.")
+
+
+@token.command("import", context_settings=CONTEXT)
+@click.option("--user", required=True, help="The user the token authenticates as.")
+@click.option("--secret", prompt="Token secret", hide_input=True,
+              help="The existing token string; '-' reads it from stdin. Prompted for if omitted, "
+                   "which keeps it out of your shell history.")
+@click.option("--scope", "scopes", multiple=True, default=(CONNECT_SCOPE,), show_default=True,
+              help="Grant this scope (repeat for several).")
+@click.option("--note", default="", help="A reminder of who or what uses the token.")
+@_storage_option
+def token_import(user, secret, scopes, note, storage_url):
+    """Register a token string that clients already use, as with Go tun2.
+
+    Go tun2 clients send their token as is, so importing the same string lets
+    them connect to tun2g unchanged. Only its hash is stored.
+
+    \b
+    Examples:
+      tun2g token import --user alice                 # prompts for the secret
+      tun2g token import --user alice --secret - < secret.txt
+    """
+    if secret == "-":
+        secret = sys.stdin.readline().strip()
+    with _opened(storage_url) as storage:
+        info = storage.import_token(user, secret, scopes=scopes, note=note)
+    click.echo(f"Imported token {info.id} for user {info.user} (scopes: {', '.join(info.scopes)}).")
+    if len(secret) < SHORT_SECRET:
+        click.echo(f"tun2g: warning: this secret is only {len(secret)} characters; whoever reads the stored "
+                   f"hashes could guess it. Prefer `tun2g token create`.", err=True)
+
+
+# -- tun2g route ----------------------------------------------------------------------------
+
+@click.group(context_settings=CONTEXT)
+def route():
+    """Add, remove and list routes: which user's tunnel clients may serve a domain.
+
+    Domains are matched case-insensitively and without the port, as the
+    server sees them in the Host header.
+
+    \b
+    Examples:
+      tun2g route add app.example.com --user alice
+      tun2g route list --user alice
+      tun2g route rm app.example.com
+      heroku run scripts/tun2g-route list          # against the app's REDIS_URL
+    """
+
+
+@route.command("add", context_settings=CONTEXT)
+@click.argument("domain")
+@click.option("--user", required=True, help="The user whose tokens may serve DOMAIN.")
+@_storage_option
+def route_add(domain, user, storage_url):
+    """Let USER's tunnel clients serve DOMAIN.
+
+    A domain belongs to one user; to move it, remove it first.
+
+    \b
+    Example:
+      tun2g route add app.example.com --user alice
+    """
+    with _opened(storage_url) as storage:
+        try:
+            existed = storage.has_route(domain) == user.strip()
+        except NoSuchRoute:
+            existed = False
+        added = storage.add_route(domain, user)
+    if existed:
+        click.echo(f"Route {added.domain} already belongs to {added.user}; nothing changed.")
+    else:
+        click.echo(f"Route {added.domain} -> {added.user}. Clients with a token of {added.user} "
+                   f"may now connect with --domain {added.domain}.")
+
+
+@route.command("rm", context_settings=CONTEXT)
+@click.argument("domain")
+@_storage_option
+def route_rm(domain, storage_url):
+    """Remove the route for DOMAIN; new tunnels for it are refused.
+
+    \b
+    Example:
+      tun2g route rm app.example.com
+    """
+    with _opened(storage_url) as storage:
+        domain = normalize_domain(domain)
+        storage.remove_route(domain)
+    click.echo(f"Removed route {domain}.")
+
+
+@route.command("list", context_settings=CONTEXT)
+@_user_filter
+@_json_flag
+@_storage_option
+def route_list(user, as_json, storage_url):
+    """List routes, sorted by domain.
+
+    \b
+    Examples:
+      tun2g route list
+      tun2g route list --user alice --json
+    """
+    with _opened(storage_url) as storage:
+        routes = storage.list_routes(user=user)
+        where = storage.describe()
+    if as_json:
+        _print_json(routes)
+    elif not routes:
+        click.echo(f"no routes{f' for {user}' if user else ''} in {where}")
+    else:
+        _print_table(("DOMAIN", "USER", "CREATED"), [(r.domain, r.user, _when(r.created)) for r in routes])
