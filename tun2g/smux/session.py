@@ -16,7 +16,7 @@ import gevent
 from gevent.event import Event
 
 from .config import ACCEPT_BACKLOG, Config, ConfigError
-from .errors import ProtocolError, SessionClosedError
+from .errors import SessionClosedError
 from .frame import FIN, NOP, SYN
 from .state import SessionState
 from .stream import Stream
@@ -216,9 +216,10 @@ class Session:
                     return
         except gevent.GreenletExit:
             raise
+        except ConnectionError as exc:
+            self._die(SessionClosedError(f"the peer closed the smux connection: {exc}"))
         except Exception as exc:
-            self._die(exc if isinstance(exc, ProtocolError) else
-                      SessionClosedError(f"reading from the transport failed: {exc!r}"))
+            self._die(SessionClosedError(f"reading from the transport failed: {exc!r}"))
 
     def _dispatch(self, received) -> bool:
         """Wake streams and queue accepts for one received chunk; False when the session died."""

@@ -1,0 +1,195 @@
+"""Python<->Python smux sessions over real loopback connections."""
+
+import http.client
+import os
+import socket
+
+import gevent
+import pytest
+
+from tests.smux.conftest import assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256
+from tun2g.smux import Config, SessionClosedError, StreamIdsExhaustedError
+
+
+def test_stream_ids_follow_go_smux(pair):
+    client_streams = [pair.client.open_stream() for _ in range(3)]
+    server_streams = [pair.server.open_stream() for _ in range(2)]
+    assert [s.id for s in client_streams] == [3, 5, 7]
+    assert [s.id for s in server_streams] == [2, 4]
+    assert sorted(pair.server.accept_stream(timeout=5).id for _ in range(3)) == [3, 5, 7]
+    assert sorted(pair.client.accept_stream(timeout=5).id for _ in range(2)) == [2, 4]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "socketpair"])
+@pytest.mark.parametrize("size", [0, 1, 32767, 32768, 32769, 1 << 20, 8 << 20])
+def test_echo_payloads_survive_byte_for_byte(make_pair, transport, size):
+    pair = make_pair(transport=transport)
+    serve_echo(pair.server)
+    stream = pair.client.open_stream()
+    payload = os.urandom(size)
+
+    def write():
+        stream.sendall(payload)
+        stream.shutdown(socket.SHUT_WR)
+
+    writer = gevent.spawn(write)
+    assert sha256(read_to_eof(stream)) == sha256(payload)
+    writer.get(timeout=5)
+    assert stream.is_finished
+
+
+def test_hundreds_of_concurrent_streams(make_pair):
+    pair = make_pair()
+    serve_echo(pair.server)
+
+    def one(index):
+        stream = pair.client.open_stream()
+        payload = os.urandom(1000 + index * 37)
+        writer = gevent.spawn(lambda: (stream.sendall(payload), stream.shutdown(socket.SHUT_WR)))
+        echoed = read_to_eof(stream, 4096)
+        writer.get()
+        stream.close()
+        return sha256(echoed) == sha256(payload)
+
+    workers = [gevent.spawn(one, index) for index in range(300)]
+    gevent.joinall(workers, timeout=30, raise_error=True)
+    assert all(worker.value for worker in workers)
+    assert pair.client.num_streams == 0
+
+
+def test_half_close_lets_the_other_side_answer(pair):
+    request = pair.client.open_stream()
+    request.sendall(b"question")
+    request.shutdown(socket.SHUT_WR)
+    with pytest.raises(BrokenPipeError):
+        request.sendall(b"more")
+    answer = pair.server.accept_stream(timeout=5)
+    assert read_to_eof(answer) == b"question"
+    answer.sendall(b"answer")
+    answer.close()
+    assert read_to_eof(request) == b"answer"
+    assert request.is_finished and request.fin_received
+
+
+def test_recv_and_accept_time_out(pair):
+    with pytest.raises(socket.timeout):
+        pair.server.accept_stream(timeout=0.05)
+    stream = pair.client.open_stream()
+    stream.settimeout(0.05)
+    with pytest.raises(socket.timeout):
+        stream.recv(10)
+    stream.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        stream.recv(10)
+    assert stream.fileno() == -1
+    assert stream.getpeername()[0] == "127.0.0.1"
+
+
+def test_data_sent_right_after_open_is_never_lost(make_pair):
+    for _ in range(50):
+        pair = make_pair()
+        stream = pair.client.open_stream()
+        stream.sendall(b"first bytes")  # SYN and PSH leave in the same transport write
+        accepted = pair.server.accept_stream(timeout=5)
+        assert accepted.recv(100) == b"first bytes"
+
+
+def test_peer_close_wakes_every_blocked_call(make_pair):
+    pair = make_pair(quiet_config(version=2), quiet_config(version=2))
+    streams = [pair.client.open_stream() for _ in range(3)]
+    readers = [gevent.spawn(stream.recv, 10) for stream in streams]
+    acceptor = gevent.spawn(pair.client.accept_stream)
+    # A v2 writer blocks once 262144 bytes are unread by the peer.
+    blocked_writer = gevent.spawn(streams[0].sendall, b"x" * (1 << 20))
+    pair.server.accept_stream(timeout=5)  # the blocked calls start while this waits
+    pair.server.close()
+    gevent.joinall(readers + [acceptor, blocked_writer], timeout=5)
+    for greenlet in readers + [acceptor, blocked_writer]:
+        assert isinstance(greenlet.exception, SessionClosedError), greenlet
+    assert "peer closed" in str(readers[0].exception)
+    assert pair.client.is_closed
+    assert_session_finished(pair.client)
+    with pytest.raises(SessionClosedError):
+        pair.client.open_stream()
+    with pytest.raises(SessionClosedError):
+        streams[1].sendall(b"late")
+
+
+def test_close_is_idempotent_and_calls_back_once(pair):
+    calls = []
+    done = gevent.event.Event()
+    pair.client.add_close_callback(lambda session: (calls.append(session), done.set()))
+    pair.client.close()
+    pair.client.close()
+    assert done.wait(5)
+    assert calls == [pair.client]
+    assert "closed by the local application" in str(pair.client.close_reason)
+    assert pair.client.wait_closed(0)
+
+
+def test_stream_ids_run_out_with_go_away(pair):
+    pair.client._state._next_id = 0xFFFFFFFF - 2
+    assert pair.client.open_stream().id == 0xFFFFFFFF
+    with pytest.raises(StreamIdsExhaustedError, match="no stream ids left"):
+        pair.client.open_stream()
+    assert not pair.client.is_closed
+    pair.server._state._next_id = 0xFFFFFFFE - 2
+    assert pair.server.open_stream().id == 0xFFFFFFFE
+    with pytest.raises(SessionClosedError):
+        pair.server.open_stream()
+
+
+def test_stream_close_drops_unread_data_and_returns_budget(pair):
+    stream = pair.client.open_stream()
+    accepted_later = pair.server.accept_stream(timeout=5)
+    accepted_later.sendall(b"y" * 100000)
+    with gevent.Timeout(5):
+        while pair.client._state.budget > pair.client.config.max_receive_buffer - 100000:
+            stream._readable.wait()
+            stream._readable.clear()
+    stream.close()
+    assert pair.client._state.budget == pair.client.config.max_receive_buffer
+    assert stream.recv(10) == b""
+    with pytest.raises(BrokenPipeError):
+        stream.send(b"x")
+    stream.close()
+    assert pair.client.num_streams == 0
+
+
+def test_makefile_works_with_http_client(pair):
+    def serve():
+        stream = pair.server.accept_stream()
+        reader = stream.makefile("rb")
+        request_line = reader.readline()
+        headers = []
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            headers.append(line)
+        writer = stream.makefile("wb")
+        body = b"hello over smux: " + request_line.strip()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        writer.flush()
+        return headers
+
+    server = gevent.spawn(serve)
+    stream = pair.client.open_stream()
+    stream.sendall(b"GET /path HTTP/1.1\r\nHost: example\r\n\r\n")
+    response = http.client.HTTPResponse(stream)
+    response.begin()
+    assert response.status == 200
+    assert response.read() == b"hello over smux: GET /path HTTP/1.1"
+    assert server.get(timeout=5) == [b"Host: example\r\n"]
+    text = stream.makefile("rw")
+    assert text.writable() and text.readable()
+
+
+def test_automatic_version_adopts_the_server_version(make_pair):
+    pair = make_pair(Config(version=None), Config(version=2))
+    early = pair.client.open_stream()  # queued until the server has spoken
+    early_write = gevent.spawn(early.sendall, b"early")
+    assert pair.client.version is None
+    pair.server.open_stream().sendall(b"hello")
+    from_server = pair.client.accept_stream(timeout=5)
+    assert from_server.recv(10) == b"hello"
+    assert pair.client.version == 2
+    early_write.get(timeout=5)
+    assert pair.server.accept_stream(timeout=5).recv(10) == b"early"
