@@ -1,5 +1,9 @@
 """One behaviour suite, run against both stores (SQLite file and a private redis-server)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import gevent
 import pytest
 
@@ -168,3 +172,32 @@ def test_two_users_racing_for_one_domain_one_wins(storage_factory):
     assert len(winners) == 1 and len(losers) == 7
     assert all(isinstance(err, StorageError) and "already belongs to" in str(err) for err in losers)
     assert handles[0].has_route("contested.example.com") == winners[0].user
+
+
+_WORKER = """
+import sys
+from tun2g.storage import StorageError, open_storage
+storage = open_storage(sys.argv[1])
+name = sys.argv[2]
+for _ in range(25):
+    storage.create_token(name)
+try:
+    print(storage.add_route("contested.example.com", name).user)
+except StorageError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_several_processes_writing_at_once(storage_factory):
+    # Like several `tun2g token create` runs, or server processes, sharing one store.
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, storage_factory.url, f"proc{n}"],
+                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for n in range(4)]
+    outputs = [worker.communicate(timeout=60) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4, outputs
+    lines = [stdout.strip() for stdout, _ in outputs]
+    winners = [line for line in lines if not line.startswith("refused:")]
+    assert len(winners) == 1 and all("already belongs to" in line for line in lines if line not in winners)
+    storage = storage_factory()
+    assert len(storage.list_tokens()) == 100
+    assert storage.has_route("contested.example.com") == winners[0]
