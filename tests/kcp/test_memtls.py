@@ -1,0 +1,124 @@
+"""TLS over KCP with memory BIOs: handshakes, verification, cooperative behaviour."""
+
+import hashlib
+import os
+import time
+
+import gevent
+import pytest
+from OpenSSL import SSL
+
+from tun2g.transport import memtls
+from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
+
+FAST = KCPOptions.fast()
+
+
+@pytest.fixture
+def tls_server(kcp_certs):
+    """A KCP listener whose sessions get a TLS handshake each in its own greenlet (like tun2g's server).
+
+    Yields (port, outcomes): outcomes is a queue of (TLSConnection or exception).
+    """
+    listener = KCPListener("127.0.0.1", 0, FAST)
+    context = memtls.server_context(kcp_certs.cert_file, kcp_certs.key_file)
+    outcomes = gevent.queue.Queue()
+
+    def handshake(conn):
+        try:
+            outcomes.put(memtls.wrap(conn, context, server_side=True, handshake_timeout=1.0))
+        except OSError as exc:
+            outcomes.put(exc)
+
+    def accept_loop():
+        while True:
+            gevent.spawn(handshake, listener.accept())
+
+    acceptor = gevent.spawn(accept_loop)
+    yield listener.address[1], outcomes
+    acceptor.kill()
+    listener.close()
+
+
+def dial_tls(port, kcp_certs, hostname="localhost", **context_args):
+    context = memtls.client_context(**(context_args or {"ca_file": kcp_certs.ca_file}))
+    return memtls.wrap(kcp_dial("127.0.0.1", port, FAST), context, server_side=False, server_hostname=hostname)
+
+
+def recv_exactly(conn, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1"])
+def test_full_duplex_transfer_over_tls_over_kcp(tls_server, kcp_certs, hostname):
+    port, outcomes = tls_server
+    client = dial_tls(port, kcp_certs, hostname)
+    server = outcomes.get(timeout=5)
+    assert client.version() == server.version() == "TLSv1.3"
+    up, down = os.urandom(2_000_000), os.urandom(2_000_000)
+    # Both sides write and read at once: the reader's and writer's output must not interleave.
+    writers = [gevent.spawn(client.sendall, up), gevent.spawn(server.sendall, down)]
+    readers = [gevent.spawn(recv_exactly, server, len(up)), gevent.spawn(recv_exactly, client, len(down))]
+    gevent.joinall(writers + readers, timeout=20, raise_error=True)
+    assert hashlib.sha256(readers[0].value).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(readers[1].value).digest() == hashlib.sha256(down).digest()
+    client.close()  # close_notify reaches the server as EOF
+    assert server.recv(10) == b""
+
+
+def test_wrong_hostname_is_refused(tls_server, kcp_certs):
+    port, _ = tls_server
+    with pytest.raises(memtls.TLSError, match="not valid for 'wrong.example'"):
+        dial_tls(port, kcp_certs, "wrong.example")
+
+
+def test_unknown_ca_is_refused_unless_insecure(tls_server, kcp_certs, tmp_path):
+    port, _ = tls_server
+    with pytest.raises(memtls.TLSError, match="certificate verify failed"):
+        dial_tls(port, kcp_certs, ca_file=None, insecure=False)
+    insecure = dial_tls(port, kcp_certs, "anything", insecure=True)
+    assert insecure.version() == "TLSv1.3"
+
+
+def test_verification_needs_a_hostname(kcp_certs):
+    context = memtls.client_context(ca_file=kcp_certs.ca_file)
+    with pytest.raises(ValueError, match="server_hostname is required"):
+        memtls.wrap(object(), context, server_side=False)
+
+
+def first_client_hello() -> bytes:
+    tls = SSL.Connection(memtls.client_context(insecure=True), None)
+    tls.set_connect_state()
+    with pytest.raises(SSL.WantReadError):
+        tls.do_handshake()
+    return tls.bio_read(65536)
+
+
+def test_stalled_handshake_does_not_hold_up_other_clients(tls_server, kcp_certs):
+    port, outcomes = tls_server
+    staller = kcp_dial("127.0.0.1", port, FAST)
+    hello = first_client_hello()
+    staller.sendall(hello[: len(hello) // 2])  # then never another byte
+    started = time.monotonic()
+    good = dial_tls(port, kcp_certs)
+    assert time.monotonic() - started < 0.9  # done well before the staller's 1 s deadline
+    good.sendall(b"still served")
+    results = [outcomes.get(timeout=5), outcomes.get(timeout=5)]
+    served = next(item for item in results if isinstance(item, memtls.TLSConnection))
+    assert recv_exactly(served, 12) == b"still served"
+    stalled = next(item for item in results if isinstance(item, Exception))
+    assert isinstance(stalled, TimeoutError) and "within 1 s" in str(stalled)
+    assert 0.9 < time.monotonic() - started < 3
+
+
+def test_garbage_instead_of_a_client_hello_fails_cleanly(tls_server):
+    port, outcomes = tls_server
+    junk = kcp_dial("127.0.0.1", port, FAST)
+    junk.sendall(b"GET / HTTP/1.1\r\nHost: not-tls\r\n\r\n")
+    failure = outcomes.get(timeout=5)
+    assert isinstance(failure, memtls.TLSError) and "handshake failed" in str(failure)
