@@ -6,7 +6,7 @@ import socket
 import gevent
 import pytest
 
-from tun2g.smux import Config, Session
+from tun2g.smux import Config, Session, SessionClosedError
 from tun2g.smux.frame import FrameDecoder, PSH, UPD
 
 
@@ -80,7 +80,11 @@ def serve_echo(session: Session) -> gevent.Greenlet:
 
     def accept_loop():
         while True:
-            gevent.spawn(echo, session.accept_stream())
+            try:
+                stream = session.accept_stream()
+            except SessionClosedError:
+                return
+            gevent.spawn(echo, stream)
 
     return gevent.spawn(accept_loop)
 
