@@ -100,6 +100,8 @@ class SessionState:
         The caller sends the SYN; registering first means no reply can be lost.
         """
         sid = self._next_id + 2
+        while sid in self.streams:  # a misbehaving peer opened one of our ids; Go would clobber it
+            sid += 2
         if self._ids_exhausted or sid > _UINT32:
             self._ids_exhausted = True
             raise StreamIdsExhaustedError(
