@@ -16,6 +16,7 @@ setup(
         "cryptography>=42",
         "httptools>=0.6",
         "click>=8.1",
+        "structlog>=24.1",
         "redis>=5.0",
         "requests>=2.31",
         "siokcp>=0.0.5",

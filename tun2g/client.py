@@ -85,6 +85,7 @@ class Client:
         self.state = "idle"
         self.backend_id = None
         self.requests_served = 0
+        self.health_checks = 0
         self._on_status = on_status or (lambda client: None)
         self._closed = Event()
         self._session = None
@@ -194,6 +195,7 @@ class Client:
         if head.target == HEALTH_PATH and (head.host or "") == HEALTH_HOST and head.method == "GET":
             # The server's health ping: answered here, so a slow backend /health
             # cannot make the server drop a healthy tunnel (the original did).
+            self.health_checks += 1
             stream.sendall(simple_response(200, b"ok\n"))
             return head.keep_alive
         head.target = self.pool.join_path(head.target)

@@ -35,6 +35,7 @@ class Connection:
         self.usable = True
         self.in_flight = 0
         self.served = 0
+        self.pings_answered = 0
         self._phi = PhiAccrualDetector(threshold=phi_threshold, first_heartbeat_estimate=ping_interval)
         self._phi.heartbeat()
 
@@ -74,6 +75,7 @@ class Connection:
         finally:
             stream.close()
         self._phi.heartbeat()
+        self.pings_answered += 1
         return time.monotonic() - started
 
     @property

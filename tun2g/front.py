@@ -14,8 +14,7 @@ import uuid
 from gevent.server import StreamServer
 
 from tun2g.errors import CantOpenSessionStream
-from tun2g.http import (DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange, simple_response,
-                        strip_hop_by_hop)
+from tun2g.http import DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange, simple_response
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body, no_backends_body
 from tun2g.transport.tcp import tune
@@ -112,12 +111,7 @@ class HTTPFront:
 
 
 def prepare_request(head, *, request_id: str, peer_ip: str, scheme: str) -> None:
-    """Rewrite a public request head for the tunnel: proxy headers in, hop-by-hop out."""
-    upgrade = head.get("Upgrade") if head.wants_upgrade else None
-    strip_hop_by_hop(head)
-    if upgrade:
-        head.set("Connection", "Upgrade")
-        head.set("Upgrade", upgrade)
+    """Add the proxy headers to a public request head (the relay drops hop-by-hop ones)."""
     forwarded_for = head.get("X-Forwarded-For")
     head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
     if head.get("X-Forwarded-Proto") is None:

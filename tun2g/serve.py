@@ -124,7 +124,8 @@ class RunningServer:
         for service in self.services:
             service.stop(timeout=1)
         self.server.close()
-        gevent.killall(self.tasks, block=False)
+        gevent.killall(self.tasks, block=True, timeout=2)
+        gevent.sleep(0)  # gevent closes a socket a waiting greenlet held on the next loop turn
         self.server.storage.close()
 
     def wait(self) -> None:

@@ -196,6 +196,18 @@ class Server:
         connection.close()
         self._forget(connection)
 
+    def round_trip(self, head, body=None):
+        """Send one request through the tunnel for its Host; returns a streaming TunnelResponse."""
+        from tun2g.roundtrip import round_trip
+
+        return round_trip(self, head, body)
+
+    def adapter(self):
+        """A requests transport adapter: `session.mount("http://", server.adapter())`."""
+        from tun2g.adapter import TunnelAdapter
+
+        return TunnelAdapter(self)
+
     # -- admin -------------------------------------------------------------
 
     def get_all_backends(self) -> list:

@@ -1,0 +1,157 @@
+"""The Auth handshake: every case of the original's tests, plus what tun2g adds."""
+
+import json
+import socket
+
+import pytest
+
+from tun2g import smux
+from tun2g.client import AuthRejected
+from tun2g.protocol import Auth, AuthFormatError, JSONObjectReader, decode_reply
+
+from tests.fixtures.tunnel import DOMAIN, USER, wait_until
+
+
+def _raw_tunnel(deployment):
+    """A client-side smux session over a plain socket, for hand-written handshakes."""
+    sock = socket.create_connection(("127.0.0.1", deployment.running.tunnel_address[1]), timeout=5)
+    return smux.Session(sock, client=True)
+
+
+def _handshake(deployment, payload: bytes) -> dict | None:
+    session = _raw_tunnel(deployment)
+    try:
+        control = session.accept_stream(timeout=5)
+        assert control.id == 2, "the server opens the control stream with id 2, like Go"
+        control.sendall(payload)
+        control.settimeout(5)
+        line = b""
+        while not line.endswith(b"\n"):
+            data = control.recv(4096)
+            if not data:
+                break
+            line += data
+        return decode_reply(line.strip()) if line else None
+    finally:
+        session.close()
+
+
+def test_valid_auth_registers_and_is_acknowledged(plain_deployment):
+    token = plain_deployment.grant()
+    reply = _handshake(plain_deployment, Auth(token, DOMAIN).encode())
+    assert reply["ok"] is True and reply["domain"] == DOMAIN
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_route", "no route for domain"),
+    ("unknown_token", "unknown or revoked token"),
+    ("no_connect_scope", "lacks the 'connect' scope"),
+    ("owner_mismatch", "does not belong to the token's user"),
+    ("revoked", "unknown or revoked token"),
+])
+def test_rejections_say_which_check_failed(plain_deployment, case, expected):
+    storage = plain_deployment.storage
+    token = plain_deployment.grant()
+    domain = DOMAIN
+    if case == "no_route":
+        domain = "unrouted.test"
+    elif case == "unknown_token":
+        token = "not-a-token"
+    elif case == "no_connect_scope":
+        _info, token = storage.create_token(USER, scopes=("admin",))
+    elif case == "owner_mismatch":
+        _info, token = storage.create_token("mallory")
+    elif case == "revoked":
+        info, token = storage.create_token(USER)
+        storage.revoke_token(info.id)
+    reply = _handshake(plain_deployment, Auth(token, domain).encode())
+    assert reply is not None and reply["ok"] is False
+    assert expected in reply["error"]
+    assert plain_deployment.server.get_all_backends() == []
+
+
+def test_domain_is_case_insensitive_in_auth(plain_deployment):
+    token = plain_deployment.grant()
+    reply = _handshake(plain_deployment, Auth(token, "APP.Test").encode())
+    assert reply["ok"] is True and reply["domain"] == DOMAIN
+
+
+def test_auth_split_across_frames_is_read_whole(plain_deployment):
+    token = plain_deployment.grant()
+    payload = Auth(token, DOMAIN).encode()
+    session = _raw_tunnel(plain_deployment)
+    try:
+        control = session.accept_stream(timeout=5)
+        for index in range(0, len(payload), 7):
+            control.sendall(payload[index:index + 7])
+        control.settimeout(5)
+        assert decode_reply(control.recv(4096).strip())["ok"] is True
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b'["not", "an object"]', "expected a JSON object"),
+    (b'{"token": 1, "domain": "app.test"}', 'string fields "token" and "domain"'),
+    (b'{"token": "a", "domain": "b"' + b" " * 9000, "no complete JSON object within"),
+])
+def test_malformed_auth_is_rejected_clearly(plain_deployment, payload, expected):
+    reply = _handshake(plain_deployment, payload)
+    assert reply["ok"] is False and expected in reply["error"]
+
+
+def test_silent_client_is_cut_off_at_the_auth_deadline(plain_deployment):
+    plain_deployment.server.config.auth_timeout = 0.3
+    session = _raw_tunnel(plain_deployment)
+    control = session.accept_stream(timeout=5)
+    assert session.wait_closed(timeout=5), "a client that never sends its Auth must not hold a session"
+    control.close()
+
+
+def test_tun2g_client_exits_on_rejection(plain_deployment, backend, start_client):
+    url, _app = backend
+    plain_deployment.grant()
+    config = plain_deployment.client_config("wrong-token", url)
+    running = start_client(config, wait=False)
+    assert running.rejected.wait(10)
+    assert isinstance(running.error, AuthRejected)
+    assert "unknown or revoked token" in str(running.error)
+
+
+def test_json_reader_handles_braces_inside_strings():
+    reader = JSONObjectReader(limit=1000)
+    assert reader.feed(b'{"token": "a}b{\\"c", ') is None
+    assert reader.feed(b'"domain": "d"}') == {"token": 'a}b{"c', "domain": "d"}
+
+
+def test_json_reader_rejects_garbage_before_object():
+    with pytest.raises(AuthFormatError):
+        JSONObjectReader(limit=1000).feed(b"GET / HTTP/1.1\r\n")
+
+
+def test_auth_wire_form_matches_go_json_marshal():
+    assert Auth("tok1", "lb.test").encode() == b'{"token":"tok1","domain":"lb.test"}'
+    assert json.loads(Auth("t", "d").encode()) == {"token": "t", "domain": "d"}
+
+
+def test_backend_record_after_registration(tunnel):
+    deployment, _app, client = tunnel
+    backends = deployment.server.get_all_backends()
+    assert len(backends) == 1
+    record = backends[0]
+    assert (record.domain, record.user, record.usable) == (DOMAIN, USER, True)
+    assert record.proto == ("tcp" if deployment.plain else "tcp+tls")
+    assert [b.id for b in deployment.server.get_backends_for_domain("APP.TEST")] == [record.id]
+    assert [b.id for b in deployment.server.get_backends_for_user(USER)] == [record.id]
+    assert deployment.server.get_backends_for_user("nobody") == []
+    assert client.client.backend_id == record.id
+
+
+def test_kill_backend_disconnects_and_client_reconnects(tunnel):
+    deployment, _app, client = tunnel
+    first = deployment.server.get_all_backends()[0].id
+    client.connected.clear()
+    deployment.server.kill_backend(first)
+    client.wait_connected()
+    wait_until(lambda: [b.id for b in deployment.server.get_all_backends()] not in ([], [first]),
+               message="a new registration")

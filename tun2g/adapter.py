@@ -1,0 +1,49 @@
+"""A requests transport adapter that sends requests through a Server's tunnels.
+
+`session.mount("http://", server.adapter())` makes `session.get("http://app.example/")`
+reach the backend connected for app.example, as Go code would with
+`http.Client{Transport: server}`.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from requests.adapters import BaseAdapter
+from requests.models import Response
+from requests.structures import CaseInsensitiveDict
+from requests.utils import get_encoding_from_headers
+
+from tun2g.http import RequestHead
+
+
+class TunnelAdapter(BaseAdapter):
+    """Sends each request with `server.round_trip`; bodies stream in both directions."""
+
+    def __init__(self, server):
+        super().__init__()
+        self.server = server
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        netloc = urlsplit(request.url).netloc
+        headers = [(name, value) for name, value in request.headers.items()]
+        head = RequestHead(request.method, request.path_url, "HTTP/1.1", headers)
+        if head.get("Host") is None:
+            head.set("Host", netloc)
+        body = request.body.encode() if isinstance(request.body, str) else request.body
+        tunnel_response = self.server.round_trip(head, body)
+        response = Response()
+        response.status_code = tunnel_response.status
+        response.reason = tunnel_response.reason
+        response.headers = CaseInsensitiveDict(tunnel_response.headers)
+        response.encoding = get_encoding_from_headers(response.headers)
+        response.raw = tunnel_response
+        response.url = request.url
+        response.request = request
+        response.connection = self
+        if not stream:
+            _ = response.content  # read it all now, as requests does without stream=True
+        return response
+
+    def close(self) -> None:
+        """Nothing pooled here: each request has its own stream."""
