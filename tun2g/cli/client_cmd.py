@@ -33,7 +33,7 @@ from tun2g.cli.options import env_option
 @env_option("--reconnect/--no-reconnect", env="TUN2G_RECONNECT", default=True, show_default=True,
             help="Reconnect with exponential backoff when the tunnel drops.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
-            default="info", show_default=True)
+            default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def client(server_addr, token, domain, backend_url, conn_type, ca_file, insecure, plain, backend_insecure,
            smux_version, reconnect, log_level):
     """Connect to a tun2 server and serve DOMAIN from a local backend.

@@ -39,7 +39,7 @@ from tun2g.cli.options import env_option, host_port
 @env_option("--access-log/--no-access-log", env="TUN2G_ACCESS_LOG", default=True, show_default=True,
             help="Log one line per proxied request.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
-            default="info", show_default=True)
+            default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, storage, redis_url, admin_addr,
            admin_token, node_id, smux_version, ping_interval, access_log, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.

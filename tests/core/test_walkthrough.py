@@ -1,0 +1,99 @@
+"""The README walk-through, as a user types it: real processes, real curl."""
+
+import subprocess
+import sys
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from tests.fixtures.net import env_without_proxies, free_port, wait_for_port
+from tests.fixtures.tunnel import wait_until
+from tun2g.cli import main
+
+
+def tun2g(*args):
+    return [sys.executable, "-m", "tun2g.cli", *args]
+
+
+def test_readme_walkthrough(tmp_path, backend):
+    backend_url, _app = backend
+    env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
+    env.pop("REDIS_URL", None)
+    env.pop("TUN2G_STORAGE", None)
+    http_port, tunnel_port, admin_port = free_port(), free_port(), free_port()
+    server = subprocess.Popen(tun2g("server", "--http", f"127.0.0.1:{http_port}", "--tunnel",
+                                    f"127.0.0.1:{tunnel_port}", "--admin", f"127.0.0.1:{admin_port}"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    client = None
+    try:
+        wait_for_port(http_port)
+        wait_for_port(tunnel_port)
+        subprocess.run(tun2g("route", "add", "app.localhost", "--user", "me"), env=env, check=True,
+                       capture_output=True, timeout=30)
+        token = subprocess.run(tun2g("token", "create", "--user", "me", "--quiet"), env=env, check=True,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        cert = tmp_path / "tun2g-dev-cert.pem"
+        assert cert.exists(), "the server makes a development certificate when given none"
+        client = subprocess.Popen(tun2g("client", "--server", f"localhost:{tunnel_port}", "--ca", str(cert),
+                                        "--token", token, "--domain", "app.localhost", "--backend", backend_url),
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "connecting to" in client.stdout.readline()
+        assert "connected as app.localhost" in client.stdout.readline()
+        out = subprocess.run(["curl", "-s", "-H", "Host: app.localhost", f"http://127.0.0.1:{http_port}/"],
+                             capture_output=True, timeout=20, check=True).stdout
+        assert out == b"hello from backend\n"
+        listing = subprocess.run(tun2g("backends", "--admin", f"http://127.0.0.1:{admin_port}"), env=env,
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+        assert "app.localhost" in listing and "tcp+tls" in listing
+        backend_id = listing.splitlines()[1].split()[0]
+        killed = subprocess.run(tun2g("kill", backend_id, "--admin", f"http://127.0.0.1:{admin_port}"), env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert killed.returncode == 0 and backend_id in killed.stdout
+        assert "retrying" in client.stdout.readline()
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{http_port}/", headers={"Host": "app.localhost"},
+                                        timeout=5).status_code == 200, message="the client to reconnect")
+    finally:
+        for process in (client, server):
+            if process is not None:
+                process.terminate()
+                process.wait(10)
+
+
+def test_client_exits_2_with_a_hint_when_rejected(tmp_path, backend):
+    backend_url, _app = backend
+    env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
+    http_port, tunnel_port = free_port(), free_port()
+    server = subprocess.Popen(tun2g("server", "--http", f"127.0.0.1:{http_port}", "--tunnel",
+                                    f"127.0.0.1:{tunnel_port}", "--admin", "127.0.0.1:0", "--plain-tunnel"),
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(tunnel_port)
+        result = subprocess.run(tun2g("client", "--server", f"127.0.0.1:{tunnel_port}", "--plain", "--token", "nope",
+                                      "--domain", "x.localhost", "--backend", backend_url), env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 2
+        assert "no route for domain 'x.localhost'" in result.stderr
+        assert "tun2g route list" in result.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.parametrize("command", ["server", "client", "token", "route", "backends", "kill", "cert"])
+def test_every_command_has_complete_help(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    group_or_command = main.commands[command]
+    for param in getattr(group_or_command, "params", []):
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--"):
+                assert opt in result.output, f"{command} --help does not mention {opt}"
+        if getattr(param, "help", None) is None and param.param_type_name == "option" and opt != "--help":
+            pytest.fail(f"{command} {opt} has no help text")
+
+
+def test_bad_address_is_a_clear_usage_error():
+    result = CliRunner().invoke(main, ["server", "--http", "nonsense"])
+    assert result.exit_code == 2
+    assert "expected HOST:PORT" in result.output
