@@ -1,0 +1,103 @@
+"""Forwarding a public request, once, to the node that holds its backend.
+
+The hop is plain HTTP/1.1 to the other node's advertised URL (its public
+front), over kept-alive connections, with the request streamed by the same
+`forward_exchange` the tunnel path uses. The X-Tun2g-Hop signature tells the
+receiving node the request is already forwarded and comes from the cluster.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from tun2g.cluster.hop import HOP_HEADER, sign
+from tun2g.http import BackendPool, DownstreamError, UpstreamError, forward_exchange, simple_response
+from tun2g.log import get_logger
+from tun2g.pages import gateway_error_body
+
+log = get_logger(__name__)
+
+HTML = "text/html; charset=utf-8"
+HOP_CONNECT_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a forwarded (or refused) request ended, for the access log."""
+
+    status: int
+    keep_alive: bool
+    node: str = "-"
+
+
+class Forwarder:
+    """Sends requests to other nodes; one keep-alive pool per node URL."""
+
+    def __init__(self, node_id: str, secret: bytes):
+        self.node_id = node_id
+        self.secret = secret
+        self._pools: dict[str, BackendPool] = {}
+
+    def _pool(self, url: str) -> BackendPool:
+        pool = self._pools.get(url)
+        if pool is None:
+            pool = self._pools[url] = BackendPool(url, connect_timeout=HOP_CONNECT_TIMEOUT)
+        return pool
+
+    def forward(self, head, reader, sock, nodes: list, request_id: str, on_unreachable) -> Outcome:
+        """Send the request to one of `nodes` (tried in random order while they refuse connections).
+
+        `on_unreachable(node)` is told about each node that cannot be reached.
+        Failures before a response answer 502 like a broken tunnel does.
+        """
+        head.set(HOP_HEADER, sign(self.secret, origin=self.node_id, timestamp=int(time.time()), method=head.method,
+                                  host=head.host or "", target=head.target, request_id=request_id,
+                                  forwarded_for=head.get("X-Forwarded-For") or ""))
+        candidates = list(nodes)
+        random.shuffle(candidates)
+        failures = []
+        for node in candidates:
+            pool = self._pool(node.url)
+            try:
+                upstream, upstream_reader = pool.acquire()
+            except OSError as exc:
+                failures.append(f"{node.node_id}: {exc}")
+                on_unreachable(node)
+                continue
+            reusable = False
+            try:
+                result = forward_exchange(head, reader, upstream, sock, upstream_reader=upstream_reader)
+                reusable = result.upstream_reusable
+            except UpstreamError as exc:
+                log.warning("hop_failed", node=node.node_id, url=node.url, error=str(exc), request_id=request_id)
+                return _gateway_error(sock, head, request_id, f"The cluster node holding this site's tunnel "
+                                                             f"({node.node_id}) failed: {exc}", node.node_id)
+            except DownstreamError:
+                return Outcome(499, False, node.node_id)  # the public client left
+            finally:
+                pool.release(upstream, upstream_reader, reusable)
+            return Outcome(result.status, result.keep_alive, node.node_id)
+        log.warning("hop_unreachable", nodes="; ".join(failures), request_id=request_id)
+        return _gateway_error(sock, head, request_id, "No cluster node holding this site's tunnel could be reached.",
+                              "-")
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+def _gateway_error(sock, head, request_id: str, detail: str, node: str) -> Outcome:
+    body = gateway_error_body(502, "Bad Gateway", detail, request_id)
+    send_quietly(sock, simple_response(502, body, content_type=HTML, version=head.version,
+                                       headers=[("X-Request-Id", request_id)], close=True))
+    return Outcome(502, False, node)
+
+
+def send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass

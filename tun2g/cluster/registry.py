@@ -1,0 +1,320 @@
+"""The shared backend registry: which node of a cluster holds which backend, in Redis.
+
+Key schema (``P`` is the key prefix, default ``tun2g:``, shared with the Redis
+storage's ``P token:*`` and ``P route:*`` keys)::
+
+    P nodes                    zset    member <node id>, score = expiry (unix seconds)
+    P node:<node id>           hash    url (where other nodes reach it), started, pid, host;  TTL
+    P node-backends:<node id>  hash    <backend id> -> JSON Backend record (domain, user, ...);  TTL
+    P domain:<domain>          zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
+    P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
+    channel P kill             "<node id> <backend id>": that node disconnects that backend
+    channel P invalidate       "<domain> <domain> ...": drop cached lookups for these domains
+
+Each node rewrites its own records from its local registry every TTL/3
+seconds and at once after a change, in one MULTI/EXEC; the zset scores and
+key TTLs make a node that dies, or loses Redis, vanish within the TTL with
+nobody cleaning up. Because every write is a full snapshot, a Redis that
+restarts empty is repopulated by the next refresh without operator help.
+Scores are unix times from each node's clock: keep nodes NTP-synchronised.
+
+A lookup is one ZRANGEBYSCORE, cached for `cache_ttl` and shared by
+concurrent requests for the same domain; the local path never asks Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import gevent
+import redis
+from gevent.event import AsyncResult, Event
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tun2g.backend import Backend
+from tun2g.cluster.outage import Outage
+from tun2g.errors import NoSuchBackend
+from tun2g.log import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_TTL = 10.0
+DEFAULT_CACHE_TTL = 1.0
+CONNECT_TIMEOUT = 1.0
+COMMAND_TIMEOUT = 2.0
+_BACKEND_FIELDS = {f.name for f in fields(Backend)}
+
+
+class ClusterUnavailable(Exception):
+    """Redis cannot be asked right now, so other nodes' backends cannot be found."""
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """Another node, as a lookup names it."""
+
+    node_id: str
+    url: str
+
+
+@dataclass
+class _CacheEntry:
+    fetched: float  # monotonic time of the answer; -inf once invalidated
+    usable_until: float  # while Redis is down, the answer still serves until then
+    nodes: list
+
+
+class RedisRegistry:
+    """This node's view of the cluster: publishes its backends, looks up other nodes'.
+
+    `snapshot()` returns this node's Backend records; `on_kill(backend_id)`
+    disconnects a local backend when another node asks over pub/sub.
+    """
+
+    def __init__(self, url: str, node_id: str, advertise_url: str, *, snapshot: Callable[[], list],
+                 on_kill: Callable[[str], None], ttl: float = DEFAULT_TTL, cache_ttl: float = DEFAULT_CACHE_TTL,
+                 key_prefix: str = "tun2g:"):
+        if " " in node_id or not node_id:
+            raise ValueError(f"node id {node_id!r} must be non-empty and contain no spaces")
+        if ttl <= 0 or cache_ttl < 0:
+            raise ValueError("the registry TTL must be positive and the cache TTL not negative")
+        self.node_id = node_id
+        self.advertise_url = advertise_url
+        self.ttl = ttl
+        self.cache_ttl = cache_ttl
+        self.prefix = key_prefix
+        self._snapshot = snapshot
+        self._on_kill = on_kill
+        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
+                                           socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
+                                           health_check_interval=max(1, int(ttl)))
+        self.outage = Outage("cluster registry")
+        self._member = f"{node_id} {advertise_url}"
+        self._published: set[str] = set()
+        self._cache: dict[str, _CacheEntry] = {}
+        self._pending: dict[str, AsyncResult] = {}
+        self._changed = Event()
+        self._closed = Event()
+        self._tasks: list = []
+        self.started = time.time()
+
+    # -- keys ----------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "".join(parts)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Publish this node and keep it published; listen for kills and invalidations."""
+        self._tasks = [gevent.spawn(self._sync_loop), gevent.spawn(self._listen_loop)]
+
+    def changed(self) -> None:
+        """The local backends changed: publish them now rather than at the next refresh."""
+        self._changed.set()
+
+    def close(self) -> None:
+        """Stop refreshing and remove this node's records (best effort: they expire anyway)."""
+        self._closed.set()
+        gevent.killall(self._tasks, block=True, timeout=1)
+        try:
+            with self._redis.pipeline(transaction=True) as pipe:
+                for domain in self._published:
+                    pipe.zrem(self._key("domain:", domain), self._member)
+                pipe.zrem(self._key("nodes"), self.node_id)
+                pipe.delete(self._key("node:", self.node_id), self._key("node-backends:", self.node_id))
+                if self._published:
+                    pipe.publish(self._key("invalidate"), " ".join(sorted(self._published)))
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.info("deregister_skipped", reason=str(exc), note="this node's records expire within the TTL")
+        self._redis.close()
+
+    # -- publishing ------------------------------------------------------------
+
+    def _sync_loop(self) -> None:
+        while not self._closed.is_set():
+            self._changed.clear()
+            self.publish_now()
+            self._changed.wait(self.ttl / 3)  # the refresh cadence, or sooner on a change
+
+    def publish_now(self) -> bool:
+        """Write this node's full snapshot; False (logged once per interval) when Redis is unreachable."""
+        backends = [b for b in self._snapshot() if b.usable]
+        domains = {b.domain for b in backends}
+        now = time.time()
+        expires = now + self.ttl
+        ttl_ms = int(self.ttl * 1000)
+        node_key, backends_key = self._key("node:", self.node_id), self._key("node-backends:", self.node_id)
+        try:
+            with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self._key("nodes"), {self.node_id: expires})
+                pipe.zremrangebyscore(self._key("nodes"), "-inf", now)
+                pipe.hset(node_key, mapping={"url": self.advertise_url, "started": repr(self.started),
+                                             "pid": os.getpid(), "host": socket.gethostname()})
+                pipe.pexpire(node_key, ttl_ms)
+                pipe.delete(backends_key)
+                if backends:
+                    pipe.hset(backends_key, mapping={b.id: json.dumps(b.to_dict()) for b in backends})
+                    pipe.pexpire(backends_key, ttl_ms)
+                for domain in domains:
+                    domain_key = self._key("domain:", domain)
+                    pipe.zadd(domain_key, {self._member: expires})
+                    pipe.zremrangebyscore(domain_key, "-inf", now)
+                    pipe.pexpire(domain_key, ttl_ms)
+                for domain in self._published - domains:
+                    pipe.zrem(self._key("domain:", domain), self._member)
+                changed = domains ^ self._published
+                if changed:
+                    pipe.publish(self._key("invalidate"), " ".join(sorted(changed)))
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            return False
+        self.outage.succeeded()
+        self._published = domains
+        return True
+
+    def shared_secret(self) -> str:
+        """The cluster's hop secret kept in Redis, created by whichever node asks first."""
+        key = self._key("cluster-secret")
+        self._redis.set(key, secrets.token_hex(32), nx=True)
+        return self._redis.get(key)
+
+    # -- lookups -----------------------------------------------------------------
+
+    def lookup(self, domain: str) -> list[NodeRef]:
+        """Other nodes holding a backend for `domain` (maybe none); raises ClusterUnavailable.
+
+        Fresh answers come from the cache; concurrent misses share one Redis call.
+        While Redis is down, an answer younger than the registry TTL is still used.
+        """
+        entry = self._cache.get(domain)
+        now = time.monotonic()
+        if entry is not None and now - entry.fetched < self.cache_ttl:
+            return entry.nodes
+        pending = self._pending.get(domain)
+        if pending is not None:
+            return pending.get()
+        if not self.outage.should_try():
+            return self._stale(entry, now)
+        pending = self._pending[domain] = AsyncResult()
+        try:
+            nodes = self._fetch(domain)
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            try:
+                nodes = self._stale(entry, now)
+            except ClusterUnavailable as unavailable:
+                pending.set_exception(unavailable)
+                raise
+        else:
+            self.outage.succeeded()
+            self._cache[domain] = _CacheEntry(now, now + self.ttl, nodes)
+        finally:
+            del self._pending[domain]
+        pending.set(nodes)
+        return nodes
+
+    def _fetch(self, domain: str) -> list[NodeRef]:
+        members = self._redis.zrangebyscore(self._key("domain:", domain), time.time(), "+inf")
+        nodes = []
+        for member in members:
+            node_id, _, url = member.partition(" ")
+            if node_id != self.node_id and url:
+                nodes.append(NodeRef(node_id, url))
+        return nodes
+
+    def _stale(self, entry: _CacheEntry | None, now: float) -> list[NodeRef]:
+        if entry is not None and now < entry.usable_until:
+            return entry.nodes
+        raise ClusterUnavailable(f"the cluster registry (Redis) is unreachable: {self.outage.last_error}")
+
+    def forget(self, domain: str) -> None:
+        """Drop the cached answer for `domain`: its node could not be reached."""
+        self._cache.pop(domain, None)
+
+    def _invalidate(self, domain: str) -> None:
+        """The answer for `domain` changed: ask Redis next time, but keep it for an outage."""
+        entry = self._cache.get(domain)
+        if entry is not None:
+            entry.fetched = float("-inf")
+
+    # -- the whole cluster -----------------------------------------------------------
+
+    def remote_backends(self) -> list[Backend]:
+        """Every other live node's backends; raises ClusterUnavailable when Redis is down."""
+        try:
+            node_ids = [n for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")
+                        if n != self.node_id]
+            with self._redis.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.hvals(self._key("node-backends:", node_id))
+                records = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            raise ClusterUnavailable(f"cannot list other nodes' backends: Redis is unreachable ({exc})") from None
+        backends = []
+        for values in records:
+            for value in values:
+                record = json.loads(value)
+                backends.append(Backend(**{k: v for k, v in record.items() if k in _BACKEND_FIELDS}))
+        return backends
+
+    def kill(self, backend_id: str) -> str:
+        """Ask the node holding `backend_id` to disconnect it; returns that node's id.
+
+        Raises NoSuchBackend when no live node holds it, ClusterUnavailable when Redis is down.
+        """
+        for backend in self.remote_backends():
+            if backend.id == backend_id:
+                try:
+                    self._redis.publish(self._key("kill"), f"{backend.node} {backend_id}")
+                except (redis.RedisError, OSError) as exc:
+                    raise ClusterUnavailable(f"cannot reach Redis to ask node {backend.node}: {exc}") from None
+                return backend.node
+        raise NoSuchBackend(backend_id)
+
+    # -- pub/sub -------------------------------------------------------------------
+
+    def _listen_loop(self) -> None:
+        delay = 0.1
+        while not self._closed.is_set():
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self._key("kill"), self._key("invalidate"))
+                self.outage.succeeded()
+                # (Re)subscribed: Redis may have restarted empty, and we may have missed invalidations.
+                for domain in list(self._cache):
+                    self._invalidate(domain)
+                self.changed()
+                delay = 0.1
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=self.ttl)
+                    if message is not None:
+                        self._on_message(message["channel"], message["data"])
+            except (redis.RedisError, OSError) as exc:
+                self.outage.failed(exc)
+                self._closed.wait(delay)  # reconnect backoff
+                delay = min(self.ttl / 3, delay * 2)
+            finally:
+                pubsub.close()
+
+    def _on_message(self, channel: str, data: str) -> None:
+        if channel == self._key("invalidate"):
+            for domain in data.split():
+                self._invalidate(domain)
+        elif channel == self._key("kill"):
+            node_id, _, backend_id = data.partition(" ")
+            if node_id == self.node_id:
+                try:
+                    self._on_kill(backend_id)
+                except NoSuchBackend:
+                    pass  # it left on its own meanwhile

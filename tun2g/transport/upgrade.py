@@ -1,0 +1,139 @@
+"""The HTTP-Upgrade tunnel: a tunnel client connects through the server's public HTTP port.
+
+Platforms such as Heroku expose one HTTP port, so the client asks to switch
+protocols on it and then speaks smux exactly as on the tunnel port::
+
+    GET /_tun2g/tunnel HTTP/1.1          HTTP/1.1 101 Switching Protocols
+    Host: tunnel.example                 Upgrade: tun2g
+    Upgrade: tun2g                       Connection: Upgrade
+    Connection: Upgrade
+
+With an https:// server URL the client runs TLS first (usually to the
+platform's router, which then passes the upgraded connection through).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from tun2g.log import get_logger
+from tun2g.transport import tcp, tls
+
+log = get_logger(__name__)
+
+TUNNEL_PATH = "/_tun2g/tunnel"
+UPGRADE_TOKEN = "tun2g"
+MAX_RESPONSE_HEAD = 16 * 1024
+SWITCHING_PROTOCOLS = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tun2g\r\nConnection: Upgrade\r\n"
+                       b"Cache-Control: no-store\r\n\r\n")
+
+
+class UpgradeRefused(OSError):
+    """The server (or a proxy before it) did not switch to the tunnel protocol."""
+
+
+def is_tunnel_request(head) -> bool:
+    """Whether a request head asks for the tun2g tunnel (method, path and Upgrade token all match)."""
+    upgrade = head.get("Upgrade")
+    return (head.method == "GET" and head.target.partition("?")[0] == TUNNEL_PATH and upgrade is not None
+            and upgrade.strip().lower() == UPGRADE_TOKEN and "upgrade" in head.connection_tokens())
+
+
+def encode_request(host_header: str) -> bytes:
+    """The client's upgrade request."""
+    from tun2g import __version__
+
+    return (f"GET {TUNNEL_PATH} HTTP/1.1\r\nHost: {host_header}\r\nUpgrade: {UPGRADE_TOKEN}\r\n"
+            f"Connection: Upgrade\r\nUser-Agent: tun2g/{__version__}\r\n\r\n").encode("latin-1")
+
+
+def parse_response_head(data: bytes) -> tuple[int, str]:
+    """(status, status line) of a response head; raises UpgradeRefused when it is not HTTP."""
+    status_line = data.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise UpgradeRefused(f"the server did not answer the tunnel upgrade with HTTP: {status_line[:80]!r}")
+    return int(parts[1]), status_line
+
+
+class UpgradedConnection:
+    """A socket after the switch: bytes that came with the 101 (or the request) are read first.
+
+    With `own_socket=False` close() only shuts the socket down, leaving the
+    closing to the server that accepted it (gunicorn keeps its own handle).
+    """
+
+    def __init__(self, sock, leftover: bytes = b"", own_socket: bool = True):
+        self._sock = sock
+        self._leftover = leftover
+        self._own_socket = own_socket
+        self.sendall = sock.sendall
+
+    def recv(self, size: int) -> bytes:
+        if self._leftover:
+            data, self._leftover = self._leftover[:size], self._leftover[size:]
+            return data
+        return self._sock.recv(size)
+
+    def close(self) -> None:
+        if self._own_socket:
+            self._sock.close()
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)  # settimeout, getpeername, setsockopt, fileno ...
+
+
+def dial(config, host: str, port: int, scheme: str):
+    """Client side: connect, (TLS for https), upgrade; returns the connection smux runs on."""
+    from tun2g.transport.dialers import client_tls_context
+
+    sock = tcp.dial(f"{host}:{port}", timeout=config.connect_timeout)
+    use_tls = scheme in ("https", "wss") or (scheme == "" and not config.plain)
+    if scheme in ("http", "ws") and not config.plain:
+        log.warning("plain_upgrade", server=config.server_addr,
+                    note="http:// sends the token unencrypted; use https:// outside development")
+    try:
+        if use_tls:
+            sock = tls.connect_tls(sock, client_tls_context(config), server_hostname=host)
+        default_port = 443 if use_tls else 80
+        sock.settimeout(config.connect_timeout)
+        sock.sendall(encode_request(host if port == default_port else f"{host}:{port}"))
+        head, leftover = _read_response_head(sock)
+        status, status_line = parse_response_head(head)
+        if status != 101:
+            raise UpgradeRefused(f"the server answered {status_line!r} instead of 101 to the tunnel upgrade at "
+                                 f"{config.server_addr}{TUNNEL_PATH}; check the URL, and that any proxy in "
+                                 f"front passes Upgrade requests through")
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return UpgradedConnection(sock, leftover)
+
+
+def _read_response_head(sock) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        if len(data) > MAX_RESPONSE_HEAD:
+            raise UpgradeRefused(f"the server's answer to the tunnel upgrade has no end of head within "
+                                 f"{MAX_RESPONSE_HEAD} bytes")
+        piece = sock.recv(4096)
+        if not piece:
+            raise UpgradeRefused("the server closed the connection instead of answering the tunnel upgrade")
+        data += piece
+    head, _, leftover = data.partition(b"\r\n\r\n")
+    return head, leftover
+
+
+def serve(server, sock, leftover: bytes = b"", proto: str = "upgrade", own_socket: bool = True) -> None:
+    """Server side: answer 101 and run the tunnel on `sock` until it ends (blocks).
+
+    `leftover` holds bytes the HTTP reader had already taken past the request.
+    """
+    sock.sendall(SWITCHING_PROTOCOLS)
+    server.handle_conn(UpgradedConnection(sock, leftover, own_socket), proto=proto)
