@@ -8,7 +8,8 @@
 //	check   open --streams streams (at most --parallel at a time); send each a
 //	        pseudo-random payload (sizes cycle through --sizes), read the echo
 //	        of the same length, compare sha256, then Close
-//	source  open --streams streams and write --bytes on each, then Close
+//	source  open --streams streams and write --bytes on each, then Close; the
+//	        bytes are pattern(--write-chunk) repeated (byte i = i % 251)
 //	sink    accept --streams streams and read each to EOF
 //
 // Output lines on stdout (one event per line, for the tests to wait on):
@@ -207,6 +208,15 @@ func serveEcho(sess *smux.Session) int {
 	}
 }
 
+// pattern is what source mode sends: easy to regenerate on the other side.
+func pattern(size int) []byte {
+	buf := make([]byte, size)
+	for i := range buf {
+		buf[i] = byte(i % 251)
+	}
+	return buf
+}
+
 func payload(index, size int) []byte {
 	buf := make([]byte, size)
 	rand.New(rand.NewSource(int64(index) + 1)).Read(buf)
@@ -289,7 +299,7 @@ func report(total int64, streams int, elapsed time.Duration) {
 }
 
 func runSource(sess *smux.Session, o options) int {
-	chunk := payload(0, o.writeChunk)
+	chunk := pattern(o.writeChunk)
 	start := time.Now()
 	errs := make(chan error, o.streams)
 	for i := 0; i < o.streams; i++ {
