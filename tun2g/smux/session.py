@@ -27,7 +27,7 @@ from .writer import FrameWriter
 # recv() rather than recv_into(): each chunk is a fresh immutable bytes object, so
 # streams can keep zero-copy views of it (measured ~1.4x faster than copying out of
 # a reused buffer, see state.SessionState.receive).
-READ_BUFFER_SIZE = 256 * 1024
+READ_BUFFER_SIZE = 128 * 1024
 
 # A stream holding more than half its backlog makes the reader wait this long for
 # its application to catch up before reading on. A reader that is merely scheduled

@@ -13,7 +13,7 @@ from .state import StreamState
 
 # One send() hands at most this much to the writer, so that a huge sendall from one
 # stream still interleaves with other streams' frames.
-WRITE_CHUNK = 256 * 1024
+WRITE_CHUNK = 128 * 1024
 
 _PLACEHOLDER_ADDRESS = ("0.0.0.0", 0)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+import ssl
+
 import gevent
 from gevent.event import Event
 
@@ -13,7 +15,11 @@ from .frame import FIN, HEADER, NOP, PSH, UPD, encode_update
 # One transport write carries at most about this much payload: large enough that a
 # single fast stream costs few syscalls and greenlet switches, small enough that
 # other streams' frames interleave (the data queue is first come, first served).
-BATCH_BYTES = 512 * 1024
+BATCH_BYTES = 256 * 1024
+
+# Gathered writes (sendmsg) skip joining a batch into one buffer; more pieces than
+# this are joined anyway (Linux IOV_MAX is 1024).
+MAX_GATHER_PARTS = 512
 
 _pack_header = HEADER.pack
 
@@ -44,6 +50,9 @@ class FrameWriter:
     def __init__(self, transport, max_frame_size: int, version: int | None,
                  on_error: Callable[[Exception], None]) -> None:
         self._sendall = transport.sendall
+        # A plain socket can write header and payload slices in one gathered syscall;
+        # TLS and other transports get one joined buffer instead.
+        self._sendmsg = None if isinstance(transport, ssl.SSLSocket) else getattr(transport, "sendmsg", None)
         self._max_frame_size = max_frame_size
         self._on_error = on_error
         self._control: deque[tuple] = deque()
@@ -150,8 +159,26 @@ class FrameWriter:
                 piece = payload[offset:offset + frame_size]
                 parts.append(_pack_header(version, PSH, len(piece), request.sid))
                 parts.append(piece)
-        if parts:
-            self._sendall(parts[0] if len(parts) == 1 else b"".join(parts))
+        if len(parts) == 1:
+            self._sendall(parts[0])
+        elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
+            self._gather_all(parts)
+        elif parts:
+            self._sendall(b"".join(parts))
         self._in_flight = []
         for request in taken:
             request.done.set()
+
+    def _gather_all(self, parts: list) -> None:
+        """sendmsg until every part is written (sendmsg may write only a prefix)."""
+        sent = self._sendmsg(parts)
+        remaining = sum(map(len, parts)) - sent
+        while remaining > 0:
+            index = 0
+            while sent >= len(parts[index]):
+                sent -= len(parts[index])
+                index += 1
+            parts = parts[index:]
+            parts[0] = memoryview(parts[0])[sent:]
+            sent = self._sendmsg(parts)
+            remaining -= sent
