@@ -5,6 +5,7 @@ import os
 import time
 
 import gevent
+import gevent.queue
 import pytest
 from OpenSSL import SSL
 
@@ -77,7 +78,7 @@ def test_wrong_hostname_is_refused(tls_server, kcp_certs):
         dial_tls(port, kcp_certs, "wrong.example")
 
 
-def test_unknown_ca_is_refused_unless_insecure(tls_server, kcp_certs, tmp_path):
+def test_unknown_ca_is_refused_unless_insecure(tls_server, kcp_certs):
     port, _ = tls_server
     with pytest.raises(memtls.TLSError, match="certificate verify failed"):
         dial_tls(port, kcp_certs, ca_file=None, insecure=False)
