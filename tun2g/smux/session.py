@@ -196,7 +196,10 @@ class Session:
             gevent.spawn(callback, self)
 
     def _on_write_error(self, error: Exception) -> None:
-        self._die(SessionClosedError(f"writing to the transport failed: {error!r}"))
+        if isinstance(error, ConnectionError):
+            self._die(SessionClosedError(f"the peer closed the smux connection: {error}"))
+        else:
+            self._die(SessionClosedError(f"writing to the transport failed: {error!r}"))
 
     # --- greenlets -------------------------------------------------------------------
 
