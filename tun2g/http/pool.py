@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import select
 import socket as stdlib_socket
+from typing import Callable
 from urllib.parse import urlsplit
 
 from gevent import monkey, socket, ssl
 
+from .heads import RequestHead, ResponseHead
 from .reader import MessageReader
+from .relay import ExchangeResult, UpstreamError, forward_exchange
 
 # A zero-timeout poll never blocks, so the unpatched one is safe and cheaper.
 _poll = monkey.get_original("select", "poll")
@@ -75,9 +78,33 @@ class BackendPool:
             raise
         return sock, MessageReader(sock)
 
+    def forward_exchange(self, request: RequestHead, request_reader: MessageReader, downstream, *,
+                         response_filter: Callable[[ResponseHead], None] | None = None) -> ExchangeResult:
+        """``forward_exchange`` over a pooled connection, released afterwards.
+
+        A kept-alive connection may be closed by the backend just as we reuse it;
+        a bodyless request that fails that way is retried once on a new connection
+        (as Go's Transport does). Raises ``OSError`` when the backend cannot be
+        reached, and ``UpstreamError``/``DownstreamError`` as ``forward_exchange``.
+        """
+        replayable = request_reader.body_complete
+        while True:
+            sock, reader = self.acquire()
+            reused, reusable = reader.messages_read > 0, False
+            try:
+                result = forward_exchange(request, request_reader, sock, downstream,
+                                          response_filter=response_filter, upstream_reader=reader)
+                reusable = result.upstream_reusable
+                return result
+            except UpstreamError:
+                if not (reused and replayable):
+                    raise
+            finally:
+                self.release(sock, reader, reusable)
+
     def release(self, sock, reader: MessageReader, reusable: bool) -> None:
         """Give a connection back: kept for reuse when ``reusable`` and there is room, else closed."""
-        if reusable and not self._closed and len(self._idle) < self.max_idle and reader.body_complete:
+        if reusable and not self._closed and len(self._idle) < self.max_idle and reader.idle:
             self._idle.append((sock, reader))
         else:
             sock.close()

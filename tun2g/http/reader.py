@@ -124,6 +124,11 @@ class MessageReader:
         return b""
 
     @property
+    def idle(self) -> bool:
+        """Whether the current message is done and nothing more has arrived (safe to reuse the connection)."""
+        return self.body_complete and not self._events and not (self._parser is not None and self._parser.finished)
+
+    @property
     def switched_protocols(self) -> bool:
         """Whether the connection has left HTTP (a protocol switch was parsed)."""
         events = self._events

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Requests/s through tun2g.http's proxy path (MessageReader + forward_exchange + BackendPool) vs direct.
+
+One command: ``python3 bench/http_layer_bench.py [--seconds 3] [--connections 1,16,64]``.
+It starts nginx (or, without nginx, a small gevent backend) as the backend, a
+one-process gevent proxy built on tun2g.http, and drives both with wrk in the
+same run, so the ratio column compares like with like. Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+            time.sleep(0.05)  # start-up poll of a child process, not the data path
+
+
+def start_nginx(workdir: str, port: int):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        return None
+    with open(os.path.join(workdir, "big.bin"), "wb") as f:
+        f.write(os.urandom(BIG))
+    with open(os.path.join(workdir, "small.txt"), "wb") as f:
+        f.write(b"hello from the backend\n")
+    conf = os.path.join(workdir, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1; daemon off; pid {workdir}/nginx.pid; error_log {workdir}/error.log;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 60;
+  client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
+  uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
+  server {{ listen 127.0.0.1:{port}; root {workdir};
+    location = / {{ try_files /small.txt =404; }} }} }}
+""")
+    return subprocess.Popen([nginx, "-c", conf, "-p", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def serve_gevent_backend(port: int) -> None:
+    """Fallback backend: fixed answers on keep-alive connections, using tun2g.http to read requests."""
+    from gevent import monkey
+    monkey.patch_all()
+    from gevent.server import StreamServer
+
+    from tun2g.http import MessageReader, simple_response
+    small = simple_response(200, b"hello from the backend\n")
+    big = simple_response(200, os.urandom(BIG), content_type="application/octet-stream")
+
+    def handle(sock, _address):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = MessageReader(sock)
+        while (head := reader.read_request_head()) is not None:
+            while reader.read_body():
+                pass
+            sock.sendall(big if head.target == "/big.bin" else small)
+    StreamServer(("127.0.0.1", port), handle, backlog=1024).serve_forever()
+
+
+def serve_proxy(port: int, backend_port: int) -> None:
+    """The measured path: public socket -> MessageReader -> forward_exchange -> pooled backend socket."""
+    from gevent import monkey
+    monkey.patch_all()
+    from gevent.server import StreamServer
+
+    from tun2g.http import (BackendPool, DownstreamError, HTTPError, MessageReader, UpstreamError,
+                            forward_exchange, simple_response)
+    pool = BackendPool(f"http://127.0.0.1:{backend_port}", max_idle=1024)
+
+    def handle(sock, _address):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = MessageReader(sock)
+        try:
+            while (head := reader.read_request_head()) is not None:
+                upstream, upstream_reader = pool.acquire()
+                reusable = False
+                try:
+                    result = forward_exchange(head, reader, upstream, sock, upstream_reader=upstream_reader)
+                    reusable = result.upstream_reusable
+                finally:
+                    pool.release(upstream, upstream_reader, reusable)
+                if not result.keep_alive:
+                    break
+        except UpstreamError:
+            sock.sendall(simple_response(502, b"bad gateway\n", close=True))
+        except (OSError, HTTPError, DownstreamError):
+            pass
+        finally:
+            sock.close()
+    StreamServer(("127.0.0.1", port), handle, backlog=1024).serve_forever()
+
+
+def run_wrk(port: int, path: str, connections: int, seconds: float) -> dict:
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
+                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
+    scale = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[transfer.group(2)]
+    latency = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return {"rps": rate, "mbps": float(transfer.group(1)) * scale, "p50": latency["50"], "p99": latency["99"],
+            "errors": errors.group(0) if errors else ""}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--connections", default="1,16,64")
+    parser.add_argument("--serve-proxy", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_proxy:
+        serve_proxy(*args.serve_proxy)
+        return
+    if args.serve_backend:
+        serve_gevent_backend(args.serve_backend)
+        return
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: run scripts/install-test-deps")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    backend_port, proxy_port = free_port(), free_port()
+    children = []
+    with tempfile.TemporaryDirectory() as workdir:
+        try:
+            backend = start_nginx(workdir, backend_port)
+            backend_name = "nginx"
+            if backend is None:
+                backend_name = "gevent"
+                backend = subprocess.Popen([sys.executable, __file__, "--serve-backend", str(backend_port)], env=env)
+            children.append(backend)
+            children.append(subprocess.Popen([sys.executable, __file__, "--serve-proxy", str(proxy_port),
+                                              str(backend_port)], env=env))
+            wait_for_port(backend_port)
+            wait_for_port(proxy_port)
+            print(f"backend: {backend_name}; proxy: one gevent process on tun2g.http; wrk -t1, {args.seconds:g}s each")
+            print(f"{'path':<10}{'conns':>6}{'direct req/s':>14}{'proxy req/s':>13}{'ratio':>7}"
+                  f"{'proxy MB/s':>12}{'p50 ms':>8}{'p99 ms':>8}  notes")
+            for path in ("/", "/big.bin"):
+                for connections in (int(c) for c in args.connections.split(",")):
+                    direct = run_wrk(backend_port, path, connections, args.seconds)
+                    proxied = run_wrk(proxy_port, path, connections, args.seconds)
+                    print(f"{path:<10}{connections:>6}{direct['rps']:>14.0f}{proxied['rps']:>13.0f}"
+                          f"{proxied['rps'] / direct['rps']:>7.2f}{proxied['mbps']:>12.1f}"
+                          f"{proxied['p50']:>8.2f}{proxied['p99']:>8.2f}  {proxied['errors']}", flush=True)
+        finally:
+            for child in children:
+                child.kill()
+                child.wait()
+
+
+if __name__ == "__main__":
+    main()
