@@ -58,6 +58,9 @@ class Server:
         self.config = config
         self.storage = config.storage
         self.registry = LocalRegistry()
+        # A tun2g.cluster.Cluster when this process is one node of many (set by Cluster itself):
+        # consulted only where the local registry has no answer.
+        self.cluster = None
         self._tasks = Group()
         self._closed = Event()
         self._listeners = []
@@ -121,6 +124,7 @@ class Server:
         finally:
             session.close()
             if connection is not None and self.registry.discard(connection):
+                self._registry_changed()
                 log.info("deregistered", reason=_reason(session), **connection.log_fields())
 
     def _authenticate(self, session, control, remote: str, proto: str):
@@ -143,6 +147,7 @@ class Server:
                                 node=self.config.node_id, phi_threshold=self.config.phi_threshold,
                                 ping_interval=self.config.ping_interval)
         self.registry.add(connection)
+        self._registry_changed()
         session.add_close_callback(lambda _session: self._forget(connection))
         _try_send(control, encode_reply(True, backend=connection.id, domain=connection.domain,
                                         node=self.config.node_id))
@@ -178,7 +183,12 @@ class Server:
     def _forget(self, connection) -> None:
         connection.usable = False
         if self.registry.discard(connection):
+            self._registry_changed()
             log.info("deregistered", reason=_reason(connection.session), **connection.log_fields())
+
+    def _registry_changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.changed()
 
     # -- routing -----------------------------------------------------------
 
@@ -211,7 +221,9 @@ class Server:
     # -- admin -------------------------------------------------------------
 
     def get_all_backends(self) -> list:
-        return [connection.backend() for connection in self.registry]
+        """This process's backends, and in a cluster every other live node's too (see Backend.node)."""
+        local = [connection.backend() for connection in self.registry]
+        return local + self.cluster.remote_backends() if self.cluster is not None else local
 
     def get_backends_for_domain(self, domain: str) -> list:
         domain = normalize_domain(domain)
@@ -222,7 +234,13 @@ class Server:
 
     def kill_backend(self, backend_id: str) -> None:
         """Disconnect one backend at once; raises NoSuchBackend if unknown."""
-        connection = self.registry.get(backend_id)
+        try:
+            connection = self.registry.get(backend_id)
+        except NoSuchBackend:
+            if self.cluster is None:
+                raise
+            self.cluster.kill(backend_id)  # the node holding it disconnects it (pub/sub)
+            return
         log.info("killed", **connection.log_fields())
         connection.close()
         self._forget(connection)
@@ -230,6 +248,8 @@ class Server:
     def close(self) -> None:
         """Stop accepting, close every connection and wake `wait()`."""
         self._closed.set()
+        if self.cluster is not None:
+            self.cluster.close()  # leave the cluster first: other nodes stop forwarding here at once
         for listener in self._listeners:
             try:
                 listener.close()
