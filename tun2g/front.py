@@ -15,8 +15,10 @@ from gevent.server import StreamServer
 
 from tun2g.errors import CantOpenSessionStream
 from tun2g.http import DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange, simple_response
+from tun2g.cluster.hop import HOP_HEADER, HopRefused
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body, no_backends_body
+from tun2g.transport import upgrade
 from tun2g.transport.tcp import tune
 
 log = get_logger(__name__)
@@ -59,12 +61,29 @@ class HTTPFront:
     def handle_request(self, head, reader, sock, peer_ip: str) -> bool:
         """Proxy one request; True when the public connection may carry another."""
         started = time.monotonic()
+        if upgrade.is_tunnel_request(head):  # a tunnel client on the public port (--conn-type upgrade)
+            upgrade.serve(self.server, sock, reader.take_buffered(),
+                          proto="upgrade+tls" if self.scheme == "https" else "upgrade")
+            return False
         request_id = head.get("X-Request-Id") or uuid.uuid4().hex
         host = head.host or ""
-        prepare_request(head, request_id=request_id, peer_ip=peer_ip, scheme=self.scheme)
+        cluster, hop = self.server.cluster, None
+        if cluster is not None:
+            try:
+                hop = cluster.accept_hop(head)  # a request another node forwarded: serve it here or 502
+            except HopRefused as exc:
+                self._log(head, host, cluster.refuse_hop(sock, head, peer_ip, exc).status, started, request_id, None)
+                return False
+        if hop is None:
+            prepare_request(head, request_id=request_id, peer_ip=peer_ip, scheme=self.scheme)
         tried = []
         while True:
             connection = self.server.route(host, exclude=tried)
+            if connection is None and cluster is not None and hop is None and not tried:
+                outcome = cluster.forward(head, reader, sock, host, request_id)  # None: no node has one
+                if outcome is not None:
+                    self._log(head, host, outcome.status, started, request_id, None)
+                    return outcome.keep_alive
             if connection is None:
                 body = no_backends_body(host, request_id)
                 if tried:  # there were tunnels, and each broke under this request
@@ -112,6 +131,7 @@ class HTTPFront:
 
 def prepare_request(head, *, request_id: str, peer_ip: str, scheme: str) -> None:
     """Add the proxy headers to a public request head (the relay drops hop-by-hop ones)."""
+    head.remove(HOP_HEADER)  # only a node of this cluster may send it, and only to another node
     forwarded_for = head.get("X-Forwarded-For")
     head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
     if head.get("X-Forwarded-Proto") is None:
