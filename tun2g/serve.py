@@ -40,6 +40,11 @@ class ServerSetup:
     ping_interval: float = 5.0
     access_log: bool = True
     log_level: str = "info"
+    # Cluster (used when the storage is Redis): where other nodes reach this one's HTTP
+    # front, the shared hop secret (else one kept in Redis), and the registry TTL.
+    advertise_url: str | None = None
+    cluster_secret: str | None = None
+    registry_ttl: float = 10.0
 
     def start(self) -> "RunningServer":
         """Open the store and every listener, start serving, and return the running server."""
@@ -56,19 +61,11 @@ class ServerSetup:
         http_listener = tcp.listen(self.http_addr)
         running.http_address = http_listener.getsockname()[:2]
         running.services.append(HTTPFront(server, access_log=self.access_log).serve(http_listener))
+        self._join_cluster(server, running, storage)
 
         cert, key = self._certificate()
-        tunnel_listener = tcp.listen(self.tunnel_addr)
-        running.tunnel_address = tunnel_listener.getsockname()[:2]
-        if self.plain_tunnel:
-            log.warning("plain_tunnel", note="tunnel traffic, tokens included, is NOT encrypted; "
-                                             "use this for development and tests only")
-            secure = None
-        else:
-            context = tls.server_context(cert, key)
-            secure = lambda sock: tls.accept_tls(sock, context)  # noqa: E731
-        running.tasks.append(gevent.spawn(server.listen, tunnel_listener, secure,
-                                          "tcp" if self.plain_tunnel else "tcp+tls"))
+        if self._tunnel_port_wanted():
+            self._start_tunnel_port(server, running, cert, key)
         if self.kcp_addr:
             running.kcp_address = self._start_kcp(server, running, cert, key)
         if self.admin_addr:
@@ -80,15 +77,44 @@ class ServerSetup:
         log.info("listening", http=_fmt(running.http_address), tunnel=_fmt(running.tunnel_address),
                  tunnel_tls=not self.plain_tunnel, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
-        if not self.plain_tunnel and self.tls_cert is None:
+        if cert is not None and not self.plain_tunnel and self.tls_cert is None:
             log.info("dev_certificate", cert=str(cert),
                      hint=f"clients connect with --ca {cert} (or use --tls-cert/--tls-key in production)")
         return running
 
+    def _start_tunnel_port(self, server, running, cert, key) -> None:
+        tunnel_listener = tcp.listen(self.tunnel_addr)
+        running.tunnel_address = tunnel_listener.getsockname()[:2]
+        if self.plain_tunnel:
+            log.warning("plain_tunnel", note="tunnel traffic, tokens included, is NOT encrypted; "
+                                             "use this for development and tests only")
+            secure = None
+        else:
+            context = tls.server_context(cert, key)
+            secure = lambda sock: tls.accept_tls(sock, context)  # noqa: E731
+        running.tasks.append(gevent.spawn(server.listen, tunnel_listener, secure,
+                                          "tcp" if self.plain_tunnel else "tcp+tls"))
+
+    def _tunnel_port_wanted(self) -> bool:
+        """False for `--tunnel none` (one public port: clients use --conn-type upgrade)."""
+        return bool(self.tunnel_addr) and self.tunnel_addr.lower() != "none"
+
+    def _join_cluster(self, server, running, storage) -> None:
+        """With Redis storage, become one node of the cluster that shares that Redis."""
+        from tun2g.storage import RedisStorage
+
+        if not isinstance(storage, RedisStorage):
+            return
+        from tun2g.cluster import Cluster, ClusterConfig, default_advertise_url
+
+        advertise = self.advertise_url or default_advertise_url(running.http_address)
+        Cluster(server, ClusterConfig(redis_url=storage.url, advertise_url=advertise, secret=self.cluster_secret,
+                                      ttl=self.registry_ttl, key_prefix=storage.key_prefix)).start()
+
     def _certificate(self):
         if self.tls_cert:
             return self.tls_cert, self.tls_key
-        if self.plain_tunnel and not self.kcp_addr:
+        if (self.plain_tunnel or not self._tunnel_port_wanted()) and not self.kcp_addr:
             return None, None
         return tls.make_dev_certificate(default_sqlite_path().parent)
 
