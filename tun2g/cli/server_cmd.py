@@ -15,7 +15,9 @@ from tun2g.cli.options import env_option, host_port
 @env_option("--http", "http_addr", env="TUN2G_HTTP", callback=host_port, metavar="HOST:PORT",
             help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080.")
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
-            callback=host_port, metavar="HOST:PORT", help="Address where tunnel clients connect (TCP).")
+            callback=lambda ctx, param, value: value if value == "none" else host_port(ctx, param, value),
+            metavar="HOST:PORT|none", help="Address where tunnel clients connect (TCP). `none`: no tunnel port; "
+                                           "clients connect by HTTP Upgrade on the public port (--conn-type upgrade).")
 @env_option("--tls-cert", env="TUN2G_TLS_CERT", type=click.Path(exists=True, dir_okay=False),
             help="PEM certificate for the tunnel port. Without it a development certificate is made.")
 @env_option("--tls-key", env="TUN2G_TLS_KEY", type=click.Path(exists=True, dir_okay=False),
@@ -32,6 +34,14 @@ from tun2g.cli.options import env_option, host_port
             callback=host_port, metavar="HOST:PORT", help="Admin API (backends, kill, status).")
 @env_option("--admin-token", env="TUN2G_ADMIN_TOKEN", help="Require this bearer token on the admin API.")
 @env_option("--node-id", env="TUN2G_NODE_ID", help="This process's name in logs and the backend list.")
+@env_option("--advertise", "advertise_url", env="TUN2G_ADVERTISE", metavar="URL",
+            help="With Redis: where the other nodes reach this node's HTTP front, e.g. http://10.0.0.2:8080. "
+                 "Default: the --http address (this host's IP when it listens on all interfaces).")
+@env_option("--cluster-secret", env="TUN2G_CLUSTER_SECRET",
+            help="With Redis: the secret that signs node-to-node requests; the same on every node. "
+                 "Default: one kept in Redis.")
+@env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=float, default=10.0, show_default=True,
+            help="With Redis: seconds after which a silent node's backends leave the shared registry.")
 @env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
             show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
@@ -41,7 +51,8 @@ from tun2g.cli.options import env_option, host_port
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, storage, redis_url, admin_addr,
-           admin_token, node_id, smux_version, ping_interval, access_log, log_level):
+           admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval, access_log,
+           log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -60,7 +71,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, st
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
-                        log_level=log_level)
+                        log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
+                        registry_ttl=registry_ttl)
     try:
         running = setup.start()
     except (OSError, ValueError) as exc:
