@@ -58,7 +58,8 @@ def test_state_machine_matches_the_model(data, version, client):
     state = SessionState(config, client)
     model = Model(version)
     objects = {}  # sid -> latest StreamState object
-    fins_sent = Counter()
+    fins_sent = Counter()  # by id() of the stream object; keep_alive stops ids being reused
+    keep_alive = []
     counter = 0
 
     def feed(wire):
@@ -68,6 +69,7 @@ def test_state_machine_matches_the_model(data, version, client):
             assert result.error is None
             for opened in result.opened:
                 objects[opened.sid] = opened
+                keep_alive.append(opened)
 
     def check_outbox():
         for cmd, sid, value in state.take_outbox():
@@ -111,6 +113,7 @@ def test_state_machine_matches_the_model(data, version, client):
             opened = state.open_stream()
             assert opened.sid % 2 == (1 if client else 0) and opened.sid not in model.table
             objects[opened.sid] = opened
+            keep_alive.append(opened)
             model.new(opened.sid)
         elif sid in objects:
             target, modelled = objects[sid], model.all[sid]
