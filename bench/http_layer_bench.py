@@ -115,7 +115,9 @@ def serve_proxy(port: int, backend_port: int) -> None:
     StreamServer(("127.0.0.1", port), handle, backlog=1024).serve_forever()
 
 
-def run_wrk(port: int, path: str, connections: int, seconds: float) -> dict:
+def run_wrk(port: int, path: str, connections: int, seconds: float, server_pid: int | None = None) -> dict:
+    """wrk's figures; with ``server_pid``, also that process's CPU microseconds per request."""
+    cpu_before = _cpu_seconds(server_pid)
     out = subprocess.run(["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
                           f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -123,8 +125,18 @@ def run_wrk(port: int, path: str, connections: int, seconds: float) -> dict:
     scale = {"B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[transfer.group(2)]
     latency = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return {"rps": rate, "mbps": float(transfer.group(1)) * scale, "p50": latency["50"], "p99": latency["99"],
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    cpu_us = (_cpu_seconds(server_pid) - cpu_before) / max(requests, 1) * 1e6
+    return {"rps": rate, "cpu_us": cpu_us, "mbps": float(transfer.group(1)) * scale, "p50": latency["50"], "p99": latency["99"],
             "errors": errors.group(0) if errors else ""}
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _ms(text: str) -> float:
@@ -158,20 +170,23 @@ def main() -> None:
                 backend_name = "gevent"
                 backend = subprocess.Popen([sys.executable, __file__, "--serve-backend", str(backend_port)], env=env)
             children.append(backend)
-            children.append(subprocess.Popen([sys.executable, __file__, "--serve-proxy", str(proxy_port),
-                                              str(backend_port)], env=env))
+            proxy = subprocess.Popen([sys.executable, __file__, "--serve-proxy", str(proxy_port), str(backend_port)],
+                                     env=env)
+            children.append(proxy)
             wait_for_port(backend_port)
             wait_for_port(proxy_port)
-            print(f"backend: {backend_name}; proxy: one gevent process on tun2g.http; wrk -t1, {args.seconds:g}s each")
+            print(f"backend: {backend_name}; proxy: one gevent process on tun2g.http; wrk -t1, {args.seconds:g}s each;"
+                  f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             print(f"{'path':<10}{'conns':>6}{'direct req/s':>14}{'proxy req/s':>13}{'ratio':>7}"
-                  f"{'proxy MB/s':>12}{'p50 ms':>8}{'p99 ms':>8}  notes")
+                  f"{'proxy MB/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'proxy CPU us/req':>18}  notes")
             for path in ("/", "/big.bin"):
                 for connections in (int(c) for c in args.connections.split(",")):
                     direct = run_wrk(backend_port, path, connections, args.seconds)
-                    proxied = run_wrk(proxy_port, path, connections, args.seconds)
+                    proxied = run_wrk(proxy_port, path, connections, args.seconds, proxy.pid)
                     print(f"{path:<10}{connections:>6}{direct['rps']:>14.0f}{proxied['rps']:>13.0f}"
                           f"{proxied['rps'] / direct['rps']:>7.2f}{proxied['mbps']:>12.1f}"
-                          f"{proxied['p50']:>8.2f}{proxied['p99']:>8.2f}  {proxied['errors']}", flush=True)
+                          f"{proxied['p50']:>8.2f}{proxied['p99']:>8.2f}{proxied['cpu_us']:>18.1f}  {proxied['errors']}",
+                          flush=True)
         finally:
             for child in children:
                 child.kill()

@@ -134,7 +134,8 @@ class _Exchange:
                 raise UpstreamError(f"no valid response from upstream: {_describe(exc)}") from exc
             if head.status >= 200 or head.status == 101:
                 return head
-            if (self.request.expects_continue if head.status == 100 else self.request.version == "HTTP/1.1"):
+            # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client; 100 only to one that waits for it.
+            if self.request.version == "HTTP/1.1" and (head.status != 100 or self.request.expects_continue):
                 self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)))
 
     def _relay_response(self, head: ResponseHead) -> ExchangeResult:

@@ -1,0 +1,81 @@
+"""MessageReader over a real socket pair: body pieces, non-blocking takes, raw bytes after a protocol switch."""
+
+import socket
+
+import pytest
+
+from tun2g.http import CHUNKED, HTTPError, MessageReader
+
+
+@pytest.fixture
+def pair():
+    ours, theirs = socket.socketpair()
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def test_body_pieces_respect_max_chunk_and_end_is_seen_with_the_last_piece(pair):
+    ours, theirs = pair
+    theirs.sendall(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789GET /next HTTP/1.1\r\n\r\n")
+    reader = MessageReader(ours)
+    head = reader.read_request_head()
+    assert head.method == "POST" and reader.framing == 10 and not reader.body_complete
+    assert reader.read_body(max_chunk=4) == b"0123"
+    assert reader.read_body(max_chunk=4) == b"4567"
+    assert reader.read_body(max_chunk=4) == b"89" and reader.body_complete
+    assert reader.read_body() == b""
+    assert reader.read_request_head().target == "/next" and reader.body_complete and reader.idle
+    theirs.close()
+    assert reader.read_request_head() is None and reader.messages_read == 2
+
+
+def test_take_ready_body_never_waits(pair):
+    ours, theirs = pair
+    theirs.sendall(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n")
+    reader = MessageReader(ours)
+    reader.read_request_head()
+    assert reader.framing == CHUNKED
+    assert reader.take_ready_body() == b"abcde" and not reader.body_complete
+    assert reader.take_ready_body() == b""  # nothing more has arrived: returns at once
+    theirs.sendall(b"0\r\n\r\n")
+    assert reader.read_body() == b"" and reader.body_complete
+
+
+def test_reading_the_next_head_before_the_body_is_a_programming_error(pair):
+    ours, theirs = pair
+    theirs.sendall(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab")
+    reader = MessageReader(ours)
+    reader.read_request_head()
+    with pytest.raises(RuntimeError, match="body"):
+        reader.read_request_head()
+
+
+def test_raw_bytes_after_an_upgrade_are_handed_over(pair):
+    ours, theirs = pair
+    theirs.sendall(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nraw-bytes")
+    reader = MessageReader(ours)
+    reader.read_request_head()
+    assert reader.upgrade and reader.body_complete and reader.switched_protocols
+    assert reader.take_buffered() == b"raw-bytes" and reader.take_buffered() == b""
+    with pytest.raises(HTTPError):
+        reader.read_request_head()
+
+
+def test_truncated_response_body_raises_and_interim_heads_are_returned(pair):
+    ours, theirs = pair
+    theirs.sendall(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
+    theirs.close()
+    reader = MessageReader(ours)
+    assert reader.read_response_head("POST").status == 100 and reader.body_complete
+    assert reader.read_response_head("POST").status == 200
+    assert reader.read_body() == b"abc"
+    with pytest.raises(HTTPError, match="before the end"):
+        reader.read_body()
+
+
+def test_response_on_a_closed_connection_raises(pair):
+    ours, theirs = pair
+    theirs.close()
+    with pytest.raises(HTTPError, match="closed before a response"):
+        MessageReader(ours).read_response_head("GET")
