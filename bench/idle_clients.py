@@ -18,6 +18,9 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this working tree's tun2g
 
 import gevent  # noqa: E402
 from gevent.event import Event  # noqa: E402

@@ -387,21 +387,25 @@ def profile_processes(pids: dict[str, int], load, out_dir: Path, duration: float
 
 def hotspots(collapsed: str, top: int) -> str:
     """Top functions by own samples and by inclusive samples, as percentages of all (non-idle) samples."""
-    own, inclusive, total = {}, {}, 0
+    own, inclusive, total, parked = {}, {}, 0, 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         samples = int(count)
-        total += samples
         frames = [_short_frame(frame) for frame in stack.split(";")]
+        if frames[0].startswith("_WorkerGreenlet.run") and frames[-1].startswith("acquire_with_timeout"):
+            parked += samples  # an idle gevent threadpool thread waiting for work: no CPU
+            continue
+        total += samples
         own[frames[-1]] = own.get(frames[-1], 0) + samples
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + samples
     def ranked(table):
         return [f"    {100 * n / total:5.1f}%  {frame}" for frame, n in
                 sorted(table.items(), key=lambda item: -item[1])[:top]]
-    return "\n".join([f"  {total} samples; own time:", *ranked(own), "  inclusive (tun2g frames):",
+    return "\n".join([f"  {total} samples ({parked} of idle threadpool threads left out); own time:",
+                      *ranked(own), "  inclusive (tun2g frames):",
                       *ranked({f: n for f, n in inclusive.items() if "tun2g/" in f})])
 
 
