@@ -92,7 +92,7 @@ class _Exchange:
         if chunked and reader.body_complete:
             payload += LAST_CHUNK
         try:
-            self.upstream.sendall(payload)
+            send_all(self.upstream, payload)
         except OSError as exc:
             raise UpstreamError(f"cannot send the request upstream: {_describe(exc)}") from exc
         self.request_bytes = len(payload)
@@ -114,7 +114,7 @@ class _Exchange:
             if chunked and reader.body_complete:
                 payload += LAST_CHUNK
             try:
-                upstream.sendall(payload)
+                send_all(upstream, payload)
             except OSError:
                 return  # the upstream stopped reading; its response (or failure) says why
             self.request_bytes += len(payload)
@@ -174,7 +174,7 @@ class _Exchange:
 
     def _send_down(self, payload: bytes) -> None:
         try:
-            self.downstream.sendall(payload)
+            send_all(self.downstream, payload)
         except OSError as exc:
             raise DownstreamError(f"cannot write to the client: {_describe(exc)}") from exc
         self.response_bytes += len(payload)
@@ -188,12 +188,21 @@ class _Exchange:
                                 if not self.request_reader.upgrade else "upstream sent an invalid 101 response")
         headers = forwardable_headers(head.headers) + [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         self._send_down(encode_response_head(head, headers=headers) + self.upstream_reader.take_buffered())
-        if self.pump is not None:
-            self.pump.kill()
         upward = gevent.spawn(_copy_raw, self.downstream, self.upstream, self.request_reader.take_buffered())
         self.response_bytes += _copy_raw(self.upstream, self.downstream, b"")
         self.request_bytes += upward.get()
         return self._result(101, False, False, upgraded=True)
+
+
+def send_all(sock, data: bytes) -> None:
+    """``sock.sendall(data)``, trying one plain ``send`` first.
+
+    Most writes fit the socket buffer at once; this skips the getsockopt call and
+    the extra frames gevent's sendall spends on every call.
+    """
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
 def _framed(data: bytes, chunked: bool) -> bytes:
@@ -205,13 +214,13 @@ def _copy_raw(source, sink, first: bytes) -> int:
     copied = 0
     try:
         if first:
-            sink.sendall(first)
+            send_all(sink, first)
             copied = len(first)
         while True:
             data = source.recv(RECV_SIZE)
             if not data:
                 break
-            sink.sendall(data)
+            send_all(sink, data)
             copied += len(data)
         if hasattr(sink, "unwrap"):
             raise OSError("TLS cannot be half-closed")  # an SSLSocket's shutdown() drops TLS for reading too
