@@ -3,12 +3,13 @@
 import http.client
 import os
 import socket
+import ssl
 
 import gevent
 import pytest
 
-from tests.smux.conftest import assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256
-from tun2g.smux import Config, SessionClosedError, StreamIdsExhaustedError
+from tests.smux.conftest import assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256, tcp_pair
+from tun2g.smux import Config, Session, SessionClosedError, StreamIdsExhaustedError
 
 
 def test_stream_ids_follow_go_smux(pair):
@@ -193,3 +194,82 @@ def test_automatic_version_adopts_the_server_version(make_pair):
     assert pair.client.version == 2
     early_write.get(timeout=5)
     assert pair.server.accept_stream(timeout=5).recv(10) == b"early"
+
+
+class CountingSocket:
+    """A real socket that counts the writes a Session makes on it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.writes = 0
+
+    def sendall(self, data):
+        self.writes += 1
+        return self.sock.sendall(data)
+
+    def sendmsg(self, buffers):
+        self.writes += 1
+        return self.sock.sendmsg(buffers)
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_small_frames_from_many_streams_share_transport_writes():
+    client_end, server_end = tcp_pair()
+    counting = CountingSocket(client_end)
+    client = Session(counting, client=True, config=quiet_config())
+    server = Session(server_end, client=False, config=quiet_config())
+    try:
+        streams = [client.open_stream() for _ in range(100)]
+        senders = [gevent.spawn(stream.sendall, b"tiny") for stream in streams]
+        gevent.joinall(senders, timeout=5, raise_error=True)
+        for _ in streams:
+            assert server.accept_stream(timeout=5).recv(10) == b"tiny"
+        print(f"{counting.writes} transport writes for 200 small frames")
+        assert counting.writes <= 10, f"{counting.writes} writes for 200 small frames"
+    finally:
+        client.close()
+        server.close()
+
+
+def test_sessions_run_over_tls(kcp_certs):  # kcp_certs: a throwaway CA + localhost cert (tests/fixtures/kcp.py)
+    client_end, server_end = tcp_pair()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(kcp_certs.cert_file, kcp_certs.key_file)
+    client_context = ssl.create_default_context(cafile=kcp_certs.ca_file)
+    handshake = gevent.spawn(server_context.wrap_socket, server_end, server_side=True)
+    client_tls = client_context.wrap_socket(client_end, server_hostname="localhost")
+    server_tls = handshake.get(timeout=5)
+    client = Session(client_tls, client=True, config=Config.tun2_server().copy(version=2))
+    server = Session(server_tls, client=False, config=Config.tun2_server().copy(version=2))
+    try:
+        serve_echo(server)
+        payload = os.urandom(3 << 20)
+        stream = client.open_stream()
+        writer = gevent.spawn(lambda: (stream.sendall(payload), stream.shutdown(socket.SHUT_WR)))
+        assert sha256(read_to_eof(stream)) == sha256(payload)
+        writer.get(timeout=5)
+    finally:
+        client.close()
+        server.close()
+    assert_session_finished(client)
+    assert_session_finished(server)
+
+
+def test_non_blocking_and_timed_out_sends(make_pair):
+    pair = make_pair(quiet_config(version=2), quiet_config(version=2))
+    stream = pair.client.open_stream()
+    stream.setblocking(False)
+    buffer = bytearray(b"a" * 1000)
+    assert stream.send(buffer) == 1000
+    buffer[:] = b"b" * 1000  # the queued bytes were copied
+    accepted = pair.server.accept_stream(timeout=5)
+    assert accepted.recv(2000) == b"a" * 1000
+    stream.settimeout(0.1)
+    assert stream.gettimeout() == 0.1
+    with pytest.raises(socket.timeout):  # the peer never reads: the v2 window fills up
+        stream.sendall(b"c" * (1 << 20))

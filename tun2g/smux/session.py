@@ -254,9 +254,10 @@ class Session:
     def _wait_for_backlogged(self, changed) -> None:
         """Give streams past half their backlog a chance to be read before reading on."""
         soft_limit = self._state.backlog // 2
+        deadline = None
         for stream_state in changed:
-            deadline = _deadline(BACKLOG_GRACE)
             while stream_state.buffered > soft_limit and not self._closed:
+                deadline = deadline or _deadline(BACKLOG_GRACE)  # one grace for the whole chunk
                 self._drained.clear()
                 if not self._drained.wait(_remaining(deadline)):
                     break

@@ -148,6 +148,9 @@ class Stream:
             return 0
         size = min(len(view), window, WRITE_CHUNK)
         session._state.record_sent(state, size)
+        if self._timeout == 0:  # non-blocking: queue a copy, the caller may reuse its buffer at once
+            session._writer.send_data(state.sid, bytes(view[:size]))
+            return size
         request = session._writer.send_data(state.sid, view[:size])
         self._wait_written(request, size, deadline)
         return size
@@ -173,17 +176,17 @@ class Stream:
         return deadline
 
     def _wait_written(self, request, size: int, deadline: float | None) -> None:
-        deadline = self._start_deadline(deadline, "writing", allow_zero=True)
+        """Go semantics: send() returns once the writer has taken the frames."""
+        deadline = self._start_deadline(deadline, "writing")
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if request.done.wait(timeout):
-            if request.failed:
-                self.session._raise_if_closed()
-                raise BrokenPipeError(f"stream {self.id}: the session stopped before the data was sent")
-            return
-        if self.session._writer.cancel(request):
-            self.session._state.record_sent(self._state, -size)
-            self._raise_timeout("writing")
-        request.done.wait()  # already being written: the bytes are on their way
+        if not request.done.wait(timeout):
+            if self.session._writer.cancel(request):
+                self.session._state.record_sent(self._state, -size)
+                self._raise_timeout("writing")
+            request.done.wait()  # already being written: the bytes are on their way
+        if request.failed:
+            self.session._raise_if_closed()
+            raise BrokenPipeError(f"stream {self.id}: the session stopped before the data was sent")
 
     # --- closing ------------------------------------------------------------------
 
@@ -239,10 +242,10 @@ class Stream:
         self._readable.set()
         self._writable.set()
 
-    def _start_deadline(self, deadline: float | None, what: str, allow_zero: bool = False) -> float | None:
+    def _start_deadline(self, deadline: float | None, what: str) -> float | None:
         if deadline is not None or self._timeout is None:
             return deadline
-        if self._timeout == 0 and not allow_zero:
+        if self._timeout == 0:
             raise BlockingIOError(f"stream {self.id}: {what} would block")
         return time.monotonic() + self._timeout
 
