@@ -21,9 +21,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common import MIB, REPO_ROOT, child_env, format_table  # noqa: F401 - re-exported for the benchmark
+
 HELLO_BODY = b"hello, world\n"
-MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------- processes and ports
@@ -102,13 +102,6 @@ class Service:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-
-
-def child_env() -> dict:
-    """The environment for children: the working tree on the path, no HTTP proxies."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 # ---------------------------------------------------------------- nginx
@@ -415,16 +408,6 @@ def _short_frame(frame: str) -> str:
     for marker in ("site-packages/", "dist-packages/", str(REPO_ROOT) + "/", "lib/python3.11/"):
         where = where.split(marker)[-1]
     return f"{name} ({where}" if where else name
-
-
-# ---------------------------------------------------------------- tables
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table padded to line up in a terminal too."""
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 if __name__ == "__main__":
