@@ -392,3 +392,27 @@ def test_curl_get_and_post(echo_proxy):
                           timeout=10, env=env_without_proxies())
     assert done.returncode == 0 and json.loads(done.stdout)["sha256"] == hashlib.sha256(b"hello").hexdigest()
 
+
+
+def test_unrequested_switching_protocols_is_a_bad_gateway(raw_backend, proxy_to, session):
+    def handler(sock):
+        read_request(sock)
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: evil\r\n\r\n")
+    proxy = proxy_to(raw_backend(handler))
+    got = session.get(url(proxy))
+    assert got.status_code == 502 and b"did not ask" in got.content
+
+
+def test_http10_keep_alive_client_and_backend_closing_after_each_response(raw_backend, proxy_to):
+    def handler(sock):
+        read_request(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    proxy = proxy_to(raw_backend(handler))
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        reader = MessageReader(sock)
+        for _ in range(2):
+            sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            head = reader.read_response_head("GET")
+            assert head.get("Connection") == "keep-alive" and reader.read_body() == b"hello"
+    assert proxy.connections == 1
+    assert [(r.keep_alive, r.upstream_reusable) for r in proxy.results] == [(True, False), (True, False)]

@@ -90,6 +90,8 @@ class MessageParser:
         self._framing = 0
         self._reseating = False     # parsing a made-up head that only restores body framing
         self._last_head: HeadEvent | None = None
+        self._target = self._reason = b""
+        self._headers: list[tuple[str, str]] = []
         self._new_llhttp()
 
     def _new_llhttp(self) -> None:
@@ -173,9 +175,8 @@ class MessageParser:
         self._in_message = True
         self._in_head = True
         self._head_bytes_bound = 0
-        self._target = b""
-        self._reason = b""
-        self._headers: list[tuple[str, str]] = []
+        self._target = self._reason = b""
+        self._headers = []
 
     def on_url(self, url: bytes) -> None:
         self._target += url

@@ -183,9 +183,10 @@ class _Exchange:
 
     def _splice(self, head: ResponseHead) -> ExchangeResult:
         upgrade = head.get("Upgrade")
-        if not self.request_reader.upgrade or not self.upstream_reader.switched_protocols or not upgrade:
-            raise UpstreamError("upstream answered 101 Switching Protocols to a request that did not ask for it"
-                                if not self.request_reader.upgrade else "upstream sent an invalid 101 response")
+        if not self.request_reader.upgrade:
+            raise UpstreamError("upstream answered 101 Switching Protocols to a request that did not ask for it")
+        if not upgrade or not self.upstream_reader.switched_protocols:
+            raise UpstreamError("upstream sent a 101 Switching Protocols without a valid Upgrade header")
         headers = forwardable_headers(head.headers) + [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         self._send_down(encode_response_head(head, headers=headers) + self.upstream_reader.take_buffered())
         upward = gevent.spawn(_copy_raw, self.downstream, self.upstream, self.request_reader.take_buffered())
