@@ -216,7 +216,8 @@ class Session:
                     where = " in the middle of a frame" if state.decoder.in_frame else ""
                     self._die(SessionClosedError(f"the peer closed the smux connection{where}"))
                     return
-                if not self._dispatch(state.receive(data, keep_views=True)):
+                # Views are safe only into immutable chunks the transport will not reuse.
+                if not self._dispatch(state.receive(data, keep_views=type(data) is bytes)):
                     return
         except gevent.GreenletExit:
             raise

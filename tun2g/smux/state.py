@@ -177,16 +177,24 @@ class SessionState:
         if not chunks or size <= 0:
             return b""
         first = chunks[0]
-        if len(first) == size or (len(first) < size and len(chunks) == 1):
-            chunks.popleft()
+        if len(first) >= size or len(chunks) == 1:  # the common case: one chunk, one copy at most
+            if len(first) > size:
+                chunks[0] = memoryview(first)[size:]  # a view: no quadratic copying on small reads
+                first = memoryview(first)[:size]
+            else:
+                chunks.popleft()
             self._consumed(stream, len(first))
             return first if type(first) is bytes else bytes(first)
-        if len(first) > size:
-            chunks[0] = first[size:]
-            self._consumed(stream, size)
-            return bytes(first[:size])
-        target = bytearray(min(size, stream.buffered))
-        return bytes(target[:self.read_into(stream, memoryview(target))])
+        pieces, taken = [], 0
+        while chunks and taken < size:
+            chunk = chunks.popleft()
+            if taken + len(chunk) > size:
+                chunks.appendleft(memoryview(chunk)[size - taken:])
+                chunk = memoryview(chunk)[:size - taken]
+            pieces.append(chunk)
+            taken += len(chunk)
+        self._consumed(stream, taken)
+        return b"".join(pieces)
 
     def read_into(self, stream: StreamState, target: memoryview) -> int:
         """Copy buffered bytes into ``target`` (a byte memoryview); returns how many."""
@@ -195,12 +203,13 @@ class SessionState:
         while chunks and filled < room:
             chunk = chunks[0]
             take = min(len(chunk), room - filled)
-            target[filled:filled + take] = chunk[:take] if take < len(chunk) else chunk
-            filled += take
             if take < len(chunk):
-                chunks[0] = chunk[take:]
+                target[filled:filled + take] = memoryview(chunk)[:take]
+                chunks[0] = memoryview(chunk)[take:]
             else:
+                target[filled:filled + take] = chunk
                 chunks.popleft()
+            filled += take
         if filled:
             self._consumed(stream, filled)
         return filled
