@@ -121,7 +121,9 @@ class ServerSetup:
     def _start_kcp(self, server, running, cert, key):
         from tun2g.transport import kcp, memtls
 
-        listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.KCPOptions())
+        # The fast preset changes only local timing and windows: Go kcp-go peers on
+        # their defaults still understand every datagram.
+        listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.KCPOptions.fast())
         if self.plain_tunnel:
             secure = None
         else:

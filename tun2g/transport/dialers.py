@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from tun2g.log import get_logger
+from tun2g.smux.frame import NOP, encode_frame
 from tun2g.transport import tcp, tls
 
-log = get_logger(__name__)
 
 
 def server_host_port(server_addr: str, default_port: int = 443) -> tuple[str, int, str]:
@@ -34,8 +33,12 @@ def dial(config):
     if config.conn_type == "kcp":
         from tun2g.transport import kcp, memtls
 
-        connection = kcp.kcp_dial(host, port, config.kcp_options or kcp.KCPOptions())
+        connection = kcp.kcp_dial(host, port, config.kcp_options or kcp.KCPOptions.fast())
         if config.plain:
+            # A KCP listener learns of a client from its first datagram, and the
+            # server speaks first in tun2: say a NOP so it can open the control stream.
+            version = config.smux_config.version or 1
+            connection.sendall(encode_frame(version, NOP, 0))
             return connection
         context = memtls.client_context(ca_file=config.ca_file, insecure=config.insecure)
         return memtls.wrap(connection, context, server_side=False, server_hostname=host)
