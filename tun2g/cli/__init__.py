@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import click
+from gevent import monkey
 
-from tun2g import __version__
+# Before anything else opens a socket: redis-py (storage, cluster registry) and the
+# standard library must yield to the hub instead of blocking the whole process.
+monkey.patch_all()
+
+import click  # noqa: E402
+
+from tun2g import __version__  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
