@@ -25,6 +25,7 @@ class Outage:
         self.log_interval = log_interval
         self._clock = clock
         self.down_since: float | None = None
+        self.recovered_at = float("-inf")
         self.last_error = ""
         self._retry_at = 0.0
         self._logged_at = 0.0
@@ -60,4 +61,9 @@ class Outage:
             log.info("redis_recovered", what=self.what, down_for=round(self._clock() - self.down_since, 1),
                      failures=self._failures)
             self.down_since = None
+            self.recovered_at = self._clock()
             self._failures = 0
+
+    def recovered_within(self, seconds: float) -> bool:
+        """Whether Redis came back from an outage less than `seconds` ago."""
+        return self._clock() - self.recovered_at < seconds

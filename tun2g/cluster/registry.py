@@ -217,6 +217,10 @@ class RedisRegistry:
                 raise
         else:
             self.outage.succeeded()
+            if not nodes and entry is not None and self.outage.recovered_within(self.ttl / 2):
+                # Redis came back (maybe empty) and the nodes republish within TTL/3:
+                # until then an empty answer means "not yet known", so keep the last one.
+                nodes = entry.nodes
             self._cache[domain] = _CacheEntry(now, now + self.ttl, nodes)
         finally:
             del self._pending[domain]
