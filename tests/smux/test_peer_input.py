@@ -186,3 +186,47 @@ def test_keepalive_keeps_talking_sessions_open(make_pair):
     pair = make_pair(config, config)
     assert not pair.client.wait_closed(0.6)
     assert not pair.server.is_closed
+
+
+def test_frames_split_into_single_bytes_decode_the_same(raw_peer):
+    peer = raw_peer()
+    session = server_for(peer)
+    wire = encode_frame(1, SYN, 3) + encode_frame(1, PSH, 3, b"byte by byte") + encode_frame(1, FIN, 3)
+    for byte in wire:
+        peer.send(bytes([byte]))
+    stream = session.accept_stream(timeout=5)
+    assert stream.recv(100) == b"byte by byte"
+    assert stream.recv(100) == b""
+
+
+def test_the_accept_backlog_pauses_the_reader_and_loses_nothing(raw_peer):
+    peer = raw_peer()
+    session = server_for(peer)
+    count = 1100  # more than Go's accept backlog of 1024
+    peer.send(b"".join(encode_frame(1, SYN, 2 * i + 3) + encode_frame(1, PSH, 2 * i + 3, b"%d" % i)
+                       for i in range(count)))
+    streams = [session.accept_stream(timeout=5) for _ in range(count)]
+    assert [stream.id for stream in streams] == [2 * i + 3 for i in range(count)]
+    assert [stream.recv(10) for stream in streams] == [b"%d" % i for i in range(count)]
+
+
+def test_a_spent_budget_pauses_reading_until_the_application_reads(raw_peer):
+    peer = raw_peer()
+    session = server_for(peer, max_receive_buffer=65536, max_stream_buffer=65536, max_stream_backlog=8 << 20)
+    payload = bytes(range(256)) * 4096  # 1 MiB, 16 times the budget
+    peer.send(encode_frame(1, SYN, 3))
+    stream = session.accept_stream(timeout=5)
+    sender = gevent.spawn(lambda: [peer.send(encode_frame(1, PSH, 3, payload[i:i + 32768]))
+                                   for i in range(0, len(payload), 32768)])
+    with gevent.Timeout(5):
+        while session._state.budget > 0:  # the reader fills the budget, then stops reading
+            stream._readable.clear()
+            stream._readable.wait()
+    assert session._state.budget <= 0
+    received = bytearray()
+    with gevent.Timeout(10):
+        while len(received) < len(payload):
+            received += stream.recv(4096)
+            assert stream._state.buffered <= 65536 + 1024  # the budget, plus at most one small read
+    assert received == payload
+    sender.get(timeout=5)

@@ -247,10 +247,14 @@ class Session:
         return not self._closed
 
     def _read_size(self) -> int:
-        """Never more than half a backlog per read, so that a stream passes its backlog
-        only after it was given BACKLOG_GRACE to catch up."""
-        backlog = self._state.backlog
-        return max(min(READ_BUFFER_SIZE, backlog // 2), 1024) if backlog else READ_BUFFER_SIZE
+        """How much to read next: never more than the budget left (Go overshoots by at
+        most a frame too), and never more than half a backlog, so that a stream passes
+        its backlog only after it was given BACKLOG_GRACE to catch up."""
+        state = self._state
+        size = min(READ_BUFFER_SIZE, state.budget)
+        if state.backlog:
+            size = min(size, state.backlog // 2)
+        return max(size, 1024)
 
     def _wait_for_backlogged(self, changed) -> None:
         """Give streams past half their backlog a chance to be read before reading on."""
