@@ -1,5 +1,6 @@
 """KCP connections between tun2g peers on loopback: stream semantics, framing on the wire, lifecycle."""
 
+import gc
 import hashlib
 import os
 import socket
@@ -7,6 +8,7 @@ import struct
 import time
 
 import gevent
+import psutil
 import pytest
 
 from tun2g.transport import kcp_wire
@@ -187,3 +189,25 @@ def test_accept_backlog_is_bounded(listener):
     assert server.accept(timeout=5).conv == 5
     for raw in socks:
         raw.close()
+
+
+def live_greenlets():
+    return sum(1 for item in gc.get_objects() if isinstance(item, gevent.Greenlet) and not item.dead)
+
+
+def test_close_releases_sockets_and_greenlets(listener):
+    process = psutil.Process()
+    server = listener()
+    fds, greenlets = process.num_fds(), live_greenlets()
+    for _ in range(20):
+        client = kcp_dial("127.0.0.1", server.address[1])
+        client.sendall(b"hi")
+        accepted = server.accept(timeout=5)
+        assert recv_exactly(accepted, 2) == b"hi"
+        accepted.close()
+        client.close()
+    assert server.session_count == 0
+    assert process.num_fds() == fds
+    assert live_greenlets() == greenlets
+    server.close()
+    assert process.num_fds() == fds - 1

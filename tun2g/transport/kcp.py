@@ -43,14 +43,14 @@ class _DatagramPump:
         self._handle = handle
         self._watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
         self._greenlet = gevent.spawn(self._run)
-        # Close only once the greenlet is gone: never pull an fd from under a live watcher.
-        self._greenlet.link(lambda _greenlet: self._release())
 
     def stop(self) -> None:
-        """Stop reading and close the socket (datagrams sent before this still leave)."""
-        self._greenlet.kill(block=False)
+        """Stop reading and close the socket (datagrams sent before this have left).
 
-    def _release(self) -> None:
+        Called from other greenlets only: it waits for the reader to end so the
+        fd is never closed under a live watcher.
+        """
+        self._greenlet.kill(block=True)
         self._watcher.close()
         self._sock.close()
 
@@ -170,9 +170,9 @@ class KCPListener:
         if self._closed:
             return
         self._closed = True
-        self._pump.stop()
         for connection in list(self._sessions.values()):
             connection._stop(ConnectionAbortedError("the KCP listener was closed"))
+        self._pump.stop()
         if not self._backlog.full():
             self._backlog.put_nowait(None)  # wake a blocked accept()
 
