@@ -146,10 +146,11 @@ class FrameDecoder:
             if (cmd != PSH or version != self.version) and not self._check_header(version, cmd, length, sid):
                 break
             if cmd == PSH:
-                if length:
-                    self._psh_sid, self._psh_remaining = sid, length
+                if length <= end - pos:  # the whole payload is here: one event, one loop turn
+                    events.append((PSH, sid, view[pos:pos + length] if length else _EMPTY, True))
+                    pos += length
                 else:
-                    events.append((PSH, sid, _EMPTY, True))
+                    self._psh_sid, self._psh_remaining = sid, length
             elif cmd == UPD:
                 self._upd_sid = sid
             else:
