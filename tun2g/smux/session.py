@@ -162,8 +162,8 @@ class Session:
             else:
                 writer.send_control(cmd, sid, value)
 
-    def _after_read(self) -> None:
-        """A stream handed bytes to the application: send UPDs, resume a paused reader."""
+    def _after_stream_call(self) -> None:
+        """A stream call read or closed something: send its FIN/UPD frames, resume a paused reader."""
         self._flush_outbox()
         self._drained.set()
         if self._state.budget > 0:

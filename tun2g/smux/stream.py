@@ -95,7 +95,7 @@ class Stream:
         if bufsize <= 0 or not self._wait_readable():
             return b""
         data = self.session._state.read(self._state, bufsize)
-        self.session._after_read()
+        self.session._after_stream_call()
         return data
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
@@ -106,7 +106,7 @@ class Stream:
         if not len(target) or not self._wait_readable():
             return 0
         count = self.session._state.read_into(self._state, target)
-        self.session._after_read()
+        self.session._after_stream_call()
         return count
 
     def _wait_readable(self) -> bool:
@@ -136,9 +136,9 @@ class Stream:
                 continue
             try:
                 window = session._state.send_window(state)
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # the peer's UPD made no sense: the session cannot go on
                 session._die(exc)
-                raise
+                session._raise_if_closed()
             if window > 0 or not len(view):
                 break
             if state.fin_received:  # v2: no window update can come any more (Go returns EOF)
@@ -176,7 +176,7 @@ class Stream:
         return deadline
 
     def _wait_written(self, request, size: int, deadline: float | None) -> None:
-        """Go semantics: send() returns once the writer has taken the frames."""
+        """Go semantics: send() returns once its frames are written to the transport."""
         deadline = self._start_deadline(deadline, "writing")
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not request.done.wait(timeout):
@@ -197,13 +197,13 @@ class Stream:
             state.shutdown_read(self._state)
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             state.shutdown_write(self._state)
-        self.session._after_read()
+        self.session._after_stream_call()
         self._wake()
 
     def close(self) -> None:
         """Send FIN unless sent, drop unread data and forget the stream (idempotent)."""
         self.session._state.close_stream(self._state)
-        self.session._after_read()
+        self.session._after_stream_call()
         self._wake()
 
     def makefile(self, mode: str = "r", buffering: int | None = None, *,
