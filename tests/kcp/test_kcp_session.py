@@ -133,8 +133,10 @@ def test_timeouts_and_shutdown(listener):
     with pytest.raises(BrokenPipeError):
         client.sendall(b"late")
     client.close()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="closed"):
         client.sendall(b"after close")
+    with pytest.raises(OSError, match="closed"):
+        client.recv(10)
 
 
 def test_idle_session_is_reaped(listener):

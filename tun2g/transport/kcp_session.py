@@ -12,6 +12,7 @@ window slid (or always with ``ack_nodelay``). Datagrams arrive through
 from __future__ import annotations
 
 import dataclasses
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -87,6 +88,10 @@ def _discard_output(_datagram: bytes) -> int:
     return 0
 
 
+def _closed_error() -> OSError:
+    return OSError(errno.EBADF, "KCP connection is closed")
+
+
 class KCPConnection:
     """One KCP conversation as a socket-like byte stream (recv/sendall/close...).
 
@@ -111,6 +116,7 @@ class KCPConnection:
         self._timeout: float | None = None
         self._error: OSError | None = None
         self._read_shut = self._write_shut = False
+        self._closed = False
         self._una_flushed = 0
         self._last_input = time.monotonic()
         self.datagrams_dropped = 0
@@ -208,7 +214,8 @@ class KCPConnection:
 
     def close(self) -> None:
         """Flush once and stop, like kcp-go's Close (no segment announces it)."""
-        self._stop(OSError(9, "KCP connection is closed"))
+        self._closed = True
+        self._stop(_closed_error())
 
     def __enter__(self) -> KCPConnection:
         return self
@@ -239,6 +246,8 @@ class KCPConnection:
         a slow reader shrinks the advertised window exactly as in kcp-go.
         """
         core = self._ikcp
+        if self._closed:
+            raise _closed_error()  # unread data is gone with the connection, as with a socket
         window_was_full = core.nrcv_que >= core.rcv_wnd
         while len(self._inbox) < wanted:
             segment = core.next_event()
