@@ -7,7 +7,7 @@ import gevent
 import pytest
 
 from tests.smux.conftest import PSH, UPD, assert_session_finished, quiet_config
-from tun2g.smux import Config, ProtocolError, Session, SessionClosedError
+from tun2g.smux import Config, ProtocolError, Session, SessionClosedError, StreamResetError
 from tun2g.smux.frame import FIN, NOP, SYN, encode_frame, encode_header, encode_update
 
 
@@ -230,3 +230,28 @@ def test_a_spent_budget_pauses_reading_until_the_application_reads(raw_peer):
             assert stream._state.buffered <= 65536 + 1024  # the budget, plus at most one small read
     assert received == payload
     sender.get(timeout=5)
+
+
+def test_v2_update_claiming_unsent_bytes_is_a_protocol_error(raw_peer):
+    peer = raw_peer(2)
+    session = server_for(peer, version=2)
+    peer.send(encode_frame(2, SYN, 3) + encode_update(2, 99, 5, 5)  # unknown stream: ignored
+              + encode_update(2, 3, 1000, 262144))  # consumed 1000 of the 0 bytes we sent
+    stream = session.accept_stream(timeout=5)
+    with pytest.raises(SessionClosedError, match="reports 1000 bytes consumed but only 0 were sent"):
+        stream.sendall(b"x")
+    assert isinstance(session.close_reason, ProtocolError)
+
+
+def test_v2_peer_ignoring_the_window_trips_the_backlog(raw_peer):
+    peer = raw_peer(2)
+    session = server_for(peer, version=2)  # default backlog in v2: 2 * 262144
+    peer.send(encode_frame(2, SYN, 3) + encode_frame(2, SYN, 5))
+    ignored, busy = session.accept_stream(timeout=5), session.accept_stream(timeout=5)
+    flood = encode_frame(2, PSH, 3, b"f" * 65535)
+    peer.send(flood * 9 + encode_frame(2, PSH, 5, b"still fine"))  # 589815 bytes > 524288
+    assert busy.recv(100) == b"still fine"
+    with pytest.raises(StreamResetError, match="stream 3 reset: its reader fell more than 524288 bytes behind"):
+        ignored.recv(10)
+    assert peer.read_frames(lambda frames: (FIN, 3, None) in frames)
+    assert not session.is_closed
