@@ -213,3 +213,17 @@ def test_close_releases_sockets_and_greenlets(listener):
     assert live_greenlets() == greenlets
     server.close()
     assert process.num_fds() == fds - 1
+
+
+def test_client_ignores_strangers_once_locked_onto_its_server(listener):
+    server = listener()
+    client = kcp_dial("127.0.0.1", server.address[1])
+    client.sendall(b"hi")
+    accepted = server.accept(timeout=5)
+    accepted.sendall(b"a")  # server's sn 0: the client locks onto the listener's address
+    assert recv_exactly(client, 1) == b"a"
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.sendto(raw_push(client.conv, 1, b"evil"), ("127.0.0.1", client.getsockname()[1]))
+    accepted.sendall(b"good")  # the server's real sn 1
+    assert recv_exactly(client, 4) == b"good"
+    stranger.close()
