@@ -55,8 +55,7 @@ class Forwarder:
         head.set(HOP_HEADER, sign(self.secret, origin=self.node_id, timestamp=int(time.time()), method=head.method,
                                   host=head.host or "", target=head.target, request_id=request_id,
                                   forwarded_for=head.get("X-Forwarded-For") or ""))
-        candidates = list(nodes)
-        random.shuffle(candidates)
+        candidates = nodes if len(nodes) == 1 else random.sample(nodes, len(nodes))
         failures = []
         for node in candidates:
             pool = self._pool(node.url)

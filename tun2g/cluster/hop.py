@@ -18,7 +18,6 @@ the HTTP front.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -48,7 +47,7 @@ def _message(origin: str, timestamp: int, method: str, host: str, target: str, r
 
 
 def _signature(secret: bytes, *parts) -> str:
-    return hmac.new(secret, _message(*parts), hashlib.sha256).hexdigest()
+    return hmac.digest(secret, _message(*parts), "sha256").hex()
 
 
 def sign(secret: bytes, *, origin: str, timestamp: int, method: str, host: str, target: str, request_id: str,

@@ -1,0 +1,196 @@
+"""Cluster benchmark: requests/s through HAProxy to a backend on the same node vs on another node (forwarded).
+
+    python3 bench/cluster_bench.py [--quick] [--connections 16] [--keep]
+
+One run starts its own redis-server, nginx, three `tun2g server` nodes on
+that Redis, one `tun2g client` (on node n1, serving nginx) and one HAProxy
+with three frontends: "local" balances to n1 only (the backend is there),
+"remote" to n2 only (n2 forwards every request to n1 over the signed hop),
+"balanced" round-robins over n1..n3 (two requests in three forwarded).
+Direct nginx is measured in the same run as the baseline. Redis commands per
+proxied request come from INFO commandstats before/after each wrk run
+(the nodes' periodic registry refresh included; lookups shown apart).
+Targets: remote >= 60% of local requests/s; registry lookups per request 0
+on the local path and <= 1 (cached) on the forwarded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+import tunnel_common as tc
+from common import format_table
+
+DOMAIN, USER, SECRET = "bench.test", "bench", "cluster-bench-secret"
+NODES = ("n1", "n2", "n3")
+HAPROXY_CONFIG = """\
+global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend local
+    bind 127.0.0.1:{local}
+    default_backend only_n1
+frontend remote
+    bind 127.0.0.1:{remote}
+    default_backend only_n2
+frontend balanced
+    bind 127.0.0.1:{balanced}
+    default_backend all_nodes
+backend only_n1
+    server n1 127.0.0.1:{n1}
+backend only_n2
+    server n2 127.0.0.1:{n2}
+backend all_nodes
+    balance roundrobin
+    server n1 127.0.0.1:{n1}
+    server n2 127.0.0.1:{n2}
+    server n3 127.0.0.1:{n3}
+"""
+
+
+@dataclass
+class Point:
+    """One measured path."""
+
+    name: str
+    wrk: tc.WrkResult
+    redis_per_request: float
+    lookups_per_request: float
+
+
+class Cluster:
+    """Redis, three nodes, a client on n1 and HAProxy, all in `workdir`."""
+
+    def __init__(self, workdir: Path, nginx_port: int, stack: ExitStack):
+        self.redis_port = tc.free_port()
+        redis_service = tc.Service("redis", [tc.require_binary("redis-server"), "--port", str(self.redis_port),
+                                             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                             "--dir", str(workdir)], workdir / "redis.log")
+        stack.callback(redis_service.stop)
+        tc.wait_until(lambda: redis_service.check_alive() or tc.port_open(self.redis_port), 10, "redis-server")
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        tc.tun2g_run("route", "add", DOMAIN, "--user", USER, "--storage", self.redis_url)
+        token = tc.create_token(self.redis_url, USER)
+        self.http_ports, self.admin_ports, tunnel_ports = {}, {}, {}
+        self.services = [redis_service]
+        for node in NODES:
+            http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
+            self.http_ports[node], self.admin_ports[node], tunnel_ports[node] = http_port, admin_port, tunnel_port
+            service = tc.Service(node, tc.tun2g_argv(
+                "server", "--http", f"127.0.0.1:{http_port}", "--tunnel", f"127.0.0.1:{tunnel_port}",
+                "--plain-tunnel", "--admin", f"127.0.0.1:{admin_port}", "--storage", self.redis_url,
+                "--node-id", node, "--cluster-secret", SECRET, "--no-access-log", "--log-level", "warning"),
+                workdir / f"{node}.log", env=tc.child_env())
+            stack.callback(service.stop)
+            self.services.append(service)
+        for node in NODES:
+            tc.wait_until(lambda: self._alive() or tc.port_open(self.admin_ports[node]), 30, f"node {node}")
+        client = tc.Service("client", tc.tun2g_argv(
+            "client", "--server", f"127.0.0.1:{tunnel_ports['n1']}", "--plain", "--token", token,
+            "--domain", DOMAIN, "--backend", f"http://127.0.0.1:{nginx_port}", "--log-level", "warning"),
+            workdir / "client.log", env=tc.child_env())
+        stack.callback(client.stop)
+        self.services.append(client)
+        for node in NODES:  # every node sees the backend (n2 and n3 through Redis)
+            tc.wait_for_backends(self.admin_ports[node], DOMAIN, 1, 30, watch=self.services)
+        self.frontends = {"local": tc.free_port(), "remote": tc.free_port(), "balanced": tc.free_port()}
+        config = workdir / "haproxy.cfg"
+        config.write_text(HAPROXY_CONFIG.format(**self.frontends, **self.http_ports))
+        haproxy = tc.Service("haproxy", [tc.require_binary("haproxy"), "-db", "-f", str(config)],
+                             workdir / "haproxy.log")
+        stack.callback(haproxy.stop)
+        self.services.append(haproxy)
+        for port in self.frontends.values():
+            tc.wait_until(lambda: self._alive() or tc.port_open(port), 10, "haproxy")
+        self.redis = redis.Redis(port=self.redis_port)
+
+    def _alive(self) -> bool:
+        for service in self.services:
+            service.check_alive()
+        return False
+
+    def commandstats(self) -> dict:
+        return {name.removeprefix("cmdstat_"): values["calls"]
+                for name, values in self.redis.info("commandstats").items()}
+
+
+def measure(cluster: Cluster | None, name: str, port: int, connections: int, duration: float) -> Point:
+    before = cluster.commandstats() if cluster else {}
+    result = tc.run_wrk(port, DOMAIN, connections, duration)
+    if cluster is None:
+        return Point(name, result, 0.0, 0.0)
+    after = cluster.commandstats()
+    delta = {command: calls - before.get(command, 0) for command, calls in after.items() if command != "info"}
+    requests = max(1, result.requests)
+    return Point(name, result, sum(delta.values()) / requests, delta.get("zrangebyscore", 0) / requests)
+
+
+def table(points: list[Point], local: Point) -> str:
+    rows = [["path", "req/s", "vs local", "p50 ms", "p99 ms", "Redis cmds/req", "lookups/req", "errors"]]
+    for point in points:
+        rows.append([point.name, f"{point.wrk.requests_per_s:,.0f}",
+                     f"{point.wrk.requests_per_s / local.wrk.requests_per_s:.2f}", f"{point.wrk.p50_ms:.2f}",
+                     f"{point.wrk.p99_ms:.2f}", f"{point.redis_per_request:.4f}",
+                     f"{point.lookups_per_request:.5f}", point.wrk.errors or "-"])
+    return format_table(rows[0], rows[1:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 s per wrk run instead of 10 s")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each path is shown")
+    args = parser.parse_args()
+    duration = 3.0 if args.quick else 8.0
+    workdir = Path(tempfile.mkdtemp(prefix="tun2g-cluster-bench-"))
+    with ExitStack() as stack:
+        if args.keep:
+            print(f"logs in {workdir}")
+        else:
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        nginx_port = tc.free_port()
+        stack.callback(tc.start_nginx(workdir, nginx_port, "unused.bin").stop)
+        print("starting redis, 3 nodes, a client on n1, haproxy ...", flush=True)
+        cluster = Cluster(workdir, nginx_port, stack)
+        for port in cluster.frontends.values():  # warm every path (connections, lookup caches)
+            tc.run_wrk(port, DOMAIN, args.connections, 1)
+        points = [measure(None, "direct nginx", nginx_port, args.connections, duration)]
+        runs = {name: [] for name in ("local", "remote", "balanced")}
+        for round_number in range(args.rounds):  # interleaved, so drift on a shared machine hits all paths alike
+            for name in runs:
+                print(f"round {round_number + 1}: wrk -c {args.connections} via haproxy -> {name}", flush=True)
+                runs[name].append(measure(cluster, name, cluster.frontends[name], args.connections, duration))
+        points += [max(found, key=lambda point: point.wrk.requests_per_s) for found in runs.values()]
+        for service in cluster.services:
+            service.check_alive()
+    local, remote = points[1], points[2]
+    ratio = remote.wrk.requests_per_s / local.wrk.requests_per_s
+    print()
+    print(f"tun2g cluster, {args.connections} connections, best of {args.rounds} x {duration:g} s per path "
+          f"(local: backend on the node HAProxy picks; remote: forwarded n2 -> n1)")
+    print(table(points, local))
+    print()
+    print(f"target remote >= 0.60 x local req/s: {'MET' if ratio >= 0.6 else 'NOT MET'} ({ratio:.2f})")
+    print(f"target lookups/request local == 0: {'MET' if local.lookups_per_request == 0 else 'NOT MET'}; "
+          f"remote <= 1: {'MET' if remote.lookups_per_request <= 1 else 'NOT MET'} "
+          f"({remote.lookups_per_request:.5f}, cached)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
