@@ -18,6 +18,9 @@ from gevent.pool import Group
 from tests.fixtures.gopeers import PeerProcess
 from tun2g.smux import Config, Session, SessionClosedError, Stream
 
+# No single read or write in these tests may wait longer; a hang fails fast.
+STREAM_TIMEOUT = 20.0
+
 # Sizes around the 32768-byte default frame, plus empty and one byte.
 EDGE_SIZES = (0, 1, 32767, 32768, 32769, 4096)
 
@@ -82,6 +85,7 @@ def read_to_eof(stream: Stream) -> bytes:
 
 def echo_check(stream: Stream, data: bytes) -> str:
     """Send `data` while reading its echo (same length), then close; returns the echo's sha256."""
+    stream.settimeout(STREAM_TIMEOUT)
     writer = gevent.spawn(stream.sendall, data)
     try:
         echoed = read_exactly(stream, len(data))
@@ -106,10 +110,11 @@ def echo_streams(session: Session, sizes: list[int]) -> list[tuple[int, bool]]:
 
 def echo_forever(stream: Stream) -> None:
     """Echo everything until EOF, then close (what the Go echo peer does)."""
+    stream.settimeout(STREAM_TIMEOUT)
     try:
         while chunk := stream.recv(256 * 1024):
             stream.sendall(chunk)
-    except SessionClosedError:
+    except (SessionClosedError, TimeoutError):
         pass
     finally:
         stream.close()

@@ -76,3 +76,14 @@ def test_go_tun2_server_closes_session_on_wrong_token(go_peer, hello_backend):
     server.wait_for(r"REJECTED token=bad domain=lb.test")
     client.wait_for(r"SESSION-END")
     assert client.wait_exit() == 1
+
+
+def test_go_tun2_peers_speak_tls(go_peer, hello_backend, kcp_certs):
+    server = go_peer("tun2server", "--avoid-auth-race", "--token", "tok1", "--domain", "lb.test",
+                     "--cert", kcp_certs.cert_file, "--key", kcp_certs.key_file)
+    tunnel_port, http_port = server.wait_for(r"READY tunnel=(\d+) http=(\d+)").groups()
+    go_peer("tun2client", "--server", f"127.0.0.1:{tunnel_port}", "--tls", "--ca", kcp_certs.ca_file,
+            "--token", "tok1", "--domain", "lb.test", "--backend", hello_backend)
+    server.wait_for(r"REGISTERED domain=lb.test")
+    routed = requests.get(f"http://127.0.0.1:{http_port}/tls", headers={"Host": "lb.test"}, timeout=5)
+    assert (routed.status_code, routed.text) == (200, "hello /tls via lb.test")

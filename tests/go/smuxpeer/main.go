@@ -9,7 +9,8 @@
 //	        pseudo-random payload (sizes cycle through --sizes), read the echo
 //	        of the same length, compare sha256, then Close
 //	source  open --streams streams and write --bytes on each, then Close; the
-//	        bytes are pattern(--write-chunk) repeated (byte i = i % 251)
+//	        bytes are pattern(--write-chunk) repeated (byte i = i % 251); then
+//	        echo like echo mode until the session ends
 //	sink    accept --streams streams and read each to EOF
 //
 // Output lines on stdout (one event per line, for the tests to wait on):
@@ -94,7 +95,7 @@ func parseOptions() options {
 	flag.IntVar(&o.receiveBuffer, "receive-buffer", 4194304, "session receive budget")
 	flag.StringVar(&o.mode, "mode", "echo", "echo, silent, check, source or sink")
 	flag.IntVar(&o.streams, "streams", 1, "number of streams (check, source, sink)")
-	flag.IntVar(&o.parallel, "parallel", 0, "check: streams in flight at once (0 = all)")
+	flag.IntVar(&o.parallel, "parallel", 0, "check, source: streams in flight at once (0 = all)")
 	flag.StringVar(&sizes, "sizes", "1024", "check: comma-separated payload sizes, cycled over the streams")
 	flag.Int64Var(&o.bytesPerStream, "bytes", 1<<20, "source: bytes written on each stream")
 	flag.IntVar(&o.writeChunk, "write-chunk", 65536, "source: bytes per Write call")
@@ -302,8 +303,11 @@ func runSource(sess *smux.Session, o options) int {
 	chunk := pattern(o.writeChunk)
 	start := time.Now()
 	errs := make(chan error, o.streams)
+	slots := make(chan struct{}, o.parallel)
 	for i := 0; i < o.streams; i++ {
+		slots <- struct{}{}
 		go func() {
+			defer func() { <-slots }()
 			stream, err := sess.OpenStream()
 			if err != nil {
 				errs <- err
@@ -331,8 +335,9 @@ func runSource(sess *smux.Session, o options) int {
 		}
 	}
 	report(o.bytesPerStream*int64(o.streams), o.streams, time.Since(start))
-	// Let the peer drain what is still queued before the connection goes away.
-	sess.AcceptStream()
+	// Keep the session (and the process) until the peer ends it, so it can drain
+	// what is still queued; echo any stream it opens meanwhile.
+	serveEcho(sess)
 	return 0
 }
 
