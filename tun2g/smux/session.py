@@ -29,11 +29,13 @@ from .writer import FrameWriter
 # a reused buffer, see state.SessionState.receive).
 READ_BUFFER_SIZE = 128 * 1024
 
-# A stream holding more than half its backlog makes the reader wait this long for
-# its application to catch up before reading on. A reader that is merely scheduled
-# later than the reader greenlet then never trips the reset; a stream nobody reads
-# delays the others by at most about twice this, once, before it is reset.
-BACKLOG_GRACE = 0.25
+# A stream holding more than half its backlog makes the reader wait up to this long
+# for its application to catch up before reading on, so that a reader that is merely
+# scheduled later than the reader greenlet never trips the reset. A stream that does
+# not catch up in time gets no second grace (until it has caught up): a stuck stream
+# delays the others once, by this much, before it is reset. Keep it well under the
+# tun2 server's 1-s health-ping timeout.
+BACKLOG_GRACE = 0.1
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -257,14 +259,21 @@ class Session:
         return max(size, 1024)
 
     def _wait_for_backlogged(self, changed) -> None:
-        """Give streams past half their backlog a chance to be read before reading on."""
+        """Give streams past half their backlog one chance to be read before reading on."""
         soft_limit = self._state.backlog // 2
         deadline = None
         for stream_state in changed:
+            stream = stream_state.handle
+            if stream_state.buffered <= soft_limit:
+                stream._grace_spent = False
+                continue
+            if stream._grace_spent:
+                continue
+            deadline = deadline or _deadline(BACKLOG_GRACE)  # one grace for the whole chunk
             while stream_state.buffered > soft_limit and not self._closed:
-                deadline = deadline or _deadline(BACKLOG_GRACE)  # one grace for the whole chunk
                 self._drained.clear()
                 if not self._drained.wait(_remaining(deadline)):
+                    stream._grace_spent = True
                     break
 
     def _keepalive_loop(self) -> None:

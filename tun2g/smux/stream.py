@@ -28,6 +28,7 @@ class Stream:
         self._readable = Event()
         self._writable = Event()
         self._timeout: float | None = None
+        self._grace_spent = False  # the session's reader already waited once for this stream to catch up
 
     @property
     def id(self) -> int:
