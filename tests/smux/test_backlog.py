@@ -3,6 +3,7 @@
 import gc
 import os
 import socket
+import time
 
 import gevent
 import pytest
@@ -84,3 +85,21 @@ def test_sessions_leave_no_greenlets_behind(make_pair):
         pair.close()
     gevent.idle()
     assert _live_greenlets() <= before
+
+
+def test_a_stuck_stream_delays_the_others_only_once_and_briefly(make_pair):
+    pair = make_pair()  # v1 defaults: backlog 1 MiB, the reader waits for a stuck stream once
+    stuck = pair.client.open_stream()
+    stuck_on_server = pair.server.accept_stream(timeout=5)
+    serve_echo(pair.server)
+    pinger = pair.client.open_stream()
+    flood = gevent.spawn(stuck.sendall, b"f" * (8 << 20))
+    slowest = 0.0
+    with gevent.Timeout(10):
+        while not flood.ready() or stuck_on_server._state.reset_message is None:
+            started = time.monotonic()
+            pinger.sendall(b"ping")
+            assert pinger.recv(10) == b"ping"
+            slowest = max(slowest, time.monotonic() - started)
+    assert stuck_on_server._state.reset_message is not None
+    assert slowest < 0.6, f"a round trip took {slowest:.2f} s while another stream was stuck"
