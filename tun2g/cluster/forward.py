@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from tun2g.cluster.hop import HOP_HEADER, sign
-from tun2g.http import BackendPool, DownstreamError, UpstreamError, forward_exchange, simple_response
+from tun2g.errors import Tun2Error
+from tun2g.http import BackendPool, DownstreamError, HTTPError, UpstreamError, forward_exchange, simple_response
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body
 
@@ -46,15 +47,18 @@ class Forwarder:
             pool = self._pools[url] = BackendPool(url, connect_timeout=HOP_CONNECT_TIMEOUT)
         return pool
 
+    def _sign(self, head, request_id: str) -> None:
+        head.set(HOP_HEADER, sign(self.secret, origin=self.node_id, timestamp=int(time.time()), method=head.method,
+                                  host=head.host or "", target=head.target, request_id=request_id,
+                                  forwarded_for=head.get("X-Forwarded-For") or ""))
+
     def forward(self, head, reader, sock, nodes: list, request_id: str, on_unreachable) -> Outcome:
         """Send the request to one of `nodes` (tried in random order while they refuse connections).
 
         `on_unreachable(node)` is told about each node that cannot be reached.
         Failures before a response answer 502 like a broken tunnel does.
         """
-        head.set(HOP_HEADER, sign(self.secret, origin=self.node_id, timestamp=int(time.time()), method=head.method,
-                                  host=head.host or "", target=head.target, request_id=request_id,
-                                  forwarded_for=head.get("X-Forwarded-For") or ""))
+        self._sign(head, request_id)
         candidates = nodes if len(nodes) == 1 else random.sample(nodes, len(nodes))
         failures = []
         for node in candidates:
@@ -81,6 +85,38 @@ class Forwarder:
         log.warning("hop_unreachable", nodes="; ".join(failures), request_id=request_id)
         return _gateway_error(sock, head, request_id, "No cluster node holding this site's tunnel could be reached.",
                               "-")
+
+    def round_trip(self, head, body, nodes: list, request_id: str, on_unreachable):
+        """Like `forward`, for callers without sockets (WSGI, the requests adapter): a TunnelResponse.
+
+        Raises CantReadResponse / CantOpenSessionStream as a tunnel round trip does.
+        """
+        from tun2g.errors import CantOpenSessionStream, CantReadResponse
+        from tun2g.roundtrip import TunnelResponse, send_request
+
+        self._sign(head, request_id)
+        for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
+            pool = self._pool(node.url)
+            try:
+                upstream, upstream_reader = pool.acquire()
+            except OSError:
+                on_unreachable(node)
+                continue
+            try:
+                pump = send_request(upstream, head, body)
+                response = upstream_reader.read_response_head(head.method)
+                while 100 <= response.status < 200:
+                    response = upstream_reader.read_response_head(head.method)
+            except (OSError, HTTPError, Tun2Error) as exc:
+                pool.release(upstream, upstream_reader, False)
+                raise CantReadResponse(f"cluster node {node.node_id}: {exc}") from exc
+
+            def release(upstream=upstream, upstream_reader=upstream_reader, pool=pool, pump=pump):
+                done = upstream_reader.body_complete and (pump is None or pump.successful())
+                pool.release(upstream, upstream_reader, done and upstream_reader.keep_alive)
+
+            return TunnelResponse(response, upstream_reader, on_close=release)
+        raise CantOpenSessionStream("no cluster node holding this site's tunnel could be reached")
 
     def close(self) -> None:
         for pool in self._pools.values():

@@ -143,6 +143,27 @@ class Cluster:
         return self.forwarder.forward(head, reader, sock, nodes, request_id,
                                       on_unreachable=lambda node: self.registry.forget(domain))
 
+    def round_trip(self, head, body, request_id: str):
+        """`forward` for Server.round_trip callers: a TunnelResponse, or None when no node has a backend."""
+        from tun2g.http import ResponseHead
+        from tun2g.roundtrip import TunnelResponse
+
+        try:
+            domain = normalize_domain(head.host or "")
+            nodes = self.registry.lookup(domain)
+        except StorageError:
+            return None
+        except ClusterUnavailable:
+            page = gateway_error_body(503, "Service Unavailable", "This site's tunnel is not on this server, and the "
+                                      "cluster registry cannot be reached to find it. Retry shortly.", request_id)
+            return TunnelResponse(ResponseHead(503, "Service Unavailable", headers=[
+                ("Content-Type", HTML), ("Content-Length", str(len(page))), ("Retry-After", "1"),
+                ("X-Request-Id", request_id)]), body=page)
+        if not nodes:
+            return None
+        return self.forwarder.round_trip(head, body, nodes, request_id,
+                                         on_unreachable=lambda node: self.registry.forget(domain))
+
     def close(self) -> None:
         """Leave the cluster: this node's records are removed at once."""
         self.registry.close()

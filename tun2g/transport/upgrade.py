@@ -135,5 +135,28 @@ def serve(server, sock, leftover: bytes = b"", proto: str = "upgrade", own_socke
 
     `leftover` holds bytes the HTTP reader had already taken past the request.
     """
+    tcp.tune(sock)
     sock.sendall(SWITCHING_PROTOCOLS)
     server.handle_conn(UpgradedConnection(sock, leftover, own_socket), proto=proto)
+
+
+def is_tunnel_environ(environ) -> bool:
+    """`is_tunnel_request` for a WSGI environ."""
+    return (environ.get("REQUEST_METHOD") == "GET" and environ.get("PATH_INFO") == TUNNEL_PATH
+            and environ.get("HTTP_UPGRADE", "").strip().lower() == UPGRADE_TOKEN
+            and "upgrade" in environ.get("HTTP_CONNECTION", "").lower())
+
+
+def serve_wsgi(server, environ, start_response):
+    """The tunnel upgrade inside a WSGI app: takes over gunicorn's socket for the tunnel's lifetime."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        body = (b"tun2g: this WSGI server does not hand over its connections, so tunnel clients cannot connect "
+                b"here; run under gunicorn -k gevent, or use tun2g server's own HTTP front\n")
+        start_response("501 Not Implemented", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        return [body]
+    from gunicorn.workers.base_async import ALREADY_HANDLED
+
+    # gunicorn keeps reading its socket after we return: shut it down rather than close it under it.
+    serve(server, sock, b"", proto="upgrade", own_socket=False)
+    return ALREADY_HANDLED
