@@ -69,6 +69,10 @@ def round_trip(server, head: RequestHead, body=None) -> TunnelResponse:
     request_id = head.get("X-Request-Id") or uuid.uuid4().hex
     head.set("X-Request-Id", request_id)
     connection = server.route(head.host or "")
+    if connection is None and server.cluster is not None:
+        forwarded = server.cluster.round_trip(head, body, request_id)  # None: no other node has one either
+        if forwarded is not None:
+            return forwarded
     if connection is None:
         page = no_backends_body(head.host or "", request_id)
         return TunnelResponse(ResponseHead(502, "Bad Gateway", headers=[
@@ -83,7 +87,7 @@ def round_trip(server, head: RequestHead, body=None) -> TunnelResponse:
         connection.served += 1
 
     try:
-        pump = _send_request(stream, head, body)
+        pump = send_request(stream, head, body)
         reader = MessageReader(stream)
         try:
             response = reader.read_response_head(head.method)
@@ -103,7 +107,7 @@ def round_trip(server, head: RequestHead, body=None) -> TunnelResponse:
     return TunnelResponse(response, reader, on_close=finish)
 
 
-def _send_request(stream, head: RequestHead, body):
+def send_request(stream, head: RequestHead, body):
     """Write the request; a streamed body goes out from its own greenlet (full duplex)."""
     head.headers = forwardable_headers(head.headers)
     if body is None or isinstance(body, (bytes, bytearray, memoryview)):
