@@ -16,6 +16,7 @@ from tun2g.front import prepare_request
 from tun2g.http import RequestHead, forwardable_headers
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body
+from tun2g.transport import upgrade
 
 log = get_logger(__name__)
 
@@ -30,6 +31,8 @@ class WSGIFront:
         self.scheme = scheme
 
     def __call__(self, environ, start_response):
+        if upgrade.is_tunnel_environ(environ):  # a tunnel client on this port (--conn-type upgrade)
+            return upgrade.serve_wsgi(self.server, environ, start_response)
         head = request_head_from_environ(environ)
         request_id = head.get("X-Request-Id") or uuid.uuid4().hex
         prepare_request(head, request_id=request_id, peer_ip=environ.get("REMOTE_ADDR", "unknown"),
