@@ -75,7 +75,7 @@ class ServerSetup:
             running.admin_address = admin.address[:2]
             running.services.append(admin)
         log.info("listening", http=_fmt(running.http_address), tunnel=_fmt(running.tunnel_address),
-                 tunnel_tls=not self.plain_tunnel, kcp=_fmt(running.kcp_address),
+                 tunnel_tls=not self.plain_tunnel and running.tunnel_address is not None, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
         if cert is not None and not self.plain_tunnel and self.tls_cert is None:
             log.info("dev_certificate", cert=str(cert),
