@@ -227,3 +227,22 @@ def test_client_ignores_strangers_once_locked_onto_its_server(listener):
     accepted.sendall(b"good")  # the server's real sn 1
     assert recv_exactly(client, 4) == b"good"
     stranger.close()
+
+
+@pytest.mark.parametrize("options, size", [(KCPOptions(), 200_000), (KCPOptions.fast(), 4 * 1024 * 1024)],
+                         ids=["defaults", "fast"])
+def test_a_reader_that_stops_reading_stops_the_sender(listener, options, size):
+    server = listener(options)
+    client = kcp_dial("127.0.0.1", server.address[1], options)
+    payload = os.urandom(size)  # several receive windows' worth
+    sender = gevent.spawn(client.sendall, payload)
+    accepted = server.accept(timeout=5)
+    sender.join(timeout=1.0)  # an observation window, not synchronisation
+    assert not sender.ready(), "the sender was never held back by the receive window"
+    core = accepted._ikcp
+    assert core.nrcv_que <= options.rcv_wnd and core.nrcv_buf <= options.rcv_wnd  # memory stays bounded
+    started = time.monotonic()
+    assert recv_exactly(accepted, len(payload)) == payload
+    sender.get(timeout=5)
+    if options.nodelay:  # the reopened window is announced at once, not after a 7 s probe
+        assert time.monotonic() - started < 3
