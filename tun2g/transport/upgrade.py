@@ -15,6 +15,7 @@ platform's router, which then passes the upgraded connection through).
 from __future__ import annotations
 
 import socket
+import ssl
 
 from tun2g.log import get_logger
 from tun2g.transport import tcp, tls
@@ -68,12 +69,22 @@ class UpgradedConnection:
         self._leftover = leftover
         self._own_socket = own_socket
         self.sendall = sock.sendall
+        if not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg"):
+            self.sendmsg = sock.sendmsg  # gathered writes; TLS sockets refuse them
 
     def recv(self, size: int) -> bytes:
         if self._leftover:
             data, self._leftover = self._leftover[:size], self._leftover[size:]
             return data
         return self._sock.recv(size)
+
+    def recv_into(self, buffer, size: int = 0) -> int:
+        if self._leftover:
+            size = min(size or len(buffer), len(self._leftover))
+            buffer[:size] = self._leftover[:size]
+            self._leftover = self._leftover[size:]
+            return size
+        return self._sock.recv_into(buffer, size)
 
     def close(self) -> None:
         if self._own_socket:
@@ -85,6 +96,8 @@ class UpgradedConnection:
             pass
 
     def __getattr__(self, name):
+        if name == "sendmsg":
+            raise AttributeError(name)  # only where __init__ allowed it
         return getattr(self._sock, name)  # settimeout, getpeername, setsockopt, fileno ...
 
 
