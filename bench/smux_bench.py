@@ -1,21 +1,25 @@
-"""smux bulk throughput over loopback TCP: tun2g.smux against Go xtaci/smux and a raw-socket ceiling.
+"""smux over loopback TCP: tun2g.smux against Go xtaci/smux 1.5.16 and a raw-socket baseline.
 
-    python3 bench/smux_bench.py              # v1, 256 MiB per point, 1 and 64 streams, median of 3 (~40 s)
+    python3 bench/smux_bench.py              # v1, 256 MiB per point, median of 3 (~1 minute)
     python3 bench/smux_bench.py --version 2 --mib 128 --repeat 5
 
-Each case runs a sink (which listens and times from its first accepted stream
-to the last EOF) and a source (which dials, opens the streams and writes
---mib MiB in total, split evenly) as two separate processes:
+Every point runs two processes: a listening end and a dialling end (the
+dialler is the smux client and opens the streams). Python ends are
+bench/smux_bench_peers.py; Go ends are tests/go/smuxpeer, built from Debian's
+golang-github-xtaci-smux-dev.
 
-    raw socket     Python sockets, one TCP connection per stream; its 1-connection
-                   figure is the ceiling every "vs raw" ratio divides by (smux
-                   carries all its streams over one connection)
-    Python->Python tun2g.smux on both ends
-    Python->Go     tun2g.smux source, Go smuxpeer sink
-    Go->Python     Go smuxpeer source, tun2g.smux sink
-    Go->Go         Go smuxpeer on both ends: the reference
+Bulk table: the source writes --mib MiB split over 1 or 64 streams; the sink
+times from its first accepted stream to the last EOF.
 
-`peer ...` runs one Python end (used by the benchmark itself).
+    raw socket (Python)  one TCP connection per stream; its 1-connection figure
+                         is the ceiling every "vs raw" ratio divides by (smux
+                         carries all its streams over one connection)
+    Python -> Python     tun2g.smux on both ends
+    Python -> Go / Go -> Python / Go -> Go
+
+Small-message table (what a tunnel does per HTTP request): 64-byte round
+trips on one stream, and streams opened, echoed (64 B) and closed per second,
+one at a time and 64 at a time (raw: a new TCP connection each time).
 """
 
 from __future__ import annotations
@@ -27,146 +31,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == "__main__" and sys.argv[1:2] == ["peer"]:
-    # A Python end is a gevent program: patch before anything imports socket or threading.
-    from gevent import monkey
-    monkey.patch_all()
+from common import MIB, GoPeerUnavailable, PeerProcess, format_table, ratio, start_go_peer, start_python
 
-from common import (MIB, GoPeerUnavailable, PeerProcess, format_table, ratio, start_go_peer,  # noqa: E402
-                    start_python)
-
-SCRIPT = Path(__file__).resolve()
+PEERS = Path(__file__).resolve().parent / "smux_bench_peers.py"
 WRITE_CHUNK = 64 * 1024
-READ_BUFFER = 256 * 1024
-CASE_TIMEOUT = 120.0
+POINT_TIMEOUT = 120.0
+RTT_COUNT, CHURN_COUNT, CHURN_PARALLEL_COUNT = 5000, 2000, 6400
 
-
-# ------------------------------------------------------------------ the Python ends
-
-def run_peer(argv: list[str]) -> int:
-    """One Python end of a case, in its own process (gevent-patched)."""
-    parser = argparse.ArgumentParser(prog="smux_bench.py peer")
-    parser.add_argument("--kind", choices=["smux", "raw"], required=True)
-    parser.add_argument("--role", choices=["source", "sink"], required=True)
-    parser.add_argument("--dial", type=int, help="port on 127.0.0.1 to connect to (else listen)")
-    parser.add_argument("--streams", type=int, required=True)
-    parser.add_argument("--bytes", type=int, default=0, help="source: bytes per stream")
-    parser.add_argument("--version", type=int, default=1)
-    args = parser.parse_args(argv)
-    if args.kind == "raw":
-        return _raw_sink(args) if args.role == "sink" else _raw_source(args)
-    return _smux_peer(args)
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
-def _report(total: int, streams: int, started: float) -> None:
-    seconds = time.monotonic() - started
-    _say(f"RESULT bytes={total} streams={streams} seconds={seconds:.3f} mbps={total / seconds / 1e6:.1f}")
-
-
-def _listener():
-    import socket
-    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
-    _say(f"READY port={listener.getsockname()[1]}")
-    return listener
-
-
-def _nodelay(sock):
-    import socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _drain(conn) -> int:
-    """Read `conn` (socket or smux stream) to EOF; the byte count."""
-    buffer = memoryview(bytearray(READ_BUFFER))
-    total = 0
-    while count := conn.recv_into(buffer):
-        total += count
-    return total
-
-
-def _fill(conn, size: int) -> None:
-    chunk = bytes(i % 251 for i in range(WRITE_CHUNK))
-    view = memoryview(chunk)
-    while size > 0:
-        conn.sendall(view[:min(size, WRITE_CHUNK)])
-        size -= WRITE_CHUNK
-
-
-def _raw_sink(args) -> int:
-    import gevent
-    listener = _listener()
-    conns = [_nodelay(listener.accept()[0])]
-    started = time.monotonic()
-    conns += [_nodelay(listener.accept()[0]) for _ in range(args.streams - 1)]
-    jobs = [gevent.spawn(_drain, conn) for conn in conns]
-    gevent.joinall(jobs, raise_error=True)
-    _report(sum(job.value for job in jobs), args.streams, started)
-    return 0
-
-
-def _raw_source(args) -> int:
-    import socket
-
-    import gevent
-
-    def one() -> None:
-        with _nodelay(socket.create_connection(("127.0.0.1", args.dial))) as conn:
-            _fill(conn, args.bytes)
-            conn.shutdown(socket.SHUT_WR)
-            _drain(conn)  # the sink closes after reading everything
-
-    gevent.joinall([gevent.spawn(one) for _ in range(args.streams)], raise_error=True)
-    return 0
-
-
-def _smux_peer(args) -> int:
-    import socket
-
-    import gevent
-    from tun2g.smux import Config, Session
-
-    if args.dial:
-        sock = socket.create_connection(("127.0.0.1", args.dial))
-    else:
-        sock = _listener().accept()[0]
-    session = Session(sock, client=bool(args.dial), config=Config(version=args.version))
-    if args.role == "sink":
-        streams = [session.accept_stream()]
-        started = time.monotonic()
-        jobs = [gevent.spawn(_drain, streams[0])]
-        for _ in range(args.streams - 1):
-            jobs.append(gevent.spawn(_drain, session.accept_stream()))
-        gevent.joinall(jobs, raise_error=True)
-        _report(sum(job.value for job in jobs), args.streams, started)
-        session.close()
-        return 0
-
-    def one() -> None:
-        stream = session.open_stream()
-        _fill(stream, args.bytes)
-        stream.close()
-
-    gevent.joinall([gevent.spawn(one) for _ in range(args.streams)], raise_error=True)
-    session.wait_closed(CASE_TIMEOUT)  # the sink closes once it has everything
-    return 0
-
-
-# ------------------------------------------------------------------ the benchmark
 
 @dataclass
 class Case:
     name: str
-    sink: str  # "python-raw", "python" or "go"
-    source: str
+    listener: str  # "raw", "python" or "go"
+    dialler: str
 
 
+# The dialler opens the streams: it is the source in bulk points and the
+# client of the echoing listener in small-message points.
 CASES = [
-    Case("raw socket (Python)", "python-raw", "python-raw"),
+    Case("raw socket (Python)", "raw", "raw"),
     Case("Python -> Python", "python", "python"),
     Case("Python -> Go", "go", "python"),
     Case("Go -> Python", "python", "go"),
@@ -174,91 +57,146 @@ CASES = [
 ]
 
 
-def _start_end(kind: str, role: str, streams: int, per_stream: int, version: int,
-               dial: int | None) -> PeerProcess:
+def start_end(kind: str, role: str, version: int, dial: int | None = None, **options) -> PeerProcess:
+    """One end: `role` is a smux_bench_peers role; Go's smuxpeer gets the equivalent mode."""
     if kind == "go":
         where = ["--dial", f"127.0.0.1:{dial}"] if dial else ["--listen", "127.0.0.1:0"]
-        return start_go_peer("smuxpeer", *where, "--mode", role, "--streams", streams, "--bytes", per_stream,
-                             "--write-chunk", WRITE_CHUNK, "--version", version)
-    peer_kind = "raw" if kind == "python-raw" else "smux"
-    where = ["--dial", dial] if dial else []
-    return start_python(SCRIPT, "peer", "--kind", peer_kind, "--role", role, "--streams", streams,
-                        "--bytes", per_stream, "--version", version, *where)
+        mode, extra = {
+            "sink": ("sink", ["--streams", options.get("streams", 1)]),
+            "source": ("source", ["--streams", options.get("streams", 1), "--bytes", options.get("bytes", 0),
+                                  "--write-chunk", WRITE_CHUNK]),
+            "echo": ("echo", []),
+            "rtt": ("rtt", ["--count", options.get("count", 1), "--sizes", options.get("size", 64)]),
+            "churn": ("check", ["--streams", options.get("count", 1), "--parallel", options.get("parallel", 1),
+                                "--sizes", options.get("size", 64)]),
+        }[role]
+        return start_go_peer("smuxpeer", *where, "--version", version, "--mode", mode, *extra)
+    args = ["--kind", "raw" if kind == "raw" else "smux", "--role", role, "--version", version]
+    if dial:
+        args += ["--dial", dial]
+    for name, value in options.items():
+        args += [f"--{name}", value]
+    return start_python(PEERS, *args)
 
 
-def run_case(case: Case, streams: int, total: int, version: int) -> float:
-    """MB/s measured by the sink for `total` bytes over `streams` streams."""
-    per_stream = total // streams
-    sink = _start_end(case.sink, "sink", streams, per_stream, version, None)
-    source = None
+def run_point(case: Case, listener_role: str, dialler_role: str, result_pattern: str, version: int,
+              **options):
+    """Start the listener, then the dialler; the match of `result_pattern` in the reporting end's output."""
+    listener = start_end(case.listener, listener_role, version, **options)
+    dialler = None
     try:
-        port = int(sink.wait_for(r"READY port=(\d+)").group(1))
-        source = _start_end(case.source, "source", streams, per_stream, version, port)
-        result = sink.wait_for(r"RESULT bytes=(\d+) .*mbps=([\d.]+)", timeout=CASE_TIMEOUT)
-        received = int(result.group(1))
-        if received != per_stream * streams:
-            raise RuntimeError(f"{case.name}: the sink got {received} bytes, expected {per_stream * streams}")
-        source.wait_exit(timeout=30)
-        return float(result.group(2))
+        port = int(listener.wait_for(r"READY port=(\d+)").group(1))
+        dialler = start_end(case.dialler, dialler_role, version, dial=port, **options)
+        reporter = listener if listener_role == "sink" else dialler
+        return reporter.wait_for(result_pattern, timeout=POINT_TIMEOUT)
     finally:
-        for end in (source, sink):
+        for end in (dialler, listener):
             if end is not None:
                 end.stop()
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["peer"]:
-        return run_peer(argv[1:])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=256, help="MiB sent per case (default 256)")
-    parser.add_argument("--streams", type=int, default=64, help="the many-streams column (default 64)")
-    parser.add_argument("--version", type=int, choices=[1, 2], default=1, help="smux protocol version")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per point; the median is shown (default 3)")
-    args = parser.parse_args(argv)
+def bulk_mbps(case: Case, streams: int, total: int, version: int) -> float:
+    per_stream = total // streams
+    match = run_point(case, "sink", "source", r"RESULT bytes=(\d+) .*mbps=([\d.]+)", version,
+                      streams=streams, bytes=per_stream)
+    if int(match.group(1)) != per_stream * streams:
+        raise RuntimeError(f"{case.name}: the sink got {match.group(1)} bytes, expected {per_stream * streams}")
+    return float(match.group(2))
 
-    counts = [1, args.streams]
-    results: dict[str, list[float]] = {}
-    started = time.monotonic()
-    for case in CASES:
-        try:
-            results[case.name] = [
-                statistics.median(run_case(case, n, args.mib * MIB, args.version) for _ in range(args.repeat))
-                for n in counts]
-        except GoPeerUnavailable as error:
-            print(f"skipping {case.name}: {error}", file=sys.stderr)
-        print(f"  {case.name}: " + ", ".join(f"{v:.0f} MB/s" for v in results.get(case.name, [])),
-              file=sys.stderr, flush=True)
 
+def round_trip_us(case: Case, version: int) -> float:
+    match = run_point(case, "echo", "rtt", r"RTT count=\d+ seconds=[\d.]+ us=([\d.]+)", version,
+                      count=RTT_COUNT, size=64)
+    return float(match.group(1))
+
+
+def churn_per_second(case: Case, parallel: int, count: int, version: int) -> float:
+    pattern = r"(?:CHURN count=(\d+)|CHECK ok=(\d+) failed=0 ids=\S*) seconds=([\d.]+)"
+    match = run_point(case, "echo", "churn", pattern, version, count=count, parallel=parallel, size=64)
+    return count / float(match.group(3))
+
+
+def measure(results: dict, name: str, function, repeat: int) -> None:
+    """results[name] = [median of `repeat` runs of each point function]; skips cases lacking Go."""
+    try:
+        results[name] = [statistics.median(point() for _ in range(repeat)) for point in function]
+    except GoPeerUnavailable as error:
+        print(f"skipping {name}: {error}", file=sys.stderr)
+        return
+    print(f"  {name}: " + ", ".join(f"{value:.0f}" for value in results[name]), file=sys.stderr, flush=True)
+
+
+def bulk_table(results: dict, counts: list[int]) -> str:
     raw, go = results.get(CASES[0].name), results.get(CASES[-1].name)
     ceiling = raw[0] if raw else None
-    headers = ["case"] + [f"{n} stream{'s' * (n > 1)} MB/s" for n in counts] + \
-        [f"{n} vs raw 1-conn" for n in counts] + [f"{n} vs Go<->Go" for n in counts]
+    headers = (["case"] + [f"{n} stream{'s' * (n > 1)} MB/s" for n in counts]
+               + [f"{n} vs raw 1-conn" for n in counts] + [f"{n} vs Go<->Go" for n in counts])
+    rows = [[name] + [f"{v:.0f}" for v in values] + [ratio(v, ceiling) for v in values]
+            + [ratio(v, go[i] if go else None) for i, v in enumerate(values)]
+            for name, values in results.items()]
+    return format_table(headers, rows)
+
+
+def small_table(results: dict) -> str:
+    go = results.get(CASES[-1].name)
+    headers = ["case", "64 B round trip us", "streams/s, 1 at a time", "streams/s, 64 at a time",
+               "round trip vs Go<->Go", "streams/s vs Go<->Go (1 / 64)"]
     rows = []
-    for name, values in results.items():
-        rows.append([name] + [f"{v:.0f}" for v in values]
-                    + [ratio(v, ceiling) for v in values]
-                    + [ratio(v, go[i] if go else None) for i, v in enumerate(values)])
-    print(f"\nsmux v{args.version} bulk throughput over loopback TCP, {args.mib} MiB per point, "
-          f"median of {args.repeat} ({time.monotonic() - started:.0f} s)\n")
-    print(format_table(headers, rows))
-    print()
-    print(_targets(results, raw, go))
-    return 0
+    for name, (rtt, churn_one, churn_many) in results.items():
+        rows.append([name, f"{rtt:.1f}", f"{churn_one:.0f}", f"{churn_many:.0f}",
+                     ratio(go[0], rtt) if go else "-",  # lower is better: Go's time over ours
+                     f"{ratio(churn_one, go[1] if go else None)} / {ratio(churn_many, go[2] if go else None)}"])
+    return format_table(headers, rows)
 
 
-def _targets(results: dict[str, list[float]], raw, go) -> str:
-    lines = ["targets (the other processes on this machine move every figure; rerun when it is idle):"]
-    python_single = results.get("Python -> Python", [None])[0]
+def targets(bulk: dict) -> str:
+    raw, go = bulk.get(CASES[0].name), bulk.get(CASES[-1].name)
+    lines = ["targets (other processes on the machine move every figure; rerun when it is idle):"]
+    python_single = bulk.get("Python -> Python", [None])[0]
     if python_single and raw:
         share = python_single / raw[0]
-        lines.append(f"  one Python stream >= 50% of raw socket: {share:.0%} "
-                     f"({'met' if share >= 0.5 else 'MISSED'})")
+        lines.append(f"  one Python stream >= 50% of raw socket: {share:.0%} ({'met' if share >= 0.5 else 'MISSED'})")
     for name in ("Python -> Go", "Go -> Python"):
-        if name in results and go:
-            shares = [v / g for v, g in zip(results[name], go)]
+        if name in bulk and go:
+            shares = [v / g for v, g in zip(bulk[name], go)]
             verdict = "met" if min(shares) >= 1 / 3 else "MISSED"
             lines.append(f"  {name} >= Go<->Go / 3: " + ", ".join(f"{s:.2f}" for s in shares) + f" ({verdict})")
     return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=256, help="MiB sent per bulk point (default 256)")
+    parser.add_argument("--streams", type=int, default=64, help="the many-streams bulk column (default 64)")
+    parser.add_argument("--version", type=int, choices=[1, 2], default=1, help="smux protocol version")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per point; the median is shown (default 3)")
+    parser.add_argument("--skip-small", action="store_true", help="only the bulk table")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    counts = [1, args.streams]
+    bulk: dict[str, list[float]] = {}
+    for case in CASES:
+        measure(bulk, case.name, [lambda n=n: bulk_mbps(case, n, args.mib * MIB, args.version) for n in counts],
+                args.repeat)
+    small: dict[str, list[float]] = {}
+    if not args.skip_small:
+        for case in CASES:
+            measure(small, case.name, [lambda: round_trip_us(case, args.version),
+                                       lambda: churn_per_second(case, 1, CHURN_COUNT, args.version),
+                                       lambda: churn_per_second(case, 64, CHURN_PARALLEL_COUNT, args.version)],
+                    args.repeat)
+
+    print(f"\nsmux v{args.version} over loopback TCP, median of {args.repeat} "
+          f"({time.monotonic() - started:.0f} s in all)\n")
+    print(f"Bulk, {args.mib} MiB per point:\n")
+    print(bulk_table(bulk, counts))
+    if small:
+        print(f"\nSmall messages ({RTT_COUNT} round trips; {CHURN_COUNT} and {CHURN_PARALLEL_COUNT} streams):\n")
+        print(small_table(small))
+    print()
+    print(targets(bulk))
+    return 0
 
 
 if __name__ == "__main__":

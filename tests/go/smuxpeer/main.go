@@ -12,6 +12,8 @@
 //	        bytes are pattern(--write-chunk) repeated (byte i = i % 251); then
 //	        echo like echo mode until the session ends
 //	sink    accept --streams streams and read each to EOF
+//	rtt     open one stream and do --count round trips of a --sizes[0]-byte
+//	        message (write it, read its echo)
 //
 // Output lines on stdout (one event per line, for the tests to wait on):
 //
@@ -21,6 +23,7 @@
 //	FAIL id=N reason        a check failed
 //	CHECK ok=N failed=M ids=3,5,... seconds=S
 //	RESULT bytes=N streams=S seconds=T mbps=X
+//	RTT count=N seconds=T us=X
 //	SESSION-END err         the session died (AcceptStream returned err)
 //
 // A line "close" on stdin closes every session (Session.Close).
@@ -58,6 +61,7 @@ type options struct {
 	streams, parallel int
 	sizes             []int
 	bytesPerStream    int64
+	count             int
 	writeChunk        int
 }
 
@@ -99,6 +103,7 @@ func parseOptions() options {
 	flag.StringVar(&sizes, "sizes", "1024", "check: comma-separated payload sizes, cycled over the streams")
 	flag.Int64Var(&o.bytesPerStream, "bytes", 1<<20, "source: bytes written on each stream")
 	flag.IntVar(&o.writeChunk, "write-chunk", 65536, "source: bytes per Write call")
+	flag.IntVar(&o.count, "count", 1000, "rtt: round trips")
 	flag.Parse()
 
 	if (o.listen == "") == (o.dial == "") {
@@ -188,6 +193,8 @@ func runMode(sess *smux.Session, o options) int {
 		return runSource(sess, o)
 	case "sink":
 		return runSink(sess, o)
+	case "rtt":
+		return runRTT(sess, o)
 	}
 	fail("unknown --mode %q", o.mode)
 	return 2
@@ -367,6 +374,32 @@ func runSink(sess *smux.Session, o options) int {
 		total += <-totals
 	}
 	report(total, o.streams, time.Since(start))
+	sess.Close()
+	return 0
+}
+
+func runRTT(sess *smux.Session, o options) int {
+	stream, err := sess.OpenStream()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "smuxpeer: open: %v\n", err)
+		return 1
+	}
+	message := payload(0, o.sizes[0])
+	echo := make([]byte, len(message))
+	start := time.Now()
+	for i := 0; i < o.count; i++ {
+		if _, err := stream.Write(message); err != nil {
+			fmt.Fprintf(os.Stderr, "smuxpeer: rtt write: %v\n", err)
+			return 1
+		}
+		if _, err := io.ReadFull(stream, echo); err != nil {
+			fmt.Fprintf(os.Stderr, "smuxpeer: rtt read: %v\n", err)
+			return 1
+		}
+	}
+	elapsed := time.Since(start).Seconds()
+	say("RTT count=%d seconds=%.3f us=%.1f", o.count, elapsed, elapsed/float64(o.count)*1e6)
+	stream.Close()
 	sess.Close()
 	return 0
 }
