@@ -223,3 +223,10 @@ def test_http10_request_keep_alive_and_version():
     events = feed(True, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
     assert events[0].head.version == "HTTP/1.0" and events[0].keep_alive
     assert not feed(True, b"GET / HTTP/1.0\r\n\r\n")[0].keep_alive
+
+
+def test_chunked_trailers_do_not_leak_into_the_head():
+    events = feed(True, b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\nHost: evil\r\nX-Trailer: t\r\n\r\n")
+    assert events[0].head.headers == [("Host", "h"), ("Transfer-Encoding", "chunked")]
+    assert events[1:] == [b"abc", END]

@@ -236,6 +236,7 @@ class MessageParser:
                 keep_alive = False
         self._framing = framing
         self._last_head = event = HeadEvent(head, framing, keep_alive, upgrade)
+        self._headers = []  # llhttp reports chunked trailers through on_header too: keep them off the head
         self.events.append(event)
         if self.request_method == "HEAD" and not self.is_request and head.status >= 200:
             self.events.append(END)
