@@ -1,7 +1,20 @@
 """HTTP/1.1 on socket-like objects: heads, streamed bodies, one proxied exchange, a backend pool.
 
 The parsing and encoding are sans-I/O (``heads``, ``parser``, ``encode``); the
-gevent drivers (``reader``, ``relay``, ``pool``) only move bytes.
+gevent drivers (``reader``, ``relay``, ``pool``) only move bytes. A proxy loop::
+
+    reader = MessageReader(public_sock)
+    while (head := reader.read_request_head()) is not None:   # HTTPError -> answer exc.status
+        ...rewrite head...
+        try:
+            result = forward_exchange(head, reader, upstream, public_sock,
+                                      upstream_reader=upstream_reader)
+        except UpstreamError:      # nothing final went to the client yet
+            public_sock.sendall(simple_response(502, b"bad gateway\\n", close=True)); break
+        except DownstreamError:    # the client went away: drop the upstream
+            break
+        if not result.keep_alive:
+            break
 """
 
 from .encode import (LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head, simple_response,
@@ -10,11 +23,11 @@ from .heads import HOP_BY_HOP, HTTPError, RequestHead, ResponseHead, forwardable
 from .parser import CHUNKED, UNTIL_CLOSE, MessageParser
 from .pool import BackendPool
 from .reader import MessageReader
-from .relay import DownstreamError, ExchangeResult, UpstreamError, forward_exchange
+from .relay import DownstreamError, ExchangeResult, UpstreamError, forward_exchange, send_all
 
 __all__ = [
     "BackendPool", "CHUNKED", "DownstreamError", "ExchangeResult", "HOP_BY_HOP", "HTTPError", "LAST_CHUNK",
     "MessageParser", "MessageReader", "RequestHead", "ResponseHead", "UNTIL_CLOSE", "UpstreamError",
     "encode_chunk", "encode_request_head", "encode_response_head", "forward_exchange", "forwardable_headers",
-    "simple_response", "strip_hop_by_hop", "write_request_head", "write_response_head",
+    "send_all", "simple_response", "strip_hop_by_hop", "write_request_head", "write_response_head",
 ]
