@@ -142,7 +142,10 @@ class RedisRegistry:
     def _sync_loop(self) -> None:
         while not self._closed.is_set():
             self._changed.clear()
-            self.publish_now()
+            try:
+                self.publish_now()
+            except Exception as exc:  # a bug must not silently end this node's membership
+                log.error("registry_refresh_failed", error=repr(exc))
             self._changed.wait(self.ttl / 3)  # the refresh cadence, or sooner on a change
 
     def publish_now(self) -> bool:
@@ -307,6 +310,10 @@ class RedisRegistry:
             except (redis.RedisError, OSError) as exc:
                 self.outage.failed(exc)
                 self._closed.wait(delay)  # reconnect backoff
+                delay = min(self.ttl / 3, delay * 2)
+            except Exception as exc:  # a bad message or a bug: log it, resubscribe
+                log.error("registry_listener_failed", error=repr(exc))
+                self._closed.wait(delay)
                 delay = min(self.ttl / 3, delay * 2)
             finally:
                 pubsub.close()
