@@ -117,6 +117,9 @@ class KCPConnection:
         self._error: OSError | None = None
         self._read_shut = self._write_shut = False
         self._closed = False
+        self._input_since_tick = False
+        self._parked = False
+        self._unpark = Event()
         self._una_flushed = 0
         self._last_input = time.monotonic()
         self.datagrams_dropped = 0
@@ -237,6 +240,8 @@ class KCPConnection:
             piece = view[queued : queued + mss]
             core.send(piece)
             queued += len(piece)
+        if queued and self._parked:
+            self._unpark.set()  # retransmission timers are needed again
         return queued
 
     def _pull(self, wanted: int) -> bool:
@@ -279,6 +284,9 @@ class KCPConnection:
         self._ikcp.current = _now_ms()
         if self._ikcp.receive_data(kcp_bytes) == 0:
             self._last_input = time.monotonic()
+            self._input_since_tick = True
+            if self._parked:
+                self._unpark.set()
 
     def _after_input(self) -> None:
         """kcp-go's post-input rules: flush if the send window slid (or ack_nodelay), wake waiters."""
@@ -293,20 +301,35 @@ class KCPConnection:
             self._writable.set()
 
     def _run_timers(self) -> None:
+        """Drive ikcp's clock: tick as ``check()`` asks while there is work, park while idle.
+
+        Idle means nothing unacknowledged, no input since the last tick (so no
+        ACK is owed) and an open remote window (so no probe is due). A parked
+        connection costs no wake-ups; input or a write unparks it.
+        """
         core = self._ikcp
-        idle_timeout = self._options.idle_timeout
         while self._error is None:
             now = _now_ms()
             core.update(now)
             self._una_flushed = core.snd_una
             if core.waitsnd() < min(core.snd_wnd, core.rmt_wnd):
                 self._writable.set()
-            if idle_timeout is not None and time.monotonic() - self._last_input > idle_timeout:
+            silence = time.monotonic() - self._last_input
+            idle_timeout = self._options.idle_timeout
+            if idle_timeout is not None and silence > idle_timeout:
                 self._stop(ConnectionResetError(
                     f"KCP peer {self._peer} sent nothing for {idle_timeout:g} s: it is gone or unreachable;"
                     " dial again"))
                 return
-            gevent.sleep(((core.check(now) - now) & 0xFFFFFFFF) / 1000)
+            busy = self._input_since_tick or core.waitsnd() > 0 or core.rmt_wnd == 0
+            self._input_since_tick = False
+            if busy:
+                gevent.sleep(((core.check(now) - now) & 0xFFFFFFFF) / 1000)
+            else:
+                self._parked = True
+                self._unpark.clear()
+                self._unpark.wait(None if idle_timeout is None else idle_timeout - silence)
+                self._parked = False
 
     # ---- lifecycle ---------------------------------------------------------
 
