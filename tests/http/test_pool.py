@@ -2,13 +2,14 @@
 
 import socket
 
+import gevent
 import pytest
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
 from tun2g.http import BackendPool, MessageReader, UpstreamError
 
-from .support import wait_for
+from .support import read_request, wait_for
 
 
 @pytest.mark.parametrize("backend, target, joined", [
@@ -142,3 +143,39 @@ def test_https_backend_verified_with_ca_file_and_insecure_mode(kcp_certs):
     finally:
         server.stop()
 
+
+
+def test_pool_keeps_as_many_connections_as_were_busy_at_once(raw_backend):
+    backend = CountingBackend(raw_backend)
+    pool = BackendPool(f"http://127.0.0.1:{backend.port}")
+    for _ in range(2):
+        held = [pool.acquire() for _ in range(40)]
+        for sock, reader in held:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert reader.read_response_head("GET").status == 200 and reader.read_body() == b"ok"
+        for sock, reader in held:
+            pool.release(sock, reader, True)
+    assert backend.connections == 40
+    pool.close()
+
+
+def test_ipv6_literal_backend(raw_backend):
+    try:
+        probe = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = probe.getsockname()[1]
+
+    def serve_one():
+        conn, _ = probe.accept()
+        read_request(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nv6")
+        conn.close()
+    server = gevent.spawn(serve_one)
+    pool = BackendPool(f"http://[::1]:{port}/")
+    sock, reader = pool.acquire()
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert reader.read_response_head("GET").status == 200 and reader.read_body() == b"v6"
+    pool.release(sock, reader, False)
+    server.join(timeout=5)
+    probe.close()

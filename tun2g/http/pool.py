@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import select
 import socket as stdlib_socket
 from typing import Callable
@@ -18,10 +19,15 @@ _poll = monkey.get_original("select", "poll")
 
 
 class BackendPool:
-    """Dials ``url``'s host (TCP_NODELAY, TLS for https) and keeps idle keep-alive connections for reuse."""
+    """Dials ``url``'s host (TCP_NODELAY, TLS for https) and keeps idle keep-alive connections for reuse.
+
+    The pool only grows to the peak number of concurrent exchanges; ``max_idle``
+    caps what it keeps. Keep it above the expected concurrency: a smaller cap
+    makes busy periods close and re-dial connections for every request.
+    """
 
     def __init__(self, url: str, *, tls_verify: bool = True, ca_file: str | None = None,
-                 connect_timeout: float = 5.0, max_idle: int = 32) -> None:
+                 connect_timeout: float = 5.0, max_idle: int = 256) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"backend URL {url!r} must look like http://host:port or https://host/path")
@@ -31,6 +37,7 @@ class BackendPool:
         self.path_prefix = parts.path
         self.query = parts.query
         self.address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        self._ip_family = _ip_family(parts.hostname)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: list[tuple[object, MessageReader]] = []
@@ -67,7 +74,7 @@ class BackendPool:
             if _still_idle(sock):
                 return sock, reader
             sock.close()
-        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        sock = self._dial()
         try:
             sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
             if self._tls is not None:
@@ -102,6 +109,19 @@ class BackendPool:
             finally:
                 self.release(sock, reader, reusable)
 
+    def _dial(self):
+        if self._ip_family is None:
+            return socket.create_connection(self.address, timeout=self.connect_timeout)
+        # An IP literal needs no resolver round trip (gevent's resolver runs in a thread pool).
+        sock = socket.socket(self._ip_family, stdlib_socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect(self.address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def release(self, sock, reader: MessageReader, reusable: bool) -> None:
         """Give a connection back: kept for reuse when ``reusable`` and there is room, else closed."""
         if reusable and not self._closed and len(self._idle) < self.max_idle and reader.idle:
@@ -115,6 +135,13 @@ class BackendPool:
         idle, self._idle = self._idle, []
         for sock, _ in idle:
             sock.close()
+
+
+def _ip_family(host: str):
+    try:
+        return stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
+    except ValueError:
+        return None  # a name: resolve it at each dial
 
 
 def _still_idle(sock) -> bool:
