@@ -24,6 +24,7 @@ import os  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -33,7 +34,8 @@ from gevent.server import StreamServer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fixtures.gopeers import PeerProcess, build_go_binary  # noqa: E402
-from tests.fixtures.kcp import LossyRelay  # noqa: E402
+from tests.fixtures.kcp import LossyRelay, make_cert_set  # noqa: E402
+from tun2g.transport import memtls  # noqa: E402
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial  # noqa: E402
 
 CHUNK = 65536
@@ -169,6 +171,24 @@ class TCPPair:
         self.server.stop(timeout=1)
 
 
+class TLSOverKCPPair(KCPPair):
+    """KCPPair with TLS inside KCP (tun2's kcp conn type), certificates made for the run."""
+
+    def __init__(self, options: KCPOptions, handler):
+        self.certs_dir = tempfile.TemporaryDirectory(prefix="kcp-bench-certs-")
+        certs = make_cert_set(Path(self.certs_dir.name))
+        server_context = memtls.server_context(certs.cert_file, certs.key_file)
+        self.client_context = memtls.client_context(ca_file=certs.ca_file)
+        super().__init__(options, lambda conn: handler(memtls.wrap(conn, server_context, server_side=True)))
+
+    def dial(self):
+        return memtls.wrap(super().dial(), self.client_context, server_side=False, server_hostname="localhost")
+
+    def close(self) -> None:
+        super().close()
+        self.certs_dir.cleanup()
+
+
 def measure(pair, size: int | None = None, echoes: int | None = None):
     """MB/s for `size` bytes, or (p50, p99) ms of `echoes` round trips; always closes the pair."""
     conn = pair.dial()
@@ -219,6 +239,8 @@ def main() -> None:
     rows = [
         ("TCP loopback (gevent, both ends here)", lambda: measure(TCPPair(serve_bulk), size=big)),
         ("tun2g KCP fast <-> tun2g KCP fast", lambda: measure(KCPPair(fast, serve_bulk), size=big)),
+        ("tun2g TLS over KCP fast (tun2's layout)",
+         lambda: measure(TLSOverKCPPair(fast, serve_bulk), size=big)),
         ("tun2g KCP defaults <-> tun2g KCP defaults", lambda: measure(KCPPair(defaults, serve_bulk), size=small)),
         ("Go kcp-go defaults <-> Go kcp-go defaults", lambda: go_bulk(small)),
         ("tun2g KCP fast -> Go kcp-go defaults", lambda: go_bulk(small, fast)),
