@@ -37,8 +37,8 @@ def echo_forever(conn):
 def listener():
     listeners = []
 
-    def start(options=KCPOptions(), **kwargs):
-        listeners.append(KCPListener("127.0.0.1", 0, options, **kwargs))
+    def start(options=KCPOptions(), host="127.0.0.1", **kwargs):
+        listeners.append(KCPListener(host, 0, options, **kwargs))
         return listeners[-1]
 
     yield start
@@ -264,3 +264,17 @@ def test_idle_connections_cost_no_cpu(listener):
     assert used < 0.04, f"400 idle KCP ends used {used:.0%} of a core"
     for client in clients:
         client.close()
+
+
+def test_ipv6_loopback(listener):
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    try:
+        server = listener(host="::1")
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    client = kcp_dial("::1", server.address[1])
+    client.sendall(b"six")
+    accepted = server.accept(timeout=5)
+    assert recv_exactly(accepted, 3) == b"six"
+    assert accepted.getpeername()[:2] == ("::1", client.getsockname()[1])
