@@ -120,3 +120,35 @@ def test_redis_down_local_backends_keep_working_remote_ones_get_503(two_nodes, r
     redis_server.start()
     wait_until(lambda: get(b).status_code == 200, timeout=10, message="b forwarding again after Redis came back")
     assert json.loads(json.dumps([x.node for x in b.server.get_all_backends()])) == ["a"]
+
+
+def test_a_websocket_is_spliced_through_the_hop(cluster_node, websocket_backend, start_client):
+    import websocket
+
+    a, b = cluster_node("a"), cluster_node("b")
+    start_client(a.client_config(a.grant(), websocket_backend))
+    wait_until(lambda: b.server.get_all_backends() != [], message="a's backend listed on b")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{b.running.http_address[1]}/chat",
+                                     header=[f"Host: {DOMAIN}"], host=DOMAIN, timeout=10)
+    try:
+        for text in ("hello", "through two nodes", "x" * 300):
+            ws.send(text)
+            assert ws.recv() == text
+    finally:
+        ws.close()
+
+
+def test_an_unreachable_holder_is_skipped_for_a_live_one(two_nodes, redis_server, closed_port_url):
+    from tests.fixtures.cluster import backend_record
+    from tun2g.cluster.registry import RedisRegistry
+
+    _a, b, _app, _client = two_nodes
+    ghost = RedisRegistry(redis_server.url, "ghost", closed_port_url, snapshot=lambda: [
+        backend_record("g1", DOMAIN, node="ghost")], on_kill=lambda backend_id: None)
+    try:
+        assert ghost.publish_now()  # a crashed node whose records have not expired yet
+        wait_until(lambda: {x.node for x in b.server.get_all_backends()} == {"a", "ghost"})
+        for _ in range(20):  # random order: the ghost is met first about half the time
+            assert get(b).status_code == 200
+    finally:
+        ghost.close()
