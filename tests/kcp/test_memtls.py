@@ -123,3 +123,17 @@ def test_garbage_instead_of_a_client_hello_fails_cleanly(tls_server):
     junk.sendall(b"GET / HTTP/1.1\r\nHost: not-tls\r\n\r\n")
     failure = outcomes.get(timeout=5)
     assert isinstance(failure, memtls.TLSError) and "handshake failed" in str(failure)
+
+
+def test_close_does_not_wait_for_a_writer_stuck_on_a_silent_peer(tls_server, kcp_certs):
+    port, outcomes = tls_server
+    client = dial_tls(port, kcp_certs)
+    server = outcomes.get(timeout=5)  # it never reads: its receive window fills up
+    writer = gevent.spawn(client.sendall, b"x" * 20_000_000)
+    writer.join(timeout=0.5)  # an observation window: the writer must be stuck by now
+    assert not writer.ready()
+    closer = gevent.spawn(client.close)
+    closer.get(timeout=2)
+    with pytest.raises(OSError):
+        writer.get(timeout=2)
+    server.close()

@@ -234,11 +234,13 @@ class TLSConnection:
             self._output_lock.release()
 
     def _close_notify(self) -> None:
+        # Best effort and never blocking: a writer stuck on a dead peer holds the
+        # output lock, and closing the transport is what frees it.
         try:
             self._tls.shutdown()
-            self._send_output()
+            self._send_output(wait=False)
         except (SSL.Error, OSError):
-            pass  # the peer may be gone; closing must not fail because of it
+            pass
 
 
 def _describe(exc: SSL.Error) -> str:
