@@ -1,8 +1,9 @@
 """A smux session over any socket-like transport, driven by gevent greenlets.
 
-Three greenlets per session: the reader (transport -> SessionState -> wake streams),
-the writer (writer.FrameWriter) and the keepalive ticker. All protocol rules live in
-state.py; this module only moves bytes and wakes waiters.
+One greenlet per session reads (transport -> SessionState -> wake streams); a writer
+greenlet (writer.FrameWriter) exists while there is something to send; keepalive runs
+on two hub timers. All protocol rules live in state.py; this module only moves bytes
+and wakes waiters.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Session:
             self._version_known.set()
         self._writer = FrameWriter(transport, config.max_frame_size, config.version, self._on_write_error)
         self._reader = gevent.spawn(self._read_loop)
-        self._keepalive = None if config.keepalive_disabled else gevent.spawn(self._keepalive_loop)
+        self._timers = [] if config.keepalive_disabled else self._start_keepalive()
 
     # --- public API ----------------------------------------------------------------
 
@@ -101,7 +102,7 @@ class Session:
     @property
     def greenlets(self) -> list[gevent.Greenlet]:
         """The session's own greenlets (all dead once it is closed); for leak checks."""
-        return [g for g in (self._reader, self._writer.greenlet, self._keepalive) if g is not None]
+        return [g for g in (self._reader, self._writer.greenlet) if g is not None]
 
     @property
     def transport(self):
@@ -179,10 +180,10 @@ class Session:
             return
         self._closed = True
         self._close_reason = reason
-        current = gevent.getcurrent()
-        for greenlet in (self._reader, self._keepalive):
-            if greenlet is not None and greenlet is not current:
-                greenlet.kill(block=False)
+        if self._reader is not gevent.getcurrent():
+            self._reader.kill(block=False)
+        for timer in self._timers:
+            timer.close()
         self._writer.close()
         try:
             self._transport.close()
@@ -276,33 +277,29 @@ class Session:
                     stream._grace_spent = True
                     break
 
-    def _keepalive_loop(self) -> None:
+    def _start_keepalive(self) -> list:
+        """Go's two tickers, as hub timers: a NOP every interval, a liveness check every timeout."""
+        loop = gevent.get_hub().loop
         interval, timeout = self.config.keepalive_interval, self.config.keepalive_timeout
-        decoder = self._state.decoder
-        now = time.monotonic()
-        next_ping, next_check = now + interval, now + timeout
-        headers_seen = decoder.headers_decoded
-        while True:
-            gevent.sleep(max(0.0, min(next_ping, next_check) - time.monotonic()))
-            now = time.monotonic()
-            if now >= next_ping:
-                if self._writer.version is not None:
-                    self._writer.send_control(NOP, 0)
-                next_ping = _next_tick(next_ping, interval, now)
-            if now >= next_check:
-                # Go: close when no header arrived during a whole period, unless we
-                # stopped reading ourselves (budget spent).
-                if decoder.headers_decoded == headers_seen and self._state.budget > 0:
-                    self._die(SessionClosedError(f"keepalive timeout: nothing received in {timeout:g} s"))
-                    return
-                headers_seen = decoder.headers_decoded
-                next_check = _next_tick(next_check, timeout, now)
+        self._headers_at_last_check = self._state.decoder.headers_decoded
+        ping, check = loop.timer(interval, interval), loop.timer(timeout, timeout)
+        ping.start(self._on_ping_tick)
+        check.start(self._on_check_tick)
+        return [ping, check]
 
+    def _on_ping_tick(self) -> None:
+        # Runs in the hub: only queue (the writer greenlet does the sending).
+        if self._writer.version is not None:
+            self._writer.send_control(NOP, 0)
 
-def _next_tick(previous: float, period: float, now: float) -> float:
-    """The next tick of a ticker; after a stall it restarts from now instead of firing in a burst."""
-    following = previous + period
-    return following if following > now else now + period
+    def _on_check_tick(self) -> None:
+        # Go: close when no header arrived during a whole period, unless we stopped
+        # reading ourselves (budget spent). Runs in the hub, so the closing is spawned.
+        headers = self._state.decoder.headers_decoded
+        if headers == self._headers_at_last_check and self._state.budget > 0 and not self._closed:
+            timeout = self.config.keepalive_timeout
+            gevent.spawn(self._die, SessionClosedError(f"keepalive timeout: nothing received in {timeout:g} s"))
+        self._headers_at_last_check = headers
 
 
 def _set_nodelay(transport) -> None:

@@ -39,7 +39,7 @@ class WriteRequest:
 
 
 class FrameWriter:
-    """Queues frames and sends them from its own greenlet.
+    """Queues frames and sends them from its own greenlet, which lives only while there is work.
 
     Control frames (SYN, NOP, UPD) overtake queued data, as in Go's priority shaper.
     PSH payloads and FINs share one FIFO so a stream's FIN never overtakes its data.
@@ -57,18 +57,18 @@ class FrameWriter:
         self._on_error = on_error
         self._control: deque[tuple] = deque()
         self._data: deque[WriteRequest] = deque()
-        self._pending = Event()
         self._version_known = Event()
         self._in_flight: list[WriteRequest] = []  # taken into the batch being sent
         self.version = None
         self.closed = False
+        # Spawned on demand: an idle session then costs no writer greenlet (~8 KiB).
+        self._greenlet: gevent.Greenlet | None = None
         if version is not None:
             self.set_version(version)
-        self._greenlet = gevent.spawn(self._run)
 
     @property
-    def greenlet(self) -> gevent.Greenlet:
-        """The writer greenlet (dead once the session is closed)."""
+    def greenlet(self) -> gevent.Greenlet | None:
+        """The writer greenlet while it has work (None when idle; dead or None once closed)."""
         return self._greenlet
 
     def set_version(self, version: int) -> None:
@@ -83,7 +83,7 @@ class FrameWriter:
         if cmd == NOP and any(queued[0] == NOP for queued in self._control):
             return  # a keepalive already waits; Go drops the extra one too
         self._control.append((cmd, sid, value))
-        self._pending.set()
+        self._start()
 
     def send_data(self, sid: int, payload) -> WriteRequest:
         """Queue payload bytes (or, with payload None, a FIN) behind earlier data."""
@@ -93,7 +93,7 @@ class FrameWriter:
             request.done.set()
             return request
         self._data.append(request)
-        self._pending.set()
+        self._start()
         return request
 
     def cancel(self, request: WriteRequest) -> bool:
@@ -108,7 +108,7 @@ class FrameWriter:
         if self.closed:
             return
         self.closed = True
-        if self._greenlet is not gevent.getcurrent():
+        if self._greenlet is not None and self._greenlet is not gevent.getcurrent():
             self._greenlet.kill(block=False)
         for request in (*self._in_flight, *self._data):
             request.failed = True
@@ -117,18 +117,26 @@ class FrameWriter:
         self._data.clear()
         self._control.clear()
 
+    def _start(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+
     def _run(self) -> None:
         try:
-            while True:
-                while not (self._control or self._data):
-                    self._pending.clear()
-                    self._pending.wait()
-                self._version_known.wait()
+            self._version_known.wait()
+            while self._control or self._data:
                 self._write_batch()
+                if not (self._control or self._data):
+                    # Let the senders just woken queue their next frames before deciding
+                    # to exit: a busy stream keeps one writer instead of one per batch.
+                    gevent.sleep(0)
         except gevent.GreenletExit:
             raise
         except Exception as exc:  # the transport failed; the session decides what that means
             self._on_error(exc)
+        finally:
+            if self._greenlet is gevent.getcurrent():
+                self._greenlet = None
 
     def _write_batch(self) -> None:
         version = self.version
