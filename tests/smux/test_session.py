@@ -273,3 +273,13 @@ def test_non_blocking_and_timed_out_sends(make_pair):
     assert stream.gettimeout() == 0.1
     with pytest.raises(socket.timeout):  # the peer never reads: the v2 window fills up
         stream.sendall(b"c" * (1 << 20))
+
+
+def test_an_idle_session_keeps_only_its_reader_greenlet(pair):
+    serve_echo(pair.server)
+    stream = pair.client.open_stream()
+    stream.sendall(b"hello")
+    assert stream.recv(10) == b"hello"
+    gevent.idle()  # the writer greenlet finishes its last batch and exits
+    assert pair.client.greenlets == [pair.client._reader]
+    assert not pair.client._reader.dead
