@@ -155,3 +155,26 @@ def test_backends_and_kill_commands_work_from_any_node(cluster):
     wait_until(lambda: victim not in {b["id"] for b in admin_backends(nodes[2])}, timeout=5,
                message="n3 disconnecting the backend n1 was asked to kill")
     assert tun2g("kill", "--admin", nodes[0].admin_url, "no-such-id").returncode == 1
+
+
+def test_a_client_behind_the_balancer_moves_to_a_live_node_by_itself(cluster, redis_server, backend, start_client):
+    nodes, balancer, _clients, _connect = cluster
+    storage = RedisStorage(redis_server.url)
+    storage.add_route("roam.test", "alice")
+    _info, token = storage.create_token("alice")
+    storage.close()
+    backend_url, _app = backend
+    start_client(ClientConfig(server_addr=balancer.url, token=token, domain="roam.test", backend_url=backend_url,
+                              conn_type="upgrade", plain=True, backoff_initial=0.05, backoff_max=0.3))
+
+    def holder():
+        return {b["node"] for b in admin_backends(nodes[0]) if b["domain"] == "roam.test"}
+
+    wait_until(lambda: len(holder()) == 1, message="roam.test registered")
+    first = holder().pop()
+    next(node for node in nodes if node.node_id == first).kill()
+    survivor = next(node for node in nodes if node.node_id != first)
+    wait_until(lambda: (holder_now := {b["node"] for b in admin_backends(survivor) if b["domain"] == "roam.test"})
+               and first not in holder_now, timeout=TTL + 5, message="the client re-registered on a live node")
+    for _ in range(6):
+        assert served_by_backend(get(balancer.url, "roam.test"), "roam.test")
