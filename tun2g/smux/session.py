@@ -187,7 +187,7 @@ class Session:
         self._writer.close()
         try:
             self._transport.close()
-        except OSError:
+        except Exception:  # noqa: BLE001 - a dying transport must not stop the clean-up below
             pass
         for stream_state in list(self._state.streams.values()):
             stream_state.handle._wake()
