@@ -8,6 +8,7 @@ import struct
 import time
 
 import gevent
+import gevent.event
 import psutil
 import pytest
 
@@ -88,26 +89,35 @@ def test_junk_flood_neither_grows_memory_nor_stalls_a_session():
     junk = junk_datagrams(rng, client.conv)
     process = psutil.Process()
 
-    def flood(count):
-        for index in range(count):
-            flooders[index % len(flooders)].sendto(next(junk), listener.address)
-            if index % 50 == 0:
+    sent = [0]
+
+    def flood(count=None, until=None):
+        while count is None or sent[0] < count:
+            if until is not None and until.is_set():
+                return
+            flooders[sent[0] % len(flooders)].sendto(next(junk), listener.address)
+            sent[0] += 1
+            if sent[0] % 50 == 0:
                 gevent.sleep(0)
 
     payload = os.urandom(4 * 1024 * 1024)
-    flooder = gevent.spawn(flood, 30_000)
+    done = gevent.event.Event()
+    flooder = gevent.spawn(flood, until=done)
     started = time.monotonic()
     sender = gevent.spawn(client.sendall, payload)
     received = recv_exactly(server, len(payload))
     elapsed = time.monotonic() - started
+    done.set()
     sender.get(timeout=5)
-    flooder.get(timeout=30)
+    flooder.get(timeout=5)
     assert received == payload
-    assert elapsed < 5, f"the session stalled under the flood: 4 MiB took {elapsed:.1f} s"
+    assert sent[0] > 2000, "the flood did not overlap the transfer"
+    assert elapsed < 8, f"the session stalled under the flood: 4 MiB took {elapsed:.1f} s"
     del payload, received
-    # The first flood warmed every pool; a second, twice as long, must not add memory.
+    # The first flood warmed every pool; a second one must not add memory.
     rss_before = process.memory_info().rss
-    flood(60_000)
+    sent[0] = 0
+    flood(count=40_000)
     client.sendall(b"still there")
     assert recv_exactly(server, 11) == b"still there"
     assert process.memory_info().rss - rss_before < 2 * 1024 * 1024
