@@ -158,6 +158,8 @@ class Session:
             raise SessionClosedError(f"smux session is closed: {self._close_reason}") from self._close_reason
 
     def _flush_outbox(self) -> None:
+        if not self._state.outbox:
+            return
         writer = self._writer
         for cmd, sid, value in self._state.take_outbox():
             if cmd == FIN:

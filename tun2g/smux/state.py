@@ -8,7 +8,6 @@ side calls the read/close/shutdown/window methods. Rules follow PROTOCOL.md §2.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from .config import INITIAL_PEER_WINDOW, Config
 from .errors import ProtocolError, StreamIdsExhaustedError
@@ -59,13 +58,15 @@ class StreamState:
                 f"fin_sent={self.fin_sent} registered={self.registered}>")
 
 
-@dataclass
 class Received:
-    """What one chunk of received bytes changed."""
+    """What one chunk of received bytes changed (a plain slotted class: one per read)."""
 
-    opened: list[StreamState] = field(default_factory=list)  # new streams for accept, in SYN order
-    changed: set[StreamState] = field(default_factory=set)  # got data, FIN, UPD or a reset
-    error: ProtocolError | None = None  # the peer misbehaved; the session must end
+    __slots__ = ("opened", "changed", "error")
+
+    def __init__(self) -> None:
+        self.opened: list[StreamState] = []  # new streams for accept, in SYN order
+        self.changed: set[StreamState] = set()  # got data, FIN, UPD or a reset
+        self.error: ProtocolError | None = None  # the peer misbehaved; the session must end
 
 
 class SessionState:
@@ -79,7 +80,7 @@ class SessionState:
         self.budget = config.max_receive_buffer  # Go's bucket: the reader pauses while it is <= 0
         self._next_id = 1 if client else 0
         self._ids_exhausted = False
-        self._outbox: list[OutgoingFrame] = []
+        self.outbox: list[OutgoingFrame] = []  # read it with take_outbox()
         self.backlog = config.stream_backlog(config.version) if config.version else 0
 
     @property
@@ -89,7 +90,7 @@ class SessionState:
 
     def take_outbox(self) -> list[OutgoingFrame]:
         """Control frames (FIN, UPD) that state changes produced, oldest first; clears them."""
-        frames, self._outbox = self._outbox, []
+        frames, self.outbox = self.outbox, []
         return frames
 
     # --- opening -----------------------------------------------------------------
@@ -222,7 +223,7 @@ class SessionState:
             stream.read_since_update += size
             # Go: on the first read (numRead == n) and after each half buffer read.
             if stream.read_since_update >= self.config.max_stream_buffer // 2 or stream.num_read == size:
-                self._outbox.append((UPD, stream.sid, (stream.num_read, self.config.max_stream_buffer)))
+                self.outbox.append((UPD, stream.sid, (stream.num_read, self.config.max_stream_buffer)))
                 stream.read_since_update = 0
 
     def send_window(self, stream: StreamState) -> int:
@@ -244,7 +245,7 @@ class SessionState:
         """Queue our FIN once; a stream both sides have finished leaves the table."""
         if not stream.fin_sent:
             stream.fin_sent = True
-            self._outbox.append((FIN, stream.sid, None))
+            self.outbox.append((FIN, stream.sid, None))
         if stream.fin_received:
             self._unregister(stream)
 
@@ -261,7 +262,7 @@ class SessionState:
         self.shutdown_read(stream)
         if not stream.fin_sent:
             stream.fin_sent = True
-            self._outbox.append((FIN, stream.sid, None))
+            self.outbox.append((FIN, stream.sid, None))
         self._unregister(stream)
 
     def _unregister(self, stream: StreamState) -> None:
