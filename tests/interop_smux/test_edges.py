@@ -81,3 +81,31 @@ def test_v2_fin_unblocks_a_go_writer_waiting_for_window(go_peer):
     stream.close()
     assert link_.go.wait_exit(timeout=5) == 1
     assert "source stream failed: EOF" in link_.go.stderr
+
+
+def test_a_tiny_python_receive_budget_still_carries_large_go_payloads(go_peer):
+    # v1 only: in v2 an echo this small deadlocks between Go peers too (the UPD
+    # a blocked writer needs waits behind data the spent budget will not read).
+    config = Config(version=1, max_receive_buffer=65536, max_stream_buffer=65536)
+    link_ = link(go_peer, "server", 1, "check", "--streams", 6, "--sizes", "1048576,70000,1", config=config)
+    echo = EchoServer(link_.session)
+    try:
+        assert link_.go.wait_for(r"CHECK ok=(\d+) failed=(\d+)", timeout=20).group(1, 2) == ("6", "0")
+    finally:
+        echo.stop()
+
+
+def test_keepalive_never_fires_while_python_stopped_reading_for_lack_of_budget(go_peer):
+    # Go's rule: with the session budget spent the reader stops on purpose, so the
+    # silence that follows is ours, not the peer's.
+    total = 8 << 20
+    config = Config(version=1, keepalive_interval=0.1, keepalive_timeout=0.3, max_stream_backlog=total)
+    link_ = link(go_peer, "server", 1, "source", "--streams", 1, "--bytes", total, config=config)
+    stream = link_.session.accept_stream(timeout=5)
+    assert not link_.session.wait_closed(timeout=1.5)  # five timeout periods, nothing read
+    stream.settimeout(10)
+    received = 0
+    while data := stream.recv(1 << 20):
+        received += len(data)
+    assert received == total
+    assert not link_.session.is_closed
