@@ -14,6 +14,12 @@ def test_unknown_peer_name_fails_with_a_clear_message():
         build_go_binary("nosuchpeer")
 
 
+def test_missing_go_tells_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(GoPeerUnavailable, match="run scripts/install-test-deps"):
+        build_go_binary("smuxpeer")
+
+
 def test_build_is_cached_by_source_hash(go_binary):
     assert build_go_binary("smuxpeer") == go_binary("smuxpeer")
 
