@@ -14,6 +14,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
+# Connection options that are not header names (or are hop-by-hop already).
+_CONNECTION_OPTIONS = frozenset({"", "close", "keep-alive", "upgrade"})
 
 
 class HTTPError(Exception):
@@ -143,12 +145,19 @@ class ResponseHead(_HeaderFields):
 
 def forwardable_headers(headers: Iterable[tuple[str, str]]) -> Headers:
     """``headers`` without the hop-by-hop fields and those named in Connection."""
-    headers = list(headers)
-    dropped = HOP_BY_HOP
-    for key, value in headers:
-        if key.lower() == "connection":
-            dropped = dropped.union(token.strip().lower() for token in value.split(","))
-    return [h for h in headers if h[0].lower() not in dropped]
+    kept: Headers = []
+    named: set[str] | None = None
+    for header in headers:
+        name = header[0].lower()
+        if name not in HOP_BY_HOP:
+            kept.append(header)
+        elif name == "connection":
+            tokens = {token.strip().lower() for token in header[1].split(",")} - _CONNECTION_OPTIONS
+            if tokens:
+                named = tokens if named is None else named | tokens
+    if named:
+        kept = [h for h in kept if h[0].lower() not in named]
+    return kept
 
 
 def strip_hop_by_hop(head: RequestHead | ResponseHead) -> None:

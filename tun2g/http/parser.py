@@ -35,6 +35,7 @@ CHUNKED = -1      # chunked transfer coding
 UNTIL_CLOSE = -2  # the body ends when the sender closes (responses only)
 
 _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+_FRAMING_NAME_LENGTHS = frozenset(map(len, ("transfer-encoding", "content-length", "connection")))
 
 
 class _Marker:
@@ -185,8 +186,8 @@ class MessageParser:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._reseating:
-            self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # Never the made-up head's: a reseat starts after on_headers_complete swapped the list out.
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         if self._reseating:
@@ -204,6 +205,8 @@ class MessageParser:
         version = _VERSIONS.get(version) or f"HTTP/{version}"
         transfer_encoding = content_length = connection = None
         for name, value in self._headers:
+            if len(name) not in _FRAMING_NAME_LENGTHS:
+                continue
             lowered = name.lower()
             if lowered == "transfer-encoding":
                 transfer_encoding = value
