@@ -2,13 +2,14 @@
 
 import os
 import socket as stdsocket
+import struct
 
 import gevent
 import pytest
 
 from tests.fixtures.net import free_port
 from tun2g.smux import Config, Session
-from tun2g.transport import memtls
+from tun2g.transport import kcp_wire, memtls
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
 
 KCPTUN_FAST = KCPOptions.fast(crypt_header=True, mtu=1350)
@@ -35,6 +36,13 @@ def serve_streams(session):
         gevent.spawn(echo, session.accept_stream())
 
 
+def fec_shards_seen(relay, direction):
+    """How many datagrams in that direction were FEC shards (flag 0xF1/0xF2 after the crypt header)."""
+    offset = kcp_wire.CRYPT_HEADER_SIZE + 4
+    return sum(1 for way, datagram in relay.datagrams if way == direction
+               and struct.unpack_from("<H", datagram, offset)[0] in (kcp_wire.FEC_TYPE_DATA, kcp_wire.FEC_TYPE_PARITY))
+
+
 def check_echo(stream, size, seed):
     payload = os.urandom(size) if seed is None else bytes((i * seed) & 0xFF for i in range(size))
     writer = gevent.spawn(stream.sendall, payload)
@@ -50,10 +58,11 @@ def check_echo(stream, size, seed):
     (1, FEC, KCPTUN_FAST),
     (2, (), KCPTUN_FAST),
 ], ids=["v1-fast", "v1-defaults", "v1-fec-10-3", "v2"])
-def test_python_client_through_kcptun_server(kcptun, tcp_echo_port, smux_version, extra, options):
+def test_python_client_through_kcptun_server(kcptun, tcp_echo_port, udp_relay, smux_version, extra, options):
     port = free_port(stdsocket.SOCK_DGRAM)
     kcptun.server(port, tcp_echo_port, "--smuxver", str(smux_version), *extra)
-    session = Session(kcp_dial("127.0.0.1", port, options), client=True, config=Config(version=smux_version))
+    relay = udp_relay(("127.0.0.1", port), record=True)  # a lossless observer
+    session = Session(kcp_dial(*relay.address, options), client=True, config=Config(version=smux_version))
     try:
         first, second = session.open_stream(), session.open_stream()
         assert (first.id, second.id) == (3, 5)
@@ -63,11 +72,13 @@ def test_python_client_through_kcptun_server(kcptun, tcp_echo_port, smux_version
         second.close()
     finally:
         session.close()
+    assert (fec_shards_seen(relay, "s2c") > 0) == bool(extra)  # FEC really was on (and tolerated)
 
 
 @pytest.mark.parametrize("smux_version, extra", [(1, ()), (1, FEC), (2, ())], ids=["v1", "v1-fec-10-3", "v2"])
-def test_kcptun_client_into_python_listener(kcptun, smux_version, extra):
+def test_kcptun_client_into_python_listener(kcptun, udp_relay, smux_version, extra):
     listener = KCPListener("127.0.0.1", 0, KCPTUN_FAST)
+    relay = udp_relay(listener.address, record=True)
     sessions = []
 
     def serve():
@@ -78,10 +89,11 @@ def test_kcptun_client_into_python_listener(kcptun, smux_version, extra):
 
     server = gevent.spawn(serve)
     try:
-        tcp_port = kcptun.client(listener.address[1], "--smuxver", str(smux_version), *extra)
+        tcp_port = kcptun.client(relay.address[1], "--smuxver", str(smux_version), *extra)
         with stdsocket.create_connection(("127.0.0.1", tcp_port), timeout=10) as tcp:
             check_echo(tcp, 300_000, 5)
         assert len(sessions) == 1 and sessions[0].version == smux_version
+        assert (fec_shards_seen(relay, "c2s") > 0) == bool(extra)
     finally:
         server.kill()
         for session in sessions:
