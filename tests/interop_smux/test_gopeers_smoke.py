@@ -1,6 +1,7 @@
 """The Go reference peers build offline and behave as their flags say, Go against Go."""
 
 import http.server
+import queue
 import threading
 
 import pytest
@@ -37,7 +38,10 @@ def test_go_smuxpeer_check_against_go_echo(go_peer, version):
 
 
 class _HelloBackend(http.server.BaseHTTPRequestHandler):
+    seen: "queue.Queue[tuple[str, str]]"  # (path, Host) of every request, set per fixture
+
     def do_GET(self):
+        self.seen.put((self.path, self.headers["Host"]))
         body = f"hello {self.path} via {self.headers['Host']}".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -49,8 +53,15 @@ class _HelloBackend(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def hello_backend():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HelloBackend)
+def backend_requests():
+    """Every (path, Host) the hello backend served, in order."""
+    return queue.Queue()
+
+
+@pytest.fixture
+def hello_backend(backend_requests):
+    handler = type("Handler", (_HelloBackend,), {"seen": backend_requests})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -93,3 +104,13 @@ def test_go_tun2_peers_speak_tls(go_peer, hello_backend, kcp_certs):
     server.wait_for(r"REGISTERED domain=lb.test")
     routed = requests.get(f"http://127.0.0.1:{http_port}/tls", headers={"Host": "lb.test"}, timeout=5)
     assert (routed.status_code, routed.text) == (200, "hello /tls via lb.test")
+
+
+def test_go_tun2_server_pings_the_backend_through_the_tunnel(go_peer, hello_backend, backend_requests):
+    server = go_peer("tun2server", "--avoid-auth-race", "--token", "tok1", "--domain", "lb.test",
+                     "--ping-interval", "200ms")
+    tunnel_port = server.wait_for(r"READY tunnel=(\d+)").group(1)
+    go_peer("tun2client", "--server", f"127.0.0.1:{tunnel_port}", "--token", "tok1", "--domain", "lb.test",
+            "--backend", hello_backend)
+    assert backend_requests.get(timeout=5) == ("/health", "backend")
+    assert backend_requests.get(timeout=5) == ("/health", "backend")
