@@ -278,3 +278,16 @@ def test_ipv6_loopback(listener):
     accepted = server.accept(timeout=5)
     assert recv_exactly(accepted, 3) == b"six"
     assert accepted.getpeername()[:2] == ("::1", client.getsockname()[1])
+
+
+def test_options_default_to_kcp_go_and_refuse_nonsense():
+    defaults = KCPOptions()
+    assert (defaults.snd_wnd, defaults.rcv_wnd, defaults.mtu, defaults.interval) == (32, 32, 1400, 100)
+    assert not (defaults.nodelay or defaults.resend or defaults.nc or defaults.stream_mode or defaults.crypt_header)
+    assert KCPOptions.fast(mtu=1350).mtu == 1350 and KCPOptions.fast().stream_mode
+    with pytest.raises(ValueError, match=r"use 70\.\.1500"):
+        KCPOptions(mtu=1600, crypt_header=True)
+    with pytest.raises(ValueError, match="interval"):
+        KCPOptions(interval=1)
+    with pytest.raises(ValueError, match="idle_timeout"):
+        KCPOptions(idle_timeout=0)

@@ -52,9 +52,10 @@ class KCPOptions:
     idle_timeout: float | None = 60.0
 
     def __post_init__(self) -> None:
-        header = kcp_wire.CRYPT_HEADER_SIZE if self.crypt_header else 0
-        if not header + kcp_wire.SEGMENT_HEADER_SIZE + 26 <= self.mtu <= kcp_wire.MAX_DATAGRAM_SIZE:
-            raise ValueError(f"KCP mtu {self.mtu} is out of range: use 50..1500 (kcp-go reads 1500-byte datagrams)")
+        smallest = self.overhead + 50  # ikcp_setmtu refuses less than 50
+        if not smallest <= self.mtu <= kcp_wire.MAX_DATAGRAM_SIZE:
+            raise ValueError(f"KCP mtu {self.mtu} is out of range: use {smallest}..1500"
+                             " (the whole UDP payload; kcp-go reads 1500-byte datagrams)")
         if not 10 <= self.interval <= 5000:
             raise ValueError(f"KCP interval {self.interval} ms is out of range: use 10..5000 like kcp-go")
         if self.snd_wnd < 1 or self.rcv_wnd < 1:
