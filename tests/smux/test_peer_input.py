@@ -5,6 +5,8 @@ import time
 
 import gevent
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.smux.conftest import PSH, UPD, assert_session_finished, quiet_config
 from tun2g.smux import Config, ProtocolError, Session, SessionClosedError, StreamResetError
@@ -255,3 +257,39 @@ def test_v2_peer_ignoring_the_window_trips_the_backlog(raw_peer):
         ignored.recv(10)
     assert peer.read_frames(lambda frames: (FIN, 3, None) in frames)
     assert not session.is_closed
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.one_of(
+    st.binary(max_size=40),  # garbage
+    st.builds(lambda sid, data: encode_frame(1, PSH, sid, data), st.sampled_from([3, 5, 7]), st.binary(max_size=300)),
+    st.builds(lambda cmd, sid: encode_frame(1, cmd, sid), st.sampled_from([SYN, FIN, NOP]), st.sampled_from([3, 5, 7])),
+), max_size=12))
+def test_any_input_ends_cleanly_when_the_peer_leaves(raw_peer, pieces):
+    peer = raw_peer()
+    session = server_for(peer)
+    readers = []
+
+    def read_until_the_end(stream):
+        try:
+            while stream.recv(1000):
+                pass
+        except SessionClosedError:
+            pass
+
+    def accept_and_read():
+        try:
+            while True:
+                readers.append(gevent.spawn(read_until_the_end, session.accept_stream()))
+        except SessionClosedError:
+            pass
+
+    acceptor = gevent.spawn(accept_and_read)
+    for piece in pieces:
+        peer.send(piece)
+    peer.sock.close()
+    assert session.wait_closed(5)
+    assert isinstance(session.close_reason, (ProtocolError, SessionClosedError))
+    assert_session_finished(session)
+    gevent.joinall([acceptor, *readers], timeout=5)
+    assert all(greenlet.dead for greenlet in [acceptor, *readers])
