@@ -72,9 +72,10 @@ class Frame:
 # Decoder events are plain tuples, because the receive path builds one or more per
 # frame: (cmd, sid, value, frame_complete).
 #   SYN/FIN/NOP: value None, complete True.
-#   PSH: value is a memoryview piece of the payload (valid only until the next
-#        feed() call: copy what you keep); a frame may come in several pieces and
-#        the last one has complete True. A zero-length PSH yields one empty piece.
+#   PSH: value is a memoryview into the fed data (keep it only if that data is
+#        immutable and never reused; copy it otherwise); a frame may come in several
+#        pieces and the last one has complete True. A zero-length PSH yields one
+#        empty piece.
 #   UPD: value is (consumed, window), complete True.
 Event = tuple
 _EMPTY = memoryview(b"")
@@ -89,7 +90,7 @@ class FrameDecoder:
     Length rules follow smux v1.5.56+: SYN/FIN/NOP must carry length 0 and UPD
     length 8, otherwise ProtocolError. (1.5.16 ignored the field for those
     commands and silently desynchronised; refusing is the only safe reading.)
-    UPD is refused on a version-1 stream, as smux v1.5.51+ does.
+    UPD is refused on a version-1 session, as smux v1.5.51+ does.
     After a ProtocolError the decoder refuses all further input.
     """
 
