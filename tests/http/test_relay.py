@@ -12,7 +12,7 @@ import requests
 from gevent.event import Event
 
 from tests.fixtures.net import env_without_proxies, require_binary
-from tun2g.http import DownstreamError, MessageReader, UpstreamError
+from tun2g.http import DownstreamError, MessageReader, UpstreamError, forward_exchange
 
 from .support import read_request, wait_for
 
@@ -416,3 +416,40 @@ def test_http10_keep_alive_client_and_backend_closing_after_each_response(raw_ba
             assert head.get("Connection") == "keep-alive" and reader.read_body() == b"hello"
     assert proxy.connections == 1
     assert [(r.keep_alive, r.upstream_reusable) for r in proxy.results] == [(True, False), (True, False)]
+
+
+
+class CountingWrites:
+    """A real socket whose writes are counted (forward_exchange takes any socket-like object)."""
+
+    def __init__(self, sock):
+        self.sock, self.writes = sock, []
+
+    def send(self, data):
+        self.writes.append(bytes(data))
+        return self.sock.send(data)
+
+    def sendall(self, data):
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def recv(self, size):
+        return self.sock.recv(size)
+
+
+def test_small_messages_cross_each_hop_in_one_write(raw_backend):
+    def handler(sock):
+        read_request(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npong")
+    port = raw_backend(handler)
+    client, public = socket.socketpair()
+    upstream = CountingWrites(socket.create_connection(("127.0.0.1", port)))
+    downstream = CountingWrites(public)
+    client.sendall(b"POST /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nping")
+    reader = MessageReader(downstream)
+    result = forward_exchange(reader.read_request_head(), reader, upstream, downstream)
+    assert result.status == 200 and result.keep_alive
+    assert len(upstream.writes) == 1 and upstream.writes[0].endswith(b"\r\n\r\nping")
+    assert len(downstream.writes) == 1 and downstream.writes[0].endswith(b"\r\n\r\npong")
+    for sock in (client, public, upstream.sock):
+        sock.close()
