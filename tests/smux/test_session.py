@@ -283,3 +283,27 @@ def test_an_idle_session_keeps_only_its_reader_greenlet(pair):
     gevent.idle()  # the writer greenlet finishes its last batch and exits
     assert pair.client.greenlets == [pair.client._reader]
     assert not pair.client._reader.dead
+
+
+class RefusesGatheredWrites(CountingSocket):
+    """Like TLS sockets: sendmsg exists but refuses to run."""
+
+    def sendmsg(self, buffers):
+        raise NotImplementedError("sendmsg not allowed")
+
+
+def test_a_transport_refusing_sendmsg_falls_back_to_joined_writes():
+    client_end, server_end = tcp_pair()
+    refusing = RefusesGatheredWrites(client_end)
+    client = Session(refusing, client=True, config=quiet_config())
+    server = Session(server_end, client=False, config=quiet_config())
+    try:
+        client.open_stream().sendall(b"x" * 100000)
+        accepted = server.accept_stream(timeout=5)
+        received = b""
+        while len(received) < 100000:
+            received += accepted.recv(1 << 20)
+        assert received == b"x" * 100000 and not client.is_closed
+    finally:
+        client.close()
+        server.close()

@@ -8,6 +8,7 @@ from typing import Callable
 import ssl
 
 import gevent
+import gevent.ssl
 from gevent.event import Event
 
 from .frame import FIN, HEADER, NOP, PSH, UPD, encode_update
@@ -52,7 +53,8 @@ class FrameWriter:
         self._sendall = transport.sendall
         # A plain socket can write header and payload slices in one gathered syscall;
         # TLS and other transports get one joined buffer instead.
-        self._sendmsg = None if isinstance(transport, ssl.SSLSocket) else getattr(transport, "sendmsg", None)
+        tls = isinstance(transport, (ssl.SSLSocket, gevent.ssl.SSLSocket))
+        self._sendmsg = None if tls else getattr(transport, "sendmsg", None)
         self._max_frame_size = max_frame_size
         self._on_error = on_error
         self._control: deque[tuple] = deque()
@@ -170,7 +172,11 @@ class FrameWriter:
         if len(parts) == 1:
             self._sendall(parts[0])
         elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
-            self._gather_all(parts)
+            try:
+                self._gather_all(parts)
+            except NotImplementedError:  # a TLS-like wrapper that refuses sendmsg before writing
+                self._sendmsg = None
+                self._sendall(b"".join(parts))
         elif parts:
             self._sendall(b"".join(parts))
         self._in_flight = []
