@@ -39,11 +39,7 @@ class Link:
     """A Python smux session and the Go peer on the other end of its TCP connection."""
 
     session: Session
-    go: PeerProcess
-
-    def close(self) -> None:
-        self.session.close()
-        self.go.stop()
+    go: PeerProcess  # stopped by the go_peer fixture; the session dies with its connection
 
 
 def link(go_peer, python_role: str, version: int, go_mode: str, *go_args,
