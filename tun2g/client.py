@@ -14,8 +14,7 @@ from gevent.pool import Group
 
 from tun2g import smux
 from tun2g.errors import ConfigurationError, Tun2Error
-from tun2g.http import (BackendPool, DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange,
-                        simple_response)
+from tun2g.http import BackendPool, DownstreamError, HTTPError, MessageReader, UpstreamError, simple_response
 from tun2g.log import get_logger
 from tun2g.protocol import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
 from tun2g.transport import dialers
@@ -202,22 +201,16 @@ class Client:
         forwarded_for = head.get("X-Forwarded-For")
         head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
         try:
-            upstream, upstream_reader = self.pool.acquire()
+            result = self.pool.forward_exchange(head, reader, stream)
+        except UpstreamError as exc:
+            log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
+            stream.sendall(simple_response(502, f"tun2g client: the backend failed: {exc}\n".encode(), close=True))
+            return False
         except OSError as exc:
             message = f"tun2g client: cannot reach the backend {self.config.backend_url}: {exc}\n"
             log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
             stream.sendall(simple_response(502, message.encode(), close=True))
             return False
-        reusable = False
-        try:
-            result = forward_exchange(head, reader, upstream, stream, upstream_reader=upstream_reader)
-            reusable = result.upstream_reusable
-        except UpstreamError as exc:
-            log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(simple_response(502, f"tun2g client: the backend failed: {exc}\n".encode(), close=True))
-            return False
-        finally:
-            self.pool.release(upstream, upstream_reader, reusable)
         self.requests_served += 1
         return result.keep_alive
 
