@@ -157,3 +157,13 @@ def _lookup_or_none(node, domain):
 
 def _lookup_fails(node, domain):
     return _lookup_or_none(node, domain) is None
+
+
+def test_the_lookup_cache_stays_bounded_whatever_hosts_the_public_sends(nodes, monkeypatch):
+    from tun2g.cluster import registry
+
+    monkeypatch.setattr(registry, "MAX_CACHED_DOMAINS", 50)  # a limit a test can reach quickly
+    b = nodes("b")
+    for index in range(500):
+        assert b.registry.lookup(f"random{index}.test") == []
+        assert len(b.registry._cache) <= 50

@@ -49,6 +49,9 @@ DEFAULT_TTL = 10.0
 DEFAULT_CACHE_TTL = 1.0
 CONNECT_TIMEOUT = 1.0
 COMMAND_TIMEOUT = 2.0
+# Public requests choose the Host, so the lookup cache is bounded: past this many
+# domains, entries no longer usable are dropped (all of them if that is not enough).
+MAX_CACHED_DOMAINS = 10_000
 _BACKEND_FIELDS = {f.name for f in fields(Backend)}
 
 
@@ -224,11 +227,20 @@ class RedisRegistry:
                 # Redis came back (maybe empty) and the nodes republish within TTL/3:
                 # until then an empty answer means "not yet known", so keep the last one.
                 nodes = entry.nodes
-            self._cache[domain] = _CacheEntry(now, now + self.ttl, nodes)
+            self._remember(domain, _CacheEntry(now, now + self.ttl, nodes))
         finally:
             del self._pending[domain]
         pending.set(nodes)
         return nodes
+
+    def _remember(self, domain: str, entry: _CacheEntry) -> None:
+        cache = self._cache
+        if len(cache) >= MAX_CACHED_DOMAINS and domain not in cache:
+            for old in [d for d, e in cache.items() if e.usable_until <= entry.fetched]:
+                del cache[old]
+            if len(cache) >= MAX_CACHED_DOMAINS:
+                cache.clear()
+        cache[domain] = entry
 
     def _fetch(self, domain: str) -> list[NodeRef]:
         members = self._redis.zrangebyscore(self._key("domain:", domain), time.time(), "+inf")
