@@ -3,11 +3,12 @@
 import json
 import socket
 import subprocess
+import time
 
 import gevent
 import pytest
 
-from tests.interop_smux.harness import EchoServer, digest, link
+from tests.interop_smux.harness import EchoServer, digest, link, read_exactly
 from tun2g.smux import Config, Session
 
 VERSIONS = [1, 2]
@@ -84,3 +85,32 @@ def test_v2_slow_python_reader_blocks_the_go_writer_and_loses_nothing(go_peer):
     assert digest(bytes(received)) == digest(pattern(chunk) * (total // chunk))
     # Go can have finished writing only once at most one window was still unread.
     assert go_finished_at is None or go_finished_at >= total - GO_INITIAL_WINDOW
+
+
+def _count_until(stream, size: int) -> int:
+    received = 0
+    while received < size and (data := stream.recv(1 << 18)):
+        received += len(data)
+    return received
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_small_exchanges_stay_prompt_while_another_stream_moves_bulk(go_peer, version):
+    # tun2 pings (1 s deadline) share the session with downloads; neither our
+    # writer nor our reader may park one stream behind another's bulk.
+    link_ = link(go_peer, "client", version, "echo")
+    bulk, small = link_.session.open_stream(), link_.session.open_stream()
+    bulk.settimeout(20)
+    small.settimeout(5)
+    size = 64 << 20
+    writer = gevent.spawn(bulk.sendall, bytes(size))
+    reader = gevent.spawn(_count_until, bulk, size)
+    worst, exchanges = 0.0, 0
+    while not reader.ready():
+        started = time.monotonic()
+        small.sendall(b"p" * 64)
+        assert read_exactly(small, 64) == b"p" * 64
+        worst, exchanges = max(worst, time.monotonic() - started), exchanges + 1
+    writer.get()
+    assert reader.get() == size
+    assert exchanges > 1 and worst < 1.0
