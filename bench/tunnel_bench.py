@@ -9,6 +9,7 @@ table is printed and written to bench/results/latest.md. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import shutil
 import statistics
@@ -270,6 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     duration, repeats, settle = (2.0, 1, 2.0) if args.quick else (5.0, 3, 6.0)
 
+    load_before = os.getloadavg()[0]  # other work on these 2 cores moves every figure: say how busy it was
     workdir = Path(tempfile.mkdtemp(prefix="tun2g-bench-"))
     with ExitStack() as stack:
         if not args.keep:
@@ -308,7 +310,8 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     report = "\n\n".join(filter(None, [
         f"# tun2g tunnel benchmark ({stamp}, {'quick, ' if args.quick else ''}{duration:g} s per wrk point, "
-        f"{psutil.cpu_count()} cores)", table, targets(paths[False], direct, idle),
+        f"{psutil.cpu_count()} cores, load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after)",
+        table, targets(paths[False], direct, idle),
         "Problems seen:\n" + "\n".join(notes) if notes else ""]))
     print("\n" + report)
     RESULTS.mkdir(exist_ok=True)

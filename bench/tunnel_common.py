@@ -378,28 +378,49 @@ def profile_processes(pids: dict[str, int], load, out_dir: Path, duration: float
         print(f"  {name} hotspots ({out_dir}):\n{report}")
 
 
+NATIVE = "(no Python frame: greenlet switches, libev)"
+
+
 def hotspots(collapsed: str, top: int) -> str:
-    """Top functions by own samples and by inclusive samples, as percentages of all (non-idle) samples."""
-    own, inclusive, total, parked = {}, {}, 0, 0
+    """Where the samples went by kind, then the top functions by own and by inclusive samples (% of all)."""
+    own, inclusive, kinds, total, parked = {}, {}, {}, 0, 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
         samples = int(count)
-        frames = [_short_frame(frame) for frame in stack.split(";")]
+        frames = [_short_frame(frame) for frame in stack.split(";")] if stack else [NATIVE]
         if frames[0].startswith("_WorkerGreenlet.run") and frames[-1].startswith("acquire_with_timeout"):
             parked += samples  # an idle gevent threadpool thread waiting for work: no CPU
             continue
         total += samples
         own[frames[-1]] = own.get(frames[-1], 0) + samples
+        kind = _kind(frames[-1])
+        kinds[kind] = kinds.get(kind, 0) + samples
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + samples
-    def ranked(table):
-        return [f"    {100 * n / total:5.1f}%  {frame}" for frame, n in
-                sorted(table.items(), key=lambda item: -item[1])[:top]]
-    return "\n".join([f"  {total} samples ({parked} of idle threadpool threads left out); own time:",
-                      *ranked(own), "  inclusive (tun2g frames):",
-                      *ranked({f: n for f, n in inclusive.items() if "tun2g/" in f})])
+
+    def ranked(table, limit=top, sep="\n    "):
+        return sep.join(f"{100 * n / total:5.1f}%  {frame}" for frame, n in
+                        sorted(table.items(), key=lambda item: -item[1])[:limit])
+    return (f"  {total} samples ({parked} of idle threadpool threads left out)\n"
+            f"  by kind:\n    {ranked(kinds)}\n  own time:\n    {ranked(own)}\n"
+            f"  inclusive (tun2g frames):\n    {ranked({f: n for f, n in inclusive.items() if 'tun2g/' in f})}")
+
+
+_SOCKET_CALLS = ("send ", "sendall ", "sendmsg ", "recv ", "recv_into ", "read ", "write ", "getpeername ",
+                 "getsockopt ", "_internal_connect ", "__send_chunk ", "_still_idle ", "do_handshake ")
+
+
+def _kind(leaf: str) -> str:
+    """A coarse bucket for a sampled leaf frame."""
+    name = leaf.split(" (")[0].split(".")[-1] + " "
+    if leaf == NATIVE or leaf.startswith("Hub.run "):
+        return "gevent loop and greenlet switches (C)"
+    if ("gevent/" in leaf or "_still_idle" in leaf) and name.startswith(_SOCKET_CALLS):
+        return "socket and TLS calls (kernel, OpenSSL)"
+    for package in ("tun2g/smux", "tun2g/http", "tun2g/", "gevent/"):
+        if package in leaf:
+            return package.rstrip("/").replace("/", ".") + " (Python)"
+    return "stdlib and others"
 
 
 def _short_frame(frame: str) -> str:
