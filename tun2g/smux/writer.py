@@ -1,11 +1,10 @@
-"""The one greenlet that writes a session's frames, joining whatever is pending into one sendall."""
+"""The greenlet that writes a session's frames, joining whatever is pending into one transport write."""
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from typing import Callable
-
-import ssl
 
 import gevent
 import gevent.ssl
@@ -34,7 +33,7 @@ class WriteRequest:
         self.sid = sid
         self.payload = payload
         self.done = Event()  # set once written, or once the writer has given up
-        self.taken = False  # copied into a batch; cancelling is too late
+        self.taken = False  # part of a batch being written; cancelling is too late
         self.cancelled = False
         self.failed = False  # the session died before the bytes were written
 
