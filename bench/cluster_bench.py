@@ -9,7 +9,8 @@ with three frontends: "local" balances to n1 only (the backend is there),
 "balanced" round-robins over n1..n3 (two requests in three forwarded).
 Direct nginx is measured in the same run as the baseline. Redis commands per
 proxied request come from INFO commandstats before/after each wrk run
-(the nodes' periodic registry refresh included; lookups shown apart).
+net of the commands the idle cluster sends anyway (registry refreshes), measured
+over a quiet window of the same length; registry lookups are shown apart.
 Targets: remote >= 60% of local requests/s; registry lookups per request 0
 on the local path and <= 1 (cached) on the forwarded one.
 """
@@ -20,6 +21,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,19 +130,35 @@ class Cluster:
                 for name, values in self.redis.info("commandstats").items()}
 
 
-def measure(cluster: Cluster | None, name: str, port: int, connections: int, duration: float) -> Point:
+def commands_since(cluster: Cluster, before: dict) -> dict:
+    after = cluster.commandstats()
+    return {command: calls - before.get(command, 0) for command, calls in after.items() if command != "info"}
+
+
+def idle_commands_per_second(cluster: Cluster, seconds: float) -> float:
+    """Redis commands the nodes send with no traffic at all (registry refreshes, pub/sub pings)."""
+    before = cluster.commandstats()
+    time.sleep(seconds)  # measuring the background rate over a quiet window, not synchronising
+    return sum(commands_since(cluster, before).values()) / seconds
+
+
+def measure(cluster: Cluster | None, name: str, port: int, connections: int, duration: float,
+            idle_rate: float = 0.0) -> Point:
+    """wrk one path; Redis commands per request net of the idle background rate."""
     before = cluster.commandstats() if cluster else {}
+    started = time.monotonic()
     result = tc.run_wrk(port, DOMAIN, connections, duration)
     if cluster is None:
         return Point(name, result, 0.0, 0.0)
-    after = cluster.commandstats()
-    delta = {command: calls - before.get(command, 0) for command, calls in after.items() if command != "info"}
+    delta = commands_since(cluster, before)
     requests = max(1, result.requests)
-    return Point(name, result, sum(delta.values()) / requests, delta.get("zrangebyscore", 0) / requests)
+    background = idle_rate * (time.monotonic() - started)
+    return Point(name, result, max(0.0, sum(delta.values()) - background) / requests,
+                 delta.get("zrangebyscore", 0) / requests)
 
 
 def table(points: list[Point], local: Point) -> str:
-    rows = [["path", "req/s", "vs local", "p50 ms", "p99 ms", "Redis cmds/req", "lookups/req", "errors"]]
+    rows = [["path", "req/s", "vs local", "p50 ms", "p99 ms", "Redis cmds/req (net)", "lookups/req", "errors"]]
     for point in points:
         rows.append([point.name, f"{point.wrk.requests_per_s:,.0f}",
                      f"{point.wrk.requests_per_s / local.wrk.requests_per_s:.2f}", f"{point.wrk.p50_ms:.2f}",
@@ -170,11 +188,13 @@ def main() -> int:
         for port in cluster.frontends.values():  # warm every path (connections, lookup caches)
             tc.run_wrk(port, DOMAIN, args.connections, 1)
         points = [measure(None, "direct nginx", nginx_port, args.connections, duration)]
+        idle_rate = idle_commands_per_second(cluster, duration)
         runs = {name: [] for name in ("local", "remote", "balanced")}
         for round_number in range(args.rounds):  # interleaved, so drift on a shared machine hits all paths alike
             for name in runs:
                 print(f"round {round_number + 1}: wrk -c {args.connections} via haproxy -> {name}", flush=True)
-                runs[name].append(measure(cluster, name, cluster.frontends[name], args.connections, duration))
+                runs[name].append(measure(cluster, name, cluster.frontends[name], args.connections, duration,
+                                          idle_rate))
         points += [max(found, key=lambda point: point.wrk.requests_per_s) for found in runs.values()]
         for service in cluster.services:
             service.check_alive()
@@ -184,6 +204,7 @@ def main() -> int:
     print(f"tun2g cluster, {args.connections} connections, best of {args.rounds} x {duration:g} s per path "
           f"(local: backend on the node HAProxy picks; remote: forwarded n2 -> n1)")
     print(table(points, local))
+    print(f"(idle cluster background: {idle_rate:.1f} Redis commands/s, subtracted above)")
     print()
     print(f"target remote >= 0.60 x local req/s: {'MET' if ratio >= 0.6 else 'NOT MET'} ({ratio:.2f})")
     print(f"target lookups/request local == 0: {'MET' if local.lookups_per_request == 0 else 'NOT MET'}; "
