@@ -152,3 +152,17 @@ def test_an_unreachable_holder_is_skipped_for_a_live_one(two_nodes, redis_server
             assert get(b).status_code == 200
     finally:
         ghost.close()
+
+
+def test_round_trip_callers_reach_other_nodes_backends_too(two_nodes, redis_server):
+    _a, b, _app, _client = two_nodes
+    session = requests.Session()
+    session.mount("http://", b.server.adapter())  # the requests adapter over node b's Server.round_trip
+    response = session.get(f"http://{DOMAIN}/headers", timeout=10)
+    assert response.status_code == 200 and response.json()["headers"]["Host"] == DOMAIN
+    upload = session.post(f"http://{DOMAIN}/sink", data=b"z" * 100_000, timeout=10)
+    assert upload.json()["length"] == 100_000
+    assert session.get("http://nobody.test/", timeout=10).status_code == 502
+    redis_server.stop()
+    wait_until(lambda: session.get("http://elsewhere.test/", timeout=10).status_code == 503, timeout=5,
+               message="round_trip answering 503 without the registry")
