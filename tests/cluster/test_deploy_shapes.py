@@ -81,10 +81,11 @@ def test_gunicorn_gevent_workers_serve_tunnels_and_forward_between_workers(redis
                                                                           run_process, start_client):
     require_binary("gunicorn")
     port = free_port()
-    env = env_without_proxies() | {"REDIS_URL": redis_server.url, "TUN2G_CLUSTER_SECRET": "gunicorn-test",
-                                   "TUN2G_HOP_LISTEN": "127.0.0.1:0", "TUN2G_REGISTRY_TTL": "2",
-                                   "TUN2G_LOG_LEVEL": "warning"}
-    env.pop("TUN2G_STORAGE", None)
+    # No TUN2G_CLUSTER_SECRET: the workers agree on the one the first of them stores in Redis.
+    env = env_without_proxies() | {"REDIS_URL": redis_server.url, "TUN2G_HOP_LISTEN": "127.0.0.1:0",
+                                   "TUN2G_REGISTRY_TTL": "2", "TUN2G_LOG_LEVEL": "warning"}
+    for name in ("TUN2G_STORAGE", "TUN2G_CLUSTER_SECRET"):
+        env.pop(name, None)
     run_process([sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "2", "-b", f"127.0.0.1:{port}",
                  "tun2g.cluster.wsgi_app:create_app()"], env, "gunicorn")
     wait_for_port(port, timeout=20)
