@@ -1,6 +1,6 @@
 """smux over loopback TCP: tun2g.smux against Go xtaci/smux 1.5.16 and a raw-socket baseline.
 
-    python3 bench/smux_bench.py              # v1, 256 MiB per point, median of 3 (~1 minute)
+    python3 bench/smux_bench.py              # v1, 1 GiB per point, median of 3 (~1.5 minutes)
     python3 bench/smux_bench.py --version 2 --mib 128 --repeat 5
 
 Every point runs two processes: a listening end and a dialling end (the
@@ -116,14 +116,29 @@ def churn_per_second(case: Case, parallel: int, count: int, version: int) -> flo
     return count / float(match.group(3))
 
 
-def measure(results: dict, name: str, function, repeat: int) -> None:
-    """results[name] = [median of `repeat` runs of each point function]; skips cases lacking Go."""
-    try:
-        results[name] = [statistics.median(point() for _ in range(repeat)) for point in function]
-    except GoPeerUnavailable as error:
-        print(f"skipping {name}: {error}", file=sys.stderr)
-        return
-    print(f"  {name}: " + ", ".join(f"{value:.0f}" for value in results[name]), file=sys.stderr, flush=True)
+def measure(points: dict[str, list], repeat: int) -> dict[str, list[float]]:
+    """Median of `repeat` runs of every point function, {case: [point, ...]}.
+
+    The runs go round-robin over all cases, so a burst of load from elsewhere on
+    the machine hits every case alike instead of skewing one of them.
+    """
+    samples = {name: [[] for _ in functions] for name, functions in points.items()}
+    skipped = set()
+    for _ in range(repeat):
+        for name, functions in points.items():
+            if name in skipped:
+                continue
+            try:
+                for index, point in enumerate(functions):
+                    samples[name][index].append(point())
+            except GoPeerUnavailable as error:
+                print(f"skipping {name}: {error}", file=sys.stderr)
+                skipped.add(name)
+    results = {name: [statistics.median(runs) for runs in per_point]
+               for name, per_point in samples.items() if name not in skipped}
+    for name, values in results.items():
+        print(f"  {name}: " + ", ".join(f"{value:.0f}" for value in values), file=sys.stderr, flush=True)
+    return results
 
 
 def bulk_table(results: dict, counts: list[int]) -> str:
@@ -166,7 +181,7 @@ def targets(bulk: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=256, help="MiB sent per bulk point (default 256)")
+    parser.add_argument("--mib", type=int, default=1024, help="MiB sent per bulk point (default 1024)")
     parser.add_argument("--streams", type=int, default=64, help="the many-streams bulk column (default 64)")
     parser.add_argument("--version", type=int, choices=[1, 2], default=1, help="smux protocol version")
     parser.add_argument("--repeat", type=int, default=3, help="runs per point; the median is shown (default 3)")
@@ -175,17 +190,13 @@ def main(argv: list[str]) -> int:
 
     started = time.monotonic()
     counts = [1, args.streams]
-    bulk: dict[str, list[float]] = {}
-    for case in CASES:
-        measure(bulk, case.name, [lambda n=n: bulk_mbps(case, n, args.mib * MIB, args.version) for n in counts],
-                args.repeat)
-    small: dict[str, list[float]] = {}
-    if not args.skip_small:
-        for case in CASES:
-            measure(small, case.name, [lambda: round_trip_us(case, args.version),
-                                       lambda: churn_per_second(case, 1, CHURN_COUNT, args.version),
-                                       lambda: churn_per_second(case, 64, CHURN_PARALLEL_COUNT, args.version)],
-                    args.repeat)
+    bulk = measure({case.name: [lambda case=case, n=n: bulk_mbps(case, n, args.mib * MIB, args.version)
+                                for n in counts] for case in CASES}, args.repeat)
+    small = {} if args.skip_small else measure(
+        {case.name: [lambda case=case: round_trip_us(case, args.version),
+                     lambda case=case: churn_per_second(case, 1, CHURN_COUNT, args.version),
+                     lambda case=case: churn_per_second(case, 64, CHURN_PARALLEL_COUNT, args.version)]
+         for case in CASES}, args.repeat)
 
     print(f"\nsmux v{args.version} over loopback TCP, median of {args.repeat} "
           f"({time.monotonic() - started:.0f} s in all)\n")
