@@ -22,6 +22,9 @@ log = get_logger(__name__)
 
 HTML = "text/html; charset=utf-8"
 HOP_CONNECT_TIMEOUT = 2.0
+# Nodes come and go (each restart may advertise a new port): when a new node
+# appears, pools not used for this long are closed, so dead nodes keep no sockets.
+POOL_IDLE_LIFETIME = 60.0
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,24 @@ class Forwarder:
         self.node_id = node_id
         self.secret = secret
         self._pools: dict[str, BackendPool] = {}
+        self._last_used: dict[str, float] = {}
 
     def _pool(self, url: str) -> BackendPool:
+        now = time.monotonic()
         pool = self._pools.get(url)
         if pool is None:
+            for old_url in [u for u, used in self._last_used.items() if now - used > POOL_IDLE_LIFETIME]:
+                self.drop(old_url)
             pool = self._pools[url] = BackendPool(url, connect_timeout=HOP_CONNECT_TIMEOUT)
+        self._last_used[url] = now
         return pool
+
+    def drop(self, url: str) -> None:
+        """Close the kept connections to a node (it is gone, or unused for long)."""
+        pool = self._pools.pop(url, None)
+        self._last_used.pop(url, None)
+        if pool is not None:
+            pool.close()
 
     def _sign(self, head, request_id: str) -> None:
         head.set(HOP_HEADER, sign(self.secret, origin=self.node_id, timestamp=int(time.time()), method=head.method,
@@ -67,6 +82,7 @@ class Forwarder:
                 upstream, upstream_reader = pool.acquire()
             except OSError as exc:
                 failures.append(f"{node.node_id}: {exc}")
+                self.drop(node.url)
                 on_unreachable(node)
                 continue
             reusable = False
@@ -100,6 +116,7 @@ class Forwarder:
             try:
                 upstream, upstream_reader = pool.acquire()
             except OSError:
+                self.drop(node.url)
                 on_unreachable(node)
                 continue
             try:
@@ -119,9 +136,8 @@ class Forwarder:
         raise CantOpenSessionStream("no cluster node holding this site's tunnel could be reached")
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
+        for url in list(self._pools):
+            self.drop(url)
 
 
 def _gateway_error(sock, head, request_id: str, detail: str, node: str) -> Outcome:
