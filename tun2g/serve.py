@@ -149,6 +149,8 @@ class RunningServer:
     def stop(self) -> None:
         """Close listeners and tunnels; wakes `wait()`."""
         log.info("stopping")
+        if self.server.cluster is not None:
+            self.server.cluster.close()  # first: the other nodes stop forwarding here before the front closes
         for service in self.services:
             service.stop(timeout=1)
         self.server.close()
