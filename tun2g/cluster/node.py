@@ -50,6 +50,7 @@ class Cluster:
                                       cache_ttl=config.cache_ttl, key_prefix=config.key_prefix)
         self.secret = self._resolve_secret(config)
         self.forwarder = Forwarder(self.node_id, self.secret)
+        self._closed = False
         server.cluster = self
 
     def start(self) -> "Cluster":
@@ -165,7 +166,10 @@ class Cluster:
                                          on_unreachable=lambda node: self.registry.forget(domain))
 
     def close(self) -> None:
-        """Leave the cluster: this node's records are removed at once."""
+        """Leave the cluster: this node's records are removed at once (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.registry.close()
         self.forwarder.close()
 
