@@ -104,3 +104,13 @@ def test_gunicorn_gevent_workers_serve_tunnels_and_forward_between_workers(redis
         assert upload.json()["sha256"] == hashlib.sha256(b"".join(pattern_bytes(size))).hexdigest()
     lookups = nodes.info("commandstats").get("cmdstat_zrangebyscore", {}).get("calls", 0) - lookups_before
     assert lookups >= 1, "no request ever reached the worker without the tunnel"
+
+
+@pytest.mark.parametrize("advertise", ["10.0.0.2:8080", "http://0.0.0.0:8080", "ftp://node"])
+def test_a_bad_advertised_url_stops_the_server_with_a_clear_message(redis_server, advertise, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tun2g.cli", "server", "--http", "127.0.0.1:0", "--tunnel", "none",
+                             "--admin", "127.0.0.1:0", "--storage", redis_server.url, "--advertise", advertise],
+                            capture_output=True, text=True, timeout=30, cwd=REPO,
+                            env=env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert "--advertise" in result.stderr and advertise in result.stderr

@@ -11,13 +11,14 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 
 from tun2g.cluster.forward import HTML, Forwarder, Outcome, send_quietly
 from tun2g.cluster.hop import HOP_HEADER, Hop, HopRefused, verify
 from tun2g.cluster.registry import DEFAULT_CACHE_TTL, DEFAULT_TTL, ClusterUnavailable, RedisRegistry
-from tun2g.errors import NoSuchBackend
+from tun2g.errors import ConfigurationError, NoSuchBackend
 from tun2g.http import simple_response
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body
@@ -42,6 +43,7 @@ class Cluster:
     """The cluster side of a Server: attach with `Cluster(server, config).start()`."""
 
     def __init__(self, server, config: ClusterConfig):
+        _check_advertise_url(config.advertise_url)
         self.server = server
         self.config = config
         self.node_id = server.config.node_id
@@ -172,6 +174,16 @@ class Cluster:
         self._closed = True
         self.registry.close()
         self.forwarder.close()
+
+
+def _check_advertise_url(url: str) -> None:
+    parts = urlsplit(url or "")
+    if parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
+        raise ConfigurationError(f"the advertised URL must look like http://10.0.0.2:8080 (where the other nodes "
+                                 f"reach this node's HTTP front), got {url!r}; check --advertise / TUN2G_ADVERTISE")
+    if parts.hostname in ("0.0.0.0", "::"):
+        raise ConfigurationError(f"the advertised URL {url!r} names no reachable host; give this node's address "
+                                 f"with --advertise")
 
 
 def default_advertise_url(http_address: tuple, scheme: str = "http") -> str:

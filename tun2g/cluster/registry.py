@@ -55,7 +55,7 @@ MAX_CACHED_DOMAINS = 10_000
 _BACKEND_FIELDS = {f.name for f in fields(Backend)}
 
 
-class ClusterUnavailable(Exception):
+class ClusterUnavailable(ConnectionError):
     """Redis cannot be asked right now, so other nodes' backends cannot be found."""
 
 
