@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 
 from tun2g.cluster.hop import HOP_HEADER, sign
-from tun2g.errors import Tun2Error
+from tun2g.errors import CantOpenSessionStream, CantReadResponse, Tun2Error
 from tun2g.http import BackendPool, DownstreamError, HTTPError, UpstreamError, forward_exchange, simple_response
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body
+from tun2g.roundtrip import TunnelResponse, send_request
 
 log = get_logger(__name__)
 
@@ -67,16 +68,9 @@ class Forwarder:
                                   host=head.host or "", target=head.target, request_id=request_id,
                                   forwarded_for=head.get("X-Forwarded-For") or ""))
 
-    def forward(self, head, reader, sock, nodes: list, request_id: str, on_unreachable) -> Outcome:
-        """Send the request to one of `nodes` (tried in random order while they refuse connections).
-
-        `on_unreachable(node)` is told about each node that cannot be reached.
-        Failures before a response answer 502 like a broken tunnel does.
-        """
-        self._sign(head, request_id)
-        candidates = nodes if len(nodes) == 1 else random.sample(nodes, len(nodes))
-        failures = []
-        for node in candidates:
+    def _connect(self, nodes: list, on_unreachable, failures: list):
+        """(node, pool, sock, reader) for the first of `nodes` (random order) that accepts, else None."""
+        for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
             pool = self._pool(node.url)
             try:
                 upstream, upstream_reader = pool.acquire()
@@ -85,55 +79,62 @@ class Forwarder:
                 self.drop(node.url)
                 on_unreachable(node)
                 continue
-            reusable = False
-            try:
-                result = forward_exchange(head, reader, upstream, sock, upstream_reader=upstream_reader)
-                reusable = result.upstream_reusable
-            except UpstreamError as exc:
-                log.warning("hop_failed", node=node.node_id, url=node.url, error=str(exc), request_id=request_id)
-                return _gateway_error(sock, head, request_id, f"The cluster node holding this site's tunnel "
-                                                             f"({node.node_id}) failed: {exc}", node.node_id)
-            except DownstreamError:
-                return Outcome(499, False, node.node_id)  # the public client left
-            finally:
-                pool.release(upstream, upstream_reader, reusable)
-            return Outcome(result.status, result.keep_alive, node.node_id)
-        log.warning("hop_unreachable", nodes="; ".join(failures), request_id=request_id)
-        return _gateway_error(sock, head, request_id, "No cluster node holding this site's tunnel could be reached.",
-                              "-")
+            return node, pool, upstream, upstream_reader
+        log.warning("hop_unreachable", nodes="; ".join(failures))
+        return None
 
-    def round_trip(self, head, body, nodes: list, request_id: str, on_unreachable):
+    def forward(self, head, reader, sock, nodes: list, request_id: str, on_unreachable) -> Outcome:
+        """Send the request to one of `nodes` (tried in random order while they refuse connections).
+
+        `on_unreachable(node)` is told about each node that cannot be reached.
+        Failures before a response answer 502 like a broken tunnel does.
+        """
+        self._sign(head, request_id)
+        connected = self._connect(nodes, on_unreachable, [])
+        if connected is None:
+            return _gateway_error(sock, head, request_id, "No cluster node holding this site's tunnel could be "
+                                                          "reached.", "-")
+        node, pool, upstream, upstream_reader = connected
+        reusable = False
+        try:
+            result = forward_exchange(head, reader, upstream, sock, upstream_reader=upstream_reader)
+            reusable = result.upstream_reusable
+        except UpstreamError as exc:
+            log.warning("hop_failed", node=node.node_id, url=node.url, error=str(exc), request_id=request_id)
+            return _gateway_error(sock, head, request_id, f"The cluster node holding this site's tunnel "
+                                                         f"({node.node_id}) failed: {exc}", node.node_id)
+        except DownstreamError:
+            return Outcome(499, False, node.node_id)  # the public client left
+        finally:
+            pool.release(upstream, upstream_reader, reusable)
+        return Outcome(result.status, result.keep_alive, node.node_id)
+
+    def round_trip(self, head, body, nodes: list, request_id: str, on_unreachable) -> TunnelResponse:
         """Like `forward`, for callers without sockets (WSGI, the requests adapter): a TunnelResponse.
 
         Raises CantReadResponse / CantOpenSessionStream as a tunnel round trip does.
         """
-        from tun2g.errors import CantOpenSessionStream, CantReadResponse
-        from tun2g.roundtrip import TunnelResponse, send_request
-
         self._sign(head, request_id)
-        for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
-            pool = self._pool(node.url)
-            try:
-                upstream, upstream_reader = pool.acquire()
-            except OSError:
-                self.drop(node.url)
-                on_unreachable(node)
-                continue
-            try:
-                pump = send_request(upstream, head, body)
+        failures = []
+        connected = self._connect(nodes, on_unreachable, failures)
+        if connected is None:
+            raise CantOpenSessionStream(f"no cluster node holding this site's tunnel could be reached: "
+                                        f"{'; '.join(failures)}")
+        node, pool, upstream, upstream_reader = connected
+        try:
+            pump = send_request(upstream, head, body)
+            response = upstream_reader.read_response_head(head.method)
+            while 100 <= response.status < 200:
                 response = upstream_reader.read_response_head(head.method)
-                while 100 <= response.status < 200:
-                    response = upstream_reader.read_response_head(head.method)
-            except (OSError, HTTPError, Tun2Error) as exc:
-                pool.release(upstream, upstream_reader, False)
-                raise CantReadResponse(f"cluster node {node.node_id}: {exc}") from exc
+        except (OSError, HTTPError, Tun2Error) as exc:
+            pool.release(upstream, upstream_reader, False)
+            raise CantReadResponse(f"cluster node {node.node_id}: {exc}") from exc
 
-            def release(upstream=upstream, upstream_reader=upstream_reader, pool=pool, pump=pump):
-                done = upstream_reader.body_complete and (pump is None or pump.successful())
-                pool.release(upstream, upstream_reader, done and upstream_reader.keep_alive)
+        def release():
+            done = upstream_reader.body_complete and (pump is None or pump.successful())
+            pool.release(upstream, upstream_reader, done and upstream_reader.keep_alive)
 
-            return TunnelResponse(response, upstream_reader, on_close=release)
-        raise CantOpenSessionStream("no cluster node holding this site's tunnel could be reached")
+        return TunnelResponse(response, upstream_reader, on_close=release)
 
     def close(self) -> None:
         for url in list(self._pools):
