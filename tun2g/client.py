@@ -56,6 +56,10 @@ class ClientConfig:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     connect_timeout: float = 10.0
+    # A Go tun2 server pings every 5 s. If it sent neither a reply nor any stream
+    # within this long, it most likely lost our Auth to its smux race
+    # (ORIGINAL.md 5.1) and will never serve us: reconnect instead of waiting forever.
+    unconfirmed_timeout: float = 15.0
     kcp_options: object = None
     extra: dict = field(default_factory=dict)
 
@@ -124,9 +128,14 @@ class Client:
         try:
             control = session.accept_stream(timeout=ACCEPT_CONTROL_TIMEOUT)
             control.sendall(Auth(self.config.token, self.config.domain).encode())
-            serving = gevent.spawn(self._accept_loop, session)
+            first_stream = Event()
+            serving = gevent.spawn(self._accept_loop, session, first_stream)
             try:
-                self._await_reply(control, session)
+                confirmed = self._await_reply(control, session)
+                if not confirmed and not first_stream.wait(self.config.unconfirmed_timeout):
+                    raise ConnectionLost(f"the server neither confirmed our Auth nor sent a request in "
+                                         f"{self.config.unconfirmed_timeout:g} s (a Go tun2 server loses "
+                                         f"an Auth now and then); reconnecting")
                 session.wait_closed()
             finally:
                 serving.kill()
@@ -135,8 +144,11 @@ class Client:
             session.close()
             self._session = None
 
-    def _await_reply(self, control, session) -> None:
-        """Read tun2g's auth reply; silence from a live session means a Go server accepted us."""
+    def _await_reply(self, control, session) -> bool:
+        """Read tun2g's auth reply; True when confirmed, False when a live session stayed silent.
+
+        Silence is what a Go server that accepted us sends.
+        """
         control.settimeout(REPLY_GRACE)
         line = b""
         try:
@@ -149,7 +161,7 @@ class Client:
             if not session.is_closed:
                 self.backend_id = None
                 self._set_state("connected", confirmed=False)
-                return
+                return False
         except (OSError, smux.SessionClosedError):
             pass
         if not line:
@@ -163,13 +175,16 @@ class Client:
             raise AuthRejected(f"server rejected us: {reply.get('error', 'no reason given')}")
         self.backend_id = reply.get("backend")
         self._set_state("connected", confirmed=True)
+        return True
 
-    def _accept_loop(self, session) -> None:
+    def _accept_loop(self, session, first_stream: Event) -> None:
         while True:
             try:
                 stream = session.accept_stream()
             except (smux.SessionClosedError, OSError):
+                first_stream.set()  # wakes connect(), which then sees the session is gone
                 return
+            first_stream.set()
             self._handlers.spawn(self._serve_stream, stream)
 
     def _serve_stream(self, stream) -> None:

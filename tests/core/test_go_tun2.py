@@ -97,3 +97,35 @@ def test_tun2g_client_rejected_by_go_server_retries(go_peer, backend, start_clie
     server.wait_for(r"REJECTED token=wrong")
     server.wait_for(r"REJECTED token=wrong")  # it tried again: a Go server gives no reason, so we cannot know
     assert not client.connected.is_set()
+
+
+def test_client_reconnects_when_a_silent_server_lost_its_auth(backend, start_client):
+    """A server that takes the Auth and then says and sends nothing (the Go original's lost-Auth state)."""
+    from gevent.event import Event
+    from gevent.server import StreamServer
+
+    from tun2g import smux
+
+    sessions, second = [], Event()
+
+    def swallow_auth(sock, _address):
+        session = smux.Session(sock, client=False, config=smux.Config.tun2_server())
+        sessions.append(session)
+        if len(sessions) == 2:
+            second.set()
+        session.open_stream().recv(4096)  # read the Auth, then stay silent forever
+        session.wait_closed()
+
+    server = StreamServer(("127.0.0.1", 0), swallow_auth)
+    server.start()
+    try:
+        url, _app = backend
+        config = ClientConfig(server_addr=f"127.0.0.1:{server.server_port}", token="t", domain=DOMAIN,
+                              backend_url=url, plain=True, backoff_initial=0.05, unconfirmed_timeout=0.3)
+        client = start_client(config, wait=False)
+        client.connected.wait(10)
+        assert second.wait(10), "the client must give up on a server that never serves it, and reconnect"
+    finally:
+        server.stop(timeout=1)
+        for session in sessions:
+            session.close()
