@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -194,11 +195,8 @@ class Server:
 
     def route(self, host: str, exclude=()):
         """The connection that should serve a request for `host`, or None."""
-        try:
-            domain = normalize_domain(host or "")
-        except StorageError:
-            return None
-        return self.registry.pick(domain, exclude)
+        domain = routing_key(host or "")
+        return None if domain is None else self.registry.pick(domain, exclude)
 
     def retire(self, connection, reason: str) -> None:
         """Drop a connection whose session failed under a request."""
@@ -266,6 +264,15 @@ class Server:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+
+@functools.lru_cache(maxsize=4096)
+def routing_key(host: str) -> str | None:
+    """The domain a Host header routes to (cached: hosts repeat, validation is not free)."""
+    try:
+        return normalize_domain(host)
+    except StorageError:
+        return None
 
 
 def _peer(sock) -> str:
