@@ -45,7 +45,7 @@ class PathResults:
     wrk: dict = field(default_factory=dict)  # connections -> WrkResult
     download: float = 0.0  # bytes/s
     upload: float = 0.0
-    cpu_us_per_request: dict = field(default_factory=dict)  # "server"/"client" -> µs at 64 connections
+    cpu_us_per_request: dict = field(default_factory=dict)  # ("server"/"client", connections) -> µs
     notes: list = field(default_factory=list)
     failed: str = ""  # why this path could not be measured
 
@@ -91,15 +91,15 @@ class Tunnel:
 
 
 def measure_wrk(results: PathResults, port: int, duration: float, processes: dict | None = None) -> None:
-    """wrk at every connection count; with `processes`, also their CPU time per request at 64 connections."""
+    """wrk at every connection count; with `processes` (name -> pid), also their CPU time per request."""
     tc.run_wrk(port, DOMAIN, 16, min(duration, 1.0))  # warm-up: pools, greenlets, caches
     for connections in CONNECTIONS:
         before = {name: _cpu_seconds(pid) for name, pid in (processes or {}).items()}
         result = tc.run_wrk(port, DOMAIN, connections, duration)
         results.wrk[connections] = result
-        if connections == 64 and result.requests:
-            for name, pid in (processes or {}).items():
-                results.cpu_us_per_request[name] = (_cpu_seconds(pid) - before[name]) * 1e6 / result.requests
+        for name, pid in (processes or {}).items():
+            results.cpu_us_per_request[name, connections] = ((_cpu_seconds(pid) - before[name]) * 1e6
+                                                             / max(result.requests, 1))
         if result.errors:
             results.notes.append(f"{connections} connections: {result.errors}")
         print(f"  {connections:>3} connections: {result.requests_per_s:>9.0f} req/s, p50 {result.p50_ms:.2f} ms, "
@@ -204,9 +204,10 @@ def build_table(direct: PathResults, plain: PathResults, tls: PathResults, idle:
                     lambda r: ratio(r.download, direct.download), "{} / {}".format(*GO_DOWNLOAD_RATIO)))
     rows.append(row(f"upload {size}, MB/s", lambda r: f"{r.upload / 1e6:,.0f}", direct,
                     lambda r: ratio(r.upload, direct.upload), f"~{GO_UPLOAD_RATIO}"))
-    for name, go in (("server", 140), ("client", 190)):
-        rows.append(row(f"{name} CPU µs/request, 64 conn", lambda r: f"{r.cpu_us_per_request.get(name, 0):.0f}",
-                        None, None, f"~{go}"))
+    for c in (1, 64):
+        for name, go in (("server", 140), ("client", 190)):
+            rows.append(row(f"{name} CPU µs/request, {c} conn",
+                            lambda r: f"{r.cpu_us_per_request.get((name, c), 0):.0f}", None, None, f"~{go}"))
     if idle:
         rows.append(["server RSS, 1 idle TLS tunnel", "-", "", "", f"{idle.rss_one / tc.MIB:.1f} MiB", "",
                      "7.7 MB (no tunnel)"])
@@ -230,7 +231,8 @@ def targets(plain: PathResults, direct: PathResults, idle: IdleMemory | None) ->
     return "\n".join([
         "Reference (Go tun2, same kind of 2-core machine): 64 conn ~5-9% of direct req/s, 1 conn ~16-18% "
         "(+0.24 ms median); 100 MiB download 25% of direct plain / 14% TLS; uploads ~5%; "
-        "~170 KiB server RSS per idle TLS tunnel.",
+        "~170 KiB server RSS per idle TLS tunnel; ~140 µs server and ~190 µs client CPU per request "
+        "(connection count not stated).",
         f"Goal: >= those ratios; 1.5x Go's req/s at 64 conn (plain ratio >= {goal_64:.3f}): {rps_goal}; "
         f"<= 64 KiB per idle tunnel: {memory_goal}."])
 
