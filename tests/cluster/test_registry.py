@@ -97,7 +97,7 @@ def test_a_node_that_stops_refreshing_expires_within_the_ttl(nodes):
     died = time.monotonic()
     wait_until(lambda: b.registry.lookup("app.test") == [] and b.registry.remote_backends() == [], timeout=3,
                message="a's records expiring")
-    assert time.monotonic() - died <= 1.0 + 0.3
+    assert time.monotonic() - died <= 1.0 + 0.5  # expiry is exact; the rest is polling under load
 
 
 def test_a_node_that_leaves_is_removed_at_once(nodes):

@@ -213,24 +213,30 @@ class RedisRegistry:
             return self._stale(entry, now)
         pending = self._pending[domain] = AsyncResult()
         try:
-            nodes = self._fetch(domain)
-        except (redis.RedisError, OSError) as exc:
-            self.outage.failed(exc)
-            try:
-                nodes = self._stale(entry, now)
-            except ClusterUnavailable as unavailable:
-                pending.set_exception(unavailable)
-                raise
-        else:
-            self.outage.succeeded()
-            if not nodes and entry is not None and self.outage.recovered_within(self.ttl / 2):
-                # Redis came back (maybe empty) and the nodes republish within TTL/3:
-                # until then an empty answer means "not yet known", so keep the last one.
-                nodes = entry.nodes
-            self._remember(domain, _CacheEntry(now, now + self.ttl, nodes))
+            nodes = self._ask_redis(domain, entry, now)
+        except Exception as exc:
+            pending.set_exception(exc)
+            raise
+        except BaseException:  # this greenlet was killed: the others waiting must not hang
+            pending.set_exception(ClusterUnavailable("the registry lookup was interrupted"))
+            raise
         finally:
             del self._pending[domain]
         pending.set(nodes)
+        return nodes
+
+    def _ask_redis(self, domain: str, entry: _CacheEntry | None, now: float) -> list[NodeRef]:
+        try:
+            nodes = self._fetch(domain)
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            return self._stale(entry, now)
+        self.outage.succeeded()
+        if not nodes and entry is not None and self.outage.recovered_within(self.ttl / 2):
+            # Redis came back (maybe empty) and the nodes republish within TTL/3:
+            # until then an empty answer means "not yet known", so keep the last one.
+            nodes = entry.nodes
+        self._remember(domain, _CacheEntry(now, now + self.ttl, nodes))
         return nodes
 
     def _remember(self, domain: str, entry: _CacheEntry) -> None:
