@@ -30,7 +30,7 @@ setup(
             "gunicorn>=22",
             "websocket-client>=1.7",
         ],
-        "bench": ["psutil>=5.9", "pyinstrument>=4.6"],
+        "bench": ["psutil>=5.9", "pyinstrument>=4.6", "py-spy>=0.3"],
     },
     entry_points={"console_scripts": ["tun2g=tun2g.cli:main"]},
 )
