@@ -12,6 +12,11 @@ monkey.patch_all()
 
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+
+# Fixture modules import one another; declare them for assertion rewriting up front.
+pytest.register_assert_rewrite("tests.fixtures")
+
 pytest_plugins = sorted(
     f"tests.fixtures.{path.stem}"
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
