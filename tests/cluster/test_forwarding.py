@@ -167,3 +167,20 @@ def test_round_trip_callers_reach_other_nodes_backends_too(two_nodes, redis_serv
     redis_server.stop()
     wait_until(lambda: session.get("http://elsewhere.test/", timeout=10).status_code == 503, timeout=5,
                message="round_trip answering 503 without the registry")
+
+
+def test_redis_is_never_asked_on_the_local_path_and_once_per_second_on_the_forwarded_one(two_nodes, redis_server):
+    from tests.fixtures.cluster import commands_between, redis_command_counts
+
+    a, b, _app, _client = two_nodes
+    session = requests.Session()
+    before = redis_command_counts(redis_server.url)
+    for _ in range(30):
+        assert session.get(a.http_url + "/", headers={"Host": DOMAIN}, timeout=10).status_code == 200
+    assert commands_between(before, redis_command_counts(redis_server.url)).get("zrangebyscore", 0) == 0
+    get(b)  # warm b's cache
+    before, started = redis_command_counts(redis_server.url), time.monotonic()
+    for _ in range(30):
+        assert session.get(b.http_url + "/", headers={"Host": DOMAIN}, timeout=10).status_code == 200
+    lookups = commands_between(before, redis_command_counts(redis_server.url)).get("zrangebyscore", 0)
+    assert lookups <= int(time.monotonic() - started) + 1  # the cache holds an answer for a second
