@@ -18,6 +18,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -130,6 +131,21 @@ def new_secret() -> str:
 def new_token_id() -> str:
     """A short public token id (12 hex digits) for listing and revoking."""
     return secrets.token_hex(6)
+
+
+class SecretMinting:
+    """`create_token` for any store with `import_token`: both stores mint secrets alike."""
+
+    def create_token(self, user: str, scopes: Iterable[str] = DEFAULT_SCOPES,
+                     note: str = "") -> tuple[TokenInfo, str]:
+        secret = new_secret()
+        return self.import_token(user, secret, scopes, note), secret
+
+
+def new_token_record(user: str, secret: str, scopes: Iterable[str], note: str) -> tuple[TokenInfo, str]:
+    """A validated TokenInfo for a secret, and the digest to store it under."""
+    info = TokenInfo(new_token_id(), validate_user(user), validate_scopes(scopes), time.time(), validate_note(note))
+    return info, hash_secret(validate_secret(secret))
 
 
 def route_taken_error(domain: str, owner: str) -> StorageError:

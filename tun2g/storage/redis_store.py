@@ -30,9 +30,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tun2g.storage.base import (
-    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, StorageError, StorageUnavailable, TokenInfo,
-    hash_secret, new_secret, new_token_id, normalize_domain, normalize_token_id, route_taken_error,
-    validate_note, validate_scopes, validate_secret, validate_user,
+    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError,
+    StorageUnavailable, TokenInfo, hash_secret, new_token_record, normalize_domain,
+    normalize_token_id, route_taken_error, validate_user,
 )
 
 DEFAULT_KEY_PREFIX = "tun2g:"
@@ -43,7 +43,7 @@ COMMAND_TIMEOUT = 5.0  # seconds per command
 _RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
 
 
-class RedisStorage:
+class RedisStorage(SecretMinting):
     """Tokens and routes in Redis (see the module docstring for the key schema)."""
 
     def __init__(self, url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
@@ -75,16 +75,9 @@ class RedisStorage:
             raise NoSuchRoute(f"no route for {domain}")
         return user
 
-    def create_token(self, user: str, scopes: Iterable[str] = DEFAULT_SCOPES,
-                     note: str = "") -> tuple[TokenInfo, str]:
-        secret = new_secret()
-        return self.import_token(user, secret, scopes, note), secret
-
     def import_token(self, user: str, secret: str, scopes: Iterable[str] = DEFAULT_SCOPES,
                      note: str = "") -> TokenInfo:
-        info = TokenInfo(new_token_id(), validate_user(user), validate_scopes(scopes), time.time(),
-                         validate_note(note))
-        digest = hash_secret(validate_secret(secret))
+        info, digest = new_token_record(user, secret, scopes, note)
         token_key = self._token_key(digest)
 
         def insert(pipe: redis.client.Pipeline) -> None:

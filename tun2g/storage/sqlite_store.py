@@ -25,9 +25,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import gevent
 
 from tun2g.storage.base import (
-    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, StorageError, TokenInfo, hash_secret,
-    new_secret, new_token_id, normalize_domain, normalize_token_id, route_taken_error,
-    validate_note, validate_scopes, validate_secret, validate_user,
+    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError, TokenInfo,
+    hash_secret, new_token_record, normalize_domain, normalize_token_id, route_taken_error,
+    validate_user,
 )
 
 SCHEMA_VERSION = 1
@@ -55,7 +55,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 T = TypeVar("T")
 
 
-class SQLiteStorage:
+class SQLiteStorage(SecretMinting):
     """Tokens and routes in a SQLite file (or ":memory:" for one process's tests)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -86,16 +86,9 @@ class SQLiteStorage:
             raise NoSuchRoute(f"no route for {domain}")
         return row[0]
 
-    def create_token(self, user: str, scopes: Iterable[str] = DEFAULT_SCOPES,
-                     note: str = "") -> tuple[TokenInfo, str]:
-        secret = new_secret()
-        return self.import_token(user, secret, scopes, note), secret
-
     def import_token(self, user: str, secret: str, scopes: Iterable[str] = DEFAULT_SCOPES,
                      note: str = "") -> TokenInfo:
-        info = TokenInfo(new_token_id(), validate_user(user), validate_scopes(scopes), time.time(),
-                         validate_note(note))
-        digest = hash_secret(validate_secret(secret))
+        info, digest = new_token_record(user, secret, scopes, note)
 
         def insert(db: sqlite3.Connection) -> None:
             with _write_transaction(db):
