@@ -12,11 +12,11 @@ import datetime
 import json
 import sys
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import click
 
-from tun2g.cli.options import env_option
+from tun2g.cli.options import env_option, print_table
 from tun2g.storage import CONNECT_SCOPE, NoSuchRoute, Storage, StorageError, normalize_domain, open_storage
 
 SHORT_SECRET = 20  # characters; shorter imported secrets get a warning (generated ones have 43)
@@ -48,13 +48,6 @@ def _opened(storage_url: str | None) -> Iterator[Storage]:
 
 def _when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _print_table(header: Sequence[str], rows: list[Sequence[str]]) -> None:
-    table = [header, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _print_json(records: list) -> None:
@@ -141,7 +134,7 @@ def token_list(user, as_json, storage_url):
     elif not tokens:
         click.echo(f"no tokens{f' for {user}' if user else ''} in {where}")
     else:
-        _print_table(("ID", "USER", "SCOPES", "CREATED", "NOTE"),
+        print_table(("ID", "USER", "SCOPES", "CREATED", "NOTE"),
                      [(t.id, t.user, ",".join(t.scopes), _when(t.created), t.note) for t in tokens])
 
 
@@ -273,4 +266,4 @@ def route_list(user, as_json, storage_url):
     elif not routes:
         click.echo(f"no routes{f' for {user}' if user else ''} in {where}")
     else:
-        _print_table(("DOMAIN", "USER", "CREATED"), [(r.domain, r.user, _when(r.created)) for r in routes])
+        print_table(("DOMAIN", "USER", "CREATED"), [(r.domain, r.user, _when(r.created)) for r in routes])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tun2g.cli.options import env_option
+from tun2g.cli.options import env_option, print_table
 
 _admin_url = env_option("--admin", "admin_url", env="TUN2G_ADMIN_URL", default="http://127.0.0.1:7070",
                         show_default=True, help="The server's admin API (its --admin address).")
@@ -49,10 +49,7 @@ def backends(admin_url, admin_token, domain, user, as_json):
         click.echo("no backends connected")
         return
     columns = ("id", "domain", "user", "proto", "host", "usable", "phi", "requests_in_flight", "node")
-    table = [columns] + [tuple(str(round(r[c], 2) if c == "phi" else r[c]) for c in columns) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    for row in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_table(columns, [tuple(str(round(r[c], 2) if c == "phi" else r[c]) for c in columns) for r in rows])
 
 
 @click.command()

@@ -1,4 +1,4 @@
-"""Option helpers shared by the commands: environment fallbacks and value checks."""
+"""Helpers shared by the commands: environment fallbacks, value checks, table output."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ def host_port(ctx, param, value):
     except ValueError:
         raise click.BadParameter(f"expected HOST:PORT (e.g. 0.0.0.0:8080 or :8080), got {value!r}") from None
     return value
+
+
+def print_table(header, rows) -> None:
+    """Print rows of strings as left-aligned columns under a header row."""
+    table = [tuple(header), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
