@@ -1,0 +1,144 @@
+"""A/B cost of one proxied request: this working tree against a git revision, interleaved in one run.
+
+    python3 bench/request_cost_bench.py --against HEAD          # uncommitted changes vs the last commit
+    python3 bench/request_cost_bench.py --against HEAD~3 --tls --rounds 5 --seconds 3
+
+Both trees run their own `tun2g server` + `tun2g client` (plain tunnel, or TLS
+with --tls) in front of one nginx. Each round runs wrk at every connection
+count against each tree in turn, so load from elsewhere on the machine hits
+both alike; the table gives medians over the rounds of req/s and of the
+server's and the client's CPU µs per request (the steadier figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+
+import tunnel_common as tc
+
+DOMAIN, USER = "bench.test", "bench"
+TOKEN = "ab" * 24  # hex: never parsed as an option
+
+
+def export_revision(revision: str, target: Path) -> Path:
+    """The tun2g package as of `revision`, unpacked under `target` (the shared working tree is not touched)."""
+    archive = subprocess.run(["git", "archive", revision, "tun2g"], cwd=tc.REPO_ROOT, capture_output=True,
+                             check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target)
+    return target
+
+
+class TreeTunnel:
+    """A server and one client for DOMAIN, both importing tun2g from `source`."""
+
+    def __init__(self, name: str, source: Path, workdir: Path, storage: str, tls: bool, cert: Path,
+                 nginx_port: int):
+        self.name = name
+        env = tc.child_env()
+        env["PYTHONPATH"] = str(source)
+        self.http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
+        argv = ["server", "--http", f"127.0.0.1:{self.http_port}", "--tunnel", f"127.0.0.1:{tunnel_port}",
+                "--admin", f"127.0.0.1:{admin_port}", "--storage", storage, "--no-access-log",
+                "--log-level", "warning"]
+        argv += ["--tls-cert", str(cert), "--tls-key", str(cert.with_name("tun2g-dev-key.pem"))] if tls \
+            else ["--plain-tunnel"]
+        run = [sys.executable, "-m", "tun2g.cli"]
+        self.server = tc.Service(f"{name} server", run + argv, workdir / f"{name}-server.log", env=env)
+        self.services = [self.server]
+        try:
+            tc.wait_until(lambda: self.server.check_alive() or tc.port_open(admin_port), 30, f"{name} admin API")
+            client_tls = ["--ca", str(cert)] if tls else ["--plain"]
+            self.client = tc.Service(f"{name} client", run + [
+                "client", "--server", f"127.0.0.1:{tunnel_port}", "--token", TOKEN, "--domain", DOMAIN,
+                *client_tls, "--backend", f"http://127.0.0.1:{nginx_port}", "--log-level", "warning"],
+                workdir / f"{name}-client.log", env=env)
+            self.services.append(self.client)
+            tc.wait_for_backends(admin_port, DOMAIN, 1, 30, watch=self.services)
+        except BaseException:
+            self.stop()
+            raise
+
+    def measure(self, connections: int, seconds: float) -> tuple[float, float, float]:
+        """(req/s, server µs/request, client µs/request) of one wrk run."""
+        processes = [psutil.Process(self.server.pid), psutil.Process(self.client.pid)]
+        before = [_cpu(p) for p in processes]
+        result = tc.run_wrk(self.http_port, DOMAIN, connections, seconds)
+        if result.errors:
+            raise RuntimeError(f"{self.name}, {connections} connections: {result.errors}")
+        requests = max(result.requests, 1)
+        server, client = ((_cpu(p) - b) * 1e6 / requests for p, b in zip(processes, before))
+        return result.requests_per_s, server, client
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", default="HEAD", help="git revision to compare the working tree with")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk point")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", default="1,64")
+    parser.add_argument("--tls", action="store_true", help="TLS tunnels instead of plain TCP")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.connections.split(",")]
+
+    workdir = Path(tempfile.mkdtemp(prefix="tun2g-ab-"))
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        nginx_port = tc.free_port()
+        stack.callback(tc.start_nginx(workdir, nginx_port, "unused").stop)
+        storage = f"sqlite:///{workdir / 'bench.db'}"
+        tc.tun2g_run("token", "import", "--user", USER, "--secret", TOKEN, "--storage", storage)
+        tc.tun2g_run("route", "add", DOMAIN, "--user", USER, "--storage", storage)
+        tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
+        cert = workdir / "tun2g-dev-cert.pem"
+        base = export_revision(args.against, workdir / "base")
+        trees = {args.against: base, "working tree": tc.REPO_ROOT}
+        tunnels = []
+        for name, source in trees.items():
+            tunnel = TreeTunnel(name.replace("/", "_").replace(" ", "_"), source, workdir, storage, args.tls,
+                                cert, nginx_port)
+            stack.callback(tunnel.stop)
+            tunnels.append((name, tunnel))
+        for _, tunnel in tunnels:
+            tc.run_wrk(tunnel.http_port, DOMAIN, 16, 1.0)  # warm-up
+        samples: dict = {}
+        for round_number in range(args.rounds):
+            for connections in counts:
+                for name, tunnel in tunnels:
+                    figures = tunnel.measure(connections, args.seconds)
+                    samples.setdefault((name, connections), []).append(figures)
+                    print(f"  round {round_number + 1}, {connections:>3} conn, {name}: {figures[0]:7.0f} req/s, "
+                          f"server {figures[1]:5.1f} µs, client {figures[2]:5.1f} µs", flush=True)
+
+    kind = "TLS" if args.tls else "plain"
+    print(f"\nmedians of {args.rounds} rounds, {args.seconds:g} s each, {kind} tunnel")
+    print(f"| {'tree':<14} | conn |   req/s | server µs/req | client µs/req |")
+    print(f"|{'-' * 16}|------|---------|---------------|---------------|")
+    for connections in counts:
+        for name, _ in tunnels:
+            rps, server, client = (statistics.median(column) for column in zip(*samples[name, connections]))
+            print(f"| {name:<14} | {connections:>4} | {rps:7.0f} | {server:13.1f} | {client:13.1f} |")
+
+
+if __name__ == "__main__":
+    main()
