@@ -8,8 +8,9 @@ mountable alternative.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 
 from gevent.server import StreamServer
 
@@ -24,6 +25,29 @@ from tun2g.transport.tcp import tune
 log = get_logger(__name__)
 
 HTML = "text/html; charset=utf-8"
+
+
+class _RequestIds:
+    """Unique request ids as 32 hex digits: a random per-process prefix and a counter.
+
+    uuid4() per request cost a getrandom syscall and ~3% of the server's time; this
+    is as unique in practice (80 random bits per process, then a 48-bit counter).
+    A forked child (gunicorn worker) draws its own prefix.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._prefix = os.urandom(10).hex()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+new_request_id = _RequestIds()
 
 
 class HTTPFront:
@@ -65,7 +89,7 @@ class HTTPFront:
             upgrade.serve(self.server, sock, reader.take_buffered(),
                           proto="upgrade+tls" if self.scheme == "https" else "upgrade")
             return False
-        request_id = head.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = head.get("X-Request-Id") or new_request_id()
         host = head.host or ""
         cluster, hop = self.server.cluster, None
         if cluster is not None:
