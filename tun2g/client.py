@@ -172,7 +172,10 @@ class Client:
         except AuthFormatError as exc:
             raise ConnectionLost(str(exc)) from None
         if not reply["ok"]:
-            raise AuthRejected(f"server rejected us: {reply.get('error', 'no reason given')}")
+            reason = reply.get("error", "no reason given")
+            if reply.get("retry"):
+                raise ConnectionLost(f"server could not check our Auth: {reason}")
+            raise AuthRejected(f"server rejected us: {reason}")
         self.backend_id = reply.get("backend")
         self._set_state("connected", confirmed=True)
         return True

@@ -135,10 +135,16 @@ class Server:
         try:
             auth = self._read_auth(control)
             user = verify_auth(self.storage, auth, normalize_domain)
-        except (AuthMismatch, AuthFormatError, StorageError) as exc:
+        except (AuthMismatch, AuthFormatError) as exc:
             reason = getattr(exc, "reason", str(exc))
             log.warning("auth_rejected", remote=remote, proto=proto, reason=reason)
             _try_send(control, encode_reply(False, error=reason))
+            return None
+        except StorageError as exc:
+            # The details name internal hosts: they go to the log, not to the client.
+            log.error("auth_storage_failed", remote=remote, proto=proto, error=str(exc))
+            _try_send(control, encode_reply(False, error="the server cannot check tokens right now; "
+                                                         "try again later", retry=True))
             return None
         except (OSError, smux.SessionClosedError, socket.timeout) as exc:
             log.info("auth_aborted", remote=remote, proto=proto, error=str(exc) or type(exc).__name__)

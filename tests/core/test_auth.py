@@ -155,3 +155,38 @@ def test_kill_backend_disconnects_and_client_reconnects(tunnel):
     client.wait_connected()
     wait_until(lambda: [b.id for b in deployment.server.get_all_backends()] not in ([], [first]),
                message="a new registration")
+
+
+def test_storage_outage_is_not_a_rejection_and_leaks_no_address(tmp_path, data_dir, redis_server, backend,
+                                                                   start_client):
+    from tun2g.client import ClientConfig
+    from tun2g.serve import ServerSetup
+
+    setup = ServerSetup(http_addr="127.0.0.1:0", tunnel_addr="127.0.0.1:0", admin_addr=None, plain_tunnel=True,
+                        storage_url=redis_server.url, access_log=False, log_level="warning")
+    running = setup.start()
+    try:
+        storage = running.server.storage
+        storage.add_route(DOMAIN, USER)
+        _info, token = storage.create_token(USER)
+        redis_server.stop()
+        session = smux.Session(socket.create_connection(("127.0.0.1", running.tunnel_address[1]), timeout=5),
+                               client=True)
+        control = session.accept_stream(timeout=5)
+        control.sendall(Auth(token, DOMAIN).encode())
+        control.settimeout(10)
+        reply = decode_reply(control.recv(4096).strip())
+        session.close()
+        assert reply["ok"] is False and reply["retry"] is True
+        assert str(redis_server.port) not in reply["error"] and "try again later" in reply["error"]
+        url, _app = backend
+        client = start_client(ClientConfig(server_addr=f"127.0.0.1:{running.tunnel_address[1]}", token=token,
+                                           domain=DOMAIN, backend_url=url, plain=True, backoff_initial=0.05,
+                                           backoff_max=0.2), wait=False)
+        assert not client.rejected.wait(0.5), "a storage outage must not make the client give up"
+        redis_server.start()  # it keeps nothing on disk: grant again
+        storage.add_route(DOMAIN, USER)
+        storage.import_token(USER, token)
+        client.wait_connected()
+    finally:
+        running.stop()
