@@ -2,7 +2,9 @@
 
 The hop is plain HTTP/1.1 to the other node's advertised URL (its public
 front), over kept-alive connections, with the request streamed by the same
-`forward_exchange` the tunnel path uses. The X-Tun2g-Hop signature tells the
+`forward_exchange` the tunnel path uses (via BackendPool, which retries a
+bodyless request once when a kept-alive connection turns out closed). The
+X-Tun2g-Hop signature tells the
 receiving node the request is already forwarded and comes from the cluster.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from tun2g.cluster.hop import HOP_HEADER, sign
 from tun2g.errors import CantOpenSessionStream, CantReadResponse, Tun2Error
-from tun2g.http import BackendPool, DownstreamError, HTTPError, UpstreamError, forward_exchange, simple_response
+from tun2g.http import BackendPool, DownstreamError, HTTPError, UpstreamError, simple_response
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body
 from tun2g.roundtrip import TunnelResponse, send_request
@@ -68,20 +70,10 @@ class Forwarder:
                                   host=head.host or "", target=head.target, request_id=request_id,
                                   forwarded_for=head.get("X-Forwarded-For") or ""))
 
-    def _connect(self, nodes: list, on_unreachable, failures: list):
-        """(node, pool, sock, reader) for the first of `nodes` (random order) that accepts, else None."""
-        for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
-            pool = self._pool(node.url)
-            try:
-                upstream, upstream_reader = pool.acquire()
-            except OSError as exc:
-                failures.append(f"{node.node_id}: {exc}")
-                self.drop(node.url)
-                on_unreachable(node)
-                continue
-            return node, pool, upstream, upstream_reader
-        log.warning("hop_unreachable", nodes="; ".join(failures))
-        return None
+    def _unreachable(self, node, error: OSError, failures: list, on_unreachable) -> None:
+        failures.append(f"{node.node_id}: {error}")
+        self.drop(node.url)
+        on_unreachable(node)
 
     def forward(self, head, reader, sock, nodes: list, request_id: str, on_unreachable) -> Outcome:
         """Send the request to one of `nodes` (tried in random order while they refuse connections).
@@ -90,24 +82,23 @@ class Forwarder:
         Failures before a response answer 502 like a broken tunnel does.
         """
         self._sign(head, request_id)
-        connected = self._connect(nodes, on_unreachable, [])
-        if connected is None:
-            return _gateway_error(sock, head, request_id, "No cluster node holding this site's tunnel could be "
-                                                          "reached.", "-")
-        node, pool, upstream, upstream_reader = connected
-        reusable = False
-        try:
-            result = forward_exchange(head, reader, upstream, sock, upstream_reader=upstream_reader)
-            reusable = result.upstream_reusable
-        except UpstreamError as exc:
-            log.warning("hop_failed", node=node.node_id, url=node.url, error=str(exc), request_id=request_id)
-            return _gateway_error(sock, head, request_id, f"The cluster node holding this site's tunnel "
-                                                         f"({node.node_id}) failed: {exc}", node.node_id)
-        except DownstreamError:
-            return Outcome(499, False, node.node_id)  # the public client left
-        finally:
-            pool.release(upstream, upstream_reader, reusable)
-        return Outcome(result.status, result.keep_alive, node.node_id)
+        failures = []
+        for node in _random_order(nodes):
+            try:
+                result = self._pool(node.url).forward_exchange(head, reader, sock)
+            except UpstreamError as exc:
+                log.warning("hop_failed", node=node.node_id, url=node.url, error=str(exc), request_id=request_id)
+                return _gateway_error(sock, head, request_id, f"The cluster node holding this site's tunnel "
+                                                             f"({node.node_id}) failed: {exc}", node.node_id)
+            except DownstreamError:
+                return Outcome(499, False, node.node_id)  # the public client left
+            except OSError as exc:  # nothing was sent: another node may take it
+                self._unreachable(node, exc, failures, on_unreachable)
+                continue
+            return Outcome(result.status, result.keep_alive, node.node_id)
+        log.warning("hop_unreachable", nodes="; ".join(failures), request_id=request_id)
+        return _gateway_error(sock, head, request_id, "No cluster node holding this site's tunnel could be reached.",
+                              "-")
 
     def round_trip(self, head, body, nodes: list, request_id: str, on_unreachable) -> TunnelResponse:
         """Like `forward`, for callers without sockets (WSGI, the requests adapter): a TunnelResponse.
@@ -116,11 +107,16 @@ class Forwarder:
         """
         self._sign(head, request_id)
         failures = []
-        connected = self._connect(nodes, on_unreachable, failures)
-        if connected is None:
+        for node in _random_order(nodes):
+            pool = self._pool(node.url)
+            try:
+                upstream, upstream_reader = pool.acquire()
+                break
+            except OSError as exc:
+                self._unreachable(node, exc, failures, on_unreachable)
+        else:
             raise CantOpenSessionStream(f"no cluster node holding this site's tunnel could be reached: "
                                         f"{'; '.join(failures)}")
-        node, pool, upstream, upstream_reader = connected
         try:
             pump = send_request(upstream, head, body)
             response = upstream_reader.read_response_head(head.method)
@@ -139,6 +135,10 @@ class Forwarder:
     def close(self) -> None:
         for url in list(self._pools):
             self.drop(url)
+
+
+def _random_order(nodes: list) -> list:
+    return nodes if len(nodes) == 1 else random.sample(nodes, len(nodes))
 
 
 def _gateway_error(sock, head, request_id: str, detail: str, node: str) -> Outcome:
