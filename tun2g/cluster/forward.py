@@ -4,8 +4,8 @@ The hop is plain HTTP/1.1 to the other node's advertised URL (its public
 front), over kept-alive connections, with the request streamed by the same
 `forward_exchange` the tunnel path uses (via BackendPool, which retries a
 bodyless request once when a kept-alive connection turns out closed). The
-X-Tun2g-Hop signature tells the
-receiving node the request is already forwarded and comes from the cluster.
+X-Tun2g-Hop signature tells the receiving node the request is already
+forwarded and comes from the cluster.
 """
 
 from __future__ import annotations
