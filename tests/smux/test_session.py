@@ -275,14 +275,34 @@ def test_non_blocking_and_timed_out_sends(make_pair):
         stream.sendall(b"c" * (1 << 20))
 
 
-def test_an_idle_session_keeps_only_its_reader_greenlet(pair):
+def test_a_busy_session_keeps_one_writer_greenlet_across_requests(make_pair):
+    pair = make_pair(client_config=quiet_config(), server_config=quiet_config())
     serve_echo(pair.server)
     stream = pair.client.open_stream()
     stream.sendall(b"hello")
     assert stream.recv(10) == b"hello"
-    gevent.idle()  # the writer greenlet finishes its last batch and exits
-    assert pair.client.greenlets == [pair.client._reader]
+    writer = pair.client._writer.greenlet
+    assert writer is not None and not writer.dead  # parked for the next burst, not spawned per write
+    for _ in range(5):
+        stream.sendall(b"again")
+        assert stream.recv(10) == b"again"
+    assert pair.client._writer.greenlet is writer
+    assert pair.client.greenlets == [pair.client._reader, writer]
+
+
+def test_an_idle_session_drops_its_writer_greenlet_at_a_keepalive_tick(make_pair):
+    config = Config(keepalive_interval=0.05, keepalive_timeout=10)
+    pair = make_pair(client_config=config, server_config=config)
+    serve_echo(pair.server)
+    stream = pair.client.open_stream()
+    stream.sendall(b"hello")
+    assert stream.recv(10) == b"hello"
+    writer = pair.client._writer.greenlet
+    assert writer is not None
+    writer.join(timeout=5)  # the first tick with nothing but a keepalive to send ends it
+    assert writer.dead
     assert not pair.client._reader.dead
+    assert not pair.client.is_closed
 
 
 class RefusesGatheredWrites(CountingSocket):

@@ -1,8 +1,8 @@
 """A smux session over any socket-like transport, driven by gevent greenlets.
 
 One greenlet per session reads (transport -> SessionState -> wake streams); a writer
-greenlet (writer.FrameWriter) exists while there is something to send; keepalive runs
-on two hub timers. All protocol rules live in state.py; this module only moves bytes
+greenlet (writer.FrameWriter) exists while the session is busy; keepalive runs on two
+hub timers. All protocol rules live in state.py; this module only moves bytes
 and wakes waiters.
 """
 
@@ -37,6 +37,10 @@ READ_BUFFER_SIZE = 128 * 1024
 # delays the others once, by this much, before it is reset. Keep it well under the
 # tun2 server's 1-s health-ping timeout.
 BACKLOG_GRACE = 0.1
+
+# close() first lets the writer send what stream calls queued without waiting (a reply
+# written just before closing, say), for at most this long.
+CLOSE_FLUSH_TIMEOUT = 1.0
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -132,7 +136,13 @@ class Session:
         return stream
 
     def close(self) -> None:
-        """Close the session and its transport, silently (like Go: no frame is sent)."""
+        """Close the session and its transport, silently (like Go: no frame is sent).
+
+        Data that stream calls have queued is written first (within CLOSE_FLUSH_TIMEOUT),
+        as Go's blocking writes would have done before their Close.
+        """
+        if not self._closed and gevent.getcurrent() is not gevent.get_hub():
+            self._writer.flush(CLOSE_FLUSH_TIMEOUT)
         self._die(SessionClosedError("smux session closed by the local application"))
 
     def wait_closed(self, timeout: float | None = None) -> bool:
@@ -291,8 +301,10 @@ class Session:
 
     def _on_ping_tick(self) -> None:
         # Runs in the hub: only queue (the writer greenlet does the sending).
-        if self._writer.version is not None:
-            self._writer.send_control(NOP, 0)
+        writer = self._writer
+        if writer.version is not None:
+            writer.retire_if_idle()
+            writer.send_control(NOP, 0)
 
     def _on_check_tick(self) -> None:
         # Go: close when no header arrived during a whole period, unless we stopped

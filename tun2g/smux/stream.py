@@ -15,6 +15,12 @@ from .state import StreamState
 # stream still interleaves with other streams' frames.
 WRITE_CHUNK = 128 * 1024
 
+# send() returns as soon as its bytes are queued while the session's writer holds at
+# most this much unwritten payload; past it, send() waits until its bytes are written
+# (backpressure). Returning at once saves the sender two greenlet switches per call
+# and lets a response and the FIN after it leave in one write.
+QUEUE_WITHOUT_WAITING = 256 * 1024
+
 _PLACEHOLDER_ADDRESS = ("0.0.0.0", 0)
 
 
@@ -149,15 +155,21 @@ class Stream:
             return 0
         size = min(len(view), window, WRITE_CHUNK)
         session._state.record_sent(state, size)
-        if self._timeout == 0:  # non-blocking: queue a copy, the caller may reuse its buffer at once
-            session._writer.send_data(state.sid, bytes(view[:size]))
+        chunk = view[:size]
+        writer = session._writer
+        if self._timeout == 0 or writer.queued_bytes + size <= QUEUE_WITHOUT_WAITING:
+            # Queued without waiting: keep a copy unless the caller cannot change the bytes.
+            writer.send_data(state.sid, chunk if type(chunk.obj) is bytes else bytes(chunk))
             return size
-        request = session._writer.send_data(state.sid, view[:size])
+        request = writer.send_data(state.sid, chunk)
         self._wait_written(request, size, deadline)
         return size
 
     def sendall(self, data) -> None:
-        """Send all of ``data`` (blocking until the writer has taken it)."""
+        """Send all of ``data``: queued for the writer, blocking while too much is queued already.
+
+        As with a socket, an error the writer meets later surfaces on a later call.
+        """
         view = memoryview(data).cast("B")
         while len(view):
             view = view[self.send(view):]
@@ -177,14 +189,14 @@ class Stream:
         return deadline
 
     def _wait_written(self, request, size: int, deadline: float | None) -> None:
-        """Go semantics: send() returns once its frames are written to the transport."""
+        """Past the queue limit, Go semantics: send() returns once its frames are written to the transport."""
         deadline = self._start_deadline(deadline, "writing")
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not request.done.wait(timeout):
+        if not request.wait(timeout):
             if self.session._writer.cancel(request):
                 self.session._state.record_sent(self._state, -size)
                 self._raise_timeout("writing")
-            request.done.wait()  # already being written: the bytes are on their way
+            request.wait()  # already being written: the bytes are on their way
         if request.failed:
             self.session._raise_if_closed()
             raise BrokenPipeError(f"stream {self.id}: the session stopped before the data was sent")

@@ -27,24 +27,44 @@ _pack_header = HEADER.pack
 class WriteRequest:
     """Payload bytes of one stream waiting for the writer (payload None means a FIN)."""
 
-    __slots__ = ("sid", "payload", "done", "taken", "cancelled", "failed")
+    __slots__ = ("sid", "payload", "finished", "taken", "cancelled", "failed", "_event")
 
     def __init__(self, sid: int, payload) -> None:
         self.sid = sid
         self.payload = payload
-        self.done = Event()  # set once written, or once the writer has given up
+        self.finished = False  # written, or the writer has given up (then ``failed``)
         self.taken = False  # part of a batch being written; cancelling is too late
         self.cancelled = False
         self.failed = False  # the session died before the bytes were written
+        self._event: Event | None = None  # made only for a sender that waits
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request is finished; False if ``timeout`` passed first."""
+        if self.finished:
+            return True
+        if self._event is None:
+            self._event = Event()
+        return self._event.wait(timeout)
+
+    def finish(self, failed: bool = False) -> None:
+        self.failed = self.failed or failed
+        self.finished = True
+        if self._event is not None:
+            self._event.set()
 
 
 class FrameWriter:
-    """Queues frames and sends them from its own greenlet, which lives only while there is work.
+    """Queues frames and sends them from its own greenlet, which parks between bursts of work.
 
     Control frames (SYN, NOP, UPD) overtake queued data, as in Go's priority shaper.
     PSH payloads and FINs share one FIFO so a stream's FIN never overtakes its data.
     Frames are encoded at send time, so an automatic client can queue frames before
     it knows which version byte to put on them.
+
+    The greenlet is spawned on demand and then parks on an event between bursts, so a
+    busy session does not pay a new greenlet (and Python's 16 KiB frame chunk) per
+    request. ``retire_if_idle`` (the session's keepalive tick) ends a greenlet that had
+    nothing but keepalives to send since it last parked: an idle session holds none.
     """
 
     def __init__(self, transport, max_frame_size: int, version: int | None,
@@ -60,16 +80,21 @@ class FrameWriter:
         self._data: deque[WriteRequest] = deque()
         self._version_known = Event()
         self._in_flight: list[WriteRequest] = []  # taken into the batch being sent
+        self.queued_bytes = 0  # payload bytes queued and not yet taken into a batch
         self.version = None
         self.closed = False
-        # Spawned on demand: an idle session then costs no writer greenlet (~8 KiB).
         self._greenlet: gevent.Greenlet | None = None
+        self._wakeup = Event()
+        self._parked = False
+        self._busy = False  # something other than a keepalive was queued since the greenlet last parked
+        self._drained = Event()  # set whenever nothing is queued or being written
+        self._drained.set()
         if version is not None:
             self.set_version(version)
 
     @property
     def greenlet(self) -> gevent.Greenlet | None:
-        """The writer greenlet while it has work (None when idle; dead or None once closed)."""
+        """The writer greenlet while there is one (None when idle; dead or None once closed)."""
         return self._greenlet
 
     def set_version(self, version: int) -> None:
@@ -81,8 +106,11 @@ class FrameWriter:
         """Queue SYN, NOP or UPD (value = (consumed, window)) ahead of data."""
         if self.closed:
             return
-        if cmd == NOP and any(queued[0] == NOP for queued in self._control):
-            return  # a keepalive already waits; Go drops the extra one too
+        if cmd == NOP:
+            if any(queued[0] == NOP for queued in self._control):
+                return  # a keepalive already waits; Go drops the extra one too
+        else:
+            self._busy = True
         self._control.append((cmd, sid, value))
         self._start()
 
@@ -90,19 +118,33 @@ class FrameWriter:
         """Queue payload bytes (or, with payload None, a FIN) behind earlier data."""
         request = WriteRequest(sid, payload)
         if self.closed:
-            request.failed = True
-            request.done.set()
+            request.finish(failed=True)
             return request
+        if payload is not None:
+            self.queued_bytes += len(payload)
         self._data.append(request)
+        self._busy = True
         self._start()
         return request
 
     def cancel(self, request: WriteRequest) -> bool:
         """Withdraw a request the writer has not taken yet; True if that worked."""
-        if request.taken or request.done.is_set():
+        if request.taken or request.finished:
             return False
         request.cancelled = True
+        if request.payload is not None:
+            self.queued_bytes -= len(request.payload)
         return True
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until everything queued is written (or the writer stopped); False on timeout."""
+        return self._drained.wait(timeout)
+
+    def retire_if_idle(self) -> None:
+        """End a parked greenlet that only had keepalives to send since it parked (keeps idle sessions light)."""
+        if self._parked and not self._busy:
+            self._parked = False
+            self._wakeup.set()  # it finds no work and nothing busy, and exits
 
     def close(self) -> None:
         """Stop writing and release every waiting sender (their requests fail)."""
@@ -112,30 +154,40 @@ class FrameWriter:
         if self._greenlet is not None and self._greenlet is not gevent.getcurrent():
             self._greenlet.kill(block=False)
         for request in (*self._in_flight, *self._data):
-            request.failed = True
-            request.done.set()
+            request.finish(failed=True)
         self._in_flight = []
         self._data.clear()
         self._control.clear()
+        self.queued_bytes = 0
+        self._drained.set()
 
     def _start(self) -> None:
-        if self._greenlet is None:
+        self._drained.clear()
+        if self._parked:
+            self._parked = False
+            self._wakeup.set()
+        elif self._greenlet is None:
             self._greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
         try:
             self._version_known.wait()
-            while self._control or self._data:
-                self._write_batch()
-                if not (self._control or self._data):
-                    # Let the senders just woken queue their next frames before deciding
-                    # to exit: a busy stream keeps one writer instead of one per batch.
-                    gevent.sleep(0)
+            while True:
+                while self._control or self._data:
+                    self._write_batch()
+                self._drained.set()
+                if not self._busy:
+                    return
+                self._busy = False
+                self._parked = True
+                self._wakeup.clear()
+                self._wakeup.wait()
         except gevent.GreenletExit:
             raise
         except Exception as exc:  # the transport failed; the session decides what that means
             self._on_error(exc)
         finally:
+            self._parked = False
             if self._greenlet is gevent.getcurrent():
                 self._greenlet = None
 
@@ -164,10 +216,15 @@ class FrameWriter:
                 continue
             length = len(payload)
             size += length
+            if length <= frame_size:
+                parts.append(_pack_header(version, PSH, length, request.sid))
+                parts.append(payload)
+                continue
             for offset in range(0, length, frame_size):
                 piece = payload[offset:offset + frame_size]
                 parts.append(_pack_header(version, PSH, len(piece), request.sid))
                 parts.append(piece)
+        self.queued_bytes -= size
         if len(parts) == 1:
             self._sendall(parts[0])
         elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
@@ -180,7 +237,7 @@ class FrameWriter:
             self._sendall(b"".join(parts))
         self._in_flight = []
         for request in taken:
-            request.done.set()
+            request.finish()
 
     def _gather_all(self, parts: list) -> None:
         """sendmsg until every part is written (sendmsg may write only a prefix)."""
