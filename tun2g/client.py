@@ -129,7 +129,7 @@ class Client:
             control = session.accept_stream(timeout=ACCEPT_CONTROL_TIMEOUT)
             control.sendall(Auth(self.config.token, self.config.domain).encode())
             first_stream = Event()
-            serving = gevent.spawn(self._accept_loop, session, first_stream)
+            serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
                 confirmed = self._await_reply(control, session)
                 if not confirmed and not first_stream.wait(self.config.unconfirmed_timeout):
@@ -180,7 +180,7 @@ class Client:
         self._set_state("connected", confirmed=True)
         return True
 
-    def _accept_loop(self, session, first_stream: Event) -> None:
+    def _accept_loop(self, session, first_stream: Event, peer_ip: str) -> None:
         while True:
             try:
                 stream = session.accept_stream()
@@ -188,12 +188,11 @@ class Client:
                 first_stream.set()  # wakes connect(), which then sees the session is gone
                 return
             first_stream.set()
-            self._handlers.spawn(self._serve_stream, stream)
+            self._handlers.spawn(self._serve_stream, stream, peer_ip)
 
-    def _serve_stream(self, stream) -> None:
-        """Serve the HTTP exchanges the server sends on one stream."""
+    def _serve_stream(self, stream, peer_ip: str) -> None:
+        """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
         reader = MessageReader(stream)
-        peer_ip = _peer_ip(stream)
         try:
             while True:
                 try:
@@ -246,8 +245,8 @@ class Client:
         self.pool.close()
 
 
-def _peer_ip(stream) -> str:
+def _peer_ip(transport) -> str:
     try:
-        return stream.getpeername()[0]
-    except (OSError, IndexError, TypeError):
+        return transport.getpeername()[0]
+    except (OSError, IndexError, TypeError, AttributeError):
         return "127.0.0.1"

@@ -91,12 +91,26 @@ def test_a_connection_the_backend_closed_while_idle_is_not_reused(raw_backend):
     assert reader.read_response_head("GET").status == 200 and reader.read_body() == b"ok"
     pool.release(sock, reader, True)
     # Make the backend close it: the pool must notice at the next acquire.
-    idle_sock, _ = pool._idle[-1]
+    idle_sock, _, _ = pool._idle[-1]
     idle_sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     wait_for(backend.closed, "the backend to drop the idle connection")
     fresh, fresh_reader = pool.acquire()
     assert fresh is not idle_sock and fresh_reader.messages_read == 0
     pool.release(fresh, fresh_reader, False)
+    pool.close()
+
+
+def test_a_bodyless_request_on_a_connection_closed_just_after_release_is_retried(raw_backend):
+    # The pool does not poll a connection released < 1 s ago before a bodyless request;
+    # the retry must cover a backend that closed it in that time.
+    backend = CountingBackend(raw_backend, policy=lambda conn, req: "close" if (conn, req) == (0, 1) else "answer")
+    pool = BackendPool(f"http://127.0.0.1:{backend.port}")
+    assert exchange_through(pool).endswith(b"ok")
+    idle_sock, _, _ = pool._idle[-1]
+    idle_sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")  # makes the backend close it while idle
+    wait_for(backend.closed, "the backend to drop the idle connection")
+    assert exchange_through(pool).endswith(b"\r\n\r\nok")
+    assert backend.connections == 2
     pool.close()
 
 

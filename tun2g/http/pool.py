@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import select
 import socket as stdlib_socket
+import time
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -16,6 +17,11 @@ from .relay import ExchangeResult, UpstreamError, forward_exchange
 
 # A zero-timeout poll never blocks, so the unpatched one is safe and cheaper.
 _poll = monkey.get_original("select", "poll")
+
+# A connection released less than this long ago is reused for a replayable (bodyless)
+# request without polling it first: backends rarely close keep-alive connections so soon,
+# and if one did, the request is retried once on a new connection anyway.
+RECENT_RELEASE = 1.0
 
 
 class BackendPool:
@@ -40,7 +46,7 @@ class BackendPool:
         self._ip_family = _ip_family(parts.hostname)
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
-        self._idle: list[tuple[object, MessageReader]] = []
+        self._idle: list[tuple[object, MessageReader, float]] = []  # (sock, reader, released at)
         self._closed = False
         self._tls = None
         if parts.scheme == "https":
@@ -67,11 +73,15 @@ class BackendPool:
             query = f"{self.query}&{query}" if query else self.query
         return f"{path}?{query}" if query or "?" in target else path
 
-    def acquire(self):
-        """An idle connection still open, or a new one: ``(sock, reader)``. Raises ``OSError`` if dialing fails."""
+    def acquire(self, replayable: bool = False):
+        """An idle connection still open, or a new one: ``(sock, reader)``. Raises ``OSError`` if dialing fails.
+
+        ``replayable``: the caller retries the request on a new connection if this one
+        turns out closed, so a recently released connection is not checked (a syscall).
+        """
         while self._idle:
-            sock, reader = self._idle.pop()
-            if _still_idle(sock):
+            sock, reader, released = self._idle.pop()
+            if (replayable and time.monotonic() - released < RECENT_RELEASE) or _still_idle(sock):
                 return sock, reader
             sock.close()
         sock = self._dial()
@@ -96,7 +106,7 @@ class BackendPool:
         """
         replayable = request_reader.body_complete
         while True:
-            sock, reader = self.acquire()
+            sock, reader = self.acquire(replayable)
             reused, reusable = reader.messages_read > 0, False
             try:
                 result = forward_exchange(request, request_reader, sock, downstream,
@@ -125,7 +135,7 @@ class BackendPool:
     def release(self, sock, reader: MessageReader, reusable: bool) -> None:
         """Give a connection back: kept for reuse when ``reusable`` and there is room, else closed."""
         if reusable and not self._closed and len(self._idle) < self.max_idle and reader.idle:
-            self._idle.append((sock, reader))
+            self._idle.append((sock, reader, time.monotonic()))
         else:
             sock.close()
 
@@ -133,7 +143,7 @@ class BackendPool:
         """Close every idle connection; later releases close theirs."""
         self._closed = True
         idle, self._idle = self._idle, []
-        for sock, _ in idle:
+        for sock, _, _ in idle:
             sock.close()
 
 

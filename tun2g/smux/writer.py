@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections import deque
 from typing import Callable
 
 import gevent
+import gevent.socket
 import gevent.ssl
 from gevent.event import Event
 
@@ -70,6 +72,10 @@ class FrameWriter:
     def __init__(self, transport, max_frame_size: int, version: int | None,
                  on_error: Callable[[Exception], None]) -> None:
         self._sendall = transport.sendall
+        # On sockets, one plain send() first: it usually writes everything, and skips the
+        # getsockopt and extra Python frames gevent's sendall() spends on every call.
+        is_socket = isinstance(transport, (socket.socket, gevent.socket.socket, ssl.SSLSocket))
+        self._send = transport.send if is_socket else None
         # A plain socket can write header and payload slices in one gathered syscall;
         # TLS and other transports get one joined buffer instead.
         tls = isinstance(transport, (ssl.SSLSocket, gevent.ssl.SSLSocket))
@@ -226,18 +232,26 @@ class FrameWriter:
                 parts.append(piece)
         self.queued_bytes -= size
         if len(parts) == 1:
-            self._sendall(parts[0])
+            self._write(parts[0])
         elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
             try:
                 self._gather_all(parts)
             except NotImplementedError:  # a TLS-like wrapper that refuses sendmsg before writing
                 self._sendmsg = None
-                self._sendall(b"".join(parts))
+                self._write(b"".join(parts))
         elif parts:
-            self._sendall(b"".join(parts))
+            self._write(b"".join(parts))
         self._in_flight = []
         for request in taken:
             request.finish()
+
+    def _write(self, data) -> None:
+        if self._send is not None:
+            sent = self._send(data)
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self._sendall(data)
 
     def _gather_all(self, parts: list) -> None:
         """sendmsg until every part is written (sendmsg may write only a prefix)."""
