@@ -127,7 +127,8 @@ class HTTPFront:
             break
         connection.in_flight += 1
         try:
-            result = forward_exchange(head, reader, stream, sock,
+            # One stream per exchange: Connection: close lets the client send its FIN with the response.
+            result = forward_exchange(head, reader, stream, sock, close_upstream=True,
                                       response_filter=lambda response: response.set("X-Request-Id", request_id))
         except UpstreamError as exc:
             if connection.is_closed:

@@ -453,3 +453,25 @@ def test_small_messages_cross_each_hop_in_one_write(raw_backend):
     assert len(downstream.writes) == 1 and downstream.writes[0].endswith(b"\r\n\r\npong")
     for sock in (client, public, upstream.sock):
         sock.close()
+
+
+def test_close_upstream_asks_the_upstream_to_close_and_keeps_the_client_connection():
+    import gevent
+
+    public, ours = socket.socketpair()
+    upstream_ours, upstream_theirs = socket.socketpair()
+    try:
+        public.sendall(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n")
+        reader = MessageReader(ours)
+        head = reader.read_request_head()
+        exchange = gevent.spawn(forward_exchange, head, reader, upstream_ours, ours, close_upstream=True)
+        _, sent_up, _ = read_request(upstream_theirs)
+        assert sent_up.get_all("Connection") == ["close"]
+        upstream_theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        result = exchange.get(timeout=5)
+        assert result.status == 200 and result.keep_alive and not result.upstream_reusable
+        response = MessageReader(public).read_response_head("GET")
+        assert response.status == 200 and response.get("Connection") is None  # the client's connection stays open
+    finally:
+        for sock in (public, ours, upstream_ours, upstream_theirs):
+            sock.close()

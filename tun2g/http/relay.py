@@ -36,24 +36,28 @@ class ExchangeResult:
 
 def forward_exchange(request: RequestHead, request_reader: MessageReader, upstream, downstream, *,
                      response_filter: Callable[[ResponseHead], None] | None = None,
-                     upstream_reader: MessageReader | None = None) -> ExchangeResult:
+                     upstream_reader: MessageReader | None = None, close_upstream: bool = False) -> ExchangeResult:
     """Send ``request`` and its body (read from ``request_reader``) upstream and relay the response downstream.
 
     Hop-by-hop headers are dropped both ways and framing is set here. A request
     body is pumped by a second greenlet while the response is read (so 100-continue
     and early answers work); a bodyless request uses none. ``response_filter`` may
-    edit the final response head. Raises ``UpstreamError`` while no final response
+    edit the final response head. ``close_upstream`` sends ``Connection: close`` upstream
+    (unless upgrading), for an upstream used for this one exchange: the peer can then end
+    its side with the response (a tunnel client sends its FIN in the same write). Raises ``UpstreamError`` while no final response
     has gone downstream (answer 502), ``DownstreamError`` when the client side fails;
     an upstream failing mid-body closes ``downstream`` and returns keep_alive=False.
     """
     if upstream_reader is None:
         upstream_reader = MessageReader(upstream)
-    return _Exchange(request, request_reader, upstream, downstream, upstream_reader).run(response_filter)
+    return _Exchange(request, request_reader, upstream, downstream, upstream_reader,
+                     close_upstream).run(response_filter)
 
 
 class _Exchange:
-    def __init__(self, request, request_reader, upstream, downstream, upstream_reader) -> None:
+    def __init__(self, request, request_reader, upstream, downstream, upstream_reader, close_upstream) -> None:
         self.request = request
+        self.close_upstream = close_upstream
         self.request_reader = request_reader
         self.upstream = upstream
         self.downstream = downstream
@@ -83,10 +87,13 @@ class _Exchange:
         request, reader = self.request, self.request_reader
         headers = forwardable_headers(request.headers)
         upgrade = request.get("Upgrade") if reader.upgrade else None
+        connection = None
         if upgrade:
             headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
+        elif self.close_upstream:
+            connection = "close"
         chunked = reader.framing == CHUNKED
-        payload = encode_request_head(request, chunked=chunked, headers=headers)
+        payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers)
         if not reader.body_complete:
             payload += _framed(reader.take_ready_body(), chunked)
         if chunked and reader.body_complete:
