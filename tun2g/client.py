@@ -215,8 +215,7 @@ class Client:
             stream.sendall(simple_response(200, b"ok\n"))
             return head.keep_alive
         head.target = self.pool.join_path(head.target)
-        forwarded_for = head.get("X-Forwarded-For")
-        head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
+        head.append_to("X-Forwarded-For", peer_ip)
         try:
             result = self.pool.forward_exchange(head, reader, stream)
         except UpstreamError as exc:

@@ -154,16 +154,44 @@ class HTTPFront:
                      backend=connection.id if connection else "-")
 
 
+_HOP_NAME = HOP_HEADER.lower()
+_PROXY_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", _HOP_NAME})
+_PROXY_NAME_LENGTHS = frozenset(map(len, _PROXY_NAMES))
+
+
 def prepare_request(head, *, request_id: str, peer_ip: str, scheme: str) -> None:
-    """Add the proxy headers to a public request head (the relay drops hop-by-hop ones)."""
-    head.remove(HOP_HEADER)  # only a node of this cluster may send it, and only to another node
-    forwarded_for = head.get("X-Forwarded-For")
-    head.set("X-Forwarded-For", f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip)
-    if head.get("X-Forwarded-Proto") is None:
-        head.set("X-Forwarded-Proto", scheme)
-    if head.get("X-Forwarded-Host") is None and head.host:
-        head.set("X-Forwarded-Host", head.host)
-    head.set("X-Request-Id", request_id)
+    """Add the proxy headers to a public request head (the relay drops hop-by-hop ones).
+
+    X-Forwarded-For gets ``peer_ip`` after the values already sent (as Go's ReverseProxy);
+    X-Forwarded-Proto/-Host are added unless present; X-Request-Id is set; the cluster's
+    hop header is dropped (only a node of this cluster may send it, and only to another node).
+    One pass over the headers: a public request may carry dozens.
+    """
+    kept = []
+    forwarded_for = []
+    has_proto = has_host = False
+    for header in head.headers:
+        name = header[0]
+        if len(name) in _PROXY_NAME_LENGTHS:
+            name = name.lower()
+            if name == "x-forwarded-for":
+                forwarded_for.append(header[1])
+                continue
+            if name == "x-request-id" or name == _HOP_NAME:
+                continue
+            has_proto = has_proto or name == "x-forwarded-proto"
+            has_host = has_host or name == "x-forwarded-host"
+        kept.append(header)
+    forwarded_for.append(peer_ip)
+    kept.append(("X-Forwarded-For", ", ".join(forwarded_for)))
+    if not has_proto:
+        kept.append(("X-Forwarded-Proto", scheme))
+    if not has_host:
+        host = head.host
+        if host:
+            kept.append(("X-Forwarded-Host", host))
+    kept.append(("X-Request-Id", request_id))
+    head.headers = kept
 
 
 def _has_body(head) -> bool:

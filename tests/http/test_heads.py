@@ -55,6 +55,33 @@ def test_strip_hop_by_hop_drops_standard_and_connection_named_fields():
     assert head.headers == [("Host", "a"), ("Content-Length", "3"), ("Accept", "*/*")]
 
 
+def test_plain_connection_options_are_dropped_without_naming_other_fields():
+    head = RequestHead("GET", "/", "HTTP/1.1", [("Close", "c"), ("Connection", "Close"), ("Keep-Alive", "5"),
+                                                 ("connection", "keep-alive"), ("User-Agent", "u")])
+    strip_hop_by_hop(head)
+    assert head.headers == [("Close", "c"), ("User-Agent", "u")]
+
+
+def test_append_to_merges_every_value_and_lists_the_new_one_last():
+    head = RequestHead("GET", "/", "HTTP/1.1", [("X-Forwarded-For", "1.1.1.1"), ("Host", "a"),
+                                                 ("x-forwarded-for", "2.2.2.2")])
+    head.append_to("X-Forwarded-For", "3.3.3.3")
+    assert head.headers == [("Host", "a"), ("X-Forwarded-For", "1.1.1.1, 2.2.2.2, 3.3.3.3")]
+    head = RequestHead("GET", "/", "HTTP/1.1", [("Host", "a")])
+    head.append_to("X-Forwarded-For", "3.3.3.3")
+    assert head.get("x-forwarded-for") == "3.3.3.3"
+
+
+def test_parsed_keep_alive_follows_the_connection_header():
+    cases = [("HTTP/1.1", "close", False), ("HTTP/1.1", "Close", False), ("HTTP/1.1", "keep-alive", True),
+             ("HTTP/1.0", "keep-alive", True), ("HTTP/1.0", "Keep-Alive", True), ("HTTP/1.0", None, False),
+             ("HTTP/1.1", "X-Foo, close", False), ("HTTP/1.0", "X-Foo, keep-alive", True), ("HTTP/1.1", None, True)]
+    for version, connection, keep_alive in cases:
+        line = f"Connection: {connection}\r\n" if connection else ""
+        event, _, _ = parse_one(True, f"GET / {version}\r\nHost: a\r\n{line}\r\n".encode())
+        assert event.keep_alive == keep_alive, (version, connection)
+
+
 def test_encoded_request_head_parses_back_as_http11_with_framing_lines():
     head = RequestHead("PUT", "/a?b=c", "HTTP/1.0", [("Host", "h"), ("X-Odd", "caf\xe9")])
     data = encode_request_head(head, chunked=True, connection="close")

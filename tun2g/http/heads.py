@@ -32,7 +32,10 @@ class HTTPError(Exception):
 
 
 class _HeaderFields:
-    """Case-insensitive access to an ordered ``headers`` list (order and case are kept)."""
+    """Case-insensitive access to an ordered ``headers`` list (order and case are kept).
+
+    Names are compared by length first: most headers then need no ``lower()`` call.
+    """
 
     __slots__ = ()
     headers: Headers
@@ -41,23 +44,27 @@ class _HeaderFields:
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of header ``name`` (any case), or ``default``."""
         name = name.lower()
+        size = len(name)
         for key, value in self.headers:
-            if key.lower() == name:
+            if len(key) == size and key.lower() == name:
                 return value
         return default
 
     def get_all(self, name: str) -> list[str]:
         """Every value of header ``name``, in order."""
         name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        size = len(name)
+        return [value for key, value in self.headers if len(key) == size and key.lower() == name]
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` header by one ``name: value`` (kept at the first one's place)."""
         lowered = name.lower()
+        size = len(lowered)
         kept: Headers = []
         placed = False
         for header in self.headers:
-            if header[0].lower() != lowered:
+            key = header[0]
+            if len(key) != size or key.lower() != lowered:
                 kept.append(header)
             elif not placed:
                 kept.append((name, value))
@@ -73,14 +80,30 @@ class _HeaderFields:
     def remove(self, name: str) -> None:
         """Drop every ``name`` header."""
         name = name.lower()
-        self.headers = [h for h in self.headers if h[0].lower() != name]
+        size = len(name)
+        self.headers = [h for h in self.headers if len(h[0]) != size or h[0].lower() != name]
+
+    def append_to(self, name: str, value: str) -> None:
+        """Merge every ``name`` header into one, listing ``value`` last (X-Forwarded-For style)."""
+        lowered = name.lower()
+        size = len(lowered)
+        kept: Headers = []
+        values = []
+        for header in self.headers:
+            key = header[0]
+            if len(key) == size and key.lower() == lowered:
+                values.append(header[1])
+            else:
+                kept.append(header)
+        values.append(value)
+        kept.append((name, ", ".join(values)))
+        self.headers = kept
 
     def connection_tokens(self) -> set[str]:
         """The lower-cased options listed in Connection headers (e.g. {"close"} or {"upgrade"})."""
         tokens = set()
-        for key, value in self.headers:
-            if key.lower() == "connection":
-                tokens.update(token.strip().lower() for token in value.split(","))
+        for value in self.get_all("connection"):
+            tokens.update(token.strip().lower() for token in value.split(","))
         tokens.discard("")
         return tokens
 
@@ -143,16 +166,26 @@ class ResponseHead(_HeaderFields):
     headers: Headers = field(default_factory=list)
 
 
+_HOP_BY_HOP_LENGTHS = frozenset(map(len, HOP_BY_HOP))
+
+
 def forwardable_headers(headers: Iterable[tuple[str, str]]) -> Headers:
     """``headers`` without the hop-by-hop fields and those named in Connection."""
     kept: Headers = []
     named: set[str] | None = None
     for header in headers:
-        name = header[0].lower()
+        name = header[0]
+        if len(name) not in _HOP_BY_HOP_LENGTHS:
+            kept.append(header)
+            continue
+        name = name.lower()
         if name not in HOP_BY_HOP:
             kept.append(header)
         elif name == "connection":
-            tokens = {token.strip().lower() for token in header[1].split(",")} - _CONNECTION_OPTIONS
+            value = header[1].lower()
+            if value in _CONNECTION_OPTIONS:  # the usual "close" or "keep-alive": names no header
+                continue
+            tokens = {token.strip() for token in value.split(",")} - _CONNECTION_OPTIONS
             if tokens:
                 named = tokens if named is None else named | tokens
     if named:

@@ -216,8 +216,12 @@ class MessageParser:
                 connection = value if connection is None else f"{connection},{value}"
         keep_alive = version == "HTTP/1.1"
         if connection is not None:
-            tokens = {token.strip().lower() for token in connection.split(",")}
-            keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
+            connection = connection.lower()
+            if connection == "close":
+                keep_alive = False
+            elif connection != "keep-alive" or not keep_alive:
+                tokens = {token.strip() for token in connection.split(",")}
+                keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
         if self.is_request:
             head = RequestHead(llhttp.get_method().decode("ascii"), self._target.decode("latin-1"), version,
                                self._headers)
