@@ -8,6 +8,7 @@ same data with no flags.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from tun2g.storage.base import (
     CONNECT_SCOPE, DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, Storage, StorageError,
     StorageUnavailable, TokenInfo, hash_secret, normalize_domain,
 )
-from tun2g.storage.redis_store import DEFAULT_KEY_PREFIX, RedisStorage, redact_url
 from tun2g.storage.sqlite_store import SQLiteStorage
 
 __all__ = [
@@ -24,6 +24,17 @@ __all__ = [
     "default_sqlite_path", "hash_secret", "normalize_domain", "open_storage", "redact_url",
     "resolve_storage_url",
 ]
+
+# Imported on first use only: redis-py (and the cryptography it pulls) costs every
+# command ~0.5 s and 9 MiB of start-up when the store is the default SQLite file.
+_REDIS_NAMES = ("DEFAULT_KEY_PREFIX", "RedisStorage", "redact_url")
+
+
+def __getattr__(name: str):
+    if name in _REDIS_NAMES:
+        return getattr(importlib.import_module("tun2g.storage.redis_store"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 SQLITE_FILE_NAME = "tun2g.sqlite3"
 URL_FORMS = ("sqlite:///absolute/path.db, sqlite:relative/path.db, sqlite: (the default file), "
@@ -53,20 +64,22 @@ def resolve_storage_url(url: str | None = None) -> str:
     return f"sqlite://{default_sqlite_path()}"
 
 
-def open_storage(url: str | None = None, key_prefix: str = DEFAULT_KEY_PREFIX) -> Storage:
+def open_storage(url: str | None = None, key_prefix: str | None = None) -> Storage:
     """Open the store a URL names (see resolve_storage_url for the defaults).
 
     Forms: sqlite:///abs/path.db, sqlite:relative.db, sqlite: (default file),
-    sqlite::memory:, redis://..., rediss://... . key_prefix applies to Redis only.
+    sqlite::memory:, redis://..., rediss://... . key_prefix applies to Redis only
+    (default: redis_store.DEFAULT_KEY_PREFIX).
     """
     url = resolve_storage_url(url)
     scheme, colon, rest = url.partition(":")
     scheme = scheme.lower()
     if colon and scheme == "sqlite":
         return SQLiteStorage(_sqlite_path(rest))
+    redis_store = importlib.import_module("tun2g.storage.redis_store")
     if colon and scheme in ("redis", "rediss", "unix"):
-        return RedisStorage(url, key_prefix=key_prefix)
-    raise StorageError(f"unknown storage URL {redact_url(url)!r}; use one of: {URL_FORMS}")
+        return redis_store.RedisStorage(url, key_prefix=key_prefix or redis_store.DEFAULT_KEY_PREFIX)
+    raise StorageError(f"unknown storage URL {redis_store.redact_url(url)!r}; use one of: {URL_FORMS}")
 
 
 def _sqlite_path(rest: str) -> str:
