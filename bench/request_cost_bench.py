@@ -2,8 +2,9 @@
 
     python3 bench/request_cost_bench.py --against HEAD          # uncommitted changes vs the last commit
     python3 bench/request_cost_bench.py --against HEAD~3 --tls --rounds 5 --seconds 3
+    python3 bench/request_cost_bench.py --against abc123~ --candidate abc123   # what one commit changed
 
-Both trees run their own `tun2g server` + `tun2g client` (plain tunnel, or TLS
+Both trees (`--candidate` defaults to the working tree) run their own `tun2g server` + `tun2g client` (plain tunnel, or TLS
 with --tls) in front of one nginx. Each round runs wrk at every connection
 count against each tree in turn, so load from elsewhere on the machine hits
 both alike; the table gives medians over the rounds of req/s and of the
@@ -48,6 +49,12 @@ class TreeTunnel:
         self.name = name
         env = tc.child_env()
         env["PYTHONPATH"] = str(source)
+        # `python -m` puts its working directory first on sys.path: run in `source`, or the
+        # repository's own tun2g would shadow the exported one.
+        imported = subprocess.run([sys.executable, "-c", "import tun2g; print(tun2g.__file__)"], env=env,
+                                  cwd=source, capture_output=True, text=True, check=True).stdout.strip()
+        if not imported.startswith(str(source)):
+            raise RuntimeError(f"{name}: tun2g imports from {imported}, not from {source}")
         self.http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
         argv = ["server", "--http", f"127.0.0.1:{self.http_port}", "--tunnel", f"127.0.0.1:{tunnel_port}",
                 "--admin", f"127.0.0.1:{admin_port}", "--storage", storage, "--no-access-log",
@@ -55,7 +62,7 @@ class TreeTunnel:
         argv += ["--tls-cert", str(cert), "--tls-key", str(cert.with_name("tun2g-dev-key.pem"))] if tls \
             else ["--plain-tunnel"]
         run = [sys.executable, "-m", "tun2g.cli"]
-        self.server = tc.Service(f"{name} server", run + argv, workdir / f"{name}-server.log", env=env)
+        self.server = tc.Service(f"{name} server", run + argv, workdir / f"{name}-server.log", env=env, cwd=source)
         self.services = [self.server]
         try:
             tc.wait_until(lambda: self.server.check_alive() or tc.port_open(admin_port), 30, f"{name} admin API")
@@ -63,7 +70,7 @@ class TreeTunnel:
             self.client = tc.Service(f"{name} client", run + [
                 "client", "--server", f"127.0.0.1:{tunnel_port}", "--token", TOKEN, "--domain", DOMAIN,
                 *client_tls, "--backend", f"http://127.0.0.1:{nginx_port}", "--log-level", "warning"],
-                workdir / f"{name}-client.log", env=env)
+                workdir / f"{name}-client.log", env=env, cwd=source)
             self.services.append(self.client)
             tc.wait_for_backends(admin_port, DOMAIN, 1, 30, watch=self.services)
         except BaseException:
@@ -93,7 +100,8 @@ def _cpu(process: psutil.Process) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", default="HEAD", help="git revision to compare the working tree with")
+    parser.add_argument("--against", default="HEAD", help="git revision to compare with (tree A)")
+    parser.add_argument("--candidate", default=None, help="git revision to measure (tree B; default: the working tree)")
     parser.add_argument("--seconds", type=float, default=3.0, help="per wrk point")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", default="1,64")
@@ -111,8 +119,11 @@ def main() -> None:
         tc.tun2g_run("route", "add", DOMAIN, "--user", USER, "--storage", storage)
         tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
         cert = workdir / "tun2g-dev-cert.pem"
-        base = export_revision(args.against, workdir / "base")
-        trees = {args.against: base, "working tree": tc.REPO_ROOT}
+        trees = {args.against: export_revision(args.against, workdir / "a")}
+        if args.candidate:
+            trees[args.candidate] = export_revision(args.candidate, workdir / "b")
+        else:
+            trees["working tree"] = tc.REPO_ROOT
         tunnels = []
         for name, source in trees.items():
             tunnel = TreeTunnel(name.replace("/", "_").replace(" ", "_"), source, workdir, storage, args.tls,

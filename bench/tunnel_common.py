@@ -71,11 +71,11 @@ class Service:
     """A child process with its log file; `stop()` ends only this process."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict | None = None,
-                 stdin=subprocess.DEVNULL):
+                 stdin=subprocess.DEVNULL, cwd: Path = REPO_ROOT):
         self.name, self.argv, self.log_path = name, argv, log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=stdin, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=REPO_ROOT)
+                                     env=env, cwd=cwd)
 
     @property
     def pid(self) -> int:
