@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import gevent
 from gevent.event import Event
+from gevent.hub import Waiter, get_hub
 from gevent.pool import Group
 
 from tun2g import smux
@@ -26,6 +27,9 @@ CONN_TYPES = ("tcp", "kcp", "upgrade")
 # live session we take the silence as acceptance.
 REPLY_GRACE = 3.0
 ACCEPT_CONTROL_TIMEOUT = 15.0
+# Greenlets that served a stream wait for the next one, up to this many: a request then
+# costs a wake-up instead of a spawn (and Python's 16 KiB frame chunk, mmap'ed each time).
+MAX_IDLE_WORKERS = 64
 
 
 class AuthRejected(Tun2Error):
@@ -93,6 +97,7 @@ class Client:
         self._closed = Event()
         self._session = None
         self._handlers = Group()
+        self._idle_workers: list[Waiter] = []
 
     def run(self) -> None:
         """Connect and serve, reconnecting with exponential backoff and jitter.
@@ -188,7 +193,20 @@ class Client:
                 first_stream.set()  # wakes connect(), which then sees the session is gone
                 return
             first_stream.set()
-            self._handlers.spawn(self._serve_stream, stream, peer_ip)
+            if self._idle_workers:
+                get_hub().loop.run_callback(self._idle_workers.pop().switch, (stream, peer_ip))
+            else:
+                self._handlers.spawn(self._stream_worker, stream, peer_ip)
+
+    def _stream_worker(self, stream, peer_ip: str) -> None:
+        """Serve ``stream``, then wait (parked, up to MAX_IDLE_WORKERS of us) for the next one."""
+        while True:
+            self._serve_stream(stream, peer_ip)
+            if self._closed.is_set() or len(self._idle_workers) >= MAX_IDLE_WORKERS:
+                return
+            waiter = Waiter()
+            self._idle_workers.append(waiter)
+            stream, peer_ip = waiter.get()
 
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
@@ -240,6 +258,7 @@ class Client:
         self._closed.set()
         if self._session is not None:
             self._session.close()
+        self._idle_workers.clear()
         self._handlers.kill(block=False)
         self.pool.close()
 
