@@ -327,3 +327,28 @@ def test_a_transport_refusing_sendmsg_falls_back_to_joined_writes():
     finally:
         client.close()
         server.close()
+
+
+def test_data_queued_just_before_session_close_still_reaches_the_peer(make_pair):
+    # send() returns once queued; close() must write what is queued first (a rejection
+    # reply followed by closing the tunnel relies on it, as Go's blocking Write did).
+    pair = make_pair(client_config=quiet_config(), server_config=quiet_config())
+    stream = pair.server.open_stream()
+    stream.sendall(b"x")
+    accepted = pair.client.accept_stream(timeout=5)
+    assert accepted.recv(1) == b"x"
+    reply = b"{\"ok\": false}\n" + os.urandom(100_000)
+    stream.sendall(reply)
+    pair.server.close()
+    assert read_to_eof_or_close(accepted) == reply
+
+
+def read_to_eof_or_close(stream) -> bytes:
+    """Everything the stream delivers until EOF or until its session dies."""
+    data = b""
+    try:
+        while chunk := stream.recv(65536):
+            data += chunk
+    except SessionClosedError:
+        pass
+    return data
