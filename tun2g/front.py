@@ -8,8 +8,6 @@ mountable alternative.
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 
 from gevent.server import StreamServer
@@ -19,35 +17,13 @@ from tun2g.http import DownstreamError, HTTPError, MessageReader, UpstreamError,
 from tun2g.cluster.hop import HOP_HEADER, HopRefused
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body, no_backends_body
+from tun2g.requestid import new_request_id
 from tun2g.transport import upgrade
 from tun2g.transport.tcp import tune
 
 log = get_logger(__name__)
 
 HTML = "text/html; charset=utf-8"
-
-
-class _RequestIds:
-    """Unique request ids as 32 hex digits: a random per-process prefix and a counter.
-
-    uuid4() per request cost a getrandom syscall and ~3% of the server's time; this
-    is as unique in practice (80 random bits per process, then a 48-bit counter).
-    A forked child (gunicorn worker) draws its own prefix.
-    """
-
-    def __init__(self) -> None:
-        self.reseed()
-        os.register_at_fork(after_in_child=self.reseed)
-
-    def reseed(self) -> None:
-        self._prefix = os.urandom(10).hex()
-        self._counter = itertools.count(1)
-
-    def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFF:012x}"
-
-
-new_request_id = _RequestIds()
 
 
 class HTTPFront:

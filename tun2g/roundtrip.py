@@ -7,7 +7,6 @@ Python counterpart of Go's `http.RoundTripper`.
 
 from __future__ import annotations
 
-import uuid
 
 import gevent
 
@@ -15,6 +14,7 @@ from tun2g.errors import CantOpenSessionStream, CantReadResponse, CantWriteReque
 from tun2g.http import (LAST_CHUNK, HTTPError, MessageReader, RequestHead, ResponseHead, encode_chunk,
                         encode_request_head, forwardable_headers)
 
+from tun2g.requestid import new_request_id
 from tun2g.pages import no_backends_body
 from tun2g.smux import SessionClosedError
 
@@ -66,7 +66,7 @@ class TunnelResponse:
 
 def round_trip(server, head: RequestHead, body=None) -> TunnelResponse:
     """Send `head` (and `body`) to a tunnel for head.host; the no-backend page if there is none."""
-    request_id = head.get("X-Request-Id") or uuid.uuid4().hex
+    request_id = head.get("X-Request-Id") or new_request_id()
     head.set("X-Request-Id", request_id)
     connection = server.route(head.host or "")
     if connection is None and server.cluster is not None:

@@ -8,7 +8,6 @@ native front (tun2g.front) instead; WebSocket upgrades need that one.
 
 from __future__ import annotations
 
-import uuid
 from urllib.parse import quote
 
 from tun2g.errors import Tun2Error
@@ -16,6 +15,7 @@ from tun2g.front import prepare_request
 from tun2g.http import RequestHead, forwardable_headers
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body
+from tun2g.requestid import new_request_id
 from tun2g.transport import upgrade
 
 log = get_logger(__name__)
@@ -34,7 +34,7 @@ class WSGIFront:
         if upgrade.is_tunnel_environ(environ):  # a tunnel client on this port (--conn-type upgrade)
             return upgrade.serve_wsgi(self.server, environ, start_response)
         head = request_head_from_environ(environ)
-        request_id = head.get("X-Request-Id") or uuid.uuid4().hex
+        request_id = head.get("X-Request-Id") or new_request_id()
         prepare_request(head, request_id=request_id, peer_ip=environ.get("REMOTE_ADDR", "unknown"),
                         scheme=self.scheme or environ.get("wsgi.url_scheme", "http"))
         try:

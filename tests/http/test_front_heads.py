@@ -3,7 +3,8 @@
 import os
 import re
 
-from tun2g.front import new_request_id, prepare_request
+from tun2g.front import prepare_request
+from tun2g.requestid import new_request_id
 from tun2g.http import RequestHead
 
 
