@@ -27,7 +27,7 @@ def configure(level: str = "info", stream=None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # configure() may run again (tests, embedders)
     )
 
 
