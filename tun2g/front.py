@@ -9,6 +9,7 @@ mountable alternative.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from gevent.server import StreamServer
 
@@ -65,42 +66,56 @@ class HTTPFront:
             upgrade.serve(self.server, sock, reader.take_buffered(),
                           proto="upgrade+tls" if self.scheme == "https" else "upgrade")
             return False
-        request_id = head.get("X-Request-Id") or new_request_id()
-        host = head.host or ""
+        request = _Request(head, head.get("X-Request-Id") or new_request_id(), head.host or "", started)
         cluster, hop = self.server.cluster, None
         if cluster is not None:
             try:
                 hop = cluster.accept_hop(head)  # a request another node forwarded: serve it here or 502
             except HopRefused as exc:
-                self._log(head, host, cluster.refuse_hop(sock, head, peer_ip, exc).status, started, request_id, None)
+                self._log(request, cluster.refuse_hop(sock, head, peer_ip, exc).status)
                 return False
         if hop is None:
-            prepare_request(head, request_id=request_id, peer_ip=peer_ip, scheme=self.scheme)
+            prepare_request(head, request_id=request.id, peer_ip=peer_ip, scheme=self.scheme)
+        connection, stream, broken = self._open_stream(request.host)
+        if connection is None:
+            if cluster is not None and hop is None and not broken:
+                outcome = cluster.forward(head, reader, sock, request.host, request.id)  # None: no node has one
+                if outcome is not None:
+                    self._log(request, outcome.status)
+                    return outcome.keep_alive
+            return self._no_backend(request, sock, broken)
+        return self._proxy(request, reader, sock, connection, stream)
+
+    def _open_stream(self, host: str):
+        """(connection, stream, False) for the best tunnel of `host`, retiring tunnels that
+        cannot open one; (None, None, broken) when none is left (broken: some failed)."""
         tried = []
         while True:
             connection = self.server.route(host, exclude=tried)
-            if connection is None and cluster is not None and hop is None and not tried:
-                outcome = cluster.forward(head, reader, sock, host, request_id)  # None: no node has one
-                if outcome is not None:
-                    self._log(head, host, outcome.status, started, request_id, None)
-                    return outcome.keep_alive
             if connection is None:
-                body = no_backends_body(host, request_id)
-                if tried:  # there were tunnels, and each broke under this request
-                    body = gateway_error_body(502, "Bad Gateway", "The tunnel to this site's backend broke.",
-                                              request_id)
-                keep = head.keep_alive and not _has_body(head)
-                _send_quietly(sock, simple_response(502, body, content_type=HTML, version=head.version,
-                                                    headers=[("X-Request-Id", request_id)], close=not keep))
-                self._log(head, host, 502, started, request_id, None)
-                return keep
+                return None, None, bool(tried)
             try:
-                stream = connection.open_stream()
+                return connection, connection.open_stream(), False
             except CantOpenSessionStream as exc:
                 self.server.retire(connection, str(exc))
                 tried.append(connection)
-                continue
-            break
+
+    def _no_backend(self, request, sock, broken: bool) -> bool:
+        """The original's 502 page (or, when the tunnels broke under us, a gateway error)."""
+        head = request.head
+        if broken:
+            body = gateway_error_body(502, "Bad Gateway", "The tunnel to this site's backend broke.", request.id)
+        else:
+            body = no_backends_body(request.host, request.id)
+        keep = head.keep_alive and not _has_body(head)
+        _send_quietly(sock, simple_response(502, body, content_type=HTML, version=head.version,
+                                            headers=[("X-Request-Id", request.id)], close=not keep))
+        self._log(request, 502)
+        return keep
+
+    def _proxy(self, request, reader, sock, connection, stream) -> bool:
+        """Stream the exchange over `stream`; a tunnel failing before the response gives a 502."""
+        head, request_id = request.head, request.id
         connection.in_flight += 1
         try:
             # One stream per exchange: Connection: close lets the client send its FIN with the response.
@@ -112,7 +127,7 @@ class HTTPFront:
             body = gateway_error_body(502, "Bad Gateway", f"The backend's tunnel failed: {exc}", request_id)
             _send_quietly(sock, simple_response(502, body, content_type=HTML, version=head.version,
                                                 headers=[("X-Request-Id", request_id)], close=True))
-            self._log(head, host, 502, started, request_id, connection)
+            self._log(request, 502, connection)
             return False
         except DownstreamError:
             return False  # the public client left: only this stream ends, never the tunnel
@@ -120,14 +135,24 @@ class HTTPFront:
             stream.close()
             connection.in_flight -= 1
             connection.served += 1
-        self._log(head, host, result.status, started, request_id, connection)
+        self._log(request, result.status, connection)
         return result.keep_alive
 
-    def _log(self, head, host, status, started, request_id, connection) -> None:
+    def _log(self, request, status: int, connection=None) -> None:
         if self.access_log:
-            log.info("request", method=head.method, host=host, path=head.target, status=status,
-                     ms=round((time.monotonic() - started) * 1000, 2), request_id=request_id,
+            head = request.head
+            log.info("request", method=head.method, host=request.host, path=head.target, status=status,
+                     ms=round((time.monotonic() - request.started) * 1000, 2), request_id=request.id,
                      backend=connection.id if connection else "-")
+
+
+class _Request(NamedTuple):
+    """What the access log and error pages need to know about the request in hand."""
+
+    head: object
+    id: str
+    host: str
+    started: float
 
 
 _HOP_NAME = HOP_HEADER.lower()
