@@ -50,8 +50,14 @@ def _when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _print_json(records: list) -> None:
-    click.echo(json.dumps([record.as_json() for record in records], indent=2))
+def _show(what: str, records: list, user, where: str, as_json: bool, header, row) -> None:
+    """A listing as JSON, as a table, or a line saying there is nothing."""
+    if as_json:
+        click.echo(json.dumps([record.as_json() for record in records], indent=2))
+    elif not records:
+        click.echo(f"no {what}{f' for {user}' if user else ''} in {where}")
+    else:
+        print_table(header, [row(record) for record in records])
 
 
 # -- tun2g token ----------------------------------------------------------------------------
@@ -127,15 +133,9 @@ def token_list(user, as_json, storage_url):
       tun2g token list --user alice --json
     """
     with _opened(storage_url) as storage:
-        tokens = storage.list_tokens(user=user)
-        where = storage.describe()
-    if as_json:
-        _print_json(tokens)
-    elif not tokens:
-        click.echo(f"no tokens{f' for {user}' if user else ''} in {where}")
-    else:
-        print_table(("ID", "USER", "SCOPES", "CREATED", "NOTE"),
-                     [(t.id, t.user, ",".join(t.scopes), _when(t.created), t.note) for t in tokens])
+        tokens, where = storage.list_tokens(user=user), storage.describe()
+    _show("tokens", tokens, user, where, as_json, ("ID", "USER", "SCOPES", "CREATED", "NOTE"),
+          lambda t: (t.id, t.user, ",".join(t.scopes), _when(t.created), t.note))
 
 
 @token.command("revoke", context_settings=CONTEXT)
@@ -259,11 +259,6 @@ def route_list(user, as_json, storage_url):
       tun2g route list --user alice --json
     """
     with _opened(storage_url) as storage:
-        routes = storage.list_routes(user=user)
-        where = storage.describe()
-    if as_json:
-        _print_json(routes)
-    elif not routes:
-        click.echo(f"no routes{f' for {user}' if user else ''} in {where}")
-    else:
-        print_table(("DOMAIN", "USER", "CREATED"), [(r.domain, r.user, _when(r.created)) for r in routes])
+        routes, where = storage.list_routes(user=user), storage.describe()
+    _show("routes", routes, user, where, as_json, ("DOMAIN", "USER", "CREATED"),
+          lambda r: (r.domain, r.user, _when(r.created)))
