@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import redis
 from gevent.event import Event
 
 from tests.fixtures.cluster import backend_record, commands_between, redis_command_counts
@@ -109,10 +110,13 @@ def test_a_node_that_leaves_is_removed_at_once(nodes):
                message="a's records removed and b's cache invalidated")
 
 
-def test_kill_reaches_the_node_holding_the_backend(nodes):
+def test_kill_reaches_the_node_holding_the_backend(nodes, redis_server):
     a, b = nodes("a"), nodes("b")
     a.add("b1", "app.test")
     wait_until(lambda: b.registry.remote_backends() != [])
+    # Kill is fire-and-forget pub/sub: wait until both nodes' subscriptions are live in Redis.
+    probe = redis.Redis.from_url(redis_server.url)
+    wait_until(lambda: probe.pubsub_numsub("tun2g:kill")[0][1] == 2, message="both nodes subscribed")
     assert b.registry.kill("b1") == "a"
     assert a.kill_seen.wait(5)
     assert a.killed == ["b1"]
