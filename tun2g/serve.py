@@ -32,6 +32,7 @@ class ServerSetup:
     tls_key: str | None = None
     plain_tunnel: bool = False
     kcp_addr: str | None = None
+    kcp_profile: str = "fast"
     storage_url: str | None = None
     admin_addr: str | None = "127.0.0.1:7070"
     admin_token: str | None = None
@@ -121,9 +122,7 @@ class ServerSetup:
     def _start_kcp(self, server, running, cert, key):
         from tun2g.transport import kcp, memtls
 
-        # The fast preset changes only local timing and windows: Go kcp-go peers on
-        # their defaults still understand every datagram.
-        listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.KCPOptions.fast())
+        listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.options_for(self.kcp_profile))
         if self.plain_tunnel:
             secure = None
         else:

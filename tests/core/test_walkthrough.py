@@ -1,5 +1,6 @@
 """The README walk-through, as a user types it: real processes, real curl."""
 
+import socket
 import subprocess
 import sys
 
@@ -97,3 +98,35 @@ def test_bad_address_is_a_clear_usage_error():
     result = CliRunner().invoke(main, ["server", "--http", "nonsense"])
     assert result.exit_code == 2
     assert "expected HOST:PORT" in result.output
+
+
+@pytest.mark.parametrize("profile", ["fast", "kcp-go"])
+def test_kcp_tunnel_from_the_command_line(tmp_path, backend, profile):
+    backend_url, _app = backend
+    env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
+    http_port, kcp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    server = subprocess.Popen(tun2g("server", "--http", f"127.0.0.1:{http_port}", "--tunnel", "127.0.0.1:0",
+                                    "--admin", "127.0.0.1:0", "--kcp", f"127.0.0.1:{kcp_port}",
+                                    "--kcp-profile", profile), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = None
+    try:
+        wait_for_port(http_port)
+        subprocess.run(tun2g("route", "add", "kcp.localhost", "--user", "me"), env=env, check=True,
+                       capture_output=True, timeout=30)
+        token = subprocess.run(tun2g("token", "create", "--user", "me", "--quiet"), env=env, check=True,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        client = subprocess.Popen(tun2g("client", "--server", f"localhost:{kcp_port}", "--conn-type", "kcp",
+                                        "--kcp-profile", profile, "--ca", str(tmp_path / "tun2g-dev-cert.pem"),
+                                        "--token", token, "--domain", "kcp.localhost", "--backend", backend_url),
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert "connecting to" in client.stdout.readline()
+        assert "connected as kcp.localhost" in client.stdout.readline()
+        out = subprocess.run(["curl", "-s", "-H", "Host: kcp.localhost", f"http://127.0.0.1:{http_port}/"],
+                             capture_output=True, timeout=20, check=True).stdout
+        assert out == b"hello from backend\n"
+    finally:
+        for process in (client, server):
+            if process is not None:
+                process.terminate()
+                process.wait(10)

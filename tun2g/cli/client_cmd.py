@@ -20,6 +20,9 @@ from tun2g.cli.options import env_option
 @env_option("--conn-type", env="TUN2G_CONN_TYPE", type=click.Choice(["tcp", "kcp", "upgrade"]), default="tcp",
             show_default=True, help="tcp: TLS over TCP; kcp: TLS over KCP (UDP); upgrade: HTTP Upgrade "
                                     "on the server's public port.")
+@env_option("--kcp-profile", env="TUN2G_KCP_PROFILE", type=click.Choice(["fast", "kcp-go"]), default="fast",
+            show_default=True, help="With --conn-type kcp: fast (wire-compatible with Go peers on their defaults) "
+                                    "or kcp-go (kcp-go's own defaults, as Go tun2 runs).")
 @env_option("--ca", "ca_file", env="TUN2G_CA", type=click.Path(exists=True, dir_okay=False),
             help="Trust this CA (or self-signed certificate) for the server, e.g. the dev certificate.")
 @env_option("--insecure", is_flag=True, env="TUN2G_INSECURE",
@@ -34,7 +37,7 @@ from tun2g.cli.options import env_option
             help="Reconnect with exponential backoff when the tunnel drops.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
-def client(server_addr, token, domain, backend_url, conn_type, ca_file, insecure, plain, backend_insecure,
+def client(server_addr, token, domain, backend_url, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
            smux_version, reconnect, log_level):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
@@ -57,8 +60,9 @@ def client(server_addr, token, domain, backend_url, conn_type, ca_file, insecure
         click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
     try:
         config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
-                              conn_type=conn_type, plain=plain, ca_file=ca_file, insecure=insecure,
-                              backend_insecure=backend_insecure, reconnect=reconnect,
+                              conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
+                              ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
+                              reconnect=reconnect,
                               smux_config=smux.Config(version=int(smux_version)))
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
@@ -71,6 +75,14 @@ def client(server_addr, token, domain, backend_url, conn_type, ca_file, insecure
         click.echo(f"tun2g client: {exc}. Check the token (`tun2g token list`) and that the route for "
                    f"{domain} belongs to the token's user (`tun2g route list`).", err=True)
         sys.exit(2)
+
+
+def _kcp_options(conn_type: str, profile: str):
+    if conn_type != "kcp":
+        return None
+    from tun2g.transport.kcp import options_for
+
+    return options_for(profile)
 
 
 def _print_status(tunnel) -> None:

@@ -26,6 +26,9 @@ from tun2g.cli.options import env_option, host_port
             help="No TLS on the tunnel port. For development and tests only: tokens travel in clear.")
 @env_option("--kcp", "kcp_addr", env="TUN2G_KCP", callback=host_port, metavar="HOST:PORT",
             help="Also accept tunnel clients over KCP (UDP) here, with TLS inside as Go tun2 does.")
+@env_option("--kcp-profile", env="TUN2G_KCP_PROFILE", type=click.Choice(["fast", "kcp-go"]), default="fast",
+            show_default=True, help="KCP timing and windows: fast (wire-compatible with Go peers on their defaults) "
+                                    "or kcp-go (kcp-go's own defaults, as Go tun2 runs).")
 @env_option("--storage", env="TUN2G_STORAGE", metavar="URL",
             help="Token and route store: sqlite:///path.db or redis://host:port/db. "
                  "Default: REDIS_URL if set, else the embedded SQLite file.")
@@ -50,9 +53,9 @@ from tun2g.cli.options import env_option, host_port
             help="Log one line per proxied request.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
-def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, storage, redis_url, admin_addr,
-           admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval, access_log,
-           log_level):
+def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
+           admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval,
+           access_log, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -68,7 +71,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, st
     if http_addr is None:
         http_addr = f":{os.environ['PORT']}" if os.environ.get("PORT") else ":8080"
     setup = ServerSetup(http_addr=http_addr, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
-                        plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, storage_url=storage or redis_url,
+                        plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
+                        storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
