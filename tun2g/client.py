@@ -193,6 +193,9 @@ class Client:
                 first_stream.set()  # wakes connect(), which then sees the session is gone
                 return
             first_stream.set()
+            # A tun2 server's FIN ends the exchange (its reader is gone, e.g. a stream it
+            # reset for a too-slow public reader): stop relaying the response into the void.
+            stream.peer_fin_ends_writes = True
             if self._idle_workers:
                 get_hub().loop.run_callback(self._idle_workers.pop().switch, (stream, peer_ip))
             else:

@@ -9,6 +9,7 @@ import gevent
 import pytest
 import requests
 
+from tests.fixtures.backends import pattern_bytes
 from tests.fixtures.net import env_without_proxies, free_port
 from tests.fixtures.tunnel import DOMAIN, wait_until
 from tun2g.serve import ServerSetup
@@ -74,6 +75,24 @@ def test_slow_reader_does_not_stall_other_requests_or_pings(deployment, backend,
         answered = connection.pings_answered
         wait_until(lambda: connection.pings_answered >= answered + 2, timeout=5, message="two more pings answered")
         assert [b.id for b in deployment.server.get_all_backends()] == [backend_id]
+    finally:
+        stalled.close()
+
+
+def test_a_stream_reset_for_a_slow_reader_stops_the_backend_transfer(deployment, backend, start_client):
+    """v1 has no per-stream window: the server resets a stream nobody reads; the client must
+    then stop pushing that response over the tunnel instead of sending all of it into the void."""
+    url, app = backend
+    token = deployment.grant()
+    start_client(deployment.client_config(token, url))
+    size = 512 * 1024 * 1024
+    stalled = socket.create_connection(("127.0.0.1", deployment.running.http_address[1]))
+    try:
+        stalled.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode())
+        stalled.recv(1)  # the response has started; never read again
+        assert app.generator_ended.wait(30), "the backend transfer must end once the stream is reset"
+        assert app.generated_bytes < size // 4, f"{app.generated_bytes >> 20} MiB went to a reset stream"
+        assert get(deployment, "/bytes/1000").content == b"".join(pattern_bytes(1000))
     finally:
         stalled.close()
 

@@ -352,3 +352,17 @@ def read_to_eof_or_close(stream) -> bytes:
     except SessionClosedError:
         pass
     return data
+
+
+def test_writes_after_the_peers_fin_are_allowed_unless_the_stream_opts_out(pair):
+    """Upstream half-close lets a peer read after its FIN; a tun2 client opts out (the server's FIN ends it)."""
+    opener = pair.client.open_stream()
+    opener.sendall(b"x")
+    accepted = pair.server.accept_stream(timeout=5)
+    opener.shutdown(socket.SHUT_WR)
+    assert accepted.recv(10) == b"x" and accepted.recv(10) == b""  # the FIN arrived
+    accepted.sendall(b"still talking")  # allowed by default: the peer may still read
+    assert opener.recv(100) == b"still talking"
+    accepted.peer_fin_ends_writes = True
+    with pytest.raises(BrokenPipeError, match="the peer closed it"):
+        accepted.sendall(b"into the void")

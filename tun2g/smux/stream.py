@@ -35,6 +35,10 @@ class Stream:
         self._writable = Event()
         self._timeout: float | None = None
         self._grace_spent = False  # the session's reader already waited once for this stream to catch up
+        # smux 1.5.16 has no half-close: a FIN means the peer dropped the stream both ways.
+        # Upstream 1.5.54+ lets a peer keep reading after its FIN, so writes stay allowed
+        # by default; tun2 clients set this, since a tun2 server's FIN ends the exchange.
+        self.peer_fin_ends_writes = False
 
     @property
     def id(self) -> int:
@@ -181,6 +185,8 @@ class Stream:
         self.session._raise_if_closed()
         if state.fin_sent:
             raise BrokenPipeError(f"stream {self.id} was shut down for writing; no more data can be sent")
+        if state.fin_received and self.peer_fin_ends_writes:
+            raise BrokenPipeError(f"stream {self.id}: the peer closed it (FIN); it reads no more")
 
     def _wait_version(self, deadline: float | None) -> float | None:
         deadline = self._start_deadline(deadline, "writing (the peer has not spoken yet)")
