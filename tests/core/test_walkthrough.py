@@ -17,6 +17,28 @@ def tun2g(*args):
     return [sys.executable, "-m", "tun2g.cli", *args]
 
 
+def grant(env, domain: str) -> str:
+    """`tun2g route add` + `tun2g token create --quiet`, as the README does; returns the token."""
+    subprocess.run(tun2g("route", "add", domain, "--user", "me"), env=env, check=True, capture_output=True,
+                   timeout=30)
+    return subprocess.run(tun2g("token", "create", "--user", "me", "--quiet"), env=env, check=True,
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def connect_client(env, domain: str, *args) -> subprocess.Popen:
+    """A `tun2g client` process for `domain`, returned once it says it is connected."""
+    client = subprocess.Popen(tun2g("client", "--domain", domain, *args), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    assert "connecting to" in client.stdout.readline()
+    assert f"connected as {domain}" in client.stdout.readline()
+    return client
+
+
+def curl(http_port: int, domain: str) -> bytes:
+    return subprocess.run(["curl", "-s", "-H", f"Host: {domain}", f"http://127.0.0.1:{http_port}/"],
+                          capture_output=True, timeout=20, check=True).stdout
+
+
 def test_readme_walkthrough(tmp_path, backend):
     backend_url, _app = backend
     env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
@@ -30,20 +52,12 @@ def test_readme_walkthrough(tmp_path, backend):
     try:
         wait_for_port(http_port)
         wait_for_port(tunnel_port)
-        subprocess.run(tun2g("route", "add", "app.localhost", "--user", "me"), env=env, check=True,
-                       capture_output=True, timeout=30)
-        token = subprocess.run(tun2g("token", "create", "--user", "me", "--quiet"), env=env, check=True,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        token = grant(env, "app.localhost")
         cert = tmp_path / "tun2g-dev-cert.pem"
         assert cert.exists(), "the server makes a development certificate when given none"
-        client = subprocess.Popen(tun2g("client", "--server", f"localhost:{tunnel_port}", "--ca", str(cert),
-                                        "--token", token, "--domain", "app.localhost", "--backend", backend_url),
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert "connecting to" in client.stdout.readline()
-        assert "connected as app.localhost" in client.stdout.readline()
-        out = subprocess.run(["curl", "-s", "-H", "Host: app.localhost", f"http://127.0.0.1:{http_port}/"],
-                             capture_output=True, timeout=20, check=True).stdout
-        assert out == b"hello from backend\n"
+        client = connect_client(env, "app.localhost", "--server", f"localhost:{tunnel_port}", "--ca", str(cert),
+                                "--token", token, "--backend", backend_url)
+        assert curl(http_port, "app.localhost") == b"hello from backend\n"
         listing = subprocess.run(tun2g("backends", "--admin", f"http://127.0.0.1:{admin_port}"), env=env,
                                  capture_output=True, text=True, timeout=30, check=True).stdout
         assert "app.localhost" in listing and "tcp+tls" in listing
@@ -112,19 +126,11 @@ def test_kcp_tunnel_from_the_command_line(tmp_path, backend, profile):
     client = None
     try:
         wait_for_port(http_port)
-        subprocess.run(tun2g("route", "add", "kcp.localhost", "--user", "me"), env=env, check=True,
-                       capture_output=True, timeout=30)
-        token = subprocess.run(tun2g("token", "create", "--user", "me", "--quiet"), env=env, check=True,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        client = subprocess.Popen(tun2g("client", "--server", f"localhost:{kcp_port}", "--conn-type", "kcp",
-                                        "--kcp-profile", profile, "--ca", str(tmp_path / "tun2g-dev-cert.pem"),
-                                        "--token", token, "--domain", "kcp.localhost", "--backend", backend_url),
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert "connecting to" in client.stdout.readline()
-        assert "connected as kcp.localhost" in client.stdout.readline()
-        out = subprocess.run(["curl", "-s", "-H", "Host: kcp.localhost", f"http://127.0.0.1:{http_port}/"],
-                             capture_output=True, timeout=20, check=True).stdout
-        assert out == b"hello from backend\n"
+        token = grant(env, "kcp.localhost")
+        client = connect_client(env, "kcp.localhost", "--server", f"localhost:{kcp_port}", "--conn-type", "kcp",
+                                "--kcp-profile", profile, "--ca", str(tmp_path / "tun2g-dev-cert.pem"),
+                                "--token", token, "--backend", backend_url)
+        assert curl(http_port, "kcp.localhost") == b"hello from backend\n"
     finally:
         for process in (client, server):
             if process is not None:

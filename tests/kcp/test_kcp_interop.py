@@ -7,22 +7,13 @@ import struct
 import gevent
 import pytest
 
-from tests.fixtures.net import free_port
+from tests.fixtures.net import free_port, recv_exactly
 from tun2g.smux import Config, Session
 from tun2g.transport import kcp_wire, memtls
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
 
 KCPTUN_FAST = KCPOptions.fast(crypt_header=True, mtu=1350)
 FEC = ("--datashard", "10", "--parityshard", "3")
-
-
-def recv_exactly(conn, size):
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(min(65536, size - len(data)))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 def echo(stream):

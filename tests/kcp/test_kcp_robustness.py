@@ -12,18 +12,10 @@ import gevent.event
 import psutil
 import pytest
 
+from tests.fixtures.net import recv_exactly
 from tun2g.smux import Config, Session
 from tun2g.transport import kcp_wire
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
-
-
-def recv_exactly(conn, size):
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(min(65536, size - len(data)))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 @pytest.mark.parametrize("loss", [0.01, 0.05])

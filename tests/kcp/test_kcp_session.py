@@ -11,26 +11,9 @@ import gevent
 import psutil
 import pytest
 
+from tests.fixtures.net import echo_forever, recv_exactly
 from tun2g.transport import kcp_wire
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
-
-
-def recv_exactly(conn, size):
-    chunks, got = [], 0
-    while got < size:
-        data = conn.recv(min(65536, size - got))
-        assert data, f"EOF after {got} of {size} bytes"
-        chunks.append(data)
-        got += len(data)
-    return b"".join(chunks)
-
-
-def echo_forever(conn):
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            return
-        conn.sendall(data)
 
 
 @pytest.fixture

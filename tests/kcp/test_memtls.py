@@ -9,6 +9,7 @@ import gevent.queue
 import pytest
 from OpenSSL import SSL
 
+from tests.fixtures.net import recv_exactly
 from tun2g.transport import memtls
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
 
@@ -44,15 +45,6 @@ def tls_server(kcp_certs):
 def dial_tls(port, kcp_certs, hostname="localhost", **context_args):
     context = memtls.client_context(**(context_args or {"ca_file": kcp_certs.ca_file}))
     return memtls.wrap(kcp_dial("127.0.0.1", port, FAST), context, server_side=False, server_hostname=hostname)
-
-
-def recv_exactly(conn, size):
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 @pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1"])
