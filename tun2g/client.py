@@ -15,7 +15,7 @@ from gevent.pool import Group
 
 from tun2g import smux
 from tun2g.errors import ConfigurationError, Tun2Error
-from tun2g.http import BackendPool, DownstreamError, HTTPError, MessageReader, UpstreamError, simple_response
+from tun2g.http import BackendPool, UpstreamError, serve_requests, simple_response
 from tun2g.log import get_logger
 from tun2g.protocol import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
 from tun2g.transport import dialers
@@ -213,18 +213,8 @@ class Client:
 
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
-        reader = MessageReader(stream)
         try:
-            while True:
-                try:
-                    head = reader.read_request_head()
-                except HTTPError as exc:
-                    stream.sendall(simple_response(exc.status, f"{exc.message}\n".encode(), close=True))
-                    return
-                if head is None or not self._proxy(head, reader, stream, peer_ip):
-                    return
-        except (OSError, smux.SessionClosedError, DownstreamError):
-            return
+            serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip))
         finally:
             stream.close()
 

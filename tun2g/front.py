@@ -14,7 +14,7 @@ from typing import NamedTuple
 from gevent.server import StreamServer
 
 from tun2g.errors import CantOpenSessionStream
-from tun2g.http import DownstreamError, HTTPError, MessageReader, UpstreamError, forward_exchange, simple_response
+from tun2g.http import DownstreamError, UpstreamError, forward_exchange, serve_requests, simple_response
 from tun2g.cluster.hop import HOP_HEADER, HopRefused
 from tun2g.log import get_logger
 from tun2g.pages import gateway_error_body, no_backends_body
@@ -44,18 +44,8 @@ class HTTPFront:
         """Serve requests on one public connection until it closes."""
         tune(sock)
         peer_ip = address[0] if isinstance(address, tuple) else "unknown"
-        reader = MessageReader(sock)
         try:
-            while True:
-                try:
-                    head = reader.read_request_head()
-                except HTTPError as exc:
-                    _send_quietly(sock, simple_response(exc.status, f"{exc.message}\n".encode(), close=True))
-                    return
-                if head is None or not self.handle_request(head, reader, sock, peer_ip):
-                    return
-        except (OSError, DownstreamError):
-            return  # the public client went away between requests
+            serve_requests(sock, lambda head, reader: self.handle_request(head, reader, sock, peer_ip))
         finally:
             sock.close()
 

@@ -1,6 +1,7 @@
 """Routing public requests through a tunnel: status passthrough, headers, the 502 page."""
 
 import json
+import socket
 import subprocess
 
 import gevent
@@ -137,3 +138,23 @@ def test_admin_api_lists_and_kills(tunnel):
     killed = requests.post(deployment.admin_url + f"/backends/{listed[0]['id']}/kill", timeout=5)
     assert killed.status_code == 200
     client.wait_connected()
+
+
+def _raw_exchange(deployment, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", deployment.running.http_address[1]), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                return received
+            received += piece
+
+
+def test_malformed_and_oversized_heads_get_a_clear_4xx_and_the_tunnel_stays(tunnel):
+    deployment, _app, _client = tunnel
+    assert _raw_exchange(deployment, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    huge = b"GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
+    assert _raw_exchange(deployment, huge).startswith(b"HTTP/1.1 431 ")
+    assert get(deployment).status_code == 200
+    assert len(deployment.server.get_all_backends()) == 1

@@ -23,9 +23,10 @@ from .heads import HOP_BY_HOP, HTTPError, RequestHead, ResponseHead, forwardable
 from .parser import CHUNKED, UNTIL_CLOSE, MessageParser
 from .pool import BackendPool
 from .reader import MessageReader
-from .relay import DownstreamError, ExchangeResult, UpstreamError, forward_exchange, send_all
+from .relay import DownstreamError, ExchangeResult, UpstreamError, forward_exchange, send_all, serve_requests
 
 __all__ = [
+    "serve_requests",
     "BackendPool", "CHUNKED", "DownstreamError", "ExchangeResult", "HOP_BY_HOP", "HTTPError", "LAST_CHUNK",
     "MessageParser", "MessageReader", "RequestHead", "ResponseHead", "UNTIL_CLOSE", "UpstreamError",
     "encode_chunk", "encode_request_head", "encode_response_head", "forward_exchange", "forwardable_headers",

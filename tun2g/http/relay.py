@@ -8,7 +8,7 @@ from typing import Callable
 
 import gevent
 
-from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
+from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head, simple_response
 from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
 from .parser import CHUNKED
 from .reader import RECV_SIZE, MessageReader
@@ -238,6 +238,26 @@ def _copy_raw(source, sink, first: bytes) -> int:
         _close_quietly(source)
         _close_quietly(sink)
     return copied
+
+
+def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool]) -> None:
+    """Read request heads from ``sock`` and pass each to ``handle`` while it returns True.
+
+    A malformed or oversized head is answered with its 4xx and ends the connection;
+    the peer leaving ends it quietly. The caller closes ``sock``.
+    """
+    reader = MessageReader(sock)
+    try:
+        while True:
+            try:
+                head = reader.read_request_head()
+            except HTTPError as exc:
+                sock.sendall(simple_response(exc.status, f"{exc.message}\n".encode(), close=True))
+                return
+            if head is None or not handle(head, reader):
+                return
+    except (OSError, DownstreamError):
+        return  # the peer went away between requests
 
 
 def _close_quietly(sock) -> None:
