@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.fixtures.gopeers import PeerProcess, build_go_binary  # noqa: E402
 from tests.fixtures.kcp import LossyRelay, make_cert_set  # noqa: E402
-from tun2g.transport import memtls  # noqa: E402
+from tun2g.transport import tls_bio  # noqa: E402
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial  # noqa: E402
 
 CHUNK = 65536
@@ -177,12 +177,12 @@ class TLSOverKCPPair(KCPPair):
     def __init__(self, options: KCPOptions, handler):
         self.certs_dir = tempfile.TemporaryDirectory(prefix="kcp-bench-certs-")
         certs = make_cert_set(Path(self.certs_dir.name))
-        server_context = memtls.server_context(certs.cert_file, certs.key_file)
-        self.client_context = memtls.client_context(ca_file=certs.ca_file)
-        super().__init__(options, lambda conn: handler(memtls.wrap(conn, server_context, server_side=True)))
+        server_context = tls_bio.server_context(certs.cert_file, certs.key_file)
+        self.client_context = tls_bio.client_context(ca_file=certs.ca_file)
+        super().__init__(options, lambda conn: handler(tls_bio.wrap(conn, server_context, server_side=True)))
 
     def dial(self):
-        return memtls.wrap(super().dial(), self.client_context, server_side=False, server_hostname="localhost")
+        return tls_bio.wrap(super().dial(), self.client_context, server_side=False, server_hostname="localhost")
 
     def close(self) -> None:
         super().close()

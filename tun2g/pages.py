@@ -1,8 +1,22 @@
-"""The responses the server itself produces: the no-backend page and gateway errors."""
+"""Every response tun2g makes itself (error pages, refusals, health answers) and the one way to send one.
+
+A `Page` is a status, a body and its extra headers. Fronts send it with
+`send_page` (sockets) or turn it into a `StreamedResponse` (round trips, WSGI);
+either way a page that answers a request carries that request's X-Request-Id.
+Public pages say in plain words what happened and never name internal hosts.
+"""
 
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from tun2g.http import RequestHead, ResponseHead, simple_response
+from tun2g.http.client import StreamedResponse
+
+HTML = "text/html; charset=utf-8"
+TEXT = "text/plain; charset=utf-8"
 
 # Go tun2's gen502Page: the same text and, as measured, 175 bytes plus the Host
 # and the request id (the original's template sits between two newlines). The
@@ -18,12 +32,124 @@ _GATEWAY_ERROR = (
 )
 
 
-def no_backends_body(host: str, request_id: str) -> bytes:
-    """The original's 502 body for a Host with no usable tunnel."""
-    return _NO_BACKENDS.format(host=html.escape(host), request_id=html.escape(request_id)).encode()
+@dataclass(frozen=True)
+class Page:
+    """A complete response the server makes itself."""
+
+    status: int
+    body: bytes
+    content_type: str = HTML
+    headers: tuple[tuple[str, str], ...] = ()
+    request_id: str | None = None
+
+    @property
+    def reason(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def all_headers(self) -> list[tuple[str, str]]:
+        """Extra headers, X-Request-Id included, without Content-Type/-Length."""
+        extra = list(self.headers)
+        if self.request_id:
+            extra.append(("X-Request-Id", self.request_id))
+        return extra
+
+    def encode(self, *, version: str = "HTTP/1.1", close: bool = True) -> bytes:
+        """The page as response bytes."""
+        return simple_response(self.status, self.body, content_type=self.content_type,
+                               headers=self.all_headers(), version=version, close=close)
+
+    def as_response(self) -> StreamedResponse:
+        """The page as a StreamedResponse, for round trips and the WSGI front."""
+        headers = [("Content-Type", self.content_type), ("Content-Length", str(len(self.body)))]
+        return StreamedResponse(ResponseHead(self.status, self.reason, headers=headers + self.all_headers()),
+                                body=self.body)
 
 
-def gateway_error_body(status: int, title: str, detail: str, request_id: str) -> bytes:
-    """A short HTML page for a proxy error that happened on our side."""
-    return _GATEWAY_ERROR.format(status=status, title=html.escape(title), detail=html.escape(detail),
+def send_page(sock, page: Page, request: RequestHead | None = None) -> bool:
+    """Send `page` as the answer to `request` (quietly: the peer may be gone); True if the connection may go on.
+
+    The connection is kept only when the request allows it and had no body we
+    would have to read past.
+    """
+    keep = (request is not None and request.keep_alive and not (request.chunked or request.content_length))
+    try:
+        sock.sendall(page.encode(version=request.version if request is not None else "HTTP/1.1", close=not keep))
+    except OSError:
+        return False
+    return keep
+
+
+def _gateway_error(status: int, detail: str, request_id: str, headers: tuple = ()) -> Page:
+    title = HTTPStatus(status).phrase
+    body = _GATEWAY_ERROR.format(status=status, title=html.escape(title), detail=html.escape(detail),
                                  request_id=html.escape(request_id)).encode()
+    return Page(status, body, headers=headers, request_id=request_id)
+
+
+# -- the public front ---------------------------------------------------------------------
+
+def no_backends(host: str, request_id: str) -> Page:
+    """The original's 502 page for a Host with no usable tunnel anywhere."""
+    body = _NO_BACKENDS.format(host=html.escape(host), request_id=html.escape(request_id)).encode()
+    return Page(502, body, request_id=request_id)
+
+
+def tunnel_broke(request_id: str) -> Page:
+    """Every tunnel for the Host failed as we tried to use it."""
+    return _gateway_error(502, "The tunnel to this site's backend broke.", request_id)
+
+
+def tunnel_failed(detail: str, request_id: str) -> Page:
+    """The tunnel failed under this request before a response came back."""
+    return _gateway_error(502, f"The backend's tunnel failed: {detail}", request_id)
+
+
+def node_failed(node_id: str, detail: str, request_id: str) -> Page:
+    """The cluster node holding the site's tunnel failed under this request."""
+    return _gateway_error(502, f"The cluster node holding this site's tunnel ({node_id}) failed: {detail}",
+                          request_id)
+
+
+def no_node_reachable(request_id: str) -> Page:
+    return _gateway_error(502, "No cluster node holding this site's tunnel could be reached.", request_id)
+
+
+def registry_unavailable(detail: str, request_id: str) -> Page:
+    """503: the tunnel is not on this node and the shared registry cannot say where it is."""
+    return _gateway_error(503, f"This site's tunnel is not on this server, and the cluster registry cannot be "
+                               f"reached to find it ({detail}). Retry shortly.", request_id,
+                          headers=(("Retry-After", "1"),))
+
+
+def hop_refused(reason: str, request_id: str) -> Page:
+    """403 for a node-to-node request whose signature is forged, stale or malformed."""
+    return Page(403, f"tun2g: node-to-node request refused: {reason}\n".encode(), TEXT, request_id=request_id)
+
+
+def malformed_request(status: int, message: str, request_id: str | None = None) -> Page:
+    """The 4xx/5xx for a request the HTTP parser refused (400, 413, 431, 501)."""
+    return Page(status, f"{message}\n".encode(), TEXT, request_id=request_id)
+
+
+def upgrade_unsupported() -> Page:
+    """501 from a WSGI server that cannot hand its connection over for a tunnel or a protocol switch."""
+    return Page(501, b"tun2g: this WSGI server does not hand over its connections, so tunnel clients and "
+                     b"protocol switches (WebSocket) cannot be served here; run under gunicorn -k gevent, "
+                     b"or use tun2g server's own HTTP front\n", TEXT)
+
+
+# -- the tunnel client ---------------------------------------------------------------------
+
+def health_ok() -> Page:
+    """The tunnel client's own answer to the server's health ping."""
+    return Page(200, b"ok\n", TEXT)
+
+
+def backend_failed(detail: str) -> Page:
+    """The local service broke the exchange (the tunnel client's 502)."""
+    return Page(502, f"tun2g client: the backend failed: {detail}\n".encode(), TEXT)
+
+
+def backend_unreachable(backend_url: str, detail: str) -> Page:
+    """The local service cannot be reached (the tunnel client's 502)."""
+    return Page(502, f"tun2g client: cannot reach the backend {backend_url}: {detail}\n".encode(), TEXT)

@@ -87,7 +87,7 @@ def test_gunicorn_gevent_workers_serve_tunnels_and_forward_between_workers(redis
     for name in ("TUN2G_STORAGE", "TUN2G_CLUSTER_SECRET"):
         env.pop(name, None)
     run_process([sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "2", "-b", f"127.0.0.1:{port}",
-                 "tun2g.cluster.wsgi_app:create_app()"], env, "gunicorn")
+                 "tun2g.server.process:create_wsgi_app()"], env, "gunicorn")
     wait_for_port(port, timeout=20)
     nodes = redis.Redis.from_url(redis_server.url)
     wait_until(lambda: nodes.zcard("tun2g:nodes") == 2, timeout=20, message="both gunicorn workers joining")

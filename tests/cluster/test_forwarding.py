@@ -150,7 +150,7 @@ def test_an_unreachable_holder_is_skipped_for_a_live_one(two_nodes, redis_server
         wait_until(lambda: {x.node for x in b.server.get_all_backends()} == {"a", "ghost"})
         for _ in range(20):  # random order: the ghost is met first about half the time
             assert get(b).status_code == 200
-        assert closed_port_url not in b.server.cluster.forwarder._pools  # no sockets kept for a dead node
+        assert closed_port_url not in b.cluster.forwarder._pools  # no sockets kept for a dead node
     finally:
         ghost.close()
 

@@ -9,6 +9,7 @@ import requests
 
 from tests.fixtures.tunnel import DOMAIN
 from tun2g.client import ClientConfig
+from tun2g.client import connect
 from tun2g.transport import upgrade
 
 
@@ -31,9 +32,8 @@ def test_a_server_that_does_not_switch_is_reported_with_its_answer(backend):
     backend_url, _app = backend
     config = ClientConfig(server_addr=backend_url, token="t", domain=DOMAIN, backend_url=backend_url,
                           conn_type="upgrade", plain=True)
-    host, port = backend_url.removeprefix("http://").split(":")
     with pytest.raises(upgrade.UpgradeRefused, match=r"answered 'HTTP/1.1 200 OK' instead of 101"):
-        upgrade.dial(config, host, int(port), "http")
+        connect.dial(config)
 
 
 def test_the_server_answers_101_and_starts_smux_on_the_same_connection(plain_deployment):
@@ -65,7 +65,7 @@ def test_only_the_exact_request_is_a_tunnel(request_line, headers):
 def test_bytes_that_came_with_the_switch_are_read_first_by_recv_and_recv_into():
     left, right = socket.socketpair()
     with left, right:
-        connection = upgrade.UpgradedConnection(left, b"abcdef")
+        connection = upgrade.UpgradedStream(left, b"abcdef")
         right.sendall(b"ghi")
         buffer = bytearray(4)
         assert connection.recv_into(buffer, 4) == 4 and bytes(buffer) == b"abcd"

@@ -8,7 +8,7 @@ import redis
 
 from tun2g import smux
 from tun2g.client import AuthRejected
-from tun2g.protocol import Auth, AuthFormatError, JSONObjectReader, decode_reply
+from tun2g.control import Auth, AuthFormatError, JSONObjectReader, decode_reply
 
 from tests.fixtures.tunnel import DOMAIN, USER, wait_until
 
@@ -161,7 +161,7 @@ def test_kill_backend_disconnects_and_client_reconnects(tunnel):
 def test_storage_outage_is_not_a_rejection_and_leaks_no_address(tmp_path, data_dir, redis_server, backend,
                                                                    start_client):
     from tun2g.client import ClientConfig
-    from tun2g.serve import ServerSetup
+    from tun2g.server.process import ServerSetup
 
     setup = ServerSetup(http_addr="127.0.0.1:0", tunnel_addr="127.0.0.1:0", admin_addr=None, plain_tunnel=True,
                         storage_url=redis_server.url, access_log=False, log_level="warning")

@@ -12,7 +12,7 @@ import requests
 from tests.fixtures.backends import pattern_bytes
 from tests.fixtures.net import env_without_proxies, free_port
 from tests.fixtures.tunnel import DOMAIN, wait_until
-from tun2g.serve import ServerSetup
+from tun2g.server.process import ServerSetup
 
 
 def get(deployment, path="/", timeout=10, **kwargs):
@@ -71,7 +71,7 @@ def test_slow_reader_does_not_stall_other_requests_or_pings(deployment, backend,
     try:
         for _ in range(20):
             assert get(deployment, "/bytes/100000").content.__len__() == 100000
-        connection = deployment.server.registry.get(backend_id)
+        connection = deployment.server.tunnels.get(backend_id)
         answered = connection.pings_answered
         wait_until(lambda: connection.pings_answered >= answered + 2, timeout=5, message="two more pings answered")
         assert [b.id for b in deployment.server.get_all_backends()] == [backend_id]

@@ -41,7 +41,7 @@ def test_go_client_pings_keep_it_registered(plain_deployment, backend, go_peer):
     _go_client(go_peer, plain_deployment, token, url).wait_for(r"AUTH-SENT")
     wait_until(lambda: len(plain_deployment.server.get_all_backends()) == 1, message="registration")
     backend_id = plain_deployment.server.get_all_backends()[0].id
-    connection = plain_deployment.server.registry.get(backend_id)
+    connection = plain_deployment.server.tunnels.get(backend_id)
     wait_until(lambda: connection.pings_answered >= 3, message="three pings answered by the Go client")
     assert app.health_hits >= 3, "the Go client forwards /health to its backend, as the original does"
     assert [b.id for b in plain_deployment.server.get_all_backends()] == [backend_id]

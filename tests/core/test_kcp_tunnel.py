@@ -7,7 +7,7 @@ import requests
 
 from tests.fixtures.backends import pattern_digest
 from tests.fixtures.tunnel import DOMAIN, Deployment, RunningClient
-from tun2g.serve import ServerSetup
+from tun2g.server.process import ServerSetup
 
 
 @pytest.fixture(params=["plain", "tls"])

@@ -8,7 +8,7 @@ import gevent
 import requests
 
 from tests.fixtures.tunnel import DOMAIN, wait_until
-from tun2g.pages import no_backends_body
+from tun2g import pages
 
 
 def get(deployment, path="/", host=DOMAIN, **kwargs):
@@ -64,7 +64,7 @@ def test_no_backend_gives_the_original_502_page_without_echoing_secrets(plain_de
                    headers={"X-Request-Id": "abc", "Cookie": "session=secret", "Authorization": "Bearer x"})
     assert response.status_code == 502
     assert response.headers["Content-Type"] == "text/html; charset=utf-8"
-    assert response.content == no_backends_body("nobody.test", "abc")
+    assert response.content == pages.no_backends("nobody.test", "abc").body
     assert int(response.headers["Content-Length"]) == 175 + len("nobody.test") + len("abc")
     assert "Cookie" not in response.headers and "Authorization" not in response.headers
     assert "Set-Cookie" not in response.headers

@@ -8,8 +8,8 @@ from gevent.pywsgi import WSGIServer
 
 from tests.fixtures.backends import pattern_bytes, pattern_digest
 from tests.fixtures.tunnel import DOMAIN
-from tun2g.pages import no_backends_body
-from tun2g.wsgi import WSGIFront
+from tun2g import pages
+from tun2g.server.wsgi import WSGIFront
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_wsgi_front_streams_both_ways(wsgi_url):
 
 def test_wsgi_front_no_backend_page(wsgi_url):
     response = requests.get(wsgi_url + "/", headers={"Host": "nobody.test", "X-Request-Id": "z"}, timeout=10)
-    assert response.status_code == 502 and response.content == no_backends_body("nobody.test", "z")
+    assert response.status_code == 502 and response.content == pages.no_backends("nobody.test", "z").body
 
 
 def test_requests_adapter(tunnel):

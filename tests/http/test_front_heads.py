@@ -3,7 +3,7 @@
 import os
 import re
 
-from tun2g.front import prepare_request
+from tun2g.server.pipeline import prepare_request
 from tun2g.requestid import new_request_id
 from tun2g.http import RequestHead
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures.net import free_port, recv_exactly
 from tun2g.smux import Config, Session
-from tun2g.transport import kcp_wire, memtls
+from tun2g.transport import kcp_wire, tls_bio
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
 
 KCPTUN_FAST = KCPOptions.fast(crypt_header=True, mtu=1350)
@@ -108,7 +108,7 @@ def test_python_client_to_go_server(go_peer, kcp_certs, use_tls, crypt, options)
     port = int(peer.wait_for(r"READY port=(\d+)").group(1))
     transport = kcp_dial("127.0.0.1", port, options)
     if use_tls:  # the ClientHello is the first datagram, as in tun2
-        transport = memtls.wrap(transport, memtls.client_context(ca_file=kcp_certs.ca_file),
+        transport = tls_bio.wrap(transport, tls_bio.client_context(ca_file=kcp_certs.ca_file),
                                 server_side=False, server_hostname="localhost")
     session = Session(transport, client=True, config=Config())
     try:
@@ -129,13 +129,13 @@ def test_python_client_to_go_server(go_peer, kcp_certs, use_tls, crypt, options)
 @pytest.mark.parametrize("use_tls", [True, False], ids=["tls", "raw-smux"])
 def test_go_client_to_python_listener(go_peer, kcp_certs, use_tls):
     listener = KCPListener("127.0.0.1", 0, KCPOptions())
-    context = memtls.server_context(kcp_certs.cert_file, kcp_certs.key_file)
+    context = tls_bio.server_context(kcp_certs.cert_file, kcp_certs.key_file)
     args = ["-mode", "client", "-addr", f"127.0.0.1:{listener.address[1]}", "-bytes", "100000"]
     if use_tls:
         args += ["-tls", "-ca", kcp_certs.ca_file, "-servername", "localhost"]
     peer = go_peer("kcppeer", *args)
     conn = listener.accept(timeout=10)
-    session = Session(memtls.wrap(conn, context, server_side=True) if use_tls else conn,
+    session = Session(tls_bio.wrap(conn, context, server_side=True) if use_tls else conn,
                       client=False, config=Config.tun2_server())
     server = gevent.spawn(serve_streams, session)
     try:

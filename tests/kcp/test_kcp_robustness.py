@@ -121,11 +121,11 @@ def test_junk_flood_neither_grows_memory_nor_stalls_a_session():
 
 
 def test_dead_go_peer_is_detected_by_smux_keepalive(go_peer, kcp_certs):
-    from tun2g.transport import memtls
+    from tun2g.transport import tls_bio
 
     peer = go_peer("kcppeer", "-mode", "server", "-tls", "-cert", kcp_certs.cert_file, "-key", kcp_certs.key_file)
     port = int(peer.wait_for(r"READY port=(\d+)").group(1))
-    transport = memtls.wrap(kcp_dial("127.0.0.1", port), memtls.client_context(ca_file=kcp_certs.ca_file),
+    transport = tls_bio.wrap(kcp_dial("127.0.0.1", port), tls_bio.client_context(ca_file=kcp_certs.ca_file),
                             server_side=False, server_hostname="localhost")
     # The Go server sends a NOP every 1 s (tun2's setting), so 1.5 s windows always see a frame.
     session = Session(transport, client=True, config=Config(keepalive_interval=0.5, keepalive_timeout=1.5))

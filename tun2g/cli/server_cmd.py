@@ -64,7 +64,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
       tun2g server --tls-cert cert.pem --tls-key key.pem --http :80 --tunnel :4443
       PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
     """
-    from tun2g.serve import ServerSetup
+    from tun2g.server.process import ServerSetup
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")

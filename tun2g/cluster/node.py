@@ -1,8 +1,9 @@
-"""One server process as a node of a cluster: shared registry, signed hops, forwarding, cluster-wide admin.
+"""This server process as one node of a cluster: shared registry, signed hops, connections to other nodes.
 
-`Cluster(server, ClusterConfig(...))` sets `server.cluster`; the Server and
-its HTTP front consult it only when the local registry has no answer, so a
-request for a local backend never touches Redis.
+`ClusterNode` holds no Server: it is given two callbacks (this node's
+backend records, and how to disconnect one of them when another node asks)
+and is consulted only by the server's Router, and only where the local
+tunnels have no answer, so a request for a local tunnel never touches Redis.
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import urlsplit
 
 import redis
 
-from tun2g.cluster.forward import HTML, Forwarder, Outcome, send_quietly
+from tun2g.backend import Backend
+from tun2g.cluster.forward import Forwarder
 from tun2g.cluster.hop import HOP_HEADER, Hop, HopRefused, verify
-from tun2g.cluster.registry import DEFAULT_CACHE_TTL, DEFAULT_TTL, ClusterUnavailable, RedisRegistry
+from tun2g.cluster.registry import DEFAULT_CACHE_TTL, DEFAULT_TTL, ClusterUnavailable, NodeRef, RedisRegistry
 from tun2g.errors import ConfigurationError, NoSuchBackend
-from tun2g.http import simple_response
+from tun2g.http import RequestHead
 from tun2g.log import get_logger
-from tun2g.pages import gateway_error_body
-from tun2g.storage import StorageError, normalize_domain, redact_url
+from tun2g.storage import redact_url
 
 log = get_logger(__name__)
 
@@ -39,23 +41,27 @@ class ClusterConfig:
     key_prefix: str = "tun2g:"
 
 
-class Cluster:
-    """The cluster side of a Server: attach with `Cluster(server, config).start()`."""
+class ClusterNode:
+    """This node's membership: publishes its backends, finds other nodes', signs and checks hops.
 
-    def __init__(self, server, config: ClusterConfig):
+    `local_backends()` lists this node's Backend records (published to Redis);
+    `kill_local(backend_id)` disconnects one when another node asks.
+    """
+
+    def __init__(self, config: ClusterConfig, node_id: str, *, local_backends: Callable[[], list[Backend]],
+                 kill_local: Callable[[str], None]) -> None:
         _check_advertise_url(config.advertise_url)
-        self.server = server
         self.config = config
-        self.node_id = server.config.node_id
-        self.registry = RedisRegistry(config.redis_url, self.node_id, config.advertise_url,
-                                      snapshot=self._local_backends, on_kill=self._kill_local, ttl=config.ttl,
+        self.node_id = node_id
+        self._kill_local = kill_local
+        self.registry = RedisRegistry(config.redis_url, node_id, config.advertise_url,
+                                      snapshot=local_backends, on_kill=self._on_kill, ttl=config.ttl,
                                       cache_ttl=config.cache_ttl, key_prefix=config.key_prefix)
         self.secret = self._resolve_secret(config)
-        self.forwarder = Forwarder(self.node_id, self.secret)
+        self.forwarder = Forwarder(node_id, self.secret)
         self._closed = False
-        server.cluster = self
 
-    def start(self) -> "Cluster":
+    def start(self) -> ClusterNode:
         self.registry.start()
         log.info("cluster_joined", node=self.node_id, advertise=self.config.advertise_url,
                  redis=redact_url(self.config.redis_url), ttl=self.config.ttl)
@@ -71,14 +77,14 @@ class Cluster:
                                      f"{redact_url(config.redis_url)} ({exc}); start Redis, or give every node "
                                      f"the same --cluster-secret / TUN2G_CLUSTER_SECRET") from None
 
-    # -- hooks the Server calls --------------------------------------------------------
+    # -- backends ------------------------------------------------------------------------
 
     def changed(self) -> None:
         """A local backend came or went."""
         self.registry.changed()
 
-    def remote_backends(self) -> list:
-        """Other nodes' backends; only this node's are listed (and Redis logged) when Redis is down."""
+    def remote_backends(self) -> list[Backend]:
+        """Other nodes' backends; none (and Redis logged) when Redis is down."""
         try:
             return self.registry.remote_backends()
         except ClusterUnavailable:
@@ -91,17 +97,13 @@ class Cluster:
         except ClusterUnavailable as exc:
             raise NoSuchBackend(f"{backend_id} is not on this node, and the others cannot be asked: {exc}") from None
 
-    def _local_backends(self) -> list:
-        return [connection.backend() for connection in self.server.registry]
+    def _on_kill(self, backend_id: str) -> None:
+        log.info("killed", by="cluster", backend=backend_id)
+        self._kill_local(backend_id)
 
-    def _kill_local(self, backend_id: str) -> None:
-        connection = self.server.registry.get(backend_id)
-        log.info("killed", by="cluster", **connection.log_fields())
-        connection.close()
+    # -- requests ------------------------------------------------------------------------
 
-    # -- hooks the HTTP front calls ----------------------------------------------------
-
-    def accept_hop(self, head) -> Hop | None:
+    def accept_hop(self, head: RequestHead) -> Hop | None:
         """None for a public request; the Hop for a valid node-to-node one (its header removed).
 
         Raises HopRefused for a hop header that is not a fresh signature of this cluster.
@@ -115,57 +117,19 @@ class Cluster:
         head.remove(HOP_HEADER)
         return hop
 
-    def refuse_hop(self, sock, head, peer_ip: str, error: HopRefused) -> Outcome:
-        """Answer a forged or stale node-to-node request with 403 and close."""
-        log.warning("hop_refused", remote=peer_ip, host=head.host, reason=str(error))
-        body = f"tun2g: node-to-node request refused: {error}\n".encode()
-        send_quietly(sock, simple_response(403, body, version=head.version, close=True))
-        return Outcome(403, False)
+    def nodes_for(self, domain: str) -> list[NodeRef]:
+        """The other nodes holding a backend for `domain`; raises ClusterUnavailable when Redis cannot say."""
+        return self.registry.lookup(domain)
 
-    def forward(self, head, reader, sock, host: str, request_id: str) -> Outcome | None:
-        """Serve a request no local backend can take from another node; None when no node has one."""
-        try:
-            domain = normalize_domain(host)
-        except StorageError:
-            return None
-        try:
-            nodes = self.registry.lookup(domain)
-        except ClusterUnavailable as exc:
-            body = gateway_error_body(503, "Service Unavailable",
-                                      f"This site's tunnel is not on this server, and the cluster registry cannot "
-                                      f"be reached to find it ({self.registry.outage.last_error}). Retry shortly.",
-                                      request_id)
-            keep = head.keep_alive and not (head.chunked or head.content_length)
-            send_quietly(sock, simple_response(503, body, content_type=HTML, version=head.version,
-                                               headers=[("X-Request-Id", request_id), ("Retry-After", "1")],
-                                               close=not keep))
-            log.debug("lookup_unavailable", host=host, error=str(exc))
-            return Outcome(503, keep)
-        if not nodes:
-            return None
-        return self.forwarder.forward(head, reader, sock, nodes, request_id,
-                                      on_unreachable=lambda node: self.registry.forget(domain))
+    def unreachable(self, domain: str, node: NodeRef) -> None:
+        """`node` could not be reached for `domain`: close its connections and look it up afresh next time."""
+        self.forwarder.drop(node.url)
+        self.registry.forget(domain)
 
-    def round_trip(self, head, body, request_id: str):
-        """`forward` for Server.round_trip callers: a TunnelResponse, or None when no node has a backend."""
-        from tun2g.http import ResponseHead
-        from tun2g.roundtrip import TunnelResponse
-
-        try:
-            domain = normalize_domain(head.host or "")
-            nodes = self.registry.lookup(domain)
-        except StorageError:
-            return None
-        except ClusterUnavailable:
-            page = gateway_error_body(503, "Service Unavailable", "This site's tunnel is not on this server, and the "
-                                      "cluster registry cannot be reached to find it. Retry shortly.", request_id)
-            return TunnelResponse(ResponseHead(503, "Service Unavailable", headers=[
-                ("Content-Type", HTML), ("Content-Length", str(len(page))), ("Retry-After", "1"),
-                ("X-Request-Id", request_id)]), body=page)
-        if not nodes:
-            return None
-        return self.forwarder.round_trip(head, body, nodes, request_id,
-                                         on_unreachable=lambda node: self.registry.forget(domain))
+    @property
+    def last_error(self) -> str:
+        """What the registry last failed with (for the 503 page)."""
+        return self.registry.outage.last_error
 
     def close(self) -> None:
         """Leave the cluster: this node's records are removed at once (idempotent)."""

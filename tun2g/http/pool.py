@@ -84,6 +84,10 @@ class BackendPool:
             if (replayable and time.monotonic() - released < RECENT_RELEASE) or _still_idle(sock):
                 return sock, reader
             sock.close()
+        return self.dial()
+
+    def dial(self):
+        """A new connection: ``(sock, reader)``. Raises ``OSError`` if dialing fails."""
         sock = self._dial()
         try:
             sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .heads import HTTPError, RequestHead, ResponseHead
 from .parser import CLOSED, DEFAULT_MAX_HEAD_SIZE, END, HeadEvent, MessageParser, Upgraded
 
@@ -56,6 +58,16 @@ class MessageReader:
         if head is None:
             raise HTTPError(502, "the connection closed before a response arrived")
         return head
+
+    def read_final_response_head(self, request_method: str,
+                                 on_interim: Callable[[ResponseHead], None] | None = None) -> ResponseHead:
+        """The final response head (or a 101), passing each other 1xx head to ``on_interim`` (else skipping it)."""
+        while True:
+            head = self.read_response_head(request_method)
+            if head.status >= 200 or head.status == 101:
+                return head
+            if on_interim is not None:
+                on_interim(head)
 
     def _read_head(self):
         if not self.body_complete:

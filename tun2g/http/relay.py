@@ -8,14 +8,24 @@ from typing import Callable
 
 import gevent
 
-from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head, simple_response
+from tun2g.transport.base import capabilities_of
+
+from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
 from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
 from .parser import CHUNKED
 from .reader import RECV_SIZE, MessageReader
 
 
 class UpstreamError(Exception):
-    """The upstream failed before any final response went downstream: answer the client with a 502."""
+    """The upstream failed before any final response went downstream: answer the client with a 502.
+
+    ``replayable``: nothing of the exchange reached the client and the request had
+    no body, so the same request may be sent to another upstream instead.
+    """
+
+    def __init__(self, message: str, *, replayable: bool = False) -> None:
+        super().__init__(message)
+        self.replayable = replayable
 
 
 class DownstreamError(Exception):
@@ -66,6 +76,7 @@ class _Exchange:
         self.response_bytes = 0
         self.pump: gevent.Greenlet | None = None
         self.request_sent = False      # the whole request body went upstream
+        self.request_bodyless = request_reader.body_complete  # nothing to consume: replayable elsewhere
         self.downstream_failure: Exception | None = None
 
     def run(self, response_filter) -> ExchangeResult:
@@ -101,7 +112,8 @@ class _Exchange:
         try:
             send_all(self.upstream, payload)
         except OSError as exc:
-            raise UpstreamError(f"cannot send the request upstream: {_describe(exc)}") from exc
+            raise UpstreamError(f"cannot send the request upstream: {_describe(exc)}",
+                                replayable=self.request_bodyless) from exc
         self.request_bytes = len(payload)
         if reader.body_complete:
             self.request_sent = True
@@ -130,20 +142,19 @@ class _Exchange:
     # --- response ------------------------------------------------------------------
 
     def _read_final_head(self) -> ResponseHead:
-        reader, method = self.upstream_reader, self.request.method
-        while True:
-            try:
-                head = reader.read_response_head(method)
-            except (OSError, HTTPError) as exc:
-                if self.downstream_failure is not None:
-                    raise DownstreamError(f"the client failed while sending its body: "
-                                          f"{_describe(self.downstream_failure)}") from exc
-                raise UpstreamError(f"no valid response from upstream: {_describe(exc)}") from exc
-            if head.status >= 200 or head.status == 101:
-                return head
-            # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client; 100 only to one that waits for it.
-            if self.request.version == "HTTP/1.1" and (head.status != 100 or self.request.expects_continue):
-                self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)))
+        try:
+            return self.upstream_reader.read_final_response_head(self.request.method, self._relay_interim)
+        except (OSError, HTTPError) as exc:
+            if self.downstream_failure is not None:
+                raise DownstreamError(f"the client failed while sending its body: "
+                                      f"{_describe(self.downstream_failure)}") from exc
+            raise UpstreamError(f"no valid response from upstream: {_describe(exc)}",
+                                replayable=self.request_bodyless and self.response_bytes == 0) from exc
+
+    def _relay_interim(self, head: ResponseHead) -> None:
+        # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client; 100 only to one that waits for it.
+        if self.request.version == "HTTP/1.1" and (head.status != 100 or self.request.expects_continue):
+            self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)))
 
     def _relay_response(self, head: ResponseHead) -> ExchangeResult:
         reader, request_reader = self.upstream_reader, self.request_reader
@@ -230,21 +241,22 @@ def _copy_raw(source, sink, first: bytes) -> int:
                 break
             send_all(sink, data)
             copied += len(data)
-        if hasattr(sink, "unwrap"):
-            raise OSError("TLS cannot be half-closed")  # an SSLSocket's shutdown() drops TLS for reading too
+        if not capabilities_of(sink).half_close:
+            raise OSError("this stream cannot be half-closed")  # e.g. TLS: shutdown() ends reading too
         sink.shutdown(socket.SHUT_WR)
-    except (OSError, AttributeError):
+    except OSError:
         # One direction broke (or cannot half-close): end both, waking the other direction.
         _close_quietly(source)
         _close_quietly(sink)
     return copied
 
 
-def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool]) -> None:
+def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
+                   reject: Callable[[HTTPError], bytes]) -> None:
     """Read request heads from ``sock`` and pass each to ``handle`` while it returns True.
 
-    A malformed or oversized head is answered with its 4xx and ends the connection;
-    the peer leaving ends it quietly. The caller closes ``sock``.
+    A malformed or oversized head is answered with ``reject(error)`` and ends the
+    connection; the peer leaving ends it quietly. The caller closes ``sock``.
     """
     reader = MessageReader(sock)
     try:
@@ -252,7 +264,7 @@ def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool]) -
             try:
                 head = reader.read_request_head()
             except HTTPError as exc:
-                sock.sendall(simple_response(exc.status, f"{exc.message}\n".encode(), close=True))
+                sock.sendall(reject(exc))
                 return
             if head is None or not handle(head, reader):
                 return

@@ -16,6 +16,8 @@ from typing import Callable
 import gevent
 from gevent.event import Event
 
+from tun2g.transport.base import capabilities_of
+
 from .config import ACCEPT_BACKLOG, Config, ConfigError
 from .errors import SessionClosedError
 from .frame import FIN, NOP, SYN
@@ -318,10 +320,9 @@ class Session:
 
 def _set_nodelay(transport) -> None:
     """TCP_NODELAY on TCP transports: smux frames are small and latency-sensitive."""
-    setsockopt = getattr(transport, "setsockopt", None)
-    if setsockopt is None or getattr(transport, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+    if not capabilities_of(transport).tcp:
         return
     try:
-        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass

@@ -8,6 +8,8 @@ import time
 
 from gevent.event import Event
 
+from tun2g.transport.base import Capabilities
+
 from .errors import ProtocolError, StreamResetError
 from .state import StreamState
 
@@ -26,6 +28,9 @@ _PLACEHOLDER_ADDRESS = ("0.0.0.0", 0)
 
 class Stream:
     """One bidirectional byte stream inside a smux Session; create it with Session.open_stream/accept_stream."""
+
+    # A ByteStream (tun2g.transport.base): shutdown(SHUT_WR) sends a FIN and leaves reading open.
+    capabilities = Capabilities(half_close=True)
 
     def __init__(self, session, state: StreamState) -> None:
         self.session = session

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import ssl
 from collections import deque
 from typing import Callable
 
 import gevent
-import gevent.socket
-import gevent.ssl
 from gevent.event import Event
+
+from tun2g.transport.base import capabilities_of
 
 from .frame import FIN, HEADER, NOP, PSH, UPD, encode_update
 
@@ -72,14 +70,13 @@ class FrameWriter:
     def __init__(self, transport, max_frame_size: int, version: int | None,
                  on_error: Callable[[Exception], None]) -> None:
         self._sendall = transport.sendall
-        # On sockets, one plain send() first: it usually writes everything, and skips the
-        # getsockopt and extra Python frames gevent's sendall() spends on every call.
-        is_socket = isinstance(transport, (socket.socket, gevent.socket.socket, ssl.SSLSocket))
-        self._send = transport.send if is_socket else None
-        # A plain socket can write header and payload slices in one gathered syscall;
+        capabilities = capabilities_of(transport)
+        # One plain send() first where it is a single system call: it usually writes everything,
+        # and skips the getsockopt and extra Python frames gevent's sendall() spends on every call.
+        self._send = transport.send if capabilities.plain_send else None
+        # A plain socket can write header and payload slices in one gathered system call;
         # TLS and other transports get one joined buffer instead.
-        tls = isinstance(transport, (ssl.SSLSocket, gevent.ssl.SSLSocket))
-        self._sendmsg = None if tls else getattr(transport, "sendmsg", None)
+        self._sendmsg = transport.sendmsg if capabilities.gathered_writes else None
         self._max_frame_size = max_frame_size
         self._on_error = on_error
         self._control: deque[tuple] = deque()

@@ -1,7 +1,7 @@
 """KCP over UDP that speaks exactly what kcp-go 5.6.1 speaks, driven by gevent.
 
 ``kcp_dial`` is kcp-go's ``Dial``, ``KCPListener`` its ``Listen``; both hand out
-:class:`KCPConnection` byte streams (kcp_session.py). This module owns the UDP
+:class:`KCPStream` byte streams (kcp_conn.py). This module owns the UDP
 sockets: one greenlet per socket reads datagrams (``_DatagramPump``) and routes
 them, the client locking onto its first responder, the listener keeping one
 session per remote address. Nothing here blocks the hub.
@@ -19,9 +19,9 @@ import gevent.queue
 from gevent import socket
 
 from tun2g.transport import kcp_wire
-from tun2g.transport.kcp_session import KCPConnection, KCPOptions
+from tun2g.transport.kcp_conn import KCPStream, KCPOptions
 
-__all__ = ["KCPConnection", "KCPListener", "KCPOptions", "KCP_PROFILES", "kcp_dial", "options_for"]
+__all__ = ["KCPStream", "KCPListener", "KCPOptions", "KCP_PROFILES", "kcp_dial", "options_for"]
 
 # Named presets for the command line. "fast" changes only local timing and
 # windows, so a Go kcp-go peer on its defaults still understands every datagram;
@@ -52,7 +52,7 @@ class _DatagramPump:
     fed connection settles once, so a burst of input costs one flush.
     """
 
-    def __init__(self, sock, handle: Callable[[bytes, object], KCPConnection | None]):
+    def __init__(self, sock, handle: Callable[[bytes, object], KCPStream | None]):
         self._sock = sock
         self._handle = handle
         self._watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
@@ -70,7 +70,7 @@ class _DatagramPump:
 
     def _run(self) -> None:
         hub = gevent.get_hub()
-        touched: dict[int, KCPConnection] = {}
+        touched: dict[int, KCPStream] = {}
         handled = 0
         while True:
             try:
@@ -88,7 +88,7 @@ class _DatagramPump:
                 gevent.sleep(0)
 
     @staticmethod
-    def _settle(touched: dict[int, KCPConnection]) -> None:
+    def _settle(touched: dict[int, KCPStream]) -> None:
         for connection in touched.values():
             connection._after_input()
         touched.clear()
@@ -111,7 +111,7 @@ def _resolve(host: str, port: int):
     return family, address
 
 
-def kcp_dial(host: str, port: int, options: KCPOptions = KCPOptions()) -> KCPConnection:
+def kcp_dial(host: str, port: int, options: KCPOptions = KCPOptions()) -> KCPStream:
     """Open a KCP conversation to host:port like kcp-go's Dial; no packet leaves until the first send.
 
     The socket is unconnected and locks onto the address of the first valid
@@ -122,7 +122,7 @@ def kcp_dial(host: str, port: int, options: KCPOptions = KCPOptions()) -> KCPCon
     sock = _udp_socket(family, ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
     locked = []
 
-    def handle(datagram: bytes, address) -> KCPConnection | None:
+    def handle(datagram: bytes, address) -> KCPStream | None:
         if locked and address != locked[0]:
             return None
         inbound = kcp_wire.parse_datagram(datagram, options.crypt_header)
@@ -133,7 +133,7 @@ def kcp_dial(host: str, port: int, options: KCPOptions = KCPOptions()) -> KCPCon
         connection._input(inbound.kcp)
         return connection
 
-    connection = KCPConnection(sock, peer, secrets.randbits(32), options, lambda _connection: pump.stop())
+    connection = KCPStream(sock, peer, secrets.randbits(32), options, lambda _connection: pump.stop())
     pump = _DatagramPump(sock, handle)
     return connection
 
@@ -151,7 +151,7 @@ class KCPListener:
         self._options = options
         family, address = _resolve(host, port)
         self._sock = _udp_socket(family, address)
-        self._sessions: dict[object, KCPConnection] = {}
+        self._sessions: dict[object, KCPStream] = {}
         self._backlog: gevent.queue.Queue = gevent.queue.Queue(backlog)
         self._closed = False
         self._pump = _DatagramPump(self._sock, self._handle)
@@ -165,7 +165,7 @@ class KCPListener:
     def session_count(self) -> int:
         return len(self._sessions)
 
-    def accept(self, timeout: float | None = None) -> KCPConnection:
+    def accept(self, timeout: float | None = None) -> KCPStream:
         """The next new session (already carrying the client's first data)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -196,7 +196,7 @@ class KCPListener:
     def __exit__(self, *_exc) -> None:
         self.close()
 
-    def _handle(self, datagram: bytes, address) -> KCPConnection | None:
+    def _handle(self, datagram: bytes, address) -> KCPStream | None:
         inbound = kcp_wire.parse_datagram(datagram, self._options.crypt_header)
         if inbound is None or inbound.conv is None:
             return None
@@ -208,13 +208,13 @@ class KCPListener:
             return None
         if session is not None:
             session._stop(ConnectionResetError(f"KCP peer {address} started a new conversation"))
-        session = KCPConnection(self._sock, address, inbound.conv, self._options, self._forget)
+        session = KCPStream(self._sock, address, inbound.conv, self._options, self._forget)
         self._sessions[address] = session
         self._backlog.put_nowait(session)
         session._input(inbound.kcp)
         return session
 
-    def _forget(self, session: KCPConnection) -> None:
+    def _forget(self, session: KCPStream) -> None:
         address = session.getpeername()
         if self._sessions.get(address) is session:
             del self._sessions[address]

@@ -6,16 +6,17 @@ import socket
 
 from gevent import socket as gsocket
 
+from tun2g.transport.base import capabilities_of
+
 
 def tune(sock) -> None:
     """Disable Nagle: small request heads and smux frames must leave at once."""
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is None:
-        return  # not a socket (a KCP connection): nothing to tune
+    if not capabilities_of(sock).tcp:
+        return  # not TCP (KCP, a unix socket, a socketpair): nothing to tune
     try:
-        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
-        pass  # not TCP (a unix socket or a socketpair): nothing to tune
+        pass
 
 
 def split_host_port(address: str, default_port: int | None = None) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""The HTTP-Upgrade tunnel: a tunnel client connects through the server's public HTTP port.
+"""The HTTP-Upgrade tunnel's wire bits: a tunnel client connects through the server's public HTTP port.
 
 Platforms such as Heroku expose one HTTP port, so the client asks to switch
 protocols on it and then speaks smux exactly as on the tunnel port::
@@ -9,18 +9,16 @@ protocols on it and then speaks smux exactly as on the tunnel port::
     Connection: Upgrade
 
 With an https:// server URL the client runs TLS first (usually to the
-platform's router, which then passes the upgraded connection through).
+platform's router, which then passes the upgraded connection through). The
+client side dials in `tun2g.client.connect`; the server's fronts hand an
+upgraded connection to `Server.serve_tunnel`.
 """
 
 from __future__ import annotations
 
 import socket
-import ssl
 
-from tun2g.log import get_logger
-from tun2g.transport import tcp, tls
-
-log = get_logger(__name__)
+from tun2g.transport.base import capabilities_of
 
 TUNNEL_PATH = "/_tun2g/tunnel"
 UPGRADE_TOKEN = "tun2g"
@@ -57,7 +55,7 @@ def parse_response_head(data: bytes) -> tuple[int, str]:
     return int(parts[1]), status_line
 
 
-class UpgradedConnection:
+class UpgradedStream:
     """A socket after the switch: bytes that came with the 101 (or the request) are read first.
 
     With `own_socket=False` close() only shuts the socket down, leaving the
@@ -69,8 +67,9 @@ class UpgradedConnection:
         self._leftover = leftover
         self._own_socket = own_socket
         self.sendall = sock.sendall
-        if not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg"):
-            self.sendmsg = sock.sendmsg  # gathered writes; TLS sockets refuse them
+        self.capabilities = capabilities_of(sock)
+        if self.capabilities.gathered_writes:
+            self.sendmsg = sock.sendmsg
 
     def recv(self, size: int) -> bytes:
         if self._leftover:
@@ -97,39 +96,11 @@ class UpgradedConnection:
 
     def __getattr__(self, name):
         if name == "sendmsg":
-            raise AttributeError(name)  # only where __init__ allowed it
+            raise AttributeError(name)  # only where the socket underneath gathers writes
         return getattr(self._sock, name)  # settimeout, getpeername, setsockopt, fileno ...
 
 
-def dial(config, host: str, port: int, scheme: str):
-    """Client side: connect, (TLS for https), upgrade; returns the connection smux runs on."""
-    from tun2g.transport.dialers import client_tls_context
-
-    sock = tcp.dial(f"{host}:{port}", timeout=config.connect_timeout)
-    use_tls = scheme in ("https", "wss") or (scheme == "" and not config.plain)
-    if scheme in ("http", "ws") and not config.plain:
-        log.warning("plain_upgrade", server=config.server_addr,
-                    note="http:// sends the token unencrypted; use https:// outside development")
-    try:
-        if use_tls:
-            sock = tls.connect_tls(sock, client_tls_context(config), server_hostname=host)
-        default_port = 443 if use_tls else 80
-        sock.settimeout(config.connect_timeout)
-        sock.sendall(encode_request(host if port == default_port else f"{host}:{port}"))
-        head, leftover = _read_response_head(sock)
-        status, status_line = parse_response_head(head)
-        if status != 101:
-            raise UpgradeRefused(f"the server answered {status_line!r} instead of 101 to the tunnel upgrade at "
-                                 f"{config.server_addr}{TUNNEL_PATH}; check the URL, and that any proxy in "
-                                 f"front passes Upgrade requests through")
-        sock.settimeout(None)
-    except BaseException:
-        sock.close()
-        raise
-    return UpgradedConnection(sock, leftover)
-
-
-def _read_response_head(sock) -> tuple[bytes, bytes]:
+def read_response_head(sock) -> tuple[bytes, bytes]:
     data = b""
     while b"\r\n\r\n" not in data:
         if len(data) > MAX_RESPONSE_HEAD:
@@ -143,33 +114,8 @@ def _read_response_head(sock) -> tuple[bytes, bytes]:
     return head, leftover
 
 
-def serve(server, sock, leftover: bytes = b"", proto: str = "upgrade", own_socket: bool = True) -> None:
-    """Server side: answer 101 and run the tunnel on `sock` until it ends (blocks).
-
-    `leftover` holds bytes the HTTP reader had already taken past the request.
-    """
-    tcp.tune(sock)
-    sock.sendall(SWITCHING_PROTOCOLS)
-    server.handle_conn(UpgradedConnection(sock, leftover, own_socket), proto=proto)
-
-
 def is_tunnel_environ(environ) -> bool:
     """`is_tunnel_request` for a WSGI environ."""
     return (environ.get("REQUEST_METHOD") == "GET" and environ.get("PATH_INFO") == TUNNEL_PATH
             and environ.get("HTTP_UPGRADE", "").strip().lower() == UPGRADE_TOKEN
             and "upgrade" in environ.get("HTTP_CONNECTION", "").lower())
-
-
-def serve_wsgi(server, environ, start_response):
-    """The tunnel upgrade inside a WSGI app: takes over gunicorn's socket for the tunnel's lifetime."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        body = (b"tun2g: this WSGI server does not hand over its connections, so tunnel clients cannot connect "
-                b"here; run under gunicorn -k gevent, or use tun2g server's own HTTP front\n")
-        start_response("501 Not Implemented", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
-        return [body]
-    from gunicorn.workers.base_async import ALREADY_HANDLED
-
-    # gunicorn keeps reading its socket after we return: shut it down rather than close it under it.
-    serve(server, sock, b"", proto="upgrade", own_socket=False)
-    return ALREADY_HANDLED

@@ -1,8 +1,14 @@
-"""Server: accepts tunnel clients, authenticates them and routes requests to them."""
+"""Server: accepts tunnel clients, authenticates them, keeps them healthy and lends them to the Router.
+
+Tunnel connections arrive from listeners (TCP, TLS, KCP) or from a front that
+switched a public connection to the tunnel protocol (HTTP Upgrade); either way
+`serve_tunnel` runs smux, the Auth (docs/protocol.md#control-stream) and the
+health pings. Requests reach tunnels only through the Router and the request
+pipeline, which `Server.pipeline` holds for every front.
+"""
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import time
@@ -13,11 +19,20 @@ from gevent.event import Event
 from gevent.pool import Group
 
 from tun2g import smux
+from tun2g.backend import Backend
 from tun2g.errors import AuthMismatch, ConfigurationError, NoSuchBackend
 from tun2g.log import get_logger
-from tun2g.protocol import MAX_AUTH_SIZE, AuthFormatError, JSONObjectReader, encode_reply, parse_auth, verify_auth
-from tun2g.registry import LocalRegistry
-from tun2g.storage import StorageError, normalize_domain
+from tun2g.cluster import ClusterNode
+from tun2g.control import (MAX_AUTH_SIZE, Auth, AuthFormatError, JSONObjectReader, encode_reply, parse_auth,
+                           verify_auth)
+from tun2g.http import RequestHead
+from tun2g.http.client import Body, StreamedResponse
+from tun2g.server.pipeline import Pipeline
+from tun2g.server.router import Router
+from tun2g.server.tunnel import Tunnel
+from tun2g.server.tunnels import Tunnels
+from tun2g.storage import Storage, StorageError, normalize_domain
+from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
 
 log = get_logger(__name__)
@@ -31,7 +46,7 @@ ACCEPT_BACKOFF_MAX = 1.0
 class ServerConfig:
     """How a Server behaves. Only `storage` is required."""
 
-    storage: object
+    storage: Storage
     smux_config: smux.Config | None = None
     auth_timeout: float = 10.0
     ping_interval: float = 5.0
@@ -53,15 +68,16 @@ class ServerConfig:
 class Server:
     """Routes public HTTP traffic to tunnel clients (Go tun2's Server)."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
+                 access_log: bool = True):
+        """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
         self.storage = config.storage
-        self.registry = LocalRegistry()
-        # A tun2g.cluster.Cluster when this process is one node of many (set by Cluster itself):
-        # consulted only where the local registry has no answer.
-        self.cluster = None
+        self.tunnels = Tunnels() if tunnels is None else tunnels
+        self.router = Router(self.tunnels, cluster)
+        self.pipeline = Pipeline(self.router, access_log=access_log)
         self._tasks = Group()
         self._closed = Event()
         self._listeners = []
@@ -91,9 +107,9 @@ class Server:
             failures = 0
             conn = accepted[0] if isinstance(accepted, tuple) else accepted
             tune(conn)
-            self._tasks.spawn(self._serve_tunnel_socket, conn, secure, proto)
+            self._tasks.spawn(self._secure_and_serve, conn, secure, proto)
 
-    def _serve_tunnel_socket(self, conn, secure, proto: str) -> None:
+    def _secure_and_serve(self, conn, secure, proto: str) -> None:
         if secure is not None:
             try:
                 conn = secure(conn)
@@ -102,10 +118,10 @@ class Server:
                          error=str(exc) or type(exc).__name__)
                 conn.close()
                 return
-        self.handle_conn(conn, proto=proto)
+        self.serve_tunnel(conn, proto=proto)
 
-    def handle_conn(self, sock, proto: str = "tcp") -> None:
-        """Run one tunnel connection: smux, auth, registration; returns when it ends."""
+    def serve_tunnel(self, sock: ByteStream, proto: str = "tcp") -> None:
+        """Run one tunnel connection: smux, auth, registration, pings; returns when it ends."""
         remote = _peer(sock)
         try:
             session = smux.Session(sock, client=False, config=self.config.smux_config)
@@ -113,25 +129,22 @@ class Server:
             log.warning("session_failed", remote=remote, error=str(exc))
             sock.close()
             return
-        connection = None
+        tunnel = None
         try:
             control = session.open_stream()
-            connection = self._authenticate(session, control, remote, proto)
-            if connection is None:
+            tunnel = self._authenticate(session, control, remote, proto)
+            if tunnel is None:
                 return
-            ping_task = gevent.spawn(self._health_loop, connection)
+            ping_task = gevent.spawn(self._health_loop, tunnel)
             session.wait_closed()
             ping_task.kill()
         finally:
             session.close()
-            if connection is not None and self.registry.discard(connection):
-                self._registry_changed()
-                log.info("deregistered", reason=_reason(session), **connection.log_fields())
+            if tunnel is not None:
+                self._forget(tunnel)
 
-    def _authenticate(self, session, control, remote: str, proto: str):
+    def _authenticate(self, session: smux.Session, control: smux.Stream, remote: str, proto: str) -> Tunnel | None:
         """Read and verify the Auth within the deadline; register on success."""
-        from tun2g.connection import Connection
-
         try:
             auth = self._read_auth(control)
             user = verify_auth(self.storage, auth, normalize_domain)
@@ -149,19 +162,16 @@ class Server:
         except (OSError, smux.SessionClosedError, socket.timeout) as exc:
             log.info("auth_aborted", remote=remote, proto=proto, error=str(exc) or type(exc).__name__)
             return None
-        auth = type(auth)(token=auth.token, domain=normalize_domain(auth.domain))
-        connection = Connection(session, control, auth, user, proto=proto, host=remote,
-                                node=self.config.node_id, phi_threshold=self.config.phi_threshold,
-                                ping_interval=self.config.ping_interval)
-        self.registry.add(connection)
-        self._registry_changed()
-        session.add_close_callback(lambda _session: self._forget(connection))
-        _try_send(control, encode_reply(True, backend=connection.id, domain=connection.domain,
-                                        node=self.config.node_id))
-        log.info("registered", **connection.log_fields())
-        return connection
+        auth = Auth(token=auth.token, domain=normalize_domain(auth.domain))
+        tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
+                        phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
+        self.router.register(tunnel)
+        session.add_close_callback(lambda _session: self._forget(tunnel))
+        _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id))
+        log.info("registered", **tunnel.log_fields())
+        return tunnel
 
-    def _read_auth(self, control):
+    def _read_auth(self, control: smux.Stream) -> Auth:
         """One JSON object from the control stream, bounded in time and size."""
         control.settimeout(self.config.auth_timeout)
         reader = JSONObjectReader(MAX_AUTH_SIZE)
@@ -176,91 +186,59 @@ class Server:
                 return parse_auth(obj)
             control.settimeout(max(0.001, deadline - time.monotonic()))
 
-    def _health_loop(self, connection) -> None:
-        """Ping every interval; a failed ping retires the connection."""
-        while not connection.is_closed:
+    def _health_loop(self, tunnel: Tunnel) -> None:
+        """Ping every interval; a failed ping closes the tunnel."""
+        while not tunnel.is_closed:
             gevent.sleep(self.config.ping_interval)  # the ping cadence itself, not synchronisation
             try:
-                connection.ping(self.config.ping_timeout)
+                tunnel.ping(self.config.ping_timeout)
             except Exception as exc:
-                log.warning("ping_failed", error=str(exc), phi=round(connection.phi, 2), **connection.log_fields())
-                connection.close()
+                log.warning("ping_failed", error=str(exc), phi=round(tunnel.phi, 2), **tunnel.log_fields())
+                tunnel.close()
                 return
 
-    def _forget(self, connection) -> None:
-        connection.usable = False
-        if self.registry.discard(connection):
-            self._registry_changed()
-            log.info("deregistered", reason=_reason(connection.session), **connection.log_fields())
+    def _forget(self, tunnel: Tunnel) -> None:
+        if self.router.deregister(tunnel):
+            log.info("deregistered", reason=_reason(tunnel.session), **tunnel.log_fields())
 
-    def _registry_changed(self) -> None:
-        if self.cluster is not None:
-            self.cluster.changed()
+    # -- requests ----------------------------------------------------------------------
 
-    # -- routing -----------------------------------------------------------
-
-    def route(self, host: str, exclude=()):
-        """The connection that should serve a request for `host`, or None."""
-        domain = routing_key(host or "")
-        return None if domain is None else self.registry.pick(domain, exclude)
-
-    def retire(self, connection, reason: str) -> None:
-        """Drop a connection whose session failed under a request."""
-        log.warning("backend_failed", reason=reason, **connection.log_fields())
-        connection.close()
-        self._forget(connection)
-
-    def round_trip(self, head, body=None):
-        """Send one request through the tunnel for its Host; returns a streaming TunnelResponse."""
-        from tun2g.roundtrip import round_trip
-
-        return round_trip(self, head, body)
+    def round_trip(self, head: RequestHead, body: Body = None) -> StreamedResponse:
+        """Send one request through the tunnel for its Host (Go's RoundTrip); returns a streamed response."""
+        return self.pipeline.round_trip(head, body)
 
     def adapter(self):
         """A requests transport adapter: `session.mount("http://", server.adapter())`."""
-        from tun2g.adapter import TunnelAdapter
+        from tun2g.server.roundtrip import TunnelAdapter
 
         return TunnelAdapter(self)
 
     # -- admin -------------------------------------------------------------
 
-    def get_all_backends(self) -> list:
+    def get_all_backends(self) -> list[Backend]:
         """This process's backends, and in a cluster every other live node's too (see Backend.node)."""
-        local = [connection.backend() for connection in self.registry]
-        return local + self.cluster.remote_backends() if self.cluster is not None else local
+        return self.router.backends()
 
-    def get_backends_for_domain(self, domain: str) -> list:
+    def get_backends_for_domain(self, domain: str) -> list[Backend]:
         domain = normalize_domain(domain)
         return [b for b in self.get_all_backends() if b.domain == domain]
 
-    def get_backends_for_user(self, user: str) -> list:
+    def get_backends_for_user(self, user: str) -> list[Backend]:
         return [b for b in self.get_all_backends() if b.user == user]
 
     def kill_backend(self, backend_id: str) -> None:
         """Disconnect one backend at once; raises NoSuchBackend if unknown."""
-        try:
-            connection = self.registry.get(backend_id)
-        except NoSuchBackend:
-            if self.cluster is None:
-                raise
-            self.cluster.kill(backend_id)  # the node holding it disconnects it (pub/sub)
-            return
-        log.info("killed", **connection.log_fields())
-        connection.close()
-        self._forget(connection)
+        self.router.kill(backend_id)
 
     def close(self) -> None:
         """Stop accepting, close every connection and wake `wait()`."""
         self._closed.set()
-        if self.cluster is not None:
-            self.cluster.close()  # leave the cluster first: other nodes stop forwarding here at once
         for listener in self._listeners:
             try:
                 listener.close()
             except OSError:
                 pass
-        for connection in self.registry:
-            connection.close()
+        self.router.close()  # leaves the cluster first: other nodes stop forwarding here at once
         self._tasks.kill(block=False)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -270,15 +248,6 @@ class Server:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
-
-
-@functools.lru_cache(maxsize=4096)
-def routing_key(host: str) -> str | None:
-    """The domain a Host header routes to (cached: hosts repeat, validation is not free)."""
-    try:
-        return normalize_domain(host)
-    except StorageError:
-        return None
 
 
 def _peer(sock) -> str:
@@ -301,4 +270,4 @@ def _try_send(stream, data: bytes) -> None:
         pass  # the reply is a courtesy; the peer may already be gone
 
 
-__all__ = ["Server", "ServerConfig", "NoSuchBackend"]
+

@@ -11,12 +11,13 @@ import json
 import time
 
 from tun2g.errors import NoSuchBackend
+from tun2g.server.server import Server
 
 
 class AdminAPI:
     """A WSGI app over a Server."""
 
-    def __init__(self, server, admin_token: str | None = None):
+    def __init__(self, server: Server, admin_token: str | None = None) -> None:
         self.server = server
         self.admin_token = admin_token
         self.started = time.time()

@@ -15,10 +15,11 @@ from gevent.pool import Group
 
 from tun2g import smux
 from tun2g.errors import ConfigurationError, Tun2Error
-from tun2g.http import BackendPool, UpstreamError, serve_requests, simple_response
+from tun2g import pages
+from tun2g.http import BackendPool, HTTPError, MessageReader, RequestHead, UpstreamError, serve_requests
 from tun2g.log import get_logger
-from tun2g.protocol import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
-from tun2g.transport import dialers
+from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
+from tun2g.client import connect
 
 log = get_logger(__name__)
 
@@ -62,7 +63,7 @@ class ClientConfig:
     connect_timeout: float = 10.0
     # A Go tun2 server pings every 5 s. If it sent neither a reply nor any stream
     # within this long, it most likely lost our Auth to its smux race
-    # (ORIGINAL.md 5.1) and will never serve us: reconnect instead of waiting forever.
+    # (docs/protocol.md#differences) and will never serve us: reconnect instead of waiting forever.
     unconfirmed_timeout: float = 15.0
     kcp_options: object = None
     extra: dict = field(default_factory=dict)
@@ -127,7 +128,7 @@ class Client:
     def connect(self) -> None:
         """Dial once, authenticate and serve until the session ends (Go's Connect)."""
         self._set_state("connecting")
-        transport = dialers.dial(self.config)
+        transport = connect.dial(self.config)
         session = smux.Session(transport, client=True, config=self.config.smux_config)
         self._session = session
         try:
@@ -214,16 +215,16 @@ class Client:
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
         try:
-            serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip))
+            serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject)
         finally:
             stream.close()
 
-    def _proxy(self, head, reader, stream, peer_ip: str) -> bool:
+    def _proxy(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, peer_ip: str) -> bool:
         if head.target == HEALTH_PATH and (head.host or "") == HEALTH_HOST and head.method == "GET":
             # The server's health ping: answered here, so a slow backend /health
             # cannot make the server drop a healthy tunnel (the original did).
             self.health_checks += 1
-            stream.sendall(simple_response(200, b"ok\n"))
+            stream.sendall(pages.health_ok().encode(close=not head.keep_alive))
             return head.keep_alive
         head.target = self.pool.join_path(head.target)
         head.append_to("X-Forwarded-For", peer_ip)
@@ -231,12 +232,11 @@ class Client:
             result = self.pool.forward_exchange(head, reader, stream)
         except UpstreamError as exc:
             log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(simple_response(502, f"tun2g client: the backend failed: {exc}\n".encode(), close=True))
+            stream.sendall(pages.backend_failed(str(exc)).encode())
             return False
         except OSError as exc:
-            message = f"tun2g client: cannot reach the backend {self.config.backend_url}: {exc}\n"
             log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(simple_response(502, message.encode(), close=True))
+            stream.sendall(pages.backend_unreachable(self.config.backend_url, str(exc)).encode())
             return False
         self.requests_served += 1
         return result.keep_alive
@@ -254,6 +254,10 @@ class Client:
         self._idle_workers.clear()
         self._handlers.kill(block=False)
         self.pool.close()
+
+
+def _reject(error: HTTPError) -> bytes:
+    return pages.malformed_request(error.status, error.message).encode()
 
 
 def _peer_ip(transport) -> str:

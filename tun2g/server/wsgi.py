@@ -1,24 +1,22 @@
 """The public front as a WSGI application, mountable in any WSGI stack.
 
-`WSGIFront(server)` routes each request by Host through `server.round_trip`
-and streams the response body back. Under gevent's or gunicorn's gevent
-server it is fully cooperative. The standalone `tun2g server` uses the faster
-native front (tun2g.front) instead; WebSocket upgrades need that one.
+`WSGIFront(server)` hands each request to the server's request pipeline
+(`Pipeline.round_trip`) and streams the response body back. Under gevent's
+or gunicorn's gevent server it is fully cooperative. A tunnel client on this
+port (HTTP Upgrade) needs a server that hands its connection over
+(gunicorn's `gunicorn.socket`); the standalone `tun2g server` uses the faster
+native front (tun2g.server.front), which also splices WebSocket upgrades.
 """
 
 from __future__ import annotations
 
 from urllib.parse import quote
 
-from tun2g.errors import Tun2Error
-from tun2g.front import prepare_request
-from tun2g.http import RequestHead, forwardable_headers
-from tun2g.log import get_logger
-from tun2g.pages import gateway_error_body
-from tun2g.requestid import new_request_id
+from tun2g import pages
+from tun2g.http import RequestHead
+from tun2g.http.client import Body
+from tun2g.server.server import Server
 from tun2g.transport import upgrade
-
-log = get_logger(__name__)
 
 _WSGI_SPECIAL_HEADERS = {"CONTENT_TYPE": "Content-Type", "CONTENT_LENGTH": "Content-Length"}
 
@@ -26,32 +24,43 @@ _WSGI_SPECIAL_HEADERS = {"CONTENT_TYPE": "Content-Type", "CONTENT_LENGTH": "Cont
 class WSGIFront:
     """A WSGI callable over a Server."""
 
-    def __init__(self, server, scheme: str | None = None):
+    def __init__(self, server: Server, scheme: str | None = None) -> None:
         self.server = server
         self.scheme = scheme
 
     def __call__(self, environ, start_response):
         if upgrade.is_tunnel_environ(environ):  # a tunnel client on this port (--conn-type upgrade)
-            return upgrade.serve_wsgi(self.server, environ, start_response)
+            return self._serve_tunnel(environ, start_response)
         head = request_head_from_environ(environ)
-        request_id = head.get("X-Request-Id") or new_request_id()
-        prepare_request(head, request_id=request_id, peer_ip=environ.get("REMOTE_ADDR", "unknown"),
-                        scheme=self.scheme or environ.get("wsgi.url_scheme", "http"))
-        try:
-            response = self.server.round_trip(head, _body(environ, head))
-        except Tun2Error as exc:
-            page = gateway_error_body(502, "Bad Gateway", f"The backend's tunnel failed: {exc}", request_id)
-            start_response("502 Bad Gateway", [("Content-Type", "text/html; charset=utf-8"),
-                                               ("Content-Length", str(len(page)))])
-            return [page]
-        start_response(f"{response.status} {response.reason or 'Unknown'}", forwardable_headers(response.headers))
+        response = self.server.pipeline.round_trip(head, _body(environ, head),
+                                                   peer_ip=environ.get("REMOTE_ADDR", ""),
+                                                   scheme=self.scheme or environ.get("wsgi.url_scheme", "http"))
+        if response.status == 101:  # WSGI has no way to switch protocols: say so rather than hang
+            response.close()
+            response = pages.upgrade_unsupported().as_response()
+        start_response(f"{response.status} {response.reason or 'Unknown'}", response.headers)
         return _ClosingIterator(response)
+
+    def _serve_tunnel(self, environ, start_response):
+        """Take over gunicorn's socket for the tunnel's lifetime."""
+        sock = environ.get("gunicorn.socket")
+        if sock is None:
+            page = pages.upgrade_unsupported()
+            start_response(f"{page.status} {page.reason}", [("Content-Type", page.content_type),
+                                                            ("Content-Length", str(len(page.body)))])
+            return [page.body]
+        from gunicorn.workers.base_async import ALREADY_HANDLED
+
+        sock.sendall(upgrade.SWITCHING_PROTOCOLS)
+        # gunicorn keeps reading its socket after we return: shut it down rather than close it under it.
+        self.server.serve_tunnel(upgrade.UpgradedStream(sock, b"", own_socket=False), proto="upgrade")
+        return ALREADY_HANDLED
 
 
 class _ClosingIterator:
-    """Streams the body and releases the tunnel stream when the server calls close()."""
+    """Streams the body and releases the upstream when the server calls close()."""
 
-    def __init__(self, response):
+    def __init__(self, response) -> None:
         self._response = response
 
     def __iter__(self):
@@ -77,7 +86,7 @@ def request_head_from_environ(environ) -> RequestHead:
     return RequestHead(environ["REQUEST_METHOD"], target, environ.get("SERVER_PROTOCOL", "HTTP/1.1"), headers)
 
 
-def _body(environ, head):
+def _body(environ, head: RequestHead) -> Body:
     length = head.content_length
     stream = environ.get("wsgi.input")
     if stream is None or length == 0:
@@ -90,7 +99,7 @@ def _body(environ, head):
 class _LimitedReader:
     """Reads at most `length` bytes (all when None) from wsgi.input."""
 
-    def __init__(self, stream, length):
+    def __init__(self, stream, length: int | None) -> None:
         self._stream, self._left = stream, length
 
     def read(self, size: int) -> bytes:

@@ -1,22 +1,28 @@
-"""Assemble a complete server process from settings: listeners, TLS, storage, admin API.
+"""Assemble a complete server process from settings: listeners, TLS, storage, cluster, admin API.
 
+The one place the server's parts are put together and their defaults live.
 The command line builds a ServerSetup from its options; tests and embedders
 can do the same and get back a RunningServer with its bound addresses.
+`create_wsgi_app()` does the same for gunicorn, from the environment.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import gevent
 from gevent.pywsgi import WSGIServer
 
 from tun2g import smux
-from tun2g.adminapi import AdminAPI
-from tun2g.front import HTTPFront
+from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.log import configure, get_logger
-from tun2g.server import Server, ServerConfig
-from tun2g.storage import default_sqlite_path, open_storage
+from tun2g.server.admin_api import AdminAPI
+from tun2g.server.front import HTTPFront
+from tun2g.server.server import Server, ServerConfig
+from tun2g.server.tunnels import Tunnels
+from tun2g.server.wsgi import WSGIFront
+from tun2g.storage import RedisStorage, default_sqlite_path, open_storage
 from tun2g.transport import tcp, tls
 
 log = get_logger(__name__)
@@ -56,13 +62,18 @@ class ServerSetup:
         config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval)
         if self.node_id:
             config.node_id = self.node_id
-        server = Server(config)
-        running = RunningServer(server)
-
         http_listener = tcp.listen(self.http_addr)
-        running.http_address = http_listener.getsockname()[:2]
-        running.services.append(HTTPFront(server, access_log=self.access_log).serve(http_listener))
-        self._join_cluster(server, running, storage)
+        http_address = http_listener.getsockname()[:2]
+        tunnels = Tunnels()
+        cluster = None
+        if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
+            cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
+                                    default_advertise_url(http_address), self.cluster_secret, self.registry_ttl)
+        server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log)
+        running = RunningServer(server, cluster, http_address=http_address)
+        running.services.append(HTTPFront(server).serve(http_listener))
+        if cluster is not None:
+            cluster.start()
 
         cert, key = self._certificate()
         if self._tunnel_port_wanted():
@@ -100,18 +111,6 @@ class ServerSetup:
         """False for `--tunnel none` (one public port: clients use --conn-type upgrade)."""
         return bool(self.tunnel_addr) and self.tunnel_addr.lower() != "none"
 
-    def _join_cluster(self, server, running, storage) -> None:
-        """With Redis storage, become one node of the cluster that shares that Redis."""
-        from tun2g.storage import RedisStorage
-
-        if not isinstance(storage, RedisStorage):
-            return
-        from tun2g.cluster import Cluster, ClusterConfig, default_advertise_url
-
-        advertise = self.advertise_url or default_advertise_url(running.http_address)
-        Cluster(server, ClusterConfig(redis_url=storage.url, advertise_url=advertise, secret=self.cluster_secret,
-                                      ttl=self.registry_ttl, key_prefix=storage.key_prefix)).start()
-
     def _certificate(self):
         if self.tls_cert:
             return self.tls_cert, self.tls_key
@@ -120,14 +119,14 @@ class ServerSetup:
         return tls.make_dev_certificate(default_sqlite_path().parent)
 
     def _start_kcp(self, server, running, cert, key):
-        from tun2g.transport import kcp, memtls
+        from tun2g.transport import kcp, tls_bio
 
         listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.options_for(self.kcp_profile))
         if self.plain_tunnel:
             secure = None
         else:
-            context = memtls.server_context(str(cert), str(key))
-            secure = lambda conn: memtls.wrap(conn, context, server_side=True)  # noqa: E731
+            context = tls_bio.server_context(str(cert), str(key))
+            secure = lambda conn: tls_bio.wrap(conn, context, server_side=True)  # noqa: E731
         running.tasks.append(gevent.spawn(server.listen, listener, secure,
                                           "kcp" if self.plain_tunnel else "kcp+tls"))
         return listener.address[:2]
@@ -138,6 +137,7 @@ class RunningServer:
     """A started server and the addresses it actually bound."""
 
     server: Server
+    cluster: ClusterNode | None = None
     http_address: tuple | None = None
     tunnel_address: tuple | None = None
     kcp_address: tuple | None = None
@@ -148,8 +148,8 @@ class RunningServer:
     def stop(self) -> None:
         """Close listeners and tunnels; wakes `wait()`."""
         log.info("stopping")
-        if self.server.cluster is not None:
-            self.server.cluster.close()  # first: the other nodes stop forwarding here before the front closes
+        if self.cluster is not None:
+            self.cluster.close()  # first: the other nodes stop forwarding here before the front closes
         for service in self.services:
             service.stop(timeout=1)
         self.server.close()
@@ -163,3 +163,47 @@ class RunningServer:
 
 def _fmt(address) -> str:
     return f"{address[0]}:{address[1]}" if address else "-"
+
+
+def _cluster_node(storage: RedisStorage, node_id: str, tunnels: Tunnels, advertise_url: str, secret: str | None,
+                  ttl: float) -> ClusterNode:
+    """This process as one node of the cluster that shares `storage`'s Redis."""
+    return ClusterNode(ClusterConfig(redis_url=storage.url, advertise_url=advertise_url, secret=secret, ttl=ttl,
+                                     key_prefix=storage.key_prefix),
+                       node_id, local_backends=tunnels.records, kill_local=tunnels.close_one)
+
+
+def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
+    """A whole tun2g node as a WSGI application, configured from the environment (once per gunicorn worker).
+
+        gunicorn -k gevent -b 0.0.0.0:$PORT 'tun2g.server.process:create_wsgi_app()'
+
+    Each worker becomes one node: its own Server (tunnel clients connect to it
+    by HTTP Upgrade on the public port), its storage from ``REDIS_URL`` /
+    ``TUN2G_STORAGE``, and with Redis its own entry in the shared registry.
+    Other nodes reach a worker's backends through a small internal HTTP
+    listener per worker: ``TUN2G_HOP_LISTEN`` (default ``0.0.0.0:0``, a free
+    port) advertised as ``TUN2G_ADVERTISE`` (default: that port on this host's
+    address). ``TUN2G_CLUSTER_SECRET``, ``TUN2G_REGISTRY_TTL``,
+    ``TUN2G_NODE_ID`` and ``TUN2G_LOG_LEVEL`` work as for `tun2g server`.
+    """
+    env = os.environ if environ is None else environ
+    configure(env.get("TUN2G_LOG_LEVEL", "info"))
+    storage = open_storage(env.get("TUN2G_STORAGE") or env.get("REDIS_URL") or None)
+    config = ServerConfig(storage=storage)
+    if env.get("TUN2G_NODE_ID"):
+        config.node_id = f"{env['TUN2G_NODE_ID']}-{os.getpid()}"  # one node per worker process
+    tunnels = Tunnels()
+    cluster = None
+    hop_listener = None
+    if isinstance(storage, RedisStorage):
+        hop_listener = tcp.listen(env.get("TUN2G_HOP_LISTEN", "0.0.0.0:0"))
+        advertise = env.get("TUN2G_ADVERTISE") or default_advertise_url(hop_listener.getsockname()[:2])
+        cluster = _cluster_node(storage, config.node_id, tunnels, advertise, env.get("TUN2G_CLUSTER_SECRET") or None,
+                                float(env.get("TUN2G_REGISTRY_TTL", "10")))
+    server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False)
+    if hop_listener is not None and cluster is not None:
+        HTTPFront(server).serve(hop_listener)
+        cluster.start()
+    log.info("wsgi_node_ready", node=config.node_id, storage=storage.describe(), cluster=cluster is not None)
+    return WSGIFront(server)

@@ -1,4 +1,4 @@
-"""Connection: one authenticated tunnel (an smux session) on the server side."""
+"""Tunnel: one authenticated tunnel client (an smux session) as the server holds it."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from tun2g.backend import Backend
 from tun2g.errors import CantOpenSessionStream, CantReadResponse, CantWriteRequest
 from tun2g.http import HTTPError, MessageReader
 from tun2g.phi import PhiAccrualDetector
-from tun2g.protocol import PING_REQUEST
-from tun2g.smux import SessionClosedError
+from tun2g.control import PING_REQUEST, Auth
+from tun2g.smux import Session, SessionClosedError, Stream
 
 
-class Connection:
+class Tunnel:
     """A registered tunnel: its session, its Auth and its health.
 
     Streams are opened per request; `in_flight` drives least-loaded routing.
+    Its public record (Go tun2's name for it) is a `Backend`.
     """
 
-    def __init__(self, session, control_stream, auth, user: str, *, proto: str, host: str,
+    def __init__(self, session: Session, control_stream: Stream, auth: Auth, user: str, *, proto: str, host: str,
                  node: str = "", phi_threshold: float = 8.0, ping_interval: float = 5.0):
         self.id = uuid.uuid4().hex[:16]
         self.session = session
@@ -43,7 +44,7 @@ class Connection:
     def is_closed(self) -> bool:
         return self.session.is_closed
 
-    def open_stream(self):
+    def open_stream(self) -> Stream:
         """A new stream to the client, for one HTTP exchange."""
         try:
             return self.session.open_stream()
@@ -66,10 +67,7 @@ class Connection:
             except (OSError, SessionClosedError) as exc:
                 raise CantWriteRequest(str(exc)) from exc
             try:
-                reader = MessageReader(stream)
-                head = reader.read_response_head("GET")
-                while 100 <= head.status < 200:
-                    head = reader.read_response_head("GET")
+                MessageReader(stream).read_final_response_head("GET")
             except (OSError, HTTPError, SessionClosedError, socket.timeout) as exc:
                 raise CantReadResponse(str(exc) or type(exc).__name__) from exc
         finally:
@@ -100,4 +98,4 @@ class Connection:
                 "proto": self.proto}
 
     def __repr__(self) -> str:
-        return f"<Connection {self.id} {self.domain} {self.host}>"
+        return f"<Tunnel {self.id} {self.domain} {self.host}>"

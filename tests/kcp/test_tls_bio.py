@@ -10,7 +10,7 @@ import pytest
 from OpenSSL import SSL
 
 from tests.fixtures.net import recv_exactly
-from tun2g.transport import memtls
+from tun2g.transport import tls_bio
 from tun2g.transport.kcp import KCPListener, KCPOptions, kcp_dial
 
 FAST = KCPOptions.fast()
@@ -20,15 +20,15 @@ FAST = KCPOptions.fast()
 def tls_server(kcp_certs):
     """A KCP listener whose sessions get a TLS handshake each in its own greenlet (like tun2g's server).
 
-    Yields (port, outcomes): outcomes is a queue of (TLSConnection or exception).
+    Yields (port, outcomes): outcomes is a queue of (TLSBioStream or exception).
     """
     listener = KCPListener("127.0.0.1", 0, FAST)
-    context = memtls.server_context(kcp_certs.cert_file, kcp_certs.key_file)
+    context = tls_bio.server_context(kcp_certs.cert_file, kcp_certs.key_file)
     outcomes = gevent.queue.Queue()
 
     def handshake(conn):
         try:
-            outcomes.put(memtls.wrap(conn, context, server_side=True, handshake_timeout=1.0))
+            outcomes.put(tls_bio.wrap(conn, context, server_side=True, handshake_timeout=1.0))
         except OSError as exc:
             outcomes.put(exc)
 
@@ -43,8 +43,8 @@ def tls_server(kcp_certs):
 
 
 def dial_tls(port, kcp_certs, hostname="localhost", **context_args):
-    context = memtls.client_context(**(context_args or {"ca_file": kcp_certs.ca_file}))
-    return memtls.wrap(kcp_dial("127.0.0.1", port, FAST), context, server_side=False, server_hostname=hostname)
+    context = tls_bio.client_context(**(context_args or {"ca_file": kcp_certs.ca_file}))
+    return tls_bio.wrap(kcp_dial("127.0.0.1", port, FAST), context, server_side=False, server_hostname=hostname)
 
 
 @pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1"])
@@ -66,26 +66,26 @@ def test_full_duplex_transfer_over_tls_over_kcp(tls_server, kcp_certs, hostname)
 
 def test_wrong_hostname_is_refused(tls_server, kcp_certs):
     port, _ = tls_server
-    with pytest.raises(memtls.TLSError, match="not valid for 'wrong.example'"):
+    with pytest.raises(tls_bio.TLSError, match="not valid for 'wrong.example'"):
         dial_tls(port, kcp_certs, "wrong.example")
 
 
 def test_unknown_ca_is_refused_unless_insecure(tls_server, kcp_certs):
     port, _ = tls_server
-    with pytest.raises(memtls.TLSError, match="certificate verify failed"):
+    with pytest.raises(tls_bio.TLSError, match="certificate verify failed"):
         dial_tls(port, kcp_certs, ca_file=None, insecure=False)
     insecure = dial_tls(port, kcp_certs, "anything", insecure=True)
     assert insecure.version() == "TLSv1.3"
 
 
 def test_verification_needs_a_hostname(kcp_certs):
-    context = memtls.client_context(ca_file=kcp_certs.ca_file)
+    context = tls_bio.client_context(ca_file=kcp_certs.ca_file)
     with pytest.raises(ValueError, match="server_hostname is required"):
-        memtls.wrap(object(), context, server_side=False)
+        tls_bio.wrap(object(), context, server_side=False)
 
 
 def first_client_hello() -> bytes:
-    tls = SSL.Connection(memtls.client_context(insecure=True), None)
+    tls = SSL.Connection(tls_bio.client_context(insecure=True), None)
     tls.set_connect_state()
     with pytest.raises(SSL.WantReadError):
         tls.do_handshake()
@@ -102,7 +102,7 @@ def test_stalled_handshake_does_not_hold_up_other_clients(tls_server, kcp_certs)
     assert time.monotonic() - started < 0.9  # done well before the staller's 1 s deadline
     good.sendall(b"still served")
     results = [outcomes.get(timeout=5), outcomes.get(timeout=5)]
-    served = next(item for item in results if isinstance(item, memtls.TLSConnection))
+    served = next(item for item in results if isinstance(item, tls_bio.TLSBioStream))
     assert recv_exactly(served, 12) == b"still served"
     stalled = next(item for item in results if isinstance(item, Exception))
     assert isinstance(stalled, TimeoutError) and "within 1 s" in str(stalled)
@@ -114,7 +114,7 @@ def test_garbage_instead_of_a_client_hello_fails_cleanly(tls_server):
     junk = kcp_dial("127.0.0.1", port, FAST)
     junk.sendall(b"GET / HTTP/1.1\r\nHost: not-tls\r\n\r\n")
     failure = outcomes.get(timeout=5)
-    assert isinstance(failure, memtls.TLSError) and "handshake failed" in str(failure)
+    assert isinstance(failure, tls_bio.TLSError) and "handshake failed" in str(failure)
 
 
 def test_close_does_not_wait_for_a_writer_stuck_on_a_silent_peer(tls_server, kcp_certs):

@@ -1,33 +1,39 @@
-"""A requests transport adapter that sends requests through a Server's tunnels.
+"""`Server.round_trip` for requests users: a transport adapter that sends requests through the tunnels.
 
 `session.mount("http://", server.adapter())` makes `session.get("http://app.example/")`
 reach the backend connected for app.example, as Go code would with
-`http.Client{Transport: server}`.
+`http.Client{Transport: server}`. Each request goes through the server's
+request pipeline, like a request from the public port.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from requests.adapters import BaseAdapter
-from requests.models import Response
+from requests.models import PreparedRequest, Response
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 
 from tun2g.http import RequestHead
 
+if TYPE_CHECKING:
+    from tun2g.server.server import Server
+
 
 class TunnelAdapter(BaseAdapter):
     """Sends each request with `server.round_trip`; bodies stream in both directions."""
 
-    def __init__(self, server):
+    def __init__(self, server: Server) -> None:
         super().__init__()
         self.server = server
 
-    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+    def send(self, request: PreparedRequest, stream=False, timeout=None, verify=True, cert=None,
+             proxies=None) -> Response:
         netloc = urlsplit(request.url).netloc
         headers = [(name, value) for name, value in request.headers.items()]
-        head = RequestHead(request.method, request.path_url, "HTTP/1.1", headers)
+        head = RequestHead(request.method or "GET", request.path_url, "HTTP/1.1", headers)
         if head.get("Host") is None:
             head.set("Host", netloc)
         body = request.body.encode() if isinstance(request.body, str) else request.body
@@ -41,7 +47,7 @@ class TunnelAdapter(BaseAdapter):
         response.url = request.url
         response.request = request
         response.connection = self
-        if not stream:
+        if not stream and tunnel_response.status != 101:
             _ = response.content  # read it all now, as requests does without stream=True
         return response
 

@@ -62,7 +62,7 @@ def client_context(ca_file: str | None = None, insecure: bool = False) -> SSL.Co
 
 
 def wrap(conn, context: SSL.Context, *, server_side: bool, server_hostname: str | None = None,
-         handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> TLSConnection:
+         handshake_timeout: float | None = HANDSHAKE_TIMEOUT) -> TLSBioStream:
     """Run a TLS handshake over conn within handshake_timeout; return the secured connection."""
     verify = context.get_verify_mode() & SSL.VERIFY_PEER
     if not server_side and verify and not server_hostname:
@@ -75,7 +75,7 @@ def wrap(conn, context: SSL.Context, *, server_side: bool, server_hostname: str 
         tls.set_connect_state()
         if server_hostname and not _is_ip_address(server_hostname):
             tls.set_tlsext_host_name(server_hostname.encode("idna"))
-    secured = TLSConnection(conn, tls)
+    secured = TLSBioStream(conn, tls)
     try:
         secured._handshake(handshake_timeout)
         if not server_side and verify:
@@ -86,7 +86,7 @@ def wrap(conn, context: SSL.Context, *, server_side: bool, server_hostname: str 
     return secured
 
 
-class TLSConnection:
+class TLSBioStream:
     """A socket-like TLS stream over a socket-like transport (recv/sendall/close...)."""
 
     def __init__(self, conn, tls: SSL.Connection):
@@ -165,7 +165,7 @@ class TLSConnection:
         self._close_notify()
         self._conn.close()
 
-    def __enter__(self) -> TLSConnection:
+    def __enter__(self) -> TLSBioStream:
         return self
 
     def __exit__(self, *_exc) -> None:

@@ -93,7 +93,7 @@ def _closed_error() -> OSError:
     return OSError(errno.EBADF, "KCP connection is closed")
 
 
-class KCPConnection:
+class KCPStream:
     """One KCP conversation as a socket-like byte stream (recv/sendall/close...).
 
     Made by :func:`kcp_dial` or :meth:`KCPListener.accept`. Writes are cut to
@@ -102,7 +102,7 @@ class KCPConnection:
     """
 
     def __init__(self, sock, peer, conv: int, options: KCPOptions,
-                 on_close: Callable[[KCPConnection], None]):
+                 on_close: Callable[[KCPStream], None]):
         self._sock = sock
         self._peer = peer
         self._options = options
@@ -221,7 +221,7 @@ class KCPConnection:
         self._closed = True
         self._stop(_closed_error())
 
-    def __enter__(self) -> KCPConnection:
+    def __enter__(self) -> KCPStream:
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -229,7 +229,7 @@ class KCPConnection:
 
     def __repr__(self) -> str:
         state = "closed" if self._error else "open"
-        return f"<KCPConnection conv={self.conv:#010x} peer={self._peer} {state}>"
+        return f"<KCPStream conv={self.conv:#010x} peer={self._peer} {state}>"
 
     # ---- data path ---------------------------------------------------------
 

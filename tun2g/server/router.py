@@ -1,0 +1,250 @@
+"""The Router: where a request goes (a local tunnel, another node, or a page), for every front alike.
+
+It is the only holder of the cluster. For one request, `Router.route()`
+walks its candidates: the local tunnels for the Host, least loaded first,
+retiring those that cannot open a stream; then, for a public request with no
+usable local tunnel, the other nodes that hold one. The request pipeline
+(`tun2g.server.pipeline`) runs the exchange over each candidate it is given
+and asks for the next one when a replayable request meets a dead upstream.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from tun2g import pages
+from tun2g.backend import Backend
+from tun2g.cluster import ClusterNode, ClusterUnavailable, HopRefused, NodeRef
+from tun2g.cluster.hop import Hop
+from tun2g.errors import CantOpenSessionStream, NoSuchBackend
+from tun2g.http import MessageReader, RequestHead
+from tun2g.log import get_logger
+from tun2g.server.tunnel import Tunnel
+from tun2g.server.tunnels import Tunnels
+from tun2g.smux import Stream
+from tun2g.storage import StorageError, normalize_domain
+from tun2g.transport.base import ByteStream
+
+log = get_logger(__name__)
+
+
+@functools.lru_cache(maxsize=4096)
+def routing_key(host: str) -> str | None:
+    """The domain a Host header routes to (cached: hosts repeat, validation is not free)."""
+    try:
+        return normalize_domain(host)
+    except StorageError:
+        return None
+
+
+class TunnelUpstream:
+    """One stream of a local tunnel, for one exchange."""
+
+    single_use = True  # one exchange per stream: Connection: close lets the client FIN with its response
+    reader: MessageReader | None = None
+
+    def __init__(self, router: Router, tunnel: Tunnel, stream: Stream) -> None:
+        self._router = router
+        self.tunnel = tunnel
+        self.stream: ByteStream = stream
+        self.label = tunnel.id
+        tunnel.in_flight += 1
+
+    def release(self, reusable: bool) -> None:
+        self.stream.close()
+        self.tunnel.in_flight -= 1
+        self.tunnel.served += 1
+
+    def failed(self, reason: str) -> bool:
+        """The exchange failed; True when the tunnel is gone (a replayable request may go to another)."""
+        if not self.tunnel.is_closed:
+            return False
+        self._router.retire(self.tunnel, reason)
+        return True
+
+    def failure_page(self, detail: str, request_id: str) -> pages.Page:
+        return pages.tunnel_failed(detail, request_id)
+
+
+class NodeUpstream:
+    """A kept-alive connection to another node of the cluster, for one forwarded exchange."""
+
+    single_use = False
+
+    def __init__(self, cluster: ClusterNode, node: NodeRef, stream: ByteStream, reader: MessageReader) -> None:
+        self._cluster = cluster
+        self.node = node
+        self.stream = stream
+        self.reader = reader
+        self.label = node.node_id
+        self.reused = reader.messages_read > 0
+
+    def release(self, reusable: bool) -> None:
+        self._cluster.forwarder.release(self.node.url, self.stream, self.reader, reusable)
+
+    def failed(self, reason: str) -> bool:
+        log.warning("hop_failed", node=self.node.node_id, url=self.node.url, error=reason)
+        return True
+
+    def failure_page(self, detail: str, request_id: str) -> pages.Page:
+        return pages.node_failed(self.node.node_id, detail, request_id)
+
+
+Upstream = TunnelUpstream | NodeUpstream
+
+
+@dataclass
+class Routing:
+    """One request's walk through its candidate upstreams; `page` answers it when none served it."""
+
+    router: Router
+    head: RequestHead
+    request_id: str
+    local_only: bool
+    broken_tunnels: list[Tunnel] = field(default_factory=list)
+    unreachable_nodes: list[str] = field(default_factory=list)
+    registry_error: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.head.host or ""
+
+    def __iter__(self) -> Iterator[Upstream]:
+        yield from self._local()
+        cluster = self.router.cluster
+        if cluster is None or self.local_only or self.broken_tunnels:
+            return
+        domain = routing_key(self.host)
+        if domain is None:
+            return
+        try:
+            nodes = cluster.nodes_for(domain)
+        except ClusterUnavailable as exc:
+            self.registry_error = cluster.last_error or str(exc)
+            log.debug("lookup_unavailable", host=self.host, error=str(exc))
+            return
+        cluster.forwarder.sign(self.head, self.request_id)  # the receiving node serves it, never forwards it
+        for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
+            yield from self._node(cluster, domain, node)
+
+    def _local(self) -> Iterator[Upstream]:
+        while (tunnel := self.router.pick(self.host, exclude=self.broken_tunnels)) is not None:
+            try:
+                stream = tunnel.open_stream()
+            except CantOpenSessionStream as exc:
+                self.router.retire(tunnel, str(exc))
+                self.broken_tunnels.append(tunnel)
+                continue
+            upstream = TunnelUpstream(self.router, tunnel, stream)
+            yield upstream
+            self.broken_tunnels.append(tunnel)  # resumed only when it died under a replayable request
+
+    def _node(self, cluster: ClusterNode, domain: str, node: NodeRef) -> Iterator[Upstream]:
+        fresh = False
+        while True:
+            try:
+                stream, reader = cluster.forwarder.connect(node.url, fresh=fresh)
+            except OSError as exc:
+                self.unreachable_nodes.append(f"{node.node_id}: {exc}")
+                cluster.unreachable(domain, node)
+                return
+            upstream = NodeUpstream(cluster, node, stream, reader)
+            yield upstream
+            if not upstream.reused or fresh:
+                return  # a fresh connection failed: the node itself is in trouble, try the next one
+            fresh = True  # a kept-alive connection may have been closed by the node just now: once more, anew
+
+    @property
+    def page(self) -> pages.Page:
+        if self.registry_error is not None:
+            return pages.registry_unavailable(self.registry_error, self.request_id)
+        if self.broken_tunnels:
+            return pages.tunnel_broke(self.request_id)
+        if self.unreachable_nodes:
+            log.warning("hop_unreachable", nodes="; ".join(self.unreachable_nodes), request_id=self.request_id)
+            return pages.no_node_reachable(self.request_id)
+        return pages.no_backends(self.host, self.request_id)
+
+
+class Router:
+    """Host -> local tunnel | other node | page, and the bookkeeping of this node's tunnels."""
+
+    def __init__(self, tunnels: Tunnels, cluster: ClusterNode | None = None) -> None:
+        self.tunnels = tunnels
+        self.cluster = cluster
+
+    # -- requests ------------------------------------------------------------------------
+
+    def accept_hop(self, head: RequestHead) -> Hop | None:
+        """The Hop of a request another node forwarded (served from local tunnels only), else None.
+
+        Raises HopRefused for a hop header this cluster did not sign. Without a
+        cluster a hop header is just a public header (the pipeline drops it).
+        """
+        return None if self.cluster is None else self.cluster.accept_hop(head)
+
+    def route(self, head: RequestHead, request_id: str, hop: Hop | None) -> Routing:
+        """The candidates for `head`, tried in order by the pipeline."""
+        return Routing(self, head, request_id, local_only=hop is not None)
+
+    def pick(self, host: str, exclude: list[Tunnel] | tuple = ()) -> Tunnel | None:
+        """The local tunnel that should serve a request for `host`, or None."""
+        domain = routing_key(host)
+        return None if domain is None else self.tunnels.pick(domain, exclude)
+
+    # -- tunnels -------------------------------------------------------------------------
+
+    def register(self, tunnel: Tunnel) -> None:
+        self.tunnels.add(tunnel)
+        self._changed()
+
+    def deregister(self, tunnel: Tunnel) -> bool:
+        """Forget a tunnel (it is no longer usable); True when it was registered."""
+        tunnel.usable = False
+        if not self.tunnels.discard(tunnel):
+            return False
+        self._changed()
+        return True
+
+    def retire(self, tunnel: Tunnel, reason: str) -> None:
+        """Close and forget a tunnel whose session failed under a request."""
+        log.warning("backend_failed", reason=reason, **tunnel.log_fields())
+        tunnel.close()
+        self.deregister(tunnel)
+
+    def _changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.changed()
+
+    # -- admin ---------------------------------------------------------------------------
+
+    def backends(self) -> list[Backend]:
+        """This node's backends, and in a cluster every other live node's too (see Backend.node)."""
+        local = self.tunnels.records()
+        return local if self.cluster is None else local + self.cluster.remote_backends()
+
+    def kill(self, backend_id: str) -> None:
+        """Disconnect one backend, here or (through the cluster) on its node; raises NoSuchBackend if unknown."""
+        try:
+            tunnel = self.tunnels.get(backend_id)
+        except NoSuchBackend:
+            if self.cluster is None:
+                raise
+            self.cluster.kill(backend_id)
+            return
+        log.info("killed", **tunnel.log_fields())
+        tunnel.close()
+        self.deregister(tunnel)
+
+    def close(self) -> None:
+        """Leave the cluster (the other nodes stop forwarding here at once) and close every tunnel."""
+        if self.cluster is not None:
+            self.cluster.close()
+        for tunnel in self.tunnels:
+            tunnel.close()
+
+
+__all__ = ["HopRefused", "NodeUpstream", "Router", "Routing", "TunnelUpstream", "Upstream", "routing_key"]
