@@ -32,7 +32,7 @@ READY_TIMEOUT = 30.0
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKEN = secrets.token_hex(24)  # imported into this run's private store; hex never starts with "-"
 
-# Go tun2 on a 2-core machine, ratios to direct nginx (shared/ORIGINAL.md).
+# Go tun2 on a 2-core machine, ratios to direct nginx (docs/protocol.md#reference-figures).
 GO_RPS_RATIO = {1: (0.18, 0.18), 16: (0.089, 0.085), 64: (0.086, 0.082), 256: (0.078, 0.075)}
 GO_LATENCY_MS = {1: (0.30, 1.85), 16: (2.3, 7.3), 64: (9.5, 25), 256: (40, 110)}
 GO_DOWNLOAD_RATIO, GO_UPLOAD_RATIO, GO_KIB_PER_IDLE_TUNNEL = (0.25, 0.14), 0.05, 170

@@ -19,7 +19,7 @@ from tun2g.errors import AuthMismatch
 MAX_AUTH_SIZE = 8192
 MAX_REPLY_SIZE = 8192
 
-# What the Go server writes on each ping stream (ORIGINAL.md 5.5), byte for byte.
+# What the Go server writes on each ping stream (docs/protocol.md#health-ping), byte for byte.
 HEALTH_PATH = "/health"
 HEALTH_HOST = "backend"
 PING_REQUEST = b"GET /health HTTP/1.1\r\nHost: backend\r\nUser-Agent: Go-http-client/1.1\r\n\r\n"

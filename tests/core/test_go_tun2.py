@@ -68,7 +68,7 @@ def test_many_go_clients_all_register(plain_deployment, backend, go_peer):
 def test_tun2g_client_serves_through_go_server(go_peer, backend, start_client, dev_cert):
     url, app = backend
     cert, key = dev_cert
-    # --avoid-auth-race: the Go server's own smux race (ORIGINAL.md 5.1) would
+    # --avoid-auth-race: the Go server's own smux race (docs/protocol.md#differences) would
     # otherwise lose our Auth now and then; that bug is not the client's to test.
     server = go_peer("tun2server", "--token", "tok1", "--domain", DOMAIN, "--cert", cert, "--key", key,
                      "--ping-interval", "200ms", "--avoid-auth-race")

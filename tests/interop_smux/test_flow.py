@@ -30,7 +30,7 @@ def test_go_data_right_after_syn_is_never_lost(go_peer, version, parallel, strea
 
 
 def test_a_go_tun2_client_auth_sent_right_after_our_syn_always_arrives(go_binary):
-    """The Go original sometimes drops this first PSH (ORIGINAL.md 5.1); we must not."""
+    """The Go original sometimes drops this first PSH (docs/protocol.md#differences); we must not."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(5)
         port = listener.getsockname()[1]

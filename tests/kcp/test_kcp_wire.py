@@ -13,7 +13,7 @@ u32 = st.integers(0, 2**32 - 1)
 
 
 def segment(conv, cmd=CMD_PUSH, sn=0, data=b"", frg=0, wnd=32, ts=0, una=0, length=None):
-    """One KCP segment in wire form (PROTOCOL.md 3.2)."""
+    """One KCP segment in wire form (docs/protocol.md#kcp-segment)."""
     size = len(data) if length is None else length
     return struct.pack("<IBBHIIII", conv, cmd, frg, wnd, ts, sn, una, size) + data
 
@@ -36,7 +36,7 @@ def test_roundtrip_through_framing(conv, parts, crypt):
 
 
 def test_crypt_header_layout_matches_kcptun_capture():
-    # PROTOCOL.md 6.1 datagram #0: nonce(16) | crc32 LE over bytes 20.. | segments
+    # docs/protocol.md#crypt-header example datagram: nonce(16) | crc32 LE over bytes 20.. | segments
     kcp = bytes.fromhex("9f02b4a1510000029004000000000000000000000800000001000000" "03000000")
     datagram = kcp_wire.encode_datagram(kcp, True)
     assert len(datagram) == 20 + len(kcp)

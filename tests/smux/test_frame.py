@@ -11,7 +11,7 @@ from tun2g.smux.frame import (
 
 
 def test_header_bytes_match_the_captures():
-    # PROTOCOL.md 2.1 example headers, taken from real Go traffic.
+    # docs/protocol.md#frame-header example headers, taken from real Go traffic.
     assert encode_frame(1, SYN, 3) == bytes.fromhex("0100000003000000")
     assert encode_header(1, PSH, 22, 3) == bytes.fromhex("0102160003000000")
     assert encode_frame(1, FIN, 3) == bytes.fromhex("0101000003000000")

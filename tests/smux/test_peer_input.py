@@ -1,4 +1,4 @@
-"""A Session facing hand-made bytes from a raw socket: every case of PROTOCOL.md 2.4 and 2.9."""
+"""A Session facing hand-made bytes from a raw socket: every case of docs/protocol.md#receiving and #protocol-errors."""
 
 import socket
 import time

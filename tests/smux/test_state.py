@@ -17,7 +17,7 @@ STREAM_BUFFER = 1024
 
 
 class Model:
-    """What an independent reading of PROTOCOL.md 2.4/2.5/2.8 says each stream should hold."""
+    """What an independent reading of docs/protocol.md (#receiving, #closing, #flow-control) says each stream should hold."""
 
     def __init__(self, version: int):
         self.version = version

@@ -1,6 +1,6 @@
 """smux frame format: constants, encoders and an incremental decoder (sans-I/O).
 
-Wire layout (PROTOCOL.md 2.1): an 8-byte little-endian header
+Wire layout (docs/protocol.md#frame-header): an 8-byte little-endian header
 ``ver:u8 cmd:u8 length:u16 sid:u32`` followed by ``length`` payload bytes for PSH
 and exactly 8 bytes (``consumed:u32 window:u32``) for UPD.
 """

@@ -2,7 +2,7 @@
 
 No sockets and no greenlets here. The driver (session.py) feeds received bytes to
 ``SessionState.receive`` and sends what ``take_outbox`` returns; the application
-side calls the read/close/shutdown/window methods. Rules follow PROTOCOL.md §2.
+side calls the read/close/shutdown/window methods. Rules: docs/protocol.md#smux.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def options_for(profile: str) -> KCPOptions:
         return KCPOptions()
     raise ValueError(f"unknown KCP profile {profile!r}; use one of {', '.join(KCP_PROFILES)}")
 
-# kcp-go's listener accept queue (PROTOCOL.md 3.8).
+# kcp-go's listener accept queue (docs/protocol.md#conv-and-sessions).
 DEFAULT_BACKLOG = 128
 # kcptun's --sockbuf: room for a window of datagrams arriving between two reads.
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024

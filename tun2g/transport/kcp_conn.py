@@ -1,7 +1,7 @@
 """One KCP conversation as a socket-like byte stream, over C ikcp (siokcp).
 
 The ARQ itself is skywind3000's C ikcp, wire-identical to kcp-go's
-(PROTOCOL.md 3.2), through the ``siokcp`` binding: sans-I/O, uint32 conv,
+(docs/protocol.md#kcp-segment), through the ``siokcp`` binding: sans-I/O, uint32 conv,
 settable stream mode and windows, ``check()`` for timer scheduling. Around it
 this module applies kcp-go's rules: writes cut to one mss per message, write
 admission by window, flush on every write, flush after input when the send
@@ -31,7 +31,7 @@ INITIAL_REMOTE_WINDOW = 32
 
 @dataclass(frozen=True)
 class KCPOptions:
-    """KCP knobs; the defaults are kcp-go's ``Dial``/``Listen`` defaults (PROTOCOL.md 3.8).
+    """KCP knobs; the defaults are kcp-go's ``Dial``/``Listen`` defaults (docs/protocol.md#kcp-profiles).
 
     ``mtu`` is the whole UDP payload, headers included; ``crypt_header`` adds
     the 20-byte nonce + CRC32 header (kcptun ``--crypt none``); ``idle_timeout``

@@ -1,11 +1,11 @@
 """kcp-go's datagram framing around KCP segments, as pure functions over bytes.
 
 kcp-go 5.6.1 wraps the segments a KCP core emits in up to two optional layers
-(PROTOCOL.md 3.1): a 20-byte nonce + CRC32 header whenever a block cipher is
+(docs/protocol.md#crypt-header): a 20-byte nonce + CRC32 header whenever a block cipher is
 set (kcptun's ``--crypt none`` included) and an 8-byte FEC header when FEC is on.
 tun2's ``kcp.Dial`` uses neither. This module adds/verifies the crypt header,
 strips FEC data-shard headers, drops parity shards (we never recover, we only
-tolerate FEC peers, PROTOCOL.md 3.5) and sanity-checks segments so a listener
+tolerate FEC peers, docs/protocol.md#fec) and sanity-checks segments so a listener
 can reject junk before it costs a session.
 """
 
@@ -38,7 +38,7 @@ _U32 = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class SegmentHeader:
-    """The 24-byte header of one KCP segment (PROTOCOL.md 3.2)."""
+    """The 24-byte header of one KCP segment (docs/protocol.md#kcp-segment)."""
 
     conv: int
     cmd: int
@@ -88,7 +88,7 @@ def parse_datagram(datagram: bytes, crypt_header: bool) -> Inbound | None:
     if len(payload) < SEGMENT_HEADER_SIZE:
         return None
     # In a plain segment these two bytes are cmd (81..84) and frg, so their
-    # little-endian value can never be 0xF1 or 0xF2 (PROTOCOL.md 3.1 c).
+    # little-endian value can never be 0xF1 or 0xF2 (docs/protocol.md#fec).
     (fec_flag,) = _U16.unpack_from(payload, 4)
     if fec_flag == FEC_TYPE_PARITY:
         return Inbound(b"", None)

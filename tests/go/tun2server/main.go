@@ -9,7 +9,7 @@
 // session without a word.
 //
 // The original loses the client's Auth now and then (smux writes the SYN of
-// stream 2 before it registers the stream, ORIGINAL.md 5.1). --avoid-auth-race
+// stream 2 before it registers the stream, docs/protocol.md#differences). --avoid-auth-race
 // holds back reading the tunnel until stream 2 is registered, for tests that
 // need the rest of the behaviour without that race.
 //
