@@ -29,6 +29,8 @@ setup(
             "psutil>=5.9",
             "gunicorn>=22",
             "websocket-client>=1.7",
+            "mypy>=1.10",
+            "types-requests",
         ],
         "bench": ["psutil>=5.9", "pyinstrument>=4.6", "py-spy>=0.3"],
     },

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import gevent
@@ -13,13 +15,15 @@ from gevent.event import Event
 from gevent.hub import Waiter, get_hub
 from gevent.pool import Group
 
-from tun2g import smux
+from tun2g import pages, smux
+from tun2g.client import connect
+from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
 from tun2g.errors import ConfigurationError, Tun2Error
-from tun2g import pages
 from tun2g.http import BackendPool, HTTPError, MessageReader, RequestHead, UpstreamError, serve_requests
 from tun2g.log import get_logger
-from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
-from tun2g.client import connect
+
+if TYPE_CHECKING:
+    from tun2g.transport.kcp_conn import KCPOptions
 
 log = get_logger(__name__)
 
@@ -53,10 +57,10 @@ class ClientConfig:
     plain: bool = False
     ca_file: str | None = None
     insecure: bool = False
-    tls_context: object = None
+    tls_context: ssl.SSLContext | None = None
     backend_ca_file: str | None = None
     backend_insecure: bool = False
-    smux_config: smux.Config | None = None
+    smux_config: smux.Config = field(default_factory=smux.Config)
     reconnect: bool = True
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -65,7 +69,7 @@ class ClientConfig:
     # within this long, it most likely lost our Auth to its smux race
     # (docs/protocol.md#differences) and will never serve us: reconnect instead of waiting forever.
     unconfirmed_timeout: float = 15.0
-    kcp_options: object = None
+    kcp_options: KCPOptions | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,8 +80,6 @@ class ClientConfig:
                 raise ConfigurationError(f"ClientConfig.{name} is required")
         if urlsplit(self.backend_url).scheme not in ("http", "https"):
             raise ConfigurationError(f"backend URL must start with http:// or https://, got {self.backend_url!r}")
-        if self.smux_config is None:
-            self.smux_config = smux.Config()
         self.smux_config.validate()
 
 
@@ -96,7 +98,7 @@ class Client:
         self.health_checks = 0
         self._on_status = on_status or (lambda client: None)
         self._closed = Event()
-        self._session = None
+        self._session: smux.Session | None = None
         self._handlers = Group()
         self._idle_workers: list[Waiter] = []
 

@@ -192,7 +192,7 @@ class RedisRegistry:
         """The cluster's hop secret kept in Redis, created by whichever node asks first."""
         key = self._key("cluster-secret")
         self._redis.set(key, secrets.token_hex(32), nx=True)
-        return self._redis.get(key)
+        return str(self._redis.get(key))
 
     # -- lookups -----------------------------------------------------------------
 
@@ -252,7 +252,7 @@ class RedisRegistry:
         members = self._redis.zrangebyscore(self._key("domain:", domain), time.time(), "+inf")
         nodes = []
         for member in members:
-            node_id, _, url = member.partition(" ")
+            node_id, _, url = str(member).partition(" ")
             if node_id != self.node_id and url:
                 nodes.append(NodeRef(node_id, url))
         return nodes
@@ -277,7 +277,7 @@ class RedisRegistry:
     def remote_backends(self) -> list[Backend]:
         """Every other live node's backends; raises ClusterUnavailable when Redis is down."""
         try:
-            node_ids = [n for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")
+            node_ids = [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")
                         if n != self.node_id]
             with self._redis.pipeline(transaction=False) as pipe:
                 for node_id in node_ids:

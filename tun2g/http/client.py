@@ -7,7 +7,7 @@ reads it: the Python counterpart of Go's `http.RoundTripper` response.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import gevent
 
@@ -17,8 +17,15 @@ from .reader import MessageReader
 
 READ_SIZE = 65536
 
+@runtime_checkable
+class Readable(Protocol):
+    """A binary file-like body: read(size) until b""."""
+
+    def read(self, size: int) -> bytes: ...
+
+
 # What `send_request` accepts as a body.
-Body = bytes | bytearray | memoryview | Iterable[bytes] | None
+Body = bytes | bytearray | memoryview | Iterable[bytes] | Readable | None
 
 
 class ResponseReadError(Exception):
@@ -93,7 +100,7 @@ def send_request(stream, head: RequestHead, body: Body, *, close: bool = False) 
     connection = "close" if close and not upgrade else None
     if upgrade:
         headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
-    if body_is_replayable(body):
+    if body is None or isinstance(body, (bytes, bytearray, memoryview)):
         data = bytes(body or b"")
         if data or head.method in ("POST", "PUT", "PATCH"):
             headers = [h for h in headers if h[0].lower() != "content-length"] + [("Content-Length", str(len(data)))]
@@ -106,8 +113,8 @@ def send_request(stream, head: RequestHead, body: Body, *, close: bool = False) 
     return gevent.spawn(_pump_body, stream, _pieces(body), chunked)
 
 
-def _pieces(body) -> Iterator[bytes]:
-    if hasattr(body, "read"):  # a file object: read it in pieces rather than by lines
+def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
+    if isinstance(body, Readable):  # a file: read it in pieces, not line by line
         while True:
             piece = body.read(READ_SIZE)
             if not piece:

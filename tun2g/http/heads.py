@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -99,13 +100,13 @@ class _HeaderFields:
         kept.append((name, ", ".join(values)))
         self.headers = kept
 
-    def connection_tokens(self) -> set[str]:
+    def connection_tokens(self) -> frozenset[str]:
         """The lower-cased options listed in Connection headers (e.g. {"close"} or {"upgrade"})."""
-        tokens = set()
+        tokens: builtins.set[str] = builtins.set()
         for value in self.get_all("connection"):
             tokens.update(token.strip().lower() for token in value.split(","))
         tokens.discard("")
-        return tokens
+        return frozenset(tokens)
 
     @property
     def keep_alive(self) -> bool:

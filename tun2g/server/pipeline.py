@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Protocol, TypeVar
 
 import gevent
 
@@ -53,7 +53,7 @@ class Outcome:
     keep_alive: bool
 
 
-class _Exchange(Generic[Result]):
+class _Exchange(Protocol[Result]):
     """How one front moves a request over an upstream, and how it answers with a page."""
 
     replayable: bool  # the request can be sent again after a failed attempt (as far as this front knows)
@@ -65,7 +65,7 @@ class _Exchange(Generic[Result]):
     def status(self, result: Result) -> int: ...
 
 
-class _SocketExchange(_Exchange[Outcome]):
+class _SocketExchange:
     """Relays between the public socket and the upstream, bodies streamed both ways."""
 
     replayable = True  # forward_exchange itself says (UpstreamError.replayable) whether the body allows it
@@ -98,7 +98,7 @@ class _SocketExchange(_Exchange[Outcome]):
         return result.status
 
 
-class _ResponseExchange(_Exchange[StreamedResponse]):
+class _ResponseExchange:
     """Sends a head and a body and returns the response for the caller to read."""
 
     def __init__(self, request: Request, body: Body) -> None:

@@ -79,7 +79,7 @@ class ServerSetup:
         if self._tunnel_port_wanted():
             self._start_tunnel_port(server, running, cert, key)
         if self.kcp_addr:
-            running.kcp_address = self._start_kcp(server, running, cert, key)
+            running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
             host, port = tcp.split_host_port(self.admin_addr)
             admin = WSGIServer((host, port), AdminAPI(server, self.admin_token), log=None, error_log=None)
@@ -94,7 +94,7 @@ class ServerSetup:
                      hint=f"clients connect with --ca {cert} (or use --tls-cert/--tls-key in production)")
         return running
 
-    def _start_tunnel_port(self, server, running, cert, key) -> None:
+    def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
         tunnel_listener = tcp.listen(self.tunnel_addr)
         running.tunnel_address = tunnel_listener.getsockname()[:2]
         if self.plain_tunnel:
@@ -118,10 +118,10 @@ class ServerSetup:
             return None, None
         return tls.make_dev_certificate(default_sqlite_path().parent)
 
-    def _start_kcp(self, server, running, cert, key):
+    def _start_kcp(self, address: str, server: Server, running: RunningServer, cert, key) -> tuple:
         from tun2g.transport import kcp, tls_bio
 
-        listener = kcp.KCPListener(*tcp.split_host_port(self.kcp_addr), kcp.options_for(self.kcp_profile))
+        listener = kcp.KCPListener(*tcp.split_host_port(address), kcp.options_for(self.kcp_profile))
         if self.plain_tunnel:
             secure = None
         else:

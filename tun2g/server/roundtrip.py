@@ -31,7 +31,7 @@ class TunnelAdapter(BaseAdapter):
 
     def send(self, request: PreparedRequest, stream=False, timeout=None, verify=True, cert=None,
              proxies=None) -> Response:
-        netloc = urlsplit(request.url).netloc
+        netloc = str(urlsplit(request.url).netloc)
         headers = [(name, value) for name, value in request.headers.items()]
         head = RequestHead(request.method or "GET", request.path_url, "HTTP/1.1", headers)
         if head.get("Host") is None:
@@ -40,13 +40,13 @@ class TunnelAdapter(BaseAdapter):
         tunnel_response = self.server.round_trip(head, body)
         response = Response()
         response.status_code = tunnel_response.status
-        response.reason = tunnel_response.reason
+        response.reason = tunnel_response.reason or ""
         response.headers = CaseInsensitiveDict(tunnel_response.headers)
         response.encoding = get_encoding_from_headers(response.headers)
         response.raw = tunnel_response
-        response.url = request.url
+        response.url = request.url or ""
         response.request = request
-        response.connection = self
+        response.connection = self  # type: ignore[assignment]  # requests' stubs say HTTPAdapter; any adapter works
         if not stream and tunnel_response.status != 101:
             _ = response.content  # read it all now, as requests does without stream=True
         return response

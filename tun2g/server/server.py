@@ -80,7 +80,7 @@ class Server:
         self.pipeline = Pipeline(self.router, access_log=access_log)
         self._tasks = Group()
         self._closed = Event()
-        self._listeners = []
+        self._listeners: list = []
 
     # -- tunnel side -------------------------------------------------------
 
