@@ -15,14 +15,41 @@ def test_prepare_request_adds_the_proxy_headers():
                             ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "a.test"), ("X-Request-Id", "r1")]
 
 
-def test_prepare_request_extends_forwarded_for_keeps_sent_proto_and_host_and_drops_the_hop_header():
-    head = RequestHead("GET", "/", "HTTP/1.1", [
-        ("Host", "a.test"), ("x-forwarded-for", "1.1.1.1"), ("X-Forwarded-Proto", "http"), ("X-Tun2g-Hop", "forged"),
-        ("X-Forwarded-Host", "orig.test"), ("X-Request-Id", "theirs"), ("X-Forwarded-For", "2.2.2.2, 3.3.3.3")])
-    prepare_request(head, request_id="r2", peer_ip="10.0.0.9", scheme="https")
+SENT = [("Host", "a.test"), ("x-forwarded-for", "1.1.1.1"), ("X-Forwarded-Proto", "http"), ("X-Tun2g-Hop", "forged"),
+        ("X-Forwarded-Host", "orig.test"), ("X-Request-Id", "theirs"), ("X-Forwarded-For", "2.2.2.2, 3.3.3.3"),
+        ("Forwarded", "for=1.1.1.1"), ("X-Real-IP", "1.1.1.1")]
+
+
+def test_from_a_trusted_proxy_forwarded_for_is_extended_and_proto_host_kept_but_the_hop_header_dropped():
+    head = RequestHead("GET", "/", "HTTP/1.1", list(SENT))
+    prepare_request(head, request_id="r2", peer_ip="10.0.0.9", scheme="https", trusted=True)
     assert head.get_all("X-Forwarded-For") == ["1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9"]
     assert head.get_all("X-Forwarded-Proto") == ["http"] and head.get_all("X-Forwarded-Host") == ["orig.test"]
+    assert head.get("Forwarded") == "for=1.1.1.1" and head.get("X-Real-IP") == "1.1.1.1"
     assert head.get_all("X-Request-Id") == ["r2"] and head.get("X-Tun2g-Hop") is None
+
+
+def test_from_a_public_peer_every_forwarding_header_is_ours():
+    head = RequestHead("GET", "/", "HTTP/1.1", list(SENT))
+    prepare_request(head, request_id="r3", peer_ip="10.0.0.9", scheme="https")
+    assert head.headers == [("Host", "a.test"), ("X-Forwarded-For", "10.0.0.9"), ("X-Forwarded-Proto", "https"),
+                            ("X-Forwarded-Host", "a.test"), ("X-Request-Id", "r3")]
+
+
+def test_connection_keeps_its_options_and_loses_the_names_it_listed():
+    head = RequestHead("GET", "/", "HTTP/1.1", [("Host", "a.test"), ("Connection", "Upgrade, X-Forwarded-For, X-Hop"),
+                                                ("Upgrade", "websocket"), ("X-Hop", "1"), ("Content-Length", "0")])
+    prepare_request(head, request_id="r4", peer_ip="10.0.0.9", scheme="http")
+    assert head.get("Connection") == "Upgrade" and head.get("Upgrade") == "websocket" and head.get("X-Hop") is None
+    assert head.get("X-Forwarded-For") == "10.0.0.9" and head.get("Content-Length") == "0"
+
+
+def test_a_connection_header_naming_framing_or_host_leaves_them():
+    head = RequestHead("POST", "/", "HTTP/1.1", [("Host", "a.test"), ("Connection", "close, Content-Length, Host"),
+                                                 ("Content-Length", "5")])
+    prepare_request(head, request_id="r5", peer_ip="10.0.0.9", scheme="http")
+    assert head.get("Content-Length") == "5" and head.get("Host") == "a.test" and head.get("Connection") == "close"
+
 
 
 def test_request_ids_are_unique_32_hex_digits():

@@ -23,6 +23,18 @@ def host_port(ctx, param, value):
     return value
 
 
+def cidrs(ctx, param, values):
+    """Validate CIDR blocks (10.0.0.0/8, 2001:db8::/32, or one address) early; returns them as a tuple."""
+    import ipaddress
+
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise click.BadParameter(f"expected an address or CIDR block such as 10.0.0.0/8, got {value!r}") from None
+    return tuple(values)
+
+
 def print_table(header, rows) -> None:
     """Print rows of strings as left-aligned columns under a header row."""
     table = [tuple(header), *rows]

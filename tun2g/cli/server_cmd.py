@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from tun2g.cli.options import env_option, host_port
+from tun2g.cli.options import cidrs, env_option, host_port
 
 
 @click.command()
@@ -49,13 +49,17 @@ from tun2g.cli.options import env_option, host_port
             show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
             help="Seconds between health pings of each tunnel.")
+@env_option("--trusted-proxy", "trusted_proxies", env="TUN2G_TRUSTED_PROXY", multiple=True, metavar="CIDR",
+            callback=cidrs,
+            help="A balancer in front whose X-Forwarded-For/-Proto/-Host, Forwarded and X-Real-IP headers "
+                 "are believed (repeat, or space-separated in the variable). Others' are replaced.")
 @env_option("--access-log/--no-access-log", env="TUN2G_ACCESS_LOG", default=True, show_default=True,
             help="Log one line per proxied request.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval,
-           access_log, log_level):
+           trusted_proxies, access_log, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -76,7 +80,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
-                        registry_ttl=registry_ttl)
+                        registry_ttl=registry_ttl, trusted_proxies=trusted_proxies)
     try:
         running = setup.start()
     except (OSError, ValueError) as exc:

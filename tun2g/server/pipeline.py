@@ -11,9 +11,11 @@ one access-log line.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Iterable, Protocol, TypeVar
 
 import gevent
 
@@ -43,6 +45,7 @@ class Request:
     peer_ip: str
     scheme: str
     started: float
+    trusted: bool  # the peer is the embedding program or a trusted proxy: its forwarding headers stand
 
 
 @dataclass(frozen=True)
@@ -138,9 +141,11 @@ class _ResponseExchange:
 class Pipeline:
     """Every front's request path: one Router, one set of rules."""
 
-    def __init__(self, router: Router, *, access_log: bool = True) -> None:
+    def __init__(self, router: Router, *, access_log: bool = True,
+                 trusted_proxies: TrustedProxies | None = None) -> None:
         self.router = router
         self.access_log = access_log
+        self.trusted_proxies = TrustedProxies() if trusted_proxies is None else trusted_proxies
 
     def serve(self, head: RequestHead, reader: MessageReader, sock: ByteStream, *, peer_ip: str,
               scheme: str) -> bool:
@@ -155,8 +160,11 @@ class Pipeline:
         return self._run(request, _ResponseExchange(request, body))
 
     def _request(self, head: RequestHead, peer_ip: str | None, scheme: str) -> Request:
-        return Request(head, head.get("X-Request-Id") or new_request_id(), head.host or "", peer_ip or "",
-                       scheme, time.monotonic())
+        trusted = peer_ip is None or peer_ip in self.trusted_proxies  # in-process callers, or a trusted proxy
+        request_id = head.get("X-Request-Id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):  # a caller's own id, if it is a plain token
+            request_id = new_request_id()
+        return Request(head, request_id, head.host or "", peer_ip or "", scheme, time.monotonic(), trusted)
 
     def _run(self, request: Request, exchange: _Exchange[Result]) -> Result:
         head = request.head
@@ -166,7 +174,10 @@ class Pipeline:
             log.warning("hop_refused", remote=request.peer_ip, host=request.host, reason=str(exc))
             return self._finish(request, exchange, exchange.page(pages.hop_refused(str(exc), request.id)), "-")
         if hop is None:
-            prepare_request(head, request_id=request.id, peer_ip=request.peer_ip, scheme=request.scheme)
+            prepare_request(head, request_id=request.id, peer_ip=request.peer_ip, scheme=request.scheme,
+                            trusted=request.trusted)
+        else:  # the origin node prepared it, and named it: keep that id in this node's log and pages
+            request.id = head.get("X-Request-Id") or request.id
         routing = self.router.route(head, request.id, hop)
         for upstream in routing:
             try:
@@ -189,33 +200,79 @@ class Pipeline:
         return result
 
 
+class TrustedProxies:
+    """The peers (`--trusted-proxy CIDR`, e.g. a balancer in front) whose forwarding headers are believed."""
+
+    MAX_CACHED = 4096  # peer addresses remembered; public clients choose theirs, so the cache is bounded
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(cidr.strip(), strict=False) for cidr in cidrs if cidr.strip())
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, peer_ip: str) -> bool:
+        if not self.networks:
+            return False
+        known = self._known.get(peer_ip)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(peer_ip)
+                known = any(address in network for network in self.networks)
+            except ValueError:
+                known = False
+            if len(self._known) >= self.MAX_CACHED:
+                self._known.clear()
+            self._known[peer_ip] = known
+        return known
+
+
 _HOP_NAME = HOP_HEADER.lower()
-_PROXY_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", _HOP_NAME})
+# A request id a caller may choose (as Heroku's router allows): a plain token, so it is safe in logs and pages.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Headers that say who the client is and how it came: set by this proxy, believed only from a trusted one.
+_FORWARDING_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
+                               "x-real-ip"})
+_PROXY_NAMES = _FORWARDING_NAMES | {"x-request-id", _HOP_NAME, "connection"}
 _PROXY_NAME_LENGTHS = frozenset(map(len, _PROXY_NAMES))
+# Connection options that name no header; and headers a Connection header may never remove.
+_CONNECTION_OPTIONS = frozenset({"", "close", "keep-alive", "upgrade"})
+_NEVER_NAMED = frozenset({"content-length", "transfer-encoding", "host"})
 
 
-def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme: str) -> None:
-    """Add the proxy headers to a public request head (the relay drops hop-by-hop ones).
+def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme: str, trusted: bool = False) -> None:
+    """Set the proxy headers on a public request head, after removing what its Connection header names.
 
-    X-Forwarded-For gets ``peer_ip`` after the values already sent (as Go's ReverseProxy);
-    X-Forwarded-Proto/-Host are added unless present; X-Request-Id is set; the cluster's
-    hop header is dropped (only a node of this cluster may send it, and only to another node).
-    One pass over the headers: a public request may carry dozens.
+    From an untrusted peer, the client's own X-Forwarded-*, Forwarded and X-Real-IP are
+    dropped and ours written (X-Forwarded-For: the peer); from a trusted proxy they are
+    kept and the peer is appended to X-Forwarded-For (as Go's ReverseProxy). X-Request-Id
+    is set, the cluster's hop header dropped (only a node of this cluster may send it, to
+    another node). Headers the client named in Connection go now, so they can never take
+    ours with them; the Connection header keeps only its options (close, upgrade) for the
+    relay. One pass over the headers in the usual case: a public request may carry dozens.
     """
+    named = _connection_named(head)
     kept = []
     forwarded_for = []
     has_proto = has_host = False
     for header in head.headers:
         name = header[0]
+        if named is not None and name.lower() in named:
+            continue
         if len(name) in _PROXY_NAME_LENGTHS:
             name = name.lower()
-            if name == "x-forwarded-for":
-                forwarded_for.append(header[1])
+            if name in _FORWARDING_NAMES:
+                if not trusted:
+                    continue
+                if name == "x-forwarded-for":
+                    forwarded_for.append(header[1])
+                    continue
+                has_proto = has_proto or name == "x-forwarded-proto"
+                has_host = has_host or name == "x-forwarded-host"
+            elif name == "x-request-id" or name == _HOP_NAME:
                 continue
-            if name == "x-request-id" or name == _HOP_NAME:
-                continue
-            has_proto = has_proto or name == "x-forwarded-proto"
-            has_host = has_host or name == "x-forwarded-host"
+            elif name == "connection" and named is not None:
+                header = (header[0], _connection_options(header[1]))
+                if not header[1]:
+                    continue
         kept.append(header)
     if peer_ip:
         forwarded_for.append(peer_ip)
@@ -231,4 +288,14 @@ def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme:
     head.headers = kept
 
 
-__all__ = ["Outcome", "Pipeline", "Request", "prepare_request"]
+def _connection_named(head: RequestHead) -> frozenset[str] | None:
+    """The header names the Connection header lists (framing and Host excepted: those stay), or None."""
+    listed = head.connection_tokens() - _CONNECTION_OPTIONS
+    return None if not listed else listed - _NEVER_NAMED
+
+
+def _connection_options(value: str) -> str:
+    return ", ".join(token.strip() for token in value.split(",") if token.strip().lower() in _CONNECTION_OPTIONS)
+
+
+__all__ = ["Outcome", "Pipeline", "Request", "TrustedProxies", "prepare_request"]

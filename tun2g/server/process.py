@@ -47,6 +47,8 @@ class ServerSetup:
     ping_interval: float = 5.0
     access_log: bool = True
     log_level: str = "info"
+    # Balancers in front (CIDRs) whose X-Forwarded-*/Forwarded/X-Real-IP headers are believed.
+    trusted_proxies: tuple[str, ...] = ()
     # Cluster (used when the storage is Redis): where other nodes reach this one's HTTP
     # front, the shared hop secret (else one kept in Redis), and the registry TTL.
     advertise_url: str | None = None
@@ -69,7 +71,8 @@ class ServerSetup:
         if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl)
-        server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log)
+        server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
+                        trusted_proxies=self.trusted_proxies)
         running = RunningServer(server, cluster, http_address=http_address)
         running.services.append(HTTPFront(server).serve(http_listener))
         if cluster is not None:
@@ -185,7 +188,7 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
     listener per worker: ``TUN2G_HOP_LISTEN`` (default ``0.0.0.0:0``, a free
     port) advertised as ``TUN2G_ADVERTISE`` (default: that port on this host's
     address). ``TUN2G_CLUSTER_SECRET``, ``TUN2G_REGISTRY_TTL``,
-    ``TUN2G_NODE_ID`` and ``TUN2G_LOG_LEVEL`` work as for `tun2g server`.
+    ``TUN2G_NODE_ID``, ``TUN2G_TRUSTED_PROXY`` and ``TUN2G_LOG_LEVEL`` work as for `tun2g server`.
     """
     env = os.environ if environ is None else environ
     configure(env.get("TUN2G_LOG_LEVEL", "info"))
@@ -201,7 +204,8 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
         advertise = env.get("TUN2G_ADVERTISE") or default_advertise_url(hop_listener.getsockname()[:2])
         cluster = _cluster_node(storage, config.node_id, tunnels, advertise, env.get("TUN2G_CLUSTER_SECRET") or None,
                                 float(env.get("TUN2G_REGISTRY_TTL", "10")))
-    server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False)
+    server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False,
+                    trusted_proxies=env.get("TUN2G_TRUSTED_PROXY", "").replace(",", " ").split())
     if hop_listener is not None and cluster is not None:
         HTTPFront(server).serve(hop_listener)
         cluster.start()

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import gevent
 from gevent.event import Event
@@ -27,7 +28,7 @@ from tun2g.control import (MAX_AUTH_SIZE, Auth, AuthFormatError, JSONObjectReade
                            verify_auth)
 from tun2g.http import RequestHead
 from tun2g.http.client import Body, StreamedResponse
-from tun2g.server.pipeline import Pipeline
+from tun2g.server.pipeline import Pipeline, TrustedProxies
 from tun2g.server.router import Router
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
@@ -69,15 +70,16 @@ class Server:
     """Routes public HTTP traffic to tunnel clients (Go tun2's Server)."""
 
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
-                 access_log: bool = True):
-        """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`)."""
+                 access_log: bool = True, trusted_proxies: Iterable[str] = ()):
+        """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
+        `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
         self.storage = config.storage
         self.tunnels = Tunnels() if tunnels is None else tunnels
         self.router = Router(self.tunnels, cluster)
-        self.pipeline = Pipeline(self.router, access_log=access_log)
+        self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies))
         self._tasks = Group()
         self._closed = Event()
         self._listeners: list = []
