@@ -131,11 +131,11 @@ def malformed_request(status: int, message: str, request_id: str | None = None) 
     return Page(status, f"{message}\n".encode(), TEXT, request_id=request_id)
 
 
-def upgrade_unsupported() -> Page:
+def upgrade_unsupported(request_id: str | None = None) -> Page:
     """501 from a WSGI server that cannot hand its connection over for a tunnel or a protocol switch."""
     return Page(501, b"tun2g: this WSGI server does not hand over its connections, so tunnel clients and "
                      b"protocol switches (WebSocket) cannot be served here; run under gunicorn -k gevent, "
-                     b"or use tun2g server's own HTTP front\n", TEXT)
+                     b"or use tun2g server's own HTTP front\n", TEXT, request_id=request_id)
 
 
 # -- the tunnel client ---------------------------------------------------------------------

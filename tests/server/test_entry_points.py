@@ -295,9 +295,10 @@ def setup(request, cluster_node, start_client):
 
 
 def expected_forwarded_for(entry: str) -> str:
-    """The public X-Forwarded-For, then the public peer (none for round_trip), then the tunnel client's
-    own hop from the server (127.0.0.1), as the backend sees it."""
-    return ", ".join([PUBLIC_XFF] + ([] if entry == "round_trip" else ["127.0.0.1"]) + ["127.0.0.1"])
+    """As the backend sees it: a public peer's own X-Forwarded-For is not believed (no trusted proxy is
+    configured) and is replaced by the peer; round_trip, an in-process caller, keeps what it sent and adds
+    no peer; then the tunnel client's own hop from the server (127.0.0.1)."""
+    return ", ".join([PUBLIC_XFF] if entry == "round_trip" else ["127.0.0.1"]) + ", 127.0.0.1"
 
 
 def case_200_with_body(s: Setup):

@@ -16,11 +16,16 @@ from .parser import CHUNKED
 from .reader import RECV_SIZE, MessageReader
 
 
+# RFC 9110 section 9.2.2: requests whose repetition has the effect of one, so a proxy may retry them.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
 class UpstreamError(Exception):
     """The upstream failed before any final response went downstream: answer the client with a 502.
 
-    ``replayable``: nothing of the exchange reached the client and the request had
-    no body, so the same request may be sent to another upstream instead.
+    ``replayable``: nothing of the exchange reached the client, and either the request
+    never reached the upstream whole or it is idempotent and had no body to consume,
+    so the same request may be sent to another upstream instead.
     """
 
     def __init__(self, message: str, *, replayable: bool = False) -> None:
@@ -76,7 +81,8 @@ class _Exchange:
         self.response_bytes = 0
         self.pump: gevent.Greenlet | None = None
         self.request_sent = False      # the whole request body went upstream
-        self.request_bodyless = request_reader.body_complete  # nothing to consume: replayable elsewhere
+        self.request_bodyless = request_reader.body_complete  # nothing to consume: it can be sent again
+        self.request_idempotent = request.method in IDEMPOTENT_METHODS
         self.downstream_failure: Exception | None = None
 
     def run(self, response_filter) -> ExchangeResult:
@@ -149,7 +155,8 @@ class _Exchange:
                 raise DownstreamError(f"the client failed while sending its body: "
                                       f"{_describe(self.downstream_failure)}") from exc
             raise UpstreamError(f"no valid response from upstream: {_describe(exc)}",
-                                replayable=self.request_bodyless and self.response_bytes == 0) from exc
+                                replayable=self.request_bodyless and self.request_idempotent
+                                and self.response_bytes == 0) from exc
 
     def _relay_interim(self, head: ResponseHead) -> None:
         # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client; 100 only to one that waits for it.

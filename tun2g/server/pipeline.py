@@ -24,6 +24,7 @@ from tun2g.cluster import HopRefused
 from tun2g.cluster.hop import HOP_HEADER, Hop
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
 from tun2g.http import forward_exchange, forwardable_headers
+from tun2g.http.relay import IDEMPOTENT_METHODS
 from tun2g.http.client import Body, StreamedResponse, body_is_replayable, send_request
 from tun2g.log import get_logger
 from tun2g.requestid import new_request_id
@@ -35,7 +36,7 @@ log = get_logger(__name__)
 Result = TypeVar("Result")
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """The request in hand: its head and what the log and the pages need to know."""
 
@@ -115,12 +116,16 @@ class _ResponseExchange:
         pump: gevent.Greenlet | None = None
         try:
             pump = send_request(upstream.stream, head, self._body, close=upstream.single_use)
+        except OSError as exc:  # the request did not get out whole: it can go elsewhere
+            upstream.release(False)
+            raise UpstreamError(f"cannot send the request upstream: {exc}", replayable=self.replayable) from exc
+        try:
             response = reader.read_final_response_head(head.method)
         except (OSError, HTTPError) as exc:
             upstream.release(False)
             failure = pump.exception if pump is not None and pump.dead and pump.exception else exc
             raise UpstreamError(f"no valid response from upstream: {failure or type(failure).__name__}",
-                                replayable=self.replayable) from exc
+                                replayable=self.replayable and head.method in IDEMPOTENT_METHODS) from exc
         response.headers = forwardable_headers(response.headers) + (
             [("Connection", "Upgrade"), ("Upgrade", response.get("Upgrade") or "")] if response.status == 101 else [])
         response.set("X-Request-Id", self._request.id)
@@ -146,6 +151,7 @@ class Pipeline:
         self.router = router
         self.access_log = access_log
         self.trusted_proxies = TrustedProxies() if trusted_proxies is None else trusted_proxies
+        self._any_trusted = bool(self.trusted_proxies.networks)
 
     def serve(self, head: RequestHead, reader: MessageReader, sock: ByteStream, *, peer_ip: str,
               scheme: str) -> bool:
@@ -160,7 +166,8 @@ class Pipeline:
         return self._run(request, _ResponseExchange(request, body))
 
     def _request(self, head: RequestHead, peer_ip: str | None, scheme: str) -> Request:
-        trusted = peer_ip is None or peer_ip in self.trusted_proxies  # in-process callers, or a trusted proxy
+        # In-process callers, or a trusted proxy.
+        trusted = peer_ip is None or (self._any_trusted and peer_ip in self.trusted_proxies)
         request_id = head.get("X-Request-Id")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):  # a caller's own id, if it is a plain token
             request_id = new_request_id()
@@ -249,14 +256,13 @@ def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme:
     ours with them; the Connection header keeps only its options (close, upgrade) for the
     relay. One pass over the headers in the usual case: a public request may carry dozens.
     """
-    named = _connection_named(head)
+    # Names are compared by length first: most headers then need no lower() call.
     kept = []
     forwarded_for = []
     has_proto = has_host = False
+    listing = None  # Connection values that list more than one plain option: they may name headers
     for header in head.headers:
         name = header[0]
-        if named is not None and name.lower() in named:
-            continue
         if len(name) in _PROXY_NAME_LENGTHS:
             name = name.lower()
             if name in _FORWARDING_NAMES:
@@ -269,11 +275,19 @@ def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme:
                 has_host = has_host or name == "x-forwarded-host"
             elif name == "x-request-id" or name == _HOP_NAME:
                 continue
-            elif name == "connection" and named is not None:
-                header = (header[0], _connection_options(header[1]))
-                if not header[1]:
+            elif name == "connection" and header[1].lower() not in _CONNECTION_OPTIONS:
+                listing = [] if listing is None else listing
+                listing.append(header[1])
+                options = _connection_options(header[1])
+                if not options:
                     continue
+                header = (header[0], options)
         kept.append(header)
+    if listing is not None:
+        named = {token.strip().lower() for value in listing for token in value.split(",")}
+        named -= _CONNECTION_OPTIONS | _NEVER_NAMED
+        if named:
+            kept = [header for header in kept if header[0].lower() not in named]
     if peer_ip:
         forwarded_for.append(peer_ip)
     if forwarded_for:
@@ -286,12 +300,6 @@ def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme:
             kept.append(("X-Forwarded-Host", host))
     kept.append(("X-Request-Id", request_id))
     head.headers = kept
-
-
-def _connection_named(head: RequestHead) -> frozenset[str] | None:
-    """The header names the Connection header lists (framing and Host excepted: those stay), or None."""
-    listed = head.connection_tokens() - _CONNECTION_OPTIONS
-    return None if not listed else listed - _NEVER_NAMED
 
 
 def _connection_options(value: str) -> str:

@@ -37,7 +37,7 @@ class WSGIFront:
                                                    scheme=self.scheme or environ.get("wsgi.url_scheme", "http"))
         if response.status == 101:  # WSGI has no way to switch protocols: say so rather than hang
             response.close()
-            response = pages.upgrade_unsupported().as_response()
+            response = pages.upgrade_unsupported(response.head.get("X-Request-Id")).as_response()
         start_response(f"{response.status} {response.reason or 'Unknown'}", response.headers)
         return _ClosingIterator(response)
 
@@ -91,8 +91,8 @@ def _body(environ, head: RequestHead) -> Body:
     stream = environ.get("wsgi.input")
     if stream is None or length == 0:
         return None
-    if length is None and not environ.get("wsgi.input_terminated"):
-        return None  # no Content-Length and a server that cannot say where the body ends: none
+    if length is None and not (head.chunked and environ.get("wsgi.input_terminated")):
+        return None  # neither a length nor chunked framing (or a server that cannot say where it ends): none
     return _LimitedReader(stream, length)
 
 
