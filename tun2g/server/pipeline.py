@@ -11,6 +11,7 @@ one access-log line.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -21,7 +22,7 @@ from tun2g import pages
 from tun2g.cluster import HopRefused
 from tun2g.cluster.hop import HOP_HEADER, Hop
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
-from tun2g.http import forward_exchange, forwardable_headers
+from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers
 from tun2g.http.client import Body, StreamedResponse, body_is_replayable, send_request
 from tun2g.log import get_logger
 from tun2g.requestid import new_request_id
@@ -70,10 +71,12 @@ class _SocketExchange:
 
     replayable = True  # forward_exchange itself says (UpstreamError.replayable) whether the body allows it
 
-    def __init__(self, request: Request, reader: MessageReader, sock: ByteStream) -> None:
+    def __init__(self, request: Request, reader: MessageReader, sock: ByteStream,
+                 timeouts: ExchangeTimeouts | None = None) -> None:
         self._request = request
         self._reader = reader
         self._sock = sock
+        self._timeouts = timeouts
 
     def _stamp(self, response: ResponseHead) -> None:
         response.set("X-Request-Id", self._request.id)
@@ -83,9 +86,15 @@ class _SocketExchange:
         try:
             result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
-                                      close_upstream=upstream.single_use)
+                                      close_upstream=upstream.single_use, timeouts=self._timeouts)
         except DownstreamError:
             return Outcome(499, False)  # the public client left: only this exchange ends
+        except UpstreamTimeout:
+            # The backend holds the request but does not answer: 504 (the upstream is closed, not retried).
+            seconds = self._timeouts.response if self._timeouts is not None else None
+            log.warning("response_timeout", host=self._request.host, backend=upstream.label, seconds=seconds,
+                        request_id=self._request.id)
+            return self.page(pages.gateway_timeout(seconds or 0, self._request.id))
         finally:
             upstream.release(reusable)
         reusable = result.upstream_reusable
@@ -101,18 +110,31 @@ class _SocketExchange:
 class _ResponseExchange:
     """Sends a head and a body and returns the response for the caller to read."""
 
-    def __init__(self, request: Request, body: Body) -> None:
+    def __init__(self, request: Request, body: Body, timeouts: ExchangeTimeouts | None = None) -> None:
         self._request = request
         self._body = body
         self.replayable = body_is_replayable(body)
+        self._timeouts = timeouts
 
     def through(self, upstream: Upstream) -> StreamedResponse:
         head = self._request.head
         reader = upstream.reader or MessageReader(upstream.stream)
         pump: gevent.Greenlet | None = None
+        timeouts = self._timeouts
         try:
             pump = send_request(upstream.stream, head, self._body, close=upstream.single_use)
+            if timeouts is not None and timeouts.response is not None:
+                upstream.stream.settimeout(timeouts.response)  # per read of the head: the body goes up meanwhile
             response = reader.read_final_response_head(head.method)
+            if timeouts is not None and timeouts.response is not None:
+                upstream.stream.settimeout(timeouts.body)
+        except socket.timeout:
+            upstream.stream.settimeout(None)
+            upstream.release(False)
+            seconds = timeouts.response if timeouts is not None else None
+            log.warning("response_timeout", host=self._request.host, backend=upstream.label, seconds=seconds,
+                        request_id=self._request.id)
+            return self.page(pages.gateway_timeout(seconds or 0, self._request.id))
         except (OSError, HTTPError) as exc:
             upstream.release(False)
             failure = pump.exception if pump is not None and pump.dead and pump.exception else exc
@@ -124,6 +146,8 @@ class _ResponseExchange:
 
         def release() -> None:
             done = reader.body_complete and (pump is None or pump.successful())
+            if timeouts is not None and timeouts.response is not None:
+                upstream.stream.settimeout(None)
             upstream.release(done and reader.keep_alive and response.status != 101)
 
         return StreamedResponse(response, reader, on_close=release)
@@ -138,21 +162,25 @@ class _ResponseExchange:
 class Pipeline:
     """Every front's request path: one Router, one set of rules."""
 
-    def __init__(self, router: Router, *, access_log: bool = True) -> None:
+    def __init__(self, router: Router, *, access_log: bool = True,
+                 timeouts: ExchangeTimeouts | None = None) -> None:
         self.router = router
         self.access_log = access_log
+        # Bounds on each exchange's waits (response head, stalled bodies, the client leaving);
+        # `tun2g.server.process` sets them from its defaults. None: unbounded.
+        self.timeouts = timeouts
 
     def serve(self, head: RequestHead, reader: MessageReader, sock: ByteStream, *, peer_ip: str,
               scheme: str) -> bool:
         """Proxy one request read from a public socket; True when the connection may carry another."""
         request = self._request(head, peer_ip, scheme)
-        return self._run(request, _SocketExchange(request, reader, sock)).keep_alive
+        return self._run(request, _SocketExchange(request, reader, sock, self.timeouts)).keep_alive
 
     def round_trip(self, head: RequestHead, body: Body = None, *, peer_ip: str | None = None,
                    scheme: str = "http") -> StreamedResponse:
         """Send one request and return its streamed response (or the page that answers it)."""
         request = self._request(head, peer_ip, scheme)
-        return self._run(request, _ResponseExchange(request, body))
+        return self._run(request, _ResponseExchange(request, body, self.timeouts))
 
     def _request(self, head: RequestHead, peer_ip: str | None, scheme: str) -> Request:
         return Request(head, head.get("X-Request-Id") or new_request_id(), head.host or "", peer_ip or "",
