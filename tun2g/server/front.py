@@ -19,6 +19,7 @@ import errno
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from gevent.server import StreamServer
 
@@ -74,7 +75,7 @@ class _Acceptor(StreamServer):
     def __init__(self, listener, handle) -> None:
         super().__init__(listener, handle)
         self._pause = _ACCEPT_PAUSE_MIN
-        self._pause_timer = None
+        self._pause_timer: Any = None  # a gevent loop timer while accepting is paused
         self._log_failure = _RateLimited("accept_failed")
 
     def do_read(self):
@@ -94,8 +95,9 @@ class _Acceptor(StreamServer):
         self.stop_accepting()
         if self._pause_timer is not None:
             self._pause_timer.close()
-        self._pause_timer = self.loop.timer(self._pause)
-        self._pause_timer.start(self._resume_accepting)
+        timer = self.loop.timer(self._pause)
+        timer.start(self._resume_accepting)
+        self._pause_timer = timer
         self._pause = min(_ACCEPT_PAUSE_MAX, self._pause * 2)
 
     def _resume_accepting(self) -> None:
