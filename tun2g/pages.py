@@ -126,6 +126,22 @@ def hop_refused(reason: str, request_id: str) -> Page:
     return Page(403, f"tun2g: node-to-node request refused: {reason}\n".encode(), TEXT, request_id=request_id)
 
 
+def gateway_timeout(seconds: float, request_id: str) -> Page:
+    """504: the site's backend accepted the request but sent no response head within the response timeout."""
+    return _gateway_error(504, f"The site's backend did not answer within {seconds:g} seconds.", request_id)
+
+
+def server_busy(reason: str) -> Page:
+    """503 for a connection over a cap (per client address, or in all), sent before any request is read."""
+    return Page(503, f"tun2g: the server is busy ({reason}); retry shortly\n".encode(), TEXT,
+                headers=(("Retry-After", "1"),))
+
+
+def request_timeout(request_id: str | None = None) -> Page:
+    """408: a request head that did not arrive whole within the header timeout."""
+    return Page(408, b"tun2g: the request head did not arrive in time\n", TEXT, request_id=request_id)
+
+
 def malformed_request(status: int, message: str, request_id: str | None = None) -> Page:
     """The 4xx/5xx for a request the HTTP parser refused (400, 413, 431, 501)."""
     return Page(status, f"{message}\n".encode(), TEXT, request_id=request_id)

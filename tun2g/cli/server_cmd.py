@@ -55,11 +55,28 @@ from tun2g.cli.options import cidrs, env_option, host_port
                  "are believed (repeat, or space-separated in the variable). Others' are replaced.")
 @env_option("--access-log/--no-access-log", env="TUN2G_ACCESS_LOG", default=True, show_default=True,
             help="Log one line per proxied request.")
+@env_option("--header-timeout", env="TUN2G_HEADER_TIMEOUT", type=click.FloatRange(min=0), metavar="SECONDS",
+            help="A public request head must arrive whole within this (408 after; slowloris). 0: no limit. "
+                 "Default 15.")
+@env_option("--idle-timeout", env="TUN2G_IDLE_TIMEOUT", type=click.FloatRange(min=0), metavar="SECONDS",
+            help="Close a kept-alive public connection idle this long. 0: never. Default 60.")
+@env_option("--response-timeout", env="TUN2G_RESPONSE_TIMEOUT", type=click.FloatRange(min=0), metavar="SECONDS",
+            help="504 when a backend sends no response head this long after the request. 0: wait forever. "
+                 "Default 60.")
+@env_option("--body-timeout", env="TUN2G_BODY_TIMEOUT", type=click.FloatRange(min=0), metavar="SECONDS",
+            help="End an exchange whose body (either way) makes no progress this long. 0: never. Default 60.")
+@env_option("--max-connections-per-ip", env="TUN2G_MAX_CONNECTIONS_PER_IP", type=click.IntRange(min=0),
+            metavar="N", help="Open public connections per client address; more get a fast 503. 0: no cap. "
+                              "Default 256.")
+@env_option("--max-connections", env="TUN2G_MAX_CONNECTIONS", type=click.IntRange(min=0), metavar="N",
+            help="Open public connections in all; more get a fast 503. 0: no cap. "
+                 "Default: three quarters of the fd limit (raised to the hard limit at start).")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval,
-           trusted_proxies, access_log, log_level):
+           trusted_proxies, access_log, header_timeout, idle_timeout, response_timeout, body_timeout,
+           max_connections_per_ip, max_connections, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -81,6 +98,12 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, trusted_proxies=trusted_proxies)
+    bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
+                  body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
+                  max_connections=max_connections)
+    for name, value in bounds.items():
+        if value is not None:  # unset: the default in tun2g.server.process
+            setattr(setup, name, value)
     try:
         running = setup.start()
     except (OSError, ValueError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from typing import Callable
 
 from .heads import HTTPError, RequestHead, ResponseHead
@@ -28,6 +30,7 @@ class MessageReader:
         self.messages_read = 0     # heads read so far (> 0: the connection has been used before)
         self._parser: MessageParser | None = None
         self._events = None
+        self._timing: tuple[float | None, float | None] | None = None  # (head, idle) for the head being read
 
     def _parser_for(self, is_request: bool) -> MessageParser:
         parser = self._parser
@@ -46,10 +49,26 @@ class MessageReader:
             parser.receive_data(self.sock.recv(RECV_SIZE))
         return events.popleft()
 
-    def read_request_head(self) -> RequestHead | None:
-        """The next request's head, or None if the peer closed cleanly before sending one."""
+    def read_request_head(self, *, head_timeout: float | None = None,
+                          idle_timeout: float | None = None) -> RequestHead | None:
+        """The next request's head, or None if the peer closed cleanly before sending one.
+
+        ``head_timeout``: the whole head must arrive within this many seconds (of
+        the connection's first use, or of the first byte of a later head), however
+        slowly it trickles in; else HTTPError(408). ``idle_timeout``: how long a
+        used connection may wait for the next head's first byte; past it (or past
+        ``head_timeout`` on a fresh connection with no byte at all) ``HeadTimeout``
+        with ``started=False``: close quietly. The socket's timeout is left unset.
+        """
         self._parser_for(True)
-        return self._read_head()
+        if head_timeout is None and idle_timeout is None:
+            return self._read_head()
+        self._timing = (head_timeout, idle_timeout)
+        try:
+            return self._read_head()
+        finally:
+            self._timing = None
+            self.sock.settimeout(None)
 
     def read_response_head(self, request_method: str) -> ResponseHead:
         """The next response's head (a 1xx is returned as is: call again for the final one)."""
@@ -69,10 +88,41 @@ class MessageReader:
             if on_interim is not None:
                 on_interim(head)
 
+    def _next_event_timed(self):
+        """`_next_event` under the deadlines of `read_request_head` (one socket timeout per recv)."""
+        events, parser, sock = self._events, self._parser, self.sock
+        head_timeout, idle_timeout = self._timing  # type: ignore[misc]
+        deadline = None  # for the whole head, once it has started
+        if self.messages_read == 0 or idle_timeout is None:
+            deadline = None if head_timeout is None else time.monotonic() + head_timeout
+        started = False
+        while not events:
+            if parser.finished:
+                return parser.terminal_event
+            if deadline is None and not started:
+                sock.settimeout(idle_timeout)
+            elif deadline is None:
+                sock.settimeout(None)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HeadTimeout(started)
+                sock.settimeout(remaining)
+            try:
+                data = sock.recv(RECV_SIZE)
+            except socket.timeout:
+                raise HeadTimeout(started) from None
+            if not started and data:
+                started = True
+                if deadline is None and head_timeout is not None:
+                    deadline = time.monotonic() + head_timeout
+            parser.receive_data(data)
+        return events.popleft()
+
     def _read_head(self):
         if not self.body_complete:
             raise RuntimeError("read the current message's body to its end before the next head")
-        event = self._next_event()
+        event = self._next_event() if self._timing is None else self._next_event_timed()
         if type(event) is not HeadEvent:
             if event is CLOSED:
                 return None
@@ -145,6 +195,15 @@ class MessageReader:
         """Whether the connection has left HTTP (a protocol switch was parsed)."""
         events = self._events
         return bool(events) and type(events[0]) is Upgraded
+
+
+class HeadTimeout(HTTPError):
+    """A request head did not arrive in time: a 408 if part of it came (``started``), else close quietly."""
+
+    def __init__(self, started: bool) -> None:
+        super().__init__(408, "the request head did not arrive in time" if started
+                         else "no request arrived in time")
+        self.started = started
 
 
 def _unexpected(event) -> Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,7 +14,11 @@ from tun2g.transport.base import capabilities_of
 from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
 from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
 from .parser import CHUNKED
-from .reader import RECV_SIZE, MessageReader
+from .reader import RECV_SIZE, HeadTimeout, MessageReader
+
+# With ``watch_downstream``, a response head slower than this arms the watch for the
+# downstream peer leaving (faster exchanges never pay for a watching greenlet).
+WATCH_AFTER = 0.1
 
 
 # RFC 9110 section 9.2.2: requests whose repetition has the effect of one, so a proxy may retry them.
@@ -33,8 +38,29 @@ class UpstreamError(Exception):
         self.replayable = replayable
 
 
+class UpstreamTimeout(UpstreamError):
+    """No final response head came within the response timeout (answer 504); the upstream is not reusable."""
+
+
 class DownstreamError(Exception):
     """The downstream peer went away (or broke HTTP) mid-exchange: drop the upstream connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeTimeouts:
+    """Bounds on the waits of one exchange (None: wait as long as it takes).
+
+    ``response``: from the whole request having gone upstream to the final
+    response head. ``body``: the longest a body relay (either direction) may make
+    no progress: no byte read, or a write blocked. ``watch_downstream``: while
+    waiting for the response head with no request body left to read, notice the
+    downstream peer closing (its socket reads EOF; bytes it pipelined do not count)
+    and end the exchange, closing the upstream.
+    """
+
+    response: float | None = None
+    body: float | None = None
+    watch_downstream: bool = False
 
 
 @dataclass(slots=True)
@@ -51,7 +77,8 @@ class ExchangeResult:
 
 def forward_exchange(request: RequestHead, request_reader: MessageReader, upstream, downstream, *,
                      response_filter: Callable[[ResponseHead], None] | None = None,
-                     upstream_reader: MessageReader | None = None, close_upstream: bool = False) -> ExchangeResult:
+                     upstream_reader: MessageReader | None = None, close_upstream: bool = False,
+                     timeouts: ExchangeTimeouts | None = None) -> ExchangeResult:
     """Send ``request`` and its body (read from ``request_reader``) upstream and relay the response downstream.
 
     Hop-by-hop headers are dropped both ways and framing is set here. A request
@@ -60,13 +87,26 @@ def forward_exchange(request: RequestHead, request_reader: MessageReader, upstre
     edit the final response head. ``close_upstream`` sends ``Connection: close`` upstream
     (unless upgrading), for an upstream used for this one exchange: the peer can then end
     its side with the response (a tunnel client sends its FIN in the same write). Raises ``UpstreamError`` while no final response
-    has gone downstream (answer 502), ``DownstreamError`` when the client side fails;
-    an upstream failing mid-body closes ``downstream`` and returns keep_alive=False.
+    has gone downstream (answer 502; ``UpstreamTimeout``: 504), ``DownstreamError`` when the client side fails
+    (or, with ``timeouts.watch_downstream``, leaves while the response is awaited);
+    an upstream failing (or stalling past ``timeouts.body``) mid-body closes ``downstream`` and returns
+    keep_alive=False. Socket timeouts set for ``timeouts`` are unset again on return.
     """
     if upstream_reader is None:
         upstream_reader = MessageReader(upstream)
-    return _Exchange(request, request_reader, upstream, downstream, upstream_reader,
-                     close_upstream).run(response_filter)
+    exchange = _Exchange(request, request_reader, upstream, downstream, upstream_reader, close_upstream)
+    if timeouts is None:
+        return exchange.run(response_filter)
+    exchange.timeouts = timeouts
+    if timeouts.body is not None:
+        upstream.settimeout(timeouts.body)
+        downstream.settimeout(timeouts.body)
+    try:
+        return exchange.run(response_filter)
+    finally:
+        if timeouts.body is not None or timeouts.response is not None:
+            _untime(upstream)
+            _untime(downstream)
 
 
 class _Exchange:
@@ -84,19 +124,40 @@ class _Exchange:
         self.request_bodyless = request_reader.body_complete  # nothing to consume: it can be sent again
         self.request_idempotent = request.method in IDEMPOTENT_METHODS
         self.downstream_failure: Exception | None = None
+        self.timeouts: ExchangeTimeouts | None = None
+        self.sent_at = 0.0             # when the whole request had gone upstream
+        self.awaiting_head = False     # the final response head is being waited for
+        self.watch_due = False         # the head is slow: watch the downstream peer once the request is sent
+        self.watcher: gevent.Greenlet | None = None
+        self.abandoned = False         # the downstream peer left while the response was awaited
 
     def run(self, response_filter) -> ExchangeResult:
+        timer = None
         try:
             self._send_request()
+            timeouts = self.timeouts
+            if timeouts is not None and timeouts.watch_downstream:
+                # A libev timer, not a greenlet: the common fast response costs a start and a stop.
+                timer = gevent.get_hub().loop.timer(WATCH_AFTER)
+                timer.start(self._head_is_slow)
             head = self._read_final_head()
+            if timer is not None:
+                timer.close()
+                timer = None
+                if self.watcher is not None:
+                    self.watcher.kill()
             if response_filter is not None:
                 response_filter(head)
             if head.status == 101:
                 return self._splice(head)
             return self._relay_response(head)
         finally:
+            if timer is not None:
+                timer.close()
             if self.pump is not None and not self.pump.dead:
                 self.pump.kill()
+            if self.watcher is not None and not self.watcher.dead:
+                self.watcher.kill()
 
     # --- request -------------------------------------------------------------------
 
@@ -122,6 +183,7 @@ class _Exchange:
                                 replayable=self.request_bodyless) from exc
         self.request_bytes = len(payload)
         if reader.body_complete:
+            self.sent_at = time.monotonic()
             self.request_sent = True
         else:
             self.pump = gevent.spawn(self._pump_request_body, chunked)
@@ -143,14 +205,87 @@ class _Exchange:
             except OSError:
                 return  # the upstream stopped reading; its response (or failure) says why
             self.request_bytes += len(payload)
+        self.sent_at = time.monotonic()
         self.request_sent = True
+        if self.watch_due:
+            self._start_watch()
+
+    # --- watching the downstream peer while the response is awaited ------------------
+
+    def _head_is_slow(self) -> None:
+        """Timer callback (in the hub): the head is late; watch the downstream once nothing more is to be read."""
+        if self.awaiting_head:
+            self.watch_due = True
+            if self.request_sent:
+                self._start_watch()
+
+    def _start_watch(self) -> None:
+        if self.watcher is None and self.awaiting_head:
+            self.watcher = gevent.spawn(self._watch_downstream)
+
+    def _watch_downstream(self) -> None:
+        """Peek at the downstream socket: EOF (or a reset) means the peer left; any byte ends the watch.
+
+        Bytes are never consumed (MSG_PEEK): a pipelined request stays for the next exchange.
+        """
+        sock = self.downstream
+        while self.awaiting_head:
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except socket.timeout:
+                continue  # the body timeout set on the socket: keep watching
+            except (TypeError, ValueError, NotImplementedError):
+                return  # not a plain socket (TLS, a smux stream): cannot peek
+            except OSError:
+                data = b""  # reset by the peer: gone as well
+            if data:
+                return  # readable but not EOF (a pipelined request): nothing to say
+            if self.awaiting_head:
+                self.abandoned = True
+                _close_quietly(self.upstream)  # wakes the greenlet waiting for the response head
+            return
 
     # --- response ------------------------------------------------------------------
 
     def _read_final_head(self) -> ResponseHead:
+        timeouts = self.timeouts
+        if timeouts is None:
+            return self._read_final_head_once()
+        self.awaiting_head = True
+        try:
+            if timeouts.response is None:
+                return self._read_final_head_once()
+            self.upstream.settimeout(timeouts.response)
+            while True:
+                try:
+                    return self._read_final_head_once()
+                except _HeadWaitExpired:
+                    left = self._response_time_left(timeouts.response)
+                    if left is None:
+                        raise UpstreamTimeout(f"no response from upstream within {timeouts.response:g} s") from None
+                    self.upstream.settimeout(left)
+        finally:
+            self.awaiting_head = False
+            if timeouts.body is not None or timeouts.response is not None:
+                _set_timeout(self.upstream, timeouts.body)
+
+    def _response_time_left(self, timeout: float) -> float | None:
+        """How much longer to wait for the head; None when the response timeout has passed."""
+        if not self.request_sent:
+            if self.pump is not None and not self.pump.dead:
+                return timeout  # the request body is still going up: the clock has not started
+            return None  # the body pump stopped (the upstream stopped reading it)
+        left = self.sent_at + timeout - time.monotonic()
+        return left if left > 0.001 else None
+
+    def _read_final_head_once(self) -> ResponseHead:
         try:
             return self.upstream_reader.read_final_response_head(self.request.method, self._relay_interim)
         except (OSError, HTTPError) as exc:
+            if self.abandoned:
+                raise DownstreamError("the client left while the response was awaited") from exc
+            if isinstance(exc, socket.timeout) and self.timeouts is not None and self.timeouts.response is not None:
+                raise _HeadWaitExpired() from exc
             if self.downstream_failure is not None:
                 raise DownstreamError(f"the client failed while sending its body: "
                                       f"{_describe(self.downstream_failure)}") from exc
@@ -207,6 +342,9 @@ class _Exchange:
     # --- protocol switch -----------------------------------------------------------
 
     def _splice(self, head: ResponseHead) -> ExchangeResult:
+        if self.timeouts is not None:  # a switched connection (WebSocket) may rightly sit idle for long
+            _untime(self.upstream)
+            _untime(self.downstream)
         upgrade = head.get("Upgrade")
         if not self.request_reader.upgrade:
             raise UpstreamError("upstream answered 101 Switching Protocols to a request that did not ask for it")
@@ -218,6 +356,21 @@ class _Exchange:
         self.response_bytes += _copy_raw(self.upstream, self.downstream, b"")
         self.request_bytes += upward.get()
         return self._result(101, False, False, upgraded=True)
+
+
+class _HeadWaitExpired(Exception):
+    """One wait for the response head ran out (the response timeout may not have, if the body was slow to send)."""
+
+
+def _set_timeout(sock, timeout: float | None) -> None:
+    try:
+        sock.settimeout(timeout)
+    except OSError:
+        pass  # closed meanwhile
+
+
+def _untime(sock) -> None:
+    _set_timeout(sock, None)
 
 
 def send_all(sock, data: bytes) -> None:
@@ -259,18 +412,29 @@ def _copy_raw(source, sink, first: bytes) -> int:
 
 
 def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
-                   reject: Callable[[HTTPError], bytes]) -> None:
+                   reject: Callable[[HTTPError], bytes], *, head_timeout: float | None = None,
+                   idle_timeout: float | None = None) -> None:
     """Read request heads from ``sock`` and pass each to ``handle`` while it returns True.
 
     A malformed or oversized head is answered with ``reject(error)`` and ends the
     connection; the peer leaving ends it quietly. The caller closes ``sock``.
+    ``head_timeout``: each head must arrive whole within it (else a 408, or a quiet
+    close if nothing came); ``idle_timeout``: a kept-alive connection waits at most
+    this long for its next request (see `MessageReader.read_request_head`).
     """
     reader = MessageReader(sock)
     try:
         while True:
             try:
-                head = reader.read_request_head()
+                head = reader.read_request_head(head_timeout=head_timeout, idle_timeout=idle_timeout)
+            except HeadTimeout as exc:
+                if exc.started:
+                    sock.settimeout(head_timeout)  # a peer that does not read cannot hold us here either
+                    sock.sendall(reject(exc))
+                return
             except HTTPError as exc:
+                if head_timeout is not None:
+                    sock.settimeout(head_timeout)
                 sock.sendall(reject(exc))
                 return
             if head is None or not handle(head, reader):

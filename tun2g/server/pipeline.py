@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Iterable, Protocol, TypeVar
@@ -23,7 +24,7 @@ from tun2g import pages
 from tun2g.cluster import HopRefused
 from tun2g.cluster.hop import HOP_HEADER, Hop
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
-from tun2g.http import forward_exchange, forwardable_headers
+from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers
 from tun2g.http.relay import IDEMPOTENT_METHODS
 from tun2g.http.client import Body, StreamedResponse, body_is_replayable, send_request
 from tun2g.log import get_logger
@@ -74,25 +75,35 @@ class _SocketExchange:
 
     replayable = True  # forward_exchange itself says (UpstreamError.replayable) whether the body allows it
 
-    def __init__(self, request: Request, reader: MessageReader, sock: ByteStream) -> None:
+    def __init__(self, request: Request, reader: MessageReader, sock: ByteStream,
+                 timeouts: ExchangeTimeouts | None = None) -> None:
         self._request = request
         self._reader = reader
         self._sock = sock
+        self._timeouts = timeouts
 
     def _stamp(self, response: ResponseHead) -> None:
         response.set("X-Request-Id", self._request.id)
 
     def through(self, upstream: Upstream) -> Outcome:
-        reusable = False
         try:
             result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
-                                      close_upstream=upstream.single_use)
+                                      close_upstream=upstream.single_use, timeouts=self._timeouts)
         except DownstreamError:
+            upstream.release(False)
             return Outcome(499, False)  # the public client left: only this exchange ends
-        finally:
-            upstream.release(reusable)
-        reusable = result.upstream_reusable
+        except UpstreamTimeout:
+            upstream.release(False)
+            # The backend holds the request but does not answer: 504 (the upstream is closed, not retried).
+            seconds = self._timeouts.response if self._timeouts is not None else None
+            log.warning("response_timeout", host=self._request.host, backend=upstream.label, seconds=seconds,
+                        request_id=self._request.id)
+            return self.page(pages.gateway_timeout(seconds or 0, self._request.id))
+        except BaseException:
+            upstream.release(False)
+            raise
+        upstream.release(result.upstream_reusable)  # a node connection at a clean boundary is kept for the next
         return Outcome(result.status, result.keep_alive)
 
     def page(self, page: pages.Page) -> Outcome:
@@ -105,22 +116,35 @@ class _SocketExchange:
 class _ResponseExchange:
     """Sends a head and a body and returns the response for the caller to read."""
 
-    def __init__(self, request: Request, body: Body) -> None:
+    def __init__(self, request: Request, body: Body, timeouts: ExchangeTimeouts | None = None) -> None:
         self._request = request
         self._body = body
         self.replayable = body_is_replayable(body)
+        self._timeouts = timeouts
 
     def through(self, upstream: Upstream) -> StreamedResponse:
         head = self._request.head
         reader = upstream.reader or MessageReader(upstream.stream)
         pump: gevent.Greenlet | None = None
+        timeouts = self._timeouts
         try:
             pump = send_request(upstream.stream, head, self._body, close=upstream.single_use)
         except OSError as exc:  # the request did not get out whole: it can go elsewhere
             upstream.release(False)
             raise UpstreamError(f"cannot send the request upstream: {exc}", replayable=self.replayable) from exc
         try:
+            if timeouts is not None and timeouts.response is not None:
+                upstream.stream.settimeout(timeouts.response)  # per read of the head: the body goes up meanwhile
             response = reader.read_final_response_head(head.method)
+            if timeouts is not None and timeouts.response is not None:
+                upstream.stream.settimeout(timeouts.body)
+        except socket.timeout:
+            upstream.stream.settimeout(None)
+            upstream.release(False)
+            seconds = timeouts.response if timeouts is not None else None
+            log.warning("response_timeout", host=self._request.host, backend=upstream.label, seconds=seconds,
+                        request_id=self._request.id)
+            return self.page(pages.gateway_timeout(seconds or 0, self._request.id))
         except (OSError, HTTPError) as exc:
             upstream.release(False)
             failure = pump.exception if pump is not None and pump.dead and pump.exception else exc
@@ -132,6 +156,8 @@ class _ResponseExchange:
 
         def release() -> None:
             done = reader.body_complete and (pump is None or pump.successful())
+            if timeouts is not None and timeouts.response is not None:
+                upstream.stream.settimeout(None)
             upstream.release(done and reader.keep_alive and response.status != 101)
 
         return StreamedResponse(response, reader, on_close=release)
@@ -147,23 +173,26 @@ class Pipeline:
     """Every front's request path: one Router, one set of rules."""
 
     def __init__(self, router: Router, *, access_log: bool = True,
-                 trusted_proxies: TrustedProxies | None = None) -> None:
+                 trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None) -> None:
         self.router = router
         self.access_log = access_log
         self.trusted_proxies = TrustedProxies() if trusted_proxies is None else trusted_proxies
         self._any_trusted = bool(self.trusted_proxies.networks)
+        # Bounds on each exchange's waits (response head, stalled bodies, the client leaving);
+        # `tun2g.server.process` sets them from its defaults. None: unbounded.
+        self.timeouts = timeouts
 
     def serve(self, head: RequestHead, reader: MessageReader, sock: ByteStream, *, peer_ip: str,
               scheme: str) -> bool:
         """Proxy one request read from a public socket; True when the connection may carry another."""
         request = self._request(head, peer_ip, scheme)
-        return self._run(request, _SocketExchange(request, reader, sock)).keep_alive
+        return self._run(request, _SocketExchange(request, reader, sock, self.timeouts)).keep_alive
 
     def round_trip(self, head: RequestHead, body: Body = None, *, peer_ip: str | None = None,
                    scheme: str = "http") -> StreamedResponse:
         """Send one request and return its streamed response (or the page that answers it)."""
         request = self._request(head, peer_ip, scheme)
-        return self._run(request, _ResponseExchange(request, body))
+        return self._run(request, _ResponseExchange(request, body, self.timeouts))
 
     def _request(self, head: RequestHead, peer_ip: str | None, scheme: str) -> Request:
         # In-process callers, or a trusted proxy.

@@ -9,6 +9,7 @@ can do the same and get back a RunningServer with its bound addresses.
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass, field
 
 import gevent
@@ -18,7 +19,8 @@ from tun2g import smux
 from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.log import configure, get_logger
 from tun2g.server.admin_api import AdminAPI
-from tun2g.server.front import HTTPFront
+from tun2g.http import ExchangeTimeouts
+from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
@@ -26,6 +28,36 @@ from tun2g.storage import RedisStorage, default_sqlite_path, open_storage
 from tun2g.transport import tcp, tls
 
 log = get_logger(__name__)
+
+# Public-port and exchange bounds (the `tun2g server` flags and TUN2G_* variables override them).
+HEADER_TIMEOUT = 15.0      # s for a whole request head, however slowly it trickles (slowloris)
+IDLE_TIMEOUT = 60.0        # s a kept-alive public connection may wait for its next request
+RESPONSE_TIMEOUT = 60.0    # s from the request sent to the response head (then 504)
+BODY_TIMEOUT = 60.0        # s a body relay may make no progress, either way (then the exchange ends)
+MAX_CONNECTIONS_PER_IP = 256
+# The total cap is derived from the fd limit: what is left after this share for tunnels, node hops,
+# storage and listeners (a public connection is one fd; tunnel streams need none).
+FD_RESERVE_SHARE, FD_RESERVE_MIN = 4, 32
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (before, now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def connection_cap(fd_limit: int) -> int:
+    """The default cap on open public connections for a process allowed `fd_limit` descriptors."""
+    if fd_limit == resource.RLIM_INFINITY or fd_limit <= 0:
+        fd_limit = 1 << 20
+    return max(1, fd_limit - max(FD_RESERVE_MIN, fd_limit // FD_RESERVE_SHARE))
 
 
 @dataclass
@@ -54,10 +86,31 @@ class ServerSetup:
     advertise_url: str | None = None
     cluster_secret: str | None = None
     registry_ttl: float = 10.0
+    # Bounds on the public port and on each exchange (0 disables a timeout or a cap;
+    # max_connections None: derived from the fd limit, see connection_cap).
+    header_timeout: float = HEADER_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    response_timeout: float = RESPONSE_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
+    max_connections: int | None = None
+
+    def front_limits(self, fd_limit: int) -> FrontLimits:
+        total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
+        return FrontLimits(head_timeout=self.header_timeout or None, idle_timeout=self.idle_timeout or None,
+                           max_per_ip=self.max_connections_per_ip, max_total=total)
+
+    def exchange_timeouts(self) -> ExchangeTimeouts:
+        return ExchangeTimeouts(response=self.response_timeout or None, body=self.body_timeout or None,
+                                watch_downstream=True)
 
     def start(self) -> "RunningServer":
         """Open the store and every listener, start serving, and return the running server."""
         configure(self.log_level)
+        fd_before, fd_limit = raise_fd_limit()
+        limits = self.front_limits(fd_limit)
+        log.info("fd_limit", soft=fd_limit, raised_from=fd_before if fd_before != fd_limit else "-",
+                 max_connections=limits.max_total or "-", max_connections_per_ip=limits.max_per_ip or "-")
         storage = open_storage(self.storage_url)
         smux_config = smux.Config.tun2_server()
         smux_config.version = self.smux_version
@@ -72,9 +125,10 @@ class ServerSetup:
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
-                        trusted_proxies=self.trusted_proxies)
+                        trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts())
         running = RunningServer(server, cluster, http_address=http_address)
-        running.services.append(HTTPFront(server).serve(http_listener))
+        running.front = HTTPFront(server, limits=limits)
+        running.services.append(running.front.serve(http_listener))
         if cluster is not None:
             cluster.start()
 
@@ -145,6 +199,7 @@ class RunningServer:
     tunnel_address: tuple | None = None
     kcp_address: tuple | None = None
     admin_address: tuple | None = None
+    front: HTTPFront | None = None
     services: list = field(default_factory=list)
     tasks: list = field(default_factory=list)
 
@@ -204,10 +259,15 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
         advertise = env.get("TUN2G_ADVERTISE") or default_advertise_url(hop_listener.getsockname()[:2])
         cluster = _cluster_node(storage, config.node_id, tunnels, advertise, env.get("TUN2G_CLUSTER_SECRET") or None,
                                 float(env.get("TUN2G_REGISTRY_TTL", "10")))
+    defaults = ServerSetup()
     server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False,
-                    trusted_proxies=env.get("TUN2G_TRUSTED_PROXY", "").replace(",", " ").split())
+                    trusted_proxies=env.get("TUN2G_TRUSTED_PROXY", "").replace(",", " ").split(),
+                    timeouts=defaults.exchange_timeouts())
     if hop_listener is not None and cluster is not None:
-        HTTPFront(server).serve(hop_listener)
+        # Only other nodes connect here (many kept-alive connections from few addresses): no per-IP cap.
+        limits = defaults.front_limits(raise_fd_limit()[1])
+        HTTPFront(server, limits=FrontLimits(limits.head_timeout, limits.idle_timeout, 0, limits.max_total)
+                  ).serve(hop_listener)
         cluster.start()
     log.info("wsgi_node_ready", node=config.node_id, storage=storage.describe(), cluster=cluster is not None)
     return WSGIFront(server)

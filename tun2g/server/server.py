@@ -26,7 +26,7 @@ from tun2g.log import get_logger
 from tun2g.cluster import ClusterNode
 from tun2g.control import (MAX_AUTH_SIZE, Auth, AuthFormatError, JSONObjectReader, encode_reply, parse_auth,
                            verify_auth)
-from tun2g.http import RequestHead
+from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.pipeline import Pipeline, TrustedProxies
 from tun2g.server.router import Router
@@ -70,16 +70,19 @@ class Server:
     """Routes public HTTP traffic to tunnel clients (Go tun2's Server)."""
 
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
-                 access_log: bool = True, trusted_proxies: Iterable[str] = ()):
+                 access_log: bool = True, trusted_proxies: Iterable[str] = (),
+                 timeouts: ExchangeTimeouts | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
-        `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed."""
+        `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
+        `timeouts`: bounds on each exchange's waits (None: unbounded)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
         self.storage = config.storage
         self.tunnels = Tunnels() if tunnels is None else tunnels
         self.router = Router(self.tunnels, cluster)
-        self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies))
+        self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
+                                 timeouts=timeouts)
         self._tasks = Group()
         self._closed = Event()
         self._listeners: list = []
