@@ -82,6 +82,7 @@ class _DatagramPump:
             connection = self._handle(datagram, address)
             if connection is not None:
                 touched[id(connection)] = connection
+                connection = None  # this frame must not keep a forgotten session alive while it waits
             handled += 1
             if handled % PUMP_BATCH == 0:
                 self._settle(touched)
