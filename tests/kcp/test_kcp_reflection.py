@@ -364,6 +364,7 @@ def test_limit_bookkeeping_is_in_bytes():
     assert limit.on_receive(50, segment(kcp_wire.CMD_PUSH, 0, b"x" * 26)) is False
     assert limit.may_send(150) and not limit.may_send(151)
     assert limit.admissible(24) == 26
+    limit.admit(26, 24)
     limit.on_sent(124, ours)
     assert not limit.may_send(27)
     assert limit.on_receive(24, segment(kcp_wire.CMD_ACK, 0, ts=778)) is False  # wrong ts

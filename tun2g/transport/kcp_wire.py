@@ -193,6 +193,8 @@ class AmplificationLimit:
         if self.proven:
             return
         self.sent += size
+        if not self.admitted:
+            return  # no data queued yet, so no PUSH to remember: ACKs only (the cheap, common case)
         for header in parse_segments(kcp_bytes) or ():
             if header.cmd == CMD_PUSH and len(self._pushes) < _MAX_RECORDED_PUSHES:
                 self._pushes.add((header.sn, header.ts))
