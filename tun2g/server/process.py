@@ -186,6 +186,7 @@ class ServerSetup:
             secure = lambda conn: tls_bio.wrap(conn, context, server_side=True)  # noqa: E731
         running.tasks.append(gevent.spawn(server.listen, listener, secure,
                                           "kcp" if self.plain_tunnel else "kcp+tls"))
+        running.kcp_listener = listener
         return listener.address[:2]
 
 
@@ -198,6 +199,7 @@ class RunningServer:
     http_address: tuple | None = None
     tunnel_address: tuple | None = None
     kcp_address: tuple | None = None
+    kcp_listener: object | None = None
     admin_address: tuple | None = None
     front: HTTPFront | None = None
     services: list = field(default_factory=list)

@@ -10,8 +10,10 @@ session per remote address. Nothing here blocks the hub.
 from __future__ import annotations
 
 import _socket
+import ipaddress
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import gevent
@@ -39,6 +41,14 @@ def options_for(profile: str) -> KCPOptions:
 
 # kcp-go's listener accept queue (docs/protocol.md#conv-and-sessions).
 DEFAULT_BACKLOG = 128
+# Session bounds of a listener (docs/protocol.md#unproven-peers). An unproven
+# session's peer has not yet ACKed anything we sent: its address may be forged.
+DEFAULT_MAX_SESSIONS = 4096
+DEFAULT_MAX_UNPROVEN = 1024  # over it, the oldest unproven session makes room
+DEFAULT_MAX_UNPROVEN_PER_SOURCE = 256  # per IPv4 address / IPv6 /64; over it, new ones wait
+# An unproven session ends after this long without a datagram from its peer,
+# or with our data unacknowledged.
+DEFAULT_PROOF_TIMEOUT = 3.0
 # kcptun's --sockbuf: room for a window of datagrams arriving between two reads.
 SOCKET_BUFFER_SIZE = 4 * 1024 * 1024
 # Datagrams handled before the pump yields, so a flood never starves the hub.
@@ -82,6 +92,7 @@ class _DatagramPump:
             connection = self._handle(datagram, address)
             if connection is not None:
                 touched[id(connection)] = connection
+                connection = None  # this frame must not keep a forgotten session alive while it waits
             handled += 1
             if handled % PUMP_BATCH == 0:
                 self._settle(touched)
@@ -145,13 +156,34 @@ class KCPListener:
     address's session only if it carries sn 0. Unlike kcp-go, only a sane
     datagram with PUSH sn 0 creates a session (junk and late segments don't),
     and idle sessions are reaped (``options.idle_timeout``).
+
+    Nor is it a reflector (docs/protocol.md#unproven-peers): until a peer ACKs a
+    segment we sent, its session sends at most ``amplification_factor`` times
+    the bytes the peer sent and ends ``proof_timeout`` seconds after the peer's
+    last datagram (or after our first unacknowledged data). At most
+    ``max_sessions`` sessions, ``max_unproven`` of them unproven (the oldest
+    gives way to a new one) and ``max_unproven_per_source`` per source IP
+    (IPv6: per /64; a new one waits for the client's retransmission).
     """
 
-    def __init__(self, host: str, port: int, options: KCPOptions = KCPOptions(), backlog: int = DEFAULT_BACKLOG):
+    def __init__(self, host: str, port: int, options: KCPOptions = KCPOptions(), backlog: int = DEFAULT_BACKLOG, *,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, max_unproven: int = DEFAULT_MAX_UNPROVEN,
+                 max_unproven_per_source: int = DEFAULT_MAX_UNPROVEN_PER_SOURCE,
+                 proof_timeout: float = DEFAULT_PROOF_TIMEOUT,
+                 amplification_factor: int = kcp_wire.DEFAULT_AMPLIFICATION_FACTOR):
+        if min(max_sessions, max_unproven, max_unproven_per_source) < 1 or proof_timeout <= 0:
+            raise ValueError("KCP listener caps must be at least 1 and proof_timeout positive")
         self._options = options
+        self._max_sessions = max_sessions
+        self._max_unproven = max_unproven
+        self._max_unproven_per_source = max_unproven_per_source
+        self._proof_timeout = proof_timeout
+        self._amplification_factor = amplification_factor
         family, address = _resolve(host, port)
         self._sock = _udp_socket(family, address)
         self._sessions: dict[object, KCPStream] = {}
+        self._unproven: dict[KCPStream, str] = {}  # oldest first -> its source key
+        self._unproven_per_source: Counter[str] = Counter()
         self._backlog: gevent.queue.Queue = gevent.queue.Queue(backlog)
         self._closed = False
         self._pump = _DatagramPump(self._sock, self._handle)
@@ -164,6 +196,11 @@ class KCPListener:
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    @property
+    def unproven_count(self) -> int:
+        """Sessions whose peer has not yet acknowledged anything we sent."""
+        return len(self._unproven)
 
     def accept(self, timeout: float | None = None) -> KCPStream:
         """The next new session (already carrying the client's first data)."""
@@ -202,19 +239,56 @@ class KCPListener:
             return None
         session = self._sessions.get(address)
         if session is not None and inbound.conv == session.conv:
-            session._input(inbound.kcp)
+            session._input(inbound.kcp, len(datagram))
             return session
         if not kcp_wire.opens_session(inbound.kcp) or self._backlog.full():
             return None
+        source = _source_key(address)
+        replaced_unproven = session is not None and session in self._unproven
+        if len(self._sessions) - (session is not None) >= self._max_sessions:
+            return None
+        if self._unproven_per_source[source] - replaced_unproven >= self._max_unproven_per_source:
+            return None
         if session is not None:
             session._stop(ConnectionResetError(f"KCP peer {address} started a new conversation"))
-        session = KCPStream(self._sock, address, inbound.conv, self._options, self._forget)
+        while len(self._unproven) >= self._max_unproven:
+            oldest = next(iter(self._unproven))
+            oldest._stop(ConnectionResetError(
+                f"KCP peer {oldest.getpeername()} was dropped unproven to make room: too many unproven sessions"))
+        session = KCPStream(self._sock, address, inbound.conv, self._options, self._forget,
+                            limit=kcp_wire.AmplificationLimit(self._amplification_factor),
+                            proof_timeout=self._proof_timeout, on_proven=self._proven)
         self._sessions[address] = session
+        self._unproven[session] = source
+        self._unproven_per_source[source] += 1
         self._backlog.put_nowait(session)
-        session._input(inbound.kcp)
+        session._input(inbound.kcp, len(datagram))
         return session
 
+    def _proven(self, session: KCPStream) -> None:
+        source = self._unproven.pop(session, None)
+        if source is not None:
+            self._unproven_per_source[source] -= 1
+            if not self._unproven_per_source[source]:
+                del self._unproven_per_source[source]
+
     def _forget(self, session: KCPStream) -> None:
+        self._proven(session)  # no longer counted as unproven either
         address = session.getpeername()
         if self._sessions.get(address) is session:
             del self._sessions[address]
+        try:
+            self._backlog.queue.remove(session)  # never accepted: release it now, not at the next accept()
+        except ValueError:
+            pass
+
+
+def _source_key(address) -> str:
+    """What the per-source cap counts by: the IPv4 address, or the /64 of an IPv6 one."""
+    host = address[0]
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.ip_network(f"{host.split('%')[0]}/64", strict=False))
+    except ValueError:
+        return host

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -81,10 +82,6 @@ class KCPOptions:
         return kcp_wire.CRYPT_HEADER_SIZE if self.crypt_header else 0
 
 
-def _now_ms() -> int:
-    return int(time.monotonic() * 1000) & 0xFFFFFFFF
-
-
 def _discard_output(_datagram: bytes) -> int:
     return 0
 
@@ -102,11 +99,22 @@ class KCPStream:
     """
 
     def __init__(self, sock, peer, conv: int, options: KCPOptions,
-                 on_close: Callable[[KCPStream], None]):
+                 on_close: Callable[[KCPStream], None], *,
+                 limit: kcp_wire.AmplificationLimit | None = None, proof_timeout: float = 3.0,
+                 on_proven: Callable[[KCPStream], None] | None = None):
         self._sock = sock
         self._peer = peer
         self._options = options
         self._on_close = on_close
+        # A listener's session starts unproven (docs/protocol.md#unproven-peers):
+        # ``limit`` caps what we send until the peer ACKs one of our segments.
+        self._limit = limit
+        self._proof_timeout = proof_timeout
+        self._on_proven = on_proven
+        self._held = False  # new data waits for the peer's proof
+        self._wanting_since: float | None = None
+        # ts on the wire is this clock: a random origin makes our ACKed ts the proof.
+        self._clock_offset = secrets.randbits(32)
         self._ikcp = siokcp.KCPConnection(conv, self._output, _discard_output)
         self._configure_core(options)
         self._mss = self._ikcp.mss
@@ -124,7 +132,8 @@ class KCPStream:
         self._una_flushed = 0
         self._last_input = time.monotonic()
         self.datagrams_dropped = 0
-        self._ikcp.update(_now_ms())  # ikcp ignores flush() until its first update
+        self.datagrams_withheld = 0  # by the amplification limit
+        self._ikcp.update(self._now_ms())  # ikcp ignores flush() until its first update
         self._updater = gevent.spawn(self._run_timers)
 
     def _configure_core(self, options: KCPOptions) -> None:
@@ -146,6 +155,11 @@ class KCPStream:
     @property
     def options(self) -> KCPOptions:
         return self._options
+
+    @property
+    def proven(self) -> bool:
+        """True once the peer showed it receives what we send (always, for a dialed connection)."""
+        return self._limit is None or self._limit.proven
 
     def recv(self, bufsize: int) -> bytes:
         """Up to bufsize bytes; b"" after shutdown(SHUT_RD). Raises on a dead or closed connection."""
@@ -236,10 +250,22 @@ class KCPStream:
     def _enqueue(self, view: memoryview) -> int:
         """Hand mss-sized pieces to ikcp while kcp-go's write admission rule holds."""
         core, mss = self._ikcp, self._mss
+        limit = self._limit
+        per_segment = kcp_wire.SEGMENT_HEADER_SIZE + self._options.overhead
         queued = 0
+        self._held = False
         while queued < len(view) and core.waitsnd() < min(core.snd_wnd, core.rmt_wnd):
-            piece = view[queued : queued + mss]
+            size = mss
+            allowed = None if limit is None else limit.admissible(per_segment)
+            if allowed is not None:
+                if allowed <= 0:
+                    self._held = True  # until the peer proves itself or sends more
+                    break
+                size = min(size, allowed)
+            piece = view[queued : queued + size]
             core.send(piece)
+            if allowed is not None:
+                limit.admit(len(piece), per_segment)
             queued += len(piece)
         if queued and self._parked:
             self._unpark.set()  # retransmission timers are needed again
@@ -266,23 +292,45 @@ class KCPStream:
             raise type(self._error)(*self._error.args)
         return bool(self._inbox)
 
+    def _now_ms(self) -> int:
+        return (int(time.monotonic() * 1000) + self._clock_offset) & 0xFFFFFFFF
+
     def _flush(self) -> None:
-        self._ikcp.current = _now_ms()
+        self._ikcp.current = self._now_ms()
         self._ikcp.flush()
         self._una_flushed = self._ikcp.snd_una
 
     def _output(self, datagram: bytes) -> int:
         # Called by ikcp inside flush(): must not yield, so a full socket buffer
-        # drops the datagram; KCP retransmits it like any loss.
+        # drops the datagram; KCP retransmits it like any loss. So does the
+        # amplification limit with a datagram over an unproven peer's budget.
+        wire = kcp_wire.encode_datagram(datagram, self._options.crypt_header)
+        limit = self._limit
+        if limit is not None and not limit.proven:
+            if not limit.may_send(len(wire)):
+                self.datagrams_withheld += 1
+                return 0
+            limit.on_sent(len(wire), datagram)
         try:
-            self._sock.sendto(kcp_wire.encode_datagram(datagram, self._options.crypt_header), self._peer)
+            self._sock.sendto(wire, self._peer)
         except OSError:
             self.datagrams_dropped += 1
         return 0
 
-    def _input(self, kcp_bytes: bytes) -> None:
-        """Feed one datagram's segments (called by the pump; settle with _after_input)."""
-        self._ikcp.current = _now_ms()
+    def _input(self, kcp_bytes: bytes, wire_size: int | None = None) -> None:
+        """Feed one datagram's segments (called by the pump; settle with _after_input).
+
+        ``wire_size`` is the whole datagram's size, what the amplification limit counts.
+        """
+        limit = self._limit
+        if limit is not None and not limit.proven:
+            if limit.on_receive(len(kcp_bytes) if wire_size is None else wire_size, kcp_bytes):
+                self._held = False
+                self._wanting_since = None
+                self._writable.set()  # held data may go now
+                if self._on_proven is not None:
+                    self._on_proven(self)
+        self._ikcp.current = self._now_ms()
         if self._ikcp.receive_data(kcp_bytes) == 0:
             self._last_input = time.monotonic()
             self._input_since_tick = True
@@ -310,7 +358,7 @@ class KCPStream:
         """
         core = self._ikcp
         while self._error is None:
-            now = _now_ms()
+            now = self._now_ms()
             core.update(now)
             self._una_flushed = core.snd_una
             if core.waitsnd() < min(core.snd_wnd, core.rmt_wnd):
@@ -322,15 +370,48 @@ class KCPStream:
                     f"KCP peer {self._peer} sent nothing for {idle_timeout:g} s: it is gone or unreachable;"
                     " dial again"))
                 return
-            busy = self._input_since_tick or core.waitsnd() > 0 or core.rmt_wnd == 0
+            if self._proof_overdue(silence):
+                self._stop(ConnectionResetError(
+                    f"KCP peer {self._peer} never acknowledged what we sent (or went silent after one datagram)"
+                    f" for {self._proof_timeout:g} s: dropped as a possibly spoofed source"))
+                return
+            unproven = not self.proven
+            busy = (self._input_since_tick or core.waitsnd() > 0 or core.rmt_wnd == 0
+                    or (unproven and self._held))
             self._input_since_tick = False
             if busy:
                 gevent.sleep(((core.check(now) - now) & 0xFFFFFFFF) / 1000)
             else:
+                wake = [] if idle_timeout is None else [idle_timeout - silence]
+                if self._only_opened():
+                    wake.append(self._proof_timeout - silence)
                 self._parked = True
                 self._unpark.clear()
-                self._unpark.wait(None if idle_timeout is None else idle_timeout - silence)
+                self._unpark.wait(max(0.0, min(wake)) if wake else None)
                 self._parked = False
+
+    def _only_opened(self) -> bool:
+        """True while an unproven peer has sent nothing but the datagram that opened the session."""
+        return self._limit is not None and not self._limit.proven and self._limit.datagrams_received <= 1
+
+    def _proof_overdue(self, silence: float) -> bool:
+        """True if an unproven peer left our data unacknowledged for proof_timeout, or fell silent after one datagram.
+
+        A peer we never wrote to cannot prove anything: it is kept (it only gets
+        ACKs, less than it sent) unless it sent a single datagram and went quiet,
+        which is what a forged one looks like.
+        """
+        if self.proven:
+            return False
+        if silence > self._proof_timeout and self._only_opened():
+            return True
+        if not (self._held or self._ikcp.waitsnd() > 0):
+            self._wanting_since = None
+            return False
+        now = time.monotonic()
+        if self._wanting_since is None:
+            self._wanting_since = now
+        return now - self._wanting_since > self._proof_timeout
 
     # ---- lifecycle ---------------------------------------------------------
 

@@ -137,3 +137,74 @@ def opens_session(kcp_bytes: bytes) -> bool:
     """
     headers = parse_segments(kcp_bytes)
     return headers is not None and any(h.cmd == CMD_PUSH and h.sn == 0 for h in headers)
+
+
+# QUIC's anti-amplification factor (RFC 9000 section 8.1), in bytes.
+DEFAULT_AMPLIFICATION_FACTOR = 3
+# PUSH (sn, ts) pairs remembered while a peer is unproven; enough for any first flight.
+_MAX_RECORDED_PUSHES = 256
+
+
+class AmplificationLimit:
+    """The byte budget of a session whose peer has not yet proved it receives (docs/protocol.md#unproven-peers).
+
+    A listener learns a peer's address from one datagram, which anyone can
+    forge. Until the peer shows it reads what we send to that address, we send
+    at most ``factor`` times the bytes received from it (all datagrams, ACKs and
+    retransmissions included) and take new data only up to 1x of them, so the
+    other 2x are left for retransmitting it.
+
+    Proof is an ACK echoing the (sn, ts) of a PUSH we really sent. KCPStream
+    runs its KCP clock from a random 32-bit offset, so a spoofer who never sees
+    our datagrams cannot guess ts. Pure bookkeeping over bytes; no I/O.
+    """
+
+    def __init__(self, factor: int = DEFAULT_AMPLIFICATION_FACTOR):
+        if factor < 1:
+            raise ValueError("the amplification factor must be at least 1")
+        self.factor = factor
+        self.proven = False
+        self.received = 0  # wire bytes from the peer
+        self.datagrams_received = 0
+        self.sent = 0  # wire bytes to the peer
+        self.admitted = 0  # wire bytes of new data (with per-segment headers) handed to KCP
+        self._pushes: set[tuple[int, int]] = set()
+
+    def on_receive(self, size: int, kcp_bytes: bytes) -> bool:
+        """Count a datagram of ``size`` wire bytes; True if it is the proof (from now on: no limit)."""
+        if self.proven:
+            return False
+        self.received += size
+        self.datagrams_received += 1
+        if self._pushes:
+            headers = parse_segments(kcp_bytes) or ()
+            if any(h.cmd == CMD_ACK and (h.sn, h.ts) in self._pushes for h in headers):
+                self.proven = True
+                self._pushes.clear()
+                return True
+        return False
+
+    def may_send(self, size: int) -> bool:
+        """True if a datagram of ``size`` wire bytes fits the budget (count it with on_sent)."""
+        return self.proven or self.sent + size <= self.factor * self.received
+
+    def on_sent(self, size: int, kcp_bytes: bytes) -> None:
+        """Count a datagram that left, remembering the PUSH segments it carried."""
+        if self.proven:
+            return
+        self.sent += size
+        if not self.admitted:
+            return  # no data queued yet, so no PUSH to remember: ACKs only (the cheap, common case)
+        for header in parse_segments(kcp_bytes) or ():
+            if header.cmd == CMD_PUSH and len(self._pushes) < _MAX_RECORDED_PUSHES:
+                self._pushes.add((header.sn, header.ts))
+
+    def admissible(self, per_segment: int) -> int | None:
+        """Bytes of new data the sender may queue now (None: unlimited), if each segment costs per_segment more."""
+        if self.proven:
+            return None
+        return max(0, self.received - self.admitted - per_segment)
+
+    def admit(self, size: int, per_segment: int) -> None:
+        if not self.proven:
+            self.admitted += size + per_segment
