@@ -6,6 +6,8 @@ import pytest
 
 from tun2g.control import Auth, AuthFormatError, JSONObjectReader
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 
 def test_json_reader_handles_braces_inside_strings():
     reader = JSONObjectReader(limit=1000)

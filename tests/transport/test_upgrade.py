@@ -9,6 +9,7 @@ import pytest
 from tun2g.transport import upgrade
 
 
+@pytest.mark.pure
 @pytest.mark.parametrize("request_line,headers", [
     ("GET /_tun2g/tunnel", {"Upgrade": "websocket", "Connection": "Upgrade"}),
     ("POST /_tun2g/tunnel", {"Upgrade": "tun2g", "Connection": "Upgrade"}),
