@@ -2,7 +2,11 @@
 
 import io
 
+import pytest
+
 from tun2g.log import configure, get_logger
+
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
 
 
 def test_lines_are_logfmt_with_leading_keys_and_quoting():

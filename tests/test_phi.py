@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from tun2g.phi import PHI_CEILING, PhiAccrualDetector, phi_of
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 
 def detector_with_beats(interval: float, count: int, **options) -> PhiAccrualDetector:
     """A detector that saw `count` heartbeats `interval` seconds apart, the last at t=0."""

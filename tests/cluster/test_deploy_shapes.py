@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import requests
@@ -33,24 +35,49 @@ def token(redis_server):
 
 @pytest.fixture
 def run_process(tmp_path):
-    """Start a process with its output in a log file; stopped (SIGTERM, then SIGKILL) after the test."""
+    """Start a process with its output in a log file; stopped (SIGTERM, then SIGKILL) after the test.
+
+    Each runs in its own process group and the whole group is signalled: `sh -c "tun2g ..."`
+    (the Procfile line) has the server as a child of the shell, which a signal to the shell
+    alone would leave running.
+    """
     started = []
 
     def run(argv, env, name):
         log = open(tmp_path / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
         started.append((proc, log))
         return proc
 
     yield run
     for proc, log in started:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process_group(proc)
         log.close()
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group led by proc, SIGKILL to any of it left after 10 s; reaps proc."""
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+
+    def signal_group(signum):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass  # the whole group is gone already
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(10)
+        _gone, alive = psutil.wait_procs(descendants, timeout=10)
+    except subprocess.TimeoutExpired:
+        alive = True
+    if alive:
+        signal_group(signal.SIGKILL)
+    proc.wait()
 
 
 def upgrade_client(url: str, token: str, backend_url: str) -> ClientConfig:

@@ -4,6 +4,9 @@ import pytest
 
 from tun2g.cluster.hop import HopRefused, sign, verify
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
+
 SECRET = b"cluster-secret"
 REQUEST = dict(method="GET", host="app.test", target="/x?y=1", request_id="r1", forwarded_for="10.0.0.9")
 

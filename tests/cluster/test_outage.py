@@ -8,6 +8,8 @@ import structlog
 from tun2g.cluster.outage import Outage
 from tun2g.log import configure
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 
 class Clock:
     def __init__(self):

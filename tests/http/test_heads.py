@@ -1,8 +1,12 @@
 """Header records, hop-by-hop policy and encoders, over plain values and bytes."""
 
+import pytest
+
 from tun2g.http import (HTTPError, RequestHead, ResponseHead, encode_chunk, encode_request_head,
                         encode_response_head, simple_response, strip_hop_by_hop)
 from tun2g.http.parser import END, MessageParser
+
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
 
 
 def parse_one(is_request: bool, data: bytes, method: str = "GET"):

@@ -7,6 +7,9 @@ from hypothesis import strategies as st
 from tun2g.http import CHUNKED, UNTIL_CLOSE, HTTPError
 from tun2g.http.parser import CLOSED, END, HeadEvent, MessageParser, Upgraded
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
+
 TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=12)
 VALUE = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20)
 HEADERS = st.lists(st.tuples(TOKEN.map(lambda t: "X-" + t), VALUE), max_size=6)

@@ -9,6 +9,8 @@ from tun2g.smux.frame import (
     encode_header, encode_update,
 )
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 
 def test_header_bytes_match_the_captures():
     # docs/protocol.md#frame-header example headers, taken from real Go traffic.

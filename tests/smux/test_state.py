@@ -10,6 +10,9 @@ from tun2g.smux.config import Config, ConfigError
 from tun2g.smux.frame import FIN, NOP, PSH, SYN, UPD, encode_frame, encode_update
 from tun2g.smux.state import SessionState
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
+
 SIDS = [2, 3, 4, 5, 7]
 MAX_RECEIVE = 4096
 BACKLOG = 1500

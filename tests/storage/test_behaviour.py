@@ -155,7 +155,8 @@ def test_invalid_domains_are_refused_with_an_example(any_storage, domain):
 
 def test_many_greenlets_creating_tokens_at_once(any_storage):
     jobs = [gevent.spawn(any_storage.create_token, f"user{n % 5}") for n in range(60)]
-    gevent.joinall(jobs, timeout=20, raise_error=True)
+    finished = gevent.joinall(jobs, timeout=20, raise_error=True)
+    assert len(finished) == len(jobs), f"{len(finished)} of {len(jobs)} token creations finished within 20 s"
     created = [job.value for job in jobs]
     assert len({info.id for info, _ in created}) == 60
     assert all(any_storage.has_token(secret) == (info.user, ["connect"]) for info, secret in created)

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 CHECK = """
 import sys
 import tun2g.storage

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from tun2g.storage import (
-    RedisStorage, SQLiteStorage, StorageError, default_sqlite_path, normalize_domain, open_storage,
+    SQLiteStorage, StorageError, default_sqlite_path, normalize_domain, open_storage,
 )
+
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
 
 
 def test_with_nothing_set_the_default_sqlite_file_is_used(storage_env):
@@ -30,12 +32,6 @@ def test_tun2g_data_dir_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("TUN2G_DATA_DIR", str(tmp_path / "data"))
     assert default_sqlite_path() == tmp_path / "data" / "tun2g.sqlite3"
-
-
-def test_redis_url_from_the_environment_selects_redis(storage_env, monkeypatch, redis_server):
-    monkeypatch.setenv("REDIS_URL", redis_server.url)
-    storage = open_storage()
-    assert isinstance(storage, RedisStorage) and storage.describe() == redis_server.url
 
 
 def test_tun2g_storage_wins_over_redis_url(storage_env, monkeypatch, tmp_path):

@@ -61,6 +61,12 @@ def test_key_prefixes_keep_two_deployments_apart(redis_server):
     assert blue.has_token(secret)[0] == "alice"
 
 
+def test_redis_url_from_the_environment_selects_redis(storage_env, monkeypatch, redis_server):
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    storage = open_storage()
+    assert isinstance(storage, RedisStorage) and storage.describe() == redis_server.url
+
+
 def test_redis_going_away_is_reported_and_recovered_from(redis_server, redis_storage):
     _, secret = redis_storage.create_token("alice")
     redis_storage.has_token(secret)  # the pool now holds a live connection

@@ -11,6 +11,8 @@ import pytest
 from tun2g.storage import SQLiteStorage, StorageError, hash_secret
 from tun2g.storage import sqlite_store
 
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 
 def test_a_new_file_is_private_in_wal_mode_with_a_schema_version(tmp_path):
     path = tmp_path / "nested" / "dir" / "tun2g.sqlite3"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.interop_smux.harness import EchoServer, digest, echo_check, echo_streams, link, payload
+from tests.smux.interop.harness import EchoServer, digest, echo_check, echo_streams, link, payload
 from tun2g.smux import Config, ProtocolError
 
 VERSIONS = [1, 2]

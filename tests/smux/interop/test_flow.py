@@ -8,7 +8,7 @@ import time
 import gevent
 import pytest
 
-from tests.interop_smux.harness import EchoServer, digest, link, read_exactly
+from tests.smux.interop.harness import EchoServer, digest, link, read_exactly
 from tun2g.smux import Config, Session
 
 VERSIONS = [1, 2]

@@ -3,10 +3,14 @@
 import struct
 import zlib
 
+import pytest
 from hypothesis import given, strategies as st
 
 from tun2g.transport import kcp_wire
 from tun2g.transport.kcp_wire import CMD_ACK, CMD_PUSH, CMD_WASK, CMD_WINS
+
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
+
 
 convs = st.integers(0, 2**32 - 1)
 u32 = st.integers(0, 2**32 - 1)

@@ -3,9 +3,13 @@
 import os
 import re
 
+import pytest
+
 from tun2g.server.pipeline import prepare_request
 from tun2g.requestid import new_request_id
 from tun2g.http import RequestHead
+
+pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
 
 
 def test_prepare_request_adds_the_proxy_headers():

@@ -5,7 +5,7 @@ import socket
 import gevent
 import pytest
 
-from tests.interop_smux.harness import EDGE_SIZES, EchoServer, digest, echo_streams, link, payload, read_to_eof
+from tests.smux.interop.harness import EDGE_SIZES, EchoServer, digest, echo_streams, link, payload, read_to_eof
 
 VERSIONS = [1, 2]
 ROLES = ["client", "server"]

@@ -1,6 +1,5 @@
 """The Auth handshake: every case of the original's tests, plus what tun2g adds."""
 
-import json
 import socket
 
 import pytest
@@ -8,7 +7,7 @@ import redis
 
 from tun2g import smux
 from tun2g.client import AuthRejected
-from tun2g.control import Auth, AuthFormatError, JSONObjectReader, decode_reply
+from tun2g.control import Auth, decode_reply
 
 from tests.fixtures.tunnel import DOMAIN, USER, wait_until
 
@@ -117,22 +116,6 @@ def test_tun2g_client_exits_on_rejection(plain_deployment, backend, start_client
     assert running.rejected.wait(10)
     assert isinstance(running.error, AuthRejected)
     assert "unknown or revoked token" in str(running.error)
-
-
-def test_json_reader_handles_braces_inside_strings():
-    reader = JSONObjectReader(limit=1000)
-    assert reader.feed(b'{"token": "a}b{\\"c", ') is None
-    assert reader.feed(b'"domain": "d"}') == {"token": 'a}b{"c', "domain": "d"}
-
-
-def test_json_reader_rejects_garbage_before_object():
-    with pytest.raises(AuthFormatError):
-        JSONObjectReader(limit=1000).feed(b"GET / HTTP/1.1\r\n")
-
-
-def test_auth_wire_form_matches_go_json_marshal():
-    assert Auth("tok1", "lb.test").encode() == b'{"token":"tok1","domain":"lb.test"}'
-    assert json.loads(Auth("t", "d").encode()) == {"token": "t", "domain": "d"}
 
 
 def test_backend_record_after_registration(tunnel):

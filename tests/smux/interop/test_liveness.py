@@ -5,7 +5,7 @@ import time
 import gevent
 import pytest
 
-from tests.interop_smux.harness import echo_check, digest, link, payload
+from tests.smux.interop.harness import echo_check, digest, link, payload
 from tun2g.smux import Config, SessionClosedError
 
 VERSIONS = [1, 2]

@@ -1,1 +1,0 @@
-"""KCP transport: wire framing, sessions, TLS over KCP, interop with kcp-go and kcptun."""
