@@ -45,6 +45,9 @@ from tun2g.cli.options import env_option, host_port
                  "Default: one kept in Redis.")
 @env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=float, default=10.0, show_default=True,
             help="With Redis: seconds after which a silent node's backends leave the shared registry.")
+@env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=float, default=75.0, show_default=True,
+            help="With Redis: seconds a request forwarded to another node may wait for it (its response head, "
+                 "or the next piece of a body). Frozen nodes are detected sooner, by their health check.")
 @env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
             show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
@@ -54,7 +57,7 @@ from tun2g.cli.options import env_option, host_port
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
-           admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval,
+           admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version, ping_interval,
            access_log, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
@@ -76,7 +79,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
-                        registry_ttl=registry_ttl)
+                        registry_ttl=registry_ttl, hop_timeout=hop_timeout)
     try:
         running = setup.start()
     except (OSError, ValueError) as exc:

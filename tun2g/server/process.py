@@ -16,6 +16,7 @@ from gevent.pywsgi import WSGIServer
 
 from tun2g import smux
 from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
+from tun2g.cluster.forward import HOP_READ_TIMEOUT
 from tun2g.log import configure, get_logger
 from tun2g.server.admin_api import AdminAPI
 from tun2g.server.front import HTTPFront
@@ -52,6 +53,7 @@ class ServerSetup:
     advertise_url: str | None = None
     cluster_secret: str | None = None
     registry_ttl: float = 10.0
+    hop_timeout: float = HOP_READ_TIMEOUT
 
     def start(self) -> "RunningServer":
         """Open the store and every listener, start serving, and return the running server."""
@@ -68,7 +70,8 @@ class ServerSetup:
         cluster = None
         if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
-                                    default_advertise_url(http_address), self.cluster_secret, self.registry_ttl)
+                                    default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
+                                    self.hop_timeout)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log)
         running = RunningServer(server, cluster, http_address=http_address)
         running.services.append(HTTPFront(server).serve(http_listener))
@@ -148,6 +151,7 @@ class RunningServer:
     def stop(self) -> None:
         """Close listeners and tunnels; wakes `wait()`."""
         log.info("stopping")
+        self.server.draining = True  # the health check answers 503 from now on
         if self.cluster is not None:
             self.cluster.close()  # first: the other nodes stop forwarding here before the front closes
         for service in self.services:
@@ -166,10 +170,10 @@ def _fmt(address) -> str:
 
 
 def _cluster_node(storage: RedisStorage, node_id: str, tunnels: Tunnels, advertise_url: str, secret: str | None,
-                  ttl: float) -> ClusterNode:
+                  ttl: float, hop_timeout: float = HOP_READ_TIMEOUT) -> ClusterNode:
     """This process as one node of the cluster that shares `storage`'s Redis."""
     return ClusterNode(ClusterConfig(redis_url=storage.url, advertise_url=advertise_url, secret=secret, ttl=ttl,
-                                     key_prefix=storage.key_prefix),
+                                     key_prefix=storage.key_prefix, hop_timeout=hop_timeout),
                        node_id, local_backends=tunnels.records, kill_local=tunnels.close_one)
 
 
@@ -200,7 +204,8 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
         hop_listener = tcp.listen(env.get("TUN2G_HOP_LISTEN", "0.0.0.0:0"))
         advertise = env.get("TUN2G_ADVERTISE") or default_advertise_url(hop_listener.getsockname()[:2])
         cluster = _cluster_node(storage, config.node_id, tunnels, advertise, env.get("TUN2G_CLUSTER_SECRET") or None,
-                                float(env.get("TUN2G_REGISTRY_TTL", "10")))
+                                float(env.get("TUN2G_REGISTRY_TTL", "10")),
+                                float(env.get("TUN2G_HOP_TIMEOUT", str(HOP_READ_TIMEOUT))))
     server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False)
     if hop_listener is not None and cluster is not None:
         HTTPFront(server).serve(hop_listener)
