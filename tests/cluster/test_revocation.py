@@ -131,3 +131,48 @@ def test_a_tunnel_on_the_other_node_of_the_same_token_goes_too(redis_server, nod
     took = seconds_until_gone([n1, n2], time.monotonic())
     assert took < PROMPT
     assert local_backends(n1) == local_backends(n2) == []
+
+
+class _Store:
+    """A store whose revision and contents the test sets."""
+
+    def __init__(self) -> None:
+        self.rev, self.tokens, self.routes = "3", {"secret": ("alice", ["connect"])}, {DOMAIN: "alice"}
+
+    def revision(self) -> str:
+        return self.rev
+
+    def has_token(self, token):
+        try:
+            return self.tokens[token]
+        except KeyError:
+            raise LookupError(token) from None
+
+    def has_route(self, domain):
+        try:
+            return self.routes[domain]
+        except KeyError:
+            raise LookupError(domain) from None
+
+
+class _Tunnel:
+    def __init__(self) -> None:
+        from tun2g.control import Auth
+
+        self.auth, self.domain, self.revision, self.is_closed = Auth(token="secret", domain=DOMAIN), DOMAIN, None, False
+        self.token_hash = "ab" * 32
+
+    def log_fields(self) -> dict:
+        return {}
+
+
+def test_a_store_that_comes_back_empty_is_not_a_revocation():
+    from tun2g.server.revocation import RevocationWatch
+
+    store, tunnel, cut = _Store(), _Tunnel(), []
+    watch = RevocationWatch(store, lambda: [tunnel], lambda t, reason: cut.append(reason))
+    assert watch.check() == 0 and tunnel.revision == "3"  # the baseline
+    store.tokens, store.routes, store.rev = {}, {}, "0"  # Redis restarted without its data
+    assert watch.check() == 0 and cut == [] and tunnel.revision == "0"
+    store.rev = "1"  # a real revocation afterwards is acted on
+    assert watch.check() == 1 and "no route" in cut[0]

@@ -15,6 +15,8 @@ A tunnel remembers the revision seen before its own Auth check, so one that
 authenticated while a revocation landed is checked again at the next tick.
 Cost while nothing changes: one revision read per CHECK_INTERVAL per node.
 While the store cannot be read, tunnels stay up (the check resumes with it).
+A store that comes back empty (Redis restarted without its data: the counter
+went back) is not a revocation: live tunnels are kept, and logged.
 """
 
 from __future__ import annotations
@@ -49,16 +51,16 @@ class RevocationWatch:
 
     def run(self) -> None:
         while True:
-            gevent.sleep(self.interval)  # the polling cadence, not synchronisation
             try:
                 self.check()
             except Exception as exc:  # a bug must not end revocation for the process's lifetime
                 log.error("revocation_check_failed", error=repr(exc))
+            gevent.sleep(self.interval)  # the polling cadence, not synchronisation
 
     def check(self) -> int:
         """One tick: read the revision, re-check the tunnels that have not seen it; returns how many were cut."""
         try:
-            self.revision = self.storage.revision()
+            revision = self.storage.revision()
         except StorageError as exc:
             if not self._failing:
                 log.warning("revocation_check_unavailable", error=str(exc),
@@ -66,6 +68,14 @@ class RevocationWatch:
             self._failing = True
             return 0
         self._failing = False
+        previous, self.revision = self.revision, revision
+        if previous is None or _went_back(previous, revision):
+            if previous is not None:
+                log.warning("store_revision_reset", was=previous, now=revision,
+                            effect="the store lost its data (Redis restarted empty?): live tunnels are kept")
+            for tunnel in self._tunnels():  # the baseline: what connected so far stays, as it was checked then
+                tunnel.revision = revision
+            return 0
         stale = [t for t in self._tunnels() if t.revision != self.revision and not t.is_closed]
         verdicts: dict[tuple[str, str], str | None] = {}
         cut = 0
@@ -90,3 +100,8 @@ class RevocationWatch:
                 self._disconnect(tunnel, reason)
                 cut += 1
         return cut
+
+
+def _went_back(previous: str, revision: str) -> bool:
+    """A counter that decreased: the store was reset, not edited (nothing was revoked)."""
+    return previous.isdigit() and revision.isdigit() and int(revision) < int(previous)
