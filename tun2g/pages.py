@@ -9,6 +9,7 @@ Public pages say in plain words what happened and never name internal hosts.
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -152,6 +153,27 @@ def upgrade_unsupported(request_id: str | None = None) -> Page:
     return Page(501, b"tun2g: this WSGI server does not hand over its connections, so tunnel clients and "
                      b"protocol switches (WebSocket) cannot be served here; run under gunicorn -k gevent, "
                      b"or use tun2g server's own HTTP front\n", TEXT, request_id=request_id)
+
+
+HEALTH_PATH = "/_tun2g/health"
+
+
+def is_health_request(method: str, target: str) -> bool:
+    """GET/HEAD /_tun2g/health (any query): answered by the node itself, on every Host."""
+    return method in ("GET", "HEAD") and target.partition("?")[0] == HEALTH_PATH
+
+
+def node_health(node_id: str, draining: bool, tunnels: int) -> Page:
+    """A node's health answer: 200 while it serves, 503 once it is stopping (a balancer then sends no more)."""
+    status = 503 if draining else 200
+    body = json.dumps({"status": "draining" if draining else "ok", "node": node_id, "tunnels": tunnels},
+                      separators=(",", ":")).encode() + b"\n"
+    return Page(status, body, "application/json", headers=(("Cache-Control", "no-store"),))
+
+
+def head_only(page_bytes: bytes) -> bytes:
+    """A page's response bytes without its body (the answer to HEAD)."""
+    return page_bytes[:page_bytes.index(b"\r\n\r\n") + 4]
 
 
 # -- the tunnel client ---------------------------------------------------------------------

@@ -55,9 +55,10 @@ def test_bodies_stream_through_the_hop_both_ways(two_nodes):
 
 def test_a_forged_hop_is_refused(two_nodes):
     a, b, _app, _client = two_nodes
-    forged = sign(b"guessed-secret", origin="b", timestamp=int(time.time()), method="GET", host=DOMAIN, target="/",
-                  request_id="r1", forwarded_for="10.0.0.1")
-    for node in (a, b):
+    for node, other in ((a, "b"), (b, "a")):
+        forged = sign(b"guessed-secret", origin=other, to=node.server.config.node_id,
+                      timestamp=int(time.time() * 1000), method="GET", host=DOMAIN, target="/", request_id="r1",
+                      forwarded_for="10.0.0.1")
         response = get(node, headers={HOP_HEADER: forged, "X-Request-Id": "r1", "X-Forwarded-For": "10.0.0.1"})
         assert response.status_code == 403
         assert "signature" in response.text
@@ -65,8 +66,8 @@ def test_a_forged_hop_is_refused(two_nodes):
 
 def test_a_valid_hop_is_never_forwarded_again(two_nodes):
     _a, b, _app, _client = two_nodes
-    hop = sign(CLUSTER_SECRET.encode(), origin="a", timestamp=int(time.time()), method="GET", host=DOMAIN,
-               target="/", request_id="r2", forwarded_for="10.0.0.1")
+    hop = sign(CLUSTER_SECRET.encode(), origin="a", to="b", timestamp=int(time.time() * 1000), method="GET",
+               host=DOMAIN, target="/", request_id="r2", forwarded_for="10.0.0.1")
     response = get(b, headers={HOP_HEADER: hop, "X-Request-Id": "r2", "X-Forwarded-For": "10.0.0.1"})
     assert response.status_code == 502  # b holds no backend and must not bounce it on to a
     assert "no backends connected" in response.text

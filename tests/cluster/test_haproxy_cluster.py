@@ -125,11 +125,11 @@ def test_redis_restart_mid_traffic_loses_no_local_request_and_remote_routing_rec
 
 def test_forged_node_to_node_requests_are_refused(cluster):
     nodes, balancer, _clients, _connect = cluster
-    timestamp = int(time.time())
-    forged = sign(b"not-the-cluster-secret", origin="n1", timestamp=timestamp, method="GET", host="two.test",
-                  target="/headers", request_id="x1", forwarded_for="10.1.1.1")
-    stale = sign(CLUSTER_SECRET.encode(), origin="n1", timestamp=timestamp - 3600, method="GET", host="two.test",
-                 target="/headers", request_id="x1", forwarded_for="10.1.1.1")
+    timestamp = int(time.time() * 1000)
+    forged = sign(b"not-the-cluster-secret", origin="n1", to="n2", timestamp=timestamp, method="GET",
+                  host="two.test", target="/headers", request_id="x1", forwarded_for="10.1.1.1")
+    stale = sign(CLUSTER_SECRET.encode(), origin="n1", to="n2", timestamp=timestamp - 3_600_000, method="GET",
+                 host="two.test", target="/headers", request_id="x1", forwarded_for="10.1.1.1")
     for header in (forged, stale, "v1;node=n1;ts=1;sig=00"):
         for base_url in (balancer.url, nodes[1].url):
             response = get(base_url, "two.test", headers={HOP_HEADER: header, "X-Request-Id": "x1",

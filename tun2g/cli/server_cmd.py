@@ -45,6 +45,9 @@ from tun2g.cli.options import cidrs, env_option, host_port
                  "Default: one kept in Redis.")
 @env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=float, default=10.0, show_default=True,
             help="With Redis: seconds after which a silent node's backends leave the shared registry.")
+@env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=float, default=75.0, show_default=True,
+            help="With Redis: seconds a request forwarded to another node may wait for it (its response head, "
+                 "or the next piece of a body). Frozen nodes are detected sooner, by their health check.")
 @env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
             show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
@@ -74,8 +77,8 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
-           admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, smux_version, ping_interval,
-           trusted_proxies, access_log, header_timeout, idle_timeout, response_timeout, body_timeout,
+           admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
+           ping_interval, trusted_proxies, access_log, header_timeout, idle_timeout, response_timeout, body_timeout,
            max_connections_per_ip, max_connections, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
@@ -97,7 +100,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
-                        registry_ttl=registry_ttl, trusted_proxies=trusted_proxies)
+                        registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies)
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)

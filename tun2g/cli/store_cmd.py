@@ -144,8 +144,8 @@ def token_list(user, as_json, storage_url):
 def token_revoke(token_id, storage_url):
     """Revoke the token with this ID (from `tun2g token list`).
 
-    New connections with it are refused at once. Tunnels already connected
-    stay up until they reconnect; drop them with `tun2g backends` and `tun2g kill`.
+    New connections with it are refused at once, and the tunnels already
+    connected with it are disconnected within a second, on every node.
 
     \b
     Example:
@@ -234,7 +234,7 @@ def route_add(domain, user, storage_url):
 @click.argument("domain")
 @_storage_option
 def route_rm(domain, storage_url):
-    """Remove the route for DOMAIN; new tunnels for it are refused.
+    """Remove the route for DOMAIN; new tunnels for it are refused, live ones disconnected within a second.
 
     \b
     Example:

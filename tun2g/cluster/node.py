@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import redis
 
 from tun2g.backend import Backend
-from tun2g.cluster.forward import Forwarder
-from tun2g.cluster.hop import HOP_HEADER, Hop, HopRefused, verify
+from tun2g.cluster.forward import HOP_READ_TIMEOUT, Forwarder
+from tun2g.cluster.hop import HOP_HEADER, WINDOW, Hop, HopRefused, NonceMemory, framing_of, verify
 from tun2g.cluster.registry import DEFAULT_CACHE_TTL, DEFAULT_TTL, ClusterUnavailable, NodeRef, RedisRegistry
 from tun2g.errors import ConfigurationError, NoSuchBackend
 from tun2g.http import RequestHead
@@ -39,6 +39,7 @@ class ClusterConfig:
     ttl: float = DEFAULT_TTL
     cache_ttl: float = DEFAULT_CACHE_TTL
     key_prefix: str = "tun2g:"
+    hop_timeout: float = HOP_READ_TIMEOUT
 
 
 class ClusterNode:
@@ -58,7 +59,8 @@ class ClusterNode:
                                       snapshot=local_backends, on_kill=self._on_kill, ttl=config.ttl,
                                       cache_ttl=config.cache_ttl, key_prefix=config.key_prefix)
         self.secret = self._resolve_secret(config)
-        self.forwarder = Forwarder(node_id, self.secret)
+        self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
+        self.nonces = NonceMemory(WINDOW)
         self._closed = False
 
     def start(self) -> ClusterNode:
@@ -106,14 +108,23 @@ class ClusterNode:
     def accept_hop(self, head: RequestHead) -> Hop | None:
         """None for a public request; the Hop for a valid node-to-node one (its header removed).
 
-        Raises HopRefused for a hop header that is not a fresh signature of this cluster.
+        Raises HopRefused for a hop header that is not a fresh, first-seen
+        signature of this cluster addressed to this node. A nonce is single-use
+        twice over: this process remembers every nonce it accepted for 2 x WINDOW
+        (enough, as a hop names its receiver), and Redis (SET NX) remembers it
+        across a restart of this node; when Redis cannot answer at once, this
+        process's memory alone decides.
         """
         value = head.get(HOP_HEADER)
         if value is None:
             return None
-        hop = verify(self.secret, value, now=time.time(), method=head.method, host=head.host or "",
-                     target=head.target, request_id=head.get("X-Request-Id") or "",
-                     forwarded_for=head.get("X-Forwarded-For") or "")
+        hop = verify(self.secret, value, receiver=self.node_id, now=time.time(), method=head.method,
+                     host=head.host or "", target=head.target, request_id=head.get("X-Request-Id") or "",
+                     forwarded_for=head.get("X-Forwarded-For") or "",
+                     framing=framing_of(head.content_length, head.chunked))
+        if not self.nonces.first_use(hop.nonce, time.monotonic()) or \
+                self.registry.claim_nonce(hop.nonce, self.nonces.keep_for) is False:
+            raise HopRefused(f"hop nonce already used (a replayed request from node {hop.origin!r})")
         head.remove(HOP_HEADER)
         return hop
 
@@ -122,8 +133,8 @@ class ClusterNode:
         return self.registry.lookup(domain)
 
     def unreachable(self, domain: str, node: NodeRef) -> None:
-        """`node` could not be reached for `domain`: close its connections and look it up afresh next time."""
-        self.forwarder.drop(node.url)
+        """`node` could not be reached for `domain`: skip it for a while, look `domain` up afresh next time."""
+        self.forwarder.failed(node.url, "unreachable")
         self.registry.forget(domain)
 
     @property

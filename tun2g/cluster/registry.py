@@ -8,6 +8,7 @@ storage's ``P token:*`` and ``P route:*`` keys)::
     P node-backends:<node id>  hash    <backend id> -> JSON Backend record (domain, user, ...);  TTL
     P domain:<domain>          zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
     P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
+    P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
     channel P invalidate       "<domain> <domain> ...": drop cached lookups for these domains
 
@@ -19,7 +20,10 @@ restarts empty is repopulated by the next refresh without operator help.
 Scores are unix times from each node's clock: keep nodes NTP-synchronised.
 
 A lookup is one ZRANGEBYSCORE, cached for `cache_ttl` and shared by
-concurrent requests for the same domain; the local path never asks Redis.
+concurrent requests for the same domain; past `cache_ttl` the cached answer
+is still served (up to the registry TTL) while a background call refreshes
+it, so a slow Redis never holds a request that has an answer. The local path
+never asks Redis.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ COMMAND_TIMEOUT = 2.0
 # Public requests choose the Host, so the lookup cache is bounded: past this many
 # domains, entries no longer usable are dropped (all of them if that is not enough).
 MAX_CACHED_DOMAINS = 10_000
+# A cached answer that pub/sub invalidated waits this long for Redis before it is served anyway.
+INVALIDATED_WAIT = 0.2
+# Hop nonces are claimed in Redis (SET NX) with these timeouts: a slow Redis must not hold requests.
+NONCE_TIMEOUT = 0.25
 _BACKEND_FIELDS = {f.name for f in fields(Backend)}
 
 
@@ -98,6 +106,8 @@ class RedisRegistry:
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
                                            socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
                                            health_check_interval=max(1, int(ttl)))
+        self._nonce_redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=NONCE_TIMEOUT,
+                                                 socket_timeout=NONCE_TIMEOUT, retry=Retry(NoBackoff(), 0))
         self.outage = Outage("cluster registry")
         self._member = f"{node_id} {advertise_url}"
         self._published: set[str] = set()
@@ -139,6 +149,7 @@ class RedisRegistry:
         except (redis.RedisError, OSError) as exc:
             log.info("deregister_skipped", reason=str(exc), note="this node's records expire within the TTL")
         self._redis.close()
+        self._nonce_redis.close()
 
     # -- publishing ------------------------------------------------------------
 
@@ -194,36 +205,66 @@ class RedisRegistry:
         self._redis.set(key, secrets.token_hex(32), nx=True)
         return str(self._redis.get(key))
 
+    def claim_nonce(self, nonce: str, keep_for: float) -> bool | None:
+        """Record a hop nonce cluster-wide (SET NX PX): True the first time, False for a replay,
+        None when Redis cannot say right now (the caller's own memory decides)."""
+        if not self.outage.should_try():
+            return None
+        try:
+            claimed = self._nonce_redis.set(self._key("hop-nonce:", nonce), self.node_id, nx=True,
+                                            px=int(keep_for * 1000))
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            return None
+        return bool(claimed)
+
     # -- lookups -----------------------------------------------------------------
 
     def lookup(self, domain: str) -> list[NodeRef]:
         """Other nodes holding a backend for `domain` (maybe none); raises ClusterUnavailable.
 
         Fresh answers come from the cache; concurrent misses share one Redis call.
-        While Redis is down, an answer younger than the registry TTL is still used.
+        An answer older than the cache TTL but younger than the registry TTL is
+        served at once while a background call refreshes it (a slow or frozen
+        Redis delays no request that has an answer); one that pub/sub invalidated
+        waits up to INVALIDATED_WAIT for the refresh, then is served as it is.
+        Only a domain with no usable answer waits for Redis (bounded by its timeouts).
         """
         entry = self._cache.get(domain)
         now = time.monotonic()
         if entry is not None and now - entry.fetched < self.cache_ttl:
             return entry.nodes
+        usable = entry is not None and now < entry.usable_until
         pending = self._pending.get(domain)
-        if pending is not None:
-            return pending.get()
-        if not self.outage.should_try():
-            return self._stale(entry, now)
+        if pending is None:
+            if not self.outage.should_try():
+                return self._stale(entry, now)
+            pending = self._refresh(domain)
+        if entry is not None and usable:
+            if entry.fetched == float("-inf"):
+                pending.wait(INVALIDATED_WAIT)
+            if not pending.ready() or not pending.successful():
+                return entry.nodes
+        return pending.get()
+
+    def _refresh(self, domain: str) -> AsyncResult:
+        """Ask Redis about `domain` in the background; the AsyncResult gets the answer (or the error)."""
         pending = self._pending[domain] = AsyncResult()
-        try:
-            nodes = self._ask_redis(domain, entry, now)
-        except Exception as exc:
-            pending.set_exception(exc)
-            raise
-        except BaseException:  # this greenlet was killed: the others waiting must not hang
-            pending.set_exception(ClusterUnavailable("the registry lookup was interrupted"))
-            raise
-        finally:
-            del self._pending[domain]
-        pending.set(nodes)
-        return nodes
+
+        def run() -> None:
+            try:
+                pending.set(self._ask_redis(domain, self._cache.get(domain), time.monotonic()))
+            except Exception as exc:
+                pending.set_exception(exc)
+            except BaseException:  # killed (the registry closes): whoever waits must not hang
+                pending.set_exception(ClusterUnavailable("the registry lookup was interrupted"))
+                raise
+            finally:
+                if self._pending.get(domain) is pending:
+                    del self._pending[domain]
+
+        gevent.spawn(run)
+        return pending
 
     def _ask_redis(self, domain: str, entry: _CacheEntry | None, now: float) -> list[NodeRef]:
         try:

@@ -23,6 +23,12 @@ class AdminAPI:
         self.started = time.time()
 
     def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/health" and environ["REQUEST_METHOD"] in ("GET", "HEAD"):
+            page = self.server.health()  # no token needed: it says nothing but alive / draining
+            start_response(f"{page.status} {page.reason}", [("Content-Type", page.content_type),
+                                                            ("Content-Length", str(len(page.body))),
+                                                            ("Cache-Control", "no-store")])
+            return [page.body]
         if not self._authorized(environ):
             return _json(start_response, 401, {"error": "admin token required: pass --admin-token"})
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
@@ -43,7 +49,7 @@ class AdminAPI:
                 "backends": len(backends), "domains": len({b.domain for b in backends}),
                 "requests_in_flight": sum(b.requests_in_flight for b in backends)})
         return _json(start_response, 404, {"error": f"no admin endpoint {method} {path}; "
-                                                    "try GET /backends, POST /backends/ID/kill, GET /status"})
+                                                    "try GET /backends, POST /backends/ID/kill, GET /status, GET /health"})
 
     def _backends(self, query: dict) -> list:
         if "domain" in query:

@@ -185,7 +185,17 @@ class HTTPFront:
             self.server.serve_tunnel(upgrade.UpgradedStream(sock, reader.take_buffered()),
                                      proto="upgrade+tls" if self.scheme == "https" else "upgrade")
             return False
+        if pages.is_health_request(head.method, head.target):
+            return self._health(head, reader, sock)
         return self.server.pipeline.serve(head, reader, sock, peer_ip=peer_ip, scheme=self.scheme)
+
+    def _health(self, head: RequestHead, reader: MessageReader, sock: ByteStream) -> bool:
+        """The node's own health answer (for balancers and the other nodes), whatever the Host."""
+        page = self.server.health()
+        keep = head.keep_alive and reader.body_complete
+        data = page.encode(version=head.version, close=not keep)
+        sock.sendall(pages.head_only(data) if head.method == "HEAD" else data)
+        return keep
 
 
 def _reject(error: HTTPError) -> bytes:

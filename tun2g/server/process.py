@@ -17,6 +17,7 @@ from gevent.pywsgi import WSGIServer
 
 from tun2g import smux
 from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
+from tun2g.cluster.forward import HOP_READ_TIMEOUT
 from tun2g.log import configure, get_logger
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
@@ -86,6 +87,7 @@ class ServerSetup:
     advertise_url: str | None = None
     cluster_secret: str | None = None
     registry_ttl: float = 10.0
+    hop_timeout: float = HOP_READ_TIMEOUT
     # Bounds on the public port and on each exchange (0 disables a timeout or a cap;
     # max_connections None: derived from the fd limit, see connection_cap).
     header_timeout: float = HEADER_TIMEOUT
@@ -123,7 +125,8 @@ class ServerSetup:
         cluster = None
         if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
-                                    default_advertise_url(http_address), self.cluster_secret, self.registry_ttl)
+                                    default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
+                                    self.hop_timeout)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts())
         running = RunningServer(server, cluster, http_address=http_address)
@@ -208,6 +211,7 @@ class RunningServer:
     def stop(self) -> None:
         """Close listeners and tunnels; wakes `wait()`."""
         log.info("stopping")
+        self.server.draining = True  # the health check answers 503 from now on
         if self.cluster is not None:
             self.cluster.close()  # first: the other nodes stop forwarding here before the front closes
         for service in self.services:
@@ -226,10 +230,10 @@ def _fmt(address) -> str:
 
 
 def _cluster_node(storage: RedisStorage, node_id: str, tunnels: Tunnels, advertise_url: str, secret: str | None,
-                  ttl: float) -> ClusterNode:
+                  ttl: float, hop_timeout: float = HOP_READ_TIMEOUT) -> ClusterNode:
     """This process as one node of the cluster that shares `storage`'s Redis."""
     return ClusterNode(ClusterConfig(redis_url=storage.url, advertise_url=advertise_url, secret=secret, ttl=ttl,
-                                     key_prefix=storage.key_prefix),
+                                     key_prefix=storage.key_prefix, hop_timeout=hop_timeout),
                        node_id, local_backends=tunnels.records, kill_local=tunnels.close_one)
 
 
@@ -260,7 +264,8 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
         hop_listener = tcp.listen(env.get("TUN2G_HOP_LISTEN", "0.0.0.0:0"))
         advertise = env.get("TUN2G_ADVERTISE") or default_advertise_url(hop_listener.getsockname()[:2])
         cluster = _cluster_node(storage, config.node_id, tunnels, advertise, env.get("TUN2G_CLUSTER_SECRET") or None,
-                                float(env.get("TUN2G_REGISTRY_TTL", "10")))
+                                float(env.get("TUN2G_REGISTRY_TTL", "10")),
+                                float(env.get("TUN2G_HOP_TIMEOUT", str(HOP_READ_TIMEOUT))))
     defaults = ServerSetup()
     server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False,
                     trusted_proxies=env.get("TUN2G_TRUSTED_PROXY", "").replace(",", " ").split(),

@@ -126,7 +126,6 @@ class Routing:
             self.registry_error = cluster.last_error or str(exc)
             log.debug("lookup_unavailable", host=self.host, error=str(exc))
             return
-        cluster.forwarder.sign(self.head, self.request_id)  # the receiving node serves it, never forwards it
         for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
             yield from self._node(cluster, domain, node)
 
@@ -145,6 +144,12 @@ class Routing:
     def _node(self, cluster: ClusterNode, domain: str, node: NodeRef) -> Iterator[Upstream]:
         fresh = False
         while True:
+            if not cluster.forwarder.available(node.url):
+                self.unreachable_nodes.append(f"{node.node_id}: not answering its health check")
+                return
+            # Signed for this node, with a new nonce for each attempt: the receiving node serves it, never
+            # forwards it, and accepts it once.
+            cluster.forwarder.sign(self.head, self.request_id, to=node.node_id)
             try:
                 stream, reader = cluster.forwarder.connect(node.url, fresh=fresh)
             except OSError as exc:

@@ -19,7 +19,7 @@ import gevent
 from gevent.event import Event
 from gevent.pool import Group
 
-from tun2g import smux
+from tun2g import pages, smux
 from tun2g.backend import Backend
 from tun2g.errors import AuthMismatch, ConfigurationError, NoSuchBackend
 from tun2g.log import get_logger
@@ -29,6 +29,7 @@ from tun2g.control import (MAX_AUTH_SIZE, Auth, AuthFormatError, JSONObjectReade
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.pipeline import Pipeline, TrustedProxies
+from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
@@ -85,7 +86,10 @@ class Server:
                                  timeouts=timeouts)
         self._tasks = Group()
         self._closed = Event()
+        self.draining = False  # stopping: the health check says 503 so balancers send no more
         self._listeners: list = []
+        self.revocations = RevocationWatch(self.storage, lambda: self.tunnels, self._revoked)
+        self._tasks.spawn(self.revocations.run)
 
     # -- tunnel side -------------------------------------------------------
 
@@ -152,6 +156,7 @@ class Server:
         """Read and verify the Auth within the deadline; register on success."""
         try:
             auth = self._read_auth(control)
+            revision = self.revocations.revision  # before the check: a revocation during it is caught later
             user = verify_auth(self.storage, auth, normalize_domain)
         except (AuthMismatch, AuthFormatError) as exc:
             reason = getattr(exc, "reason", str(exc))
@@ -170,6 +175,7 @@ class Server:
         auth = Auth(token=auth.token, domain=normalize_domain(auth.domain))
         tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
                         phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
+        tunnel.revision = revision
         self.router.register(tunnel)
         session.add_close_callback(lambda _session: self._forget(tunnel))
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id))
@@ -201,6 +207,11 @@ class Server:
                 log.warning("ping_failed", error=str(exc), phi=round(tunnel.phi, 2), **tunnel.log_fields())
                 tunnel.close()
                 return
+
+    def _revoked(self, tunnel: Tunnel, reason: str) -> None:
+        """Its token was revoked or its route removed: disconnect it (the client reconnects and is refused)."""
+        tunnel.close()
+        self.router.deregister(tunnel)
 
     def _forget(self, tunnel: Tunnel) -> None:
         if self.router.deregister(tunnel):
@@ -235,8 +246,17 @@ class Server:
         """Disconnect one backend at once; raises NoSuchBackend if unknown."""
         self.router.kill(backend_id)
 
+    def health(self) -> pages.Page:
+        """This node's health answer (GET /_tun2g/health): 200, or 503 while it is stopping.
+
+        Answered by this process's event loop, so a frozen or overloaded node
+        does not answer at all: a balancer's timeout sees that.
+        """
+        return pages.node_health(self.config.node_id, self.draining or self.closed, len(self.tunnels))
+
     def close(self) -> None:
         """Stop accepting, close every connection and wake `wait()`."""
+        self.draining = True
         self._closed.set()
         for listener in self._listeners:
             try:

@@ -12,6 +12,7 @@ from tun2g.http import HTTPError, MessageReader
 from tun2g.phi import PhiAccrualDetector
 from tun2g.control import PING_REQUEST, Auth
 from tun2g.smux import Session, SessionClosedError, Stream
+from tun2g.storage import hash_secret
 
 
 class Tunnel:
@@ -37,6 +38,9 @@ class Tunnel:
         self.in_flight = 0
         self.served = 0
         self.pings_answered = 0
+        self.token_hash = hash_secret(auth.token)  # names the token in logs without the secret
+        # The store's revision read before this tunnel's Auth check (tun2g.server.revocation).
+        self.revision: str | None = None
         self._phi = PhiAccrualDetector(threshold=phi_threshold, first_heartbeat_estimate=ping_interval)
         self._phi.heartbeat()
 

@@ -31,6 +31,12 @@ class WSGIFront:
     def __call__(self, environ, start_response):
         if upgrade.is_tunnel_environ(environ):  # a tunnel client on this port (--conn-type upgrade)
             return self._serve_tunnel(environ, start_response)
+        if pages.is_health_request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")):
+            page = self.server.health()
+            start_response(f"{page.status} {page.reason}", [("Content-Type", page.content_type),
+                                                            ("Content-Length", str(len(page.body))),
+                                                            ("Cache-Control", "no-store")])
+            return [page.body]
         head = request_head_from_environ(environ)
         response = self.server.pipeline.round_trip(head, _body(environ, head),
                                                    peer_ip=environ.get("REMOTE_ADDR", ""),

@@ -108,6 +108,13 @@ class Storage(Protocol):
     def list_routes(self, user: str | None = None) -> list[Route]:
         """All routes, or one user's, sorted by domain."""
 
+    def revision(self) -> str:
+        """A cheap marker that changes whenever a token is revoked or a route removed (maybe more often).
+
+        The server polls it to disconnect live tunnels whose token or route went
+        away (tun2g.server.revocation). StorageUnavailable if the store cannot answer.
+        """
+
     def ping(self) -> None:
         """Check that the store answers; StorageUnavailable if not."""
 

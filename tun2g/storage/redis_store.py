@@ -7,6 +7,7 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P tokens              set     every token id
     P route:<domain>      hash    user, created (domain normalized: lowercase, no :port, no trailing dot)
     P routes              set     every routed domain
+    P revision            string  a counter bumped by every token revocation and route removal
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write
@@ -116,6 +117,7 @@ class RedisStorage(SecretMinting):
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.delete(self._token_key(digest), id_key)
                 pipe.srem(self._key("tokens"), token_id)
+                pipe.incr(self._key("revision"))
                 pipe.execute()
 
     def add_route(self, domain: str, user: str) -> Route:
@@ -141,7 +143,8 @@ class RedisStorage(SecretMinting):
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
             pipe.delete(self._route_key(domain))
             pipe.srem(self._key("routes"), domain)
-            deleted, _ = pipe.execute()
+            pipe.incr(self._key("revision"))
+            deleted, _, _ = pipe.execute()
         if not deleted:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
 
@@ -156,6 +159,11 @@ class RedisStorage(SecretMinting):
         routes = [Route(domain, fields["user"], float(fields["created"]))
                   for domain, fields in zip(domains, records) if fields]
         return [route for route in routes if wanted in (None, route.user)]
+
+    def revision(self) -> str:
+        """The ``P revision`` counter (one GET): every node polls it to drop revoked tunnels."""
+        with self._errors():
+            return str(self._client.get(self._key("revision")) or "0")
 
     def ping(self) -> None:
         with self._errors():

@@ -65,6 +65,7 @@ class SQLiteStorage(SecretMinting):
         self._connection: sqlite3.Connection | None = None
         self._pid = 0
         self._closed = False
+        self._own_writes = 0  # PRAGMA data_version counts only other connections' commits
         self._run(lambda db: None)  # open now, so a bad path fails at start-up, not at first use
 
     # -- the Storage protocol -------------------------------------------------------
@@ -113,6 +114,7 @@ class SQLiteStorage(SecretMinting):
     def revoke_token(self, token_id: str) -> None:
         token_id = normalize_token_id(token_id)
         deleted = self._run(lambda db: db.execute("DELETE FROM tokens WHERE id = ?", (token_id,)).rowcount)
+        self._own_writes += 1
         if not deleted:
             raise NoSuchToken(f"no token with id {token_id!r} (see `tun2g token list`)")
 
@@ -136,6 +138,7 @@ class SQLiteStorage(SecretMinting):
     def remove_route(self, domain: str) -> None:
         domain = normalize_domain(domain)
         deleted = self._run(lambda db: db.execute("DELETE FROM routes WHERE domain = ?", (domain,)).rowcount)
+        self._own_writes += 1
         if not deleted:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
 
@@ -146,6 +149,14 @@ class SQLiteStorage(SecretMinting):
             query, params = query + " WHERE user = ?", (validate_user(user),)
         rows = self._run(lambda db: db.execute(query + " ORDER BY domain", params).fetchall())
         return [Route(*row) for row in rows]
+
+    def revision(self) -> str:
+        """SQLite's data_version (bumped by every commit of another process) and this handle's own deletions.
+
+        Costs no disk read: SQLite answers from the WAL index in shared memory.
+        """
+        version = self._run(lambda db: db.execute("PRAGMA data_version").fetchone()[0])
+        return f"{self._pid}.{version}.{self._own_writes}"
 
     def ping(self) -> None:
         self._run(lambda db: db.execute("SELECT 1").fetchone())
