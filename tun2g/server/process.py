@@ -108,6 +108,8 @@ class ServerSetup:
                                      f"needs an explicit --admin-token (or TUN2G_ADMIN_TOKEN)")
 
     def _start_admin(self, server: Server, running: RunningServer) -> None:
+        if not self.admin_addr:
+            return
         token = self.admin_token
         if not token:
             token, path, created = load_or_create_admin_token()
