@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from tun2g.errors import AuthMismatch
+from tun2g.storage import StorageError
 
 # The Auth object is two short strings; anything near this size is not a client.
 MAX_AUTH_SIZE = 8192
@@ -108,23 +109,41 @@ def parse_auth(obj: dict) -> Auth:
     return Auth(token=token, domain=domain)
 
 
+INVALID_TOKEN = "invalid token"
+
+
 def verify_auth(storage, auth: Auth, normalize_domain) -> str:
-    """Check an Auth as the Go server does, in its order; return the owning user.
+    """Check an Auth with the Go server's checks; return the owning user.
 
     Route exists, token exists, token has the connect scope, route owner equals
-    token owner. Raises AuthMismatch naming the failed check.
+    token owner: the same outcome as Go for every Auth, but until the token is
+    proven valid a rejection says only "invalid token", so an unauthenticated
+    client learns nothing about which domains exist (both lookups always run).
+    With a valid token the reason is precise. Raises AuthMismatch, whose
+    `log_reason` names every check that failed.
     """
-    domain = normalize_domain(auth.domain)
     try:
-        route_user = storage.has_route(domain)
-    except LookupError:
-        raise AuthMismatch(f"no route for domain {domain!r}; add one with `tun2g route add {domain} --user USER`") from None
+        domain, domain_error = normalize_domain(auth.domain), None
+    except (StorageError, ValueError) as exc:  # not a host name: a rejection, never a storage outage
+        domain, domain_error = None, str(exc)
+    route_user = None
+    if domain is not None:
+        try:
+            route_user = storage.has_route(domain)
+        except LookupError:
+            route_user = None
     try:
         token_user, scopes = storage.has_token(auth.token)
     except LookupError:
-        raise AuthMismatch("unknown or revoked token; create one with `tun2g token create --user USER`") from None
+        route = domain_error or (f"no route for domain {domain!r}" if route_user is None
+                                 else f"domain {domain!r} is routed")
+        raise AuthMismatch(INVALID_TOKEN, log_reason=f"unknown or revoked token; {route}") from None
     if CONNECT_SCOPE not in scopes:
         raise AuthMismatch(f"token lacks the {CONNECT_SCOPE!r} scope (it has {sorted(scopes)})")
+    if domain_error is not None:
+        raise AuthMismatch(domain_error)
+    if route_user is None:
+        raise AuthMismatch(f"no route for domain {domain!r}; add one with `tun2g route add {domain} --user USER`")
     if route_user != token_user:
         raise AuthMismatch(f"domain {domain!r} does not belong to the token's user")
     return token_user

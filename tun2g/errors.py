@@ -33,12 +33,14 @@ class NoSuchBackend(Tun2Error, LookupError):
 class AuthMismatch(Tun2Error):
     """The Auth a client sent does not match the stored tokens and routes.
 
-    `reason` says which check failed, for the server log and for the client.
+    `reason` is what the client is told; `log_reason` (default: the same) is the
+    whole story for the server log, e.g. which check failed behind "invalid token".
     """
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, log_reason: str | None = None):
         super().__init__(f"tun2: authenication doesn't match database records: {reason}")
         self.reason = reason
+        self.log_reason = log_reason or reason
 
 
 class CantRemoveWhatDoesntExist(Tun2Error):

@@ -188,6 +188,28 @@ def backend_failed(detail: str) -> Page:
     return Page(502, f"tun2g client: the backend failed: {detail}\n".encode(), TEXT)
 
 
-def backend_unreachable(backend_url: str, detail: str) -> Page:
-    """The local service cannot be reached (the tunnel client's 502)."""
-    return Page(502, f"tun2g client: cannot reach the backend {backend_url}: {detail}\n".encode(), TEXT)
+def backend_unreachable(error: BaseException) -> Page:
+    """The local service cannot be reached (the tunnel client's 502).
+
+    The public reads this page: it names the kind of failure only, never the
+    backend's URL, host or port (those go to the client's log).
+    """
+    return Page(502, f"tun2g client: cannot reach the backend ({_connect_failure(error)})\n".encode(), TEXT)
+
+
+def _connect_failure(error: BaseException) -> str:
+    """A short, address-free name for why a connection failed (an OSError's text may name hosts)."""
+    import socket
+    import ssl
+
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(error, socket.gaierror):
+        return "name not resolved"
+    if isinstance(error, ssl.SSLError):
+        return "TLS handshake failed"
+    if isinstance(error, ConnectionError):
+        return "connection lost"
+    return "connection failed"

@@ -75,12 +75,14 @@ def test_a_valid_hop_is_never_forwarded_again(two_nodes):
 
 def test_the_backend_list_and_kill_work_from_any_node(two_nodes):
     a, b, _app, client = two_nodes
-    listed = requests.get(b.admin_url + "/backends", timeout=5).json()
+    listed = requests.get(b.admin_url + "/backends", headers=b.admin_headers, timeout=5).json()
     assert [(x["node"], x["domain"]) for x in listed] == [("a", DOMAIN)]
     first_id = listed[0]["id"]
-    assert requests.post(f"{b.admin_url}/backends/{first_id}/kill", timeout=5).status_code == 200
+    assert requests.post(f"{b.admin_url}/backends/{first_id}/kill", json={}, headers=b.admin_headers,
+                         timeout=5).status_code == 200
     wait_until(lambda: first_id not in {x.id for x in a.server.get_all_backends()}, message="a dropping it")
-    assert requests.post(f"{b.admin_url}/backends/nope/kill", timeout=5).status_code == 404
+    assert requests.post(f"{b.admin_url}/backends/nope/kill", json={}, headers=b.admin_headers,
+                         timeout=5).status_code == 404
 
 
 def test_a_node_that_stops_takes_its_backends_out_and_others_answer_502(two_nodes):

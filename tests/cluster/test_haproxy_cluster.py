@@ -11,7 +11,7 @@ import gevent
 import pytest
 import requests
 
-from tests.fixtures.cluster import CLUSTER_SECRET
+from tests.fixtures.cluster import ADMIN_TOKEN, CLUSTER_SECRET
 from tests.fixtures.net import env_without_proxies
 from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
@@ -28,7 +28,7 @@ def get(base_url: str, host: str, path: str = "/headers", **kwargs) -> requests.
 
 
 def admin_backends(node) -> list[dict]:
-    return requests.get(node.admin_url + "/backends", timeout=5).json()
+    return requests.get(node.admin_url + "/backends", headers=node.admin_headers, timeout=5).json()
 
 
 def served_by_backend(response: requests.Response, host: str) -> bool:
@@ -142,7 +142,7 @@ def test_backends_and_kill_commands_work_from_any_node(cluster):
 
     def tun2g(*args):
         return subprocess.run([sys.executable, "-m", "tun2g.cli", *args], capture_output=True, text=True,
-                              timeout=30, env=env_without_proxies())
+                              timeout=30, env=env_without_proxies() | {"TUN2G_ADMIN_TOKEN": ADMIN_TOKEN})
 
     listed = json.loads(tun2g("backends", "--admin", nodes[1].admin_url, "--json").stdout)
     assert sorted((b["domain"], b["node"]) for b in listed) == [("one.test", "n1"), ("three.test", "n3"),

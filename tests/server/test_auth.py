@@ -44,19 +44,22 @@ def test_valid_auth_registers_and_is_acknowledged(plain_deployment):
 
 @pytest.mark.parametrize("case, expected", [
     ("no_route", "no route for domain"),
-    ("unknown_token", "unknown or revoked token"),
+    ("unknown_token", "invalid token"),
     ("no_connect_scope", "lacks the 'connect' scope"),
     ("owner_mismatch", "does not belong to the token's user"),
-    ("revoked", "unknown or revoked token"),
+    ("revoked", "invalid token"),
+    ("unknown_token_no_route", "invalid token"),
 ])
 def test_rejections_say_which_check_failed(plain_deployment, case, expected):
+    """With a valid token the reason is precise; without one it is "invalid token" and nothing else."""
     storage = plain_deployment.storage
     token = plain_deployment.grant()
     domain = DOMAIN
     if case == "no_route":
         domain = "unrouted.test"
-    elif case == "unknown_token":
+    elif case in ("unknown_token", "unknown_token_no_route"):
         token = "not-a-token"
+        domain = "unrouted.test" if case == "unknown_token_no_route" else DOMAIN
     elif case == "no_connect_scope":
         _info, token = storage.create_token(USER, scopes=("admin",))
     elif case == "owner_mismatch":
@@ -67,6 +70,8 @@ def test_rejections_say_which_check_failed(plain_deployment, case, expected):
     reply = _handshake(plain_deployment, Auth(token, domain).encode())
     assert reply is not None and reply["ok"] is False
     assert expected in reply["error"]
+    if expected == "invalid token":
+        assert reply["error"] == "invalid token" and "retry" not in reply
     assert plain_deployment.server.get_all_backends() == []
 
 
@@ -115,7 +120,7 @@ def test_tun2g_client_exits_on_rejection(plain_deployment, backend, start_client
     running = start_client(config, wait=False)
     assert running.rejected.wait(10)
     assert isinstance(running.error, AuthRejected)
-    assert "unknown or revoked token" in str(running.error)
+    assert "invalid token" in str(running.error)
 
 
 def test_backend_record_after_registration(tunnel):

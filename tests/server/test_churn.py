@@ -29,6 +29,7 @@ import requests
 from gevent.event import Event
 from gevent.pool import Pool
 
+from tests.fixtures.cluster import ADMIN_TOKEN
 from tests.fixtures.net import env_without_proxies, free_port, wait_for_port
 from tests.fixtures.tunnel import wait_until
 from tun2g.storage import SQLiteStorage
@@ -121,7 +122,8 @@ class Churn:
         self.server_log = tmp_path / "server.log"
         processes.start([sys.executable, "-m", "tun2g.cli", "server", "--http", f"127.0.0.1:{self.http_port}",
                          "--tunnel", f"127.0.0.1:{self.tunnel_port}", "--plain-tunnel",
-                         "--admin", f"127.0.0.1:{self.admin_port}", "--storage", f"sqlite:///{store}",
+                         "--admin", f"127.0.0.1:{self.admin_port}", "--admin-token", ADMIN_TOKEN,
+                         "--storage", f"sqlite:///{store}",
                          "--log-level", "info"], "server.log")
         processes.start([sys.executable, "-c", BACKEND, str(backend_port)], "backend.log")
         for port in (self.http_port, self.tunnel_port, self.admin_port, backend_port):
@@ -140,7 +142,8 @@ class Churn:
                                     f"client{index}.log")
 
     def connected(self) -> int:
-        listed = requests.get(f"http://127.0.0.1:{self.admin_port}/backends", timeout=5).json()
+        listed = requests.get(f"http://127.0.0.1:{self.admin_port}/backends",
+                              headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5).json()
         return sum(1 for backend in listed if backend["domain"] == DOMAIN and backend["usable"])
 
     def wait_all_connected(self, timeout: float = 30) -> None:

@@ -32,7 +32,8 @@ def test_backend_down_gives_a_clear_502_and_the_tunnel_stays(deployment, closed_
     start_client(deployment.client_config(token, closed_port_url))
     response = get(deployment)
     assert response.status_code == 502
-    assert "cannot reach the backend" in response.text and closed_port_url in response.text
+    assert "cannot reach the backend (connection refused)" in response.text
+    assert closed_port_url not in response.text and closed_port_url.rsplit(":", 1)[1] not in response.text
     assert [b.usable for b in deployment.server.get_all_backends()] == [True]
 
 
@@ -180,3 +181,12 @@ def test_client_with_wrong_ca_cannot_connect(tls_deployment, backend, start_clie
     running = start_client(tls_deployment.client_config(token, url, ca_file=str(other_cert)), wait=False)
     assert not running.connected.wait(1.0)
     assert tls_deployment.server.get_all_backends() == []
+
+
+def test_the_502_page_never_names_the_internal_backend(deployment, start_client):
+    """The public reads the client's 502: the backend's host stays in the client's log."""
+    token = deployment.grant()
+    start_client(deployment.client_config(token, "http://internal-billing.invalid:8443/app/"))
+    response = get(deployment)
+    assert response.status_code == 502 and "cannot reach the backend (" in response.text
+    assert "internal-billing" not in response.text and "8443" not in response.text

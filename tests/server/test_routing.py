@@ -129,13 +129,15 @@ def test_least_loaded_tunnel_is_chosen(deployment, backend, start_client):
 
 def test_admin_api_lists_and_kills(tunnel):
     deployment, _app, client = tunnel
-    listed = requests.get(deployment.admin_url + "/backends", timeout=5).json()
+    listed = requests.get(deployment.admin_url + "/backends", headers=deployment.admin_headers, timeout=5).json()
     assert [row["domain"] for row in listed] == [DOMAIN]
     assert json.loads(json.dumps(listed))[0]["phi"] >= 0
-    missing = requests.post(deployment.admin_url + "/backends/nope/kill", timeout=5)
+    missing = requests.post(deployment.admin_url + "/backends/nope/kill", json={},
+                            headers=deployment.admin_headers, timeout=5)
     assert missing.status_code == 404 and "no such backend" in missing.json()["error"]
     client.connected.clear()
-    killed = requests.post(deployment.admin_url + f"/backends/{listed[0]['id']}/kill", timeout=5)
+    killed = requests.post(deployment.admin_url + f"/backends/{listed[0]['id']}/kill", json={},
+                           headers=deployment.admin_headers, timeout=5)
     assert killed.status_code == 200
     client.wait_connected()
 

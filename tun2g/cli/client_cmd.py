@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import NoReturn
 
 import click
 
@@ -13,7 +14,11 @@ from tun2g.cli.options import env_option
 @click.command()
 @env_option("--server", "server_addr", env="TUN2G_SERVER", required=True, metavar="HOST:PORT|URL",
             help="The tun2 server's tunnel address (or https://host for --conn-type upgrade).")
-@env_option("--token", env="TUN2G_TOKEN", required=True, help="Token from `tun2g token create`.")
+@env_option("--token", env="TUN2G_TOKEN",
+            help="Token from `tun2g token create`. On the command line it shows in `ps`: prefer --token-file "
+                 "or the TUN2G_TOKEN variable.")
+@env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH",
+            help="Read the token from this file (its first line; keep it mode 0600). Instead of --token.")
 @env_option("--domain", env="TUN2G_DOMAIN", required=True, help="Public domain to serve (a route you own).")
 @env_option("--backend", "backend_url", env="TUN2G_BACKEND", required=True, metavar="URL",
             help="Local service to forward to, e.g. http://127.0.0.1:3000 (a path prefix is kept).")
@@ -37,13 +42,15 @@ from tun2g.cli.options import env_option
             help="Reconnect with exponential backoff when the tunnel drops.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
-def client(server_addr, token, domain, backend_url, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
+def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
            smux_version, reconnect, log_level):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
     \b
-    Example:
-      tun2g client --server tunnel.example.com:4443 --token $TOKEN \\
+    Examples (the token stays out of `ps`):
+      tun2g client --server tunnel.example.com:4443 --token-file ~/.config/tun2g/token \\
+                   --domain app.example.com --backend http://127.0.0.1:3000
+      TUN2G_TOKEN=$TOKEN tun2g client --server tunnel.example.com:4443 \\
                    --domain app.example.com --backend http://127.0.0.1:3000
 
     Exits with status 2 when the server rejects the token or domain, 1 on other fatal errors.
@@ -55,6 +62,7 @@ def client(server_addr, token, domain, backend_url, conn_type, kcp_profile, ca_f
     from tun2g.errors import ConfigurationError
     from tun2g.log import configure
 
+    token = _token(token, token_file)
     configure(log_level)
     if plain:
         click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
@@ -75,6 +83,28 @@ def client(server_addr, token, domain, backend_url, conn_type, kcp_profile, ca_f
         click.echo(f"tun2g client: {exc}. Check the token (`tun2g token list`) and that the route for "
                    f"{domain} belongs to the token's user (`tun2g route list`).", err=True)
         sys.exit(2)
+
+
+def _token(token: str | None, token_file: str | None) -> str:
+    """The token from --token/TUN2G_TOKEN or from --token-file; a problem is one line and exit status 2."""
+    if token and token_file:
+        _usage("give --token (or TUN2G_TOKEN) or --token-file, not both")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            _usage(f"--token-file {token_file}: cannot read it: {getattr(exc, 'strerror', None) or exc}")
+        if not token:
+            _usage(f"--token-file {token_file}: the file is empty")
+    if not token:
+        _usage("a token is needed: --token-file PATH, TUN2G_TOKEN, or --token")
+    return token
+
+
+def _usage(message: str) -> NoReturn:
+    click.echo(f"tun2g client: {message}", err=True)
+    sys.exit(2)  # a usage error, as click's own
 
 
 def _kcp_options(conn_type: str, profile: str):

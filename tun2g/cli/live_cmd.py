@@ -12,22 +12,35 @@ from tun2g.cli.options import env_option, print_table
 
 _admin_url = env_option("--admin", "admin_url", env="TUN2G_ADMIN_URL", default="http://127.0.0.1:7070",
                         show_default=True, help="The server's admin API (its --admin address).")
-_admin_token = env_option("--admin-token", env="TUN2G_ADMIN_TOKEN", help="Bearer token if the server requires one.")
+_admin_token = env_option("--admin-token", env="TUN2G_ADMIN_TOKEN",
+                          help="The admin API's bearer token. Default: the admin-token file in the data dir "
+                               "(where `tun2g server` on this machine keeps it).")
 
 
 def _admin_request(method: str, url: str, token: str | None):
     import requests
 
+    from tun2g.server.admin_token import read_admin_token
+
+    token = token or read_admin_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = requests.request(method, url, headers=headers, timeout=10)
+        if method == "GET":
+            response = requests.request(method, url, headers=headers, timeout=10)
+        else:  # changes go as JSON: the API refuses any other Content-Type (no cross-site form can send it)
+            response = requests.request(method, url, headers=headers, json={}, timeout=10)
     except requests.RequestException as exc:
         click.echo(f"tun2g: cannot reach the admin API at {url}: {exc}. Is `tun2g server` running, "
                    f"and is --admin right?", err=True)
         sys.exit(1)
-    payload = response.json()
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {}
     if response.status_code != 200:
-        click.echo(f"tun2g: {payload.get('error', response.reason)}", err=True)
+        error = payload.get("error") if isinstance(payload, dict) else None
+        click.echo(f"tun2g: {error or f'the admin API answered {response.status_code} {response.reason}'}",
+                   err=True)
         sys.exit(1)
     return payload
 

@@ -34,8 +34,11 @@ from tun2g.cli.options import cidrs, env_option, host_port
                  "Default: REDIS_URL if set, else the embedded SQLite file.")
 @env_option("--redis-url", env="REDIS_URL", metavar="URL", help="Redis for storage (when --storage is unset).")
 @env_option("--admin", "admin_addr", env="TUN2G_ADMIN", default="127.0.0.1:7070", show_default=True,
-            callback=host_port, metavar="HOST:PORT", help="Admin API (backends, kill, status).")
-@env_option("--admin-token", env="TUN2G_ADMIN_TOKEN", help="Require this bearer token on the admin API.")
+            callback=host_port, metavar="HOST:PORT",
+            help="Admin API (backends, kill, status). A non-loopback address needs --admin-token.")
+@env_option("--admin-token", env="TUN2G_ADMIN_TOKEN",
+            help="Bearer token the admin API requires. Default: a random one made on first start and kept in "
+                 "the data dir's admin-token file (mode 0600), which `tun2g backends`/`kill` read.")
 @env_option("--node-id", env="TUN2G_NODE_ID", help="This process's name in logs and the backend list.")
 @env_option("--advertise", "advertise_url", env="TUN2G_ADVERTISE", metavar="URL",
             help="With Redis: where the other nodes reach this node's HTTP front, e.g. http://10.0.0.2:8080. "
@@ -88,6 +91,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
       tun2g server --tls-cert cert.pem --tls-key key.pem --http :80 --tunnel :4443
       PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
     """
+    from tun2g.errors import ConfigurationError
     from tun2g.server.process import ServerSetup
 
     if bool(tls_cert) != bool(tls_key):
@@ -107,6 +111,11 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     for name, value in bounds.items():
         if value is not None:  # unset: the default in tun2g.server.process
             setattr(setup, name, value)
+    try:
+        setup.check_admin_exposure()
+    except ConfigurationError as exc:
+        click.echo(f"tun2g server: {exc}", err=True)
+        sys.exit(2)  # a usage error, as click's own
     try:
         running = setup.start()
     except (OSError, ValueError) as exc:

@@ -238,7 +238,7 @@ class Client:
             return False
         except OSError as exc:
             log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(pages.backend_unreachable(self.config.backend_url, str(exc)).encode())
+            stream.sendall(pages.backend_unreachable(exc).encode())  # the URL stays in the log
             return False
         self.requests_served += 1
         return result.keep_alive

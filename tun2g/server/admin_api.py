@@ -1,26 +1,43 @@
 """The server's admin HTTP API: backends, kill, status (JSON), for `tun2g backends` / `tun2g kill`.
 
 It listens on its own address (loopback by default), apart from public
-traffic, and requires `Authorization: Bearer <admin token>` when a token is set.
+traffic. Every request must pass, in this order:
+
+1. a Host header naming the listen address (`127.0.0.1:PORT`, `localhost:PORT`,
+   `[::1]:PORT` or the bound address; on a wildcard bind, any IP literal with
+   the port), else 403: a web page whose name was rebound to 127.0.0.1 still
+   sends its own name, so DNS rebinding gets nowhere;
+2. `Authorization: Bearer <admin token>`, else 401 (the token is always set:
+   --admin-token, or the one `tun2g server` keeps in its data dir);
+3. for changes (any method but GET/HEAD), `Content-Type: application/json`,
+   else 415: a cross-site form or `text/plain` fetch cannot send that without
+   a CORS preflight, which this API never grants.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import time
 
-from tun2g.errors import NoSuchBackend
+from tun2g.errors import ConfigurationError, NoSuchBackend
 from tun2g.server.server import Server
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 415: "Unsupported Media Type"}
 
 
 class AdminAPI:
-    """A WSGI app over a Server."""
+    """A WSGI app over a Server, for a listener bound at `address` (host, port)."""
 
-    def __init__(self, server: Server, admin_token: str | None = None) -> None:
+    def __init__(self, server: Server, admin_token: str, address: tuple) -> None:
+        if not admin_token:
+            raise ConfigurationError("the admin API needs a token (--admin-token, or the data dir's admin-token)")
         self.server = server
         self.admin_token = admin_token
         self.started = time.time()
+        self._allowed_hosts, self._any_ip_literal, self._port = allowed_hosts(address)
 
     def __call__(self, environ, start_response):
         if environ.get("PATH_INFO") == "/health" and environ["REQUEST_METHOD"] in ("GET", "HEAD"):
@@ -29,9 +46,17 @@ class AdminAPI:
                                                             ("Content-Length", str(len(page.body))),
                                                             ("Cache-Control", "no-store")])
             return [page.body]
+        host = environ.get("HTTP_HOST", "")
+        if not self._host_allowed(host):
+            return _json(start_response, 403, {"error": f"Host {host!r} is not this admin API's address; "
+                                                        f"use http://127.0.0.1:{self._port}"})
         if not self._authorized(environ):
-            return _json(start_response, 401, {"error": "admin token required: pass --admin-token"})
+            return _json(start_response, 401, {"error": "admin token missing or wrong: pass --admin-token, or run "
+                                                        "the command where the server keeps its data dir "
+                                                        "(it reads the admin-token file there)"})
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
+        if method not in ("GET", "HEAD") and not _is_json(environ.get("CONTENT_TYPE", "")):
+            return _json(start_response, 415, {"error": "changes need Content-Type: application/json"})
         query = dict(part.split("=", 1) for part in environ.get("QUERY_STRING", "").split("&") if "=" in part)
         if method == "GET" and path == "/backends":
             return _json(start_response, 200, [b.to_dict() for b in self._backends(query)])
@@ -59,15 +84,47 @@ class AdminAPI:
         return self.server.get_all_backends()
 
     def _authorized(self, environ) -> bool:
-        if not self.admin_token:
-            return True
-        supplied = environ.get("HTTP_AUTHORIZATION", "").removeprefix("Bearer ").strip()
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if not header.startswith("Bearer "):
+            return False
+        supplied = header[len("Bearer "):].strip()
         return hmac.compare_digest(supplied.encode(), self.admin_token.encode())
+
+    def _host_allowed(self, host: str) -> bool:
+        host = host.strip().lower()
+        if host in self._allowed_hosts:
+            return True
+        if not self._any_ip_literal:
+            return False
+        name, sep, port = host.rpartition(":")
+        if not sep or port != str(self._port):
+            return False
+        try:
+            ipaddress.ip_address(name[1:-1] if name.startswith("[") and name.endswith("]") else name)
+        except ValueError:
+            return False
+        return not (":" in name and not name.startswith("["))
+
+
+def allowed_hosts(address: tuple) -> tuple[frozenset, bool, int]:
+    """(the Host values accepted, whether any IP literal with the port is (a wildcard bind), the port)."""
+    bound, port = address[0], int(address[1])
+    bound_name = f"[{bound}]" if ":" in bound else bound
+    names = {*LOOPBACK_NAMES, bound_name.lower()}
+    hosts = {f"{name}:{port}" for name in names}
+    if port == 80:
+        hosts |= names  # a client leaves the default port out
+    wildcard = bound in ("0.0.0.0", "::", "")
+    return frozenset(hosts), wildcard, port
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
 def _json(start_response, status: int, payload) -> list:
     body = json.dumps(payload, indent=1).encode() + b"\n"
-    reasons = {200: "OK", 401: "Unauthorized", 404: "Not Found"}
-    start_response(f"{status} {reasons[status]}", [("Content-Type", "application/json"),
-                                                  ("Content-Length", str(len(body)))])
+    start_response(f"{status} {_REASONS[status]}", [("Content-Type", "application/json"),
+                                                   ("Cache-Control", "no-store"),
+                                                   ("Content-Length", str(len(body)))])
     return [body]

@@ -19,8 +19,10 @@ from tun2g import smux
 from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.cluster.forward import HOP_READ_TIMEOUT
 from tun2g.log import configure, get_logger
+from tun2g.errors import ConfigurationError
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
+from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
 from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
@@ -74,6 +76,8 @@ class ServerSetup:
     kcp_profile: str = "fast"
     storage_url: str | None = None
     admin_addr: str | None = "127.0.0.1:7070"
+    # None: the one kept in the data dir's admin-token file (made on first start). A non-loopback
+    # admin_addr needs an explicit token.
     admin_token: str | None = None
     node_id: str | None = None
     smux_version: int = 1
@@ -108,6 +112,7 @@ class ServerSetup:
 
     def start(self) -> "RunningServer":
         """Open the store and every listener, start serving, and return the running server."""
+        self.check_admin_exposure()
         configure(self.log_level)
         fd_before, fd_limit = raise_fd_limit()
         limits = self.front_limits(fd_limit)
@@ -141,11 +146,7 @@ class ServerSetup:
         if self.kcp_addr:
             running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
-            host, port = tcp.split_host_port(self.admin_addr)
-            admin = WSGIServer((host, port), AdminAPI(server, self.admin_token), log=None, error_log=None)
-            admin.start()
-            running.admin_address = admin.address[:2]
-            running.services.append(admin)
+            self._start_admin(server, running)
         log.info("listening", http=_fmt(running.http_address), tunnel=_fmt(running.tunnel_address),
                  tunnel_tls=not self.plain_tunnel and running.tunnel_address is not None, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
@@ -153,6 +154,31 @@ class ServerSetup:
             log.info("dev_certificate", cert=str(cert),
                      hint=f"clients connect with --ca {cert} (or use --tls-cert/--tls-key in production)")
         return running
+
+    def check_admin_exposure(self) -> None:
+        """ConfigurationError when the admin API would listen beyond loopback without an explicit token."""
+        if not self.admin_addr or self.admin_token:
+            return
+        host, _port = tcp.split_host_port(self.admin_addr)
+        if not is_loopback(host):
+            raise ConfigurationError(f"--admin {self.admin_addr} is not a loopback address: exposing the admin API "
+                                     f"needs an explicit --admin-token (or TUN2G_ADMIN_TOKEN)")
+
+    def _start_admin(self, server: Server, running: RunningServer) -> None:
+        if not self.admin_addr:
+            return
+        token = self.admin_token
+        if not token:
+            token, path, created = load_or_create_admin_token()
+            log.info("admin_token", file=str(path), created=created,
+                     hint="tun2g backends / tun2g kill read it from there")
+        listener = tcp.listen(self.admin_addr)
+        address = listener.getsockname()[:2]
+        admin = WSGIServer(listener, AdminAPI(server, token, address), log=None, error_log=None)
+        admin.start()
+        running.admin_address = address
+        running.admin_token = token
+        running.services.append(admin)
 
     def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
         tunnel_listener = tcp.listen(self.tunnel_addr)
@@ -205,6 +231,7 @@ class RunningServer:
     kcp_listener: object | None = None
     admin_address: tuple | None = None
     front: HTTPFront | None = None
+    admin_token: str | None = None
     services: list = field(default_factory=list)
     tasks: list = field(default_factory=list)
 

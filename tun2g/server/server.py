@@ -28,6 +28,7 @@ from tun2g.control import (MAX_AUTH_SIZE, Auth, AuthFormatError, JSONObjectReade
                            verify_auth)
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
+from tun2g.server.login_limit import LoginLimiter
 from tun2g.server.pipeline import Pipeline, TrustedProxies
 from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
@@ -84,6 +85,7 @@ class Server:
         self.router = Router(self.tunnels, cluster)
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
                                  timeouts=timeouts)
+        self.login_limiter = LoginLimiter()  # failed logins per source address (docs/protocol.md#auth-limits)
         self._tasks = Group()
         self._closed = Event()
         self.draining = False  # stopping: the health check says 503 so balancers send no more
@@ -156,11 +158,17 @@ class Server:
         """Read and verify the Auth within the deadline; register on success."""
         try:
             auth = self._read_auth(control)
+            wait = self.login_limiter.allow(remote)
+            if wait:  # too many failures from there: refused unchecked, so the reply reaches the client (logged)
+                _try_send(control, encode_reply(False, error=f"too many failed logins from your address; retry in "
+                                                             f"{max(1, round(wait))} s", retry=True))
+                return None
             revision = self.revocations.revision  # before the check: a revocation during it is caught later
             user = verify_auth(self.storage, auth, normalize_domain)
         except (AuthMismatch, AuthFormatError) as exc:
+            self.login_limiter.failed(remote)
             reason = getattr(exc, "reason", str(exc))
-            log.warning("auth_rejected", remote=remote, proto=proto, reason=reason)
+            log.warning("auth_rejected", remote=remote, proto=proto, reason=getattr(exc, "log_reason", reason))
             _try_send(control, encode_reply(False, error=reason))
             return None
         except StorageError as exc:
