@@ -16,6 +16,10 @@ from .parser import CHUNKED
 from .reader import RECV_SIZE, MessageReader
 
 
+# Methods whose empty body is still announced (Content-Length: 0), as Go's Transport does.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 class UpstreamError(Exception):
     """The upstream failed before any final response went downstream: answer the client with a 502.
 
@@ -96,15 +100,20 @@ class _Exchange:
 
     def _send_request(self) -> None:
         request, reader = self.request, self.request_reader
-        headers = forwardable_headers(request.headers)
+        # The framing goes out as the parser measured it, never as a copied header: a body the
+        # next hop would not expect is the next request on a kept-alive connection (smuggling).
+        headers = forwardable_headers(request.headers, keep_length=False)
         upgrade = request.get("Upgrade") if reader.upgrade else None
         connection = None
         if upgrade:
             headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         elif self.close_upstream:
             connection = "close"
-        chunked = reader.framing == CHUNKED
-        payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers)
+        framing = reader.framing
+        chunked = framing == CHUNKED
+        length = framing if framing > 0 or (framing == 0 and request.method in _BODY_METHODS) else None
+        payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers,
+                                      content_length=length)
         if not reader.body_complete:
             payload += _framed(reader.take_ready_body(), chunked)
         if chunked and reader.body_complete:
@@ -163,8 +172,12 @@ class _Exchange:
         keep_alive = (request_reader.keep_alive and request_reader.body_complete and not request_reader.upgrade
                       and (reader.framing >= 0 or client_speaks_11))
         connection = ("keep-alive" if not client_speaks_11 else None) if keep_alive else "close"
+        # A bodyless answer's Content-Length (HEAD, 204, 304) describes another response: copied.
+        # Any other's is the framing the parser measured.
+        bodyless = head.status < 200 or head.status in (204, 304) or self.request.method == "HEAD"
         payload = encode_response_head(head, chunked=chunked_out, connection=connection,
-                                       headers=forwardable_headers(head.headers))
+                                       headers=forwardable_headers(head.headers, keep_length=bodyless),
+                                       content_length=None if bodyless or reader.framing < 0 else reader.framing)
         payload += _framed(reader.take_ready_body(), chunked_out)
         complete = reader.body_complete
         if complete and chunked_out:
