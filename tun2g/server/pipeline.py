@@ -84,11 +84,11 @@ class _SocketExchange:
             result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
                                       close_upstream=upstream.single_use)
+            reusable = result.upstream_reusable  # before the release below (it was set after: never reused)
         except DownstreamError:
             return Outcome(499, False)  # the public client left: only this exchange ends
         finally:
             upstream.release(reusable)
-        reusable = result.upstream_reusable
         return Outcome(result.status, result.keep_alive)
 
     def page(self, page: pages.Page) -> Outcome:
