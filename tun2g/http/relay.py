@@ -8,6 +8,7 @@ from typing import Callable
 
 import gevent
 
+from tun2g.log import get_logger
 from tun2g.transport.base import capabilities_of
 
 from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
@@ -18,6 +19,9 @@ from .reader import RECV_SIZE, MessageReader
 
 # Methods whose empty body is still announced (Content-Length: 0), as Go's Transport does.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+log = get_logger(__name__)
 
 
 class UpstreamError(Exception):
@@ -33,7 +37,15 @@ class UpstreamError(Exception):
 
 
 class DownstreamError(Exception):
-    """The downstream peer went away (or broke HTTP) mid-exchange: drop the upstream connection."""
+    """The downstream peer went away (or broke HTTP) mid-exchange: drop the upstream connection.
+
+    ``http_error``: the client's request body broke HTTP (e.g. a malformed chunk) before
+    anything went downstream, so it can still be answered (with ``http_error.status``).
+    """
+
+    def __init__(self, message: str, *, http_error: HTTPError | None = None) -> None:
+        super().__init__(message)
+        self.http_error = http_error
 
 
 @dataclass(slots=True)
@@ -154,9 +166,11 @@ class _Exchange:
         try:
             return self.upstream_reader.read_final_response_head(self.request.method, self._relay_interim)
         except (OSError, HTTPError) as exc:
-            if self.downstream_failure is not None:
-                raise DownstreamError(f"the client failed while sending its body: "
-                                      f"{_describe(self.downstream_failure)}") from exc
+            failure = self.downstream_failure
+            if failure is not None:
+                answerable = failure if isinstance(failure, HTTPError) and self.response_bytes == 0 else None
+                raise DownstreamError(f"the client failed while sending its body: {_describe(failure)}",
+                                      http_error=answerable) from exc
             raise UpstreamError(f"no valid response from upstream: {_describe(exc)}",
                                 replayable=self.request_bodyless and self.response_bytes == 0) from exc
 
@@ -277,6 +291,7 @@ def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
             try:
                 head = reader.read_request_head()
             except HTTPError as exc:
+                log.info("request_refused", status=exc.status, reason=exc.message)
                 sock.sendall(reject(exc))
                 return
             if head is None or not handle(head, reader):

@@ -85,7 +85,10 @@ class _SocketExchange:
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
                                       close_upstream=upstream.single_use)
             reusable = result.upstream_reusable  # before the release below (it was set after: never reused)
-        except DownstreamError:
+        except DownstreamError as exc:
+            error = exc.http_error
+            if error is not None:  # its body broke HTTP (a bad chunk) before any answer: say so
+                return self.page(pages.malformed_request(error.status, error.message, self._request.id))
             return Outcome(499, False)  # the public client left: only this exchange ends
         finally:
             upstream.release(reusable)
