@@ -19,6 +19,9 @@ from tun2g.storage import StorageError
 # The Auth object is two short strings; anything near this size is not a client.
 MAX_AUTH_SIZE = 8192
 MAX_REPLY_SIZE = 8192
+# Objects and arrays nested deeper than this are no Auth (it is flat); json.loads would
+# recurse once per level (RecursionError near 1,000).
+MAX_AUTH_DEPTH = 16
 
 # What the Go server writes on each ping stream (docs/protocol.md#health-ping), byte for byte.
 HEALTH_PATH = "/health"
@@ -52,10 +55,12 @@ class JSONObjectReader:
     closes its object is cut off at `limit` bytes.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, max_depth: int = MAX_AUTH_DEPTH):
         self._limit = limit
+        self._max_depth = max_depth
         self._buffer = bytearray()
         self._depth = 0
+        self._nesting = 0  # objects and arrays open right now
         self._in_string = False
         self._escaped = False
         self._started = False
@@ -81,12 +86,18 @@ class JSONObjectReader:
             return False
         if byte == 0x22:
             self._in_string = True
-        elif byte == 0x7B:  # {
-            self._depth += 1
-            self._started = True
-        elif byte == 0x7D:  # }
-            self._depth -= 1
-            return self._started and self._depth == 0
+        elif byte == 0x7B or byte == 0x5B:  # { or [
+            if byte == 0x7B:
+                self._depth += 1
+                self._started = True
+            self._nesting += 1
+            if self._nesting > self._max_depth:
+                raise AuthFormatError(f"the JSON is nested more than {self._max_depth} levels deep")
+        elif byte == 0x7D or byte == 0x5D:  # } or ]
+            self._nesting -= 1
+            if byte == 0x7D:
+                self._depth -= 1
+                return self._started and self._depth == 0
         elif not self._started and byte not in b" \t\r\n":
             raise AuthFormatError(f"expected a JSON object, got byte {bytes([byte])!r}")
         return False
@@ -96,6 +107,8 @@ class JSONObjectReader:
             value = json.loads(self._buffer)
         except (ValueError, UnicodeDecodeError) as exc:
             raise AuthFormatError(f"invalid JSON: {exc}") from None
+        except RecursionError:  # the depth cap stops this first; never let one escape anyway
+            raise AuthFormatError("the JSON is nested too deeply") from None
         if not isinstance(value, dict):
             raise AuthFormatError("expected a JSON object")
         return value
@@ -158,7 +171,7 @@ def decode_reply(line: bytes) -> dict:
     """Parse a reply line; raises AuthFormatError when it is not one."""
     try:
         value = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise AuthFormatError(f"invalid reply on the control stream: {exc}") from None
     if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
         raise AuthFormatError("invalid reply on the control stream: no boolean 'ok'")

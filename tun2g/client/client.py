@@ -228,7 +228,12 @@ class Client:
             self.health_checks += 1
             stream.sendall(pages.health_ok().encode(close=not head.keep_alive))
             return head.keep_alive
-        head.target = self.pool.join_path(head.target)
+        try:
+            head.target = self.pool.join_path(head.target)
+        except HTTPError as exc:  # a target climbing out of the backend URL's path
+            log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
+            stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
+            return False
         head.append_to("X-Forwarded-For", peer_ip)
         try:
             result = self.pool.forward_exchange(head, reader, stream)

@@ -95,22 +95,25 @@ def send_request(stream, head: RequestHead, body: Body, *, close: bool = False) 
     does; an upgrade request keeps its Upgrade. `close` asks the peer to end the
     connection after the response. Raises OSError when the head cannot be written.
     """
-    headers = forwardable_headers(head.headers)
+    # The framing is emitted here from the body in hand (or the one Content-Length declared),
+    # never copied: a copied header that disagreed with the body would desynchronise the peer.
+    headers = forwardable_headers(head.headers, keep_length=False)
     upgrade = head.get("Upgrade") if "upgrade" in head.connection_tokens() else None
     connection = "close" if close and not upgrade else None
     if upgrade:
         headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
     if body is None or isinstance(body, (bytes, bytearray, memoryview)):
         data = bytes(body or b"")
-        if data or head.method in ("POST", "PUT", "PATCH"):
-            headers = [h for h in headers if h[0].lower() != "content-length"] + [("Content-Length", str(len(data)))]
-        stream.sendall(encode_request_head(head, connection=connection, headers=headers) + data)
+        length = len(data) if data or head.method in ("POST", "PUT", "PATCH") else None
+        stream.sendall(encode_request_head(head, connection=connection, headers=headers, content_length=length) + data)
         return None
     if isinstance(body, str):
         raise TypeError("a request body must be bytes, an iterable of bytes or a binary file, not str")
-    chunked = head.content_length is None
-    stream.sendall(encode_request_head(head, chunked=chunked, connection=connection, headers=headers))
-    return gevent.spawn(_pump_body, stream, _pieces(body), chunked)
+    declared = head.content_length
+    chunked = declared is None
+    stream.sendall(encode_request_head(head, chunked=chunked, connection=connection, headers=headers,
+                                       content_length=declared))
+    return gevent.spawn(_pump_body, stream, _pieces(body), chunked, declared)
 
 
 def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
@@ -124,9 +127,17 @@ def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
         yield from body
 
 
-def _pump_body(stream, pieces: Iterator[bytes], chunked: bool) -> None:
+def _pump_body(stream, pieces: Iterator[bytes], chunked: bool, length: int | None = None) -> None:
+    left = length
     for piece in pieces:
-        if piece:
-            stream.sendall(encode_chunk(piece) if chunked else piece)
+        if not piece:
+            continue
+        if left is not None:
+            if len(piece) > left:  # never past the declared length: that would be the next request
+                raise OSError(f"the request body is longer than its Content-Length ({length})")
+            left -= len(piece)
+        stream.sendall(encode_chunk(piece) if chunked else piece)
     if chunked:
         stream.sendall(LAST_CHUNK)
+    elif left:
+        raise OSError(f"the request body is shorter than its Content-Length ({length})")

@@ -15,28 +15,36 @@ def _header_block(headers: Iterable[tuple[str, str]], extra: str) -> str:
     return f"{lines}\r\n{extra}\r\n" if lines else f"{extra}\r\n"
 
 
-def _framing_lines(chunked: bool, connection: str | None) -> str:
-    extra = "Transfer-Encoding: chunked\r\n" if chunked else ""
+def _framing_lines(chunked: bool, connection: str | None, content_length: int | None = None) -> str:
+    if chunked:
+        extra = "Transfer-Encoding: chunked\r\n"
+    elif content_length is not None:
+        extra = f"Content-Length: {content_length}\r\n"
+    else:
+        extra = ""
     if connection:
         extra += f"Connection: {connection}\r\n"
     return extra
 
 
 def encode_request_head(head: RequestHead, *, chunked: bool = False, connection: str | None = None,
-                        headers: Iterable[tuple[str, str]] | None = None) -> bytes:
+                        headers: Iterable[tuple[str, str]] | None = None, content_length: int | None = None) -> bytes:
     """``head`` as bytes in HTTP/1.1 form (a proxy sends its own version, RFC 9110 section 6.2).
 
-    ``headers`` replaces ``head.headers`` when given; ``chunked`` and ``connection``
-    append ``Transfer-Encoding: chunked`` and ``Connection: <value>``.
+    ``headers`` replaces ``head.headers`` when given; ``chunked``, ``content_length`` and
+    ``connection`` append ``Transfer-Encoding: chunked`` (or ``Content-Length: <n>``) and
+    ``Connection: <value>``: a proxy emits the framing it parsed, never a copied header.
     """
-    block = _header_block(head.headers if headers is None else headers, _framing_lines(chunked, connection))
+    block = _header_block(head.headers if headers is None else headers,
+                          _framing_lines(chunked, connection, content_length))
     return f"{head.method} {head.target} HTTP/1.1\r\n{block}".encode("latin-1")
 
 
 def encode_response_head(head: ResponseHead, *, chunked: bool = False, connection: str | None = None,
-                         headers: Iterable[tuple[str, str]] | None = None) -> bytes:
+                         headers: Iterable[tuple[str, str]] | None = None, content_length: int | None = None) -> bytes:
     """``head`` as bytes with an HTTP/1.1 status line; options as in ``encode_request_head``."""
-    block = _header_block(head.headers if headers is None else headers, _framing_lines(chunked, connection))
+    block = _header_block(head.headers if headers is None else headers,
+                          _framing_lines(chunked, connection, content_length))
     reason = head.reason or _reason_phrase(head.status)
     return f"HTTP/1.1 {head.status} {reason}\r\n{block}".encode("latin-1")
 

@@ -168,15 +168,28 @@ class ResponseHead(_HeaderFields):
 
 
 _HOP_BY_HOP_LENGTHS = frozenset(map(len, HOP_BY_HOP))
+# Never removable by naming them in Connection: the message's framing (the encoder emits it
+# from the parsed framing) and Host (the routing key). A peer listing them there is trying to
+# desynchronise the next hop (docs/security.md, cluster request smuggling).
+PROTECTED = frozenset({"content-length", "transfer-encoding", "host"})
+_CONTENT_LENGTH_SIZE = len("content-length")
 
 
-def forwardable_headers(headers: Iterable[tuple[str, str]]) -> Headers:
-    """``headers`` without the hop-by-hop fields and those named in Connection."""
+def forwardable_headers(headers: Iterable[tuple[str, str]], *, keep_length: bool = True) -> Headers:
+    """``headers`` without the hop-by-hop fields and those named in Connection.
+
+    Content-Length and Host survive any Connection header (see ``PROTECTED``);
+    ``keep_length=False`` drops Content-Length too, for a sender that emits the
+    framing itself from what the parser measured (``encode_*_head(content_length=...)``).
+    """
     kept: Headers = []
     named: set[str] | None = None
     for header in headers:
         name = header[0]
-        if len(name) not in _HOP_BY_HOP_LENGTHS:
+        size = len(name)
+        if size not in _HOP_BY_HOP_LENGTHS:
+            if size == _CONTENT_LENGTH_SIZE and not keep_length and name.lower() == "content-length":
+                continue
             kept.append(header)
             continue
         name = name.lower()
@@ -186,7 +199,7 @@ def forwardable_headers(headers: Iterable[tuple[str, str]]) -> Headers:
             value = header[1].lower()
             if value in _CONNECTION_OPTIONS:  # the usual "close" or "keep-alive": names no header
                 continue
-            tokens = {token.strip() for token in value.split(",")} - _CONNECTION_OPTIONS
+            tokens = {token.strip() for token in value.split(",")} - _CONNECTION_OPTIONS - PROTECTED
             if tokens:
                 named = tokens if named is None else named | tokens
     if named:

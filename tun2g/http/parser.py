@@ -35,7 +35,9 @@ CHUNKED = -1      # chunked transfer coding
 UNTIL_CLOSE = -2  # the body ends when the sender closes (responses only)
 
 _VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
-_FRAMING_NAME_LENGTHS = frozenset(map(len, ("transfer-encoding", "content-length", "connection")))
+_FRAMING_NAME_LENGTHS = frozenset(map(len, ("transfer-encoding", "content-length", "connection", "host")))
+# What an authority (RFC 3986 section 3.2, without userinfo) may contain: reg-name or IP, and a port.
+_AUTHORITY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%")
 
 
 class _Marker:
@@ -108,12 +110,13 @@ class MessageParser:
             self._receive_eof()
             return
         self._feeding = len(data)
+        upgraded_at = -1
         try:
             self._llhttp.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgraded(data[upgrade.args[0]:])
+            upgraded_at = upgrade.args[0]
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
+            cause = _our_exception(exc)
             if isinstance(cause, _StopAfterHead):
                 self._after_head_only(data)
             elif isinstance(cause, HTTPError):
@@ -127,6 +130,12 @@ class MessageParser:
                 self._head_bytes_bound += len(data)
                 if self._head_bytes_bound > self.max_head_size:
                     self._finish(HTTPError(431, f"the {self._what} head is larger than {self.max_head_size} bytes"))
+            return
+        if upgraded_at >= 0:
+            # Outside the except block: a reseat parses more bytes, and an error there must not
+            # carry the upgrade as its context (llhttp then hid our HTTPError: an uncaught
+            # HttpParserCallbackError instead of a 400).
+            self._upgraded(data[upgraded_at:])
 
     @property
     def _what(self) -> str:
@@ -204,6 +213,7 @@ class MessageParser:
             raise HTTPError(505, f"HTTP version {version} is not supported; use HTTP/1.1")
         version = _VERSIONS.get(version) or f"HTTP/{version}"
         transfer_encoding = content_length = connection = None
+        hosts = 0
         for name, value in self._headers:
             if len(name) not in _FRAMING_NAME_LENGTHS:
                 continue
@@ -214,6 +224,8 @@ class MessageParser:
                 content_length = value
             elif lowered == "connection":
                 connection = value if connection is None else f"{connection},{value}"
+            elif lowered == "host":
+                hosts += 1
         keep_alive = version == "HTTP/1.1"
         if connection is not None:
             connection = connection.lower()
@@ -223,12 +235,16 @@ class MessageParser:
                 tokens = {token.strip() for token in connection.split(",")}
                 keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
         if self.is_request:
+            if hosts > 1:
+                raise HTTPError(400, "the request has more than one Host header")
             head = RequestHead(llhttp.get_method().decode("ascii"), self._target.decode("latin-1"), version,
                                self._headers)
             framing = self._framing_of(transfer_encoding, content_length, 0)
             upgrade = llhttp.should_upgrade()
             if upgrade and head.method == "CONNECT":
                 raise HTTPError(501, "CONNECT is not supported: this is a reverse proxy, not a forward proxy")
+            if head.target[:1] != "/":
+                _to_origin_form(head)
             if upgrade and framing != 0:
                 self._reseating, upgrade = True, False
         else:
@@ -267,3 +283,38 @@ class MessageParser:
             return  # llhttp "completed" an Upgrade request by skipping its body; the reseat parses it
         self._in_message = False
         self.events.append(END)
+
+
+def _our_exception(error: BaseException) -> BaseException | None:
+    """The exception one of our callbacks raised inside llhttp (it is the context of llhttp's error)."""
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, (HTTPError, _StopAfterHead)):
+        cause = cause.__context__
+    return cause
+
+
+def _to_origin_form(head: RequestHead) -> None:
+    """Make a request whose target is not origin-form ("/path") safe to forward, or refuse it.
+
+    RFC 9112 section 3.2.2: the authority of an absolute-form target replaces Host
+    (routing uses it) and the target forwarded on is origin-form. "*" is kept for
+    OPTIONS; any other form (a relative path, another scheme, userinfo) is a 400.
+    """
+    target = head.target
+    if target == "*" and head.method == "OPTIONS":
+        return
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise HTTPError(400, f"invalid request target {target[:100]!r}: expected /path or http://host/path")
+    end = len(rest)
+    for index, char in enumerate(rest):
+        if char in "/?#":
+            end = index
+            break
+    authority, path = rest[:end], rest[end:]
+    if not authority or not _AUTHORITY_CHARS.issuperset(authority):
+        raise HTTPError(400, f"invalid authority in the request target {target[:100]!r}")
+    if path.startswith("#"):
+        path = ""
+    head.target = path if path.startswith("/") else "/" + path
+    head.set("Host", authority)

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import select
 import socket as stdlib_socket
 import time
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from gevent import monkey, socket, ssl
 
-from .heads import RequestHead, ResponseHead
+from .heads import HTTPError, RequestHead, ResponseHead
 from .reader import MessageReader
 from .relay import ExchangeResult, UpstreamError, forward_exchange
 
 # A zero-timeout poll never blocks, so the unpatched one is safe and cheaper.
 _poll = monkey.get_original("select", "poll")
-
-# A connection released less than this long ago is reused for a replayable (bodyless)
-# request without polling it first: backends rarely close keep-alive connections so soon,
-# and if one did, the request is retried once on a new connection anyway.
-RECENT_RELEASE = 1.0
 
 
 class BackendPool:
@@ -58,10 +54,16 @@ class BackendPool:
     def join_path(self, target: str) -> str:
         """The request target to send the backend: the URL's path joined before it, queries merged.
 
-        Like Go's httputil.NewSingleHostReverseProxy: "/base" + "/x" = "/base/x".
+        Like Go's httputil.NewSingleHostReverseProxy: "/base" + "/x" = "/base/x". Behind a
+        prefix, dot segments are removed first (RFC 3986 section 5.2.4, after decoding
+        percent-encoded unreserved characters, so "/%2e%2e/" is ".." too); a target that
+        would climb above the prefix, the way any backend might read it (backslashes or
+        %2F/%5C as separators, ";params", double encoding), raises HTTPError(400).
         """
         path, _, query = target.partition("?")
         prefix = self.path_prefix
+        if prefix and prefix != "/" and ("/." in path or "%" in path or "\\" in path):
+            path = confined_path(path)
         if prefix:
             if prefix.endswith("/") and path.startswith("/"):
                 path = prefix + path[1:]
@@ -76,12 +78,15 @@ class BackendPool:
     def acquire(self, replayable: bool = False):
         """An idle connection still open, or a new one: ``(sock, reader)``. Raises ``OSError`` if dialing fails.
 
-        ``replayable``: the caller retries the request on a new connection if this one
-        turns out closed, so a recently released connection is not checked (a syscall).
+        A kept connection is reused only when provably idle: its reader holds nothing and
+        the socket has nothing to read. Bytes there (an extra response, the body of a
+        response to HEAD, a close) would be read as the next request's answer: a
+        response for another visitor, maybe another site's (response-queue poisoning).
+        ``replayable`` is accepted for compatibility; every reuse is checked.
         """
         while self._idle:
-            sock, reader, released = self._idle.pop()
-            if (replayable and time.monotonic() - released < RECENT_RELEASE) or _still_idle(sock):
+            sock, reader, _released = self._idle.pop()
+            if reader.idle and _still_idle(sock):
                 return sock, reader
             sock.close()
         return self.dial()
@@ -151,6 +156,67 @@ class BackendPool:
             sock.close()
 
 
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _decode_unreserved(match: re.Match) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else match.group(0).upper()
+
+
+def remove_dot_segments(path: str) -> tuple[str, bool]:
+    """RFC 3986 section 5.2.4 on an absolute path: (the path without "." and "..", whether ".." left the root)."""
+    out: list[str] = []
+    climbed = False
+    segments = path.split("/")
+    for segment in segments[1:]:
+        if segment == ".":
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            else:
+                climbed = True
+            continue
+        out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")  # "/a/b/.." is "/a/": the directory
+    return "/" + "/".join(out), climbed
+
+
+def _climbs_anywhere(path: str) -> bool:
+    """Whether ``path`` climbs above its root as a lenient backend may read it (the widest reading)."""
+    view = path
+    for _ in range(3):  # decode until stable: "%252e" is "%2e" to a backend that decodes twice
+        decoded = unquote(view, errors="replace")
+        if decoded == view:
+            break
+        view = decoded
+    depth = 0
+    for segment in view.replace("\\", "/").split("/"):
+        segment = segment.split(";", 1)[0].strip()  # "..;/" is ".." to Tomcat and friends
+        if segment in ("", "."):
+            continue  # "//" collapses on many servers: count no level for it
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        else:
+            depth += 1
+    return False
+
+
+def confined_path(path: str) -> str:
+    """``path`` normalised for joining under a prefix; HTTPError(400) if it would climb above it."""
+    if _climbs_anywhere(path):
+        raise HTTPError(400, "the request path climbs above the site's root (\"..\" segments)")
+    normalised, climbed = remove_dot_segments(_ESCAPE.sub(_decode_unreserved, path))
+    if climbed:  # cannot happen after the widest check, but never forward one that does
+        raise HTTPError(400, "the request path climbs above the site's root (\"..\" segments)")
+    return normalised
+
+
 def _ip_family(host: str):
     try:
         return stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
@@ -160,6 +226,13 @@ def _ip_family(host: str):
 
 def _still_idle(sock) -> bool:
     """False when an idle connection has something to read: the backend closed it (or sent junk)."""
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already buffered in the SSL object
+    if pending is not None:
+        try:
+            if pending():
+                return False
+        except (OSError, ValueError):
+            return False
     try:
         poller = _poll()
         poller.register(sock.fileno(), select.POLLIN)

@@ -9,6 +9,7 @@ from typing import Callable
 
 import gevent
 
+from tun2g.log import get_logger
 from tun2g.transport.base import capabilities_of
 
 from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
@@ -23,6 +24,13 @@ WATCH_AFTER = 0.1
 
 # RFC 9110 section 9.2.2: requests whose repetition has the effect of one, so a proxy may retry them.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+# Methods whose empty body is still announced (Content-Length: 0), as Go's Transport does.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+log = get_logger(__name__)
 
 
 class UpstreamError(Exception):
@@ -43,7 +51,15 @@ class UpstreamTimeout(UpstreamError):
 
 
 class DownstreamError(Exception):
-    """The downstream peer went away (or broke HTTP) mid-exchange: drop the upstream connection."""
+    """The downstream peer went away (or broke HTTP) mid-exchange: drop the upstream connection.
+
+    ``http_error``: the client's request body broke HTTP (e.g. a malformed chunk) before
+    anything went downstream, so it can still be answered (with ``http_error.status``).
+    """
+
+    def __init__(self, message: str, *, http_error: HTTPError | None = None) -> None:
+        super().__init__(message)
+        self.http_error = http_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,15 +179,20 @@ class _Exchange:
 
     def _send_request(self) -> None:
         request, reader = self.request, self.request_reader
-        headers = forwardable_headers(request.headers)
+        # The framing goes out as the parser measured it, never as a copied header: a body the
+        # next hop would not expect is the next request on a kept-alive connection (smuggling).
+        headers = forwardable_headers(request.headers, keep_length=False)
         upgrade = request.get("Upgrade") if reader.upgrade else None
         connection = None
         if upgrade:
             headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         elif self.close_upstream:
             connection = "close"
-        chunked = reader.framing == CHUNKED
-        payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers)
+        framing = reader.framing
+        chunked = framing == CHUNKED
+        length = framing if framing > 0 or (framing == 0 and request.method in _BODY_METHODS) else None
+        payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers,
+                                      content_length=length)
         if not reader.body_complete:
             payload += _framed(reader.take_ready_body(), chunked)
         if chunked and reader.body_complete:
@@ -286,9 +307,11 @@ class _Exchange:
                 raise DownstreamError("the client left while the response was awaited") from exc
             if isinstance(exc, socket.timeout) and self.timeouts is not None and self.timeouts.response is not None:
                 raise _HeadWaitExpired() from exc
-            if self.downstream_failure is not None:
-                raise DownstreamError(f"the client failed while sending its body: "
-                                      f"{_describe(self.downstream_failure)}") from exc
+            failure = self.downstream_failure
+            if failure is not None:
+                answerable = failure if isinstance(failure, HTTPError) and self.response_bytes == 0 else None
+                raise DownstreamError(f"the client failed while sending its body: {_describe(failure)}",
+                                      http_error=answerable) from exc
             raise UpstreamError(f"no valid response from upstream: {_describe(exc)}",
                                 replayable=self.request_bodyless and self.request_idempotent
                                 and self.response_bytes == 0) from exc
@@ -305,8 +328,12 @@ class _Exchange:
         keep_alive = (request_reader.keep_alive and request_reader.body_complete and not request_reader.upgrade
                       and (reader.framing >= 0 or client_speaks_11))
         connection = ("keep-alive" if not client_speaks_11 else None) if keep_alive else "close"
+        # A bodyless answer's Content-Length (HEAD, 204, 304) describes another response: copied.
+        # Any other's is the framing the parser measured.
+        bodyless = head.status < 200 or head.status in (204, 304) or self.request.method == "HEAD"
         payload = encode_response_head(head, chunked=chunked_out, connection=connection,
-                                       headers=forwardable_headers(head.headers))
+                                       headers=forwardable_headers(head.headers, keep_length=bodyless),
+                                       content_length=None if bodyless or reader.framing < 0 else reader.framing)
         payload += _framed(reader.take_ready_body(), chunked_out)
         complete = reader.body_complete
         if complete and chunked_out:
@@ -433,6 +460,7 @@ def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
                     sock.sendall(reject(exc))
                 return
             except HTTPError as exc:
+                log.info("request_refused", status=exc.status, reason=exc.message)
                 if head_timeout is not None:
                     sock.settimeout(head_timeout)
                 sock.sendall(reject(exc))

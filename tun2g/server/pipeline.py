@@ -90,8 +90,11 @@ class _SocketExchange:
             result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
                                       close_upstream=upstream.single_use, timeouts=self._timeouts)
-        except DownstreamError:
+        except DownstreamError as exc:
             upstream.release(False)
+            error = exc.http_error
+            if error is not None:  # its body broke HTTP (a bad chunk) before any answer: say so
+                return self.page(pages.malformed_request(error.status, error.message, self._request.id))
             return Outcome(499, False)  # the public client left: only this exchange ends
         except UpstreamTimeout:
             upstream.release(False)

@@ -22,11 +22,19 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Protocol, runtime_checkable
 
+try:
+    import idna as _idna
+except ImportError:  # optional: Python's own IDNA 2003 codec is the fallback
+    _idna = None
+
 CONNECT_SCOPE = "connect"  # the scope the server requires of a tunnel client's token
 DEFAULT_SCOPES = (CONNECT_SCOPE,)
 MAX_NAME_LENGTH = 256  # users, scopes and notes are labels, not documents
 
-_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")  # RFC 1035 label, plus "_"
+# An LDH label (RFC 1035/5890): 1-63 of [a-z0-9-], no hyphen first or last. Matched with
+# fullmatch: "$" would also match before a trailing "\n".
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SCOPE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
@@ -165,7 +173,9 @@ def normalize_domain(domain: str) -> str:
     """Lowercase, without a trailing dot or :port; StorageError if not a host name or IP."""
     if not isinstance(domain, str):
         raise StorageError(f"domain must be a string, not {type(domain).__name__}")
-    host = domain.strip().lower()
+    if _CONTROL.search(domain):  # "app.test\n", NUL, tabs: never a host name, not even trimmed
+        raise _domain_error(domain)
+    host = domain.strip(" ").lower()
     if host.startswith("["):  # bracketed IPv6 literal, as in a Host header
         literal, bracket, rest = host[1:].partition("]")
         if not bracket or not _is_port_suffix(rest):
@@ -178,19 +188,41 @@ def normalize_domain(domain: str) -> str:
         raise _domain_error(domain)
     if host.endswith("."):  # the absolute form names the same host
         host = host[:-1]
-    if any(ord(ch) > 127 for ch in host):
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise _domain_error(domain) from None
+    if not host.isascii():
+        host = _to_a_labels(host, domain)
     labels = host.split(".")
-    if not host or len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+    if not host or len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise _domain_error(domain)
+    if "xn--" in host and not all(_valid_a_label(label) for label in labels if label.startswith("xn--")):
         raise _domain_error(domain)
     return host
 
 
+def _to_a_labels(host: str, original: str) -> str:
+    """An internationalised name in its ASCII (punycode) form: IDNA 2008 with UTS 46 mapping
+    when the ``idna`` package is installed, else Python's IDNA 2003 codec."""
+    try:
+        if _idna is not None:
+            return _idna.encode(host, uts46=True).decode("ascii")
+        return host.encode("idna").decode("ascii")
+    except (UnicodeError, ValueError):  # idna.IDNAError is a UnicodeError
+        raise _domain_error(original) from None
+
+
+def _valid_a_label(label: str) -> bool:
+    """Whether an "xn--" label decodes to a valid U-label (punycode that decodes is not enough)."""
+    try:
+        if _idna is not None:
+            _idna.ulabel(label)
+        else:
+            label.encode("ascii").decode("idna")
+    except (UnicodeError, ValueError):
+        return False
+    return True
+
+
 def _is_port_suffix(text: str) -> bool:
-    return text == "" or (text.startswith(":") and text[1:].isdigit() and len(text) <= 6)
+    return text == "" or (text.startswith(":") and text[1:].isdigit() and len(text) <= 6 and int(text[1:]) <= 65535)
 
 
 def _ipv6(literal: str, original: str) -> str:
