@@ -112,3 +112,20 @@ def test_a_bad_trusted_proxy_value_is_refused_naming_the_flag():
     assert result.exit_code == 2
     assert "--trusted-proxy" in result.output and "10.0.0.0/8x" in result.output
     assert "Traceback" not in result.output
+
+
+def test_behind_a_trusted_proxy_the_client_address_is_its_last_untrusted_hop(behind_a_trusted_balancer):
+    from tun2g.http import RequestHead
+
+    pipeline = behind_a_trusted_balancer.server.pipeline
+    head = RequestHead("GET", "/", "HTTP/1.1", [("Host", DOMAIN), ("X-Forwarded-For", "6.6.6.6, 203.0.113.9"),
+                                               ("X-Forwarded-For", "127.0.0.5")])
+    assert pipeline.client_address(head, "127.0.0.1") == "203.0.113.9"
+    assert pipeline.client_address(head, "198.51.100.1") == "198.51.100.1"  # an untrusted peer speaks for itself
+
+
+def test_login_limits_count_a_bare_address_and_an_ipv6_one_by_their_own_bucket():
+    from tun2g.server.login_limit import source_key
+
+    assert source_key("203.0.113.9") == source_key("203.0.113.9:5555") == "203.0.113.9"
+    assert source_key("2001:db8::1") == source_key("2001:db8::2:4444") == "2001:db8::/64"

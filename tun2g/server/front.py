@@ -182,8 +182,11 @@ class HTTPFront:
         if upgrade.is_tunnel_request(head):  # a tunnel client on the public port (--conn-type upgrade)
             tune(sock)
             sock.sendall(upgrade.SWITCHING_PROTOCOLS)
+            # Behind a trusted balancer the client's own address (for the login limit and the log) is in its
+            # X-Forwarded-For; the peer's would put every client in one bucket.
             self.server.serve_tunnel(upgrade.UpgradedStream(sock, reader.take_buffered()),
-                                     proto="upgrade+tls" if self.scheme == "https" else "upgrade")
+                                     proto="upgrade+tls" if self.scheme == "https" else "upgrade",
+                                     remote=self.server.pipeline.client_address(head, peer_ip))
             return False
         if pages.is_health_request(head.method, head.target):
             return self._health(head, reader, sock)

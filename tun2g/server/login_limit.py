@@ -89,15 +89,18 @@ class LoginLimiter:
 
 
 def source_key(remote: str) -> str:
-    """The address a peer ("host:port") counts against: its IPv4 address, or its IPv6 /64."""
-    host, sep, port = remote.rpartition(":")  # the server's peers are "host:port", IPv6 hosts unbracketed
-    if not sep or not port.isdigit():
-        host = remote
-    host = host.strip("[]")
+    """The address a peer ("host:port", or a bare address) counts against: its IPv4 address, or its IPv6 /64."""
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(remote.strip("[]"))  # a bare address (a trusted proxy's word)
     except ValueError:
-        return host  # "unknown" and the like: one bucket for all of them
+        host, sep, port = remote.rpartition(":")  # the server's peers are "host:port", IPv6 hosts unbracketed
+        if not sep or not port.isdigit():
+            host = remote
+        host = host.strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host  # "unknown" and the like: one bucket for all of them
     if address.version == 6:
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)

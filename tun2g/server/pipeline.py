@@ -197,6 +197,16 @@ class Pipeline:
         request = self._request(head, peer_ip, scheme)
         return self._run(request, _ResponseExchange(request, body, self.timeouts))
 
+    def client_address(self, head: RequestHead, peer_ip: str) -> str:
+        """The client's address: the peer, or behind trusted proxies the last X-Forwarded-For hop they did not add."""
+        if not (self._any_trusted and peer_ip in self.trusted_proxies):
+            return peer_ip
+        hops = [hop.strip() for value in head.get_all("X-Forwarded-For") for hop in value.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if hop not in self.trusted_proxies:
+                return hop
+        return hops[0] if hops else peer_ip
+
     def _request(self, head: RequestHead, peer_ip: str | None, scheme: str) -> Request:
         # In-process callers, or a trusted proxy.
         trusted = peer_ip is None or (self._any_trusted and peer_ip in self.trusted_proxies)

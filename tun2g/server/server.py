@@ -131,9 +131,11 @@ class Server:
                 return
         self.serve_tunnel(conn, proto=proto)
 
-    def serve_tunnel(self, sock: ByteStream, proto: str = "tcp") -> None:
-        """Run one tunnel connection: smux, auth, registration, pings; returns when it ends."""
-        remote = _peer(sock)
+    def serve_tunnel(self, sock: ByteStream, proto: str = "tcp", remote: str | None = None) -> None:
+        """Run one tunnel connection: smux, auth, registration, pings; returns when it ends.
+
+        `remote`: the client's address when the peer is a proxy that said it (else the peer's)."""
+        remote = remote or _peer(sock)
         try:
             session = smux.Session(sock, client=False, config=self.config.smux_config)
         except Exception as exc:  # a transport that cannot even start a session
