@@ -45,8 +45,9 @@ from tun2g.cli.options import env_option, host_port
                  "Default: one kept in Redis.")
 @env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=float, default=10.0, show_default=True,
             help="With Redis: seconds after which a silent node's backends leave the shared registry.")
-@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
-            show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
+@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["auto", "1", "2"]), default="auto",
+            show_default=True, help="smux protocol version: auto gives tun2g clients 2 (per-stream flow control) "
+                                    "and Go tun2 clients 1; a fixed version must match every client's.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
             help="Seconds between health pings of each tunnel.")
 @env_option("--access-log/--no-access-log", env="TUN2G_ACCESS_LOG", default=True, show_default=True,
@@ -74,7 +75,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
-                        smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
+                        smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl)
     try:
