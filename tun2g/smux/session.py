@@ -40,6 +40,10 @@ READ_BUFFER_SIZE = 128 * 1024
 # tun2 server's 1-s health-ping timeout.
 BACKLOG_GRACE = 0.1
 
+# While the budget is spent, the reader looks this often for a stream whose reader has
+# stopped (Config.backlog_seconds), well within the tun2 server's 3-s health-ping timeout.
+STALL_CHECK_INTERVAL = 0.25
+
 # close() first lets the writer send what stream calls queued without waiting (a reply
 # written just before closing, say), for at most this long.
 CLOSE_FLUSH_TIMEOUT = 1.0
@@ -240,7 +244,11 @@ class Session:
             while True:
                 while state.budget <= 0:  # Go semantics: stop reading until the application reads
                     self._budget_ready.clear()
-                    self._budget_ready.wait()
+                    if not self._budget_ready.wait(STALL_CHECK_INTERVAL) and state.budget <= 0:
+                        # backlog_seconds: a stream whose reader stopped is cut, freeing the budget.
+                        for stream_state in state.reset_stalled():
+                            stream_state.handle._wake()
+                        self._flush_outbox()
                 data = recv(self._read_size())
                 if not len(data):
                     where = " in the middle of a frame" if state.decoder.in_frame else ""

@@ -28,6 +28,9 @@ COALESCE_LIMIT = 64 * 1024
 # A peer that opens more streams than this on a session that accepts none is not a
 # tun2 client: the session ends (each refusal costs us a queued FIN).
 MAX_REFUSED_STREAMS = 64
+# backlog_seconds measures a stream's read rate over windows of this many seconds; a
+# stream not read for a whole window counts as read at the rate of that window (so 0).
+RATE_WINDOW = 1.0
 
 # An outgoing control frame: (cmd, sid, (consumed, window) for UPD else None).
 OutgoingFrame = tuple
@@ -44,14 +47,17 @@ class StreamState:
 
     __slots__ = ("sid", "chunks", "buffered", "fin_received", "fin_sent", "read_closed", "reset_message",
                  "registered", "num_read", "read_since_update", "num_written", "peer_consumed", "peer_window",
-                 "handle", "bytes_read", "first_data_at")
+                 "handle", "bytes_read", "rate_mark_at", "rate_mark_bytes", "read_rate", "last_read_at")
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
         self.chunks: deque[bytes | bytearray | memoryview] = deque()  # received payload not yet read
         self.buffered = 0  # sum of len(chunks); the budget also counts CHUNK_OVERHEAD per entry
         self.bytes_read = 0  # all bytes the application has read (for the v1 read rate)
-        self.first_data_at: float | None = None  # when the first payload byte was buffered
+        self.rate_mark_at: float | None = None  # v1 backlog_seconds: start of the current rate window
+        self.rate_mark_bytes = 0  # bytes_read at rate_mark_at
+        self.read_rate = 0.0  # bytes/s over the last complete window (RATE_WINDOW)
+        self.last_read_at = 0.0
         self.fin_received = False  # the peer sent FIN: EOF once chunks are drained
         self.fin_sent = False  # we sent FIN: no more writes
         self.read_closed = False  # shutdown(SHUT_RD), close() or reset: incoming data is dropped
@@ -199,8 +205,6 @@ class SessionState:
                     else:
                         chunks.append(bytearray(value))
                         self.budget -= size + CHUNK_OVERHEAD
-                if stream.first_data_at is None:
-                    stream.first_data_at = self.clock()
                 stream.buffered += size
                 changed.add(stream)
                 if stream.buffered > self.backlog and stream.buffered > self.stream_backlog(stream):
@@ -242,10 +246,28 @@ class SessionState:
         backlog_seconds, that many seconds of the stream's observed read rate if more."""
         seconds = self.config.backlog_seconds
         if seconds is None or self._version != VERSION_1 or self.config.max_stream_backlog is not None \
-                or not stream.bytes_read or stream.first_data_at is None:
+                or stream.rate_mark_at is None:
             return self.backlog
-        elapsed = max(self.clock() - stream.first_data_at, 0.1)
-        return max(self.backlog, int(seconds * stream.bytes_read / elapsed))
+        now = self.clock()
+        if now - stream.last_read_at > RATE_WINDOW:
+            return self.backlog  # not read for a whole window: its rate is 0
+        elapsed = now - stream.rate_mark_at
+        if elapsed < RATE_WINDOW and stream.read_rate:
+            rate = stream.read_rate
+        else:
+            rate = (stream.bytes_read - stream.rate_mark_bytes) / max(elapsed, 0.1)
+        return max(self.backlog, int(seconds * rate))
+
+    def reset_stalled(self) -> list[StreamState]:
+        """Reset the streams now over their backlog (their read rate fell while the reader
+        was paused on the budget); returns them. Only backlog_seconds makes any."""
+        if self.config.backlog_seconds is None:
+            return []
+        stalled = [stream for stream in self.streams.values()
+                   if stream.buffered > self.backlog and stream.buffered > self.stream_backlog(stream)]
+        for stream in stalled:
+            self._reset(stream)
+        return stalled
 
     def _reset(self, stream: StreamState) -> None:
         limit = self.stream_backlog(stream)
@@ -307,6 +329,13 @@ class SessionState:
         stream.buffered -= size
         self.budget += size
         stream.bytes_read += size
+        if self.config.backlog_seconds is not None:
+            now = stream.last_read_at = self.clock()
+            if stream.rate_mark_at is None:
+                stream.rate_mark_at, stream.rate_mark_bytes = now, stream.bytes_read - size
+            elif now - stream.rate_mark_at >= RATE_WINDOW:
+                stream.read_rate = (stream.bytes_read - stream.rate_mark_bytes) / (now - stream.rate_mark_at)
+                stream.rate_mark_at, stream.rate_mark_bytes = now, stream.bytes_read
         # Counted in both versions, so that a session switched to 2 mid-stream reports
         # the same totals as the peer's num_written.
         stream.num_read = (stream.num_read + size) & _UINT32
