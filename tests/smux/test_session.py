@@ -244,10 +244,8 @@ def test_sessions_run_over_tls(kcp_certs):  # kcp_certs: a throwaway CA + localh
     handshake = gevent.spawn(server_context.wrap_socket, server_end, server_side=True)
     client_tls = client_context.wrap_socket(client_end, server_hostname="localhost")
     server_tls = handshake.get(timeout=5)
-    client = Session(client_tls, client=True, config=Config.tun2_server().copy(version=2, initial_receive_buffer=None))
-    # tun2_server() refuses peer streams and starts with a small budget; this echo server accepts.
-    server = Session(server_tls, client=False, config=Config.tun2_server().copy(
-        version=2, accept_peer_streams=True, initial_receive_buffer=None))
+    client = Session(client_tls, client=True, config=Config.tun2_server().copy(version=2))
+    server = Session(server_tls, client=False, config=Config.tun2_server().copy(version=2))
     try:
         serve_echo(server)
         payload = os.urandom(3 << 20)

@@ -193,6 +193,6 @@ def test_config_defaults_and_presets():
     Config(version=None).validate()
     server = Config.tun2_server()
     assert (server.keepalive_interval, server.keepalive_timeout, server.version) == (1.0, 15.0, None)
-    assert (server.accept_peer_streams, server.initial_receive_buffer, server.backlog_seconds) == (False, 65536, 30)
+    assert (server.accept_peer_streams, server.initial_receive_buffer, server.backlog_seconds) == (True, None, 30)
     assert Config().stream_backlog(1) == 1 << 20
     assert Config().stream_backlog(2) == 2 * 262144

@@ -58,6 +58,8 @@ class ServerConfig:
     # one more is refused with a retryable auth reply (docs/protocol.md#auth-reply).
     max_sessions_per_token: int | None = 16
     max_sessions_per_user: int | None = 64
+    # The whole smux receive budget of a session before its Auth is verified.
+    pre_auth_receive_buffer: int = smux.config.PRE_AUTH_RECEIVE_BUFFER
 
     def __post_init__(self):
         if self.storage is None:
@@ -65,7 +67,7 @@ class ServerConfig:
         if self.smux_config is None:
             self.smux_config = smux.Config.tun2_server()
         self.smux_config.validate()
-        for name in ("auth_timeout", "ping_interval", "ping_timeout"):
+        for name in ("auth_timeout", "ping_interval", "ping_timeout", "pre_auth_receive_buffer"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ServerConfig.{name} must be positive")
         for name in ("max_sessions_per_token", "max_sessions_per_user"):
@@ -94,6 +96,12 @@ class Server:
         self._per_token: Counter[str] = Counter()
         self._per_user: Counter[str] = Counter()
         self._counted: set[Tunnel] = set()
+        # docs/protocol.md#memory-bounds: a tun2 client never opens streams, and until its
+        # Auth is verified a session may hold only the pre-auth budget.
+        smux_config = config.smux_config or smux.Config.tun2_server()
+        self._session_config = smux_config.copy(
+            accept_peer_streams=False,
+            initial_receive_buffer=min(config.pre_auth_receive_buffer, smux_config.max_receive_buffer))
 
     # -- tunnel side -------------------------------------------------------
 
@@ -137,7 +145,7 @@ class Server:
         """Run one tunnel connection: smux, auth, registration, pings; returns when it ends."""
         remote = _peer(sock)
         try:
-            session = smux.Session(sock, client=False, config=self.config.smux_config)
+            session = smux.Session(sock, client=False, config=self._session_config)
         except Exception as exc:  # a transport that cannot even start a session
             log.warning("session_failed", remote=remote, error=str(exc))
             sock.close()

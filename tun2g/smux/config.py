@@ -50,11 +50,10 @@ class Config:
 
     @classmethod
     def tun2_server(cls) -> Config:
-        """A tun2 server: Go tun2's keepalive (1 s / 15 s), the version negotiated, no
-        streams accepted from the client, 30 s of backlog for a slow v1 reader and
-        64 KiB of budget until the Auth is verified."""
-        return cls(version=None, keepalive_interval=1.0, keepalive_timeout=15.0, backlog_seconds=30.0,
-                   accept_peer_streams=False, initial_receive_buffer=PRE_AUTH_RECEIVE_BUFFER)
+        """A tun2 server: Go tun2's keepalive (1 s / 15 s), the version negotiated and 30 s
+        of backlog for a slow v1 reader. (tun2g's Server adds accept_peer_streams=False and
+        initial_receive_buffer=PRE_AUTH_RECEIVE_BUFFER to each tunnel session.)"""
+        return cls(version=None, keepalive_interval=1.0, keepalive_timeout=15.0, backlog_seconds=30.0)
 
     def copy(self, **changes) -> Config:
         """A copy with some fields changed."""
