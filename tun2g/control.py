@@ -11,7 +11,7 @@ reply is invisible to it, while a tun2g client learns why it was refused.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from tun2g.errors import AuthMismatch
 from tun2g.storage import StorageError
@@ -30,6 +30,10 @@ PING_REQUEST = b"GET /health HTTP/1.1\r\nHost: backend\r\nUser-Agent: Go-http-cl
 
 CONNECT_SCOPE = "connect"
 
+# tun2g's extension field in the Auth (docs/protocol.md#version-negotiation): a client
+# sending "tun2g": 1 follows a switch of the session to smux version 2. Go ignores it.
+TUN2G_LEVEL = 1
+
 
 class AuthFormatError(ValueError):
     """The bytes on the control stream are not an Auth object."""
@@ -37,14 +41,22 @@ class AuthFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Auth:
-    """What a client presents: its token and the domain it wants to serve."""
+    """What a client presents: its token and the domain it wants to serve.
+
+    ``tun2g`` (tun2g clients only, omitted when None): the client's protocol level;
+    1 means it follows a switch to smux version 2 (docs/protocol.md#version-negotiation).
+    """
 
     token: str
     domain: str
+    tun2g: int | None = None
 
     def encode(self) -> bytes:
         """The wire form, as Go's json.Marshal writes it: compact, no newline."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        fields: dict = {"token": self.token, "domain": self.domain}
+        if self.tun2g is not None:
+            fields["tun2g"] = self.tun2g
+        return json.dumps(fields, separators=(",", ":")).encode()
 
 
 class JSONObjectReader:
@@ -115,11 +127,14 @@ class JSONObjectReader:
 
 
 def parse_auth(obj: dict) -> Auth:
-    """Validate a decoded Auth object: both fields present and strings."""
-    token, domain = obj.get("token"), obj.get("domain")
+    """Validate a decoded Auth object: both fields present and strings (a non-integer
+    "tun2g" is ignored, as any other unknown field)."""
+    token, domain, level = obj.get("token"), obj.get("domain"), obj.get("tun2g")
     if not isinstance(token, str) or not isinstance(domain, str):
         raise AuthFormatError('the Auth object needs string fields "token" and "domain"')
-    return Auth(token=token, domain=domain)
+    if type(level) is not int:
+        level = None
+    return Auth(token=token, domain=domain, tun2g=level)
 
 
 INVALID_TOKEN = "invalid token"

@@ -81,8 +81,28 @@ def test_slow_reader_does_not_stall_other_requests_or_pings(deployment, backend,
 
 
 def test_a_stream_reset_for_a_slow_reader_stops_the_backend_transfer(deployment, backend, start_client):
-    """v1 has no per-stream window: the server resets a stream nobody reads; the client must
-    then stop pushing that response over the tunnel instead of sending all of it into the void."""
+    """v1 has no per-stream window: the server resets a stream nobody reads (once its reader
+    stopped for a second, Config.backlog_seconds); the client must then stop pushing that
+    response over the tunnel instead of sending all of it into the void."""
+    from tun2g import smux
+
+    url, app = backend
+    token = deployment.grant()
+    start_client(deployment.client_config(token, url, smux_config=smux.Config(version=1)))
+    size = 512 * 1024 * 1024
+    stalled = socket.create_connection(("127.0.0.1", deployment.running.http_address[1]))
+    try:
+        stalled.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode())
+        stalled.recv(1)  # the response has started; never read again
+        assert app.generator_ended.wait(30), "the backend transfer must end once the stream is reset"
+        assert app.generated_bytes < size // 4, f"{app.generated_bytes >> 20} MiB went to a reset stream"
+        assert get(deployment, "/bytes/1000").content == b"".join(pattern_bytes(1000))
+    finally:
+        stalled.close()
+
+
+def test_a_stalled_reader_holds_the_backend_back_on_the_default_v2(deployment, backend, start_client):
+    """tun2g client and server negotiate v2: the per-stream window pauses the backend instead."""
     url, app = backend
     token = deployment.grant()
     start_client(deployment.client_config(token, url))
@@ -91,8 +111,15 @@ def test_a_stream_reset_for_a_slow_reader_stops_the_backend_transfer(deployment,
     try:
         stalled.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode())
         stalled.recv(1)  # the response has started; never read again
-        assert app.generator_ended.wait(30), "the backend transfer must end once the stream is reset"
-        assert app.generated_bytes < size // 4, f"{app.generated_bytes >> 20} MiB went to a reset stream"
+        seen = []
+
+        def settled():
+            seen.append(app.generated_bytes)
+            return len(seen) > 10 and seen[-1] == seen[-11]  # unchanged for ~0.5 s
+
+        wait_until(settled, timeout=20, interval=0.05, message="the backend transfer to pause")
+        assert app.generated_bytes < size // 8, f"{app.generated_bytes >> 20} MiB generated for a stalled reader"
+        assert not app.generator_ended.is_set()
         assert get(deployment, "/bytes/1000").content == b"".join(pattern_bytes(1000))
     finally:
         stalled.close()

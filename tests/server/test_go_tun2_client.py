@@ -57,6 +57,7 @@ def test_go_client_rejected_is_closed(plain_deployment, backend, go_peer):
 def test_many_go_clients_all_register(plain_deployment, backend, go_peer):
     """The original loses ~10% of Auths to an smux race; every one must register here."""
     url, _app = backend
+    plain_deployment.server.config.max_sessions_per_token = None  # 30 sessions of one token, on purpose
     token = plain_deployment.grant()
     for _ in range(30):
         _go_client(go_peer, plain_deployment, token, url)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from tun2g.smux.config import Config, ConfigError
 from tun2g.smux.frame import FIN, NOP, PSH, SYN, UPD, encode_frame, encode_update
-from tun2g.smux.state import SessionState
+from tun2g.smux.state import CHUNK_OVERHEAD, SessionState
 
 pytestmark = pytest.mark.pure  # socket-free: see pytest.ini
 
@@ -154,7 +154,7 @@ def test_state_machine_matches_the_model(data, version, client):
             assert stream_state.buffered == len(modelled["pending"]) <= BACKLOG
             assert stream_state.fin_sent == modelled["fin_sent"]
             assert (stream_state.reset_message is not None) == modelled["reset"]
-            held += stream_state.buffered
+            held += stream_state.buffered + CHUNK_OVERHEAD * len(stream_state.chunks)
         assert state.budget == MAX_RECEIVE - held
 
 
@@ -195,6 +195,7 @@ def test_config_defaults_and_presets():
     Config(keepalive_disabled=True, keepalive_interval=0).validate()
     Config(version=None).validate()
     server = Config.tun2_server()
-    assert (server.keepalive_interval, server.keepalive_timeout, server.version) == (1.0, 15.0, 1)
+    assert (server.keepalive_interval, server.keepalive_timeout, server.version) == (1.0, 15.0, None)
+    assert (server.accept_peer_streams, server.initial_receive_buffer, server.backlog_seconds) == (True, None, 30)
     assert Config().stream_backlog(1) == 1 << 20
     assert Config().stream_backlog(2) == 2 * 262144

@@ -36,8 +36,9 @@ from tun2g.cli.options import env_option
                                                              "--plain-tunnel (development and tests only).")
 @env_option("--backend-insecure", is_flag=True, env="TUN2G_BACKEND_INSECURE",
             help="Do not verify an https backend's certificate.")
-@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
-            show_default=True, help="Must match the server's.")
+@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["auto", "1", "2"]), default="auto",
+            show_default=True, help="auto: 2 with a tun2g server, 1 with a Go tun2 server; "
+                                    "a fixed version must match the server's.")
 @env_option("--reconnect/--no-reconnect", env="TUN2G_RECONNECT", default=True, show_default=True,
             help="Reconnect with exponential backoff when the tunnel drops.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -71,7 +72,7 @@ def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_p
                               conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
                               ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
                               reconnect=reconnect,
-                              smux_config=smux.Config(version=int(smux_version)))
+                              smux_config=smux.Config(version=None if smux_version == "auto" else int(smux_version)))
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
     tunnel = Client(config, on_status=_print_status)

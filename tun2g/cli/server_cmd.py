@@ -51,8 +51,9 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=float, default=75.0, show_default=True,
             help="With Redis: seconds a request forwarded to another node may wait for it (its response head, "
                  "or the next piece of a body). Frozen nodes are detected sooner, by their health check.")
-@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["1", "2"]), default="1",
-            show_default=True, help="smux protocol version; Go tun2 clients speak 1.")
+@env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["auto", "1", "2"]), default="auto",
+            show_default=True, help="smux protocol version: auto gives tun2g clients 2 (per-stream flow control) "
+                                    "and Go tun2 clients 1; a fixed version must match every client's.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
             help="Seconds between health pings of each tunnel.")
 @env_option("--trusted-proxy", "trusted_proxies", env="TUN2G_TRUSTED_PROXY", multiple=True, metavar="CIDR",
@@ -102,7 +103,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
-                        smux_version=int(smux_version), ping_interval=ping_interval, access_log=access_log,
+                        smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies)
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,

@@ -17,7 +17,7 @@ from gevent.pool import Group
 
 from tun2g import pages, smux
 from tun2g.client import connect
-from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, Auth, AuthFormatError, decode_reply
+from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, TUN2G_LEVEL, Auth, AuthFormatError, decode_reply
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.http import BackendPool, HTTPError, MessageReader, RequestHead, UpstreamError, serve_requests
 from tun2g.log import get_logger
@@ -60,7 +60,9 @@ class ClientConfig:
     tls_context: ssl.SSLContext | None = None
     backend_ca_file: str | None = None
     backend_insecure: bool = False
-    smux_config: smux.Config = field(default_factory=smux.Config)
+    # version=None: negotiated (docs/protocol.md#version-negotiation): v2 with a tun2g
+    # server, v1 with a Go one. A fixed version must match the server's.
+    smux_config: smux.Config = field(default_factory=lambda: smux.Config(version=None))
     reconnect: bool = True
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -135,7 +137,10 @@ class Client:
         self._session = session
         try:
             control = session.accept_stream(timeout=ACCEPT_CONTROL_TIMEOUT)
-            control.sendall(Auth(self.config.token, self.config.domain).encode())
+            # A negotiating client says it is tun2g (a Go server ignores the field) and
+            # follows the server's switch to smux v2 (the session does that on its own).
+            level = TUN2G_LEVEL if self.config.smux_config.version is None else None
+            control.sendall(Auth(self.config.token, self.config.domain, tun2g=level).encode())
             first_stream = Event()
             serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
@@ -185,7 +190,7 @@ class Client:
                 raise ConnectionLost(f"server could not check our Auth: {reason}")
             raise AuthRejected(f"server rejected us: {reason}")
         self.backend_id = reply.get("backend")
-        self._set_state("connected", confirmed=True)
+        self._set_state("connected", confirmed=True, smux=session.version)
         return True
 
     def _accept_loop(self, session, first_stream: Event, peer_ip: str) -> None:

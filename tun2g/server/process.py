@@ -80,7 +80,7 @@ class ServerSetup:
     # admin_addr needs an explicit token.
     admin_token: str | None = None
     node_id: str | None = None
-    smux_version: int = 1
+    smux_version: int | None = None  # None: negotiated (v2 with tun2g clients, v1 with Go ones)
     ping_interval: float = 5.0
     access_log: bool = True
     log_level: str = "info"

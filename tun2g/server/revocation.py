@@ -88,7 +88,7 @@ class RevocationWatch:
                     verify_auth(self.storage, tunnel.auth, normalize_domain)
                     verdicts[key] = None
                 except AuthMismatch as exc:
-                    verdicts[key] = exc.reason
+                    verdicts[key] = exc.log_reason or exc.reason  # the full reason: this goes to the log
                 except StorageError as exc:  # the store failed meanwhile: try again next tick
                     log.info("revocation_check_unavailable", error=str(exc))
                     return cut

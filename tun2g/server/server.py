@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -24,8 +25,8 @@ from tun2g.backend import Backend
 from tun2g.errors import AuthMismatch, ConfigurationError, NoSuchBackend
 from tun2g.log import get_logger
 from tun2g.cluster import ClusterNode
-from tun2g.control import (MAX_AUTH_SIZE, Auth, AuthFormatError, JSONObjectReader, encode_reply, parse_auth,
-                           verify_auth)
+from tun2g.control import (MAX_AUTH_SIZE, TUN2G_LEVEL, Auth, AuthFormatError, JSONObjectReader, encode_reply,
+                           parse_auth, verify_auth)
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
@@ -56,6 +57,12 @@ class ServerConfig:
     ping_timeout: float = 3.0
     phi_threshold: float = 8.0
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Live tunnels one token / one user may hold on this process (None: no limit);
+    # one more is refused with a retryable auth reply (docs/protocol.md#auth-reply).
+    max_sessions_per_token: int | None = 16
+    max_sessions_per_user: int | None = 64
+    # The whole smux receive budget of a session before its Auth is verified.
+    pre_auth_receive_buffer: int = smux.config.PRE_AUTH_RECEIVE_BUFFER
 
     def __post_init__(self):
         if self.storage is None:
@@ -63,9 +70,13 @@ class ServerConfig:
         if self.smux_config is None:
             self.smux_config = smux.Config.tun2_server()
         self.smux_config.validate()
-        for name in ("auth_timeout", "ping_interval", "ping_timeout"):
+        for name in ("auth_timeout", "ping_interval", "ping_timeout", "pre_auth_receive_buffer"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ServerConfig.{name} must be positive")
+        for name in ("max_sessions_per_token", "max_sessions_per_user"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigurationError(f"ServerConfig.{name} must be at least 1, or None for no limit")
 
 
 class Server:
@@ -92,6 +103,16 @@ class Server:
         self._listeners: list = []
         self.revocations = RevocationWatch(self.storage, lambda: self.tunnels, self._revoked)
         self._tasks.spawn(self.revocations.run)
+        # Live tunnels per token and per user (the session caps); see _admit / _forget.
+        self._per_token: Counter[str] = Counter()
+        self._per_user: Counter[str] = Counter()
+        self._counted: set[Tunnel] = set()
+        # docs/protocol.md#memory-bounds: a tun2 client never opens streams, and until its
+        # Auth is verified a session may hold only the pre-auth budget.
+        smux_config = config.smux_config or smux.Config.tun2_server()
+        self._session_config = smux_config.copy(
+            accept_peer_streams=False,
+            initial_receive_buffer=min(config.pre_auth_receive_buffer, smux_config.max_receive_buffer))
 
     # -- tunnel side -------------------------------------------------------
 
@@ -137,7 +158,7 @@ class Server:
         `remote`: the client's address when the peer is a proxy that said it (else the peer's)."""
         remote = remote or _peer(sock)
         try:
-            session = smux.Session(sock, client=False, config=self.config.smux_config)
+            session = smux.Session(sock, client=False, config=self._session_config)
         except Exception as exc:  # a transport that cannot even start a session
             log.warning("session_failed", remote=remote, error=str(exc))
             sock.close()
@@ -182,15 +203,47 @@ class Server:
         except (OSError, smux.SessionClosedError, socket.timeout) as exc:
             log.info("auth_aborted", remote=remote, proto=proto, error=str(exc) or type(exc).__name__)
             return None
+        refusal = self._session_cap_refusal(auth.token, user)
+        if refusal is not None:
+            log.warning("auth_rejected", remote=remote, proto=proto, reason=refusal, user=user)
+            _try_send(control, encode_reply(False, error=refusal, retry=True))
+            return None
+        extra = {}
+        if auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL and session.config.version is None \
+                and session.version == 1:
+            # docs/protocol.md#version-negotiation: a tun2g client follows us to v2. Before the
+            # registration, so every request stream is opened in v2; the reply below is the
+            # first v2 frame it sees (or a NOP / SYN queued earlier and written after this).
+            session.upgrade()
+        if session.version == 2:
+            extra["smux"] = 2
+        session.release_receive_buffer()  # the pre-auth budget (smux.Config.initial_receive_buffer) is over
+        # The control stream carries nothing after the Auth: drop whatever still arrives on it.
+        control.shutdown(socket.SHUT_RD)
         auth = Auth(token=auth.token, domain=normalize_domain(auth.domain))
         tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
                         phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
         tunnel.revision = revision
+        self._per_token[auth.token] += 1
+        self._per_user[user] += 1
+        self._counted.add(tunnel)
         self.router.register(tunnel)
         session.add_close_callback(lambda _session: self._forget(tunnel))
-        _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id))
-        log.info("registered", **tunnel.log_fields())
+        _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
+                                        **extra))
+        log.info("registered", smux=session.version, **tunnel.log_fields())
         return tunnel
+
+    def _session_cap_refusal(self, token: str, user: str) -> str | None:
+        """Why one more tunnel for this token or user is refused (None: it is not)."""
+        per_token, per_user = self.config.max_sessions_per_token, self.config.max_sessions_per_user
+        if per_token is not None and self._per_token[token] >= per_token:
+            return (f"too many tunnels for this token: {self._per_token[token]} are connected to this server, "
+                    f"which allows {per_token} per token; close one (or wait for a dead one to time out)")
+        if per_user is not None and self._per_user[user] >= per_user:
+            return (f"too many tunnels for this user: {self._per_user[user]} are connected to this server, "
+                    f"which allows {per_user} per user; close one (or wait for a dead one to time out)")
+        return None
 
     def _read_auth(self, control: smux.Stream) -> Auth:
         """One JSON object from the control stream, bounded in time and size."""
@@ -224,6 +277,12 @@ class Server:
         self.router.deregister(tunnel)
 
     def _forget(self, tunnel: Tunnel) -> None:
+        if tunnel in self._counted:  # once per tunnel, however it was deregistered
+            self._counted.discard(tunnel)
+            for counter, key in ((self._per_token, tunnel.auth.token), (self._per_user, tunnel.user)):
+                counter[key] -= 1
+                if counter[key] <= 0:
+                    del counter[key]
         if self.router.deregister(tunnel):
             log.info("deregistered", reason=_reason(tunnel.session), **tunnel.log_fields())
 

@@ -8,6 +8,7 @@ from .frame import MAX_PAYLOAD, SUPPORTED_VERSIONS
 
 ACCEPT_BACKLOG = 1024  # Go smux's constant: SYNs queued for accept_stream before the reader waits
 INITIAL_PEER_WINDOW = 262144  # Go smux v2: what a writer may send before the reader's first UPD
+PRE_AUTH_RECEIVE_BUFFER = 64 * 1024  # a tun2 server's whole session budget before the Auth is verified
 
 
 class ConfigError(ValueError):
@@ -18,10 +19,21 @@ class ConfigError(ValueError):
 class Config:
     """Settings of one smux session (Go field names in snake_case; durations in seconds).
 
-    ``version=None`` (client only) adopts the version of the first frame the peer sends.
+    ``version=None`` means negotiated (docs/protocol.md#version-negotiation): a client
+    adopts the version of the first frame the peer sends and follows a later switch
+    from 1 to 2; a server starts in version 1 and switches to 2 when its application
+    calls ``Session.upgrade()``.
     ``max_stream_backlog`` caps one stream's unread bytes; a stream over it is reset
     so that it cannot stall the others. ``None`` picks max_receive_buffer // 4 in
     version 1 and, in version 2, twice the most a well-behaved peer may have in flight.
+    ``backlog_seconds`` (version 1 only) raises that cap for a stream that is being
+    read to this many seconds of its observed read rate: only a stream that fell
+    further behind than that is cut (the session budget still pauses the reader).
+
+    tun2g hardening (docs/protocol.md#memory-bounds): ``accept_peer_streams=False``
+    answers every SYN from the peer with a FIN and buffers nothing for it (a tun2
+    server never accepts streams); ``initial_receive_buffer`` is the session budget
+    until ``Session.release_receive_buffer()`` (a server's budget before the Auth).
     """
 
     version: int | None = 1
@@ -32,11 +44,16 @@ class Config:
     max_receive_buffer: int = 4 * 1024 * 1024
     max_stream_buffer: int = 65536
     max_stream_backlog: int | None = None
+    backlog_seconds: float | None = None
+    accept_peer_streams: bool = True
+    initial_receive_buffer: int | None = None
 
     @classmethod
     def tun2_server(cls) -> Config:
-        """The settings Go tun2's server uses: the defaults with keepalive 1 s / 15 s."""
-        return cls(keepalive_interval=1.0, keepalive_timeout=15.0)
+        """A tun2 server: Go tun2's keepalive (1 s / 15 s), the version negotiated and 30 s
+        of backlog for a slow v1 reader. (tun2g's Server adds accept_peer_streams=False and
+        initial_receive_buffer=PRE_AUTH_RECEIVE_BUFFER to each tunnel session.)"""
+        return cls(version=None, keepalive_interval=1.0, keepalive_timeout=15.0, backlog_seconds=30.0)
 
     def copy(self, **changes) -> Config:
         """A copy with some fields changed."""
@@ -64,6 +81,11 @@ class Config:
                               f"max_receive_buffer ({self.max_receive_buffer})")
         if self.max_stream_backlog is not None and not self.max_stream_backlog > 0:
             raise ConfigError(f"max_stream_backlog must be positive or None, not {self.max_stream_backlog!r}")
+        if self.backlog_seconds is not None and not self.backlog_seconds > 0:
+            raise ConfigError(f"backlog_seconds must be positive or None, not {self.backlog_seconds!r}")
+        if self.initial_receive_buffer is not None and not 0 < self.initial_receive_buffer <= self.max_receive_buffer:
+            raise ConfigError(f"initial_receive_buffer must be between 1 and max_receive_buffer "
+                              f"({self.max_receive_buffer}), not {self.initial_receive_buffer!r}")
 
     def stream_backlog(self, version: int) -> int:
         """The unread bytes one stream may hold before it is reset (see the class docstring)."""

@@ -92,12 +92,17 @@ class FrameDecoder:
     commands and silently desynchronised; refusing is the only safe reading.)
     UPD is refused on a version-1 session, as smux v1.5.51+ does.
     After a ProtocolError the decoder refuses all further input.
+
+    ``upgradable`` (tun2g's negotiation, docs/protocol.md#version-negotiation): while
+    the version is 1, one header with version byte 2 switches the decoder to 2 for
+    good; version-1 headers after it are errors again.
     """
 
-    def __init__(self, version: int | None = VERSION_1) -> None:
+    def __init__(self, version: int | None = VERSION_1, upgradable: bool = False) -> None:
         if version is not None and version not in SUPPORTED_VERSIONS:
             raise ValueError(f"unsupported smux version {version!r}; use 1 or 2")
         self.version = version
+        self.upgradable = upgradable
         self.headers_decoded = 0  # every complete header counts as keepalive activity
         self.error: ProtocolError | None = None
         self._partial = bytearray()  # an incomplete header, or an incomplete UPD body
@@ -163,6 +168,8 @@ class FrameDecoder:
         problem = None
         if self.version is None and version in SUPPORTED_VERSIONS:
             self.version = version
+        elif self.upgradable and self.version == VERSION_1 and version == VERSION_2:
+            self.version, self.upgradable = VERSION_2, False
         if version != self.version:
             expected = "1 or 2" if self.version is None else str(self.version)
             problem = f"version byte {version} where {expected} was expected"

@@ -18,7 +18,7 @@ from gevent.event import Event
 
 from tun2g.transport.base import capabilities_of
 
-from .config import ACCEPT_BACKLOG, Config, ConfigError
+from .config import ACCEPT_BACKLOG, Config
 from .errors import SessionClosedError
 from .frame import FIN, NOP, SYN
 from .state import SessionState
@@ -40,6 +40,10 @@ READ_BUFFER_SIZE = 128 * 1024
 # tun2 server's 1-s health-ping timeout.
 BACKLOG_GRACE = 0.1
 
+# While the budget is spent, the reader looks this often for a stream whose reader has
+# stopped (Config.backlog_seconds), well within the tun2 server's 3-s health-ping timeout.
+STALL_CHECK_INTERVAL = 0.25
+
 # close() first lets the writer send what stream calls queued without waiting (a reply
 # written just before closing, say), for at most this long.
 CLOSE_FLUSH_TIMEOUT = 1.0
@@ -59,9 +63,6 @@ class Session:
     def __init__(self, transport, client: bool, config: Config | None = None) -> None:
         config = config if config is not None else Config()
         config.validate()
-        if config.version is None and not client:
-            raise ConfigError("version=None (adopt the peer's version) works only on a client; "
-                              "a server must be configured with version 1 or 2")
         self.config = config
         self.client = client
         self._transport = transport
@@ -77,9 +78,9 @@ class Session:
         self._budget_ready = Event()
         self._drained = Event()  # an application read happened (see BACKLOG_GRACE)
         self._version_known = Event()
-        if config.version is not None:
+        if self._state.version is not None:
             self._version_known.set()
-        self._writer = FrameWriter(transport, config.max_frame_size, config.version, self._on_write_error)
+        self._writer = FrameWriter(transport, config.max_frame_size, self._state.version, self._on_write_error)
         self._reader = gevent.spawn(self._read_loop)
         self._timers = [] if config.keepalive_disabled else self._start_keepalive()
 
@@ -136,6 +137,22 @@ class Session:
         stream = self._accept_queue.popleft()
         self._accept_space.set()
         return stream
+
+    def upgrade(self) -> None:
+        """Switch a negotiating server session (Config(version=None)) from version 1 to 2.
+
+        Frames not yet written go out as version 2; the peer must be a tun2g client that
+        asked for it (docs/protocol.md#version-negotiation). ValueError otherwise.
+        """
+        self._raise_if_closed()
+        self._state.upgrade()
+        self._writer.set_version(self._state.version)
+
+    def release_receive_buffer(self) -> None:
+        """Raise the budget from Config.initial_receive_buffer to max_receive_buffer."""
+        self._state.release_receive_buffer()
+        if self._state.budget > 0:
+            self._budget_ready.set()
 
     def close(self) -> None:
         """Close the session and its transport, silently (like Go: no frame is sent).
@@ -227,7 +244,11 @@ class Session:
             while True:
                 while state.budget <= 0:  # Go semantics: stop reading until the application reads
                     self._budget_ready.clear()
-                    self._budget_ready.wait()
+                    if not self._budget_ready.wait(STALL_CHECK_INTERVAL) and state.budget <= 0:
+                        # backlog_seconds: a stream whose reader stopped is cut, freeing the budget.
+                        for stream_state in state.reset_stalled():
+                            stream_state.handle._wake()
+                        self._flush_outbox()
                 data = recv(self._read_size())
                 if not len(data):
                     where = " in the middle of a frame" if state.decoder.in_frame else ""
@@ -245,7 +266,8 @@ class Session:
 
     def _dispatch(self, received) -> bool:
         """Wake streams and queue accepts for one received chunk; False when the session died."""
-        if self._writer.version is None and self._state.version is not None:
+        if self._writer.version != self._state.version and self._state.version is not None:
+            # An automatic client learned the version, or followed the server's switch to 2.
             self._writer.set_version(self._state.version)
             self._version_known.set()
         opened = [Stream(self, stream_state) for stream_state in received.opened]
@@ -275,17 +297,18 @@ class Session:
 
     def _wait_for_backlogged(self, changed) -> None:
         """Give streams past half their backlog one chance to be read before reading on."""
-        soft_limit = self._state.backlog // 2
+        state = self._state
+        soft_limit = state.backlog // 2
         deadline = None
         for stream_state in changed:
             stream = stream_state.handle
-            if stream_state.buffered <= soft_limit:
+            if stream_state.buffered <= soft_limit or stream_state.buffered <= state.stream_backlog(stream_state) // 2:
                 stream._grace_spent = False
                 continue
             if stream._grace_spent:
                 continue
             deadline = deadline or _deadline(BACKLOG_GRACE)  # one grace for the whole chunk
-            while stream_state.buffered > soft_limit and not self._closed:
+            while stream_state.buffered > state.stream_backlog(stream_state) // 2 and not self._closed:
                 self._drained.clear()
                 if not self._drained.wait(_remaining(deadline)):
                     stream._grace_spent = True
