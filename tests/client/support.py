@@ -110,7 +110,10 @@ def inspected(plain_deployment, counting_backend, start_client):
     metrics = ClientMetrics()
     inspector = Inspector(secrets=[token], metrics=metrics)
     inspector.listen("127.0.0.1", 0)
-    start_client(plain_deployment.client_config(token, url), inspector=inspector, metrics=metrics)
+    running = start_client(plain_deployment.client_config(token, url), inspector=inspector, metrics=metrics)
+    client = running.client
+    inspector.set_status(lambda: {"state": client.state, "public_urls": client.public_urls, "backend": url,
+                                  "requests_served": client.requests_served})
     try:
         yield Inspected(plain_deployment, app, inspector, metrics, token)
     finally:

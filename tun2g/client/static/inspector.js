@@ -33,10 +33,11 @@
     const tr = el("tr", null, "row");
     tr.dataset.id = r.id;
     tr.appendChild(el("td", new Date(r.time * 1000).toLocaleTimeString()));
-    tr.appendChild(el("td", r.method));
+    const method = el("td", r.method);
+    if (r.replay_of) method.appendChild(el("span", "replay", "badge"));
+    tr.appendChild(method);
     const path = el("td", r.path, "path");
     path.title = r.path;
-    if (r.replay_of) path.appendChild(el("span", "replay", "badge"));
     tr.appendChild(path);
     tr.appendChild(el("td", r.status || "—", "s" + String(r.status || 0)[0]));
     tr.appendChild(el("td", r.duration_ms + " ms"));
