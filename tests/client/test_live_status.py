@@ -82,7 +82,7 @@ def test_the_client_prints_its_public_url_and_a_line_per_request(plain_deploymen
     client = CLIClient(plain_deployment, plain_deployment.grant(), url, "--inspect", "127.0.0.1:0")
     try:
         inspector = client.expect(r"inspector at (http://127\.0\.0\.1:\d+/)").group(1)
-        client.expect(rf"serving http://{re.escape(DOMAIN)} -> {re.escape(url)}")
+        client.expect(rf"connected as {re.escape(DOMAIN)} via .* -> {re.escape(url)} .*; serving http://{re.escape(DOMAIN)}$")
         assert _get(plain_deployment, "/status/404").status_code == 404
         assert _get(plain_deployment, "/hello?q=1").status_code == 200
         client.expect(r"^GET /status/404 404 \d+\.\d ms$")
@@ -117,7 +117,7 @@ def test_debug_logs_the_life_of_a_stream(plain_deployment, backend):
     url, _app = backend
     client = CLIClient(plain_deployment, plain_deployment.grant(), url, "--log-level", "debug", "--no-inspect")
     try:
-        client.expect("serving http://")
+        client.expect("; serving http://")
         assert _get(plain_deployment, "/hello").status_code == 200
         client.expect(r"^GET /hello 200")
         deadline = time.monotonic() + 5
@@ -142,7 +142,7 @@ def test_a_taken_inspector_port_is_said_in_one_line_and_the_tunnel_still_serves(
         client = CLIClient(plain_deployment, plain_deployment.grant(), url, "--inspect", f"127.0.0.1:{port}")
         try:
             client.expect(rf"inspector not started: cannot listen on 127\.0\.0\.1:{port}")
-            client.expect("serving http://")
+            client.expect("; serving http://")
             assert _get(plain_deployment, "/hello").status_code == 200
             client.expect(r"^GET /hello 200")
         finally:

@@ -45,8 +45,8 @@ class StatusPrinter:
         state, config = tunnel.state, tunnel.config
         if state == "connected":
             urls = ", ".join(tunnel.public_urls) or f"http://{config.domain}"
-            self.line(f"tun2g: connected via {config.server_addr} (requests served so far: {tunnel.requests_served})")
-            self.line(f"tun2g: serving {urls} -> {config.backend_url}")
+            self.line(f"tun2g: connected as {config.domain} via {config.server_addr} -> {config.backend_url}"
+                      f" (requests served so far: {tunnel.requests_served}); serving {urls}")
         elif state == "connecting":
             self.line(f"tun2g: connecting to {config.server_addr} ...")
         elif state == "waiting":
