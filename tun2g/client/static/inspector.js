@@ -32,6 +32,7 @@
   function row(r) {
     const tr = el("tr", null, "row");
     tr.dataset.id = r.id;
+    tr.summary = r;
     tr.appendChild(el("td", new Date(r.time * 1000).toLocaleTimeString()));
     const method = el("td", r.method);
     if (r.replay_of) method.appendChild(el("span", "replay", "badge"));
@@ -54,10 +55,16 @@
     $("empty").hidden = rows.rows.length > 0;
   }
 
+  let generation = 0;
   async function reload() {
+    const mine = ++generation;
     const query = new URLSearchParams({ path: $("filter-path").value, status: $("filter-status").value });
     const answer = await (await fetch("/api/requests?" + query)).json();
-    rows.replaceChildren(...answer.requests.slice(0, MAX_ROWS).map(row));
+    if (mine !== generation) return;  // a later reload (another filter) is on its way
+    // Rows the live stream added after this answer was made stay (reloads race with events).
+    const newest = answer.requests.length ? answer.requests[0].id : 0;
+    const later = [...rows.rows].filter((tr) => Number(tr.dataset.id) > newest && matches(tr.summary));
+    rows.replaceChildren(...later, ...answer.requests.slice(0, MAX_ROWS).map(row));
     $("empty").hidden = rows.rows.length > 0;
     counts(answer);
   }
