@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["tun2g", "tun2g.*"]),
+    package_data={"tun2g.client": ["static/*.html", "static/*.js"]},
+    include_package_data=True,
     install_requires=[
         "gevent>=24.2",
         "pyOpenSSL>=24.0",
@@ -20,6 +22,7 @@ setup(
         "redis>=5.0",
         "requests>=2.31",
         "siokcp>=0.0.5",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [
@@ -31,6 +34,7 @@ setup(
             "websocket-client>=1.7",
             "mypy>=1.10",
             "types-requests",
+            "playwright>=1.40",  # drives Debian's chromium (scripts/install-test-deps); no browser download
         ],
         "bench": ["psutil>=5.9", "pyinstrument>=4.6", "py-spy>=0.3"],
     },

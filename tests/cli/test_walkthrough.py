@@ -58,6 +58,7 @@ def test_readme_walkthrough(tmp_path, backend):
         client = connect_client(env | {"TUN2G_TOKEN": token}, "app.localhost", "--server", f"localhost:{tunnel_port}",
                                 "--ca", str(cert), "--backend", backend_url)
         assert curl(http_port, "app.localhost") == b"hello from backend\n"
+        assert client.stdout.readline().startswith("GET / 200 ")  # the client's line for that request
         listing = subprocess.run(tun2g("backends", "--admin", f"http://127.0.0.1:{admin_port}"), env=env,
                                  capture_output=True, text=True, timeout=30, check=True).stdout
         assert "app.localhost" in listing and "tcp+tls" in listing

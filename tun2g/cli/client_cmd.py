@@ -10,6 +10,9 @@ import click
 
 from tun2g.cli.options import env_option
 
+DEFAULT_INSPECT = "127.0.0.1:4040"
+NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as ngrok moves to 4041)
+
 
 @click.command()
 @env_option("--server", "server_addr", env="TUN2G_SERVER", required=True, metavar="HOST:PORT|URL",
@@ -42,9 +45,17 @@ from tun2g.cli.options import env_option
 @env_option("--reconnect/--no-reconnect", env="TUN2G_RECONNECT", default=True, show_default=True,
             help="Reconnect with exponential backoff when the tunnel drops.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
-            default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
+            default="info", show_default=True, help="Least severe log lines to print (key=value on stderr); "
+                                                    "debug adds the life of each stream and request.")
+@env_option("--inspect", "inspect_addr", env="TUN2G_INSPECT", default=DEFAULT_INSPECT, show_default=True,
+            metavar="HOST:PORT|off", help="Serve the request inspector (web UI, JSON API, /metrics) here. When the "
+                                          "default port is taken the next free one up to 4049 is used; a port given "
+                                          "here that is taken is reported and the client runs without it.")
+@click.option("--no-inspect", is_flag=True, help="Do not run the request inspector (same as --inspect off).")
+@env_option("--quiet", "-q", is_flag=True, env="TUN2G_QUIET",
+            help="No status lines on stdout (the public URL, one line per request).")
 def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
-           smux_version, reconnect, log_level):
+           smux_version, reconnect, log_level, inspect_addr, no_inspect, quiet):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
     \b
@@ -75,15 +86,36 @@ def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_p
                               smux_config=smux.Config(version=None if smux_version == "auto" else int(smux_version)))
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None
-    tunnel = Client(config, on_status=_print_status)
+    from tun2g.cli.status import StatusPrinter
+
+    printer = StatusPrinter(quiet=quiet)
+    inspector = metrics = None
+    if not no_inspect and inspect_addr.strip().lower() not in ("off", "no", "false", "0", ""):
+        inspector, metrics = _start_inspector(config, inspect_addr, printer)
+    tunnel = Client(config, on_status=printer.status, on_request=None if quiet else printer.request,
+                    inspector=inspector, metrics=metrics)
+    if inspector is not None:
+        inspector.set_status(lambda: {"state": tunnel.state, "public_urls": tunnel.public_urls,
+                                      "backend": backend_url, "requests_served": tunnel.requests_served})
+
+    def stop():
+        tunnel.close()
+        if inspector is not None:
+            inspector.close()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, tunnel.close)
+        gevent.signal_handler(signum, stop)
     try:
         tunnel.run()
     except AuthRejected as exc:
+        printer.flush()
         click.echo(f"tun2g client: {exc}. Check the token (`tun2g token list`) and that the route for "
                    f"{domain} belongs to the token's user (`tun2g route list`).", err=True)
         sys.exit(2)
+    finally:
+        if inspector is not None:
+            inspector.close()
+        printer.flush()
 
 
 def _token(token: str | None, token_file: str | None) -> str:
@@ -116,13 +148,25 @@ def _kcp_options(conn_type: str, profile: str):
     return options_for(profile)
 
 
-def _print_status(tunnel) -> None:
-    """One human line per state change on stdout; the log carries the details."""
-    state = tunnel.state
-    if state == "connected":
-        click.echo(f"tun2g: connected as {tunnel.config.domain} via {tunnel.config.server_addr}"
-                   f" -> {tunnel.config.backend_url} (requests served so far: {tunnel.requests_served})")
-    elif state == "connecting":
-        click.echo(f"tun2g: connecting to {tunnel.config.server_addr} ...")
-    elif state == "waiting":
-        click.echo(f"tun2g: disconnected; requests served so far: {tunnel.requests_served}; retrying")
+def _start_inspector(config, address: str, printer):
+    """The inspector listening at ``address`` with the client's metrics, or (None, None) when it cannot listen."""
+    from tun2g.client.inspector import Inspector
+    from tun2g.client.telemetry import ClientMetrics
+    from tun2g.transport.tcp import split_host_port
+
+    try:
+        host, port = split_host_port(address, 4040)
+    except ValueError:
+        raise click.BadParameter(f"expected HOST:PORT or off, got {address!r}", param_hint="--inspect") from None
+    host = host.strip("[]") or "127.0.0.1"
+    metrics = ClientMetrics()
+    inspector = Inspector(secrets=[config.token], metrics=metrics)
+    try:
+        _host, bound = inspector.listen(host, port, next_free=NEXT_FREE_PORTS if address == DEFAULT_INSPECT else 0)
+    except OSError as exc:
+        printer.line(f"tun2g: inspector not started: cannot listen on {address} ({exc.strerror or exc}); "
+                     f"use --inspect HOST:PORT or --no-inspect")
+        return None, None
+    moved = f" ({address} is in use)" if port and bound != port else ""
+    printer.line(f"tun2g: inspector at {inspector.url}{moved}")
+    return inspector, metrics

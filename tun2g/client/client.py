@@ -7,7 +7,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 from urllib.parse import urlsplit
 
 import gevent
@@ -23,6 +23,8 @@ from tun2g.http import BackendPool, HTTPError, MessageReader, RequestHead, Upstr
 from tun2g.log import get_logger
 
 if TYPE_CHECKING:
+    from tun2g.client.inspector import Inspector
+    from tun2g.client.telemetry import ClientMetrics
     from tun2g.transport.kcp_conn import KCPOptions
 
 log = get_logger(__name__)
@@ -35,6 +37,17 @@ ACCEPT_CONTROL_TIMEOUT = 15.0
 # Greenlets that served a stream wait for the next one, up to this many: a request then
 # costs a wake-up instead of a spawn (and Python's 16 KiB frame chunk, mmap'ed each time).
 MAX_IDLE_WORKERS = 64
+
+
+class Served(NamedTuple):
+    """One exchange the client proxied, for a status line (``status`` 0: no response came)."""
+
+    method: str
+    path: str
+    status: int
+    seconds: float
+    request_bytes: int
+    response_bytes: int
 
 
 class AuthRejected(Tun2Error):
@@ -88,7 +101,9 @@ class ClientConfig:
 class Client:
     """Connects to a server and proxies every stream it opens to the backend (Go tun2's Client)."""
 
-    def __init__(self, config: ClientConfig, on_status=None):
+    def __init__(self, config: ClientConfig, on_status=None, *, on_request: Callable[[Served], None] | None = None,
+                 inspector: Inspector | None = None, metrics: ClientMetrics | None = None):
+        """``on_request`` hears of every proxied exchange; ``inspector`` captures them; ``metrics`` counts."""
         if not isinstance(config, ClientConfig):
             raise ConfigurationError("Client needs a ClientConfig, got %r" % (config,))
         self.config = config
@@ -103,6 +118,14 @@ class Client:
         self._session: smux.Session | None = None
         self._handlers = Group()
         self._idle_workers: list[Waiter] = []
+        self.public_urls: list[str] = []
+        self.connections = 0
+        self._on_request = on_request
+        self.inspector = inspector
+        if inspector is not None:
+            inspector.use_backend(self.pool)
+        self.metrics = metrics
+        self._observed = on_request is not None or inspector is not None or metrics is not None
 
     def run(self) -> None:
         """Connect and serve, reconnecting with exponential backoff and jitter.
@@ -133,6 +156,9 @@ class Client:
         """Dial once, authenticate and serve until the session ends (Go's Connect)."""
         self._set_state("connecting")
         transport = connect.dial(self.config)
+        self.connections += 1
+        if self.metrics is not None and self.connections > 1:
+            self.metrics.reconnects.inc()
         session = smux.Session(transport, client=True, config=self.config.smux_config)
         self._session = session
         try:
@@ -173,6 +199,7 @@ class Client:
         except socket.timeout:
             if not session.is_closed:
                 self.backend_id = None
+                self.public_urls = [f"http://{self.config.domain}"]
                 self._set_state("connected", confirmed=False)
                 return False
         except (OSError, smux.SessionClosedError):
@@ -190,6 +217,7 @@ class Client:
                 raise ConnectionLost(f"server could not check our Auth: {reason}")
             raise AuthRejected(f"server rejected us: {reason}")
         self.backend_id = reply.get("backend")
+        self.public_urls = _public_urls(reply, self.config.domain)
         self._set_state("connected", confirmed=True, smux=session.version)
         return True
 
@@ -221,10 +249,12 @@ class Client:
 
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
+        log.debug("stream_opened", stream=getattr(stream, "id", None))
         try:
             serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject)
         finally:
             stream.close()
+            log.debug("stream_closed", stream=getattr(stream, "id", None))
 
     def _proxy(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, peer_ip: str) -> bool:
         if head.target == HEALTH_PATH and (head.host or "") == HEALTH_HOST and head.method == "GET":
@@ -233,11 +263,9 @@ class Client:
             self.health_checks += 1
             stream.sendall(pages.health_ok().encode(close=not head.keep_alive))
             return head.keep_alive
-        try:
-            head.target = self.pool.join_path(head.target)
-        except HTTPError as exc:  # a target climbing out of the backend URL's path
-            log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
-            stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
+        if self._observed:
+            return self._proxy_observed(head, reader, stream, peer_ip)
+        if not self._join_backend_path(head, stream):
             return False
         head.append_to("X-Forwarded-For", peer_ip)
         try:
@@ -253,8 +281,69 @@ class Client:
         self.requests_served += 1
         return result.keep_alive
 
+    def _join_backend_path(self, head: RequestHead, stream: smux.Stream) -> bool:
+        """Put the backend URL's path before the target; a target climbing out of it is refused (400)."""
+        try:
+            head.target = self.pool.join_path(head.target)
+        except HTTPError as exc:
+            log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
+            stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
+            return False
+        return True
+
+    def _proxy_observed(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, peer_ip: str) -> bool:
+        """`_proxy` with a status line, metrics and the inspector's tee (only paid for when one is on)."""
+        started = time.monotonic()
+        method, path = head.method, head.target
+        log.debug("request", method=method, path=path, stream=getattr(stream, "id", None))
+        capture = None
+        downstream: object = stream
+        if self.inspector is not None:
+            capture, reader, downstream = self.inspector.begin(head, reader, stream)
+        if not self._join_backend_path(head, stream):
+            return False
+        head.append_to("X-Forwarded-For", peer_ip)
+        status, keep_alive, error = 0, False, None
+        request_bytes = response_bytes = 0
+        try:
+            result = self.pool.forward_exchange(head, reader, downstream,
+                                                response_filter=None if capture is None else capture.response_filter)
+            status, keep_alive = result.status, result.keep_alive
+            request_bytes, response_bytes = result.request_bytes, result.response_bytes
+            self.requests_served += 1
+        except UpstreamError as exc:
+            log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
+            error, status = str(exc), 502
+            self._count_backend_error("bad_response")
+            stream.sendall(pages.backend_failed(str(exc)).encode())
+        except OSError as exc:
+            log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
+            error, status = str(exc), 502
+            self._count_backend_error("unreachable")
+            stream.sendall(pages.backend_unreachable(exc).encode())  # the URL stays in the log
+        except BaseException as exc:
+            error = str(exc) or type(exc).__name__  # the server's side went away mid-exchange
+            raise
+        finally:
+            seconds = time.monotonic() - started
+            log.debug("response", method=method, path=path, status=status, ms=round(seconds * 1000, 1),
+                      bytes_in=request_bytes, bytes_out=response_bytes, error=error)
+            if capture is not None and self.inspector is not None:
+                self.inspector.finish(capture, status, error)
+            if self.metrics is not None:
+                self.metrics.request_served(status, seconds, request_bytes, response_bytes)
+            if self._on_request is not None:
+                self._on_request(Served(method, path, status, seconds, request_bytes, response_bytes))
+        return keep_alive
+
+    def _count_backend_error(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_errors.labels(kind).inc()
+
     def _set_state(self, state: str, **fields) -> None:
         self.state = state
+        if self.metrics is not None:
+            self.metrics.connected.set(1 if state == "connected" else 0)
         log.info(state, server=self.config.server_addr, domain=self.config.domain, **fields)
         self._on_status(self)
 
@@ -266,6 +355,17 @@ class Client:
         self._idle_workers.clear()
         self._handlers.kill(block=False)
         self.pool.close()
+
+
+def _public_urls(reply: dict, domain: str) -> list[str]:
+    """The public URL(s) the server says it serves us at ("urls" or "url"), else http://DOMAIN."""
+    urls = reply.get("urls")
+    if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+        return list(urls)
+    if isinstance(reply.get("url"), str) and reply["url"]:
+        return [reply["url"]]
+    served = reply.get("domain") if isinstance(reply.get("domain"), str) and reply.get("domain") else domain
+    return [f"http://{served}"]
 
 
 def _reject(error: HTTPError) -> bytes:

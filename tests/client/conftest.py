@@ -1,0 +1,1 @@
+from tests.client.support import counting_backend, inspected  # noqa: F401  (fixtures)
