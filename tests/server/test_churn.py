@@ -37,7 +37,8 @@ from tun2g.storage import SQLiteStorage
 DOMAIN = "churn.test"
 CLIENTS = 3
 WORKERS = 8
-GETS = 10_000
+GETS = 10_000  # at least; more while the killer has struck fewer than MIN_GET_KILLS times
+MIN_GET_KILLS = 5
 POST_WORKERS = 8
 POSTS_PER_WORKER = 25
 POST_PIECES, POST_PIECE_SIZE, POST_GAP = 12, 4096, 0.03  # ~0.4 s per body: kills land mid-body
@@ -188,11 +189,14 @@ def churn(processes, tmp_path):
         deployment._killer.kill()  # before `processes` kills everything: it must start no more clients
 
 
-def _get_worker(port: int, worker: int, count: int, failures: list, latencies: list) -> int:
+def _get_worker(port: int, worker: int, count: int, failures: list, latencies: list, more=lambda: False) -> int:
+    """`count` GETs, then more while `more()` says so (a fast machine finishes before the killer has been busy)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT)
     done = 0
     try:
-        for i in range(count):
+        i = 0
+        while i < count or more():
+            i += 1
             path = f"/get/{worker}/{i}"
             started = time.monotonic()
             try:
@@ -267,7 +271,13 @@ def test_churn_gets_are_never_lost_and_posts_end_cleanly(churn, record_property)
     churn.start_killing()
     pool = Pool(WORKERS)
     per_worker = GETS // WORKERS
-    jobs = [pool.spawn(_get_worker, churn.http_port, w, per_worker, failures, latencies) for w in range(WORKERS)]
+    deadline = time.monotonic() + 120
+
+    def more() -> bool:  # keep going until the killer has struck a few times (bounded)
+        return churn.kills < MIN_GET_KILLS and time.monotonic() < deadline
+
+    jobs = [pool.spawn(_get_worker, churn.http_port, w, per_worker, failures, latencies, more)
+            for w in range(WORKERS)]
     pool.join(timeout=300, raise_error=True)
     get_kills = churn.kills
     get_seconds = time.monotonic() - started
@@ -293,7 +303,7 @@ def test_churn_gets_are_never_lost_and_posts_end_cleanly(churn, record_property)
 
     tally = {kind: sum(1 for o in outcomes if o[0] == kind) for kind in ("ok", "502", "wrong", "no answer", "hang")}
     report = {
-        "gets": GETS, "gets_answered": answered, "gets_non_200": len(failures), "get_kills": get_kills,
+        "gets_answered": answered, "gets_non_200": len(failures), "get_kills": get_kills,
         "get_seconds": round(get_seconds, 1), "get_rate": round(answered / get_seconds),
         "get_p99_ms": round(sorted(latencies)[int(len(latencies) * 0.99)] * 1000, 1) if latencies else None,
         "get_server_log": get_log,
@@ -305,9 +315,9 @@ def test_churn_gets_are_never_lost_and_posts_end_cleanly(churn, record_property)
     for key, value in report.items():
         record_property(key, value)
 
-    assert get_kills >= 5, "the killer must have been busy during the GETs"
+    assert get_kills >= MIN_GET_KILLS, "the killer must have been busy during the GETs"
     assert failures == [], f"{len(failures)} GETs were not a 200 with their own body, e.g. {failures[:5]}"
-    assert answered == GETS
+    assert answered >= GETS
     assert post_kills >= 3, "the killer must have been busy during the POSTs"
     bad = [o for o in outcomes if o[0] not in ("ok", "502")]
     assert bad == [], f"{len(bad)} POSTs got neither their body back nor a clean 502, e.g. {bad[:5]}"
