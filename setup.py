@@ -20,6 +20,7 @@ setup(
         "redis>=5.0",
         "requests>=2.31",
         "siokcp>=0.0.5",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [
