@@ -41,8 +41,8 @@ def _admin_request(method: str, url: str, token: str | None):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--watch", "watch", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS", is_flag=False,
               flag_value=2.0, help="Refresh the table every SECONDS (default 2) until Ctrl-C.")
-@click.option("--count", type=click.IntRange(min=1), default=None, hidden=True,
-              help="With --watch: stop after this many refreshes (for scripts and tests).")
+@click.option("--count", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --watch: stop after N refreshes (for scripts).")
 def backends(admin_url, admin_token, domain, user, as_json, watch, count):
     """List the tunnel clients connected to the server (--watch: keep the table current)."""
     query = f"?domain={domain}" if domain else f"?user={user}" if user else ""
