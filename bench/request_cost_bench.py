@@ -3,12 +3,17 @@
     python3 bench/request_cost_bench.py --against HEAD          # uncommitted changes vs the last commit
     python3 bench/request_cost_bench.py --against HEAD~3 --tls --rounds 5 --seconds 3
     python3 bench/request_cost_bench.py --against abc123~ --candidate abc123   # what one commit changed
+    python3 bench/request_cost_bench.py --modes off,metrics,capture      # one tree, metrics/capture on and off
 
 Both trees (`--candidate` defaults to the working tree) run their own `tun2g server` + `tun2g client` (plain tunnel, or TLS
 with --tls) in front of one nginx. Each round runs wrk at every connection
 count against each tree in turn, so load from elsewhere on the machine hits
 both alike; the table gives medians over the rounds of req/s and of the
 server's and the client's CPU µs per request (the steadier figure).
+
+With `--modes`, the working tree (or `--candidate`) runs once per mode instead:
+`off` (--no-metrics --no-inspect), `metrics` (--no-inspect), `capture` (metrics,
+and the route marked `tun2g route inspect DOMAIN on`, so every request is captured).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class TreeTunnel:
     """A server and one client for DOMAIN, both importing tun2g from `source`."""
 
     def __init__(self, name: str, source: Path, workdir: Path, storage: str, tls: bool, cert: Path,
-                 nginx_port: int):
+                 nginx_port: int, server_args: tuple[str, ...] = ()):
         self.name = name
         env = tc.child_env()
         env["PYTHONPATH"] = str(source)
@@ -58,7 +63,7 @@ class TreeTunnel:
         self.http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
         argv = ["server", "--http", f"127.0.0.1:{self.http_port}", "--tunnel", f"127.0.0.1:{tunnel_port}",
                 "--admin", f"127.0.0.1:{admin_port}", "--storage", storage, "--no-access-log",
-                "--log-level", "warning"]
+                "--log-level", "warning", *server_args]
         argv += ["--tls-cert", str(cert), "--tls-key", str(cert.with_name("tun2g-dev-key.pem"))] if tls \
             else ["--plain-tunnel"]
         run = [sys.executable, "-m", "tun2g.cli"]
@@ -98,6 +103,21 @@ def _cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False) -> str:
+    """A fresh SQLite store with the bench's token and route, made by `source`'s own tun2g (an older tree
+    cannot open a newer schema), its capture switched on if `inspect`."""
+    storage = f"sqlite:///{path}"
+    env = tc.child_env()
+    env["PYTHONPATH"] = str(source)
+    commands = [("token", "import", "--user", USER, "--secret", TOKEN), ("route", "add", DOMAIN, "--user", USER)]
+    if inspect:
+        commands.append(("route", "inspect", DOMAIN, "on"))
+    for command in commands:
+        subprocess.run([sys.executable, "-m", "tun2g.cli", *command, "--storage", storage], env=env, cwd=source,
+                       capture_output=True, check=True, timeout=30)
+    return storage
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", default="HEAD", help="git revision to compare with (tree A)")
@@ -106,6 +126,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", default="1,64")
     parser.add_argument("--tls", action="store_true", help="TLS tunnels instead of plain TCP")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated of off, metrics, capture: one tree in each mode (see above)")
     args = parser.parse_args()
     counts = [int(n) for n in args.connections.split(",")]
 
@@ -114,22 +136,29 @@ def main() -> None:
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         nginx_port = tc.free_port()
         stack.callback(tc.start_nginx(workdir, nginx_port, "unused").stop)
-        storage = f"sqlite:///{workdir / 'bench.db'}"
-        tc.tun2g_run("token", "import", "--user", USER, "--secret", TOKEN, "--storage", storage)
-        tc.tun2g_run("route", "add", DOMAIN, "--user", USER, "--storage", storage)
         tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
         cert = workdir / "tun2g-dev-cert.pem"
-        trees = {args.against: export_revision(args.against, workdir / "a")}
-        if args.candidate:
-            trees[args.candidate] = export_revision(args.candidate, workdir / "b")
-        else:
-            trees["working tree"] = tc.REPO_ROOT
         tunnels = []
-        for name, source in trees.items():
-            tunnel = TreeTunnel(name.replace("/", "_").replace(" ", "_"), source, workdir, storage, args.tls,
-                                cert, nginx_port)
-            stack.callback(tunnel.stop)
-            tunnels.append((name, tunnel))
+        if args.modes:
+            source = export_revision(args.candidate, workdir / "b") if args.candidate else tc.REPO_ROOT
+            for mode in args.modes.split(","):
+                flags = {"off": ("--no-metrics", "--no-inspect"), "metrics": ("--no-inspect",), "capture": ()}[mode]
+                own = _storage(workdir / f"bench-{mode}.db", source, inspect=mode == "capture")
+                tunnel = TreeTunnel(mode, source, workdir, own, args.tls, cert, nginx_port, flags)
+                stack.callback(tunnel.stop)
+                tunnels.append((mode, tunnel))
+        else:
+            trees = {args.against: export_revision(args.against, workdir / "a")}
+            if args.candidate:
+                trees[args.candidate] = export_revision(args.candidate, workdir / "b")
+            else:
+                trees["working tree"] = tc.REPO_ROOT
+            for name, source in trees.items():
+                label = name.replace("/", "_").replace(" ", "_")
+                storage = _storage(workdir / f"bench-{label}.db", source)
+                tunnel = TreeTunnel(label, source, workdir, storage, args.tls, cert, nginx_port)
+                stack.callback(tunnel.stop)
+                tunnels.append((name, tunnel))
         for _, tunnel in tunnels:
             tc.run_wrk(tunnel.http_port, DOMAIN, 16, 1.0)  # warm-up
         samples: dict = {}

@@ -120,6 +120,17 @@ def test_route_add_list_rm(storage_env):
     assert [r.domain for r in open_storage().list_routes()] == ["b.example.com"]
 
 
+def test_route_inspect_switches_capture_and_list_shows_it(storage_env):
+    ok("route", "add", "app.example.com", "--user", "alice")
+    assert "Inspection of app.example.com is on" in ok("route", "inspect", "App.Example.com", "on")
+    assert ok("route", "list").splitlines()[1].split()[-1] == "on"
+    assert json.loads(ok("route", "list", "--json"))[0]["inspect"] is True
+    ok("route", "inspect", "app.example.com", "off")
+    assert open_storage().list_routes()[0].inspect is False
+    assert fails("route", "inspect", "gone.example.com", "on").strip() == (
+        "tun2g: no route for gone.example.com (see `tun2g route list`)")
+
+
 def test_route_errors_are_one_line(storage_env):
     ok("route", "add", "app.example.com", "--user", "alice")
     assert fails("route", "add", "app.example.com", "--user", "mallory").strip() == (
@@ -132,7 +143,7 @@ def test_route_errors_are_one_line(storage_env):
 
 @pytest.mark.parametrize("command", [(), ("token",), ("token", "create"), ("token", "list"), ("token", "revoke"),
                                      ("token", "import"), ("route",), ("route", "add"), ("route", "rm"),
-                                     ("route", "list")])
+                                     ("route", "list"), ("route", "inspect")])
 def test_every_command_has_help_with_examples(command):
     out = ok(*command, "--help")
     assert "Usage:" in out and ("Example" in out or "Quick start" in out)

@@ -96,7 +96,7 @@ def test_client_exits_2_with_a_hint_when_rejected(tmp_path, backend):
         server.wait(10)
 
 
-@pytest.mark.parametrize("command", ["server", "client", "token", "route", "backends", "kill", "cert"])
+@pytest.mark.parametrize("command", ["server", "client", "token", "route", "backends", "kill", "cert", "inspect"])
 def test_every_command_has_complete_help(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0, result.output

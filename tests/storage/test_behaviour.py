@@ -136,6 +136,21 @@ def test_removed_routes_are_gone_at_once_everywhere(storage_factory):
     assert cli.add_route("app.example.com", "bob").user == "bob"  # free to take now
 
 
+def test_the_inspect_flag_is_off_by_default_switches_everywhere_and_moves_the_revision(storage_factory):
+    cli, server = storage_factory(), storage_factory()
+    assert cli.add_route("app.example.com", "alice").inspect is False
+    before = server.revision()
+    assert cli.set_route_inspect("App.Example.com:443", True) == Route("app.example.com", "alice",
+                                                                      cli.list_routes()[0].created, True)
+    assert [(r.domain, r.inspect) for r in server.list_routes()] == [("app.example.com", True)]
+    assert server.revision() != before  # servers polling the revision notice the switch
+    assert cli.add_route("app.example.com", "alice").inspect is True  # adding it again keeps the flag
+    cli.set_route_inspect("app.example.com", False)
+    assert server.list_routes()[0].inspect is False
+    with pytest.raises(NoSuchRoute, match="route list"):
+        cli.set_route_inspect("nowhere.example.com", True)
+
+
 def test_routes_list_by_domain_and_by_user(any_storage):
     for domain, user in [("b.example.com", "bob"), ("c.example.com", "alice"), ("a.example.com", "alice")]:
         any_storage.add_route(domain, user)

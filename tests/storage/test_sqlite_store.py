@@ -21,11 +21,11 @@ def test_a_new_file_is_private_in_wal_mode_with_a_schema_version(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert raw.execute("SELECT version FROM schema_version").fetchall() == [(sqlite_store.SCHEMA_VERSION,)]
+        assert raw.execute("SELECT max(version) FROM schema_version").fetchall() == [(sqlite_store.SCHEMA_VERSION,)]
     storage.close()
     SQLiteStorage(path).close()  # reopening does not migrate twice
     with sqlite3.connect(path) as raw:
-        assert raw.execute("SELECT count(*) FROM schema_version").fetchone() == (1,)
+        assert raw.execute("SELECT count(*) FROM schema_version").fetchone() == (sqlite_store.SCHEMA_VERSION,)  # one row per migration
 
 
 def test_secrets_are_only_stored_as_hashes(tmp_path):
@@ -117,3 +117,20 @@ def test_memory_store_for_quick_tests():
     _, secret = storage.create_token("alice")
     assert storage.has_token(secret)[0] == "alice"
     assert storage.describe() == "sqlite::memory:"
+
+
+def test_a_version_1_file_upgrades_and_its_routes_load_uninspected(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as raw:  # the schema as version 1 left it, with one route
+        raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        raw.execute("INSERT INTO schema_version VALUES (1)")
+        for statement in sqlite_store._MIGRATIONS[1]:
+            raw.execute(statement)
+        raw.execute("INSERT INTO routes (domain, user, created) VALUES ('old.test', 'alice', 1.0)")
+    store = sqlite_store.SQLiteStorage(path)
+    try:
+        assert [(r.domain, r.user, r.inspect) for r in store.list_routes()] == [("old.test", "alice", False)]
+        assert store.set_route_inspect("OLD.test", True).inspect is True
+        assert store.list_routes()[0].inspect is True
+    finally:
+        store.close()

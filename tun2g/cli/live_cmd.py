@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -51,10 +52,34 @@ def _admin_request(method: str, url: str, token: str | None):
 @click.option("--domain", help="Only backends serving this domain.")
 @click.option("--user", help="Only backends owned by this user.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def backends(admin_url, admin_token, domain, user, as_json):
-    """List the tunnel clients connected to the server."""
+@click.option("--watch", "watch", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS", is_flag=False,
+              flag_value=2.0, help="Refresh the table every SECONDS (default 2) until Ctrl-C.")
+@click.option("--count", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --watch: stop after N refreshes (for scripts).")
+def backends(admin_url, admin_token, domain, user, as_json, watch, count):
+    """List the tunnel clients connected to the server (--watch: keep the table current)."""
     query = f"?domain={domain}" if domain else f"?user={user}" if user else ""
-    rows = _admin_request("GET", f"{admin_url.rstrip('/')}/backends{query}", admin_token)
+    url = f"{admin_url.rstrip('/')}/backends{query}"
+    if watch is None:
+        _print_backends(_admin_request("GET", url, admin_token), as_json)
+        return
+    shown = 0
+    try:
+        while count is None or shown < count:
+            rows = _admin_request("GET", url, admin_token)
+            if sys.stdout.isatty():
+                click.clear()
+            click.echo(f"{time.strftime('%H:%M:%S')}  {len(rows)} backend(s), every {watch:g} s; Ctrl-C to stop")
+            _print_backends(rows, as_json)
+            sys.stdout.flush()
+            shown += 1
+            if count is None or shown < count:
+                time.sleep(watch)  # the refresh cadence
+    except KeyboardInterrupt:
+        click.echo("")
+
+
+def _print_backends(rows: list, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -62,6 +62,13 @@ from tun2g.cli.options import cidrs, env_option, host_port
                  "are believed (repeat, or space-separated in the variable). Others' are replaced.")
 @env_option("--access-log/--no-access-log", env="TUN2G_ACCESS_LOG", default=True, show_default=True,
             help="Log one line per proxied request.")
+@env_option("--metrics/--no-metrics", env="TUN2G_METRICS", default=True, show_default=True,
+            help="Count requests, bytes, tunnels, auth and Redis errors; served at the admin API's /metrics.")
+@env_option("--metrics-domain-cap", env="TUN2G_METRICS_DOMAIN_CAP", type=click.IntRange(min=0), default=200,
+            show_default=True, metavar="N",
+            help="Domains with their own metrics label; later ones are counted under domain=\"other\".")
+@env_option("--inspect/--no-inspect", env="TUN2G_INSPECT", default=True, show_default=True,
+            help="Capture the exchanges of routes marked `tun2g route inspect DOMAIN on` (read: `tun2g inspect`).")
 @env_option("--header-timeout", env="TUN2G_HEADER_TIMEOUT", type=click.FloatRange(min=0), metavar="SECONDS",
             help="A public request head must arrive whole within this (408 after; slowloris). 0: no limit. "
                  "Default 15.")
@@ -82,8 +89,8 @@ from tun2g.cli.options import cidrs, env_option, host_port
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
-           ping_interval, trusted_proxies, access_log, header_timeout, idle_timeout, response_timeout, body_timeout,
-           max_connections_per_ip, max_connections, log_level):
+           ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
+           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -105,7 +112,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
-                        registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies)
+                        registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,
+                        metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect)
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)

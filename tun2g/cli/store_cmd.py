@@ -260,5 +260,26 @@ def route_list(user, as_json, storage_url):
     """
     with _opened(storage_url) as storage:
         routes, where = storage.list_routes(user=user), storage.describe()
-    _show("routes", routes, user, where, as_json, ("DOMAIN", "USER", "CREATED"),
-          lambda r: (r.domain, r.user, _when(r.created)))
+    _show("routes", routes, user, where, as_json, ("DOMAIN", "USER", "CREATED", "INSPECT"),
+          lambda r: (r.domain, r.user, _when(r.created), "on" if r.inspect else "off"))
+
+
+@route.command("inspect", context_settings=CONTEXT)
+@click.argument("domain")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@_storage_option
+def route_inspect(domain, state, storage_url):
+    """Capture DOMAIN's exchanges for the server's inspector (on), or stop (off).
+
+    Servers notice within a second. Captures keep the first 16 KiB of each body,
+    with Authorization, Cookie and Set-Cookie redacted; read them with
+    `tun2g inspect DOMAIN`.
+
+    \b
+    Example:
+      tun2g route inspect app.example.com on
+    """
+    with _opened(storage_url) as storage:
+        updated = storage.set_route_inspect(domain, state == "on")
+    click.echo(f"Inspection of {updated.domain} is {state}."
+               + (f" Read it with: tun2g inspect {updated.domain}" if updated.inspect else ""))

@@ -40,6 +40,7 @@ class ClusterConfig:
     cache_ttl: float = DEFAULT_CACHE_TTL
     key_prefix: str = "tun2g:"
     hop_timeout: float = HOP_READ_TIMEOUT
+    on_redis_error: Callable[[str], None] | None = None  # told of every failed registry call (metrics)
 
 
 class ClusterNode:
@@ -57,7 +58,8 @@ class ClusterNode:
         self._kill_local = kill_local
         self.registry = RedisRegistry(config.redis_url, node_id, config.advertise_url,
                                       snapshot=local_backends, on_kill=self._on_kill, ttl=config.ttl,
-                                      cache_ttl=config.cache_ttl, key_prefix=config.key_prefix)
+                                      cache_ttl=config.cache_ttl, key_prefix=config.key_prefix,
+                                      on_redis_error=config.on_redis_error)
         self.secret = self._resolve_secret(config)
         self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
         self.nonces = NonceMemory(WINDOW)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from tun2g.log import get_logger
 
@@ -19,8 +20,10 @@ class Outage:
     """Tracks whether Redis is reachable; `failed()` and `succeeded()` are called around each use."""
 
     def __init__(self, what: str, retry_after: float = RETRY_AFTER, log_interval: float = LOG_INTERVAL,
-                 clock=time.monotonic):
+                 clock=time.monotonic, on_failure: Callable[[str], None] | None = None):
+        """`on_failure(what)` is told of every failed call (the Redis error counter)."""
         self.what = what
+        self._on_failure = on_failure
         self.retry_after = retry_after
         self.log_interval = log_interval
         self._clock = clock
@@ -45,6 +48,8 @@ class Outage:
         self.last_error = str(error) or type(error).__name__
         self._retry_at = now + self.retry_after
         self._failures += 1
+        if self._on_failure is not None:
+            self._on_failure(self.what)
         if self.down_since is None:
             self.down_since = now
             self._logged_at = now

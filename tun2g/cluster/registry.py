@@ -91,7 +91,7 @@ class RedisRegistry:
 
     def __init__(self, url: str, node_id: str, advertise_url: str, *, snapshot: Callable[[], list],
                  on_kill: Callable[[str], None], ttl: float = DEFAULT_TTL, cache_ttl: float = DEFAULT_CACHE_TTL,
-                 key_prefix: str = "tun2g:"):
+                 key_prefix: str = "tun2g:", on_redis_error: Callable[[str], None] | None = None):
         if " " in node_id or not node_id:
             raise ValueError(f"node id {node_id!r} must be non-empty and contain no spaces")
         if ttl <= 0 or cache_ttl < 0:
@@ -108,7 +108,7 @@ class RedisRegistry:
                                            health_check_interval=max(1, int(ttl)))
         self._nonce_redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=NONCE_TIMEOUT,
                                                  socket_timeout=NONCE_TIMEOUT, retry=Retry(NoBackoff(), 0))
-        self.outage = Outage("cluster registry")
+        self.outage = Outage("cluster registry", on_failure=on_redis_error)
         self._member = f"{node_id} {advertise_url}"
         self._published: set[str] = set()
         self._cache: dict[str, _CacheEntry] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import gevent
 
@@ -31,6 +31,18 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 log = get_logger(__name__)
+
+
+class Meter(Protocol):
+    """Told of the bytes of one exchange as they move (live counters, a capture's tee of the bodies).
+
+    ``size``: bytes written (heads and framing included); ``body``: the body bytes among
+    them, unframed (b"" for heads and for a spliced connection's raw bytes).
+    """
+
+    def up(self, size: int, body: bytes) -> None: ...
+
+    def down(self, size: int, body: bytes) -> None: ...
 
 
 class UpstreamError(Exception):
@@ -94,7 +106,7 @@ class ExchangeResult:
 def forward_exchange(request: RequestHead, request_reader: MessageReader, upstream, downstream, *,
                      response_filter: Callable[[ResponseHead], None] | None = None,
                      upstream_reader: MessageReader | None = None, close_upstream: bool = False,
-                     timeouts: ExchangeTimeouts | None = None) -> ExchangeResult:
+                     timeouts: ExchangeTimeouts | None = None, meter: Meter | None = None) -> ExchangeResult:
     """Send ``request`` and its body (read from ``request_reader``) upstream and relay the response downstream.
 
     Hop-by-hop headers are dropped both ways and framing is set here. A request
@@ -107,10 +119,13 @@ def forward_exchange(request: RequestHead, request_reader: MessageReader, upstre
     (or, with ``timeouts.watch_downstream``, leaves while the response is awaited);
     an upstream failing (or stalling past ``timeouts.body``) mid-body closes ``downstream`` and returns
     keep_alive=False. Socket timeouts set for ``timeouts`` are unset again on return.
+    ``meter`` is told of every write as it happens (see `Meter`).
     """
     if upstream_reader is None:
         upstream_reader = MessageReader(upstream)
     exchange = _Exchange(request, request_reader, upstream, downstream, upstream_reader, close_upstream)
+    if meter is not None:
+        exchange.meter = meter
     if timeouts is None:
         return exchange.run(response_filter)
     exchange.timeouts = timeouts
@@ -146,6 +161,7 @@ class _Exchange:
         self.watch_due = False         # the head is slow: watch the downstream peer once the request is sent
         self.watcher: gevent.Greenlet | None = None
         self.abandoned = False         # the downstream peer left while the response was awaited
+        self.meter: Meter = _NO_METER
 
     def run(self, response_filter) -> ExchangeResult:
         timer = None
@@ -193,8 +209,10 @@ class _Exchange:
         length = framing if framing > 0 or (framing == 0 and request.method in _BODY_METHODS) else None
         payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers,
                                       content_length=length)
+        body = b""
         if not reader.body_complete:
-            payload += _framed(reader.take_ready_body(), chunked)
+            body = reader.take_ready_body()
+            payload += _framed(body, chunked)
         if chunked and reader.body_complete:
             payload += LAST_CHUNK
         try:
@@ -203,6 +221,7 @@ class _Exchange:
             raise UpstreamError(f"cannot send the request upstream: {_describe(exc)}",
                                 replayable=self.request_bodyless) from exc
         self.request_bytes = len(payload)
+        self.meter.up(len(payload), body)
         if reader.body_complete:
             self.sent_at = time.monotonic()
             self.request_sent = True
@@ -226,6 +245,7 @@ class _Exchange:
             except OSError:
                 return  # the upstream stopped reading; its response (or failure) says why
             self.request_bytes += len(payload)
+            self.meter.up(len(payload), data)
         self.sent_at = time.monotonic()
         self.request_sent = True
         if self.watch_due:
@@ -319,7 +339,7 @@ class _Exchange:
     def _relay_interim(self, head: ResponseHead) -> None:
         # RFC 9110 section 15.2: no 1xx to an HTTP/1.0 client; 100 only to one that waits for it.
         if self.request.version == "HTTP/1.1" and (head.status != 100 or self.request.expects_continue):
-            self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)))
+            self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)), b"")
 
     def _relay_response(self, head: ResponseHead) -> ExchangeResult:
         reader, request_reader = self.upstream_reader, self.request_reader
@@ -334,11 +354,12 @@ class _Exchange:
         payload = encode_response_head(head, chunked=chunked_out, connection=connection,
                                        headers=forwardable_headers(head.headers, keep_length=bodyless),
                                        content_length=None if bodyless or reader.framing < 0 else reader.framing)
-        payload += _framed(reader.take_ready_body(), chunked_out)
+        body = reader.take_ready_body()
+        payload += _framed(body, chunked_out)
         complete = reader.body_complete
         if complete and chunked_out:
             payload += LAST_CHUNK
-        self._send_down(payload)
+        self._send_down(payload, body)
         while not complete:
             try:
                 data = reader.read_body()
@@ -352,19 +373,20 @@ class _Exchange:
             if complete and chunked_out:
                 payload += LAST_CHUNK
             if payload:
-                self._send_down(payload)
+                self._send_down(payload, data)
         return self._result(head.status, keep_alive, reader.keep_alive)
 
     def _result(self, status: int, keep_alive: bool, upstream_keep_alive: bool, upgraded: bool = False):
         return ExchangeResult(status, keep_alive, upstream_keep_alive and self.request_sent, upgraded,
                               self.request_bytes, self.response_bytes)
 
-    def _send_down(self, payload: bytes) -> None:
+    def _send_down(self, payload: bytes, body: bytes) -> None:
         try:
             send_all(self.downstream, payload)
         except OSError as exc:
             raise DownstreamError(f"cannot write to the client: {_describe(exc)}") from exc
         self.response_bytes += len(payload)
+        self.meter.down(len(payload), body)
 
     # --- protocol switch -----------------------------------------------------------
 
@@ -378,11 +400,25 @@ class _Exchange:
         if not upgrade or not self.upstream_reader.switched_protocols:
             raise UpstreamError("upstream sent a 101 Switching Protocols without a valid Upgrade header")
         headers = forwardable_headers(head.headers) + [("Connection", "Upgrade"), ("Upgrade", upgrade)]
-        self._send_down(encode_response_head(head, headers=headers) + self.upstream_reader.take_buffered())
-        upward = gevent.spawn(_copy_raw, self.downstream, self.upstream, self.request_reader.take_buffered())
-        self.response_bytes += _copy_raw(self.upstream, self.downstream, b"")
+        self._send_down(encode_response_head(head, headers=headers) + self.upstream_reader.take_buffered(), b"")
+        upward = gevent.spawn(_copy_raw, self.downstream, self.upstream, self.request_reader.take_buffered(),
+                              self.meter.up)
+        self.response_bytes += _copy_raw(self.upstream, self.downstream, b"", self.meter.down)
         self.request_bytes += upward.get()
         return self._result(101, False, False, upgraded=True)
+
+
+class _NoMeter:
+    __slots__ = ()
+
+    def up(self, size: int, body: bytes) -> None:
+        pass
+
+    def down(self, size: int, body: bytes) -> None:
+        pass
+
+
+_NO_METER = _NoMeter()
 
 
 class _HeadWaitExpired(Exception):
@@ -415,19 +451,21 @@ def _framed(data: bytes, chunked: bool) -> bytes:
     return encode_chunk(data) if chunked and data else data
 
 
-def _copy_raw(source, sink, first: bytes) -> int:
+def _copy_raw(source, sink, first: bytes, count: Callable[[int, bytes], None]) -> int:
     """Copy raw bytes until ``source`` ends; then half-close ``sink`` (or close both on error)."""
     copied = 0
     try:
         if first:
             send_all(sink, first)
             copied = len(first)
+            count(copied, b"")
         while True:
             data = source.recv(RECV_SIZE)
             if not data:
                 break
             send_all(sink, data)
             copied += len(data)
+            count(len(data), b"")
         if not capabilities_of(sink).half_close:
             raise OSError("this stream cannot be half-closed")  # e.g. TLS: shutdown() ends reading too
         sink.shutdown(socket.SHUT_WR)

@@ -1,4 +1,5 @@
-"""The server's admin HTTP API: backends, kill, status (JSON), for `tun2g backends` / `tun2g kill`.
+"""The server's admin HTTP API: backends, kill, status (JSON), for `tun2g backends` / `tun2g kill`;
+`/metrics` (Prometheus text) and `/inspect` (captured exchanges, for `tun2g inspect`).
 
 It listens on its own address (loopback by default), apart from public
 traffic. Every request must pass, in this order:
@@ -12,6 +13,8 @@ traffic. Every request must pass, in this order:
 3. for changes (any method but GET/HEAD), `Content-Type: application/json`,
    else 415: a cross-site form or `text/plain` fetch cannot send that without
    a CORS preflight, which this API never grants.
+`/metrics` needs the token too (it names every domain; Prometheus sends it with
+`authorization: {credentials: ...}`); only `/health` is open.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ import hmac
 import ipaddress
 import json
 import time
+from urllib.parse import unquote
 
 from tun2g.errors import ConfigurationError, NoSuchBackend
+from tun2g.metrics import CONTENT_TYPE
+from tun2g.storage import StorageError, normalize_domain
 from tun2g.server.server import Server
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
-_REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 415: "Unsupported Media Type"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            415: "Unsupported Media Type", 503: "Service Unavailable"}
 
 
 class AdminAPI:
@@ -67,6 +74,12 @@ class AdminAPI:
             except NoSuchBackend as exc:
                 return _json(start_response, 404, {"error": str(exc)})
             return _json(start_response, 200, {"killed": backend_id})
+        if method == "GET" and path == "/metrics" and self.server.metrics is not None:
+            body = self.server.metrics.exposition()
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
+            return [body]
+        if method == "GET" and path == "/inspect":
+            return self._inspect(start_response, query)
         if method == "GET" and path == "/status":
             backends = self.server.get_all_backends()
             return _json(start_response, 200, {
@@ -74,7 +87,25 @@ class AdminAPI:
                 "backends": len(backends), "domains": len({b.domain for b in backends}),
                 "requests_in_flight": sum(b.requests_in_flight for b in backends)})
         return _json(start_response, 404, {"error": f"no admin endpoint {method} {path}; "
-                                                    "try GET /backends, POST /backends/ID/kill, GET /status, GET /health"})
+                                                    "try GET /backends, POST /backends/ID/kill, GET /status, "
+                                                    "GET /health, GET /metrics, GET /inspect?domain=D"})
+
+    def _inspect(self, start_response, query: dict) -> list:
+        inspector = self.server.inspector
+        if inspector is None:
+            return _json(start_response, 404, {"error": "capture is off on this server (tun2g server --no-inspect)"})
+        domain = unquote(query.get("domain", ""))
+        try:
+            domain = normalize_domain(domain)
+            limit = int(query.get("limit", "50"))
+        except (StorageError, ValueError) as exc:
+            return _json(start_response, 400, {"error": f"GET /inspect?domain=D[&limit=N][&after=ID]: {exc}"})
+        try:
+            records = inspector.read(domain, limit, unquote(query["after"]) if query.get("after") else None)
+        except Exception as exc:  # Redis down or the like: say so, in JSON, as the other endpoints do
+            return _json(start_response, 503, {"error": f"cannot read captures: {exc}"})
+        return _json(start_response, 200, {"domain": domain, "inspected": inspector.enabled(domain),
+                                           "records": records})
 
     def _backends(self, query: dict) -> list:
         if "domain" in query:

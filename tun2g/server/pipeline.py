@@ -25,11 +25,13 @@ from tun2g.cluster import HopRefused
 from tun2g.cluster.hop import HOP_HEADER, Hop
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
 from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers
-from tun2g.http.relay import IDEMPOTENT_METHODS
+from tun2g.http.relay import IDEMPOTENT_METHODS, Meter
 from tun2g.http.client import Body, StreamedResponse, body_is_replayable, send_request
 from tun2g.log import get_logger
+from tun2g.metrics import DomainMetrics, Metrics
 from tun2g.requestid import new_request_id
-from tun2g.server.router import Router, Upstream
+from tun2g.server.inspect import Capture, Inspector
+from tun2g.server.router import NodeUpstream, Router, Upstream, routing_key
 from tun2g.transport.base import ByteStream
 
 log = get_logger(__name__)
@@ -48,6 +50,9 @@ class Request:
     scheme: str
     started: float
     trusted: bool  # the peer is the embedding program or a trusted proxy: its forwarding headers stand
+    counted: DomainMetrics | None = None  # its domain's metrics, once an upstream took it
+    capture: Capture | None = None        # its capture for the inspector, when its route is inspected
+    public: bool = True                   # it came from a public client (not a hop from another node)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class Outcome:
 
     status: int
     keep_alive: bool
+    bytes_in: int = 0   # written upstream
+    bytes_out: int = 0  # written to the public client
 
 
 class _Exchange(Protocol[Result]):
@@ -63,11 +70,15 @@ class _Exchange(Protocol[Result]):
 
     replayable: bool  # the request can be sent again after a failed attempt (as far as this front knows)
 
-    def through(self, upstream: Upstream) -> Result: ...
+    def through(self, upstream: Upstream, meter: Meter | None) -> Result: ...
 
     def page(self, page: pages.Page) -> Result: ...
 
     def status(self, result: Result) -> int: ...
+
+    def sizes(self, result: Result) -> tuple[int, int] | None: ...
+
+    def response_headers(self, result: Result) -> list | None: ...
 
 
 class _SocketExchange:
@@ -81,15 +92,17 @@ class _SocketExchange:
         self._reader = reader
         self._sock = sock
         self._timeouts = timeouts
+        self._response: ResponseHead | None = None
 
     def _stamp(self, response: ResponseHead) -> None:
         response.set("X-Request-Id", self._request.id)
+        self._response = response
 
-    def through(self, upstream: Upstream) -> Outcome:
+    def through(self, upstream: Upstream, meter: Meter | None) -> Outcome:
         try:
             result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
-                                      close_upstream=upstream.single_use, timeouts=self._timeouts)
+                                      close_upstream=upstream.single_use, timeouts=self._timeouts, meter=meter)
         except DownstreamError as exc:
             upstream.release(False)
             error = exc.http_error
@@ -107,13 +120,20 @@ class _SocketExchange:
             upstream.release(False)
             raise
         upstream.release(result.upstream_reusable)  # a node connection at a clean boundary is kept for the next
-        return Outcome(result.status, result.keep_alive)
+        return Outcome(result.status, result.keep_alive, result.request_bytes, result.response_bytes)
 
     def page(self, page: pages.Page) -> Outcome:
-        return Outcome(page.status, pages.send_page(self._sock, page, self._request.head))
+        self._response = None
+        return Outcome(page.status, pages.send_page(self._sock, page, self._request.head), 0, len(page.body))
 
     def status(self, result: Outcome) -> int:
         return result.status
+
+    def sizes(self, result: Outcome) -> tuple[int, int] | None:
+        return result.bytes_in, result.bytes_out
+
+    def response_headers(self, result: Outcome) -> list | None:
+        return None if self._response is None else self._response.headers
 
 
 class _ResponseExchange:
@@ -125,7 +145,7 @@ class _ResponseExchange:
         self.replayable = body_is_replayable(body)
         self._timeouts = timeouts
 
-    def through(self, upstream: Upstream) -> StreamedResponse:
+    def through(self, upstream: Upstream, meter: Meter | None) -> StreamedResponse:
         head = self._request.head
         reader = upstream.reader or MessageReader(upstream.stream)
         pump: gevent.Greenlet | None = None
@@ -171,13 +191,22 @@ class _ResponseExchange:
     def status(self, result: StreamedResponse) -> int:
         return result.status
 
+    def sizes(self, result: StreamedResponse) -> tuple[int, int] | None:
+        return None  # the caller reads the body after this pipeline is done with it
+
+    def response_headers(self, result: StreamedResponse) -> list | None:
+        return result.head.headers
+
 
 class Pipeline:
     """Every front's request path: one Router, one set of rules."""
 
     def __init__(self, router: Router, *, access_log: bool = True,
-                 trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None) -> None:
+                 trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None,
+                 metrics: Metrics | None = None, inspector: Inspector | None = None) -> None:
         self.router = router
+        self.metrics = metrics      # None: nothing counted
+        self.inspector = inspector  # None: nothing captured
         self.access_log = access_log
         self.trusted_proxies = TrustedProxies() if trusted_proxies is None else trusted_proxies
         self._any_trusted = bool(self.trusted_proxies.networks)
@@ -227,26 +256,73 @@ class Pipeline:
                             trusted=request.trusted)
         else:  # the origin node prepared it, and named it: keep that id in this node's log and pages
             request.id = head.get("X-Request-Id") or request.id
+            request.public = False
         routing = self.router.route(head, request.id, hop)
+        meter: Meter | None = None
+        metrics = self.metrics
         for upstream in routing:
+            if meter is None:
+                meter = self._meter(request)
             try:
-                result = exchange.through(upstream)
+                result = exchange.through(upstream, meter)
             except UpstreamError as exc:
+                if metrics is not None and isinstance(upstream, NodeUpstream):
+                    metrics.hops["failed"].inc()
                 gone = upstream.failed(str(exc))
                 if gone and exc.replayable and exchange.replayable:
                     continue  # nothing reached the client: the next upstream serves it
                 return self._finish(request, exchange, exchange.page(upstream.failure_page(str(exc), request.id)),
                                     upstream.label)
+            if metrics is not None and isinstance(upstream, NodeUpstream):
+                metrics.hops["ok"].inc()
             return self._finish(request, exchange, result, upstream.label)
+        if metrics is not None and routing.unreachable_nodes:
+            metrics.hops["unreachable"].inc(len(routing.unreachable_nodes))
         return self._finish(request, exchange, exchange.page(routing.page), "-")
 
+    def _meter(self, request: Request) -> Meter | None:
+        """What counts this request's bytes (its domain's cached metrics) and, if inspected, captures it."""
+        metrics, inspector = self.metrics, self.inspector
+        if metrics is None and inspector is None:
+            return None
+        domain = routing_key(request.host)
+        if domain is None:
+            return None
+        counted = request.counted = metrics.domain(domain) if metrics is not None else None
+        if inspector is not None and request.public and inspector.enabled(domain):
+            capture = request.capture = inspector.capture(counted)
+            return capture
+        return counted
+
     def _finish(self, request: Request, exchange: _Exchange[Result], result: Result, label: str) -> Result:
+        metrics = self.metrics
+        if metrics is None and not self.access_log and request.capture is None:
+            return result
+        seconds = time.monotonic() - request.started
+        status = exchange.status(result)
+        if metrics is not None:
+            (request.counted or metrics.unrouted).finished(status, seconds)
+        if request.capture is not None and self.inspector is not None:
+            self._offer(request, exchange, result, status, seconds, label)
         if self.access_log:
             head = request.head
-            log.info("request", method=head.method, host=request.host, path=head.target,
-                     status=exchange.status(result), ms=round((time.monotonic() - request.started) * 1000, 2),
+            sizes = exchange.sizes(result)
+            log.info("request", method=head.method, host=request.host, path=head.target, status=status,
+                     ms=round(seconds * 1000, 2), client_ip=request.peer_ip or "-",
+                     bytes_in=sizes[0] if sizes else "-", bytes_out=sizes[1] if sizes else "-",
                      request_id=request.id, backend=label)
         return result
+
+    def _offer(self, request: Request, exchange: _Exchange[Result], result: Result, status: int, seconds: float,
+               label: str) -> None:
+        capture, inspector = request.capture, self.inspector
+        assert capture is not None and inspector is not None
+        domain = routing_key(request.host) or request.host
+        head = request.head
+        inspector.offer(domain, capture.record(
+            domain=domain, node=inspector.node, method=head.method, path=head.target, status=status,
+            seconds=seconds, client_ip=request.peer_ip, request_id=request.id, request_headers=head.headers,
+            response_headers=exchange.response_headers(result), backend=label))
 
 
 class TrustedProxies:

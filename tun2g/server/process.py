@@ -20,10 +20,12 @@ from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.cluster.forward import HOP_READ_TIMEOUT
 from tun2g.log import configure, get_logger
 from tun2g.errors import ConfigurationError
+from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
 from tun2g.server.front import FrontLimits, HTTPFront
+from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
@@ -100,6 +102,12 @@ class ServerSetup:
     body_timeout: float = BODY_TIMEOUT
     max_connections_per_ip: int = MAX_CONNECTIONS_PER_IP
     max_connections: int | None = None
+    # Prometheus metrics at the admin API's /metrics; past `metrics_domain_cap` domains, label "other".
+    metrics: bool = True
+    metrics_domain_cap: int = DEFAULT_DOMAIN_CAP
+    # Capture of the routes marked `tun2g route inspect DOMAIN on` (False: never, whatever the routes say).
+    inspect: bool = True
+    inspect_queue: int = QUEUE_SIZE
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -128,12 +136,22 @@ class ServerSetup:
         http_address = http_listener.getsockname()[:2]
         tunnels = Tunnels()
         cluster = None
+        metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
         if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
-                                    self.hop_timeout)
+                                    self.hop_timeout, metrics)
+        inspector = None
+        if self.inspect:
+            store: CaptureStore = (RedisCaptures(storage.url, storage.key_prefix) if isinstance(storage, RedisStorage)
+                                   else MemoryCaptures())
+            inspector = Inspector(store, node=config.node_id, queue_size=self.inspect_queue,
+                                  on_outcome=None if metrics is None else _capture_counter(metrics),
+                                  on_store_error=None if metrics is None else lambda: metrics.redis_error("inspect"))
+            inspector.start(storage)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
-                        trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts())
+                        trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
+                        inspector=inspector)
         running = RunningServer(server, cluster, http_address=http_address)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
@@ -252,15 +270,23 @@ class RunningServer:
         self.server.wait()
 
 
+def _capture_counter(metrics: Metrics):
+    def count(outcome: str) -> None:
+        metrics.captures[outcome].value += 1
+
+    return count
+
+
 def _fmt(address) -> str:
     return f"{address[0]}:{address[1]}" if address else "-"
 
 
 def _cluster_node(storage: RedisStorage, node_id: str, tunnels: Tunnels, advertise_url: str, secret: str | None,
-                  ttl: float, hop_timeout: float = HOP_READ_TIMEOUT) -> ClusterNode:
+                  ttl: float, hop_timeout: float = HOP_READ_TIMEOUT, metrics: Metrics | None = None) -> ClusterNode:
     """This process as one node of the cluster that shares `storage`'s Redis."""
     return ClusterNode(ClusterConfig(redis_url=storage.url, advertise_url=advertise_url, secret=secret, ttl=ttl,
-                                     key_prefix=storage.key_prefix, hop_timeout=hop_timeout),
+                                     key_prefix=storage.key_prefix, hop_timeout=hop_timeout,
+                                     on_redis_error=None if metrics is None else metrics.redis_error),
                        node_id, local_backends=tunnels.records, kill_local=tunnels.close_one)
 
 

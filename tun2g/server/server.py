@@ -30,6 +30,8 @@ from tun2g.control import (MAX_AUTH_SIZE, TUN2G_LEVEL, Auth, AuthFormatError, JS
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
+from tun2g.metrics import Metrics, SessionSample
+from tun2g.server.inspect import Inspector
 from tun2g.server.pipeline import Pipeline, TrustedProxies
 from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
@@ -84,19 +86,25 @@ class Server:
 
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
                  access_log: bool = True, trusted_proxies: Iterable[str] = (),
-                 timeouts: ExchangeTimeouts | None = None):
+                 timeouts: ExchangeTimeouts | None = None, metrics: Metrics | None = None,
+                 inspector: Inspector | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
         `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
-        `timeouts`: bounds on each exchange's waits (None: unbounded)."""
+        `timeouts`: bounds on each exchange's waits (None: unbounded);
+        `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
         self.storage = config.storage
         self.tunnels = Tunnels() if tunnels is None else tunnels
         self.router = Router(self.tunnels, cluster)
+        self.metrics = metrics
+        self.inspector = inspector
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
-                                 timeouts=timeouts)
+                                 timeouts=timeouts, metrics=metrics, inspector=inspector)
         self.login_limiter = LoginLimiter()  # failed logins per source address (docs/protocol.md#auth-limits)
+        if metrics is not None:
+            metrics.watch(self._session_samples)
         self._tasks = Group()
         self._closed = Event()
         self.draining = False  # stopping: the health check says 503 so balancers send no more
@@ -191,16 +199,20 @@ class Server:
         except (AuthMismatch, AuthFormatError) as exc:
             self.login_limiter.failed(remote)
             reason = getattr(exc, "reason", str(exc))
+            self._count_auth("malformed" if isinstance(exc, AuthFormatError) else
+                             "invalid_token" if reason == "invalid token" else "rejected")
             log.warning("auth_rejected", remote=remote, proto=proto, reason=getattr(exc, "log_reason", reason))
             _try_send(control, encode_reply(False, error=reason))
             return None
         except StorageError as exc:
+            self._count_auth("storage_error")
             # The details name internal hosts: they go to the log, not to the client.
             log.error("auth_storage_failed", remote=remote, proto=proto, error=str(exc))
             _try_send(control, encode_reply(False, error="the server cannot check tokens right now; "
                                                          "try again later", retry=True))
             return None
         except (OSError, smux.SessionClosedError, socket.timeout) as exc:
+            self._count_auth("aborted")
             log.info("auth_aborted", remote=remote, proto=proto, error=str(exc) or type(exc).__name__)
             return None
         refusal = self._session_cap_refusal(auth.token, user)
@@ -227,6 +239,7 @@ class Server:
         self._per_token[auth.token] += 1
         self._per_user[user] += 1
         self._counted.add(tunnel)
+        self._count_auth("ok")
         self.router.register(tunnel)
         session.add_close_callback(lambda _session: self._forget(tunnel))
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
@@ -244,6 +257,15 @@ class Server:
             return (f"too many tunnels for this user: {self._per_user[user]} are connected to this server, "
                     f"which allows {per_user} per user; close one (or wait for a dead one to time out)")
         return None
+
+    def _count_auth(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth[outcome].inc()
+
+    def _session_samples(self) -> list[SessionSample]:
+        """This node's tunnels as the metrics collector reads them at scrape time."""
+        return [SessionSample(t.domain, t.session.num_streams, t.session.buffered_bytes, t.in_flight)
+                for t in self.tunnels]
 
     def _read_auth(self, control: smux.Stream) -> Auth:
         """One JSON object from the control stream, bounded in time and size."""
@@ -334,6 +356,8 @@ class Server:
                 pass
         self.router.close()  # leaves the cluster first: other nodes stop forwarding here at once
         self._tasks.kill(block=False)
+        if self.inspector is not None:
+            self.inspector.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until `close()` is called."""

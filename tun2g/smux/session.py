@@ -102,6 +102,11 @@ class Session:
         return len(self._state.streams)
 
     @property
+    def buffered_bytes(self) -> int:
+        """Bytes received on this session's streams and not yet read by the application (for metrics)."""
+        return sum(stream.buffered for stream in self._state.streams.values())
+
+    @property
     def version(self) -> int | None:
         """The protocol version in use (None while an automatic client waits for the first frame)."""
         return self._state.version

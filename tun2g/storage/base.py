@@ -72,15 +72,16 @@ class TokenInfo:
 
 @dataclass(frozen=True)
 class Route:
-    """A domain and the user whose tunnel clients may serve it."""
+    """A domain and the user whose tunnel clients may serve it; `inspect`: its exchanges are captured."""
 
     domain: str
     user: str
     created: float
+    inspect: bool = False
 
     def as_json(self) -> dict:
         """A JSON-ready dict."""
-        return {"domain": self.domain, "user": self.user, "created": self.created}
+        return {"domain": self.domain, "user": self.user, "created": self.created, "inspect": self.inspect}
 
 
 @runtime_checkable
@@ -115,6 +116,12 @@ class Storage(Protocol):
 
     def list_routes(self, user: str | None = None) -> list[Route]:
         """All routes, or one user's, sorted by domain."""
+
+    def set_route_inspect(self, domain: str, inspect: bool) -> Route:
+        """Turn capture for the server's inspector on or off for a route; NoSuchRoute if there is none.
+
+        Bumps the revision, so every server notices within its polling interval.
+        """
 
     def revision(self) -> str:
         """A cheap marker that changes whenever a token is revoked or a route removed (maybe more often).

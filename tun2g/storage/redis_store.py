@@ -5,9 +5,11 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P token:<sha256hex>   hash    id, user, scopes (JSON list), created (unix seconds), note
     P token-id:<id>       string  <sha256hex> of that token's secret (list/revoke by public id)
     P tokens              set     every token id
-    P route:<domain>      hash    user, created (domain normalized: lowercase, no :port, no trailing dot)
+    P route:<domain>      hash    user, created, inspect ("1": captured for the inspector; absent: off)
+                                  (domain normalized: lowercase, no :port, no trailing dot)
     P routes              set     every routed domain
-    P revision            string  a counter bumped by every token revocation and route removal
+    P revision            string  a counter bumped by every token revocation, route removal and inspect switch
+    P inspect:<domain>    stream  captured exchanges (tun2g.server.inspect), MAXLEN ~ 1000, written by the nodes
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write
@@ -129,7 +131,7 @@ class RedisStorage(SecretMinting):
             if fields:
                 if fields["user"] != route.user:
                     raise route_taken_error(route.domain, fields["user"])
-                return Route(route.domain, fields["user"], float(fields["created"]))
+                return Route(route.domain, fields["user"], float(fields["created"]), fields.get("inspect") == "1")
             pipe.multi()
             pipe.hset(route_key, mapping={"user": route.user, "created": repr(route.created)})
             pipe.sadd(self._key("routes"), route.domain)
@@ -156,9 +158,28 @@ class RedisStorage(SecretMinting):
                 for domain in domains:
                     pipe.hgetall(self._route_key(domain))
                 records = pipe.execute()
-        routes = [Route(domain, fields["user"], float(fields["created"]))
+        routes = [Route(domain, fields["user"], float(fields["created"]), fields.get("inspect") == "1")
                   for domain, fields in zip(domains, records) if fields]
         return [route for route in routes if wanted in (None, route.user)]
+
+    def set_route_inspect(self, domain: str, inspect: bool) -> Route:
+        domain = normalize_domain(domain)
+        route_key = self._route_key(domain)
+
+        def update(pipe: redis.client.Pipeline) -> Route | None:
+            fields = pipe.hgetall(route_key)
+            if not fields:
+                return None
+            pipe.multi()
+            pipe.hset(route_key, "inspect", "1" if inspect else "0")
+            pipe.incr(self._key("revision"))
+            return Route(domain, fields["user"], float(fields["created"]), bool(inspect))
+
+        with self._errors():
+            route = self._client.transaction(update, route_key, value_from_callable=True)
+        if route is None:
+            raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
+        return route
 
     def revision(self) -> str:
         """The ``P revision`` counter (one GET): every node polls it to drop revoked tunnels."""

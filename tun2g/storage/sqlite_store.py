@@ -30,7 +30,7 @@ from tun2g.storage.base import (
     validate_user,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -50,6 +50,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                created REAL NOT NULL)""",
         "CREATE INDEX routes_by_user ON routes (user)",
     ),
+    2: ("ALTER TABLE routes ADD COLUMN inspect INTEGER NOT NULL DEFAULT 0",),  # capture for the inspector
 }
 
 T = TypeVar("T")
@@ -123,7 +124,7 @@ class SQLiteStorage(SecretMinting):
 
         def insert(db: sqlite3.Connection) -> Route:
             with _write_transaction(db):
-                row = db.execute("SELECT user, created FROM routes WHERE domain = ?",
+                row = db.execute("SELECT user, created, inspect FROM routes WHERE domain = ?",
                                  (route.domain,)).fetchone()
                 if row is None:
                     db.execute("INSERT INTO routes (domain, user, created) VALUES (?, ?, ?)",
@@ -131,7 +132,7 @@ class SQLiteStorage(SecretMinting):
                     return route
             if row[0] != route.user:
                 raise route_taken_error(route.domain, row[0])
-            return Route(route.domain, row[0], row[1])
+            return Route(route.domain, row[0], row[1], bool(row[2]))
 
         return self._run(insert)
 
@@ -143,12 +144,27 @@ class SQLiteStorage(SecretMinting):
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
 
     def list_routes(self, user: str | None = None) -> list[Route]:
-        query = "SELECT domain, user, created FROM routes"
+        query = "SELECT domain, user, created, inspect FROM routes"
         params: tuple = ()
         if user is not None:
             query, params = query + " WHERE user = ?", (validate_user(user),)
         rows = self._run(lambda db: db.execute(query + " ORDER BY domain", params).fetchall())
-        return [Route(*row) for row in rows]
+        return [Route(row[0], row[1], row[2], bool(row[3])) for row in rows]
+
+    def set_route_inspect(self, domain: str, inspect: bool) -> Route:
+        domain = normalize_domain(domain)
+
+        def update(db: sqlite3.Connection) -> tuple | None:
+            with _write_transaction(db):
+                db.execute("UPDATE routes SET inspect = ? WHERE domain = ?", (int(bool(inspect)), domain))
+                return db.execute("SELECT user, created, inspect FROM routes WHERE domain = ?",
+                                  (domain,)).fetchone()
+
+        row = self._run(update)
+        self._own_writes += 1  # this handle's servers notice too (data_version counts other connections only)
+        if row is None:
+            raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
+        return Route(domain, row[0], row[1], bool(row[2]))
 
     def revision(self) -> str:
         """SQLite's data_version (bumped by every commit of another process) and this handle's own deletions.
