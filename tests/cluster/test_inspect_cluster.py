@@ -16,7 +16,7 @@ from tun2g.server.inspect import REDACTED
 
 
 def records(node, limit=50) -> list:
-    response = requests.get(f"{node.admin_url}/inspect", params={"domain": DOMAIN, "limit": limit}, timeout=10)
+    response = requests.get(f"{node.admin_url}/inspect", headers=node.admin_headers, params={"domain": DOMAIN, "limit": limit}, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["records"]
 
@@ -45,7 +45,7 @@ def test_a_request_served_on_node_b_is_visible_through_node_a(two_nodes, redis_s
     assert result.exit_code == 0, result.output
     assert [(r["node"], r["path"]) for r in json.loads(result.output)] == [("b", "/headers")]
     # Each node exports its own metrics: b forwarded one request, a served it through its tunnel.
-    on_b, on_a = scrape(b.admin_url), scrape(a.admin_url)
+    on_b, on_a = scrape(b.admin_url, token=b.running.admin_token), scrape(a.admin_url, token=a.running.admin_token)
     assert value(on_b, "tun2g_hop_forwards_total", outcome="ok") == 1
     assert value(on_b, "tun2g_requests_total", domain=DOMAIN, code="2xx") == 1
     assert value(on_a, "tun2g_requests_total", domain=DOMAIN, code="2xx") == 1
@@ -64,7 +64,7 @@ def test_following_reads_only_newer_captures_from_any_node(two_nodes):  # noqa: 
     assert get(b, "/second").status_code == 200
     assert get(a, "/third").status_code == 200
     wait_until(lambda: len(records(a)) == 3, timeout=5, message="three captures")
-    after = requests.get(f"{a.admin_url}/inspect", params={"domain": DOMAIN, "after": newest}, timeout=10).json()
+    after = requests.get(f"{a.admin_url}/inspect", headers=a.admin_headers, params={"domain": DOMAIN, "after": newest}, timeout=10).json()
     assert [(r["path"], r["node"]) for r in after["records"]] == [("/third", "a"), ("/second", "b")]
 
 
@@ -72,5 +72,5 @@ def test_redis_errors_are_counted(two_nodes, redis_server):  # noqa: F811
     _a, b, _app, _client = two_nodes
     redis_server.stop()
     wait_until(lambda: get(b, host="elsewhere.test").status_code == 503, timeout=5, message="b answering 503")
-    assert value(scrape(b.admin_url), "tun2g_redis_errors_total", what="cluster registry") >= 1
+    assert value(scrape(b.admin_url, token=b.running.admin_token), "tun2g_redis_errors_total", what="cluster registry") >= 1
     redis_server.start()

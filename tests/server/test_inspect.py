@@ -26,7 +26,7 @@ def get(deployment, path="/", **kwargs):
 
 
 def inspected(deployment, limit=50, domain=DOMAIN) -> dict:
-    response = requests.get(f"{deployment.admin_url}/inspect", params={"domain": domain, "limit": limit}, timeout=10)
+    response = requests.get(f"{deployment.admin_url}/inspect", headers=deployment.admin_headers, params={"domain": domain, "limit": limit}, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -97,7 +97,7 @@ def test_routes_without_the_flag_are_not_captured(plain_deployment, backend, sta
     assert get(plain_deployment).status_code == 200
     payload = inspected(plain_deployment)
     assert payload == {"domain": DOMAIN, "inspected": False, "records": []}
-    assert value(scrape(plain_deployment.admin_url), "tun2g_inspect_captures_total", outcome="queued") == 0
+    assert value(scrape(plain_deployment.admin_url, token=plain_deployment.running.admin_token), "tun2g_inspect_captures_total", outcome="queued") == 0
 
 
 def test_switching_capture_off_stops_it(inspected_tunnel):
@@ -163,8 +163,8 @@ def test_a_full_queue_drops_captures_at_once_instead_of_blocking():
 def test_the_drops_are_exported_as_a_metric(inspected_tunnel):
     deployment, _app = inspected_tunnel
     assert get(deployment).status_code == 200
-    wait_until(lambda: value(scrape(deployment.admin_url), "tun2g_inspect_captures_total", outcome="stored") == 1,
+    wait_until(lambda: value(scrape(deployment.admin_url, token=deployment.running.admin_token), "tun2g_inspect_captures_total", outcome="stored") == 1,
                timeout=5, message="the capture stored")
-    samples = scrape(deployment.admin_url)
+    samples = scrape(deployment.admin_url, token=deployment.running.admin_token)
     assert value(samples, "tun2g_inspect_captures_total", outcome="queued") == 1
     assert ("tun2g_inspect_captures_total", (("outcome", "dropped"),)) in samples

@@ -39,7 +39,7 @@ def test_requests_are_counted_by_domain_and_status_class_with_durations_and_tunn
     for path, status in [("/", 200)] * 3 + [("/status/404", 404)] * 2 + [("/status/503", 503)]:
         assert get(deployment, path).status_code == status
     assert get(deployment, host="unknown.test").status_code == 502  # no tunnel: counted, but under "none"
-    samples = scrape(deployment.admin_url)
+    samples = scrape(deployment.admin_url, token=deployment.running.admin_token)
     assert value(samples, "tun2g_requests_total", domain=DOMAIN, code="2xx") == 3
     assert value(samples, "tun2g_requests_total", domain=DOMAIN, code="4xx") == 2
     assert value(samples, "tun2g_requests_total", domain=DOMAIN, code="5xx") == 1
@@ -63,7 +63,7 @@ def test_bytes_out_rise_while_a_download_is_still_streaming(started, backend, st
     try:
         pieces = response.iter_content(chunk_size=None)
         assert next(pieces) == b"first piece\n"
-        during = scrape(deployment.admin_url)
+        during = scrape(deployment.admin_url, token=deployment.running.admin_token)
         assert value(during, "tun2g_bytes_out_total", domain=DOMAIN) >= len(b"first piece\n")
         assert value(during, "tun2g_requests_total", domain=DOMAIN, code="2xx") == 0  # counted when it ends
         assert value(during, "tun2g_requests_in_flight") == 1
@@ -72,9 +72,9 @@ def test_bytes_out_rise_while_a_download_is_still_streaming(started, backend, st
         assert b"".join(pieces) == b"last piece\n"
     finally:
         response.close()
-    wait_until(lambda: value(scrape(deployment.admin_url), "tun2g_requests_total", domain=DOMAIN, code="2xx") == 1,
+    wait_until(lambda: value(scrape(deployment.admin_url, token=deployment.running.admin_token), "tun2g_requests_total", domain=DOMAIN, code="2xx") == 1,
                timeout=5, message="the download counted once it ended")
-    after = scrape(deployment.admin_url)
+    after = scrape(deployment.admin_url, token=deployment.running.admin_token)
     grown = value(after, "tun2g_bytes_out_total", domain=DOMAIN) - value(during, "tun2g_bytes_out_total",
                                                                          domain=DOMAIN)
     assert grown >= len(b"last piece\n")
@@ -88,7 +88,7 @@ def test_domains_past_the_cap_are_counted_under_other(started, backend, start_cl
         start_client(deployment.client_config(deployment.grant(domain), url, domain=domain))
     for domain in domains:
         assert get(deployment, host=domain).status_code == 200
-    samples = scrape(deployment.admin_url)
+    samples = scrape(deployment.admin_url, token=deployment.running.admin_token)
     assert labels_of(samples, "tun2g_requests_total", "domain") == {"d0.test", "d1.test", "other", "none"}
     assert value(samples, "tun2g_requests_total", domain="other", code="2xx") == 2
     assert value(samples, "tun2g_requests_total", domain="d0.test", code="2xx") == 1
@@ -107,7 +107,7 @@ def test_auth_outcomes_are_counted(started, backend, start_client):
     not_owned = start_client(deployment.client_config(token, url, domain="bob.test"), wait=False)
     for client in (bad_token, not_owned):
         assert client.rejected.wait(10), client.client.state
-    samples = scrape(deployment.admin_url)
+    samples = scrape(deployment.admin_url, token=deployment.running.admin_token)
     assert value(samples, "tun2g_auth_total", outcome="ok") == 1
     assert value(samples, "tun2g_auth_total", outcome="invalid_token") == 1
     assert value(samples, "tun2g_auth_total", outcome="rejected") == 1
@@ -126,4 +126,5 @@ def test_with_metrics_off_there_is_no_endpoint_and_requests_still_flow(started, 
     url, _app = backend
     start_client(deployment.client_config(deployment.grant(), url))
     assert get(deployment).status_code == 200
-    assert requests.get(f"{deployment.admin_url}/metrics", timeout=10).status_code == 404
+    assert requests.get(f"{deployment.admin_url}/metrics", headers=deployment.admin_headers,
+                        timeout=10).status_code == 404
