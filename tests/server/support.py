@@ -8,6 +8,7 @@ import time
 from gevent.event import Event
 from gevent.server import StreamServer
 
+from tests.fixtures.backends import read_head
 from tests.fixtures.tunnel import _start
 
 
@@ -74,16 +75,6 @@ def header(head: bytes, name: str) -> str | None:
     return None
 
 
-def _read_head(sock) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(4096)
-        if not piece:
-            return data
-        data += piece
-    return data
-
-
 class StuckBackend:
     """An HTTP backend that reads each request head and then does `behaviour` (by default: never answers).
 
@@ -106,7 +97,7 @@ class StuckBackend:
         self.open += 1
         self.accepted += 1
         try:
-            self.heads.append(_read_head(sock))
+            self.heads.append(read_head(sock))
             if self.prefix:
                 sock.sendall(self.prefix)
             deadline = time.monotonic() + self.hold
