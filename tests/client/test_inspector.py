@@ -10,7 +10,7 @@ import requests
 
 from tests.client.support import XSS
 from tun2g.client.inspector import BODY_CAP, REDACTED, Inspector
-from tun2g.http import RequestHead, MessageReader
+from tun2g.http import RequestHead
 
 
 def test_a_request_through_the_tunnel_appears_live_within_a_second(inspected):
@@ -180,10 +180,9 @@ def test_a_full_queue_drops_captures_and_never_blocks_a_request(plain_deployment
 
 def test_finish_never_waits_on_a_full_queue():
     inspector = Inspector(queue_size=4)
-    reader = MessageReader(None)
     started = time.monotonic()
     for n in range(10_000):
-        capture, _reader, _stream = inspector.begin(RequestHead("GET", f"/{n}"), reader, None)
+        capture = inspector.begin(RequestHead("GET", f"/{n}"))
         inspector.finish(capture, 200)
     assert inspector.dropped == 10_000 - 4
     assert time.monotonic() - started < 2

@@ -7,7 +7,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
 
 import gevent
@@ -19,7 +19,9 @@ from tun2g import pages, smux
 from tun2g.client import connect
 from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, TUN2G_LEVEL, Auth, AuthFormatError, decode_reply
 from tun2g.errors import ConfigurationError, Tun2Error
-from tun2g.http import BackendPool, HTTPError, MessageReader, RequestHead, UpstreamError, serve_requests
+from tun2g.client.telemetry import ExchangeObserver, Served
+from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
+                        UpstreamError, serve_requests)
 from tun2g.log import get_logger
 
 if TYPE_CHECKING:
@@ -37,17 +39,9 @@ ACCEPT_CONTROL_TIMEOUT = 15.0
 # Greenlets that served a stream wait for the next one, up to this many: a request then
 # costs a wake-up instead of a spawn (and Python's 16 KiB frame chunk, mmap'ed each time).
 MAX_IDLE_WORKERS = 64
-
-
-class Served(NamedTuple):
-    """One exchange the client proxied, for a status line (``status`` 0: no response came)."""
-
-    method: str
-    path: str
-    status: int
-    seconds: float
-    request_bytes: int
-    response_bytes: int
+# The server resets a stream whose public client left: notice it at once (the smux stream says so)
+# and close the backend connection, rather than hold it until the backend answers.
+_WATCH_THE_SERVER = ExchangeTimeouts(watch_downstream=True)
 
 
 class AuthRejected(Tun2Error):
@@ -120,12 +114,14 @@ class Client:
         self._idle_workers: list[Waiter] = []
         self.public_urls: list[str] = []
         self.connections = 0
-        self._on_request = on_request
         self.inspector = inspector
         if inspector is not None:
             inspector.use_backend(self.pool)
         self.metrics = metrics
-        self._observed = on_request is not None or inspector is not None or metrics is not None
+        # None when nothing listens: the proxy path then pays for no observation at all.
+        self._observer: ExchangeObserver | None = None
+        if on_request is not None or inspector is not None or metrics is not None:
+            self._observer = ExchangeObserver(on_request=on_request, inspector=inspector, metrics=metrics)
 
     def run(self) -> None:
         """Connect and serve, reconnecting with exponential backoff and jitter.
@@ -263,82 +259,44 @@ class Client:
             self.health_checks += 1
             stream.sendall(pages.health_ok().encode(close=not head.keep_alive))
             return head.keep_alive
-        if self._observed:
-            return self._proxy_observed(head, reader, stream, peer_ip)
-        if not self._join_backend_path(head, stream):
-            return False
-        head.append_to("X-Forwarded-For", peer_ip)
+        observed = self._observer.begin(head, stream.id) if self._observer is not None else None
+        status, result, error, failure = 0, None, None, None
         try:
-            result = self.pool.forward_exchange(head, reader, stream)
-        except UpstreamError as exc:
-            log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(pages.backend_failed(str(exc)).encode())
-            return False
-        except OSError as exc:
-            log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(pages.backend_unreachable(exc).encode())  # the URL stays in the log
-            return False
-        self.requests_served += 1
-        return result.keep_alive
-
-    def _join_backend_path(self, head: RequestHead, stream: smux.Stream) -> bool:
-        """Put the backend URL's path before the target; a target climbing out of it is refused (400)."""
-        try:
-            head.target = self.pool.join_path(head.target)
-        except HTTPError as exc:
-            log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
-            stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
-            return False
-        return True
-
-    def _proxy_observed(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, peer_ip: str) -> bool:
-        """`_proxy` with a status line, metrics and the inspector's tee (only paid for when one is on)."""
-        started = time.monotonic()
-        method, path = head.method, head.target
-        log.debug("request", method=method, path=path, stream=getattr(stream, "id", None))
-        capture = None
-        downstream: object = stream
-        if self.inspector is not None:
-            capture, reader, downstream = self.inspector.begin(head, reader, stream)
-        if not self._join_backend_path(head, stream):
-            return False
-        head.append_to("X-Forwarded-For", peer_ip)
-        status, keep_alive, error = 0, False, None
-        request_bytes = response_bytes = 0
-        try:
-            result = self.pool.forward_exchange(head, reader, downstream,
-                                                response_filter=None if capture is None else capture.response_filter)
-            status, keep_alive = result.status, result.keep_alive
-            request_bytes, response_bytes = result.request_bytes, result.response_bytes
+            try:
+                head.target = self.pool.join_path(head.target)
+            except HTTPError as exc:  # a target climbing out of the backend URL's path
+                log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
+                status, error = exc.status, exc.message
+                stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
+                return False
+            head.append_to("X-Forwarded-For", peer_ip)
+            try:
+                result = self.pool.forward_exchange(
+                    head, reader, stream, timeouts=_WATCH_THE_SERVER, meter=observed,
+                    response_filter=None if observed is None else observed.response_filter)
+            except UpstreamError as exc:
+                log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
+                status, error, failure = 502, str(exc), "bad_response"
+                stream.sendall(pages.backend_failed(str(exc)).encode())
+                return False
+            except OSError as exc:
+                log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
+                status, error, failure = 502, str(exc), "unreachable"
+                stream.sendall(pages.backend_unreachable(exc).encode())  # the URL stays in the log
+                return False
+            except DownstreamError as exc:  # the server gave up on the request (its client left)
+                log.debug("request_abandoned", stream=stream.id, reason=str(exc))
+                error = str(exc)
+                return False
             self.requests_served += 1
-        except UpstreamError as exc:
-            log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
-            error, status = str(exc), 502
-            self._count_backend_error("bad_response")
-            stream.sendall(pages.backend_failed(str(exc)).encode())
-        except OSError as exc:
-            log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
-            error, status = str(exc), 502
-            self._count_backend_error("unreachable")
-            stream.sendall(pages.backend_unreachable(exc).encode())  # the URL stays in the log
+            status = result.status
+            return result.keep_alive
         except BaseException as exc:
-            error = str(exc) or type(exc).__name__  # the server's side went away mid-exchange
+            error = error or str(exc) or type(exc).__name__  # the server's side went away mid-exchange
             raise
         finally:
-            seconds = time.monotonic() - started
-            log.debug("response", method=method, path=path, status=status, ms=round(seconds * 1000, 1),
-                      bytes_in=request_bytes, bytes_out=response_bytes, error=error)
-            if capture is not None and self.inspector is not None:
-                self.inspector.finish(capture, status, error)
-            if self.metrics is not None:
-                self.metrics.request_served(status, seconds, request_bytes, response_bytes)
-            if self._on_request is not None:
-                self._on_request(Served(method, path, status, seconds, request_bytes, response_bytes))
-        return keep_alive
-
-    def _count_backend_error(self, kind: str) -> None:
-        if self.metrics is not None:
-            self.metrics.backend_errors.labels(kind).inc()
+            if observed is not None:
+                observed.finish(status, result, error, failure)
 
     def _set_state(self, state: str, **fields) -> None:
         self.state = state

@@ -1,9 +1,9 @@
 """The request inspector: a tee of each exchange the client proxies, a local web UI, and Replay.
 
-The hot path only copies what streams by into capped buffers (`Capture`) and
-hands the finished capture to a bounded queue (`Inspector.finish`); a full
-queue drops it and counts the drop, so inspecting never slows a request. One
-greenlet digests captures (parses the response bytes, redacts, renders bodies)
+The hot path only copies what streams by into capped buffers (`Capture`, the
+relay's meter for the exchange) and hands the finished capture to a bounded
+queue (`Inspector.finish`); a full queue drops it and counts the drop, so
+inspecting never slows a request. One greenlet digests captures (redacts, renders bodies)
 into a ring of recent records and pushes summaries to the page over
 Server-Sent Events.
 
@@ -33,9 +33,8 @@ from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 from gevent.queue import Empty, Full, Queue
 
-from tun2g.http import MessageParser, MessageReader, RequestHead, ResponseHead
+from tun2g.http import RequestHead, ResponseHead
 from tun2g.http.client import send_request
-from tun2g.http.parser import END, HeadEvent
 from tun2g.log import get_logger
 
 if TYPE_CHECKING:
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 BODY_CAP = 64 * 1024           # body bytes kept per direction and exchange
-HEAD_ROOM = 64 * 1024          # raw response head bytes kept on top of the body cap
 RING_SIZE = 200                # recent exchanges kept
 QUEUE_SIZE = 256               # finished captures waiting to be digested
 SUBSCRIBER_QUEUE = 64          # summaries waiting for one slow page; more are dropped for it
@@ -65,10 +63,14 @@ def is_secret_header(name: str) -> bool:
 
 
 class Capture:
-    """What one exchange looked like, copied as it streamed by (each body at most ``cap`` bytes)."""
+    """What one exchange looked like, teed as it streamed by (each body at most ``cap`` bytes).
+
+    It is the relay's meter (`tun2g.http.relay.Meter`): ``up``/``down`` hear the unframed
+    body bytes of each write, so nothing is parsed again and nothing beyond the cap is held.
+    """
 
     __slots__ = ("method", "target", "version", "request_headers", "started", "cap", "request_body",
-                 "request_size", "response_head", "response_raw", "response_size", "status", "duration",
+                 "request_size", "response_head", "response_size", "status", "duration",
                  "error", "replay_of", "upgrade", "finished_at", "response_body", "response_complete")
 
     def __init__(self, head: RequestHead, cap: int = BODY_CAP, replay_of: int | None = None) -> None:
@@ -82,15 +84,14 @@ class Capture:
         self.request_body = bytearray()
         self.request_size = 0
         self.response_head: ResponseHead | None = None
-        self.response_raw = bytearray()    # the final head and framed body, as written downstream
-        self.response_size = 0
+        self.response_body = bytearray()
+        self.response_size = 0             # body bytes of the final response
+        self.response_complete = False     # the final response's body went by whole
         self.status = 0
         self.duration = 0.0
         self.error: str | None = None
         self.replay_of = replay_of
         self.upgrade = False
-        self.response_body: bytearray | None = None  # a replay reads the decoded body itself
-        self.response_complete = False
 
     def add_request_body(self, data: bytes) -> None:
         self.request_size += len(data)
@@ -98,58 +99,20 @@ class Capture:
         if room > 0 and data:
             self.request_body += data[:room]
 
-    def add_response_bytes(self, data) -> None:
-        if self.response_head is None:
-            return  # an interim (1xx) head: not part of the final response
-        self.response_size += len(data)  # raw: the head and any chunk framing too, until digested
-        room = self.cap + HEAD_ROOM - len(self.response_raw)
-        if room > 0:
-            self.response_raw += data[:room]
+    def up(self, size: int, body: bytes) -> None:
+        if body:
+            self.add_request_body(body)
+
+    def down(self, size: int, body: bytes) -> None:
+        if body and self.response_head is not None:  # (bytes before the final head are interim heads)
+            self.response_size += len(body)
+            room = self.cap - len(self.response_body)
+            if room > 0:
+                self.response_body += body[:room]
 
     def response_filter(self, head: ResponseHead) -> None:
         """For ``forward_exchange``: the final head is about to go downstream."""
         self.response_head = ResponseHead(head.status, head.reason, head.version, list(head.headers))
-
-
-class TeeReader:
-    """A MessageReader stand-in that copies the request body it hands out into a Capture."""
-
-    def __init__(self, reader: MessageReader, capture: Capture) -> None:
-        self._reader = reader
-        self._capture = capture
-
-    def take_ready_body(self) -> bytes:
-        data = self._reader.take_ready_body()
-        self._capture.add_request_body(data)
-        return data
-
-    def read_body(self, max_chunk: int = 65536) -> bytes:
-        data = self._reader.read_body(max_chunk)
-        self._capture.add_request_body(data)
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-
-class TeeStream:
-    """The downstream stand-in: what is written goes on, and into the Capture up to its cap."""
-
-    def __init__(self, stream: Any, capture: Capture) -> None:
-        self._stream = stream
-        self._capture = capture
-
-    def send(self, data, *args) -> int:
-        sent = self._stream.send(data, *args)
-        self._capture.add_response_bytes(memoryview(data)[:sent])
-        return sent
-
-    def sendall(self, data, *args) -> None:
-        self._stream.sendall(data, *args)
-        self._capture.add_response_bytes(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 @dataclass
@@ -200,13 +163,12 @@ class Inspector:
 
     # --- the hot path ------------------------------------------------------------------
 
-    def begin(self, head: RequestHead, reader: MessageReader, stream: Any) -> tuple[Capture, Any, Any]:
-        """A capture of this exchange and the (reader, downstream) to forward through."""
+    def begin(self, head: RequestHead) -> Capture:
+        """A capture of the exchange ``head`` starts: the meter to forward it with."""
         capture = Capture(head, self.body_cap)
-        if reader.upgrade:  # a protocol switch: record the exchange, not the spliced bytes
-            capture.upgrade = True
-            return capture, reader, stream
-        return capture, TeeReader(reader, capture), TeeStream(stream, capture)
+        # A protocol switch: the exchange is recorded, not the spliced bytes (they carry no body).
+        capture.upgrade = "upgrade" in head.connection_tokens() and head.get("Upgrade") is not None
+        return capture
 
     def finish(self, capture: Capture, status: int, error: str | None = None) -> None:
         """Queue a finished capture for digesting; never blocks (a full queue drops it, counted)."""
@@ -386,7 +348,7 @@ class Inspector:
             send_request(sock, head, body, close=True)
             response = reader.read_final_response_head(head.method)
             capture.response_filter(response)
-            received = capture.response_body = bytearray()
+            received = capture.response_body
             while len(received) < self.body_cap:
                 piece = reader.read_body()
                 if not piece:
@@ -610,37 +572,9 @@ def _hexdump(data: bytes) -> str:
 
 
 def _decode_response(capture: Capture) -> tuple[bytes, int, bool]:
-    """(the response body, its size, whether the body is all there) from what was captured."""
-    if capture.response_body is not None:
-        return bytes(capture.response_body), capture.response_size, capture.response_complete
-    raw = bytes(capture.response_raw)
-    head_end = raw.find(b"\r\n\r\n")
-    if head_end < 0:
-        return b"", 0, False
-    parser = MessageParser(False, max_head_size=HEAD_ROOM)
-    parser.request_method = capture.method
-    try:
-        parser.receive_data(raw)
-    except Exception:
-        return b"", 0, False
-    body = bytearray()
-    complete = False
-    for event in parser.events:
-        if type(event) is bytes:
-            body += event
-        elif event is END:
-            complete = True
-            break
-        elif type(event) is not HeadEvent:
-            break
-    length = capture.response_head.content_length if capture.response_head is not None else None
-    if complete and capture.response_size == len(raw) and len(body) <= capture.cap:
-        size = len(body)
-    else:
-        complete = False
-        size = length if length is not None else capture.response_size - head_end - 4  # framing included
-    del body[capture.cap:]
-    return bytes(body), size, complete
+    """(the response body kept, its size, whether the body is all there)."""
+    body = bytes(capture.response_body[:capture.cap])
+    return body, capture.response_size, capture.response_complete and capture.response_size <= len(body)
 
 
 def _edited_headers(original: list[tuple[str, str]], edited: Any) -> list[tuple[str, str]]:

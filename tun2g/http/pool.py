@@ -14,7 +14,7 @@ from gevent import monkey, socket, ssl
 
 from .heads import HTTPError, RequestHead, ResponseHead
 from .reader import MessageReader
-from .relay import ExchangeResult, UpstreamError, forward_exchange
+from .relay import ExchangeResult, ExchangeTimeouts, Meter, UpstreamError, forward_exchange
 
 # A zero-timeout poll never blocks, so the unpatched one is safe and cheaper.
 _poll = monkey.get_original("select", "poll")
@@ -105,13 +105,15 @@ class BackendPool:
         return sock, MessageReader(sock)
 
     def forward_exchange(self, request: RequestHead, request_reader: MessageReader, downstream, *,
-                         response_filter: Callable[[ResponseHead], None] | None = None) -> ExchangeResult:
+                         response_filter: Callable[[ResponseHead], None] | None = None,
+                         timeouts: ExchangeTimeouts | None = None, meter: Meter | None = None) -> ExchangeResult:
         """``forward_exchange`` over a pooled connection, released afterwards.
 
         A kept-alive connection may be closed by the backend just as we reuse it;
         a bodyless request that fails that way is retried once on a new connection
         (as Go's Transport does). Raises ``OSError`` when the backend cannot be
-        reached, and ``UpstreamError``/``DownstreamError`` as ``forward_exchange``.
+        reached, and ``UpstreamError``/``DownstreamError`` as ``forward_exchange``
+        (``timeouts`` and ``meter`` are its own).
         """
         replayable = request_reader.body_complete
         while True:
@@ -119,7 +121,8 @@ class BackendPool:
             reused, reusable = reader.messages_read > 0, False
             try:
                 result = forward_exchange(request, request_reader, sock, downstream,
-                                          response_filter=response_filter, upstream_reader=reader)
+                                          response_filter=response_filter, upstream_reader=reader,
+                                          timeouts=timeouts, meter=meter)
                 reusable = result.upstream_reusable
                 return result
             except UpstreamError:

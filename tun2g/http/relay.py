@@ -10,15 +10,15 @@ from typing import Callable, Protocol
 import gevent
 
 from tun2g.log import get_logger
-from tun2g.transport.base import capabilities_of
+from tun2g.transport.base import CloseWatch, PeerCloseNotifier, capabilities_of, close_watch_of
 
 from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
 from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
 from .parser import CHUNKED
 from .reader import RECV_SIZE, HeadTimeout, MessageReader
 
-# With ``watch_downstream``, a response head slower than this arms the watch for the
-# downstream peer leaving (faster exchanges never pay for a watching greenlet).
+# With ``watch_downstream``, a response head slower than this arms the peek at a downstream
+# socket (faster exchanges never pay for a watching greenlet).
 WATCH_AFTER = 0.1
 
 
@@ -80,10 +80,12 @@ class ExchangeTimeouts:
 
     ``response``: from the whole request having gone upstream to the final
     response head. ``body``: the longest a body relay (either direction) may make
-    no progress: no byte read, or a write blocked. ``watch_downstream``: while
-    waiting for the response head with no request body left to read, notice the
-    downstream peer closing (its socket reads EOF; bytes it pipelined do not count)
-    and end the exchange, closing the upstream.
+    no progress: no byte read, or a write blocked. ``watch_downstream``: notice the
+    downstream peer leaving and end the exchange at once, closing the upstream, as the
+    downstream declares it can be watched (`tun2g.transport.base.CloseWatch`): a socket
+    is peeked at while the response head is awaited with no request body left to read
+    (EOF or a reset; bytes it pipelined do not count); a stream that notifies (smux) is
+    watched from the request to the response's last byte. Others (TLS) are not watched.
     """
 
     response: float | None = None
@@ -101,6 +103,7 @@ class ExchangeResult:
     upgraded: bool = False   # a 101 was relayed and the connections were spliced until both ended
     request_bytes: int = 0   # bytes written upstream (head, framing and body)
     response_bytes: int = 0  # bytes written downstream (interim and final heads, framing and body)
+    response_complete: bool = True  # the response body went downstream whole (False: the upstream cut it)
 
 
 def forward_exchange(request: RequestHead, request_reader: MessageReader, upstream, downstream, *,
@@ -160,17 +163,25 @@ class _Exchange:
         self.awaiting_head = False     # the final response head is being waited for
         self.watch_due = False         # the head is slow: watch the downstream peer once the request is sent
         self.watcher: gevent.Greenlet | None = None
-        self.abandoned = False         # the downstream peer left while the response was awaited
+        self.abandoned = False         # the downstream peer left while the response was awaited or relayed
+        self.watching = True           # False once the exchange is over: a late notification does nothing
         self.meter: Meter = _NO_METER
 
     def run(self, response_filter) -> ExchangeResult:
         timer = None
+        notifier: PeerCloseNotifier | None = None
         try:
-            self._send_request()
             timeouts = self.timeouts
             if timeouts is not None and timeouts.watch_downstream:
-                # A libev timer, not a greenlet: the common fast response costs a start and a stop.
-                timer = gevent.get_hub().loop.timer(WATCH_AFTER)
+                watch = close_watch_of(self.downstream)
+                if watch is CloseWatch.NOTIFY:
+                    notifier = self.downstream
+                    notifier.on_peer_closed(self._downstream_left)
+                elif watch is CloseWatch.PEEK:
+                    # A libev timer, not a greenlet: the common fast response costs a start and a stop.
+                    timer = gevent.get_hub().loop.timer(WATCH_AFTER)
+            self._send_request()
+            if timer is not None:
                 timer.start(self._head_is_slow)
             head = self._read_final_head()
             if timer is not None:
@@ -181,9 +192,15 @@ class _Exchange:
             if response_filter is not None:
                 response_filter(head)
             if head.status == 101:
+                if notifier is not None:  # the splice ends with either side on its own
+                    notifier.on_peer_closed(None)
+                    notifier = None
                 return self._splice(head)
             return self._relay_response(head)
         finally:
+            if notifier is not None:
+                notifier.on_peer_closed(None)
+            self.watching = False
             if timer is not None:
                 timer.close()
             if self.pump is not None and not self.pump.dead:
@@ -218,6 +235,8 @@ class _Exchange:
         try:
             send_all(self.upstream, payload)
         except OSError as exc:
+            if self.abandoned:
+                raise DownstreamError("the client left before the request went upstream") from exc
             raise UpstreamError(f"cannot send the request upstream: {_describe(exc)}",
                                 replayable=self.request_bodyless) from exc
         self.request_bytes = len(payload)
@@ -265,7 +284,8 @@ class _Exchange:
             self.watcher = gevent.spawn(self._watch_downstream)
 
     def _watch_downstream(self) -> None:
-        """Peek at the downstream socket: EOF (or a reset) means the peer left; any byte ends the watch.
+        """Peek at the downstream socket (it declares CloseWatch.PEEK): EOF (or a reset) means the
+        peer left; any byte ends the watch.
 
         Bytes are never consumed (MSG_PEEK): a pipelined request stays for the next exchange.
         """
@@ -275,16 +295,19 @@ class _Exchange:
                 data = sock.recv(1, socket.MSG_PEEK)
             except socket.timeout:
                 continue  # the body timeout set on the socket: keep watching
-            except (TypeError, ValueError, NotImplementedError):
-                return  # not a plain socket (TLS, a smux stream): cannot peek
             except OSError:
                 data = b""  # reset by the peer: gone as well
             if data:
                 return  # readable but not EOF (a pipelined request): nothing to say
             if self.awaiting_head:
-                self.abandoned = True
-                _close_quietly(self.upstream)  # wakes the greenlet waiting for the response head
+                self._downstream_left()
             return
+
+    def _downstream_left(self) -> None:
+        """The downstream peer is gone: close the upstream, which wakes the greenlet reading it."""
+        if self.watching and not self.abandoned:
+            self.abandoned = True
+            _close_quietly(self.upstream)
 
     # --- response ------------------------------------------------------------------
 
@@ -364,10 +387,14 @@ class _Exchange:
             try:
                 data = reader.read_body()
             except (OSError, HTTPError) as exc:
+                if self.abandoned:
+                    raise DownstreamError("the client left while the response was relayed") from exc
                 if self.downstream_failure is not None:
                     raise DownstreamError(f"the client failed: {_describe(self.downstream_failure)}") from exc
                 _close_quietly(self.downstream)  # no terminating chunk: the client sees the cut
-                return self._result(head.status, False, False)
+                result = self._result(head.status, False, False)
+                result.response_complete = False
+                return result
             complete = reader.body_complete
             payload = _framed(data, chunked_out)
             if complete and chunked_out:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import socket
 import time
+from typing import Callable
 
+from gevent import get_hub
 from gevent.event import Event
 
-from tun2g.transport.base import Capabilities
+from tun2g.transport.base import Capabilities, CloseWatch
 
 from .errors import ProtocolError, StreamResetError
 from .state import StreamState
@@ -29,8 +31,9 @@ _PLACEHOLDER_ADDRESS = ("0.0.0.0", 0)
 class Stream:
     """One bidirectional byte stream inside a smux Session; create it with Session.open_stream/accept_stream."""
 
-    # A ByteStream (tun2g.transport.base): shutdown(SHUT_WR) sends a FIN and leaves reading open.
-    capabilities = Capabilities(half_close=True)
+    # A ByteStream (tun2g.transport.base): shutdown(SHUT_WR) sends a FIN and leaves reading open;
+    # the peer leaving is told to `on_peer_closed` (a stream cannot be peeked at).
+    capabilities = Capabilities(half_close=True, close_watch=CloseWatch.NOTIFY)
 
     def __init__(self, session, state: StreamState) -> None:
         self.session = session
@@ -44,6 +47,7 @@ class Stream:
         # Upstream 1.5.54+ lets a peer keep reading after its FIN, so writes stay allowed
         # by default; tun2 clients set this, since a tun2 server's FIN ends the exchange.
         self.peer_fin_ends_writes = False
+        self._on_peer_closed: Callable[[], None] | None = None
 
     @property
     def id(self) -> int:
@@ -64,6 +68,21 @@ class Stream:
     def fin_received(self) -> bool:
         """True once the peer has sent FIN (it will send no more data)."""
         return self._state.fin_received
+
+    @property
+    def peer_closed(self) -> bool:
+        """True when the peer can take no more of our data: a reset, the session gone, or (with
+        ``peer_fin_ends_writes``) its FIN."""
+        state = self._state
+        return (state.reset_message is not None or self.session.is_closed
+                or (state.fin_received and self.peer_fin_ends_writes))
+
+    def on_peer_closed(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once, from the event loop, when `peer_closed` becomes true (at once if it is);
+        None unregisters. One callback at a time (a later one replaces it)."""
+        self._on_peer_closed = callback
+        if callback is not None and self.peer_closed:
+            self._notify_peer_closed()
 
     def __repr__(self) -> str:
         return f"<smux.Stream {self.id} {self._state!r}>"
@@ -265,6 +284,15 @@ class Stream:
         """Something changed (data, FIN, UPD, reset, session death): re-check blocked calls."""
         self._readable.set()
         self._writable.set()
+        if self._on_peer_closed is not None and self.peer_closed:
+            self._notify_peer_closed()
+
+    def _notify_peer_closed(self) -> None:
+        # Deferred to the loop: the session's reader (calling _wake) must not run the watcher's
+        # clean-up (closing a backend socket, waking its reader) in the middle of a frame.
+        callback, self._on_peer_closed = self._on_peer_closed, None
+        if callback is not None:
+            get_hub().loop.run_callback(callback)
 
     def _start_deadline(self, deadline: float | None, what: str) -> float | None:
         if deadline is not None or self._timeout is None:

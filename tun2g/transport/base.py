@@ -10,10 +10,11 @@ described here, in the one place that knows them.
 
 from __future__ import annotations
 
+import enum
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -37,6 +38,23 @@ class ByteStream(Protocol):
     def close(self) -> None: ...
 
 
+class CloseWatch(enum.Enum):
+    """How a stream's peer closing can be noticed while we are not reading it (e.g. a response is awaited)."""
+
+    NONE = "none"      # it cannot: the close shows only when we next read or write
+    PEEK = "peek"      # recv(1, MSG_PEEK) reads EOF without consuming bytes (plain sockets)
+    NOTIFY = "notify"  # the stream calls back (`PeerCloseNotifier.on_peer_closed`), e.g. a smux stream's FIN
+
+
+@runtime_checkable
+class PeerCloseNotifier(Protocol):
+    """A stream declaring ``CloseWatch.NOTIFY``."""
+
+    def on_peer_closed(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once (from the event loop) when the peer can take no more data; None unregisters."""
+        ...
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a ByteStream supports beyond the common calls."""
@@ -45,34 +63,58 @@ class Capabilities:
     half_close: bool = False       # shutdown(SHUT_WR) ends our direction only; the peer may go on sending
     tcp: bool = False              # a TCP socket underneath: TCP_NODELAY applies to it
     plain_send: bool = False       # send() is a cheap single system call (worth trying before sendall)
+    close_watch: CloseWatch = CloseWatch.NONE  # how the peer's leaving can be watched (see CloseWatch)
 
 
-PLAIN_TCP = Capabilities(gathered_writes=True, half_close=True, tcp=True, plain_send=True)
-# TLS cannot be half-closed (an SSLSocket's shutdown ends reading too) and refuses sendmsg.
+PLAIN_TCP = Capabilities(gathered_writes=True, half_close=True, tcp=True, plain_send=True,
+                         close_watch=CloseWatch.PEEK)
+# TLS cannot be half-closed (an SSLSocket's shutdown ends reading too) and refuses sendmsg; MSG_PEEK
+# would peek at the records, not the plaintext (a close_notify, or a renegotiation, is not EOF there).
 TLS_OVER_TCP = Capabilities(tcp=True, plain_send=True)
-OTHER_SOCKET = Capabilities(gathered_writes=True, half_close=True, plain_send=True)  # unix sockets, socketpairs
+OTHER_SOCKET = Capabilities(gathered_writes=True, half_close=True, plain_send=True,  # unix sockets, socketpairs
+                            close_watch=CloseWatch.PEEK)
 UNKNOWN = Capabilities()
 
 
 def capabilities_of(stream) -> Capabilities:
     """The declared capabilities of ``stream`` (standard-library sockets are described here)."""
-    declared = getattr(stream, "capabilities", None)
-    if isinstance(declared, Capabilities):
-        return declared
+    kind = _kind_of(stream)
+    if kind is _SOCKET:
+        return PLAIN_TCP if stream.family in (socket.AF_INET, socket.AF_INET6) else OTHER_SOCKET
+    if kind is _DECLARING:
+        declared = getattr(stream, "capabilities", None)
+        return declared if isinstance(declared, Capabilities) else UNKNOWN
+    return kind
+
+
+def close_watch_of(stream) -> CloseWatch:
+    """``capabilities_of(stream).close_watch``, without a socket's family lookup (the relay asks per exchange)."""
+    kind = _kind_of(stream)
+    return CloseWatch.PEEK if kind is _SOCKET else capabilities_of(stream).close_watch
+
+
+# Markers: a socket (its family decides), a type whose objects may declare `capabilities`.
+_SOCKET = Capabilities()
+_DECLARING = Capabilities()
+# What each type of stream is, found once per type: a gevent socket's getattr of a missing
+# attribute and its `family` cost a microsecond each.
+_KINDS: dict[type, Capabilities] = {}
+
+
+def _kind_of(stream) -> Capabilities:
+    kind = _KINDS.get(type(stream))
+    if kind is None:
+        kind = _KINDS[type(stream)] = _classify(stream)
+    return kind
+
+
+def _classify(stream) -> Capabilities:
     if isinstance(stream, ssl.SSLSocket):  # gevent's SSLSocket subclasses it when patched
         return TLS_OVER_TCP
-    try:
-        from gevent import ssl as gevent_ssl
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        gevent_ssl = None
-    if gevent_ssl is not None and isinstance(stream, gevent_ssl.SSLSocket):
+    from gevent import socket as gevent_socket, ssl as gevent_ssl
+
+    if isinstance(stream, gevent_ssl.SSLSocket):
         return TLS_OVER_TCP
-    if isinstance(stream, socket.socket) or _is_gevent_socket(stream):
-        return PLAIN_TCP if stream.family in (socket.AF_INET, socket.AF_INET6) else OTHER_SOCKET
-    return UNKNOWN
-
-
-def _is_gevent_socket(stream) -> bool:
-    from gevent import socket as gevent_socket
-
-    return isinstance(stream, gevent_socket.socket)
+    if isinstance(stream, (socket.socket, gevent_socket.socket)):
+        return _SOCKET
+    return _DECLARING
