@@ -206,3 +206,55 @@ def _samples(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def test_client_byte_counters_move_while_a_download_streams(plain_deployment, start_client):
+    """Scraped mid-download, tun2g_client_bytes_total already counts the part of the body sent."""
+    from gevent.event import Event
+    from gevent.server import StreamServer
+
+    from tests.fixtures.backends import read_head
+    from tun2g.client.telemetry import ClientMetrics
+
+    first, rest = b"a" * 200_000, b"b" * 50_000
+    go_on = Event()
+
+    def handle(sock, _address):
+        try:
+            read_head(sock)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(first) + len(rest)) + first)
+            go_on.wait(20)
+            sock.sendall(rest)
+        finally:
+            sock.close()
+
+    backend = StreamServer(("127.0.0.1", 0), handle)
+    backend.start()
+    metrics = ClientMetrics()
+    inspector = Inspector(metrics=metrics)
+    inspector.listen("127.0.0.1", 0)
+    try:
+        start_client(plain_deployment.client_config(plain_deployment.grant(), f"http://127.0.0.1:{backend.server_port}"),
+                     inspector=inspector, metrics=metrics)
+        download = requests.get(plain_deployment.http_url + "/big", headers={"Host": "app.test"}, stream=True,
+                                timeout=10)
+        received = b""
+        while len(received) < len(first):  # exactly the first part: a read past it would wait for the rest
+            piece = download.raw.read(min(65536, len(first) - len(received)))
+            assert piece, "the download ended early"
+            received += piece
+        samples = _samples(requests.get(inspector.url + "metrics", timeout=5).text)
+        assert not go_on.is_set()  # still streaming: the backend holds the rest
+        assert samples['tun2g_client_bytes_total{direction="out"}'] >= len(first)
+        assert samples['tun2g_client_bytes_total{direction="in"}'] > 0
+        assert samples.get('tun2g_client_requests_total{status_class="2xx"}', 0) == 0  # not finished yet
+        go_on.set()
+        received += download.raw.read()
+        assert received == first + rest
+        assert inspector.wait_for(lambda: bool(inspector.records()), 2.0)
+        samples = _samples(requests.get(inspector.url + "metrics", timeout=5).text)
+        assert samples['tun2g_client_bytes_total{direction="out"}'] >= len(first) + len(rest)
+        assert samples['tun2g_client_requests_total{status_class="2xx"}'] == 1
+    finally:
+        inspector.close()
+        backend.stop(timeout=1)
