@@ -168,3 +168,33 @@ def test_the_drops_are_exported_as_a_metric(inspected_tunnel):
     samples = scrape(deployment.admin_url, token=deployment.running.admin_token)
     assert value(samples, "tun2g_inspect_captures_total", outcome="queued") == 1
     assert ("tun2g_inspect_captures_total", (("outcome", "dropped"),)) in samples
+
+
+def test_the_wsgi_front_captures_bodies_too(inspected_tunnel):
+    """Through WSGIFront the record is offered once the caller has read the body, with both bodies capped."""
+    import base64
+
+    from gevent.pywsgi import WSGIServer
+
+    from tun2g.server.wsgi import WSGIFront
+
+    deployment, _app = inspected_tunnel
+    server = WSGIServer(("127.0.0.1", 0), WSGIFront(deployment.server), log=None, error_log=None)
+    server.start()
+    try:
+        front = f"http://127.0.0.1:{server.server_port}"
+        upload = b"".join(pattern_bytes(BODY_CAP + 300))
+        response = requests.post(front + "/sink", data=upload, headers={"Host": DOMAIN}, timeout=10)
+        assert response.json()["length"] == len(upload)
+        download = requests.get(front + f"/bytes/{BODY_CAP * 2}", headers={"Host": DOMAIN}, timeout=10)
+        assert len(download.content) == BODY_CAP * 2
+        wait_until(lambda: len(inspected(deployment)["records"]) == 2, timeout=5, message="two captures")
+    finally:
+        server.stop(timeout=1)
+    got, sent = inspected(deployment)["records"]
+    assert sent["request_body"]["size"] == len(upload) and sent["request_body"]["kept"] == BODY_CAP
+    assert base64.b64decode(sent["request_body"]["data"]) == upload[:BODY_CAP]
+    assert json.loads(sent["response_body"]["data"])["length"] == len(upload)
+    assert got["response_body"]["size"] == BODY_CAP * 2 and got["response_body"]["kept"] == BODY_CAP
+    assert got["response_body"]["truncated"] is True and got["bytes_out"] >= BODY_CAP * 2
+    assert sent["bytes_in"] > len(upload)  # head and body, counted as they went up

@@ -14,6 +14,7 @@ import gevent
 from .encode import LAST_CHUNK, encode_chunk, encode_request_head
 from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
 from .reader import MessageReader
+from .relay import Meter
 
 READ_SIZE = 65536
 
@@ -40,8 +41,11 @@ class StreamedResponse:
     """
 
     def __init__(self, head: ResponseHead, reader: MessageReader | None = None,
-                 on_close: Callable[[], None] | None = None, body: bytes = b"") -> None:
+                 on_close: Callable[[], None] | None = None, body: bytes = b"", meter: Meter | None = None) -> None:
         self.head = head
+        self.meter = meter  # told of each body piece read from the upstream (`Meter.down`)
+        self._closed = False
+        self._when_closed: list[Callable[[], None]] = []
         self.status = head.status
         self.reason = head.reason
         self.headers = head.headers
@@ -66,6 +70,8 @@ class StreamedResponse:
             raise ResponseReadError(str(exc) or type(exc).__name__) from exc
         if not piece:
             self.close()
+        elif self.meter is not None:
+            self.meter.down(len(piece), b"" if self.status == 101 else piece)
         return piece
 
     def __iter__(self) -> Iterator[bytes]:
@@ -78,9 +84,20 @@ class StreamedResponse:
     def close(self) -> None:
         """Release the stream (idempotent)."""
         self._reader = None
+        self._closed = True
         if self._on_close is not None:
             callback, self._on_close = self._on_close, None
             callback()
+        callbacks, self._when_closed = self._when_closed, []
+        for callback in callbacks:
+            callback()
+
+    def when_closed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the response is closed (its body read, or given up), after the release."""
+        if self._closed:
+            callback()
+        else:
+            self._when_closed.append(callback)
 
 
 def body_is_replayable(body: Body) -> bool:
@@ -88,12 +105,14 @@ def body_is_replayable(body: Body) -> bool:
     return body is None or isinstance(body, (bytes, bytearray, memoryview))
 
 
-def send_request(stream, head: RequestHead, body: Body, *, close: bool = False) -> gevent.Greenlet | None:
+def send_request(stream, head: RequestHead, body: Body, *, close: bool = False,
+                 meter: Meter | None = None) -> gevent.Greenlet | None:
     """Write the request; a streamed body goes out from its own greenlet (full duplex), which is returned.
 
     Hop-by-hop headers are dropped and framing is set here, as `forward_exchange`
     does; an upgrade request keeps its Upgrade. `close` asks the peer to end the
     connection after the response. Raises OSError when the head cannot be written.
+    ``meter`` is told of each write (`Meter.up`).
     """
     # The framing is emitted here from the body in hand (or the one Content-Length declared),
     # never copied: a copied header that disagreed with the body would desynchronise the peer.
@@ -105,15 +124,21 @@ def send_request(stream, head: RequestHead, body: Body, *, close: bool = False) 
     if body is None or isinstance(body, (bytes, bytearray, memoryview)):
         data = bytes(body or b"")
         length = len(data) if data or head.method in ("POST", "PUT", "PATCH") else None
-        stream.sendall(encode_request_head(head, connection=connection, headers=headers, content_length=length) + data)
+        payload = encode_request_head(head, connection=connection, headers=headers, content_length=length) + data
+        stream.sendall(payload)
+        if meter is not None:
+            meter.up(len(payload), data)
         return None
     if isinstance(body, str):
         raise TypeError("a request body must be bytes, an iterable of bytes or a binary file, not str")
     declared = head.content_length
     chunked = declared is None
-    stream.sendall(encode_request_head(head, chunked=chunked, connection=connection, headers=headers,
-                                       content_length=declared))
-    return gevent.spawn(_pump_body, stream, _pieces(body), chunked, declared)
+    payload = encode_request_head(head, chunked=chunked, connection=connection, headers=headers,
+                                  content_length=declared)
+    stream.sendall(payload)
+    if meter is not None:
+        meter.up(len(payload), b"")
+    return gevent.spawn(_pump_body, stream, _pieces(body), chunked, declared, meter)
 
 
 def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
@@ -127,7 +152,8 @@ def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
         yield from body
 
 
-def _pump_body(stream, pieces: Iterator[bytes], chunked: bool, length: int | None = None) -> None:
+def _pump_body(stream, pieces: Iterator[bytes], chunked: bool, length: int | None = None,
+               meter: Meter | None = None) -> None:
     left = length
     for piece in pieces:
         if not piece:
@@ -136,8 +162,13 @@ def _pump_body(stream, pieces: Iterator[bytes], chunked: bool, length: int | Non
             if len(piece) > left:  # never past the declared length: that would be the next request
                 raise OSError(f"the request body is longer than its Content-Length ({length})")
             left -= len(piece)
-        stream.sendall(encode_chunk(piece) if chunked else piece)
+        framed = encode_chunk(piece) if chunked else piece
+        stream.sendall(framed)
+        if meter is not None:
+            meter.up(len(framed), piece)
     if chunked:
         stream.sendall(LAST_CHUNK)
+        if meter is not None:
+            meter.up(len(LAST_CHUNK), b"")
     elif left:
         raise OSError(f"the request body is shorter than its Content-Length ({length})")

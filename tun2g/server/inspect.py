@@ -45,6 +45,7 @@ MAX_DOMAINS = 1000           # domains kept in memory (the least recently writte
 STREAM_MAXLEN = 1000         # records kept per domain in Redis (approximately: MAXLEN ~)
 REFRESH_INTERVAL = 1.0       # s between reads of the store's revision for the inspected routes
 MAX_READ = 1000              # records one read returns at most
+WRITE_BATCH = 64             # queued captures the writer stores at once
 REDACTED = "[redacted]"
 _SECRET_NAMES = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", HOP_HEADER.lower()})
 
@@ -62,12 +63,11 @@ def redact(headers) -> list[list[str]]:
 
 
 def _body(data: bytearray, size: int) -> dict:
-    raw = bytes(data)
     try:
-        text, encoding = raw.decode("utf-8"), "utf-8"
+        text, encoding = data.decode("utf-8"), "utf-8"  # decoded in place: no copy of the bytes first
     except UnicodeDecodeError:
-        text, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-    return {"size": size, "kept": len(raw), "truncated": size > len(raw), "encoding": encoding, "data": text}
+        text, encoding = base64.b64encode(data).decode("ascii"), "base64"
+    return {"size": size, "kept": len(data), "truncated": size > len(data), "encoding": encoding, "data": text}
 
 
 class Capture:
@@ -90,8 +90,10 @@ class Capture:
         if body:
             self.request_body_size += len(body)
             room = self._cap - len(self.request_body)
-            if room > 0:
-                self.request_body += body[:room]
+            if room >= len(body):
+                self.request_body += body
+            elif room > 0:
+                self.request_body += memoryview(body)[:room]  # a view: no copy of the part left out
 
     def down(self, size: int, body: bytes) -> None:
         if self._inner is not None:
@@ -100,8 +102,10 @@ class Capture:
         if body:
             self.response_body_size += len(body)
             room = self._cap - len(self.response_body)
-            if room > 0:
-                self.response_body += body[:room]
+            if room >= len(body):
+                self.response_body += body
+            elif room > 0:
+                self.response_body += memoryview(body)[:room]  # a view: no copy of the part left out
 
     def record(self, *, domain: str, node: str, method: str, path: str, status: int, seconds: float,
                client_ip: str, request_id: str, request_headers, response_headers, backend: str) -> Captured:
@@ -140,10 +144,24 @@ class Captured:
                 "response_body": _body(c.response_body, c.response_body_size)}
 
 
+def as_record(item: Record | Captured) -> Record:
+    """A stored record: a queued capture is redacted and its bodies encoded now."""
+    return item.as_record() if isinstance(item, Captured) else item
+
+
+def encode_record(item: Record | Captured) -> str:
+    """The JSON of a record (or of a queued capture)."""
+    return json.dumps(as_record(item))
+
+
 class CaptureStore(Protocol):
     """Where captured records go, and are read back newest first."""
 
-    def append(self, domain: str, record: Record) -> None: ...
+    def append(self, domain: str, record: Record | Captured) -> None: ...
+
+    def append_all(self, items: list[tuple[str, Record | Captured]]) -> None:
+        """Store several (domain, record) at once (the writer hands over what queued meanwhile)."""
+        ...
 
     def read(self, domain: str, limit: int, after: str | None = None) -> list[Record]:
         """Up to `limit` records of `domain`, newest first (only those newer than the id `after`)."""
@@ -161,7 +179,8 @@ class MemoryCaptures:
         self._max_domains = max_domains
         self._ids = itertools.count(1)
 
-    def append(self, domain: str, record: Record) -> None:
+    def append(self, domain: str, record: Record | Captured) -> None:
+        """Keep ``record`` as it came: a queued capture becomes a record only when it is read (most never are)."""
         ring = self._rings.get(domain)
         if ring is None:
             if len(self._rings) >= self._max_domains:
@@ -169,13 +188,21 @@ class MemoryCaptures:
             ring = self._rings[domain] = deque(maxlen=self._ring_size)
         else:
             self._rings.move_to_end(domain)
-        ring.append({"id": str(next(self._ids)), **record})
+        ring.append((next(self._ids), record))
+
+    def append_all(self, items: list[tuple[str, Record | Captured]]) -> None:
+        for domain, record in items:
+            self.append(domain, record)
 
     def read(self, domain: str, limit: int, after: str | None = None) -> list[Record]:
         ring = self._rings.get(domain, ())
         floor = int(after) if after and after.isdigit() else 0
-        newest = [record for record in reversed(ring) if int(record["id"]) > floor]
-        return newest[:limit]
+        newest = []
+        for record_id, record in reversed(ring):
+            if record_id <= floor or len(newest) >= limit:
+                break
+            newest.append({"id": str(record_id), **as_record(record)})
+        return newest
 
     def close(self) -> None:
         self._rings.clear()
@@ -195,8 +222,15 @@ class RedisCaptures:
     def key(self, domain: str) -> str:
         return f"{self._prefix}inspect:{domain}"
 
-    def append(self, domain: str, record: Record) -> None:
-        self._client.xadd(self.key(domain), {"record": json.dumps(record)}, maxlen=self._maxlen, approximate=True)
+    def append(self, domain: str, record: Record | Captured) -> None:
+        self.append_all([(domain, record)])
+
+    def append_all(self, items: list[tuple[str, Record | Captured]]) -> None:
+        """One round trip for the lot (a pipeline, no transaction): a command costs far more than its JSON."""
+        pipe = self._client.pipeline(transaction=False)
+        for domain, record in items:
+            pipe.xadd(self.key(domain), {"record": encode_record(record)}, maxlen=self._maxlen, approximate=True)
+        pipe.execute()
 
     def read(self, domain: str, limit: int, after: str | None = None) -> list[Record]:
         entries: Any
@@ -285,16 +319,34 @@ class Inspector:
             self.refresh(storage)
 
     def _write_loop(self) -> None:
+        queue = self._queue
         while True:
-            domain, item = self._queue.get()
-            try:
-                self.store.append(domain, item.as_record() if isinstance(item, Captured) else item)
-            except Exception as exc:  # Redis down: the capture is lost, the request path never knows
+            batch = [queue.get()]  # one wake-up (and with Redis one round trip) for what queued meanwhile
+            while len(batch) < WRITE_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            self.write(batch)
+
+    def write(self, batch: list[tuple[str, Record | Captured]]) -> None:
+        """Store queued captures (the writer greenlet's work, off the request path)."""
+        try:
+            self.store.append_all(batch)
+        except Exception as exc:  # Redis down: the captures are lost, the request path never knows
+            for _ in batch:
                 self._count("failed")
-                self._store_error()
-                log.debug("inspect_store_failed", domain=domain, error=str(exc) or type(exc).__name__)
-            else:
+            self._store_error()
+            log.debug("inspect_store_failed", records=len(batch), error=str(exc) or type(exc).__name__)
+        else:
+            for _ in batch:
                 self._count("stored")
+
+    def drain(self) -> int:
+        """Store everything queued now, in this greenlet (for benchmarks and embedders); how many were."""
+        count = 0
+        while not self._queue.empty():
+            batch = [self._queue.get_nowait() for _ in range(min(WRITE_BATCH, self._queue.qsize()))]
+            self.write(batch)
+            count += len(batch)
+        return count
 
     def close(self) -> None:
         gevent.killall(self._greenlets, block=False)
@@ -310,4 +362,4 @@ class Inspector:
 
 
 __all__ = ["BODY_CAP", "Capture", "Captured", "CaptureStore", "Inspector", "MemoryCaptures", "REDACTED",
-           "RedisCaptures", "redact"]
+           "RedisCaptures", "as_record", "encode_record", "redact"]

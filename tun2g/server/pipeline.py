@@ -80,6 +80,10 @@ class _Exchange(Protocol[Result]):
 
     def response_headers(self, result: Result) -> list | None: ...
 
+    def when_done(self, result: Result, callback) -> None:
+        """Call ``callback`` once ``result``'s body has gone by (now, or when the caller closes it)."""
+        ...
+
 
 class _SocketExchange:
     """Relays between the public socket and the upstream, bodies streamed both ways."""
@@ -135,6 +139,9 @@ class _SocketExchange:
     def response_headers(self, result: Outcome) -> list | None:
         return None if self._response is None else self._response.headers
 
+    def when_done(self, result: Outcome, callback) -> None:
+        callback()  # relayed: the bodies went by already
+
 
 class _ResponseExchange:
     """Sends a head and a body and returns the response for the caller to read."""
@@ -151,7 +158,7 @@ class _ResponseExchange:
         pump: gevent.Greenlet | None = None
         timeouts = self._timeouts
         try:
-            pump = send_request(upstream.stream, head, self._body, close=upstream.single_use)
+            pump = send_request(upstream.stream, head, self._body, close=upstream.single_use, meter=meter)
         except OSError as exc:  # the request did not get out whole: it can go elsewhere
             upstream.release(False)
             raise UpstreamError(f"cannot send the request upstream: {exc}", replayable=self.replayable) from exc
@@ -183,7 +190,7 @@ class _ResponseExchange:
                 upstream.stream.settimeout(None)
             upstream.release(done and reader.keep_alive and response.status != 101)
 
-        return StreamedResponse(response, reader, on_close=release)
+        return StreamedResponse(response, reader, on_close=release, meter=meter)
 
     def page(self, page: pages.Page) -> StreamedResponse:
         return page.as_response()
@@ -196,6 +203,9 @@ class _ResponseExchange:
 
     def response_headers(self, result: StreamedResponse) -> list | None:
         return result.head.headers
+
+    def when_done(self, result: StreamedResponse, callback) -> None:
+        result.when_closed(callback)
 
 
 class Pipeline:
@@ -303,7 +313,8 @@ class Pipeline:
         if metrics is not None:
             (request.counted or metrics.unrouted).finished(status, seconds)
         if request.capture is not None and self.inspector is not None:
-            self._offer(request, exchange, result, status, seconds, label)
+            # After the body: at once for a relayed exchange, when the caller closes a streamed response.
+            exchange.when_done(result, lambda: self._offer(request, exchange, result, status, seconds, label))
         if self.access_log:
             head = request.head
             sizes = exchange.sizes(result)
