@@ -258,3 +258,38 @@ def test_client_byte_counters_move_while_a_download_streams(plain_deployment, st
     finally:
         inspector.close()
         backend.stop(timeout=1)
+
+
+def test_a_replay_to_a_dripping_backend_ends_at_its_deadline():
+    """A backend sending a byte per read timeout cannot hold a replay past its one deadline."""
+    from gevent.server import StreamServer
+
+    from tests.fixtures.backends import read_head
+    from tun2g.client.inspector import Capture
+    from tun2g.http import BackendPool
+
+    def drip(sock, _address):
+        try:
+            read_head(sock)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            for _ in range(200):
+                sock.sendall(b"x")
+                gevent.sleep(0.1)  # the drip itself: each byte well inside any per-read timeout
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    backend = StreamServer(("127.0.0.1", 0), drip)
+    backend.start()
+    pool = BackendPool(f"http://127.0.0.1:{backend.server_port}")
+    inspector = Inspector(pool, replay_timeout=1.0)
+    try:
+        record = inspector._add(Capture(RequestHead("GET", "/drip", "HTTP/1.1", [("Host", "x")])))
+        started = time.monotonic()
+        replayed = inspector.replay(record, {})
+        assert time.monotonic() - started < 3
+        assert replayed.public["error"].startswith("backend:") and "1 s" in replayed.public["error"]
+    finally:
+        pool.close()
+        backend.stop(timeout=1)

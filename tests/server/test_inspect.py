@@ -198,3 +198,18 @@ def test_the_wsgi_front_captures_bodies_too(inspected_tunnel):
     assert got["response_body"]["size"] == BODY_CAP * 2 and got["response_body"]["kept"] == BODY_CAP
     assert got["response_body"]["truncated"] is True and got["bytes_out"] >= BODY_CAP * 2
     assert sent["bytes_in"] > len(upload)  # head and body, counted as they went up
+
+
+@pytest.mark.pure
+def test_memory_captures_are_bounded_over_all_domains():
+    """Many inspected domains cannot hold more than max_records records in all (each may carry 2 x 16 KiB)."""
+    store = MemoryCaptures(ring_size=50, max_domains=100, max_records=120)
+    for n in range(10_000):
+        store.append(f"d{n % 40}.test", {"path": f"/{n}"})
+    assert store.held == 120
+    assert sum(len(store.read(f"d{d}.test", 1000)) for d in range(40)) == 120
+    newest = store.read(f"d{9_999 % 40}.test", 1)
+    assert newest[0]["path"] == "/9999"  # the newest records are the ones kept
+    for n in range(500):
+        store.append(f"many{n}.test", {"path": "/"})
+    assert store.held == 100 and len(store.read("d0.test", 10)) == 0  # 100 domains at most, the oldest gone

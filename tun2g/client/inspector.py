@@ -48,6 +48,7 @@ RING_SIZE = 200                # recent exchanges kept
 QUEUE_SIZE = 256               # finished captures waiting to be digested
 SUBSCRIBER_QUEUE = 64          # summaries waiting for one slow page; more are dropped for it
 MAX_SUBSCRIBERS = 16
+MAX_CONNECTIONS = 64           # connections the UI serves at once (live pages included)
 KEEPALIVE_SECONDS = 15.0
 REPLAY_TIMEOUT = 30.0
 MAX_REPLAY_REQUEST = 2 * BODY_CAP  # the JSON of an edited request
@@ -135,8 +136,9 @@ class Inspector:
 
     def __init__(self, pool: BackendPool | None = None, *, secrets: Iterable[str] = (), metrics: ClientMetrics | None = None,
                  body_cap: int = BODY_CAP, ring_size: int = RING_SIZE, queue_size: int = QUEUE_SIZE,
-                 status: Callable[[], dict] | None = None) -> None:
+                 status: Callable[[], dict] | None = None, replay_timeout: float = REPLAY_TIMEOUT) -> None:
         self.pool = pool
+        self.replay_timeout = replay_timeout
         self.metrics = metrics
         self.body_cap = body_cap
         self.secrets = [s for s in secrets if s]
@@ -343,8 +345,11 @@ class Inspector:
     def _send_replay(self, head: RequestHead, body: bytes, capture: Capture) -> int:
         assert self.pool is not None
         sock, reader = self.pool.dial()
+        # One deadline for the whole replay: a backend dripping a byte per read timeout must not hold it.
+        deadline = gevent.Timeout(self.replay_timeout, OSError(f"no whole answer within {self.replay_timeout:g} s"))
+        deadline.start()
         try:
-            sock.settimeout(REPLAY_TIMEOUT)
+            sock.settimeout(self.replay_timeout)
             send_request(sock, head, body, close=True)
             response = reader.read_final_response_head(head.method)
             capture.response_filter(response)
@@ -359,6 +364,7 @@ class Inspector:
             del received[self.body_cap:]
             return response.status
         finally:
+            deadline.close()
             sock.close()
 
     # --- the web side ----------------------------------------------------------------
@@ -386,7 +392,9 @@ class Inspector:
             if _is_loopback(host):
                 hosts |= {f"{name}:{bound[1]}" for name in LOOPBACK_NAMES}
             self._allowed_hosts = frozenset(hosts)
-            self._server = WSGIServer(sock, self._app, log=None, error_log=None)
+            # A bounded pool: a local page (or anything else on this machine) opening connections in a
+            # loop gets them queued in the backlog, not a greenlet each.
+            self._server = WSGIServer(sock, self._app, log=None, error_log=None, spawn=MAX_CONNECTIONS)
             self._server.start()
             self.start_digesting()
             return self.address

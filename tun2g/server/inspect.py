@@ -42,6 +42,7 @@ BODY_CAP = 16 * 1024         # bytes of each body kept in a capture
 QUEUE_SIZE = 1024            # captures waiting for the writer; beyond, new ones are dropped
 RING_SIZE = 200              # records kept per domain in memory
 MAX_DOMAINS = 1000           # domains kept in memory (the least recently written go first)
+MAX_RECORDS = 2000           # records kept in memory over all domains: at most ~64 MiB of bodies
 STREAM_MAXLEN = 1000         # records kept per domain in Redis (approximately: MAXLEN ~)
 REFRESH_INTERVAL = 1.0       # s between reads of the store's revision for the inspected routes
 MAX_READ = 1000              # records one read returns at most
@@ -171,24 +172,42 @@ class CaptureStore(Protocol):
 
 
 class MemoryCaptures:
-    """This process's captures: a ring of the newest `ring_size` per domain, `max_domains` domains at most."""
+    """This process's captures: a ring of the newest `ring_size` per domain, `max_domains` domains and
+    `max_records` records (each up to two capped bodies) in all; past either, the least recently
+    written domain gives up its oldest."""
 
-    def __init__(self, ring_size: int = RING_SIZE, max_domains: int = MAX_DOMAINS) -> None:
-        self._rings: OrderedDict[str, deque[Record]] = OrderedDict()
+    def __init__(self, ring_size: int = RING_SIZE, max_domains: int = MAX_DOMAINS,
+                 max_records: int = MAX_RECORDS) -> None:
+        self._rings: OrderedDict[str, deque[tuple[int, Record | Captured]]] = OrderedDict()
         self._ring_size = ring_size
         self._max_domains = max_domains
+        self._max_records = max_records
+        self._held = 0
         self._ids = itertools.count(1)
+
+    @property
+    def held(self) -> int:
+        """Records kept, over every domain."""
+        return self._held
 
     def append(self, domain: str, record: Record | Captured) -> None:
         """Keep ``record`` as it came: a queued capture becomes a record only when it is read (most never are)."""
         ring = self._rings.get(domain)
         if ring is None:
             if len(self._rings) >= self._max_domains:
-                self._rings.popitem(last=False)
+                self._held -= len(self._rings.popitem(last=False)[1])
             ring = self._rings[domain] = deque(maxlen=self._ring_size)
         else:
             self._rings.move_to_end(domain)
+        if len(ring) < self._ring_size:
+            self._held += 1
         ring.append((next(self._ids), record))
+        while self._held > self._max_records:  # the oldest of the least recently written domain goes
+            oldest_domain, oldest = next(iter(self._rings.items()))
+            oldest.popleft()
+            self._held -= 1
+            if not oldest:
+                del self._rings[oldest_domain]
 
     def append_all(self, items: list[tuple[str, Record | Captured]]) -> None:
         for domain, record in items:
@@ -206,6 +225,7 @@ class MemoryCaptures:
 
     def close(self) -> None:
         self._rings.clear()
+        self._held = 0
 
 
 class RedisCaptures:
