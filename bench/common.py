@@ -23,10 +23,15 @@ __all__ = ["MIB", "REPO_ROOT", "GoPeerUnavailable", "PeerProcess", "build_go_bin
            "format_table", "ratio", "start_go_peer", "start_python"]
 
 
+# The admin API wants a token (made per data dir otherwise): the benchmarks' servers all get this one.
+BENCH_ADMIN_TOKEN = "bench-admin-token-" + os.urandom(8).hex()
+
+
 def child_env() -> dict:
-    """The environment for child processes: repository importable, no HTTP proxies."""
+    """The environment for child processes: repository importable, no HTTP proxies, the admin token."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TUN2G_ADMIN_TOKEN", BENCH_ADMIN_TOKEN)
     return env
 
 

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import MIB, REPO_ROOT, child_env, format_table  # noqa: F401 - re-exported for the benchmark
+from common import BENCH_ADMIN_TOKEN, MIB, REPO_ROOT, child_env, format_table  # noqa: F401 - re-exported
 
 HELLO_BODY = b"hello, world\n"
 
@@ -237,7 +237,8 @@ def admin_backends(admin_port: int, domain: str | None = None) -> list[dict]:
     """GET /backends from a server's admin API (empty list when it is not up yet)."""
     url = f"http://127.0.0.1:{admin_port}/backends" + (f"?domain={domain}" if domain else "")
     try:
-        return json.loads(http_get(url))
+        token = os.environ.get("TUN2G_ADMIN_TOKEN", BENCH_ADMIN_TOKEN)
+        return json.loads(http_get(url, headers={"Authorization": f"Bearer {token}"}))
     except OSError:
         return []
 

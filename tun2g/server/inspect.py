@@ -216,7 +216,7 @@ class MemoryCaptures:
     def read(self, domain: str, limit: int, after: str | None = None) -> list[Record]:
         ring = self._rings.get(domain, ())
         floor = int(after) if after and after.isdigit() else 0
-        newest = []
+        newest: list[Record] = []
         for record_id, record in reversed(ring):
             if record_id <= floor or len(newest) >= limit:
                 break
