@@ -47,6 +47,7 @@ STREAM_MAXLEN = 1000         # records kept per domain in Redis (approximately: 
 REFRESH_INTERVAL = 1.0       # s between reads of the store's revision for the inspected routes
 MAX_READ = 1000              # records one read returns at most
 WRITE_BATCH = 64             # queued captures the writer stores at once
+WRITE_PAUSE = 0.05           # s the writer waits after a partial batch (a record shows this much later)
 REDACTED = "[redacted]"
 _SECRET_NAMES = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", HOP_HEADER.lower()})
 
@@ -345,6 +346,9 @@ class Inspector:
             while len(batch) < WRITE_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
             self.write(batch)
+            if len(batch) < WRITE_BATCH:
+                # Not busy: let captures gather rather than wake per request (a full batch goes on at once).
+                gevent.sleep(WRITE_PAUSE)
 
     def write(self, batch: list[tuple[str, Record | Captured]]) -> None:
         """Store queued captures (the writer greenlet's work, off the request path)."""
