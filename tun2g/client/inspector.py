@@ -34,6 +34,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.queue import Empty, Full, Queue
 
 from tun2g.http import RequestHead, ResponseHead
+from tun2g.http.heads import REDACTED, is_secret_header
 from tun2g.http.client import send_request
 from tun2g.log import get_logger
 
@@ -53,14 +54,7 @@ KEEPALIVE_SECONDS = 15.0
 REPLAY_TIMEOUT = 30.0
 MAX_REPLAY_REQUEST = 2 * BODY_CAP  # the JSON of an edited request
 HEX_PREVIEW = 2048
-REDACTED = "[redacted]"
-SECRET_HEADERS = frozenset({"authorization", "cookie", "set-cookie", "proxy-authorization"})
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-
-
-def is_secret_header(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in SECRET_HEADERS or lowered.startswith("x-tun2g-")
 
 
 class Capture:

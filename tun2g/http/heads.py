@@ -210,3 +210,15 @@ def forwardable_headers(headers: Iterable[tuple[str, str]], *, keep_length: bool
 def strip_hop_by_hop(head: RequestHead | ResponseHead) -> None:
     """Remove the hop-by-hop headers of ``head`` in place (RFC 9110 section 7.6.1)."""
     head.headers = forwardable_headers(head.headers)
+
+
+# Headers whose values an inspector shows as REDACTED (the client's and the server's alike):
+# credentials, cookies, and every X-Tun2g-* (the cluster's hop signature among them).
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+REDACTED = "[redacted]"
+
+
+def is_secret_header(name: str) -> bool:
+    """Whether an inspector must hide the value of the header ``name``."""
+    lowered = name.lower()
+    return lowered in SECRET_HEADERS or lowered.startswith("x-tun2g-")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol
 import gevent
 from gevent.queue import Full, Queue
 
-from tun2g.cluster.hop import HOP_HEADER
+from tun2g.http.heads import REDACTED, is_secret_header
 from tun2g.http.relay import Meter
 from tun2g.log import get_logger
 from tun2g.storage import Storage, StorageError
@@ -48,20 +48,13 @@ REFRESH_INTERVAL = 1.0       # s between reads of the store's revision for the i
 MAX_READ = 1000              # records one read returns at most
 WRITE_BATCH = 64             # queued captures the writer stores at once
 WRITE_PAUSE = 0.05           # s the writer waits after a partial batch (a record shows this much later)
-REDACTED = "[redacted]"
-_SECRET_NAMES = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", HOP_HEADER.lower()})
 
 Record = dict[str, Any]
 
 
 def redact(headers) -> list[list[str]]:
     """Headers as [name, value] pairs, secret values replaced by "[redacted]"."""
-    out = []
-    for name, value in headers:
-        lowered = name.lower()
-        secret = lowered in _SECRET_NAMES or lowered.startswith("x-tun2g-")
-        out.append([name, REDACTED if secret else value])
-    return out
+    return [[name, REDACTED if is_secret_header(name) else value] for name, value in headers]
 
 
 def _body(data: bytearray, size: int) -> dict:
