@@ -103,6 +103,11 @@ def parse_route_key(text: str, path: str | None = None) -> RouteKey:
     return RouteKey(WILDCARD + normalized if wildcard else normalized, normalize_prefix(key_path, text))
 
 
+def normalize_route_key(text: str) -> str:
+    """A route key as stored and matched (`parse_route_key`, then back to text); RouteKeyError if invalid."""
+    return str(parse_route_key(text))
+
+
 def normalize_prefix(path: str, context: str = "") -> str:
     """A route's path prefix as stored: "" for none, else ``/seg[/seg...]``; RouteKeyError if invalid."""
     if path in ("", "/"):
@@ -247,4 +252,4 @@ def request_path(target: str) -> tuple[str, str]:
 
 
 __all__ = ["AmbiguousPath", "MAX_PREFIXES_PER_HOST", "Match", "RouteKey", "RouteKeyError", "RoutingTable",
-           "WILDCARD", "normalize_prefix", "parse_route_key", "request_path"]
+           "WILDCARD", "normalize_prefix", "normalize_route_key", "parse_route_key", "request_path"]
