@@ -38,7 +38,7 @@ TUN2G_LEVEL = 1
 # a client serves besides "domain", and "instance", the id that names one client across its
 # reconnects (a new session of the same instance takes over the old ones).
 MAX_EXTRA_ROUTES = 32
-_INSTANCE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+INSTANCE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # The header by which the server tells a multi-route client which route a stream is for; set
 # only on streams to such a client, removed from every public request (never taken from outside).
 ROUTE_HEADER = "X-Tun2g-Route"
@@ -162,7 +162,7 @@ def parse_auth(obj: dict) -> Auth:
             not all(isinstance(route, str) for route in routes):
         raise AuthFormatError(f'"routes" must be a list of at most {MAX_EXTRA_ROUTES} route keys')
     instance = obj.get("instance")
-    if instance is not None and (not isinstance(instance, str) or not _INSTANCE_ID.fullmatch(instance)):
+    if instance is not None and (not isinstance(instance, str) or not INSTANCE_ID.fullmatch(instance)):
         raise AuthFormatError('"instance" must be 1-64 letters, digits or . _ : -')
     return Auth(token=token, domain=domain, tun2g=level, routes=tuple(dict.fromkeys(routes)), instance=instance)
 
