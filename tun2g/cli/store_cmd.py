@@ -234,8 +234,8 @@ def route_add(domain, user, path, strip, storage_url):
             existed = False
         added = storage.add_route(key, user, strip=strip)
     if existed:
-        click.echo(f"Route {added.domain} already belongs to {added.user}; strip is "
-                   f"{'on' if added.strip else 'off'}.")
+        click.echo(f"Route {added.domain} already belongs to {added.user}; nothing changed but strip "
+                   f"(now {'on' if added.strip else 'off'}).")
     else:
         click.echo(f"Route {added.domain} -> {added.user}. Clients with a token of {added.user} "
                    f"may now connect with --domain {added.domain}.")
@@ -271,9 +271,9 @@ def route_list(user, as_json, storage_url):
     """
     with _opened(storage_url) as storage:
         routes, where = storage.list_routes(user=user), storage.describe()
-    _show("routes", routes, user, where, as_json, ("ROUTE", "USER", "CREATED", "INSPECT", "STRIP"),
-          lambda r: (r.domain, r.user, _when(r.created), "on" if r.inspect else "off",
-                     "on" if r.strip else "off"))
+    _show("routes", routes, user, where, as_json, ("ROUTE", "USER", "CREATED", "STRIP", "INSPECT"),
+          lambda r: (r.domain, r.user, _when(r.created), "on" if r.strip else "off",
+                     "on" if r.inspect else "off"))
 
 
 @route.command("inspect", context_settings=CONTEXT)
