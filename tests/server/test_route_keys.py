@@ -60,7 +60,10 @@ def test_path_routes_pick_the_longest_prefix_and_strip(plain_deployment, backend
     assert seen["headers"]["X-Forwarded-Prefix"] == "/api"
     assert get(plain_deployment, "path.test", "/apix").status_code == 200
     assert get(plain_deployment, "path.test", "/api/%2e%2e/admin").status_code == 400  # never routed past /api
-    assert site_app.seen_paths == ["/apix"] and api_app.seen_paths == ["/headers"]
+    # A public X-Tun2g-Route neither moves the request nor reaches a single-route (maybe Go) client's backend.
+    spoofed = get(plain_deployment, "path.test", "/headers", **{"X-Tun2g-Route": "path.test/api"}).json()
+    assert "X-Tun2g-Route" not in spoofed["headers"]
+    assert site_app.seen_paths == ["/apix", "/headers"] and api_app.seen_paths == ["/headers"]
 
 
 def test_one_client_serves_several_routes_each_to_its_backend(plain_deployment, backend, second_backend,
