@@ -86,7 +86,7 @@ class RevocationWatch:
         verdicts: dict[tuple[str, tuple[str, ...]], str | None] = {}
         cut = 0
         for index, tunnel in enumerate(stale):
-            key = (tunnel.auth.token, tunnel.routes)
+            key = (tunnel.auth.token, tunnel.auth.route_keys)
             if key not in verdicts:
                 if index and index % _YIELD_EVERY == 0:
                     gevent.sleep(0)
