@@ -23,9 +23,13 @@ __all__ = ["MIB", "REPO_ROOT", "GoPeerUnavailable", "PeerProcess", "build_go_bin
            "format_table", "ratio", "start_go_peer", "start_python"]
 
 
+BENCH_ADMIN_TOKEN = "bench-admin-token"  # no token file is written outside the bench's own processes
+
+
 def child_env() -> dict:
     """The environment for child processes: repository importable, no HTTP proxies."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.setdefault("TUN2G_ADMIN_TOKEN", BENCH_ADMIN_TOKEN)  # servers take it; admin API calls send it
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 

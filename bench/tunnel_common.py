@@ -237,7 +237,7 @@ def admin_backends(admin_port: int, domain: str | None = None) -> list[dict]:
     """GET /backends from a server's admin API (empty list when it is not up yet)."""
     url = f"http://127.0.0.1:{admin_port}/backends" + (f"?domain={domain}" if domain else "")
     try:
-        return json.loads(http_get(url))
+        return json.loads(http_get(url, {"Authorization": f"Bearer {child_env()['TUN2G_ADMIN_TOKEN']}"}))
     except OSError:
         return []
 
