@@ -4,6 +4,7 @@
     python3 bench/request_cost_bench.py --against HEAD~3 --tls --rounds 5 --seconds 3
     python3 bench/request_cost_bench.py --against abc123~ --candidate abc123   # what one commit changed
     python3 bench/request_cost_bench.py --modes off,metrics,capture      # one tree, metrics/capture on and off
+    python3 bench/request_cost_bench.py --modes off,routes               # 1 route vs 1,000 routes loaded
 
 Both trees (`--candidate` defaults to the working tree) run their own `tun2g server` + `tun2g client` (plain tunnel, or TLS
 with --tls) in front of one nginx. Each round runs wrk at every connection
@@ -13,7 +14,9 @@ server's and the client's CPU µs per request (the steadier figure).
 
 With `--modes`, the working tree (or `--candidate`) runs once per mode instead:
 `off` (--no-metrics --no-inspect), `metrics` (--no-inspect), `capture` (metrics,
-and the route marked `tun2g route inspect DOMAIN on`, so every request is captured).
+and the route marked `tun2g route inspect DOMAIN on`, so every request is captured), `routes`
+(as `off`, with 1,000 more routes in the store: hosts, wildcards and path prefixes, some on the
+bench's own host, so its requests take the prefix scan; docs/routing.md).
 """
 
 from __future__ import annotations
@@ -103,7 +106,24 @@ def _cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False) -> str:
+# 1,000 routes besides DOMAIN: 400 hosts, 300 wildcards, 290 path routes on other hosts, 10 on DOMAIN itself.
+_MORE_ROUTES = """
+import sys
+from tun2g.storage import open_storage
+storage = open_storage(sys.argv[1])
+for i in range(400):
+    storage.add_route(f"app{i}.routes.test", "bench")
+for i in range(300):
+    storage.add_route(f"*.tenant{i}.test", "bench")
+for i in range(290):
+    storage.add_route(f"site{i}.paths.test/api{i % 7}", "bench", strip=i % 2 == 0)
+for i in range(10):
+    storage.add_route(f"bench.test/prefix{i}", "bench")
+storage.close()
+"""
+
+
+def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False, more_routes: bool = False) -> str:
     """A fresh SQLite store with the bench's token and route, made by `source`'s own tun2g (an older tree
     cannot open a newer schema), its capture switched on if `inspect`."""
     storage = f"sqlite:///{path}"
@@ -115,6 +135,8 @@ def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False) -> 
     for command in commands:
         subprocess.run([sys.executable, "-m", "tun2g.cli", *command, "--storage", storage], env=env, cwd=source,
                        capture_output=True, check=True, timeout=30)
+    if more_routes:
+        subprocess.run([sys.executable, "-c", _MORE_ROUTES, storage], env=env, cwd=source, check=True, timeout=120)
     return storage
 
 
@@ -127,7 +149,7 @@ def main() -> None:
     parser.add_argument("--connections", default="1,64")
     parser.add_argument("--tls", action="store_true", help="TLS tunnels instead of plain TCP")
     parser.add_argument("--modes", default=None,
-                        help="comma-separated of off, metrics, capture: one tree in each mode (see above)")
+                        help="comma-separated of off, metrics, capture, routes: one tree in each mode (see above)")
     args = parser.parse_args()
     counts = [int(n) for n in args.connections.split(",")]
 
@@ -142,8 +164,10 @@ def main() -> None:
         if args.modes:
             source = export_revision(args.candidate, workdir / "b") if args.candidate else tc.REPO_ROOT
             for mode in args.modes.split(","):
-                flags = {"off": ("--no-metrics", "--no-inspect"), "metrics": ("--no-inspect",), "capture": ()}[mode]
-                own = _storage(workdir / f"bench-{mode}.db", source, inspect=mode == "capture")
+                flags = {"off": ("--no-metrics", "--no-inspect"), "metrics": ("--no-inspect",), "capture": (),
+                         "routes": ("--no-metrics", "--no-inspect")}[mode]
+                own = _storage(workdir / f"bench-{mode}.db", source, inspect=mode == "capture",
+                               more_routes=mode == "routes")
                 tunnel = TreeTunnel(mode, source, workdir, own, args.tls, cert, nginx_port, flags)
                 stack.callback(tunnel.stop)
                 tunnels.append((mode, tunnel))

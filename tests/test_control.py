@@ -23,3 +23,26 @@ def test_json_reader_rejects_garbage_before_object():
 def test_auth_wire_form_matches_go_json_marshal():
     assert Auth("tok1", "lb.test").encode() == b'{"token":"tok1","domain":"lb.test"}'
     assert json.loads(Auth("t", "d").encode()) == {"token": "t", "domain": "d"}
+
+
+def test_auth_extension_routes_and_instance_round_trip_and_go_form_is_unchanged():
+    from tun2g.control import parse_auth
+
+    auth = Auth("t", "example.com", tun2g=1, routes=("example.com/api", "*.example.com"), instance="box-1")
+    wire = json.loads(auth.encode())
+    assert wire == {"token": "t", "domain": "example.com", "tun2g": 1,
+                    "routes": ["example.com/api", "*.example.com"], "instance": "box-1"}
+    assert parse_auth(wire) == auth
+    assert parse_auth({"token": "t", "domain": "d"}) == Auth("t", "d")  # a Go client's Auth
+    assert parse_auth({"token": "t", "domain": "d", "routes": ["a", "a", "b"]}).routes == ("a", "b")
+
+
+@pytest.mark.parametrize("fields", [
+    {"routes": "example.com"}, {"routes": [1]}, {"routes": [["x"]]}, {"routes": ["r"] * 33},
+    {"instance": ""}, {"instance": "a b"}, {"instance": "x" * 65}, {"instance": 7}, {"instance": "é"},
+])
+def test_a_malformed_auth_extension_is_refused(fields):
+    from tun2g.control import parse_auth
+
+    with pytest.raises(AuthFormatError):
+        parse_auth({"token": "t", "domain": "d", **fields})

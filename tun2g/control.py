@@ -11,6 +11,7 @@ reply is invisible to it, while a tun2g client learns why it was refused.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from tun2g.errors import AuthMismatch
@@ -33,6 +34,14 @@ CONNECT_SCOPE = "connect"
 # tun2g's extension field in the Auth (docs/protocol.md#version-negotiation): a client
 # sending "tun2g": 1 follows a switch of the session to smux version 2. Go ignores it.
 TUN2G_LEVEL = 1
+# More tun2g extension fields (docs/routing.md#multi-route-clients): "routes", the route keys
+# a client serves besides "domain", and "instance", the id that names one client across its
+# reconnects (a new session of the same instance takes over the old ones).
+MAX_EXTRA_ROUTES = 32
+INSTANCE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# The header by which the server tells a multi-route client which route a stream is for; set
+# only on streams to such a client, removed from every public request (never taken from outside).
+ROUTE_HEADER = "X-Tun2g-Route"
 
 
 class AuthFormatError(ValueError):
@@ -45,17 +54,30 @@ class Auth:
 
     ``tun2g`` (tun2g clients only, omitted when None): the client's protocol level;
     1 means it follows a switch to smux version 2 (docs/protocol.md#version-negotiation).
+    ``routes`` (omitted when empty): more route keys the same session serves;
+    ``instance`` (omitted when None): the client instance id for takeover (docs/routing.md#takeover).
     """
 
     token: str
     domain: str
     tun2g: int | None = None
+    routes: tuple[str, ...] = ()
+    instance: str | None = None
+
+    @property
+    def route_keys(self) -> tuple[str, ...]:
+        """Every route the session asks to serve, `domain` first."""
+        return (self.domain, *self.routes)
 
     def encode(self) -> bytes:
         """The wire form, as Go's json.Marshal writes it: compact, no newline."""
         fields: dict = {"token": self.token, "domain": self.domain}
         if self.tun2g is not None:
             fields["tun2g"] = self.tun2g
+        if self.routes:
+            fields["routes"] = list(self.routes)
+        if self.instance is not None:
+            fields["instance"] = self.instance
         return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -128,13 +150,21 @@ class JSONObjectReader:
 
 def parse_auth(obj: dict) -> Auth:
     """Validate a decoded Auth object: both fields present and strings (a non-integer
-    "tun2g" is ignored, as any other unknown field)."""
+    "tun2g" is ignored, as any other unknown field). "routes", when present, must be a list
+    of at most MAX_EXTRA_ROUTES strings and "instance" a short plain id (else AuthFormatError)."""
     token, domain, level = obj.get("token"), obj.get("domain"), obj.get("tun2g")
     if not isinstance(token, str) or not isinstance(domain, str):
         raise AuthFormatError('the Auth object needs string fields "token" and "domain"')
     if type(level) is not int:
         level = None
-    return Auth(token=token, domain=domain, tun2g=level)
+    routes = obj.get("routes", [])
+    if not isinstance(routes, list) or len(routes) > MAX_EXTRA_ROUTES or \
+            not all(isinstance(route, str) for route in routes):
+        raise AuthFormatError(f'"routes" must be a list of at most {MAX_EXTRA_ROUTES} route keys')
+    instance = obj.get("instance")
+    if instance is not None and (not isinstance(instance, str) or not INSTANCE_ID.fullmatch(instance)):
+        raise AuthFormatError('"instance" must be 1-64 letters, digits or . _ : -')
+    return Auth(token=token, domain=domain, tun2g=level, routes=tuple(dict.fromkeys(routes)), instance=instance)
 
 
 INVALID_TOKEN = "invalid token"
@@ -174,6 +204,18 @@ def verify_auth(storage, auth: Auth, normalize_domain) -> str:
         raise AuthMismatch(f"no route for domain {domain!r}; add one with `tun2g route add {domain} --user USER`")
     if route_user != token_user:
         raise AuthMismatch(f"domain {domain!r} does not belong to the token's user")
+    for key in auth.routes:
+        try:
+            normalized = normalize_domain(key)
+        except (StorageError, ValueError) as exc:
+            raise AuthMismatch(f"route {key!r}: {exc}") from None
+        try:
+            owner = storage.has_route(normalized)
+        except LookupError:  # StorageUnavailable is no LookupError: an outage stays an outage
+            raise AuthMismatch(f"no route {normalized!r}; add one with "
+                               f"`tun2g route add {normalized} --user USER`") from None
+        if owner != token_user:
+            raise AuthMismatch(f"route {normalized!r} does not belong to the token's user")
     return token_user
 
 

@@ -113,11 +113,29 @@ def test_route_add_list_rm(storage_env):
     assert "nothing changed" in ok("route", "add", "app.example.com", "--user", "alice")
     ok("route", "add", "b.example.com", "--user", "bob")
     rows = ok("route", "list").splitlines()
-    assert [row.split()[:2] for row in rows] == [["DOMAIN", "USER"], ["app.example.com", "alice"],
+    assert [row.split()[:2] for row in rows] == [["ROUTE", "USER"], ["app.example.com", "alice"],
                                                    ["b.example.com", "bob"]]
     assert [r["domain"] for r in json.loads(ok("route", "list", "--user", "bob", "--json"))] == ["b.example.com"]
     assert ok("route", "rm", "APP.example.com").strip() == "Removed route app.example.com."
     assert [r.domain for r in open_storage().list_routes()] == ["b.example.com"]
+
+
+def test_route_add_wildcards_and_paths_with_strip(storage_env):
+    assert "Route *.example.com -> alice" in ok("route", "add", "*.Example.com", "--user", "alice")
+    assert "Route example.com/api -> alice" in ok("route", "add", "example.com", "--path", "/api/", "--strip",
+                                                  "--user", "alice")
+    listed = {r["domain"]: r for r in json.loads(ok("route", "list", "--json"))}
+    assert listed["*.example.com"]["wildcard"] is True and listed["*.example.com"]["strip"] is False
+    assert (listed["example.com/api"]["host"], listed["example.com/api"]["path"],
+            listed["example.com/api"]["strip"]) == ("example.com", "/api", True)
+    assert ok("route", "list").splitlines()[0].split() == ["ROUTE", "USER", "CREATED", "STRIP", "INSPECT"]
+    assert fails("route", "add", "shop.example.com", "--user", "bob").strip() == (
+        "tun2g: route shop.example.com is under the wildcard *.example.com, which belongs to alice; "
+        "only the wildcard's owner may add names under it")
+    assert fails("route", "add", "example.com", "--path", "/a/../b", "--user", "alice").startswith(
+        "tun2g: invalid path prefix '/a/../b'")
+    assert fails("route", "add", "example.com/api", "--path", "/v2", "--user", "alice").startswith("tun2g: route")
+    assert ok("route", "rm", "EXAMPLE.com/api").strip() == "Removed route example.com/api."
 
 
 def test_route_inspect_switches_capture_and_list_shows_it(storage_env):

@@ -36,11 +36,14 @@ def test_keys_follow_the_documented_schema(redis_storage, raw_redis):
         "tun2g:route:app.example.com": {"user": "alice", "created": raw_redis.hget(
             "tun2g:route:app.example.com", "created")},
         "tun2g:routes": {"app.example.com"},
+        "tun2g:route-parent:example.com": {"app.example.com"},
+        "tun2g:route-index": "1",
+        "tun2g:revision": "1",  # a route added: every node reloads its routing table
     }
     redis_storage.revoke_token(info.id)
     redis_storage.remove_route("app.example.com")
-    # Nothing left behind but the revision counter the servers poll to drop live tunnels.
-    assert dump(raw_redis) == {"tun2g:revision": "2"}
+    # Nothing left behind but the revision counter the servers poll (and the index marker).
+    assert dump(raw_redis) == {"tun2g:revision": "3", "tun2g:route-index": "1"}
 
 
 def test_secrets_are_only_stored_as_hashes(redis_storage, raw_redis):

@@ -22,9 +22,16 @@ NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as 
                  "or the TUN2G_TOKEN variable.")
 @env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH",
             help="Read the token from this file (its first line; keep it mode 0600). Instead of --token.")
-@env_option("--domain", env="TUN2G_DOMAIN", required=True, help="Public domain to serve (a route you own).")
-@env_option("--backend", "backend_url", env="TUN2G_BACKEND", required=True, metavar="URL",
+@env_option("--domain", env="TUN2G_DOMAIN", help="Public domain to serve (a route you own).")
+@env_option("--backend", "backend_url", env="TUN2G_BACKEND", metavar="URL",
             help="Local service to forward to, e.g. http://127.0.0.1:3000 (a path prefix is kept).")
+@click.option("--route", "route_specs", multiple=True, metavar="ROUTE=URL",
+              help="Serve one more route from its own backend over the same tunnel, e.g. "
+                   "--route example.com/api=http://127.0.0.1:4000 (repeatable; without --domain/--backend "
+                   "the first one is the main route). See docs/routing.md.")
+@env_option("--instance-id", env="TUN2G_INSTANCE_ID", metavar="ID",
+            help="Names this client across restarts: a new client with the same id (and user) takes over the "
+                 "old one's sessions at once (default: random per process, kept across its reconnects).")
 @env_option("--conn-type", env="TUN2G_CONN_TYPE", type=click.Choice(["tcp", "kcp", "upgrade"]), default="tcp",
             show_default=True, help="tcp: TLS over TCP; kcp: TLS over KCP (UDP); upgrade: HTTP Upgrade "
                                     "on the server's public port.")
@@ -54,7 +61,7 @@ NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as 
 @click.option("--no-inspect", is_flag=True, help="Do not run the request inspector (same as --inspect off).")
 @env_option("--quiet", "-q", is_flag=True, env="TUN2G_QUIET",
             help="No status lines on stdout (the public URL, one line per request).")
-def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
+def client(server_addr, token, token_file, domain, backend_url, route_specs, instance_id, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
            smux_version, reconnect, log_level, inspect_addr, no_inspect, quiet):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
@@ -71,6 +78,7 @@ def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_p
 
     from tun2g import smux
     from tun2g.client import AuthRejected, Client, ClientConfig
+    from tun2g.client.client import parse_route_spec
     from tun2g.errors import ConfigurationError
     from tun2g.log import configure
 
@@ -79,7 +87,16 @@ def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_p
     if plain:
         click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
     try:
+        routes = [parse_route_spec(spec) for spec in route_specs]
+        if bool(domain) != bool(backend_url):
+            raise ConfigurationError("--domain and --backend go together (or give --route ROUTE=URL only)")
+        if not domain:
+            if not routes:
+                raise ConfigurationError("nothing to serve: give --domain D --backend URL, or --route ROUTE=URL")
+            (domain, backend_url), routes = routes[0], routes[1:]
+        identity = {"instance_id": instance_id} if instance_id else {}
         config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
+                              routes=routes, **identity,
                               conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
                               ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
                               reconnect=reconnect,

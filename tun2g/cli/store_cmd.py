@@ -17,7 +17,8 @@ from typing import Iterator
 import click
 
 from tun2g.cli.options import env_option, print_table
-from tun2g.storage import CONNECT_SCOPE, NoSuchRoute, Storage, StorageError, normalize_domain, open_storage
+from tun2g.storage import CONNECT_SCOPE, NoSuchRoute, Storage, StorageError, open_storage
+from tun2g.storage.routing import normalize_route_key, parse_route_key
 
 SHORT_SECRET = 20  # characters; shorter imported secrets get a warning (generated ones have 43)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -198,6 +199,8 @@ def route():
     \b
     Examples:
       tun2g route add app.example.com --user alice
+      tun2g route add '*.example.com' --user alice          # one label: a.example.com
+      tun2g route add example.com --path /api --strip --user alice
       tun2g route list --user alice
       tun2g route rm app.example.com
       heroku run scripts/tun2g-route list          # against the app's REDIS_URL
@@ -207,24 +210,32 @@ def route():
 @route.command("add", context_settings=CONTEXT)
 @click.argument("domain")
 @click.option("--user", required=True, help="The user whose tokens may serve DOMAIN.")
+@click.option("--path", default=None, metavar="/PREFIX",
+              help="Route only this path prefix on DOMAIN (longest prefix wins; same as DOMAIN/PREFIX).")
+@click.option("--strip", is_flag=True, help="Remove the path prefix before the request reaches the backend.")
 @_storage_option
-def route_add(domain, user, storage_url):
-    """Let USER's tunnel clients serve DOMAIN.
+def route_add(domain, user, path, strip, storage_url):
+    """Let USER's tunnel clients serve DOMAIN (a host, *.domain for one label under it, or host/prefix).
 
-    A domain belongs to one user; to move it, remove it first.
+    Every route on one host belongs to one user, and names under a wildcard to
+    the wildcard's owner (docs/routing.md#ownership); to move one, remove it first.
 
     \b
-    Example:
+    Examples:
       tun2g route add app.example.com --user alice
+      tun2g route add '*.example.com' --user alice
+      tun2g route add example.com --path /api --strip --user alice
     """
     with _opened(storage_url) as storage:
+        key = normalize_route_key(domain) if path is None else str(parse_route_key(domain, path))
         try:
-            existed = storage.has_route(domain) == user.strip()
+            existed = storage.has_route(key) == user.strip()
         except NoSuchRoute:
             existed = False
-        added = storage.add_route(domain, user)
+        added = storage.add_route(key, user, strip=strip)
     if existed:
-        click.echo(f"Route {added.domain} already belongs to {added.user}; nothing changed.")
+        click.echo(f"Route {added.domain} already belongs to {added.user}; nothing changed but strip "
+                   f"(now {'on' if added.strip else 'off'}).")
     else:
         click.echo(f"Route {added.domain} -> {added.user}. Clients with a token of {added.user} "
                    f"may now connect with --domain {added.domain}.")
@@ -241,7 +252,7 @@ def route_rm(domain, storage_url):
       tun2g route rm app.example.com
     """
     with _opened(storage_url) as storage:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
         storage.remove_route(domain)
     click.echo(f"Removed route {domain}.")
 
@@ -260,8 +271,9 @@ def route_list(user, as_json, storage_url):
     """
     with _opened(storage_url) as storage:
         routes, where = storage.list_routes(user=user), storage.describe()
-    _show("routes", routes, user, where, as_json, ("DOMAIN", "USER", "CREATED", "INSPECT"),
-          lambda r: (r.domain, r.user, _when(r.created), "on" if r.inspect else "off"))
+    _show("routes", routes, user, where, as_json, ("ROUTE", "USER", "CREATED", "STRIP", "INSPECT"),
+          lambda r: (r.domain, r.user, _when(r.created), "on" if r.strip else "off",
+                     "on" if r.inspect else "off"))
 
 
 @route.command("inspect", context_settings=CONTEXT)

@@ -6,6 +6,7 @@ import random
 import socket
 import ssl
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
@@ -17,12 +18,15 @@ from gevent.pool import Group
 
 from tun2g import pages, smux
 from tun2g.client import connect
-from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, TUN2G_LEVEL, Auth, AuthFormatError, decode_reply
+from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, MAX_REPLY_SIZE, ROUTE_HEADER, TUN2G_LEVEL, Auth,
+                           AuthFormatError, decode_reply)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
                         UpstreamError, serve_requests)
 from tun2g.log import get_logger
+from tun2g.storage import StorageError
+from tun2g.storage.routing import normalize_route_key
 
 if TYPE_CHECKING:
     from tun2g.client.inspector import Inspector
@@ -80,6 +84,12 @@ class ClientConfig:
     unconfirmed_timeout: float = 15.0
     kcp_options: KCPOptions | None = None
     extra: dict = field(default_factory=dict)
+    # More (route key, backend URL) pairs served over the same session besides (domain, backend_url)
+    # (docs/routing.md#multi-route-clients); `parse_route_spec` reads the CLI's --route KEY=URL.
+    routes: list[tuple[str, str]] = field(default_factory=list)
+    # Names this client across reconnects: a new session of the same instance (and user) takes over
+    # the older ones still registered (docs/routing.md#takeover). Random per Client unless given.
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self):
         if self.conn_type not in CONN_TYPES:
@@ -87,9 +97,33 @@ class ClientConfig:
         for name in ("server_addr", "token", "domain", "backend_url"):
             if not getattr(self, name):
                 raise ConfigurationError(f"ClientConfig.{name} is required")
-        if urlsplit(self.backend_url).scheme not in ("http", "https"):
-            raise ConfigurationError(f"backend URL must start with http:// or https://, got {self.backend_url!r}")
+        if not INSTANCE_ID.fullmatch(self.instance_id):
+            raise ConfigurationError(f"instance id {self.instance_id!r}: use 1-64 letters, digits or . _ : -")
+        for _, url in self.all_routes:
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ConfigurationError(f"backend URL must start with http:// or https://, got {url!r}")
         self.smux_config.validate()
+
+    @property
+    def all_routes(self) -> list[tuple[str, str]]:
+        """Every (route key, backend URL) this client serves, (domain, backend_url) first."""
+        return [(self.domain, self.backend_url), *self.routes]
+
+
+def parse_route_spec(spec: str) -> tuple[str, str]:
+    """``KEY=URL`` (``example.com/api=http://127.0.0.1:4000``) as (route key, backend URL);
+    ConfigurationError naming the spec when it is not one."""
+    key, equals, url = spec.partition("=")
+    if not equals or not key.strip() or not url.strip():
+        raise ConfigurationError(f"--route {spec!r}: expected ROUTE=BACKEND_URL, e.g. "
+                                 f"example.com/api=http://127.0.0.1:4000")
+    try:
+        key = normalize_route_key(key.strip())
+    except StorageError as exc:
+        raise ConfigurationError(f"--route {spec!r}: {exc}") from None
+    if urlsplit(url.strip()).scheme not in ("http", "https"):
+        raise ConfigurationError(f"--route {spec!r}: the backend URL must start with http:// or https://")
+    return key, url.strip()
 
 
 class Client:
@@ -103,6 +137,10 @@ class Client:
         self.config = config
         self.pool = BackendPool(config.backend_url, tls_verify=not config.backend_insecure,
                                 ca_file=config.backend_ca_file)
+        # The other routes' backends, by the route key the server names in X-Tun2g-Route.
+        self._route_pools = {_route_key(key): BackendPool(url, tls_verify=not config.backend_insecure,
+                                                          ca_file=config.backend_ca_file)
+                             for key, url in config.routes}
         self.state = "idle"
         self.backend_id = None
         self.requests_served = 0
@@ -162,7 +200,9 @@ class Client:
             # A negotiating client says it is tun2g (a Go server ignores the field) and
             # follows the server's switch to smux v2 (the session does that on its own).
             level = TUN2G_LEVEL if self.config.smux_config.version is None else None
-            control.sendall(Auth(self.config.token, self.config.domain, tun2g=level).encode())
+            control.sendall(Auth(self.config.token, self.config.domain, tun2g=level,
+                                 routes=tuple(key for key, _ in self.config.routes),
+                                 instance=self.config.instance_id).encode())
             first_stream = Event()
             serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
@@ -259,11 +299,12 @@ class Client:
             self.health_checks += 1
             stream.sendall(pages.health_ok().encode(close=not head.keep_alive))
             return head.keep_alive
+        pool = self._pool_for(head)
         observed = self._observer.begin(head, stream.id) if self._observer is not None else None
         status, result, error, failure = 0, None, None, None
         try:
             try:
-                head.target = self.pool.join_path(head.target)
+                head.target = pool.join_path(head.target)
             except HTTPError as exc:  # a target climbing out of the backend URL's path
                 log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
                 status, error = exc.status, exc.message
@@ -271,16 +312,16 @@ class Client:
                 return False
             head.append_to("X-Forwarded-For", peer_ip)
             try:
-                result = self.pool.forward_exchange(
+                result = pool.forward_exchange(
                     head, reader, stream, timeouts=_WATCH_THE_SERVER, meter=observed,
                     response_filter=None if observed is None else observed.response_filter)
             except UpstreamError as exc:
-                log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
+                log.warning("backend_failed", backend=pool.url, error=str(exc))
                 status, error, failure = 502, str(exc), "bad_response"
                 stream.sendall(pages.backend_failed(str(exc)).encode())
                 return False
             except OSError as exc:
-                log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
+                log.warning("backend_unreachable", backend=pool.url, error=str(exc))
                 status, error, failure = 502, str(exc), "unreachable"
                 stream.sendall(pages.backend_unreachable(exc).encode())  # the URL stays in the log
                 return False
@@ -298,6 +339,15 @@ class Client:
             if observed is not None:
                 observed.finish(status, result, error, failure)
 
+    def _pool_for(self, head: RequestHead) -> BackendPool:
+        """The backend of the route the server named for this stream (X-Tun2g-Route, removed here), else
+        the first one. The header comes from the server only: it drops any a public client sends."""
+        if not self._route_pools:
+            return self.pool
+        route = head.get(ROUTE_HEADER)
+        head.remove(ROUTE_HEADER)
+        return self.pool if route is None else self._route_pools.get(route, self.pool)
+
     def _set_state(self, state: str, **fields) -> None:
         self.state = state
         if self.metrics is not None:
@@ -313,6 +363,8 @@ class Client:
         self._idle_workers.clear()
         self._handlers.kill(block=False)
         self.pool.close()
+        for pool in self._route_pools.values():
+            pool.close()
 
 
 def _public_urls(reply: dict, domain: str) -> list[str]:
@@ -324,6 +376,14 @@ def _public_urls(reply: dict, domain: str) -> list[str]:
         return [reply["url"]]
     served = reply.get("domain") if isinstance(reply.get("domain"), str) and reply.get("domain") else domain
     return [f"http://{served}"]
+
+
+def _route_key(key: str) -> str:
+    """A configured route key as the server will name it (normalized when it parses)."""
+    try:
+        return normalize_route_key(key)
+    except StorageError:
+        return key
 
 
 def _reject(error: HTTPError) -> bytes:

@@ -101,6 +101,17 @@ class ClusterNode:
         except ClusterUnavailable as exc:
             raise NoSuchBackend(f"{backend_id} is not on this node, and the others cannot be asked: {exc}") from None
 
+    def take_over(self, instance: str, user: str) -> None:
+        """Have the other nodes close this client instance's sessions (a newer one connected here)."""
+        try:
+            killed = self.registry.kill_instance(instance, user)
+        except ClusterUnavailable as exc:
+            log.warning("takeover_unavailable", instance=instance, user=user, error=str(exc),
+                        effect="older sessions on other nodes stay until their health check fails")
+            return
+        if killed:
+            log.info("takeover_requested", instance=instance, user=user, backends=" ".join(killed))
+
     def _on_kill(self, backend_id: str) -> None:
         log.info("killed", by="cluster", backend=backend_id)
         self._kill_local(backend_id)

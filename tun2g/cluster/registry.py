@@ -6,7 +6,7 @@ storage's ``P token:*`` and ``P route:*`` keys)::
     P nodes                    zset    member <node id>, score = expiry (unix seconds)
     P node:<node id>           hash    url (where other nodes reach it), started, pid, host;  TTL
     P node-backends:<node id>  hash    <backend id> -> JSON Backend record (domain, user, ...);  TTL
-    P domain:<domain>          zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
+    P domain:<route key>       zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
     P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
     P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
@@ -165,7 +165,7 @@ class RedisRegistry:
     def publish_now(self) -> bool:
         """Write this node's full snapshot; False (logged once per interval) when Redis is unreachable."""
         backends = [b for b in self._snapshot() if b.usable]
-        domains = {b.domain for b in backends}
+        domains = {route for b in backends for route in (b.routes or (b.domain,))}
         now = time.time()
         expires = now + self.ttl
         ttl_ms = int(self.ttl * 1000)
@@ -331,7 +331,9 @@ class RedisRegistry:
         for values in records:
             for value in values:
                 record = json.loads(value)
-                backends.append(Backend(**{k: v for k, v in record.items() if k in _BACKEND_FIELDS}))
+                fields_ = {k: v for k, v in record.items() if k in _BACKEND_FIELDS}
+                fields_["routes"] = tuple(fields_.get("routes") or ())
+                backends.append(Backend(**fields_))
         return backends
 
     def kill(self, backend_id: str) -> str:
@@ -347,6 +349,19 @@ class RedisRegistry:
                     raise ClusterUnavailable(f"cannot reach Redis to ask node {backend.node}: {exc}") from None
                 return backend.node
         raise NoSuchBackend(backend_id)
+
+    def kill_instance(self, instance: str, user: str) -> list[str]:
+        """Ask the nodes holding backends of this client instance and user to disconnect them (takeover);
+        returns their ids. Raises ClusterUnavailable when Redis is down."""
+        killed = []
+        for backend in self.remote_backends():
+            if backend.instance == instance and backend.user == user:
+                try:
+                    self._redis.publish(self._key("kill"), f"{backend.node} {backend.id}")
+                except (redis.RedisError, OSError) as exc:
+                    raise ClusterUnavailable(f"cannot reach Redis to ask node {backend.node}: {exc}") from None
+                killed.append(backend.id)
+        return killed
 
     # -- pub/sub -------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import gevent
 from tun2g import pages
 from tun2g.cluster import HopRefused
 from tun2g.cluster.hop import HOP_HEADER, Hop
+from tun2g.control import ROUTE_HEADER
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
 from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers
 from tun2g.http.relay import IDEMPOTENT_METHODS, Meter
@@ -362,12 +363,13 @@ class TrustedProxies:
 
 
 _HOP_NAME = HOP_HEADER.lower()
+_ROUTE_NAME = ROUTE_HEADER.lower()  # only this server tells a multi-route client a stream's route
 # A request id a caller may choose (as Heroku's router allows): a plain token, so it is safe in logs and pages.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Headers that say who the client is and how it came: set by this proxy, believed only from a trusted one.
 _FORWARDING_NAMES = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
                                "x-real-ip"})
-_PROXY_NAMES = _FORWARDING_NAMES | {"x-request-id", _HOP_NAME, "connection"}
+_PROXY_NAMES = _FORWARDING_NAMES | {"x-request-id", _HOP_NAME, _ROUTE_NAME, "connection"}
 _PROXY_NAME_LENGTHS = frozenset(map(len, _PROXY_NAMES))
 # Connection options that name no header; and headers a Connection header may never remove.
 _CONNECTION_OPTIONS = frozenset({"", "close", "keep-alive", "upgrade"})
@@ -380,7 +382,7 @@ def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme:
     From an untrusted peer, the client's own X-Forwarded-*, Forwarded and X-Real-IP are
     dropped and ours written (X-Forwarded-For: the peer); from a trusted proxy they are
     kept and the peer is appended to X-Forwarded-For (as Go's ReverseProxy). X-Request-Id
-    is set, the cluster's hop header dropped (only a node of this cluster may send it, to
+    is set, the cluster's hop header and X-Tun2g-Route dropped (only a node of this cluster may send it, to
     another node). Headers the client named in Connection go now, so they can never take
     ours with them; the Connection header keeps only its options (close, upgrade) for the
     relay. One pass over the headers in the usual case: a public request may carry dozens.
@@ -402,7 +404,7 @@ def prepare_request(head: RequestHead, *, request_id: str, peer_ip: str, scheme:
                     continue
                 has_proto = has_proto or name == "x-forwarded-proto"
                 has_host = has_host or name == "x-forwarded-host"
-            elif name == "x-request-id" or name == _HOP_NAME:
+            elif name == "x-request-id" or name == _HOP_NAME or name == _ROUTE_NAME:
                 continue
             elif name == "connection" and header[1].lower() not in _CONNECTION_OPTIONS:
                 listing = [] if listing is None else listing

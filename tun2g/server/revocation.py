@@ -29,7 +29,8 @@ from tun2g.control import verify_auth
 from tun2g.errors import AuthMismatch
 from tun2g.log import get_logger
 from tun2g.server.tunnel import Tunnel
-from tun2g.storage import Storage, StorageError, normalize_domain
+from tun2g.storage import Storage, StorageError
+from tun2g.storage.routing import normalize_route_key
 
 log = get_logger(__name__)
 
@@ -41,8 +42,11 @@ class RevocationWatch:
     """Polls the store's revision and disconnects tunnels whose Auth no longer holds."""
 
     def __init__(self, storage: Storage, tunnels: Callable[[], Iterable[Tunnel]],
-                 disconnect: Callable[[Tunnel, str], None], interval: float = CHECK_INTERVAL) -> None:
+                 disconnect: Callable[[Tunnel, str], None], interval: float = CHECK_INTERVAL,
+                 on_revision: Callable[[], None] | None = None) -> None:
+        """`on_revision`: called whenever the revision changed (the first read included), before the re-checks."""
         self.storage = storage
+        self._on_revision = on_revision
         self._tunnels = tunnels
         self._disconnect = disconnect
         self.interval = interval
@@ -69,6 +73,8 @@ class RevocationWatch:
             return 0
         self._failing = False
         previous, self.revision = self.revision, revision
+        if revision != previous and self._on_revision is not None:
+            self._on_revision()
         if previous is None or _went_back(previous, revision):
             if previous is not None:
                 log.warning("store_revision_reset", was=previous, now=revision,
@@ -77,15 +83,15 @@ class RevocationWatch:
                 tunnel.revision = revision
             return 0
         stale = [t for t in self._tunnels() if t.revision != self.revision and not t.is_closed]
-        verdicts: dict[tuple[str, str], str | None] = {}
+        verdicts: dict[tuple[str, tuple[str, ...]], str | None] = {}
         cut = 0
         for index, tunnel in enumerate(stale):
-            key = (tunnel.auth.token, tunnel.domain)
+            key = (tunnel.auth.token, tunnel.auth.route_keys)
             if key not in verdicts:
                 if index and index % _YIELD_EVERY == 0:
                     gevent.sleep(0)
                 try:
-                    verify_auth(self.storage, tunnel.auth, normalize_domain)
+                    verify_auth(self.storage, tunnel.auth, normalize_route_key)
                     verdicts[key] = None
                 except AuthMismatch as exc:
                     verdicts[key] = exc.log_reason or exc.reason  # the full reason: this goes to the log

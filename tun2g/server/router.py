@@ -1,7 +1,9 @@
 """The Router: where a request goes (a local tunnel, another node, or a page), for every front alike.
 
-It is the only holder of the cluster. For one request, `Router.route()`
-walks its candidates: the local tunnels for the Host, least loaded first,
+It is the only holder of the cluster and of the routing table (the stored
+routes, tun2g.storage.routing): `Router.route()` first resolves the Host and
+path to a route key (`Routing.route`), then walks its candidates: the local
+tunnels for that route, least loaded first,
 retiring those that cannot open a stream; then, for a public request with no
 usable local tunnel, the other nodes that hold one. The request pipeline
 (`tun2g.server.pipeline`) runs the exchange over each candidate it is given
@@ -12,20 +14,24 @@ from __future__ import annotations
 
 import functools
 import random
+
+import gevent
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tun2g import pages
 from tun2g.backend import Backend
 from tun2g.cluster import ClusterNode, ClusterUnavailable, HopRefused, NodeRef
 from tun2g.cluster.hop import Hop
+from tun2g.control import ROUTE_HEADER
 from tun2g.errors import CantOpenSessionStream, NoSuchBackend
 from tun2g.http import MessageReader, RequestHead
 from tun2g.log import get_logger
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
 from tun2g.smux import Stream
-from tun2g.storage import StorageError, normalize_domain
+from tun2g.storage import Route, StorageError, normalize_domain
+from tun2g.storage.routing import AmbiguousPath, RoutingTable, parse_route_key
 from tun2g.transport.base import ByteStream
 
 log = get_logger(__name__)
@@ -98,27 +104,39 @@ Upstream = TunnelUpstream | NodeUpstream
 
 @dataclass
 class Routing:
-    """One request's walk through its candidate upstreams; `page` answers it when none served it."""
+    """One request's walk through its candidate upstreams; `page` answers it when none served it.
+
+    `route`: the route key the Host and path resolved to (the normalized Host when no stored
+    route matches; None for a Host that is no host name); `prefix` and `target`: the path prefix
+    to strip and the target the backend gets, when the route strips (else "" and None);
+    `refused`: why the path cannot be routed (tun2g.storage.routing.AmbiguousPath), else None.
+    """
 
     router: Router
     head: RequestHead
     request_id: str
     local_only: bool
+    route: str | None = None
+    prefix: str = ""
+    target: str | None = None
+    refused: str | None = None
     broken_tunnels: list[Tunnel] = field(default_factory=list)
     unreachable_nodes: list[str] = field(default_factory=list)
     registry_error: str | None = None
+    _prepared: bool = False
+    _route_header: bool = False
 
     @property
     def host(self) -> str:
         return self.head.host or ""
 
     def __iter__(self) -> Iterator[Upstream]:
-        yield from self._local()
+        domain = self.route
+        if domain is None:
+            return
+        yield from self._local(domain)
         cluster = self.router.cluster
         if cluster is None or self.local_only or self.broken_tunnels:
-            return
-        domain = routing_key(self.host)
-        if domain is None:
             return
         try:
             nodes = cluster.nodes_for(domain)
@@ -129,17 +147,34 @@ class Routing:
         for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
             yield from self._node(cluster, domain, node)
 
-    def _local(self) -> Iterator[Upstream]:
-        while (tunnel := self.router.pick(self.host, exclude=self.broken_tunnels)) is not None:
+    def _local(self, route: str) -> Iterator[Upstream]:
+        while (tunnel := self.router.tunnels.pick(route, self.broken_tunnels)) is not None:
             try:
                 stream = tunnel.open_stream()
             except CantOpenSessionStream as exc:
                 self.router.retire(tunnel, str(exc))
                 self.broken_tunnels.append(tunnel)
                 continue
+            self._prepare(route, tunnel)
             upstream = TunnelUpstream(self.router, tunnel, stream)
             yield upstream
             self.broken_tunnels.append(tunnel)  # resumed only when it died under a replayable request
+
+    def _prepare(self, route: str, tunnel: Tunnel) -> None:
+        """The head as this node's tunnel gets it: the prefix stripped (once: a retry reuses the head),
+        and for a client serving several routes, which one this stream is for."""
+        head = self.head
+        if not self._prepared:
+            self._prepared = True
+            if self.target is not None:
+                head.set("X-Forwarded-Prefix", self.prefix)
+                head.target = self.target
+        if len(tunnel.routes) > 1:
+            head.set(ROUTE_HEADER, route)
+            self._route_header = True
+        elif self._route_header:  # set for a tunnel that broke; this one is a plain (maybe Go) client
+            head.remove(ROUTE_HEADER)
+            self._route_header = False
 
     def _node(self, cluster: ClusterNode, domain: str, node: NodeRef) -> Iterator[Upstream]:
         fresh = False
@@ -164,6 +199,8 @@ class Routing:
 
     @property
     def page(self) -> pages.Page:
+        if self.refused is not None:
+            return pages.malformed_request(400, f"this path cannot be routed: {self.refused}", self.request_id)
         if self.registry_error is not None:
             return pages.registry_unavailable(self.registry_error, self.request_id)
         if self.broken_tunnels:
@@ -180,6 +217,7 @@ class Router:
     def __init__(self, tunnels: Tunnels, cluster: ClusterNode | None = None) -> None:
         self.tunnels = tunnels
         self.cluster = cluster
+        self.routes: RoutingTable[Route] = RoutingTable()  # the stored routes (`load_routes`)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -192,13 +230,40 @@ class Router:
         return None if self.cluster is None else self.cluster.accept_hop(head)
 
     def route(self, head: RequestHead, request_id: str, hop: Hop | None) -> Routing:
-        """The candidates for `head`, tried in order by the pipeline."""
-        return Routing(self, head, request_id, local_only=hop is not None)
+        """The route for `head` and its candidates, tried in order by the pipeline."""
+        routing = Routing(self, head, request_id, local_only=hop is not None)
+        host = routing_key(head.host or "")
+        if host is None:
+            return routing
+        try:
+            match = self.routes.match(host, head.target)
+        except AmbiguousPath as exc:
+            routing.refused = str(exc)
+            return routing
+        if match is None:
+            routing.route = host  # no stored route (yet): the Host itself, as before route keys
+        else:
+            routing.route = match.key
+            if match.strip and match.prefix:
+                routing.prefix, routing.target = match.prefix, match.target
+        return routing
 
-    def pick(self, host: str, exclude: list[Tunnel] | tuple = ()) -> Tunnel | None:
-        """The local tunnel that should serve a request for `host`, or None."""
-        domain = routing_key(host)
-        return None if domain is None else self.tunnels.pick(domain, exclude)
+    def load_routes(self, routes: Iterable[Route]) -> None:
+        """Replace the routing table with these stored routes (a route key that does not parse is skipped)."""
+        table: RoutingTable[Route] = RoutingTable()
+        for route in routes:
+            try:
+                table.add(parse_route_key(route.domain), route, route.strip)
+            except StorageError as exc:
+                log.warning("route_skipped", route=route.domain, error=str(exc))
+        self.routes = table
+
+    def knows(self, route: str) -> bool:
+        """Whether the routing table holds this route key."""
+        try:
+            return self.routes.get(parse_route_key(route)) is not None
+        except StorageError:
+            return False
 
     # -- tunnels -------------------------------------------------------------------------
 
@@ -213,6 +278,19 @@ class Router:
             return False
         self._changed()
         return True
+
+    def take_over(self, tunnel: Tunnel) -> list[str]:
+        """Close the older sessions of `tunnel`'s client instance (same instance id, same user) here,
+        and have the other nodes close theirs (docs/routing.md#takeover); returns the ids closed here."""
+        replaced = []
+        for old in self.tunnels.same_instance(tunnel):
+            log.info("taken_over", by=tunnel.id, **old.log_fields())
+            old.close()
+            self.deregister(old)
+            replaced.append(old.id)
+        if self.cluster is not None and tunnel.instance:
+            gevent.spawn(self.cluster.take_over, tunnel.instance, tunnel.user)
+        return replaced
 
     def retire(self, tunnel: Tunnel, reason: str) -> None:
         """Close and forget a tunnel whose session failed under a request."""

@@ -37,7 +37,8 @@ from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
-from tun2g.storage import Storage, StorageError, normalize_domain
+from tun2g.storage import Storage, StorageError
+from tun2g.storage.routing import normalize_route_key
 from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
 
@@ -109,7 +110,8 @@ class Server:
         self._closed = Event()
         self.draining = False  # stopping: the health check says 503 so balancers send no more
         self._listeners: list = []
-        self.revocations = RevocationWatch(self.storage, lambda: self.tunnels, self._revoked)
+        self.revocations = RevocationWatch(self.storage, lambda: self.tunnels, self._revoked,
+                                           on_revision=self.reload_routes)
         self._tasks.spawn(self.revocations.run)
         # Live tunnels per token and per user (the session caps); see _admit / _forget.
         self._per_token: Counter[str] = Counter()
@@ -195,7 +197,7 @@ class Server:
                                                              f"{max(1, round(wait))} s", retry=True))
                 return None
             revision = self.revocations.revision  # before the check: a revocation during it is caught later
-            user = verify_auth(self.storage, auth, normalize_domain)
+            user = verify_auth(self.storage, auth, normalize_route_key)
         except (AuthMismatch, AuthFormatError) as exc:
             self.login_limiter.failed(remote)
             reason = getattr(exc, "reason", str(exc))
@@ -220,7 +222,7 @@ class Server:
             log.warning("auth_rejected", remote=remote, proto=proto, reason=refusal, user=user)
             _try_send(control, encode_reply(False, error=refusal, retry=True))
             return None
-        extra = {}
+        extra: dict[str, object] = {}
         if auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL and session.config.version is None \
                 and session.version == 1:
             # docs/protocol.md#version-negotiation: a tun2g client follows us to v2. Before the
@@ -232,7 +234,9 @@ class Server:
         session.release_receive_buffer()  # the pre-auth budget (smux.Config.initial_receive_buffer) is over
         # The control stream carries nothing after the Auth: drop whatever still arrives on it.
         control.shutdown(socket.SHUT_RD)
-        auth = Auth(token=auth.token, domain=normalize_domain(auth.domain))
+        domain = normalize_route_key(auth.domain)
+        routes = tuple(key for key in dict.fromkeys(map(normalize_route_key, auth.routes)) if key != domain)
+        auth = Auth(token=auth.token, domain=domain, routes=routes, instance=auth.instance)
         tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
                         phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
         tunnel.revision = revision
@@ -240,12 +244,26 @@ class Server:
         self._per_user[user] += 1
         self._counted.add(tunnel)
         self._count_auth("ok")
+        if not all(map(self.router.knows, tunnel.routes)):
+            self.reload_routes()  # a route added since the last revision tick: route to it at once
         self.router.register(tunnel)
+        self.router.take_over(tunnel)  # after: the new session serves before the old ones close
         session.add_close_callback(lambda _session: self._forget(tunnel))
+        if routes:
+            extra["routes"] = list(tunnel.routes)
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())
         return tunnel
+
+    def reload_routes(self) -> None:
+        """Load the stored routes into the Router's table (on every store revision and for new routes)."""
+        try:
+            routes = self.storage.list_routes()
+        except StorageError as exc:
+            log.warning("routes_unavailable", error=str(exc), effect="the previous routing table stays in force")
+            return
+        self.router.load_routes(routes)
 
     def _session_cap_refusal(self, token: str, user: str) -> str | None:
         """Why one more tunnel for this token or user is refused (None: it is not)."""
@@ -327,8 +345,9 @@ class Server:
         return self.router.backends()
 
     def get_backends_for_domain(self, domain: str) -> list[Backend]:
-        domain = normalize_domain(domain)
-        return [b for b in self.get_all_backends() if b.domain == domain]
+        """The backends serving a route key (a domain, a wildcard, a host with a path)."""
+        domain = normalize_route_key(domain)
+        return [b for b in self.get_all_backends() if b.serves(domain)]
 
     def get_backends_for_user(self, user: str) -> list[Backend]:
         return [b for b in self.get_all_backends() if b.user == user]

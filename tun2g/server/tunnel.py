@@ -30,6 +30,8 @@ class Tunnel:
         self.auth = auth
         self.user = user
         self.domain = auth.domain
+        self.routes = auth.route_keys  # every route key it serves, domain first (normalized by the server)
+        self.instance = auth.instance or ""  # its client instance id: a newer session of it takes over
         self.proto = proto
         self.host = host
         self.node = node
@@ -94,7 +96,7 @@ class Tunnel:
         return Backend(id=self.id, proto=self.proto, user=self.user, domain=self.domain, phi=self.phi,
                        host=self.host, usable=self.usable and not self.is_closed, node=self.node,
                        connected_at=self.connected_at, requests_in_flight=self.in_flight,
-                       requests_served=self.served)
+                       requests_served=self.served, routes=self.routes, instance=self.instance)
 
     def log_fields(self) -> dict:
         """Key/value pairs identifying this connection in log lines (Go's F())."""

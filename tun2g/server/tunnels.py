@@ -1,4 +1,4 @@
-"""Tunnels: the tunnel clients connected to this process, by id and by domain, and the choice among them."""
+"""Tunnels: the tunnel clients connected to this process, by id and by route key, and the choice among them."""
 
 from __future__ import annotations
 
@@ -20,16 +20,18 @@ class Tunnels:
 
     def add(self, tunnel: Tunnel) -> None:
         self._by_id[tunnel.id] = tunnel
-        self._by_domain[tunnel.domain].append(tunnel)
+        for route in tunnel.routes:
+            self._by_domain[route].append(tunnel)
 
     def remove(self, tunnel: Tunnel) -> None:
         """Forget a tunnel; raises CantRemoveWhatDoesntExist if unknown."""
         if self._by_id.pop(tunnel.id, None) is None:
             raise CantRemoveWhatDoesntExist(tunnel.id)
-        peers = self._by_domain[tunnel.domain]
-        peers.remove(tunnel)
-        if not peers:
-            del self._by_domain[tunnel.domain]
+        for route in tunnel.routes:
+            peers = self._by_domain[route]
+            peers.remove(tunnel)
+            if not peers:
+                del self._by_domain[route]
 
     def discard(self, tunnel: Tunnel) -> bool:
         """Forget a tunnel if known; True when it was."""
@@ -46,7 +48,7 @@ class Tunnels:
             raise NoSuchBackend(tunnel_id) from None
 
     def pick(self, domain: str, exclude: Collection[Tunnel] = ()) -> Tunnel | None:
-        """The usable tunnel for `domain` with the fewest requests in flight (ties at random)."""
+        """The usable tunnel for route key `domain` with the fewest requests in flight (ties at random)."""
         best, best_load, ties = None, 0, 0
         for tunnel in self._by_domain.get(domain, ()):
             if not tunnel.usable or tunnel in exclude:
@@ -64,6 +66,13 @@ class Tunnels:
     def close_one(self, tunnel_id: str) -> None:
         """Close one tunnel (its session's close callback deregisters it); raises NoSuchBackend if unknown."""
         self.get(tunnel_id).close()
+
+    def same_instance(self, tunnel: Tunnel) -> list[Tunnel]:
+        """The other tunnels of `tunnel`'s client instance and user (none when it gave no instance id)."""
+        if not tunnel.instance:
+            return []
+        return [t for t in self._by_id.values()
+                if t is not tunnel and t.instance == tunnel.instance and t.user == tunnel.user]
 
     def records(self) -> list[Backend]:
         """The public record of every tunnel here."""

@@ -72,16 +72,35 @@ class TokenInfo:
 
 @dataclass(frozen=True)
 class Route:
-    """A domain and the user whose tunnel clients may serve it; `inspect`: its exchanges are captured."""
+    """A route and the user whose tunnel clients may serve it.
+
+    `domain` is the route key (``example.com``, ``*.example.com``, ``example.com/api``:
+    tun2g.storage.routing); `inspect`: its exchanges are captured; `strip`: its path
+    prefix is removed before the request reaches the backend.
+    """
 
     domain: str
     user: str
     created: float
     inspect: bool = False
+    strip: bool = False
+
+    @property
+    def host(self) -> str:
+        """The key's host (``*.example.com`` for a wildcard)."""
+        return self.domain.partition("/")[0]
+
+    @property
+    def path(self) -> str:
+        """The key's path prefix ("" for none)."""
+        _, slash, rest = self.domain.partition("/")
+        return slash + rest
 
     def as_json(self) -> dict:
         """A JSON-ready dict."""
-        return {"domain": self.domain, "user": self.user, "created": self.created, "inspect": self.inspect}
+        return {"domain": self.domain, "host": self.host, "path": self.path, "strip": self.strip,
+                "wildcard": self.host.startswith("*."), "user": self.user, "created": self.created,
+                "inspect": self.inspect}
 
 
 @runtime_checkable
@@ -92,7 +111,7 @@ class Storage(Protocol):
         """(user, scopes) for a secret; raises NoSuchToken if unknown or revoked."""
 
     def has_route(self, domain: str) -> str:
-        """The user owning a domain (any case, with or without :port); raises NoSuchRoute."""
+        """The user owning a route key (a domain in any case, with or without :port); raises NoSuchRoute."""
 
     def create_token(self, user: str, scopes: Iterable[str] = DEFAULT_SCOPES,
                      note: str = "") -> tuple[TokenInfo, str]:
@@ -108,14 +127,16 @@ class Storage(Protocol):
     def revoke_token(self, token_id: str) -> None:
         """Delete a token by its public id; it stops authenticating at once. NoSuchToken if unknown."""
 
-    def add_route(self, domain: str, user: str) -> Route:
-        """Give a domain to a user; StorageError if another user owns it already."""
+    def add_route(self, domain: str, user: str, strip: bool = False) -> Route:
+        """Give a route key to a user (`strip`: remove its path prefix before the backend);
+        StorageError if the ownership rule (`ownership_conflict`) refuses it. Adding it again
+        for its owner keeps it and sets `strip`."""
 
     def remove_route(self, domain: str) -> None:
         """Delete a route; NoSuchRoute if there is none."""
 
     def list_routes(self, user: str | None = None) -> list[Route]:
-        """All routes, or one user's, sorted by domain."""
+        """All routes, or one user's, sorted by route key."""
 
     def set_route_inspect(self, domain: str, inspect: bool) -> Route:
         """Turn capture for the server's inspector on or off for a route; NoSuchRoute if there is none.
@@ -174,6 +195,41 @@ def route_taken_error(domain: str, owner: str) -> StorageError:
     """The error for adding a route that another user already owns."""
     return StorageError(f"route {domain} already belongs to {owner}; remove it first "
                         f"(tun2g route rm {domain})")
+
+
+def route_parent(key: str) -> str:
+    """The parent a route key's host sits under (``a.example.com/x`` and ``*.example.com`` -> ``example.com``):
+    every route the ownership rule compares a key with shares that parent."""
+    host = key.partition("/")[0]
+    return "" if host.startswith("[") else host.partition(".")[2]
+
+
+def ownership_conflict(key: str, user: str, neighbours: Iterable[Route]) -> StorageError | None:
+    """Why `user` may not add route `key`, given the routes sharing its `route_parent` (None: it may).
+
+    The rule (docs/routing.md#ownership): every route on one host belongs to one
+    user; a name one label under ``*.P`` (``a.P``, with any path) belongs to the
+    owner of ``*.P`` when that wildcard exists; and ``*.P`` may be added only
+    when no other user has a route one label under P.
+    """
+    host = key.partition("/")[0]
+    parent = route_parent(key)
+    wildcard = "*." + parent if parent and not host.startswith("*.") else None
+    for route in neighbours:
+        if route.user == user:
+            continue
+        if route.domain == key:
+            return route_taken_error(key, route.user)
+        if route.host == host:
+            return StorageError(f"route {key} is on host {host}, which belongs to {route.user} "
+                                f"(route {route.domain}); every route on one host has one owner")
+        if route.host == wildcard:
+            return StorageError(f"route {key} is under the wildcard {wildcard}, which belongs to {route.user}; "
+                                f"only the wildcard's owner may add names under it")
+        if host.startswith("*.") and route_parent(route.domain) == parent:
+            return StorageError(f"wildcard {key} would cover {route.domain}, which belongs to {route.user}; "
+                                f"remove that route first (tun2g route rm {route.domain})")
+    return None
 
 
 def normalize_domain(domain: str) -> str:

@@ -5,10 +5,14 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P token:<sha256hex>   hash    id, user, scopes (JSON list), created (unix seconds), note
     P token-id:<id>       string  <sha256hex> of that token's secret (list/revoke by public id)
     P tokens              set     every token id
-    P route:<domain>      hash    user, created, inspect ("1": captured for the inspector; absent: off)
-                                  (domain normalized: lowercase, no :port, no trailing dot)
-    P routes              set     every routed domain
-    P revision            string  a counter bumped by every token revocation, route removal and inspect switch
+    P route:<route key>   hash    user, created, inspect ("1": captured for the inspector; absent: off),
+                                  strip ("1": the path prefix is removed before the backend; absent: off)
+                                  (key: host[/prefix] or *.host, normalized as tun2g.storage.routing does)
+    P routes              set     every route key
+    P route-parent:<parent> set   the route keys whose host sits one label under <parent> (the ownership
+                                  rule's neighbours); built from P routes once, when P route-index is absent
+    P route-index         string  "1" once P route-parent:* covers every route (older data lacks them)
+    P revision            string  a counter bumped by every token revocation, route change and inspect switch
     P inspect:<domain>    stream  captured exchanges (tun2g.server.inspect), MAXLEN ~ 1000, written by the nodes
 
 A server's token check is one HGETALL and its route check one HGET. Writes
@@ -34,9 +38,10 @@ from redis.retry import Retry
 
 from tun2g.storage.base import (
     DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError,
-    StorageUnavailable, TokenInfo, hash_secret, new_token_record, normalize_domain,
-    normalize_token_id, route_taken_error, validate_user,
+    StorageUnavailable, TokenInfo, hash_secret, new_token_record, normalize_token_id, ownership_conflict,
+    route_parent, validate_user,
 )
+from tun2g.storage.routing import normalize_route_key
 
 DEFAULT_KEY_PREFIX = "tun2g:"
 CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
@@ -71,7 +76,7 @@ class RedisStorage(SecretMinting):
         return fields["user"], json.loads(fields["scopes"])
 
     def has_route(self, domain: str) -> str:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
         with self._errors():
             user = self._client.hget(self._route_key(domain), "user")
         if user is None:
@@ -122,31 +127,46 @@ class RedisStorage(SecretMinting):
                 pipe.incr(self._key("revision"))
                 pipe.execute()
 
-    def add_route(self, domain: str, user: str) -> Route:
-        route = Route(normalize_domain(domain), validate_user(user), time.time())
+    def add_route(self, domain: str, user: str, strip: bool = False) -> Route:
+        route = Route(normalize_route_key(domain), validate_user(user), time.time(), strip=bool(strip))
         route_key = self._route_key(route.domain)
+        parent_key = self._key("route-parent:", route_parent(route.domain))
 
         def insert(pipe: redis.client.Pipeline) -> Route:
-            fields = pipe.hgetall(route_key)
-            if fields:
-                if fields["user"] != route.user:
-                    raise route_taken_error(route.domain, fields["user"])
-                return Route(route.domain, fields["user"], float(fields["created"]), fields.get("inspect") == "1")
+            keys = sorted(pipe.smembers(parent_key) | {route.domain})
+            pipe.watch(*[self._route_key(key) for key in keys])
+            neighbours = [_route(key, fields) for key, fields in zip(keys, [pipe.hgetall(self._route_key(key))
+                                                                              for key in keys]) if fields]
+            conflict = ownership_conflict(route.domain, route.user, neighbours)
+            if conflict is not None:
+                raise conflict
+            existing = next((r for r in neighbours if r.domain == route.domain), None)
             pipe.multi()
-            pipe.hset(route_key, mapping={"user": route.user, "created": repr(route.created)})
-            pipe.sadd(self._key("routes"), route.domain)
-            return route
+            if route.strip:
+                pipe.hset(route_key, "strip", "1")
+            else:
+                pipe.hdel(route_key, "strip")
+            if existing is None:
+                pipe.hset(route_key, mapping={"user": route.user, "created": repr(route.created)})
+                pipe.sadd(self._key("routes"), route.domain)
+                pipe.sadd(parent_key, route.domain)
+            pipe.incr(self._key("revision"))  # every node reloads its routing table
+            if existing is None:
+                return route
+            return Route(existing.domain, existing.user, existing.created, existing.inspect, route.strip)
 
         with self._errors():
-            return self._client.transaction(insert, route_key, value_from_callable=True)
+            self._ensure_route_index()
+            return self._client.transaction(insert, parent_key, value_from_callable=True)
 
     def remove_route(self, domain: str) -> None:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
         with self._errors(), self._client.pipeline(transaction=True) as pipe:
             pipe.delete(self._route_key(domain))
             pipe.srem(self._key("routes"), domain)
+            pipe.srem(self._key("route-parent:", route_parent(domain)), domain)
             pipe.incr(self._key("revision"))
-            deleted, _, _ = pipe.execute()
+            deleted, _, _, _ = pipe.execute()
         if not deleted:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
 
@@ -158,12 +178,11 @@ class RedisStorage(SecretMinting):
                 for domain in domains:
                     pipe.hgetall(self._route_key(domain))
                 records = pipe.execute()
-        routes = [Route(domain, fields["user"], float(fields["created"]), fields.get("inspect") == "1")
-                  for domain, fields in zip(domains, records) if fields]
+        routes = [_route(domain, fields) for domain, fields in zip(domains, records) if fields]
         return [route for route in routes if wanted in (None, route.user)]
 
     def set_route_inspect(self, domain: str, inspect: bool) -> Route:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
         route_key = self._route_key(domain)
 
         def update(pipe: redis.client.Pipeline) -> Route | None:
@@ -173,7 +192,7 @@ class RedisStorage(SecretMinting):
             pipe.multi()
             pipe.hset(route_key, "inspect", "1" if inspect else "0")
             pipe.incr(self._key("revision"))
-            return Route(domain, fields["user"], float(fields["created"]), bool(inspect))
+            return Route(domain, fields["user"], float(fields["created"]), bool(inspect), fields.get("strip") == "1")
 
         with self._errors():
             route = self._client.transaction(update, route_key, value_from_callable=True)
@@ -210,6 +229,18 @@ class RedisStorage(SecretMinting):
     def _route_key(self, domain: str) -> str:
         return self._key("route:", domain)
 
+    def _ensure_route_index(self) -> None:
+        """Build P route-parent:* from P routes once (data written before route keys lacks it)."""
+        marker = self._key("route-index")
+        if self._client.get(marker):
+            return
+        keys = self._client.smembers(self._key("routes"))
+        with self._client.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.sadd(self._key("route-parent:", route_parent(key)), key)
+            pipe.set(marker, "1")
+            pipe.execute()
+
     @contextmanager
     def _errors(self) -> Iterator[None]:
         """Turn redis-py's exceptions into StorageUnavailable / StorageError with a next step."""
@@ -229,6 +260,11 @@ class RedisStorage(SecretMinting):
                 f"running there and that REDIS_URL / --storage names it") from None
         except redis.RedisError as err:
             raise StorageError(f"Redis at {self.describe()} refused the command: {err}") from None
+
+
+def _route(key: str, fields: dict[str, str]) -> Route:
+    return Route(key, fields["user"], float(fields["created"]), fields.get("inspect") == "1",
+                 fields.get("strip") == "1")
 
 
 def _token_info(fields: dict[str, str]) -> TokenInfo:

@@ -26,11 +26,11 @@ import gevent
 
 from tun2g.storage.base import (
     DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError, TokenInfo,
-    hash_secret, new_token_record, normalize_domain, normalize_token_id, route_taken_error,
-    validate_user,
+    hash_secret, new_token_record, normalize_token_id, ownership_conflict, route_parent, validate_user,
 )
+from tun2g.storage.routing import normalize_route_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -51,7 +51,18 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX routes_by_user ON routes (user)",
     ),
     2: ("ALTER TABLE routes ADD COLUMN inspect INTEGER NOT NULL DEFAULT 0",),  # capture for the inspector
+    # Route keys (docs/routing.md): the domain column holds the key (host, *.wildcard or host/prefix);
+    # parent indexes the ownership rule's neighbours; strip removes the prefix before the backend.
+    3: (
+        "ALTER TABLE routes ADD COLUMN parent TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE routes ADD COLUMN strip INTEGER NOT NULL DEFAULT 0",
+        """UPDATE routes SET parent = CASE WHEN substr(domain, 1, 1) = '[' THEN ''
+                                             WHEN instr(domain, '.') > 0 THEN substr(domain, instr(domain, '.') + 1)
+                                             ELSE '' END""",
+        "CREATE INDEX routes_by_parent ON routes (parent)",
+    ),
 }
+_ROUTE_COLUMNS = "domain, user, created, inspect, strip"
 
 T = TypeVar("T")
 
@@ -81,7 +92,7 @@ class SQLiteStorage(SecretMinting):
         return row[0], json.loads(row[1])
 
     def has_route(self, domain: str) -> str:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
         row = self._run(lambda db: db.execute(
             "SELECT user FROM routes WHERE domain = ?", (domain,)).fetchone())
         if row is None:
@@ -119,52 +130,58 @@ class SQLiteStorage(SecretMinting):
         if not deleted:
             raise NoSuchToken(f"no token with id {token_id!r} (see `tun2g token list`)")
 
-    def add_route(self, domain: str, user: str) -> Route:
-        route = Route(normalize_domain(domain), validate_user(user), time.time())
+    def add_route(self, domain: str, user: str, strip: bool = False) -> Route:
+        route = Route(normalize_route_key(domain), validate_user(user), time.time(), strip=bool(strip))
+        parent = route_parent(route.domain)
 
         def insert(db: sqlite3.Connection) -> Route:
             with _write_transaction(db):
-                row = db.execute("SELECT user, created, inspect FROM routes WHERE domain = ?",
-                                 (route.domain,)).fetchone()
-                if row is None:
-                    db.execute("INSERT INTO routes (domain, user, created) VALUES (?, ?, ?)",
-                               (route.domain, route.user, route.created))
+                rows = db.execute(f"SELECT {_ROUTE_COLUMNS} FROM routes WHERE parent = ?", (parent,)).fetchall()
+                neighbours = [_route(row) for row in rows]
+                conflict = ownership_conflict(route.domain, route.user, neighbours)
+                if conflict is not None:
+                    raise conflict
+                existing = next((r for r in neighbours if r.domain == route.domain), None)
+                if existing is None:
+                    db.execute("INSERT INTO routes (domain, user, created, parent, strip) VALUES (?, ?, ?, ?, ?)",
+                               (route.domain, route.user, route.created, parent, int(route.strip)))
                     return route
-            if row[0] != route.user:
-                raise route_taken_error(route.domain, row[0])
-            return Route(route.domain, row[0], row[1], bool(row[2]))
+                if existing.strip != route.strip:
+                    db.execute("UPDATE routes SET strip = ? WHERE domain = ?", (int(route.strip), route.domain))
+                return Route(existing.domain, existing.user, existing.created, existing.inspect, route.strip)
 
-        return self._run(insert)
+        added = self._run(insert)
+        self._own_writes += 1  # this handle's servers reload their routing table too
+        return added
 
     def remove_route(self, domain: str) -> None:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
         deleted = self._run(lambda db: db.execute("DELETE FROM routes WHERE domain = ?", (domain,)).rowcount)
         self._own_writes += 1
         if not deleted:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
 
     def list_routes(self, user: str | None = None) -> list[Route]:
-        query = "SELECT domain, user, created, inspect FROM routes"
+        query = f"SELECT {_ROUTE_COLUMNS} FROM routes"
         params: tuple = ()
         if user is not None:
             query, params = query + " WHERE user = ?", (validate_user(user),)
         rows = self._run(lambda db: db.execute(query + " ORDER BY domain", params).fetchall())
-        return [Route(row[0], row[1], row[2], bool(row[3])) for row in rows]
+        return [_route(row) for row in rows]
 
     def set_route_inspect(self, domain: str, inspect: bool) -> Route:
-        domain = normalize_domain(domain)
+        domain = normalize_route_key(domain)
 
         def update(db: sqlite3.Connection) -> tuple | None:
             with _write_transaction(db):
                 db.execute("UPDATE routes SET inspect = ? WHERE domain = ?", (int(bool(inspect)), domain))
-                return db.execute("SELECT user, created, inspect FROM routes WHERE domain = ?",
-                                  (domain,)).fetchone()
+                return db.execute(f"SELECT {_ROUTE_COLUMNS} FROM routes WHERE domain = ?", (domain,)).fetchone()
 
         row = self._run(update)
         self._own_writes += 1  # this handle's servers notice too (data_version counts other connections only)
         if row is None:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
-        return Route(domain, row[0], row[1], bool(row[2]))
+        return _route(row)
 
     def revision(self) -> str:
         """SQLite's data_version (bumped by every commit of another process) and this handle's own deletions.
@@ -241,6 +258,10 @@ class SQLiteStorage(SecretMinting):
         elif "not a database" in str(err):
             hint = "; the file is not a tun2g SQLite store"
         return StorageError(f"SQLite store {self.path}: {err}{hint}")
+
+
+def _route(row: tuple) -> Route:
+    return Route(row[0], row[1], row[2], bool(row[3]), bool(row[4]))
 
 
 @contextmanager
