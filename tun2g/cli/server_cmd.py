@@ -30,7 +30,8 @@ from tun2g.cli.options import cidrs, env_option, host_port
             show_default=True, help="KCP timing and windows: fast (wire-compatible with Go peers on their defaults) "
                                     "or kcp-go (kcp-go's own defaults, as Go tun2 runs).")
 @env_option("--storage", env="TUN2G_STORAGE", metavar="URL",
-            help="Token and route store: sqlite:///path.db or redis://host:port/db. "
+            help="Token and route store: sqlite:///path.db, redis://host:port/db or "
+                 "redis+sentinel://host:port[,host:port]/service_name[/db]. "
                  "Default: REDIS_URL if set, else the embedded SQLite file.")
 @env_option("--redis-url", env="REDIS_URL", metavar="URL", help="Redis for storage (when --storage is unset).")
 @env_option("--admin", "admin_addr", env="TUN2G_ADMIN", default="127.0.0.1:7070", show_default=True,

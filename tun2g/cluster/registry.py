@@ -46,6 +46,7 @@ from tun2g.backend import Backend
 from tun2g.cluster.outage import Outage
 from tun2g.errors import NoSuchBackend
 from tun2g.log import get_logger
+from tun2g.storage.redis_connect import open_redis
 
 log = get_logger(__name__)
 
@@ -103,11 +104,11 @@ class RedisRegistry:
         self.prefix = key_prefix
         self._snapshot = snapshot
         self._on_kill = on_kill
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
-                                           socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
-                                           health_check_interval=max(1, int(ttl)))
-        self._nonce_redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=NONCE_TIMEOUT,
-                                                 socket_timeout=NONCE_TIMEOUT, retry=Retry(NoBackoff(), 0))
+        self._redis = open_redis(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
+                                 socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
+                                 health_check_interval=max(1, int(ttl)))
+        self._nonce_redis = open_redis(url, decode_responses=True, socket_connect_timeout=NONCE_TIMEOUT,
+                                       socket_timeout=NONCE_TIMEOUT, retry=Retry(NoBackoff(), 0))
         self.outage = Outage("cluster registry", on_failure=on_redis_error)
         self._member = f"{node_id} {advertise_url}"
         self._published: set[str] = set()
