@@ -122,6 +122,9 @@ class Client:
         self.public_urls: list[str] = []
         self.connections = 0
         self.reached_server = False  # whether the last attempt got as far as a connection
+        # From the last auth reply: the node we are on and the live nodes' tunnel addresses (tun2g.client.multi).
+        self.node_id: str | None = None
+        self.cluster_nodes: dict[str, str] = {}
         self._on_request = on_request
         self.inspector = inspector
         if inspector is not None:
@@ -238,6 +241,7 @@ class Client:
             raise AuthRejected(f"server rejected us: {reason}")
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
+        self.node_id, self.cluster_nodes = _cluster_view(reply)
         self._set_state("connected", confirmed=True, smux=session.version)
         return True
 
@@ -397,3 +401,18 @@ def _peer_ip(transport) -> str:
         return transport.getpeername()[0]
     except (OSError, IndexError, TypeError, AttributeError):
         return "127.0.0.1"
+
+
+MAX_CLUSTER_NODES = 64  # a server may list at most this many nodes; the rest of a longer list is ignored
+
+
+def _cluster_view(reply: dict) -> tuple[str | None, dict[str, str]]:
+    """(our node id, {node id: tunnel address}) from an auth reply; malformed entries are dropped."""
+    node = reply.get("node") if isinstance(reply.get("node"), str) else None
+    nodes = {}
+    listed = reply.get("nodes")
+    for entry in listed[:MAX_CLUSTER_NODES] if isinstance(listed, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("node"), str) and isinstance(entry.get("tunnel"), str) \
+                and 0 < len(entry["tunnel"]) <= 255 and 0 < len(entry["node"]) <= 255:
+            nodes[entry["node"]] = entry["tunnel"]
+    return node, nodes
