@@ -55,6 +55,10 @@ class MultiClient:
     def clients(self) -> list[Client]:
         return [self.entry, *self.extra.values()]
 
+    @property
+    def requests_served(self) -> int:
+        return sum(client.requests_served for client in self.clients)
+
     def connected_nodes(self) -> list[str]:
         """Node ids this client has a live session on now."""
         return sorted({c.node_id for c in self.clients if c.state == "connected" and c.node_id})
