@@ -13,6 +13,7 @@ from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
 from tun2g.client.client import _cluster_view
 from tun2g.client.multi import MultiClient
+from tun2g.storage import RedisStorage
 
 DOMAIN = "multi.test"
 
@@ -73,3 +74,49 @@ def test_the_default_is_two_sessions_on_two_nodes_and_a_stopped_node_is_replaced
     wait_until(lambda: len(client.connected_nodes()) == 2 and other.server.config.node_id not in
                client.connected_nodes(), timeout=10, message="a session on the third node instead")
     assert len(set(client.connected_nodes())) == 2  # never two sessions on one node
+
+
+def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, haproxy, backend, redis_server):
+    """3 node processes behind HAProxy, one client with K = 2: SIGKILL one of its nodes under GET load."""
+    nodes = node_processes(3, ttl=2.0)
+    balancer = haproxy([node.http_port for node in nodes])
+    storage = RedisStorage(redis_server.url)
+    storage.add_route(DOMAIN, "alice")
+    _info, token = storage.create_token("alice")
+    storage.close()
+    backend_url, _app = backend
+    config = ClientConfig(server_addr=nodes[0].tunnel_addr, token=token, domain=DOMAIN, backend_url=backend_url,
+                          plain=True, backoff_initial=0.05, backoff_max=0.3)
+    client = MultiClient(config, sessions=2)
+    runner = gevent.spawn(client.run)
+    statuses: list[int] = []
+    stop = gevent.event.Event()
+
+    def loop() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                statuses.append(session.get(balancer.url + "/", headers={"Host": DOMAIN}, timeout=10).status_code)
+            except requests.RequestException:
+                statuses.append(-1)
+
+    try:
+        wait_until(lambda: len(client.connected_nodes()) == 2, timeout=10, message="two sessions")
+        wait_until(lambda: all(requests.get(n.url + "/", headers={"Host": DOMAIN}, timeout=5).status_code == 200
+                               for n in nodes), timeout=10, message="every node serving the domain")
+        workers = [gevent.spawn(loop) for _ in range(3)]
+        wait_until(lambda: len(statuses) > 50, message="traffic flowing")
+        victim = next(n for n in nodes if n.node_id == client.connected_nodes()[-1])
+        victim.kill()
+        killed_at = len(statuses)
+        wait_until(lambda: len(client.connected_nodes()) == 2 and victim.node_id not in client.connected_nodes(),
+                   timeout=10, message="the client holding two sessions again, off the dead node")
+        wait_until(lambda: len(statuses) > killed_at + 200, timeout=20, message="traffic after the kill")
+        stop.set()
+        gevent.joinall(workers, timeout=15)
+    finally:
+        stop.set()
+        client.close()
+        runner.join(5)
+    failed = [status for status in statuses if status != 200]
+    assert not failed, f"{len(failed)} of {len(statuses)} GETs failed: {sorted(set(failed))}"
