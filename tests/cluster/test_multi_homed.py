@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import time
+import subprocess
+import sys
 
 import gevent
 import pytest
 import requests
 
-from tests.fixtures.cluster import redis_command_counts, commands_between
+from tests.fixtures.cluster import commands_between, redis_command_counts
+from tests.fixtures.net import env_without_proxies
 from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
 from tun2g.client.client import _cluster_view
@@ -120,3 +122,10 @@ def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, hap
         runner.join(5)
     failed = [status for status in statuses if status != 200]
     assert not failed, f"{len(failed)} of {len(statuses)} GETs failed: {sorted(set(failed))}"
+
+
+def test_a_bad_advertise_tunnel_is_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tun2g.cli", "server", "--advertise-tunnel", "no-port-here"],
+                            capture_output=True, text=True, timeout=30, env=env_without_proxies())
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "--advertise-tunnel" in result.stderr, result.stderr

@@ -44,7 +44,7 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--advertise", "advertise_url", env="TUN2G_ADVERTISE", metavar="URL",
             help="With Redis: where the other nodes reach this node's HTTP front, e.g. http://10.0.0.2:8080. "
                  "Default: the --http address (this host's IP when it listens on all interfaces).")
-@env_option("--advertise-tunnel", env="TUN2G_ADVERTISE_TUNNEL", metavar="HOST:PORT",
+@env_option("--advertise-tunnel", env="TUN2G_ADVERTISE_TUNNEL", metavar="HOST:PORT", callback=host_port,
             help="With Redis: where tunnel clients reach this node's tunnel port, told to every client so it can "
                  "hold sessions on several nodes. Default: the --tunnel address (this host's IP on all interfaces).")
 @env_option("--cluster-secret", env="TUN2G_CLUSTER_SECRET",
