@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import gevent
 import pytest
@@ -183,6 +184,36 @@ def test_server_restart_client_reconnects(tmp_path, data_dir, backend, start_cli
     try:
         client.wait_connected()
         assert requests.get(public, headers={"Host": DOMAIN}, timeout=5).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_reconnect_backoff_resets_as_soon_as_the_server_is_reachable_again(tmp_path, data_dir, backend,
+                                                                            start_client):
+    """A server that could not be dialled is probed during the backoff: the client is back at once."""
+    url, _app = backend
+    tunnel_port = free_port()
+    setup = ServerSetup(http_addr="127.0.0.1:0", tunnel_addr=f"127.0.0.1:{tunnel_port}", admin_addr=None,
+                        plain_tunnel=True, storage_url=f"sqlite:///{tmp_path / 's.db'}", access_log=False,
+                        log_level="warning")
+    running = setup.start()
+    running.server.storage.add_route(DOMAIN, "alice")
+    _info, token = running.server.storage.create_token("alice")
+    from tun2g.client import ClientConfig
+
+    config = ClientConfig(server_addr=f"127.0.0.1:{tunnel_port}", token=token, domain=DOMAIN, backend_url=url,
+                          plain=True, backoff_initial=3.0, backoff_max=30.0)
+    client = start_client(config)
+    client.connected.clear()
+    running.stop()
+    # The first wait (1.5-3 s) follows a lost session; the next one (3-6 s) a failed dial, and is probed.
+    wait_until(lambda: client.client.state == "waiting" and not client.client.reached_server, timeout=10,
+               message="the client waiting after a failed dial")
+    running = setup.start()
+    back = time.monotonic()
+    try:
+        client.wait_connected(timeout=10)
+        assert time.monotonic() - back < 1.5  # the backoff alone: at least 3 s less start-up
     finally:
         running.stop()
 

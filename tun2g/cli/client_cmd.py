@@ -51,6 +51,9 @@ NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as 
                                     "a fixed version must match the server's.")
 @env_option("--reconnect/--no-reconnect", env="TUN2G_RECONNECT", default=True, show_default=True,
             help="Reconnect with exponential backoff when the tunnel drops.")
+@env_option("--sessions", env="TUN2G_SESSIONS", type=click.IntRange(1, 16), default=None, metavar="K",
+            help="Hold sessions on K nodes of a cluster at once, one per node, learnt from the server's reply "
+                 "(docs/cluster.md#multi-homed-clients). Default: 2 when the cluster has more than one node, else 1.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr); "
                                                     "debug adds the life of each stream and request.")
@@ -61,8 +64,9 @@ NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as 
 @click.option("--no-inspect", is_flag=True, help="Do not run the request inspector (same as --inspect off).")
 @env_option("--quiet", "-q", is_flag=True, env="TUN2G_QUIET",
             help="No status lines on stdout (the public URL, one line per request).")
-def client(server_addr, token, token_file, domain, backend_url, route_specs, instance_id, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
-           smux_version, reconnect, log_level, inspect_addr, no_inspect, quiet):
+def client(server_addr, token, token_file, domain, backend_url, route_specs, instance_id, conn_type, kcp_profile, ca_file,
+           insecure, plain, backend_insecure, smux_version, reconnect, sessions, log_level, inspect_addr, no_inspect,
+           quiet):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
     \b
@@ -77,8 +81,9 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
     import gevent
 
     from tun2g import smux
-    from tun2g.client import AuthRejected, Client, ClientConfig
+    from tun2g.client import AuthRejected, ClientConfig
     from tun2g.client.client import parse_route_spec
+    from tun2g.client.multi import MultiClient
     from tun2g.errors import ConfigurationError
     from tun2g.log import configure
 
@@ -109,11 +114,12 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
     inspector = metrics = None
     if not no_inspect and inspect_addr.strip().lower() not in ("off", "no", "false", "0", ""):
         inspector, metrics = _start_inspector(config, inspect_addr, printer)
-    tunnel = Client(config, on_status=printer.status, on_request=None if quiet else printer.request,
-                    inspector=inspector, metrics=metrics)
+    tunnel = MultiClient(config, sessions=sessions, on_status=printer.status,
+                         on_request=None if quiet else printer.request, inspector=inspector, metrics=metrics)
     if inspector is not None:
-        inspector.set_status(lambda: {"state": tunnel.state, "public_urls": tunnel.public_urls,
-                                      "backend": backend_url, "requests_served": tunnel.requests_served})
+        inspector.set_status(lambda: {"state": tunnel.entry.state, "public_urls": tunnel.entry.public_urls,
+                                      "backend": backend_url, "requests_served": tunnel.requests_served,
+                                      "nodes": tunnel.connected_nodes()})
 
     def stop():
         tunnel.close()

@@ -30,7 +30,8 @@ from tun2g.cli.options import cidrs, env_option, host_port
             show_default=True, help="KCP timing and windows: fast (wire-compatible with Go peers on their defaults) "
                                     "or kcp-go (kcp-go's own defaults, as Go tun2 runs).")
 @env_option("--storage", env="TUN2G_STORAGE", metavar="URL",
-            help="Token and route store: sqlite:///path.db or redis://host:port/db. "
+            help="Token and route store: sqlite:///path.db, redis://host:port/db or "
+                 "redis+sentinel://host:port[,host:port]/service_name[/db]. "
                  "Default: REDIS_URL if set, else the embedded SQLite file.")
 @env_option("--redis-url", env="REDIS_URL", metavar="URL", help="Redis for storage (when --storage is unset).")
 @env_option("--admin", "admin_addr", env="TUN2G_ADMIN", default="127.0.0.1:7070", show_default=True,
@@ -43,6 +44,9 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--advertise", "advertise_url", env="TUN2G_ADVERTISE", metavar="URL",
             help="With Redis: where the other nodes reach this node's HTTP front, e.g. http://10.0.0.2:8080. "
                  "Default: the --http address (this host's IP when it listens on all interfaces).")
+@env_option("--advertise-tunnel", env="TUN2G_ADVERTISE_TUNNEL", metavar="HOST:PORT", callback=host_port,
+            help="With Redis: where tunnel clients reach this node's tunnel port, told to every client so it can "
+                 "hold sessions on several nodes. Default: the --tunnel address (this host's IP on all interfaces).")
 @env_option("--cluster-secret", env="TUN2G_CLUSTER_SECRET",
             help="With Redis: the secret that signs node-to-node requests; the same on every node. "
                  "Default: one kept in Redis.")
@@ -88,7 +92,7 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
-           admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
+           admin_addr, admin_token, node_id, advertise_url, advertise_tunnel, cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
@@ -111,7 +115,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
                         smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval, access_log=access_log,
-                        log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
+                        log_level=log_level, advertise_url=advertise_url, advertise_tunnel=advertise_tunnel,
+                        cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,
                         metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect)
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,

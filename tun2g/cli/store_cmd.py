@@ -26,7 +26,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _storage_option = env_option(
     "--storage", "storage_url", env="TUN2G_STORAGE", metavar="URL",
     help="Where tokens and routes live: sqlite:///path.db, sqlite:relative.db, redis://host:port/db or "
-         "rediss://... (add ?ssl_cert_reqs=none for a provider's self-signed Redis). "
+         "rediss://... (add ?ssl_cert_reqs=none for a provider's self-signed Redis), "
+         "redis+sentinel://host:port[,host:port]/service_name[/db] (the master Sentinel names). "
          "Default: REDIS_URL if set, else the embedded SQLite file the server uses.")
 _user_filter = click.option("--user", help="Only this user's entries.")
 _json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

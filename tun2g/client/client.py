@@ -39,6 +39,7 @@ CONN_TYPES = ("tcp", "kcp", "upgrade")
 # A Go tun2 server never answers the Auth; after this long without a reply on a
 # live session we take the silence as acceptance.
 REPLY_GRACE = 3.0
+REACHABLE_PROBE = 0.5  # seconds between TCP probes of an unreachable server during the reconnect wait
 ACCEPT_CONTROL_TIMEOUT = 15.0
 # Greenlets that served a stream wait for the next one, up to this many: a request then
 # costs a wake-up instead of a spawn (and Python's 16 KiB frame chunk, mmap'ed each time).
@@ -152,6 +153,10 @@ class Client:
         self._idle_workers: list[Waiter] = []
         self.public_urls: list[str] = []
         self.connections = 0
+        self.reached_server = False  # whether the last attempt got as far as a connection
+        # From the last auth reply: the node we are on and the live nodes' tunnel addresses (tun2g.client.multi).
+        self.node_id: str | None = None
+        self.cluster_nodes: dict[str, str] = {}
         self.inspector = inspector
         if inspector is not None:
             inspector.use_backend(self.pool)
@@ -182,14 +187,32 @@ class Client:
                 delay = self.config.backoff_initial  # it was up for a while: start the backoff afresh
             wait = random.uniform(0.5, 1.0) * delay
             self._set_state("waiting", retry_in=round(wait, 2))
-            if self._closed.wait(wait):
+            outcome = self._wait_to_retry(wait)
+            if outcome == "closed":
                 return
-            delay = min(self.config.backoff_max, delay * 2)
+            # A server that was unreachable and answers again is retried with a fresh backoff.
+            delay = self.config.backoff_initial if outcome == "reachable" else min(self.config.backoff_max, delay * 2)
+
+    def _wait_to_retry(self, wait: float) -> str:
+        """Sleep `wait` s before the next attempt: "closed" (close() was called), "elapsed", or
+        "reachable" as soon as a server we could not even dial accepts TCP connections again
+        (probed every REACHABLE_PROBE s), so a node that comes back is not left waiting out a long backoff."""
+        deadline = time.monotonic() + wait
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "elapsed"
+            if self._closed.wait(min(remaining, REACHABLE_PROBE)):
+                return "closed"
+            if not self.reached_server and time.monotonic() < deadline and connect.reachable(self.config):
+                return "reachable"
 
     def connect(self) -> None:
         """Dial once, authenticate and serve until the session ends (Go's Connect)."""
         self._set_state("connecting")
+        self.reached_server = False
         transport = connect.dial(self.config)
+        self.reached_server = True
         self.connections += 1
         if self.metrics is not None and self.connections > 1:
             self.metrics.reconnects.inc()
@@ -254,6 +277,7 @@ class Client:
             raise AuthRejected(f"server rejected us: {reason}")
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
+        self.node_id, self.cluster_nodes = _cluster_view(reply)
         self._set_state("connected", confirmed=True, smux=session.version)
         return True
 
@@ -395,3 +419,18 @@ def _peer_ip(transport) -> str:
         return transport.getpeername()[0]
     except (OSError, IndexError, TypeError, AttributeError):
         return "127.0.0.1"
+
+
+MAX_CLUSTER_NODES = 64  # a server may list at most this many nodes; the rest of a longer list is ignored
+
+
+def _cluster_view(reply: dict) -> tuple[str | None, dict[str, str]]:
+    """(our node id, {node id: tunnel address}) from an auth reply; malformed entries are dropped."""
+    node = reply.get("node") if isinstance(reply.get("node"), str) else None
+    nodes = {}
+    listed = reply.get("nodes")
+    for entry in listed[:MAX_CLUSTER_NODES] if isinstance(listed, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("node"), str) and isinstance(entry.get("tunnel"), str) \
+                and 0 < len(entry["tunnel"]) <= 255 and 0 < len(entry["node"]) <= 255:
+            nodes[entry["node"]] = entry["tunnel"]
+    return node, nodes

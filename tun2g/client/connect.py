@@ -86,3 +86,19 @@ def _dial_upgrade(config: ClientConfig, host: str, port: int, scheme: str) -> By
         sock.close()
         raise
     return upgrade.UpgradedStream(sock, leftover)
+
+
+def reachable(config: ClientConfig) -> bool:
+    """True when the server's address accepts a TCP connection now (closed at once, nothing sent).
+
+    The reconnect wait uses it to end a long backoff as soon as a server that was down is back.
+    KCP (UDP) has no connection to probe: always False, the backoff runs its course.
+    """
+    if config.conn_type == "kcp":
+        return False
+    host, port, _scheme = server_host_port(config.server_addr)
+    try:
+        tcp.dial(f"{host}:{port}", timeout=min(1.0, config.connect_timeout)).close()
+    except OSError:
+        return False
+    return True

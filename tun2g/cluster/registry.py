@@ -46,6 +46,7 @@ from tun2g.backend import Backend
 from tun2g.cluster.outage import Outage
 from tun2g.errors import NoSuchBackend
 from tun2g.log import get_logger
+from tun2g.storage.redis_connect import open_redis
 
 log = get_logger(__name__)
 
@@ -58,6 +59,8 @@ COMMAND_TIMEOUT = 2.0
 MAX_CACHED_DOMAINS = 10_000
 # A cached answer that pub/sub invalidated waits this long for Redis before it is served anyway.
 INVALIDATED_WAIT = 0.2
+# The live nodes' tunnel addresses, told to every client that logs in, are read at most this often.
+TUNNEL_NODES_CACHE = 1.0
 # Hop nonces are claimed in Redis (SET NX) with these timeouts: a slow Redis must not hold requests.
 NONCE_TIMEOUT = 0.25
 _BACKEND_FIELDS = {f.name for f in fields(Backend)}
@@ -103,13 +106,17 @@ class RedisRegistry:
         self.prefix = key_prefix
         self._snapshot = snapshot
         self._on_kill = on_kill
-        self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
-                                           socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
-                                           health_check_interval=max(1, int(ttl)))
-        self._nonce_redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=NONCE_TIMEOUT,
-                                                 socket_timeout=NONCE_TIMEOUT, retry=Retry(NoBackoff(), 0))
+        self._redis = open_redis(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
+                                 socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
+                                 health_check_interval=max(1, int(ttl)))
+        self._nonce_redis = open_redis(url, decode_responses=True, socket_connect_timeout=NONCE_TIMEOUT,
+                                       socket_timeout=NONCE_TIMEOUT, retry=Retry(NoBackoff(), 0))
         self.outage = Outage("cluster registry", on_failure=on_redis_error)
         self._member = f"{node_id} {advertise_url}"
+        # Where tunnel clients reach this node ("host:port"), told to clients so they can hold
+        # sessions on several nodes (docs/cluster.md#multi-homed-clients); "" : not offered.
+        self.advertise_tunnel = ""
+        self._tunnel_nodes: tuple[float, list[tuple[str, str]]] = (float("-inf"), [])
         self._published: set[str] = set()
         self._cache: dict[str, _CacheEntry] = {}
         self._pending: dict[str, AsyncResult] = {}
@@ -175,7 +182,8 @@ class RedisRegistry:
                 pipe.zadd(self._key("nodes"), {self.node_id: expires})
                 pipe.zremrangebyscore(self._key("nodes"), "-inf", now)
                 pipe.hset(node_key, mapping={"url": self.advertise_url, "started": repr(self.started),
-                                             "pid": os.getpid(), "host": socket.gethostname()})
+                                             "pid": os.getpid(), "host": socket.gethostname(),
+                                             "tunnel": self.advertise_tunnel})
                 pipe.pexpire(node_key, ttl_ms)
                 pipe.delete(backends_key)
                 if backends:
@@ -314,6 +322,31 @@ class RedisRegistry:
             entry.fetched = float("-inf")
 
     # -- the whole cluster -----------------------------------------------------------
+
+    def tunnel_nodes(self) -> list[tuple[str, str]]:
+        """(node id, tunnel address) of every live node that offers one, this one included; cached for
+        TUNNEL_NODES_CACHE s. While Redis cannot say, the last answer (or this node alone)."""
+        fetched, nodes = self._tunnel_nodes
+        now = time.monotonic()
+        if now - fetched < TUNNEL_NODES_CACHE or not self.outage.should_try():
+            return nodes or self._own_tunnel()
+        try:
+            node_ids = [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")]
+            with self._redis.pipeline(transaction=False) as pipe:
+                for node_id in node_ids:
+                    pipe.hget(self._key("node:", node_id), "tunnel")
+                addresses = pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+            return nodes or self._own_tunnel()
+        nodes = sorted((node_id, str(address)) for node_id, address in zip(node_ids, addresses) if address)
+        if self.advertise_tunnel and self.node_id not in {node_id for node_id, _ in nodes}:
+            nodes = sorted([*nodes, *self._own_tunnel()])
+        self._tunnel_nodes = (now, nodes)
+        return nodes
+
+    def _own_tunnel(self) -> list[tuple[str, str]]:
+        return [(self.node_id, self.advertise_tunnel)] if self.advertise_tunnel else []
 
     def remote_backends(self) -> list[Backend]:
         """Every other live node's backends; raises ClusterUnavailable when Redis is down."""

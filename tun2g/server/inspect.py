@@ -226,10 +226,10 @@ class RedisCaptures:
     """A capped Redis stream per domain, ``P inspect:<domain>``, shared by every node of the cluster."""
 
     def __init__(self, url: str, key_prefix: str, maxlen: int = STREAM_MAXLEN, timeout: float = 2.0) -> None:
-        import redis
+        from tun2g.storage.redis_connect import open_redis
 
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                            decode_responses=True)
+        self._client = open_redis(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                  decode_responses=True)
         self._prefix = key_prefix
         self._maxlen = maxlen
 

@@ -91,6 +91,7 @@ class ServerSetup:
     # Cluster (used when the storage is Redis): where other nodes reach this one's HTTP
     # front, the shared hop secret (else one kept in Redis), and the registry TTL.
     advertise_url: str | None = None
+    advertise_tunnel: str | None = None  # host:port tunnel clients reach this node at (default: the tunnel port)
     cluster_secret: str | None = None
     registry_ttl: float = 10.0
     hop_timeout: float = HOP_READ_TIMEOUT
@@ -161,6 +162,9 @@ class ServerSetup:
         cert, key = self._certificate()
         if self._tunnel_port_wanted():
             self._start_tunnel_port(server, running, cert, key)
+        if cluster is not None and (self.advertise_tunnel or running.tunnel_address is not None):
+            cluster.registry.advertise_tunnel = self.advertise_tunnel or _tunnel_advertised(running.tunnel_address)
+            cluster.changed()
         if self.kcp_addr:
             running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
@@ -275,6 +279,11 @@ def _capture_counter(metrics: Metrics):
         metrics.captures[outcome].value += 1
 
     return count
+
+
+def _tunnel_advertised(address) -> str:
+    """host:port of this node's tunnel port for clients: its IP, or this host's when it listens on all."""
+    return default_advertise_url(address, scheme="tcp").removeprefix("tcp://")
 
 
 def _fmt(address) -> str:

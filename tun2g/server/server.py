@@ -99,6 +99,8 @@ class Server:
         self.storage = config.storage
         self.tunnels = Tunnels() if tunnels is None else tunnels
         self.router = Router(self.tunnels, cluster)
+        # The live nodes' tunnel addresses, listed in every auth reply for multi-homed clients.
+        self._tunnel_nodes = None if cluster is None else cluster.registry.tunnel_nodes
         self.metrics = metrics
         self.inspector = inspector
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
@@ -251,6 +253,8 @@ class Server:
         session.add_close_callback(lambda _session: self._forget(tunnel))
         if routes:
             extra["routes"] = list(tunnel.routes)
+        if self._tunnel_nodes is not None:  # multi-homed clients hold sessions on several of these
+            extra["nodes"] = [{"node": node_id, "tunnel": address} for node_id, address in self._tunnel_nodes()]
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())

@@ -38,7 +38,8 @@ def __getattr__(name: str):
 
 SQLITE_FILE_NAME = "tun2g.sqlite3"
 URL_FORMS = ("sqlite:///absolute/path.db, sqlite:relative/path.db, sqlite: (the default file), "
-             "sqlite::memory:, redis://[:password@]host:port/db, rediss://... (Redis over TLS), unix:///path/redis.sock")
+             "sqlite::memory:, redis://[:password@]host:port/db, rediss://... (Redis over TLS), unix:///path/redis.sock, "
+             "redis+sentinel://[:password@]host:port[,host:port]/service_name[/db] (the master Redis Sentinel names)")
 
 
 def default_sqlite_path() -> Path:
@@ -68,7 +69,7 @@ def open_storage(url: str | None = None, key_prefix: str | None = None) -> Stora
     """Open the store a URL names (see resolve_storage_url for the defaults).
 
     Forms: sqlite:///abs/path.db, sqlite:relative.db, sqlite: (default file),
-    sqlite::memory:, redis://..., rediss://... . key_prefix applies to Redis only
+    sqlite::memory:, redis://..., rediss://..., redis+sentinel://... . key_prefix applies to Redis only
     (default: redis_store.DEFAULT_KEY_PREFIX).
     """
     url = resolve_storage_url(url)
@@ -77,7 +78,7 @@ def open_storage(url: str | None = None, key_prefix: str | None = None) -> Stora
     if colon and scheme == "sqlite":
         return SQLiteStorage(_sqlite_path(rest))
     redis_store = importlib.import_module("tun2g.storage.redis_store")
-    if colon and scheme in ("redis", "rediss", "unix"):
+    if colon and scheme in ("redis", "rediss", "unix", "redis+sentinel"):
         return redis_store.RedisStorage(url, key_prefix=key_prefix or redis_store.DEFAULT_KEY_PREFIX)
     raise StorageError(f"unknown storage URL {redis_store.redact_url(url)!r}; use one of: {URL_FORMS}")
 

@@ -42,6 +42,7 @@ from tun2g.storage.base import (
     route_parent, validate_user,
 )
 from tun2g.storage.routing import normalize_route_key
+from tun2g.storage.redis_connect import RedisURLError, open_redis
 
 DEFAULT_KEY_PREFIX = "tun2g:"
 CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
@@ -58,11 +59,17 @@ class RedisStorage(SecretMinting):
         self.url = url
         self.key_prefix = key_prefix
         try:
-            self._client = redis.Redis.from_url(
+            self._client = open_redis(
                 url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
                 socket_timeout=COMMAND_TIMEOUT, retry=_RETRY, health_check_interval=30)
-        except ValueError as err:
+        except RedisURLError as err:
             raise StorageError(f"invalid Redis URL {self.describe()}: {err}") from None
+
+    @property
+    def client(self) -> redis.Redis:
+        """The store's redis-py client (a Sentinel-managed one for redis+sentinel:// URLs), for other
+        shared-state users that should follow the same server and failovers."""
+        return self._client
 
     # -- the Storage protocol -------------------------------------------------------
 

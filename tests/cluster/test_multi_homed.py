@@ -1,0 +1,131 @@
+"""Multi-homed clients: sessions on K nodes at once, learnt from the auth reply; a node's death loses no GET."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gevent
+import pytest
+import requests
+
+from tests.fixtures.cluster import commands_between, redis_command_counts
+from tests.fixtures.net import env_without_proxies
+from tests.fixtures.tunnel import wait_until
+from tun2g.client import ClientConfig
+from tun2g.client.client import _cluster_view
+from tun2g.client.multi import MultiClient
+from tun2g.storage import RedisStorage
+
+DOMAIN = "multi.test"
+
+
+@pytest.mark.pure
+def test_a_hostile_node_list_is_bounded_and_malformed_entries_dropped():
+    nodes = [{"node": f"n{i}", "tunnel": f"127.0.0.1:{i}"} for i in range(10_000)]
+    node, view = _cluster_view({"ok": True, "node": "n1", "nodes": nodes + ["x", {"node": 1}]})
+    assert node == "n1" and len(view) == 64
+    assert _cluster_view({"ok": True, "node": ["n"], "nodes": {"a": "b"}}) == (None, {})
+    assert _cluster_view({"ok": True, "nodes": [{"node": "a", "tunnel": "x" * 1000}]}) == (None, {})
+
+
+@pytest.fixture
+def multi(cluster_node, backend, redis_server):
+    """Three in-process nodes on the test's Redis and a factory of running MultiClients for multi.test."""
+    nodes = [cluster_node(f"m{i}") for i in (1, 2, 3)]
+    storage = nodes[0].server.storage
+    storage.add_route(DOMAIN, "alice")
+    _info, token = storage.create_token("alice")
+    backend_url, _app = backend
+    running = []
+
+    def start(entry, sessions=None) -> MultiClient:
+        config = ClientConfig(server_addr=entry.tunnel_addr, token=token, domain=DOMAIN, backend_url=backend_url,
+                              plain=True, backoff_initial=0.05, backoff_max=0.3)
+        client = MultiClient(config, sessions=sessions)
+        running.append((client, gevent.spawn(client.run)))
+        return client
+
+    yield nodes, start
+    for client, greenlet in running:
+        client.close()
+        greenlet.join(5)
+
+
+def test_with_k_equal_n_every_node_has_a_session_and_no_request_crosses_nodes(multi, redis_server):
+    nodes, start = multi
+    client = start(nodes[1], sessions=3)
+    wait_until(lambda: client.connected_nodes() == ["m1", "m2", "m3"], timeout=10,
+               message="sessions on all three nodes")
+    before = redis_command_counts(redis_server.url)
+    for _ in range(10):
+        for node in nodes:
+            response = requests.get(node.http_url + "/", headers={"Host": DOMAIN}, timeout=5)
+            assert response.status_code == 200
+    # No node asked the registry where multi.test is: each served it from its own session.
+    assert "zrangebyscore" not in commands_between(before, redis_command_counts(redis_server.url))
+
+
+def test_the_default_is_two_sessions_on_two_nodes_and_a_stopped_node_is_replaced(multi):
+    nodes, start = multi
+    client = start(nodes[0])
+    wait_until(lambda: len(client.connected_nodes()) == 2, timeout=10, message="two sessions")
+    assert "m1" in client.connected_nodes()
+    other = next(n for n in nodes if n.server.config.node_id == [x for x in client.connected_nodes() if x != "m1"][0])
+    other.running.stop()
+    wait_until(lambda: len(client.connected_nodes()) == 2 and other.server.config.node_id not in
+               client.connected_nodes(), timeout=10, message="a session on the third node instead")
+    assert len(set(client.connected_nodes())) == 2  # never two sessions on one node
+
+
+def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, haproxy, backend, redis_server):
+    """3 node processes behind HAProxy, one client with K = 2: SIGKILL one of its nodes under GET load."""
+    nodes = node_processes(3, ttl=2.0)
+    balancer = haproxy([node.http_port for node in nodes])
+    storage = RedisStorage(redis_server.url)
+    storage.add_route(DOMAIN, "alice")
+    _info, token = storage.create_token("alice")
+    storage.close()
+    backend_url, _app = backend
+    config = ClientConfig(server_addr=nodes[0].tunnel_addr, token=token, domain=DOMAIN, backend_url=backend_url,
+                          plain=True, backoff_initial=0.05, backoff_max=0.3)
+    client = MultiClient(config, sessions=2)
+    runner = gevent.spawn(client.run)
+    statuses: list[int] = []
+    stop = gevent.event.Event()
+
+    def loop() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                statuses.append(session.get(balancer.url + "/", headers={"Host": DOMAIN}, timeout=10).status_code)
+            except requests.RequestException:
+                statuses.append(-1)
+
+    try:
+        wait_until(lambda: len(client.connected_nodes()) == 2, timeout=10, message="two sessions")
+        wait_until(lambda: all(requests.get(n.url + "/", headers={"Host": DOMAIN}, timeout=5).status_code == 200
+                               for n in nodes), timeout=10, message="every node serving the domain")
+        workers = [gevent.spawn(loop) for _ in range(3)]
+        wait_until(lambda: len(statuses) > 50, message="traffic flowing")
+        victim = next(n for n in nodes if n.node_id == client.connected_nodes()[-1])
+        victim.kill()
+        killed_at = len(statuses)
+        wait_until(lambda: len(client.connected_nodes()) == 2 and victim.node_id not in client.connected_nodes(),
+                   timeout=10, message="the client holding two sessions again, off the dead node")
+        wait_until(lambda: len(statuses) > killed_at + 200, timeout=20, message="traffic after the kill")
+        stop.set()
+        gevent.joinall(workers, timeout=15)
+    finally:
+        stop.set()
+        client.close()
+        runner.join(5)
+    failed = [status for status in statuses if status != 200]
+    assert not failed, f"{len(failed)} of {len(statuses)} GETs failed: {sorted(set(failed))}"
+
+
+def test_a_bad_advertise_tunnel_is_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tun2g.cli", "server", "--advertise-tunnel", "no-port-here"],
+                            capture_output=True, text=True, timeout=30, env=env_without_proxies())
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "--advertise-tunnel" in result.stderr, result.stderr

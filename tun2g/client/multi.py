@@ -1,0 +1,146 @@
+"""Multi-homed clients: one tunnel client holding sessions on K nodes of a cluster at once.
+
+A tun2g server in a cluster lists the live nodes' tunnel addresses (and its own
+node id) in its auth reply. The supervisor here dials the address it was given
+(a node, or a balancer in front of them: whichever node answers), learns the
+others from that reply and runs one of today's single-session `Client` loops
+per extra node, never two on one node, until K are held. Each loop reconnects
+on its own; the supervisor re-reads the nodes every DISCOVER_INTERVAL, drops
+sessions to nodes that left the cluster's list (a dead node's entry expires
+with the registry TTL) and opens new ones to take their place. Requests for
+the domain are then served by whichever session is on the node they land on
+(the router prefers a local session), and by the others if one node dies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import gevent
+from gevent.event import Event
+
+from tun2g.client.client import Client, ClientConfig
+from tun2g.log import get_logger
+
+log = get_logger(__name__)
+
+DISCOVER_INTERVAL = 0.5  # seconds between looks at the sessions and the cluster's node list
+DEFAULT_CLUSTER_SESSIONS = 2  # sessions held when the cluster offers more than one node and K is not given
+# A node whose port refuses our dials this long is taken for dead: its session moves to another node,
+# and the node is not tried again for AVOID_FOR (the node lists we hold are only as fresh as our logins).
+NODE_DOWN_AFTER = 1.0
+AVOID_FOR = 30.0
+
+
+class MultiClient:
+    """Runs the entry Client plus one Client per extra node (see the module docstring)."""
+
+    def __init__(self, config: ClientConfig, sessions: int | None = None, **client_options) -> None:
+        """`sessions`: K, the sessions to hold (None: DEFAULT_CLUSTER_SESSIONS when the cluster has more
+        than one node, else 1); `client_options` go to every Client (on_status, metrics, ...)."""
+        if sessions is not None and sessions < 1:
+            raise ValueError("--sessions must be at least 1")
+        self.config = config
+        self.wanted = sessions
+        self._options = client_options
+        self.entry = Client(config, **client_options)
+        self.extra: dict[str, Client] = {}  # node id -> the Client dialling that node's tunnel address
+        self._greenlets: dict[Client, gevent.Greenlet] = {}
+        self._unreachable_since: dict[str, float] = {}
+        self._avoid: dict[str, float] = {}  # node id -> monotonic time until which it is not tried
+        self._closed = Event()
+
+    @property
+    def clients(self) -> list[Client]:
+        return [self.entry, *self.extra.values()]
+
+    @property
+    def requests_served(self) -> int:
+        return sum(client.requests_served for client in self.clients)
+
+    def connected_nodes(self) -> list[str]:
+        """Node ids this client has a live session on now."""
+        return sorted({c.node_id for c in self.clients if c.state == "connected" and c.node_id})
+
+    def run(self) -> None:
+        """Serve until close(); raises what the entry Client raises (a refused token, ...)."""
+        entry = self._greenlets[self.entry] = gevent.spawn(self.entry.run)
+        try:
+            while not self._closed.is_set():
+                if entry.ready():
+                    entry.get()  # re-raise its error; a clean return means close()
+                    return
+                self._rebalance()
+                self._closed.wait(DISCOVER_INTERVAL)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close every session and stop reconnecting."""
+        self._closed.set()
+        for client in self.clients:
+            client.close()
+        gevent.joinall(list(self._greenlets.values()), timeout=5)
+
+    def _view(self) -> dict[str, str]:
+        """The cluster's nodes as the connected sessions last heard them: {node id: tunnel address}."""
+        view: dict[str, str] = {}
+        for client in self.clients:
+            if client.state == "connected":
+                view.update(client.cluster_nodes)
+        now = time.monotonic()
+        return {node: address for node, address in view.items() if self._avoid.get(node, 0) <= now}
+
+    def _unreachable(self, node_id: str, client: Client) -> bool:
+        """True once `client` has failed to even dial its node for NODE_DOWN_AFTER seconds."""
+        if client.state == "connected" or client.reached_server or client.connections == 0 and \
+                client.state in ("idle", "connecting"):
+            self._unreachable_since.pop(node_id, None)
+            return False
+        since = self._unreachable_since.setdefault(node_id, time.monotonic())
+        if time.monotonic() - since < NODE_DOWN_AFTER:
+            return False
+        self._avoid[node_id] = time.monotonic() + AVOID_FOR
+        return True
+
+    def _rebalance(self) -> None:
+        view = self._view()
+        if not view:
+            return  # not connected yet, or a server that offers no other node
+        wanted = min(self.wanted or (DEFAULT_CLUSTER_SESSIONS if len(view) > 1 else 1), len(view))
+        for node_id, client in list(self.extra.items()):
+            greenlet = self._greenlets[client]
+            duplicate = self.entry.state == "connected" and self.entry.node_id == node_id
+            if self._unreachable(node_id, client):
+                self._drop(node_id, "unreachable")
+            elif greenlet.ready() or node_id not in view or duplicate or len(self.clients) > wanted:
+                # Refused, gone from the cluster, or the entry address (a balancer) landed on that node.
+                self._drop(node_id, "duplicate" if duplicate else "gone" if node_id not in view else "surplus")
+        view = self._view()
+        taken = set(self.extra) | ({self.entry.node_id} if self.entry.node_id else set())
+        for node_id in sorted(view):
+            if len(self.clients) >= wanted:
+                break
+            if node_id not in taken:
+                self._add(node_id, view[node_id])
+
+    def _add(self, node_id: str, address: str) -> None:
+        config = dataclasses.replace(self.config, server_addr=address, smux_config=dataclasses.replace(
+            self.config.smux_config))
+        client = Client(config, **self._options)
+        self.extra[node_id] = client
+        self._greenlets[client] = gevent.spawn(self._run_extra, client)
+        log.info("session_added", node=node_id, server=address, sessions=len(self.clients))
+
+    def _run_extra(self, client: Client) -> None:
+        try:
+            client.run()
+        except Exception as exc:  # refused there (a cap, a token revoked): the supervisor picks again
+            log.warning("session_refused", server=client.config.server_addr, error=str(exc))
+
+    def _drop(self, node_id: str, reason: str) -> None:
+        client = self.extra.pop(node_id)
+        client.close()
+        self._greenlets.pop(client).join(timeout=5)
+        log.info("session_dropped", node=node_id, reason=reason, sessions=len(self.clients))
