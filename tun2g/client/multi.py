@@ -15,6 +15,7 @@ the domain are then served by whichever session is on the node they land on
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import gevent
@@ -126,8 +127,8 @@ class MultiClient:
                 self._add(node_id, view[node_id])
 
     def _add(self, node_id: str, address: str) -> None:
-        config = dataclasses.replace(self.config, server_addr=address, smux_config=dataclasses.replace(
-            self.config.smux_config))
+        config = dataclasses.replace(self.config, server_addr=address, instance_id=_session_instance(
+            self.config.instance_id, node_id), smux_config=dataclasses.replace(self.config.smux_config))
         client = Client(config, **self._options)
         self.extra[node_id] = client
         self._greenlets[client] = gevent.spawn(self._run_extra, client)
@@ -144,3 +145,11 @@ class MultiClient:
         client.close()
         self._greenlets.pop(client).join(timeout=5)
         log.info("session_dropped", node=node_id, reason=reason, sessions=len(self.clients))
+
+
+def _session_instance(instance_id: str, node_id: str) -> str:
+    """The instance id of the extra session on `node_id`: its own, so that takeover (a new session of an
+    instance closes the older ones, docs/routing.md#takeover) replaces only that node's earlier session,
+    never the sibling sessions this client holds on other nodes."""
+    node = re.sub(r"[^A-Za-z0-9._-]", "", node_id)[:31] or "node"
+    return f"{instance_id[:32]}:{node}"
