@@ -140,7 +140,7 @@ def test_error_page_files_are_read_through_the_callers_io():
 
 
 _HEADER_NAME = st.from_regex(r"X-[A-Za-z0-9]{1,10}", fullmatch=True)
-_HEADER_VALUE = st.from_regex(r"[A-Za-z0-9 ;=/.,-]{0,20}[A-Za-z0-9]", fullmatch=True)
+_HEADER_VALUE = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9 ;=/.,-]{0,20}[A-Za-z0-9])?", fullmatch=True)
 _POLICIES = st.fixed_dictionaries({}, optional={
     "allow": st.lists(st.sampled_from(["10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32", "::1"]), max_size=4),
     "deny": st.lists(st.sampled_from(["10.6.0.0/16", "fe80::/10"]), max_size=2),
