@@ -233,6 +233,8 @@ def parse_token(output: str) -> str:
     return max(words, key=len)
 
 
+
+
 def admin_backends(admin_port: int, domain: str | None = None) -> list[dict]:
     """GET /backends from a server's admin API (empty list when it is not up yet)."""
     url = f"http://127.0.0.1:{admin_port}/backends" + (f"?domain={domain}" if domain else "")

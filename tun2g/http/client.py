@@ -138,10 +138,10 @@ def send_request(stream, head: RequestHead, body: Body, *, close: bool = False,
     stream.sendall(payload)
     if meter is not None:
         meter.up(len(payload), b"")
-    return gevent.spawn(_pump_body, stream, _pieces(body), chunked, declared, meter)
+    return gevent.spawn(_pump_body, stream, body_pieces(body), chunked, declared, meter)
 
 
-def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
+def body_pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
     if isinstance(body, Readable):  # a file: read it in pieces, not line by line
         while True:
             piece = body.read(READ_SIZE)

@@ -26,6 +26,8 @@ from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
 from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
+from tun2g.server.policy_step import PolicyBook
+from tun2g.server.rate_limit import ClusterLimiter
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
@@ -152,7 +154,7 @@ class ServerSetup:
             inspector.start(storage)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector)
+                        inspector=inspector, policies=policy_book(storage, metrics))
         running = RunningServer(server, cluster, http_address=http_address)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
@@ -274,6 +276,17 @@ class RunningServer:
         self.server.wait()
 
 
+def policy_book(storage, metrics: Metrics | None = None) -> PolicyBook:
+    """The routes' edge policies; with Redis, rate limits shared by the cluster (tun2g.server.rate_limit)."""
+    if not isinstance(storage, RedisStorage):
+        return PolicyBook()
+    import redis
+
+    client = redis.Redis.from_url(storage.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return PolicyBook(ClusterLimiter(client, storage.key_prefix,
+                                     on_error=None if metrics is None else lambda: metrics.redis_error("ratelimit")))
+
+
 def _capture_counter(metrics: Metrics):
     def count(outcome: str) -> None:
         metrics.captures[outcome].value += 1
@@ -331,7 +344,7 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
     defaults = ServerSetup()
     server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False,
                     trusted_proxies=env.get("TUN2G_TRUSTED_PROXY", "").replace(",", " ").split(),
-                    timeouts=defaults.exchange_timeouts())
+                    timeouts=defaults.exchange_timeouts(), policies=policy_book(storage))
     if hop_listener is not None and cluster is not None:
         # Only other nodes connect here (many kept-alive connections from few addresses): no per-IP cap.
         limits = defaults.front_limits(raise_fd_limit()[1])

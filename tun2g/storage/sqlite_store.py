@@ -25,12 +25,13 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import gevent
 
 from tun2g.storage.base import (
-    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError, TokenInfo,
-    hash_secret, new_token_record, normalize_token_id, ownership_conflict, route_parent, validate_user,
+    DEFAULT_SCOPES, NoSuchPolicy, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError, TokenInfo,
+    hash_secret, new_token_record, normalize_token_id, ownership_conflict, policy_json,
+    route_parent, validate_user,
 )
 from tun2g.storage.routing import normalize_route_key
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -61,6 +62,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                                              ELSE '' END""",
         "CREATE INDEX routes_by_parent ON routes (parent)",
     ),
+    # Edge policies (tun2g.policy), their own table: IF NOT EXISTS keeps this step safe to renumber or repeat.
+    4: ("""CREATE TABLE IF NOT EXISTS policies (
+               route   TEXT PRIMARY KEY,     -- normalize_route_key: host, *.host or host/path
+               policy  TEXT NOT NULL,        -- JSON of Policy.as_mapping() (hashes only, never a secret)
+               updated REAL NOT NULL)""",),
 }
 _ROUTE_COLUMNS = "domain, user, created, inspect, strip"
 
@@ -182,6 +188,32 @@ class SQLiteStorage(SecretMinting):
         if row is None:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
         return _route(row)
+
+    def set_policy(self, route: str, policy: dict) -> None:
+        route, text = normalize_route_key(route), policy_json(policy)
+        self._run(lambda db: db.execute(
+            "INSERT INTO policies (route, policy, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT (route) DO UPDATE SET policy = excluded.policy, updated = excluded.updated",
+            (route, text, time.time())))
+        self._own_writes += 1
+
+    def get_policy(self, route: str) -> dict:
+        route = normalize_route_key(route)
+        row = self._run(lambda db: db.execute("SELECT policy FROM policies WHERE route = ?", (route,)).fetchone())
+        if row is None:
+            raise NoSuchPolicy(f"no policy for {route} (see `tun2g policy show`)")
+        return json.loads(row[0])
+
+    def remove_policy(self, route: str) -> None:
+        route = normalize_route_key(route)
+        deleted = self._run(lambda db: db.execute("DELETE FROM policies WHERE route = ?", (route,)).rowcount)
+        self._own_writes += 1
+        if not deleted:
+            raise NoSuchPolicy(f"no policy for {route} (see `tun2g policy show`)")
+
+    def list_policies(self) -> dict[str, dict]:
+        rows = self._run(lambda db: db.execute("SELECT route, policy FROM policies ORDER BY route").fetchall())
+        return {row[0]: json.loads(row[1]) for row in rows}
 
     def revision(self) -> str:
         """SQLite's data_version (bumped by every commit of another process) and this handle's own deletions.
