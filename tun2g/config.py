@@ -84,6 +84,18 @@ class ConfigChange:
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.source, "changed": self.changed, "needs_restart": self.needs_restart}
 
+    def log(self, logger) -> None:
+        """The reload's log lines: what changed, and in one line what only a restart applies."""
+        logger.info("config_reloaded", file=self.source, changed=",".join(self.changed) or "-")
+        if self.needs_restart:
+            logger.warning("config_needs_restart", file=self.source, keys=",".join(self.needs_restart),
+                           note="changed in the file but not applied: these need a restart")
+
+
+def log_reload_failure(logger, error: ConfigError) -> None:
+    """The log line of a reload refused: the file's problem, and that nothing changed."""
+    logger.error("config_reload_failed", error=str(error), note="the settings in force are unchanged")
+
 
 def read_config(path: str, max_bytes: int = MAX_CONFIG_BYTES) -> ParsedConfig:
     """Read and parse the TOML file at `path` (at most `max_bytes`); ConfigError says why it cannot be used."""
@@ -176,7 +188,8 @@ def _checked(config: ParsedConfig, setting: Setting, value: Any) -> Any:
     path: KeyPath = (setting.key,)
     if setting.multiple:
         items = value if isinstance(value, list) else [value]
-        return [_scalar(config, setting, item, path + (index,) if isinstance(value, list) else path, True)
+        in_list = isinstance(value, list)
+        return [_scalar(config, setting, item, path + (index,) if in_list else path, in_list)
                 for index, item in enumerate(items)]
     return _scalar(config, setting, value, path, False)
 
@@ -394,4 +407,4 @@ def _escaped(text: str, index: int) -> bool:
 
 
 __all__ = ["MAX_CONFIG_BYTES", "ConfigChange", "ConfigError", "ParsedConfig", "SectionChecker", "Setting", "check_settings", "did_you_mean",
-           "dotted", "key_lines", "parse_config", "read_config", "type_name"]
+           "dotted", "key_lines", "log_reload_failure", "parse_config", "read_config", "type_name"]

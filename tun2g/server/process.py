@@ -20,7 +20,7 @@ from gevent.pywsgi import WSGIServer
 from tun2g import smux
 from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.cluster.forward import HOP_READ_TIMEOUT
-from tun2g.config import ConfigChange, ConfigError
+from tun2g.config import ConfigChange, ConfigError, log_reload_failure
 from tun2g.log import configure, get_logger
 from tun2g.errors import ConfigurationError
 from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
@@ -287,13 +287,10 @@ class RunningServer:
             try:
                 change = self.reloader()
             except ConfigError as exc:
-                log.error("config_reload_failed", error=str(exc), note="the settings in force are unchanged")
+                log_reload_failure(log, exc)
                 raise
             self.reconfigure(change.live)
-        log.info("config_reloaded", file=change.source, changed=",".join(change.changed) or "-")
-        if change.needs_restart:
-            log.warning("config_needs_restart", file=change.source, keys=",".join(change.needs_restart),
-                        note="changed in the file but not applied: these need a restart")
+        change.log(log)
         return change
 
     def reconfigure(self, changes: Mapping[str, Any]) -> None:
