@@ -322,3 +322,23 @@ def test_the_server_flags_override_the_file_in_a_real_process(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# -- the documented examples ---------------------------------------------------------------------
+
+def _documented_example(title: str) -> str:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    return text.split(f"## `{title}`, annotated", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.pure
+@pytest.mark.parametrize("title, command", [("tun2g.toml", server), ("client.toml", client)])
+def test_the_annotated_examples_hold_every_key_and_pass_the_checks(title, command):
+    from tun2g.config import check_settings, parse_config
+
+    example = _documented_example(title)
+    keys = settings_of(command)
+    check_settings(parse_config(example.encode(), title), {key: setting for key, (setting, _o) in keys.items()})
+    uncommented = "\n".join(line.lstrip("# ") for line in example.splitlines())
+    documented = {line.split("=", 1)[0].strip() for line in uncommented.splitlines() if "=" in line}
+    assert set(keys) - documented == set(), f"docs/config.md's {title} lacks these keys"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import gevent
@@ -301,9 +301,10 @@ class RunningServer:
         if unknown:
             raise ConfigurationError(f"cannot change {', '.join(sorted(unknown))} while running: restart")
         assert self.setup is not None
-        defaults = {f.name: f.default for f in fields(ServerSetup)}
-        setup = self.setup = replace(self.setup, **{name: defaults[name] if value is None else value
-                                                    for name, value in changes.items()})
+        defaults = ServerSetup()
+        values: dict[str, Any] = {name: getattr(defaults, name) if value is None else value
+                                  for name, value in changes.items()}
+        setup = self.setup = replace(self.setup, **values)
         server, pipeline = self.server, self.server.pipeline
         if "log_level" in changes:
             configure(setup.log_level)
