@@ -342,3 +342,21 @@ def test_the_annotated_examples_hold_every_key_and_pass_the_checks(title, comman
     uncommented = "\n".join(line.lstrip("# ") for line in example.splitlines())
     documented = {line.split("=", 1)[0].strip() for line in uncommented.splitlines() if "=" in line}
     assert set(keys) - documented == set(), f"docs/config.md's {title} lacks these keys"
+
+
+def test_a_readable_file_holding_a_secret_gets_a_warning(tmp_path):
+    path = tmp_path / "demo.toml"
+    @click.command(cls=ConfigCommand)
+    @config_option("DEMO_CONFIG")
+    @click.option("--admin-token")
+    @click.option("--token-file")
+    def command(admin_token, token_file):
+        pass
+
+    path.write_text('admin-token = "s3cret"\ntoken-file = "t"\n')
+    path.chmod(0o644)
+    result = CliRunner().invoke(command, ["--config", str(path)])
+    assert result.exit_code == 0 and result.stderr.strip() == (
+        f"tun2g command: warning: {path} holds admin-token and other users can read it: chmod 600 {path}")
+    path.chmod(0o600)
+    assert CliRunner().invoke(command, ["--config", str(path)]).stderr == ""

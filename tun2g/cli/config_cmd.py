@@ -11,6 +11,8 @@ the same messages.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -21,6 +23,7 @@ from tun2g.config import ConfigChange, ConfigError, ParsedConfig, SectionChecker
 _RAW_ARGS = "tun2g.config.raw_args"
 _LOADED = "tun2g.config.loaded"
 _NOT_KEYS = frozenset({"help", "config_file"})
+_SECRET_KEY = re.compile(r"(^|-)(token|secret)$")  # admin-token, cluster-secret, token (not token-file)
 
 
 class ConfigFileError(click.ClickException):
@@ -126,7 +129,21 @@ def _load(ctx: click.Context, path: str, sections: Mapping[str, SectionChecker])
     except ConfigError as exc:
         raise ConfigFileError(command, exc) from None
     ctx.default_map = {**(ctx.default_map or {}), **default_map}
+    _warn_if_secrets_are_exposed(command, path, [key for key in values if _SECRET_KEY.search(key)])
     return LoadedConfig(path, {key: values[key] for key in sections if key in values})
+
+
+def _warn_if_secrets_are_exposed(command: str, path: str, secret_keys: list[str]) -> None:
+    """One line on stderr when a file holding a secret can be read by other users (as ssh says of keys)."""
+    if not secret_keys:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        click.echo(f"tun2g {command}: warning: {path} holds {', '.join(secret_keys)} and other users can read it: "
+                   f"chmod 600 {path}", err=True)
 
 
 def _check_value(parsed: ParsedConfig, ctx: click.Context, key: str, option: click.Option, value: Any) -> None:
