@@ -24,7 +24,7 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
 @env_option("--token", env="TUN2G_TOKEN",
             help="Token from `tun2g token create`. On the command line it shows in `ps`: prefer --token-file "
                  "or the TUN2G_TOKEN variable.")
-@env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH", type=click.Path(dir_okay=False),
+@env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH", type=click.Path(readable=False),
             help="Read the token from this file (its first line; keep it mode 0600). Instead of --token.")
 @env_option("--domain", env="TUN2G_DOMAIN", required=True, help="Public domain to serve (a route you own).")
 @env_option("--backend", "backend_url", env="TUN2G_BACKEND", required=True, metavar="URL",
