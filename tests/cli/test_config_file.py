@@ -360,3 +360,18 @@ def test_a_readable_file_holding_a_secret_gets_a_warning(tmp_path):
         f"tun2g command: warning: {path} holds admin-token and other users can read it: chmod 600 {path}")
     path.chmod(0o600)
     assert CliRunner().invoke(command, ["--config", str(path)]).stderr == ""
+
+
+def test_policy_tables_are_checked_when_the_file_is_read(tmp_path):
+    """With the edge-policy module a bad policy names its key inside the table; without it (this branch alone)
+    a [policy] table is refused in one line rather than silently ignored."""
+    import importlib.util
+
+    (tmp_path / "cfg.toml").write_text('admin = "127.0.0.1:0"\n\n[policy."app.example.com"]\nrate = "10/s"\n\n'
+                                       '[policy."b.example.com"]\nmax_body = "lots"\n')
+    line = one_line_failure(tmp_path, "server", "--config", "cfg.toml")
+    if importlib.util.find_spec("tun2g.policy") is None:
+        assert line == ('tun2g server: cfg.toml:3: policy."app.example.com": edge policies in the config file need '
+                        'the policy module, which this build lacks')
+    else:
+        assert line.startswith('tun2g server: cfg.toml:7: policy."b.example.com".max_body: ')

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import click
 
-from tun2g.config import ConfigChange, ConfigError, ParsedConfig, SectionChecker, Setting, check_settings, read_config
+from tun2g.config import MAX_CONFIG_BYTES, ConfigChange, ConfigError, ParsedConfig, SectionChecker, Setting, check_settings, read_config
 
 _RAW_ARGS = "tun2g.config.raw_args"
 _LOADED = "tun2g.config.loaded"
@@ -103,13 +103,33 @@ def key_of(command: click.Command, name: str) -> str:
 
 
 def policy_section(config: ParsedConfig, value: Any, path: tuple) -> dict[str, Any]:
-    """The `[policy."DOMAIN"]` tables of tun2g.toml: the edge policy of each route, checked when read."""
+    """The `[policy."ROUTE"]` tables of tun2g.toml: each route's edge policy, parsed by tun2g.policy when read
+    (error pages named in `error_page_files` are read relative to the file's folder)."""
     if not isinstance(value, dict) or not all(isinstance(table, dict) for table in value.values()):
-        raise config.error(path, 'expected [policy."DOMAIN"] tables, one per route')
-    if value:
-        raise config.error(path + (next(iter(value)),),
-                           "edge policies in the config file need the policy module, which this build lacks")
-    return {}
+        raise config.error(path, 'expected [policy."ROUTE"] tables, one per route')
+    try:
+        from tun2g.policy import Policy, PolicyError  # the edge-policy module (its own branch until merged)
+    except ImportError:
+        if value:
+            raise config.error(path + (next(iter(value)),), "edge policies in the config file need the policy "
+                                                            "module, which this build lacks") from None
+        return {}
+    folder = os.path.dirname(os.path.abspath(config.source))
+
+    def read_page(name: str) -> str:
+        try:
+            with open(os.path.join(folder, os.path.expanduser(name)), encoding="utf-8") as handle:
+                return handle.read(MAX_CONFIG_BYTES)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}") from None
+
+    policies = {}
+    for route, table in value.items():
+        try:
+            policies[route] = Policy.from_mapping(table, config.source, read_file=read_page)
+        except PolicyError as exc:
+            raise config.error(path + (route, exc.key), exc.detail) from None
+    return policies
 
 
 def _load(ctx: click.Context, path: str, sections: Mapping[str, SectionChecker]) -> LoadedConfig:
