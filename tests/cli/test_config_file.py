@@ -18,7 +18,7 @@ from gevent.pywsgi import WSGIServer
 from tests.fixtures.net import env_without_proxies, free_port, wait_for_port
 from tests.fixtures.tunnel import DOMAIN, wait_until
 from tun2g.cli.client_cmd import client
-from tun2g.cli.config_cmd import ConfigCommand, config_option, settings_of
+from tun2g.cli.config_cmd import ConfigCommand, config_option, route_section, settings_of
 from tun2g.cli.options import env_option
 from tun2g.cli.server_cmd import server
 from tun2g.storage import open_storage
@@ -375,3 +375,28 @@ def test_policy_tables_are_checked_when_the_file_is_read(tmp_path):
                         'the policy module, which this build lacks')
     else:
         assert line.startswith('tun2g server: cfg.toml:7: policy."b.example.com".max_body: ')
+
+
+@click.command(cls=ConfigCommand)
+@config_option("DEMO_CONFIG", sections={"route": route_section})
+@click.option("--route", "route_specs", multiple=True)
+def routes_demo(route_specs):
+    click.echo(json.dumps(list(route_specs)))
+
+
+def test_route_tables_become_the_repeatable_route_flag(tmp_path):
+    path = tmp_path / "client.toml"
+    path.write_text('[[route]]\nkey = "example.com/api"\nbackend = "http://127.0.0.1:4000"\n\n'
+                    '[[route]]\nkey = "*.example.com"\nbackend = "http://127.0.0.1:5000"\n')
+    result = CliRunner().invoke(routes_demo, ["--config", str(path)])
+    assert json.loads(result.stdout) == ["example.com/api=http://127.0.0.1:4000", "*.example.com=http://127.0.0.1:5000"]
+    path.write_text('route = ["a.example=http://127.0.0.1:1"]\n')
+    assert json.loads(CliRunner().invoke(routes_demo, ["--config", str(path)]).stdout) == ["a.example=http://127.0.0.1:1"]
+    path.write_text('[[route]]\nkey = "a.example"\nbackend = "http://127.0.0.1:1"\n[[route]]\nkey = "b.example"\n'
+                    'backnd = "http://127.0.0.1:2"\n')
+    result = CliRunner().invoke(routes_demo, ["--config", str(path)])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"tun2g routes-demo: {path}:6: route[1].backnd: unknown key; did you mean backend?")
+    path.write_text('[[route]]\nkey = "a.example"\n')
+    assert CliRunner().invoke(routes_demo, ["--config", str(path)]).stderr.strip() == (
+        f'tun2g routes-demo: {path}:1: route[0]: each [[route]] needs backend = "..." (a string)')

@@ -8,7 +8,7 @@ from typing import NoReturn
 
 import click
 
-from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config
+from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, route_section
 from tun2g.cli.options import env_option
 
 DEFAULT_INSPECT = "127.0.0.1:4040"
@@ -18,7 +18,7 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
 
 
 @click.command(cls=ConfigCommand)
-@config_option("TUN2G_CLIENT_CONFIG")
+@config_option("TUN2G_CLIENT_CONFIG", sections={"route": route_section})
 @env_option("--server", "server_addr", env="TUN2G_SERVER", required=True, metavar="HOST:PORT|URL",
             help="The tun2 server's tunnel address (or https://host for --conn-type upgrade).")
 @env_option("--token", env="TUN2G_TOKEN",

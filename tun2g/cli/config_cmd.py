@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import click
 
-from tun2g.config import MAX_CONFIG_BYTES, ConfigChange, ConfigError, ParsedConfig, SectionChecker, Setting, check_settings, read_config
+from tun2g.config import (MAX_CONFIG_BYTES, ConfigChange, ConfigError, ParsedConfig, SectionChecker, Setting,
+                          check_settings, did_you_mean, read_config, type_name)
 
 _RAW_ARGS = "tun2g.config.raw_args"
 _LOADED = "tun2g.config.loaded"
@@ -132,6 +133,29 @@ def policy_section(config: ParsedConfig, value: Any, path: tuple) -> dict[str, A
     return policies
 
 
+def route_section(config: ParsedConfig, value: Any, path: tuple) -> list[str]:
+    """The client's routes: `[[route]]` tables (`key = "example.com/api"`, `backend = "http://..."`), or
+    `route = ["KEY=URL", ...]` as the repeatable `--route KEY=URL` flag takes them; returned in the flag's form."""
+    items = value if isinstance(value, list) else [value]
+    specs = []
+    for index, item in enumerate(items):
+        where = path + (index,) if isinstance(value, list) else path
+        if isinstance(item, str):
+            specs.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise config.error(where, f'expected [[route]] tables (key = "...", backend = "..."), got {type_name(item)}')
+        unknown = sorted(set(item) - {"key", "backend"})
+        if unknown:
+            raise config.error(where + (unknown[0],), "unknown key" + did_you_mean(unknown[0], ["key", "backend"]))
+        for name in ("key", "backend"):
+            if not isinstance(item.get(name), str) or not item[name]:
+                raise config.error(where + (name,) if name in item else where,
+                                   f"each [[route]] needs {name} = \"...\" (a string)")
+        specs.append(f"{item['key']}={item['backend']}")
+    return specs
+
+
 def _load(ctx: click.Context, path: str, sections: Mapping[str, SectionChecker]) -> LoadedConfig:
     command = ctx.info_name or ctx.command.name or "tun2g"
     try:
@@ -140,7 +164,9 @@ def _load(ctx: click.Context, path: str, sections: Mapping[str, SectionChecker])
         values = check_settings(parsed, {key: setting for key, (setting, _option) in keys.items()}, sections)
         default_map = {}
         for key, value in values.items():
-            if key in sections:
+            if key in sections and key not in keys:
+                if isinstance(value, list) and value:  # a table for a flag this build's command lacks
+                    raise parsed.error((key,), f"this build of tun2g {command} has no --{key}")
                 continue
             option = keys[key][1]
             value = _relative_paths(option, value, os.path.dirname(os.path.abspath(path)))
@@ -150,7 +176,7 @@ def _load(ctx: click.Context, path: str, sections: Mapping[str, SectionChecker])
         raise ConfigFileError(command, exc) from None
     ctx.default_map = {**(ctx.default_map or {}), **default_map}
     _warn_if_secrets_are_exposed(command, path, [key for key in values if _SECRET_KEY.search(key)])
-    return LoadedConfig(path, {key: values[key] for key in sections if key in values})
+    return LoadedConfig(path, {key: values[key] for key in sections if key in values and key not in keys})
 
 
 def _warn_if_secrets_are_exposed(command: str, path: str, secret_keys: list[str]) -> None:
