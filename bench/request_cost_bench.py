@@ -13,7 +13,11 @@ server's and the client's CPU µs per request (the steadier figure).
 
 With `--modes`, the working tree (or `--candidate`) runs once per mode instead:
 `off` (--no-metrics --no-inspect), `metrics` (--no-inspect), `capture` (metrics,
-and the route marked `tun2g route inspect DOMAIN on`, so every request is captured).
+and the route marked `tun2g route inspect DOMAIN on`, so every request is captured),
+`policies` (off, with 1,000 edge policies stored for other routes: the lookup misses) and
+`policy` (off, 1,000 policies, one of them on DOMAIN: an allow list, a header set, a body limit).
+
+    python3 bench/request_cost_bench.py --modes off,policies,policy
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class TreeTunnel:
             raise RuntimeError(f"{name}: tun2g imports from {imported}, not from {source}")
         self.http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
         argv = ["server", "--http", f"127.0.0.1:{self.http_port}", "--tunnel", f"127.0.0.1:{tunnel_port}",
-                "--admin", f"127.0.0.1:{admin_port}", "--storage", storage, "--no-access-log",
+                "--admin", f"127.0.0.1:{admin_port}", "--admin-token", tc.ADMIN_TOKEN, "--storage", storage,
+                "--no-access-log",
                 "--log-level", "warning", *server_args]
         argv += ["--tls-cert", str(cert), "--tls-key", str(cert.with_name("tun2g-dev-key.pem"))] if tls \
             else ["--plain-tunnel"]
@@ -101,6 +106,26 @@ class TreeTunnel:
 def _cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
+
+
+_POLICIES = """
+import sys
+from tun2g.storage import open_storage
+store = open_storage(sys.argv[1])
+for index in range(1000):
+    store.set_policy(f"site{index}.bench.test", {"allow": ["10.0.0.0/8"], "rate": "10/s", "max_body": "1M"})
+if sys.argv[2] == "own":
+    store.set_policy(sys.argv[3], {"allow": ["127.0.0.0/8", "::1"], "max_body": "10M",
+                                   "request_headers": {"set": {"X-Edge": "bench"}, "remove": []}})
+store.close()
+"""
+
+
+def _store_policies(storage: str, source: Path, own: bool) -> None:
+    env = tc.child_env()
+    env["PYTHONPATH"] = str(source)
+    subprocess.run([sys.executable, "-c", _POLICIES, storage, "own" if own else "others", DOMAIN], env=env,
+                   cwd=source, capture_output=True, check=True, timeout=120)
 
 
 def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False) -> str:
@@ -142,8 +167,11 @@ def main() -> None:
         if args.modes:
             source = export_revision(args.candidate, workdir / "b") if args.candidate else tc.REPO_ROOT
             for mode in args.modes.split(","):
-                flags = {"off": ("--no-metrics", "--no-inspect"), "metrics": ("--no-inspect",), "capture": ()}[mode]
+                flags = {"off": ("--no-metrics", "--no-inspect"), "metrics": ("--no-inspect",), "capture": (),
+                         "policies": ("--no-metrics", "--no-inspect"), "policy": ("--no-metrics", "--no-inspect")}[mode]
                 own = _storage(workdir / f"bench-{mode}.db", source, inspect=mode == "capture")
+                if mode in ("policies", "policy"):
+                    _store_policies(own, source, own=mode == "policy")
                 tunnel = TreeTunnel(mode, source, workdir, own, args.tls, cert, nginx_port, flags)
                 stack.callback(tunnel.stop)
                 tunnels.append((mode, tunnel))

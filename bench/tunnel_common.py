@@ -233,11 +233,14 @@ def parse_token(output: str) -> str:
     return max(words, key=len)
 
 
+ADMIN_TOKEN = "bench-admin-token"  # give servers `--admin-token ADMIN_TOKEN`: the admin API needs one
+
+
 def admin_backends(admin_port: int, domain: str | None = None) -> list[dict]:
     """GET /backends from a server's admin API (empty list when it is not up yet)."""
     url = f"http://127.0.0.1:{admin_port}/backends" + (f"?domain={domain}" if domain else "")
     try:
-        return json.loads(http_get(url))
+        return json.loads(http_get(url, {"Authorization": f"Bearer {ADMIN_TOKEN}"}))
     except OSError:
         return []
 

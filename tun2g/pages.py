@@ -15,6 +15,7 @@ from http import HTTPStatus
 
 from tun2g.http import RequestHead, ResponseHead, simple_response
 from tun2g.http.client import StreamedResponse
+from tun2g.policy import REQUEST_ID_PLACEHOLDER, STATUS_PLACEHOLDER
 
 HTML = "text/html; charset=utf-8"
 TEXT = "text/plain; charset=utf-8"
@@ -130,6 +131,21 @@ def hop_refused(reason: str, request_id: str) -> Page:
 def gateway_timeout(seconds: float, request_id: str) -> Page:
     """504: the site's backend accepted the request but sent no response head within the response timeout."""
     return _gateway_error(504, f"The site's backend did not answer within {seconds:g} seconds.", request_id)
+
+
+def policy_refusal(status: int, detail: str, request_id: str, headers: tuple = ()) -> Page:
+    """401, 403, 413, 429 or 431 for a request its route's edge policy refused (docs/policy.md)."""
+    return _gateway_error(status, detail, request_id, headers=headers)
+
+
+def with_custom_body(page: Page, template: str) -> Page:
+    """`page` with a route's own HTML instead of ours: same status and headers, its placeholders filled.
+
+    ``{{request_id}}`` becomes the request id and ``{{status}}`` the status (both HTML-escaped).
+    """
+    body = template.replace(REQUEST_ID_PLACEHOLDER, html.escape(page.request_id or "")) \
+                   .replace(STATUS_PLACEHOLDER, str(page.status))
+    return Page(page.status, body.encode(), HTML, page.headers, page.request_id)
 
 
 def server_busy(reason: str) -> Page:

@@ -36,9 +36,10 @@ def _register() -> None:
     from tun2g.cli.client_cmd import client
     from tun2g.cli.inspect_cmd import inspect
     from tun2g.cli.live_cmd import backends, cert, kill
+    from tun2g.cli.policy_cmd import policy
     from tun2g.cli.server_cmd import server
 
-    for command in (server, client, token, route, backends, kill, cert, inspect):
+    for command in (server, client, token, route, policy, backends, kill, cert, inspect):
         main.add_command(command)
 
 

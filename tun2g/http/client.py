@@ -113,10 +113,10 @@ def send_request(stream, head: RequestHead, body: Body, *, close: bool = False) 
     chunked = declared is None
     stream.sendall(encode_request_head(head, chunked=chunked, connection=connection, headers=headers,
                                        content_length=declared))
-    return gevent.spawn(_pump_body, stream, _pieces(body), chunked, declared)
+    return gevent.spawn(_pump_body, stream, body_pieces(body), chunked, declared)
 
 
-def _pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
+def body_pieces(body: Iterable[bytes] | Readable) -> Iterator[bytes]:
     if isinstance(body, Readable):  # a file: read it in pieces, not line by line
         while True:
             piece = body.read(READ_SIZE)

@@ -28,6 +28,10 @@ class MessageReader:
         self.keep_alive = False    # the current message's sender allows another message after it
         self.upgrade = False       # the current message asks for (request) or grants (101) an upgrade
         self.messages_read = 0     # heads read so far (> 0: the connection has been used before)
+        # Decoded body bytes the current message may carry (None: any); past it read_body raises HTTPError(413).
+        # Reset by each head, so a limit holds for one message only.
+        self.body_limit: int | None = None
+        self.body_read = 0
         self._parser: MessageParser | None = None
         self._events = None
         self._timing: tuple[float | None, float | None] | None = None  # (head, idle) for the head being read
@@ -128,6 +132,8 @@ class MessageReader:
                 return None
             raise _unexpected(event)
         self.messages_read += 1
+        self.body_limit = None
+        self.body_read = 0
         self.framing = event.framing
         self.keep_alive = event.keep_alive
         self.upgrade = event.upgrade
@@ -163,13 +169,19 @@ class MessageReader:
         elif events and events[0] is END:
             events.popleft()
             self.body_complete = True
+        if self.body_limit is not None:
+            self.body_read += len(event)
+            if self.body_read > self.body_limit:
+                self.body_complete = True  # nothing more is read of it: the connection must close
+                self.keep_alive = False
+                raise HTTPError(413, f"the request body is larger than this site allows ({self.body_limit} bytes)")
         return event
 
     def take_ready_body(self) -> bytes:
         """The body bytes already received (maybe b""), without waiting; ``body_complete`` tells if that was all."""
         events = self._events
-        if self.body_complete or not events:
-            return b""
+        if self.body_complete or not events or self.body_limit is not None:
+            return b""  # under a limit the pieces go through read_body, which counts them
         pieces = []
         while events and type(events[0]) is bytes:
             pieces.append(events.popleft())

@@ -11,12 +11,13 @@ one access-log line.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Iterable, Protocol, TypeVar
+from typing import Iterable, Iterator, Protocol, TypeVar
 
 import gevent
 
@@ -26,11 +27,14 @@ from tun2g.cluster.hop import HOP_HEADER, Hop
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
 from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers
 from tun2g.http.relay import IDEMPOTENT_METHODS, Meter
-from tun2g.http.client import Body, StreamedResponse, body_is_replayable, send_request
+from tun2g.http.client import Body, StreamedResponse, body_pieces, body_is_replayable, send_request
+from tun2g.http.parser import CHUNKED
 from tun2g.log import get_logger
 from tun2g.metrics import DomainMetrics, Metrics
 from tun2g.requestid import new_request_id
+from tun2g.policy import Policy
 from tun2g.server.inspect import Capture, Inspector
+from tun2g.server.policy_step import PolicyBook
 from tun2g.server.router import NodeUpstream, Router, Upstream, routing_key
 from tun2g.transport.base import ByteStream
 
@@ -53,6 +57,7 @@ class Request:
     counted: DomainMetrics | None = None  # its domain's metrics, once an upstream took it
     capture: Capture | None = None        # its capture for the inspector, when its route is inspected
     public: bool = True                   # it came from a public client (not a hop from another node)
+    policy: Policy | None = None          # its route's edge policy, once the policy step found one
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,16 @@ class _Exchange(Protocol[Result]):
 
     def response_headers(self, result: Result) -> list | None: ...
 
+    def limit(self, timeouts: ExchangeTimeouts | None, max_body: int | None) -> None:
+        """A route's own bounds for this exchange: its waits, and the body size past which it is cut (413)."""
+
+
+def _dressed(request: Request, page: pages.Page) -> pages.Page:
+    """The page as the request's route wants it shown (its own HTML for that status), else as is."""
+    policy = request.policy
+    template = policy.error_pages.get(page.status) if policy is not None and policy.error_pages else None
+    return page if template is None else pages.with_custom_body(page, template)
+
 
 class _SocketExchange:
     """Relays between the public socket and the upstream, bodies streamed both ways."""
@@ -95,8 +110,16 @@ class _SocketExchange:
         self._response: ResponseHead | None = None
 
     def _stamp(self, response: ResponseHead) -> None:
+        policy = self._request.policy
+        if policy is not None and policy.response_headers:
+            response.headers = policy.response_headers.apply(response.headers)
         response.set("X-Request-Id", self._request.id)
         self._response = response
+
+    def limit(self, timeouts: ExchangeTimeouts | None, max_body: int | None) -> None:
+        self._timeouts = timeouts
+        if max_body is not None and self._reader.framing == CHUNKED:  # a declared length was checked already
+            self._reader.body_limit = max_body
 
     def through(self, upstream: Upstream, meter: Meter | None) -> Outcome:
         try:
@@ -124,6 +147,7 @@ class _SocketExchange:
 
     def page(self, page: pages.Page) -> Outcome:
         self._response = None
+        page = _dressed(self._request, page)
         return Outcome(page.status, pages.send_page(self._sock, page, self._request.head), 0, len(page.body))
 
     def status(self, result: Outcome) -> int:
@@ -171,10 +195,15 @@ class _ResponseExchange:
         except (OSError, HTTPError) as exc:
             upstream.release(False)
             failure = pump.exception if pump is not None and pump.dead and pump.exception else exc
+            if isinstance(failure, HTTPError) and failure.status == 413:  # the body limit cut it (see limit())
+                return self.page(pages.policy_refusal(413, str(failure), self._request.id))
             raise UpstreamError(f"no valid response from upstream: {failure or type(failure).__name__}",
                                 replayable=self.replayable and head.method in IDEMPOTENT_METHODS) from exc
         response.headers = forwardable_headers(response.headers) + (
             [("Connection", "Upgrade"), ("Upgrade", response.get("Upgrade") or "")] if response.status == 101 else [])
+        policy = self._request.policy
+        if policy is not None and policy.response_headers:
+            response.headers = policy.response_headers.apply(response.headers)
         response.set("X-Request-Id", self._request.id)
 
         def release() -> None:
@@ -186,7 +215,13 @@ class _ResponseExchange:
         return StreamedResponse(response, reader, on_close=release)
 
     def page(self, page: pages.Page) -> StreamedResponse:
-        return page.as_response()
+        return _dressed(self._request, page).as_response()
+
+    def limit(self, timeouts: ExchangeTimeouts | None, max_body: int | None) -> None:
+        self._timeouts = timeouts
+        body = self._body
+        if max_body is not None and body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
+            self._body = _capped(body_pieces(body), max_body)
 
     def status(self, result: StreamedResponse) -> int:
         return result.status
@@ -198,13 +233,25 @@ class _ResponseExchange:
         return result.head.headers
 
 
+def _capped(pieces: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    """A streamed body that raises HTTPError(413) once it passes `limit` bytes (the pump then stops)."""
+    sent = 0
+    for piece in pieces:
+        sent += len(piece)
+        if sent > limit:
+            raise HTTPError(413, f"The request body is larger than this site allows ({limit} bytes).")
+        yield piece
+
+
 class Pipeline:
     """Every front's request path: one Router, one set of rules."""
 
     def __init__(self, router: Router, *, access_log: bool = True,
                  trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None,
-                 metrics: Metrics | None = None, inspector: Inspector | None = None) -> None:
+                 metrics: Metrics | None = None, inspector: Inspector | None = None,
+                 policies: PolicyBook | None = None) -> None:
         self.router = router
+        self.policies = policies    # None: no edge policy at all
         self.metrics = metrics      # None: nothing counted
         self.inspector = inspector  # None: nothing captured
         self.access_log = access_log
@@ -263,6 +310,10 @@ class Pipeline:
             request.id = head.get("X-Request-Id") or request.id
             request.public = False
         routing = self.router.route(head, request.id, hop)
+        if request.public and self.policies is not None:
+            refusal = self._policy_step(request, routing.route, exchange)
+            if refusal is not None:
+                return self._finish(request, exchange, exchange.page(refusal), "-")
         meter: Meter | None = None
         metrics = self.metrics
         for upstream in routing:
@@ -284,6 +335,26 @@ class Pipeline:
         if metrics is not None and routing.unreachable_nodes:
             metrics.hops["unreachable"].inc(len(routing.unreachable_nodes))
         return self._finish(request, exchange, exchange.page(routing.page), "-")
+
+    def _policy_step(self, request: Request, route: str | None, exchange: _Exchange) -> pages.Page | None:
+        """The route's edge policy (tun2g.server.policy_step), on the node the request came in by only.
+
+        A hop was checked by the node that forwarded it, which keeps the client's socket,
+        address and the rate buckets; the receiving node trusts the signed hop.
+        """
+        assert self.policies is not None
+        policy = self.policies.get(route)
+        if policy is None:
+            return None
+        request.policy = policy
+        refusal = self.policies.check(policy, route or "", request.head,
+                                      self.client_address(request.head, request.peer_ip), request.id)
+        if refusal is None and (policy.timeout is not None or policy.max_body is not None):
+            timeouts = self.timeouts or ExchangeTimeouts()
+            if policy.timeout is not None:
+                timeouts = dataclasses.replace(timeouts, response=policy.timeout)
+            exchange.limit(timeouts, policy.max_body)
+        return refusal
 
     def _meter(self, request: Request) -> Meter | None:
         """What counts this request's bytes (its domain's cached metrics) and, if inspected, captures it."""

@@ -24,11 +24,14 @@ from tun2g.config import ConfigChange, ConfigError, log_reload_failure
 from tun2g.log import configure, get_logger
 from tun2g.errors import ConfigurationError
 from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
+from tun2g.policy import Policy
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
 from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
+from tun2g.server.policy_step import PolicyBook
+from tun2g.server.rate_limit import ClusterLimiter
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
@@ -155,7 +158,7 @@ class ServerSetup:
         inspector = self.start_inspector(storage, config.node_id, metrics) if self.inspect else None
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector)
+                        inspector=inspector, policies=policy_book(storage, metrics))
         install_policies(server, self.policies)
         running = RunningServer(server, cluster, http_address=http_address, setup=self, fd_limit=fd_limit,
                                 inspector=inspector)
@@ -347,10 +350,21 @@ class RunningServer:
         self.server.wait()
 
 
-def install_policies(server: Server, policies: Mapping[str, Any]) -> None:
-    """Put the config file's edge policies in force (the hook for the policy book of tun2g.policy)."""
-    if policies:  # the policy book's installer goes here when the edge-policy module is merged
-        raise ConfigurationError("edge policies from the config file: this build has no policy book to put them in")
+def install_policies(server: Server, policies: Mapping[str, Policy]) -> None:
+    """Put the config file's edge policies (by route) in force, replacing the file's previous ones; they win
+    over stored policies for the same route (tun2g.server.policy_step)."""
+    server.policies.set_config_policies(dict(policies))
+
+
+def policy_book(storage, metrics: Metrics | None = None) -> PolicyBook:
+    """The routes' edge policies; with Redis, rate limits shared by the cluster (tun2g.server.rate_limit)."""
+    if not isinstance(storage, RedisStorage):
+        return PolicyBook()
+    import redis
+
+    client = redis.Redis.from_url(storage.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return PolicyBook(ClusterLimiter(client, storage.key_prefix,
+                                     on_error=None if metrics is None else lambda: metrics.redis_error("ratelimit")))
 
 
 def _capture_counter(metrics: Metrics):
@@ -405,7 +419,7 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
     defaults = ServerSetup()
     server = Server(config, tunnels=tunnels, cluster=cluster, access_log=False,
                     trusted_proxies=env.get("TUN2G_TRUSTED_PROXY", "").replace(",", " ").split(),
-                    timeouts=defaults.exchange_timeouts())
+                    timeouts=defaults.exchange_timeouts(), policies=policy_book(storage))
     if hop_listener is not None and cluster is not None:
         # Only other nodes connect here (many kept-alive connections from few addresses): no per-IP cap.
         limits = defaults.front_limits(raise_fd_limit()[1])

@@ -112,6 +112,11 @@ class Routing:
     def host(self) -> str:
         return self.head.host or ""
 
+    @property
+    def route(self) -> str | None:
+        """The route key this request matched (policies are looked up by it): today its normalized Host."""
+        return routing_key(self.host)
+
     def __iter__(self) -> Iterator[Upstream]:
         yield from self._local()
         cluster = self.router.cluster

@@ -13,15 +13,15 @@ import os
 from pathlib import Path
 
 from tun2g.storage.base import (
-    CONNECT_SCOPE, DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, Storage, StorageError,
-    StorageUnavailable, TokenInfo, hash_secret, normalize_domain,
+    CONNECT_SCOPE, DEFAULT_SCOPES, NoSuchPolicy, NoSuchRoute, NoSuchToken, Route, Storage, StorageError,
+    StorageUnavailable, TokenInfo, hash_secret, normalize_domain, normalize_policy_route,
 )
 from tun2g.storage.sqlite_store import SQLiteStorage
 
 __all__ = [
-    "CONNECT_SCOPE", "DEFAULT_KEY_PREFIX", "DEFAULT_SCOPES", "NoSuchRoute", "NoSuchToken", "RedisStorage",
+    "CONNECT_SCOPE", "DEFAULT_KEY_PREFIX", "DEFAULT_SCOPES", "NoSuchPolicy", "NoSuchRoute", "NoSuchToken", "RedisStorage",
     "Route", "SQLiteStorage", "Storage", "StorageError", "StorageUnavailable", "TokenInfo",
-    "default_sqlite_path", "hash_secret", "normalize_domain", "open_storage", "redact_url",
+    "default_sqlite_path", "hash_secret", "normalize_domain", "normalize_policy_route", "open_storage", "redact_url",
     "resolve_storage_url",
 ]
 

@@ -15,6 +15,7 @@ clients; the command line warns when one looks short.
 from __future__ import annotations
 
 import hashlib
+import json
 import ipaddress
 import re
 import secrets
@@ -52,6 +53,10 @@ class NoSuchToken(StorageError, LookupError):
 
 class NoSuchRoute(StorageError, LookupError):
     """No route exists for the domain."""
+
+
+class NoSuchPolicy(StorageError, LookupError):
+    """No edge policy is stored for the route."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,18 @@ class Storage(Protocol):
 
         Bumps the revision, so every server notices within its polling interval.
         """
+
+    def set_policy(self, route: str, policy: dict) -> None:
+        """Store a route's edge policy (the JSON-ready mapping of tun2g.policy.Policy.as_mapping); bumps the revision."""
+
+    def get_policy(self, route: str) -> dict:
+        """A route's stored policy mapping; NoSuchPolicy if there is none."""
+
+    def remove_policy(self, route: str) -> None:
+        """Delete a route's policy (bumps the revision); NoSuchPolicy if there is none."""
+
+    def list_policies(self) -> dict[str, dict]:
+        """Every stored policy, by route key."""
 
     def revision(self) -> str:
         """A cheap marker that changes whenever a token is revoked or a route removed (maybe more often).
@@ -242,6 +259,33 @@ def _ipv6(literal: str, original: str) -> str:
 def _domain_error(original: str) -> StorageError:
     return StorageError(f"invalid domain {original!r}: expected a host name such as "
                        f"app.example.com (an optional :port is ignored)")
+
+
+MAX_POLICY_BYTES = 2 * 1024 * 1024  # one stored policy's JSON: pages are capped at 64 KiB each, lists at 1000
+_PATH = re.compile(r"/[!-~]{0,1023}")
+
+
+def normalize_policy_route(route: str) -> str:
+    """The key a policy is stored under: a host (normalize_domain), "*.host" or "host/path"; StorageError if not."""
+    if not isinstance(route, str):
+        raise StorageError(f"a route must be a string, not {type(route).__name__}")
+    host, slash, path = route.strip().partition("/")
+    wildcard = host.startswith("*.")
+    host = normalize_domain(host[2:] if wildcard else host)
+    if slash and not _PATH.fullmatch("/" + path):
+        raise StorageError(f"invalid route path in {route!r}: printable characters after the host, no spaces")
+    return ("*." if wildcard else "") + host + (("/" + path).rstrip("/") if slash else "")
+
+
+def policy_json(policy: dict) -> str:
+    """A policy mapping as stored; StorageError if it is not JSON or too large."""
+    try:
+        text = json.dumps(policy, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise StorageError(f"a policy must be a JSON-ready mapping: {exc}") from None
+    if len(text) > MAX_POLICY_BYTES:
+        raise StorageError(f"a policy may take at most {MAX_POLICY_BYTES} bytes stored")
+    return text
 
 
 def validate_user(user: str) -> str:

@@ -10,6 +10,9 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P routes              set     every routed domain
     P revision            string  a counter bumped by every token revocation, route removal and inspect switch
     P inspect:<domain>    stream  captured exchanges (tun2g.server.inspect), MAXLEN ~ 1000, written by the nodes
+    P policy:<route>      string  a route's edge policy, JSON of tun2g.policy.Policy.as_mapping() (hashes only)
+    P policies            set     every route with a policy
+    P ratelimit:<route>[ <ip>]  hash, TTL  a shared token bucket (tun2g.server.rate_limit): tokens, ms
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write
@@ -33,9 +36,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tun2g.storage.base import (
-    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError,
-    StorageUnavailable, TokenInfo, hash_secret, new_token_record, normalize_domain,
-    normalize_token_id, route_taken_error, validate_user,
+    DEFAULT_SCOPES, NoSuchPolicy, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError,
+    StorageUnavailable, TokenInfo, hash_secret, new_token_record, normalize_domain, normalize_policy_route,
+    normalize_token_id, policy_json, route_taken_error, validate_user,
 )
 
 DEFAULT_KEY_PREFIX = "tun2g:"
@@ -180,6 +183,38 @@ class RedisStorage(SecretMinting):
         if route is None:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
         return route
+
+    def set_policy(self, route: str, policy: dict) -> None:
+        route, text = normalize_policy_route(route), policy_json(policy)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.set(self._key("policy:", route), text)
+            pipe.sadd(self._key("policies"), route)
+            pipe.incr(self._key("revision"))
+            pipe.execute()
+
+    def get_policy(self, route: str) -> dict:
+        route = normalize_policy_route(route)
+        with self._errors():
+            text = self._client.get(self._key("policy:", route))
+        if text is None:
+            raise NoSuchPolicy(f"no policy for {route} (see `tun2g policy show`)")
+        return json.loads(text)
+
+    def remove_policy(self, route: str) -> None:
+        route = normalize_policy_route(route)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key("policy:", route))
+            pipe.srem(self._key("policies"), route)
+            pipe.incr(self._key("revision"))
+            deleted, _, _ = pipe.execute()
+        if not deleted:
+            raise NoSuchPolicy(f"no policy for {route} (see `tun2g policy show`)")
+
+    def list_policies(self) -> dict[str, dict]:
+        with self._errors():
+            routes = sorted(self._client.smembers(self._key("policies")))
+            texts = self._client.mget([self._key("policy:", route) for route in routes]) if routes else []
+        return {route: json.loads(text) for route, text in zip(routes, texts) if text is not None}
 
     def revision(self) -> str:
         """The ``P revision`` counter (one GET): every node polls it to drop revoked tunnels."""

@@ -25,12 +25,12 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import gevent
 
 from tun2g.storage.base import (
-    DEFAULT_SCOPES, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError, TokenInfo,
-    hash_secret, new_token_record, normalize_domain, normalize_token_id, route_taken_error,
-    validate_user,
+    DEFAULT_SCOPES, NoSuchPolicy, NoSuchRoute, NoSuchToken, Route, SecretMinting, StorageError, TokenInfo,
+    hash_secret, new_token_record, normalize_domain, normalize_policy_route, normalize_token_id, policy_json,
+    route_taken_error, validate_user,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -51,6 +51,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX routes_by_user ON routes (user)",
     ),
     2: ("ALTER TABLE routes ADD COLUMN inspect INTEGER NOT NULL DEFAULT 0",),  # capture for the inspector
+    # Edge policies (tun2g.policy), their own table: IF NOT EXISTS keeps this step safe to renumber or repeat.
+    3: ("""CREATE TABLE IF NOT EXISTS policies (
+               route   TEXT PRIMARY KEY,     -- normalize_policy_route: host, *.host or host/path
+               policy  TEXT NOT NULL,        -- JSON of Policy.as_mapping() (hashes only, never a secret)
+               updated REAL NOT NULL)""",),
 }
 
 T = TypeVar("T")
@@ -165,6 +170,32 @@ class SQLiteStorage(SecretMinting):
         if row is None:
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
         return Route(domain, row[0], row[1], bool(row[2]))
+
+    def set_policy(self, route: str, policy: dict) -> None:
+        route, text = normalize_policy_route(route), policy_json(policy)
+        self._run(lambda db: db.execute(
+            "INSERT INTO policies (route, policy, updated) VALUES (?, ?, ?) "
+            "ON CONFLICT (route) DO UPDATE SET policy = excluded.policy, updated = excluded.updated",
+            (route, text, time.time())))
+        self._own_writes += 1
+
+    def get_policy(self, route: str) -> dict:
+        route = normalize_policy_route(route)
+        row = self._run(lambda db: db.execute("SELECT policy FROM policies WHERE route = ?", (route,)).fetchone())
+        if row is None:
+            raise NoSuchPolicy(f"no policy for {route} (see `tun2g policy show`)")
+        return json.loads(row[0])
+
+    def remove_policy(self, route: str) -> None:
+        route = normalize_policy_route(route)
+        deleted = self._run(lambda db: db.execute("DELETE FROM policies WHERE route = ?", (route,)).rowcount)
+        self._own_writes += 1
+        if not deleted:
+            raise NoSuchPolicy(f"no policy for {route} (see `tun2g policy show`)")
+
+    def list_policies(self) -> dict[str, dict]:
+        rows = self._run(lambda db: db.execute("SELECT route, policy FROM policies ORDER BY route").fetchall())
+        return {row[0]: json.loads(row[1]) for row in rows}
 
     def revision(self) -> str:
         """SQLite's data_version (bumped by every commit of another process) and this handle's own deletions.
