@@ -128,13 +128,14 @@ class ServerProcess:
         self.config = tmp_path / "tun2g.toml"
         self.log = tmp_path / "server.log"
         self.settings = settings
+        self.tables = ""
         self.write()
         self.process = subprocess.Popen(tun2g("server", "--config", str(self.config)), env=run_env(tmp_path),
                                         stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
 
     def write(self, extra: str = "") -> None:
         lines = [f"{key} = {json.dumps(value)}" for key, value in self.settings.items()]
-        self.config.write_text("\n".join(lines) + "\n" + extra)
+        self.config.write_text("\n".join(lines) + "\n" + extra + self.tables)
 
     def log_has(self, text: str) -> bool:
         return text in self.log.read_text()
@@ -169,6 +170,7 @@ class RequestLoop:
         self.ok = 0
         self.failures: list[str] = []
         self.last_forwarded_for = ""
+        self.last_policy_header: str | None = None
         self.session = requests.Session()
         self.greenlet = gevent.spawn(self._run)
 
@@ -181,6 +183,7 @@ class RequestLoop:
                     self.failures.append(f"{response.status_code} {response.text[:200]}")
                 else:
                     self.last_forwarded_for = response.json()["headers"].get("X-Forwarded-For", "")
+                    self.last_policy_header = response.headers.get("X-Policy")
                     self.ok += 1
             except requests.RequestException as exc:
                 self.failures.append(repr(exc))
@@ -212,15 +215,19 @@ def test_sighup_and_post_reload_change_live_settings_under_load_and_a_bad_file_c
     try:
         wait_until(lambda: loop.ok >= 20, message="requests through the tunnel")
         assert SPOOFED not in loop.last_forwarded_for  # 127.0.0.1 is not a trusted proxy yet
+        assert loop.last_policy_header is None
 
-        # A live setting (trusted-proxy), a restart-only one (http) and the access log change at once.
+        # Live settings (trusted-proxy, the access log, a policy) and a restart-only one (http) change at once.
         server_process.settings |= {"trusted-proxy": ["127.0.0.0/8"], "http": f"127.0.0.1:{free_port()}",
                                     "access-log": True}
+        server_process.tables = f'\n[policy."{DOMAIN}"]\nresponse_headers = {{ set = {{ X-Policy = "v1" }} }}\n'
         server_process.write()
         server_process.process.send_signal(signal.SIGHUP)
         applied_within_a_second(lambda: loop.last_forwarded_for.startswith(SPOOFED), "the new trusted proxy")
+        applied_within_a_second(lambda: loop.last_policy_header == "v1", "the new policy")
         wait_until(lambda: server_process.log_has("event=config_needs_restart"), message="the restart line")
-        assert server_process.log_has("keys=http ") and server_process.log_has("changed=access-log,trusted-proxy")
+        assert server_process.log_has("keys=http ") and server_process.log_has(
+            "changed=access-log,policy,trusted-proxy")
         wait_until(lambda: server_process.log_has("event=request "), message="the access log, switched on")
         served = loop.ok
 
@@ -230,18 +237,21 @@ def test_sighup_and_post_reload_change_live_settings_under_load_and_a_bad_file_c
         wait_until(lambda: server_process.log_has("event=config_reload_failed"), message="the failed reload line")
         assert server_process.log_has("tun2g.toml:9: ping-interval: expected a number, got a string")
         wait_until(lambda: loop.ok >= served + 20, message="requests after the bad reload")
-        assert loop.last_forwarded_for.startswith(SPOOFED)
+        assert loop.last_forwarded_for.startswith(SPOOFED) and loop.last_policy_header == "v1"
 
         # The admin API: the same reload, 400 with the error, then 200 with what changed.
         refused = requests.post(f"{admin_url}/reload", json={}, headers=admin_headers, timeout=5)
         assert refused.status_code == 400 and "tun2g.toml:9: ping-interval" in refused.json()["error"]
         assert requests.post(f"{admin_url}/reload", json={}, timeout=5).status_code == 401
         del server_process.settings["trusted-proxy"]
+        server_process.tables = server_process.tables.replace('"v1"', '"v2"')
         server_process.write()
         reloaded = requests.post(f"{admin_url}/reload", json={}, headers=admin_headers, timeout=5)
         assert reloaded.status_code == 200, reloaded.text
-        assert reloaded.json()["changed"] == ["trusted-proxy"] and reloaded.json()["needs_restart"] == ["http"]
+        assert reloaded.json()["changed"] == ["policy", "trusted-proxy"] and reloaded.json()["needs_restart"] == [
+            "http"]
         applied_within_a_second(lambda: not loop.last_forwarded_for.startswith(SPOOFED), "the proxy untrusted")
+        applied_within_a_second(lambda: loop.last_policy_header == "v2", "the policy changed again")
         wait_until(lambda: loop.ok >= served + 40, message="requests after the admin reload")
     finally:
         loop.stop()
