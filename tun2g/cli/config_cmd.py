@@ -124,10 +124,16 @@ def policy_section(config: ParsedConfig, value: Any, path: tuple) -> dict[str, A
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read {name}: {getattr(exc, 'strerror', None) or exc}") from None
 
+    from tun2g.storage import StorageError, normalize_domain
+
     policies = {}
     for route, table in value.items():
         try:
-            policies[route] = Policy.from_mapping(table, config.source, read_file=read_page)
+            key = normalize_domain(route)  # as `tun2g policy set` names routes
+        except StorageError as exc:
+            raise config.error(path + (route,), str(exc)) from None
+        try:
+            policies[key] = Policy.from_mapping(table, config.source, read_file=read_page)
         except PolicyError as exc:
             raise config.error(path + (route, exc.key), exc.detail) from None
     return policies
