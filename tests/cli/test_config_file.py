@@ -280,8 +280,9 @@ def test_client_sighup_moves_to_a_new_backend_without_dropping_the_session(tmp_p
                 f"plain = true\nno-inspect = true\nquiet = true\n")
     config.write_text(settings + f'backend = "http://127.0.0.1:{first.server_port}"\n')
     log = tmp_path / "client.log"
+    out = tmp_path / "client.out"
     process = subprocess.Popen(tun2g("client", "--config", str(config)), env=run_env(tmp_path),
-                               stdout=subprocess.DEVNULL, stderr=log.open("w"))
+                               stdout=out.open("w"), stderr=log.open("w"))
     session = requests.Session()
 
     def body() -> bytes:
@@ -292,10 +293,13 @@ def test_client_sighup_moves_to_a_new_backend_without_dropping_the_session(tmp_p
     try:
         wait_until(lambda: plain_deployment.server.get_backends_for_domain(DOMAIN), message="the client process")
         assert body() == b"first"
-        config.write_text(settings + f'backend = "http://127.0.0.1:{second.server_port}"\nlog-level = "debug"\n')
+        assert "GET /" not in out.read_text()  # quiet: no line per request
+        config.write_text(settings.replace("quiet = true", "quiet = false") +
+                          f'backend = "http://127.0.0.1:{second.server_port}"\nlog-level = "debug"\n')
         process.send_signal(signal.SIGHUP)
         applied_within_a_second(lambda: body() == b"second", "the new backend")
-        assert "changed=backend,log-level" in log.read_text()
+        assert "changed=backend,log-level,quiet" in log.read_text()
+        wait_until(lambda: body() and "GET / 200" in out.read_text(), message="a status line, quiet now off")
         config.write_text(settings + "backend = 5\n")
         process.send_signal(signal.SIGHUP)
         wait_until(lambda: "event=config_reload_failed" in log.read_text(), message="the failed reload line")
