@@ -8,19 +8,23 @@ from typing import NoReturn
 
 import click
 
+from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, route_section
 from tun2g.cli.options import env_option
 
 DEFAULT_INSPECT = "127.0.0.1:4040"
 NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as ngrok moves to 4041)
+# What a config reload (SIGHUP) changes without dropping the session; the rest needs a restart.
+LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
 
 
-@click.command()
+@click.command(cls=ConfigCommand)
+@config_option("TUN2G_CLIENT_CONFIG", sections={"route": route_section})
 @env_option("--server", "server_addr", env="TUN2G_SERVER", required=True, metavar="HOST:PORT|URL",
             help="The tun2 server's tunnel address (or https://host for --conn-type upgrade).")
 @env_option("--token", env="TUN2G_TOKEN",
             help="Token from `tun2g token create`. On the command line it shows in `ps`: prefer --token-file "
                  "or the TUN2G_TOKEN variable.")
-@env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH",
+@env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH", type=click.Path(readable=False),
             help="Read the token from this file (its first line; keep it mode 0600). Instead of --token.")
 @env_option("--domain", env="TUN2G_DOMAIN", help="Public domain to serve (a route you own).")
 @env_option("--backend", "backend_url", env="TUN2G_BACKEND", metavar="URL",
@@ -75,6 +79,7 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
                    --domain app.example.com --backend http://127.0.0.1:3000
       TUN2G_TOKEN=$TOKEN tun2g client --server tunnel.example.com:4443 \\
                    --domain app.example.com --backend http://127.0.0.1:3000
+      tun2g client --config client.toml            # kill -HUP reloads it (docs/config.md)
 
     Exits with status 2 when the server rejects the token or domain, 1 on other fatal errors.
     """
@@ -128,6 +133,9 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, stop)
+    ctx = click.get_current_context()
+    if loaded_config(ctx) is not None:
+        _reload_on_sighup(ctx, tunnel, printer)
     try:
         tunnel.run()
     except AuthRejected as exc:
@@ -139,6 +147,41 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
         if inspector is not None:
             inspector.close()
         printer.flush()
+
+
+def _reload_on_sighup(ctx: click.Context, tunnel, printer) -> None:
+    """SIGHUP reads the config file again: the log level, quiet and the backend change live (the session
+    stays up); what only a restart applies is logged as such; a bad file changes nothing."""
+    import gevent
+
+    from tun2g.cli.config_cmd import Reloader
+    from tun2g.config import ConfigError, log_reload_failure
+    from tun2g.log import configure, get_logger
+
+    log = get_logger(__name__)
+    reread = Reloader(ctx, LIVE_SETTINGS)
+
+    def on_sighup():
+        try:
+            change = reread()
+        except ConfigError as exc:
+            log_reload_failure(log, exc)
+            return
+        live = change.live
+        if "backend_url" in live:
+            try:
+                tunnel.use_backend(live["backend_url"])
+            except ValueError as exc:
+                log_reload_failure(log, ConfigError(change.source, str(exc), key="backend"))
+                return
+        if "log_level" in live:
+            configure(live["log_level"])
+        if "quiet" in live:
+            printer.quiet = live["quiet"]
+            tunnel.set_on_request(None if live["quiet"] else printer.request)
+        change.log(log)
+
+    gevent.signal_handler(signal.SIGHUP, on_sighup)
 
 
 def _token(token: str | None, token_file: str | None) -> str:

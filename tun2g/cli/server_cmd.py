@@ -8,10 +8,12 @@ import sys
 
 import click
 
+from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, policy_section
 from tun2g.cli.options import cidrs, env_option, host_port
 
 
-@click.command()
+@click.command(cls=ConfigCommand)
+@config_option("TUN2G_SERVER_CONFIG", sections={"policy": policy_section})
 @env_option("--http", "http_addr", env="TUN2G_HTTP", callback=host_port, metavar="HOST:PORT",
             help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080.")
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
@@ -102,6 +104,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
       tun2g server                                 # development: SQLite store, dev TLS certificate
       tun2g server --tls-cert cert.pem --tls-key key.pem --http :80 --tunnel :4443
       PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
+      tun2g server --config tun2g.toml             # kill -HUP reloads it (docs/config.md)
     """
     from tun2g.errors import ConfigurationError
     from tun2g.server.process import ServerSetup
@@ -125,6 +128,10 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     for name, value in bounds.items():
         if value is not None:  # unset: the default in tun2g.server.process
             setattr(setup, name, value)
+    ctx = click.get_current_context()
+    loaded = loaded_config(ctx)
+    if loaded is not None:
+        setup.policies = loaded.sections.get("policy", {})
     try:
         setup.check_admin_exposure()
     except ConfigurationError as exc:
@@ -139,4 +146,32 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, running.stop)
+    if loaded is not None:
+        _reload_on_sighup(ctx, running)
     running.wait()
+
+
+def _reload_on_sighup(ctx: click.Context, running) -> None:
+    """SIGHUP (and the admin API's POST /reload) read the config file again; see RunningServer.reload."""
+    import gevent
+
+    from tun2g.cli.config_cmd import Reloader
+    from tun2g.config import ConfigError
+    from tun2g.server.process import LIVE_SETTINGS
+
+    reread = Reloader(ctx, (LIVE_SETTINGS - {"policies"}) | {"policy"})
+
+    def reloader():
+        change = reread()
+        if "policy" in change.live:  # the file's [policy."DOMAIN"] tables are ServerSetup.policies
+            change.live["policies"] = change.live.pop("policy") or {}
+        return change
+
+    def on_sighup():
+        try:
+            running.reload()
+        except ConfigError:
+            pass  # logged by reload(); the settings in force stay
+
+    running.reloader = reloader
+    gevent.signal_handler(signal.SIGHUP, on_sighup)

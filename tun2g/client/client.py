@@ -166,6 +166,20 @@ class Client:
         if on_request is not None or inspector is not None or metrics is not None:
             self._observer = ExchangeObserver(on_request=on_request, inspector=inspector, metrics=metrics)
 
+    def use_backend(self, url: str) -> None:
+        """Send the next requests to `url` (a config reload); exchanges in flight finish on the old backend."""
+        pool = BackendPool(url, tls_verify=not self.config.backend_insecure, ca_file=self.config.backend_ca_file)
+        old, self.pool = self.pool, pool
+        self.config.backend_url = url
+        if self.inspector is not None:
+            self.inspector.use_backend(pool)
+        old.close()  # its idle connections now; those in use when they are released
+
+    def set_on_request(self, on_request: Callable[[Served], None] | None) -> None:
+        """Hear of every proxied exchange from now on, or no longer (None)."""
+        self._on_request = on_request
+        self._observed = on_request is not None or self.inspector is not None or self.metrics is not None
+
     def run(self) -> None:
         """Connect and serve, reconnecting with exponential backoff and jitter.
 

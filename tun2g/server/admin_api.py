@@ -1,5 +1,6 @@
 """The server's admin HTTP API: backends, kill, status (JSON), for `tun2g backends` / `tun2g kill`;
-`/metrics` (Prometheus text) and `/inspect` (captured exchanges, for `tun2g inspect`).
+`/metrics` (Prometheus text) and `/inspect` (captured exchanges, for `tun2g inspect`); `POST /reload`
+reads the config file again (as SIGHUP does; 400 with the error when the new file cannot be used).
 
 It listens on its own address (loopback by default), apart from public
 traffic. Every request must pass, in this order:
@@ -23,8 +24,10 @@ import hmac
 import ipaddress
 import json
 import time
+from typing import Callable
 from urllib.parse import unquote
 
+from tun2g.config import ConfigChange, ConfigError
 from tun2g.errors import ConfigurationError, NoSuchBackend
 from tun2g.metrics import CONTENT_TYPE
 from tun2g.storage import StorageError, normalize_domain
@@ -38,12 +41,15 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 class AdminAPI:
     """A WSGI app over a Server, for a listener bound at `address` (host, port)."""
 
-    def __init__(self, server: Server, admin_token: str, address: tuple) -> None:
+    def __init__(self, server: Server, admin_token: str, address: tuple, *,
+                 reload: Callable[[], ConfigChange] | None = None) -> None:
+        """`reload`: reads the config file again and applies it (None: POST /reload answers 404)."""
         if not admin_token:
             raise ConfigurationError("the admin API needs a token (--admin-token, or the data dir's admin-token)")
         self.server = server
         self.admin_token = admin_token
         self.started = time.time()
+        self.reload = reload
         self._allowed_hosts, self._any_ip_literal, self._port = allowed_hosts(address)
 
     def __call__(self, environ, start_response):
@@ -74,6 +80,12 @@ class AdminAPI:
             except NoSuchBackend as exc:
                 return _json(start_response, 404, {"error": str(exc)})
             return _json(start_response, 200, {"killed": backend_id})
+        if method == "POST" and path == "/reload" and self.reload is not None:
+            try:
+                change = self.reload()
+            except ConfigError as exc:
+                return _json(start_response, 400, {"error": str(exc), "note": "the settings in force are unchanged"})
+            return _json(start_response, 200, change.to_dict())
         if method == "GET" and path == "/metrics" and self.server.metrics is not None:
             body = self.server.metrics.exposition()
             start_response("200 OK", [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
@@ -87,7 +99,7 @@ class AdminAPI:
                 "backends": len(backends), "domains": len({b.domain for b in backends}),
                 "requests_in_flight": sum(b.requests_in_flight for b in backends)})
         return _json(start_response, 404, {"error": f"no admin endpoint {method} {path}; "
-                                                    "try GET /backends, POST /backends/ID/kill, GET /status, "
+                                                    "try GET /backends, POST /backends/ID/kill, GET /status, POST /reload, "
                                                     "GET /health, GET /metrics, GET /inspect?domain=D"})
 
     def _inspect(self, start_response, query: dict) -> list:

@@ -271,6 +271,11 @@ class Pipeline:
         # `tun2g.server.process` sets them from its defaults. None: unbounded.
         self.timeouts = timeouts
 
+    def set_trusted_proxies(self, cidrs: Iterable[str]) -> None:
+        """Believe the forwarding headers of these peers from the next request on (a config reload)."""
+        self.trusted_proxies = TrustedProxies(cidrs)
+        self._any_trusted = bool(self.trusted_proxies.networks)
+
     def serve(self, head: RequestHead, reader: MessageReader, sock: ByteStream, *, peer_ip: str,
               scheme: str) -> bool:
         """Proxy one request read from a public socket; True when the connection may carry another."""

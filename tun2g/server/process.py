@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 import gevent
+from gevent.lock import BoundedSemaphore
 from gevent.pywsgi import WSGIServer
 
 from tun2g import smux
 from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.cluster.forward import HOP_READ_TIMEOUT
+from tun2g.config import ConfigChange, ConfigError, log_reload_failure
 from tun2g.log import configure, get_logger
 from tun2g.errors import ConfigurationError
 from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
+from tun2g.policy import Policy
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
@@ -45,6 +49,11 @@ MAX_CONNECTIONS_PER_IP = 256
 # The total cap is derived from the fd limit: what is left after this share for tunnels, node hops,
 # storage and listeners (a public connection is one fd; tunnel streams need none).
 FD_RESERVE_SHARE, FD_RESERVE_MIN = 4, 32
+# The ServerSetup fields a running server can change in place (a config reload): each takes effect for
+# the next request, connection or ping, and nothing in flight is dropped. Every other one needs a restart.
+LIVE_SETTINGS = frozenset({"log_level", "access_log", "ping_interval", "metrics_domain_cap", "inspect",
+                           "trusted_proxies", "response_timeout", "body_timeout", "header_timeout", "idle_timeout",
+                           "max_connections_per_ip", "max_connections", "policies"})
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -111,6 +120,9 @@ class ServerSetup:
     # Capture of the routes marked `tun2g route inspect DOMAIN on` (False: never, whatever the routes say).
     inspect: bool = True
     inspect_queue: int = QUEUE_SIZE
+    # Edge policies per route from the config file ([policy."DOMAIN"] tables), installed before the first
+    # request is served.
+    policies: dict[str, Any] = field(default_factory=dict)
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -144,18 +156,13 @@ class ServerSetup:
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
                                     self.hop_timeout, metrics)
-        inspector = None
-        if self.inspect:
-            store: CaptureStore = (RedisCaptures(storage.url, storage.key_prefix) if isinstance(storage, RedisStorage)
-                                   else MemoryCaptures())
-            inspector = Inspector(store, node=config.node_id, queue_size=self.inspect_queue,
-                                  on_outcome=None if metrics is None else _capture_counter(metrics),
-                                  on_store_error=None if metrics is None else lambda: metrics.redis_error("inspect"))
-            inspector.start(storage)
+        inspector = self.start_inspector(storage, config.node_id, metrics) if self.inspect else None
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
                         inspector=inspector, policies=policy_book(storage, metrics))
-        running = RunningServer(server, cluster, http_address=http_address)
+        install_policies(server, self.policies)
+        running = RunningServer(server, cluster, http_address=http_address, setup=self, fd_limit=fd_limit,
+                                inspector=inspector)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
         if cluster is not None:
@@ -179,6 +186,16 @@ class ServerSetup:
                      hint=f"clients connect with --ca {cert} (or use --tls-cert/--tls-key in production)")
         return running
 
+    def start_inspector(self, storage, node: str, metrics: Metrics | None) -> Inspector:
+        """Capture of inspected routes, kept in Redis with a Redis store (shared by the nodes), else in memory."""
+        store: CaptureStore = (RedisCaptures(storage.url, storage.key_prefix) if isinstance(storage, RedisStorage)
+                               else MemoryCaptures())
+        inspector = Inspector(store, node=node, queue_size=self.inspect_queue,
+                              on_outcome=None if metrics is None else _capture_counter(metrics),
+                              on_store_error=None if metrics is None else lambda: metrics.redis_error("inspect"))
+        inspector.start(storage)
+        return inspector
+
     def check_admin_exposure(self) -> None:
         """ConfigurationError when the admin API would listen beyond loopback without an explicit token."""
         if not self.admin_addr or self.admin_token:
@@ -198,7 +215,8 @@ class ServerSetup:
                      hint="tun2g backends / tun2g kill read it from there")
         listener = tcp.listen(self.admin_addr)
         address = listener.getsockname()[:2]
-        admin = WSGIServer(listener, AdminAPI(server, token, address), log=None, error_log=None)
+        admin = WSGIServer(listener, AdminAPI(server, token, address, reload=running.reload), log=None,
+                           error_log=None)
         admin.start()
         running.admin_address = address
         running.admin_token = token
@@ -258,6 +276,64 @@ class RunningServer:
     admin_token: str | None = None
     services: list = field(default_factory=list)
     tasks: list = field(default_factory=list)
+    setup: ServerSetup | None = None  # the settings in force (a reload replaces the live ones)
+    fd_limit: int = 1024
+    inspector: Inspector | None = None  # made on start, or by the first reload that turns capture on
+    # Reads the config file again and says what changed (set by `tun2g server --config`; None: no file).
+    reloader: Callable[[], ConfigChange] | None = None
+    _reload_lock: BoundedSemaphore = field(default_factory=BoundedSemaphore)
+
+    def reload(self) -> ConfigChange:
+        """Read the config file again and apply what can change live (SIGHUP, POST /reload of the admin API).
+
+        Tunnels and requests in flight are untouched. What only a restart applies is logged as such and left
+        as it is; a file that cannot be used raises ConfigError and leaves the settings in force as they were."""
+        if self.reloader is None:
+            raise ConfigError("-", "this server was started without --config: there is no file to reload")
+        with self._reload_lock:  # SIGHUP and the admin API may ask at once
+            try:
+                change = self.reloader()
+            except ConfigError as exc:
+                log_reload_failure(log, exc)
+                raise
+            self.reconfigure(change.live)
+        change.log(log)
+        return change
+
+    def reconfigure(self, changes: Mapping[str, Any]) -> None:
+        """Apply new values of LIVE_SETTINGS (ServerSetup field names) to the running server, in place.
+
+        None for a bound (a timeout, a connection cap) means its default, as when the flag is not given."""
+        unknown = set(changes) - LIVE_SETTINGS
+        if unknown:
+            raise ConfigurationError(f"cannot change {', '.join(sorted(unknown))} while running: restart")
+        assert self.setup is not None
+        defaults = ServerSetup()
+        values: dict[str, Any] = {name: getattr(defaults, name) if value is None else value
+                                  for name, value in changes.items()}
+        setup = self.setup = replace(self.setup, **values)
+        server, pipeline = self.server, self.server.pipeline
+        if "log_level" in changes:
+            configure(setup.log_level)
+        if "access_log" in changes:
+            pipeline.access_log = setup.access_log
+        if "ping_interval" in changes:
+            server.config.ping_interval = setup.ping_interval  # each tunnel's next ping
+        if "metrics_domain_cap" in changes and server.metrics is not None:
+            server.metrics.domain_cap = setup.metrics_domain_cap  # domains labelled already keep their label
+        if "inspect" in changes:
+            if setup.inspect and self.inspector is None:
+                self.inspector = setup.start_inspector(server.storage, server.config.node_id, server.metrics)
+            server.inspector = pipeline.inspector = self.inspector if setup.inspect else None
+        if "trusted_proxies" in changes:
+            pipeline.set_trusted_proxies(setup.trusted_proxies)
+        if {"response_timeout", "body_timeout"} & set(changes):
+            pipeline.timeouts = setup.exchange_timeouts()
+        if {"header_timeout", "idle_timeout", "max_connections_per_ip", "max_connections"} & set(changes) \
+                and self.front is not None:
+            self.front.limits = setup.front_limits(self.fd_limit)  # for the connections accepted from now on
+        if "policies" in changes:
+            install_policies(server, setup.policies)
 
     def stop(self) -> None:
         """Close listeners and tunnels; wakes `wait()`."""
@@ -268,12 +344,20 @@ class RunningServer:
         for service in self.services:
             service.stop(timeout=1)
         self.server.close()
+        if self.inspector is not None:  # capture switched off by a reload: the server no longer holds it
+            self.inspector.close()
         gevent.killall(self.tasks, block=True, timeout=2)
         gevent.sleep(0)  # gevent closes a socket a waiting greenlet held on the next loop turn
         self.server.storage.close()
 
     def wait(self) -> None:
         self.server.wait()
+
+
+def install_policies(server: Server, policies: Mapping[str, Policy]) -> None:
+    """Put the config file's edge policies (by route) in force, replacing the file's previous ones; they win
+    over stored policies for the same route (tun2g.server.policy_step)."""
+    server.policies.set_config_policies(dict(policies))
 
 
 def policy_book(storage, metrics: Metrics | None = None) -> PolicyBook:
