@@ -177,8 +177,10 @@ class Client:
 
     def set_on_request(self, on_request: Callable[[Served], None] | None) -> None:
         """Hear of every proxied exchange from now on, or no longer (None)."""
-        self._on_request = on_request
-        self._observed = on_request is not None or self.inspector is not None or self.metrics is not None
+        if on_request is None and self.inspector is None and self.metrics is None:
+            self._observer = None
+        else:
+            self._observer = ExchangeObserver(on_request=on_request, inspector=self.inspector, metrics=self.metrics)
 
     def run(self) -> None:
         """Connect and serve, reconnecting with exponential backoff and jitter.

@@ -17,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import Callable
 
 import gevent
 from gevent.event import Event
 
 from tun2g.client.client import Client, ClientConfig
+from tun2g.client.telemetry import Served
 from tun2g.log import get_logger
 
 log = get_logger(__name__)
@@ -76,6 +78,18 @@ class MultiClient:
                 self._closed.wait(DISCOVER_INTERVAL)
         finally:
             self.close()
+
+    def use_backend(self, url: str) -> None:
+        """Send the next requests of every session to `url` (a config reload)."""
+        self.config.backend_url = url  # sessions added later start with it
+        for client in self.clients:
+            client.use_backend(url)
+
+    def set_on_request(self, on_request: Callable[[Served], None] | None) -> None:
+        """Every session's exchanges are heard by `on_request` from now on (None: no longer)."""
+        self._options["on_request"] = on_request
+        for client in self.clients:
+            client.set_on_request(on_request)
 
     def close(self) -> None:
         """Close every session and stop reconnecting."""
