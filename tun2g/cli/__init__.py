@@ -11,9 +11,10 @@ monkey.patch_all()
 import click  # noqa: E402
 
 from tun2g import __version__  # noqa: E402
+from tun2g.cli.errors import Group  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tun2g")
 def main():
     """tun2g: a self-hosted HTTP tunnel, wire-compatible with Go tun2.

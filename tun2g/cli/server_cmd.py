@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from tun2g.cli.options import cidrs, env_option, host_port
+from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
 
 
 @click.command()
@@ -46,15 +46,15 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--cluster-secret", env="TUN2G_CLUSTER_SECRET",
             help="With Redis: the secret that signs node-to-node requests; the same on every node. "
                  "Default: one kept in Redis.")
-@env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=float, default=10.0, show_default=True,
+@env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=POSITIVE_SECONDS, default=10.0, show_default=True,
             help="With Redis: seconds after which a silent node's backends leave the shared registry.")
-@env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=float, default=75.0, show_default=True,
+@env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=POSITIVE_SECONDS, default=75.0, show_default=True,
             help="With Redis: seconds a request forwarded to another node may wait for it (its response head, "
                  "or the next piece of a body). Frozen nodes are detected sooner, by their health check.")
 @env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["auto", "1", "2"]), default="auto",
             show_default=True, help="smux protocol version: auto gives tun2g clients 2 (per-stream flow control) "
                                     "and Go tun2 clients 1; a fixed version must match every client's.")
-@env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
+@env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=POSITIVE_SECONDS, default=5.0, show_default=True,
             help="Seconds between health pings of each tunnel.")
 @env_option("--trusted-proxy", "trusted_proxies", env="TUN2G_TRUSTED_PROXY", multiple=True, metavar="CIDR",
             callback=cidrs,
@@ -85,12 +85,16 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--max-connections", env="TUN2G_MAX_CONNECTIONS", type=click.IntRange(min=0), metavar="N",
             help="Open public connections in all; more get a fast 503. 0: no cap. "
                  "Default: three quarters of the fd limit (raised to the hard limit at start).")
+@env_option("--grace-period", env="TUN2G_GRACE_PERIOD", type=click.FloatRange(min=0), default=25.0,
+            show_default=True, metavar="SECONDS",
+            help="On SIGTERM: stop taking new connections and tunnels, tell tun2g clients to move, and let the "
+                 "requests in flight finish for up to this long (inside Heroku's 30 s), then exit 0.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
-           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, log_level):
+           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, grace_period, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -99,7 +103,6 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
       tun2g server --tls-cert cert.pem --tls-key key.pem --http :80 --tunnel :4443
       PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
     """
-    from tun2g.errors import ConfigurationError
     from tun2g.server.process import ServerSetup
 
     if bool(tls_cert) != bool(tls_key):
@@ -120,18 +123,19 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     for name, value in bounds.items():
         if value is not None:  # unset: the default in tun2g.server.process
             setattr(setup, name, value)
-    try:
-        setup.check_admin_exposure()
-    except ConfigurationError as exc:
-        click.echo(f"tun2g server: {exc}", err=True)
-        sys.exit(2)  # a usage error, as click's own
-    try:
-        running = setup.start()
-    except (OSError, ValueError) as exc:
-        click.echo(f"tun2g server: {exc}", err=True)
-        sys.exit(1)
+    running = setup.start()  # a refusal (a port in use, a bad store URL) is one line: tun2g.cli.errors
     import gevent
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, running.stop)
+    from tun2g.cli.errors import EXIT_INTERRUPTED
+
+    interrupted = []
+
+    def interrupt() -> None:
+        interrupted.append(True)
+        gevent.spawn(running.stop)
+
+    gevent.signal_handler(signal.SIGINT, interrupt)  # Ctrl-C: stop now
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(running.drain, grace_period))
     running.wait()
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
