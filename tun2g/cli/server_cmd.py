@@ -123,19 +123,29 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     for name, value in bounds.items():
         if value is not None:  # unset: the default in tun2g.server.process
             setattr(setup, name, value)
-    running = setup.start()  # a refusal (a port in use, a bad store URL) is one line: tun2g.cli.errors
     import gevent
 
     from tun2g.cli.errors import EXIT_INTERRUPTED
 
-    interrupted = []
+    signals: list[int] = []  # handled from the start: a signal during start-up acts once the server runs
 
-    def interrupt() -> None:
-        interrupted.append(True)
-        gevent.spawn(running.stop)
+    def handle(signum: int) -> None:
+        signals.append(signum)
+        if running is not None:
+            act(signum)
 
-    gevent.signal_handler(signal.SIGINT, interrupt)  # Ctrl-C: stop now
-    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(running.drain, grace_period))
+    def act(signum: int) -> None:
+        if signum == signal.SIGINT:  # Ctrl-C: stop now
+            gevent.spawn(running.stop)
+        else:  # SIGTERM: drain, then stop
+            gevent.spawn(running.drain, grace_period)
+
+    running = None
+    gevent.signal_handler(signal.SIGINT, handle, signal.SIGINT)
+    gevent.signal_handler(signal.SIGTERM, handle, signal.SIGTERM)
+    running = setup.start()  # a refusal (a port in use, a bad store URL) is one line: tun2g.cli.errors
+    for signum in signals:
+        act(signum)
     running.wait()
-    if interrupted:
+    if signal.SIGINT in signals:
         sys.exit(EXIT_INTERRUPTED)

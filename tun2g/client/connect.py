@@ -29,6 +29,10 @@ def server_host_port(server_addr: str, default_port: int = 443) -> tuple[str, in
     return host, port, ""
 
 
+class HandshakeHangUp(OSError):
+    """The peer closed the connection in the middle of our TLS handshake (a port without TLS does)."""
+
+
 class Diagnosis(NamedTuple):
     """Why a dial failed, in a few words, and whether retrying could help (``permanent``: it cannot)."""
 
@@ -60,6 +64,10 @@ def diagnose(exc: BaseException, config: ClientConfig) -> Diagnosis:
         return Diagnosis(f"{host}:{port} does not speak TLS", True,
                          f"if it is the server's public HTTP port, use --conn-type upgrade --server http://{host}:{port} "
                          f"(https:// behind TLS); if the server runs --plain-tunnel, add --plain")
+    if isinstance(exc, HandshakeHangUp):
+        return Diagnosis(f"{host}:{port} hung up during the TLS handshake", True,
+                         "if the server runs --plain-tunnel, add --plain; if it is the public HTTP port, use "
+                         "--conn-type upgrade")
     if isinstance(exc, upgrade.UpgradeRefused):  # a 4xx will not change; a 5xx (a node stopping) may
         return Diagnosis(str(exc), 400 <= getattr(exc, "status", 0) < 500)
     if isinstance(exc, ConnectionRefusedError):
@@ -104,6 +112,9 @@ def dial(config: ClientConfig) -> ByteStream:
         return sock
     try:
         return tls.connect_tls(sock, client_tls_context(config), server_hostname=host)
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as exc:
+        sock.close()
+        raise HandshakeHangUp(str(exc)) from exc
     except BaseException:
         sock.close()
         raise
