@@ -415,7 +415,7 @@ class Client:
             result = self.pool.forward_exchange(head, reader, stream)
         except UpstreamError as exc:
             log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
-            stream.sendall(pages.backend_failed(str(exc)).encode())
+            stream.sendall(pages.backend_failed().encode())
             return False
         except OSError as exc:
             log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
@@ -458,7 +458,7 @@ class Client:
             log.warning("backend_failed", backend=self.config.backend_url, error=str(exc))
             error, status = str(exc), 502
             self._count_backend_error("bad_response")
-            stream.sendall(pages.backend_failed(str(exc)).encode())
+            stream.sendall(pages.backend_failed().encode())
         except OSError as exc:
             log.warning("backend_unreachable", backend=self.config.backend_url, error=str(exc))
             error, status = str(exc), 502
