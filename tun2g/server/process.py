@@ -369,4 +369,31 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
                   ).serve(hop_listener)
         cluster.start()
     log.info("wsgi_node_ready", node=config.node_id, storage=storage.describe(), cluster=cluster is not None)
+    _drain_on_sigterm(server, cluster, float(env.get("TUN2G_GRACE_PERIOD", "25")))
     return WSGIFront(server)
+
+
+def _drain_on_sigterm(server: Server, cluster: ClusterNode | None, grace: float) -> None:
+    """Under gunicorn: SIGTERM also drains this worker's node, then closes its tunnels.
+
+    gunicorn's worker waits up to its graceful timeout (30 s) for every open request, and a
+    tunnel by Upgrade is one that never ends on its own: closing the tunnels once their
+    requests are answered (tun2g clients told to move first) makes the worker's exit prompt.
+    The worker's own handler (installed before the app loads) still runs.
+    """
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def drain_then_close() -> None:
+        server.drain(grace)
+        if cluster is not None:
+            cluster.close()
+        server.close()
+
+    def on_sigterm(signum, frame) -> None:
+        gevent.spawn(drain_then_close)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -48,6 +48,10 @@ log = get_logger(__name__)
 ACCEPT_BACKOFF_MAX = 1.0
 # While draining, how often the server looks whether what it waits for is done (a cadence, bounded by the grace).
 DRAIN_POLL = 0.05
+# While draining in a cluster, how long the tun2g clients told to move get to re-register elsewhere:
+# one takes well under a second when another node is in service; past this there is none (the
+# whole service stopping), and the requests in flight alone are waited for.
+MOVE_WAIT = 5.0
 
 
 @dataclass
@@ -402,10 +406,12 @@ class Server:
         for tunnel in movers:
             _try_send(tunnel.control_stream, encode_event(MOVE, grace=grace))
         log.info("draining", grace_period=grace, tunnels=len(self.tunnels), told_to_move=len(movers))
-        deadline = time.monotonic() + grace
+        started = time.monotonic()
+        deadline = started + grace
         in_cluster = self.router.cluster is not None
         while time.monotonic() < deadline:
-            staying = [t for t in movers if not t.leaving and not t.is_closed] if in_cluster else []
+            moving = in_cluster and time.monotonic() - started < MOVE_WAIT
+            staying = [t for t in movers if not t.leaving and not t.is_closed] if moving else []
             in_flight = sum(t.in_flight for t in self.tunnels) + busy()
             if not staying and not in_flight:
                 log.info("drained")
