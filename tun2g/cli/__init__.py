@@ -37,9 +37,10 @@ def _register() -> None:
     from tun2g.cli.client_cmd import client
     from tun2g.cli.inspect_cmd import inspect
     from tun2g.cli.live_cmd import backends, cert, kill
+    from tun2g.cli.login_cmd import http, login
     from tun2g.cli.server_cmd import server
 
-    for command in (server, client, token, route, backends, kill, cert, inspect):
+    for command in (server, client, login, http, token, route, backends, kill, cert, inspect):
         main.add_command(command)
 
 

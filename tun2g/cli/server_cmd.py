@@ -85,6 +85,10 @@ from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
 @env_option("--max-connections", env="TUN2G_MAX_CONNECTIONS", type=click.IntRange(min=0), metavar="N",
             help="Open public connections in all; more get a fast 503. 0: no cap. "
                  "Default: three quarters of the fd limit (raised to the hard limit at start).")
+@env_option("--public-url", env="TUN2G_PUBLIC_URL", metavar="URL",
+            callback=lambda ctx, param, value: _public_url(value),
+            help="The public URL of a client's domain, told to each client when it connects, e.g. "
+                 "https://{domain} (or https://{domain}:8443). Default: clients show http://DOMAIN.")
 @env_option("--grace-period", env="TUN2G_GRACE_PERIOD", type=click.FloatRange(min=0), default=25.0,
             show_default=True, metavar="SECONDS",
             help="On SIGTERM: stop taking new connections and tunnels, tell tun2g clients to move, and let the "
@@ -94,7 +98,7 @@ from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
-           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, grace_period, log_level):
+           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -116,7 +120,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,
-                        metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect)
+                        metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect,
+                        public_url=public_url)
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)
@@ -149,3 +154,12 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     running.wait()
     if signal.SIGINT in signals:
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _public_url(value: str | None) -> str | None:
+    """--public-url must be an http(s) URL template holding {domain}."""
+    if value is None:
+        return None
+    if "{domain}" not in value or not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"expected a URL with {{domain}} in it, such as https://{{domain}}, got {value!r}")
+    return value

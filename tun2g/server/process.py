@@ -121,6 +121,7 @@ class ServerSetup:
     # Capture of the routes marked `tun2g route inspect DOMAIN on` (False: never, whatever the routes say).
     inspect: bool = True
     inspect_queue: int = QUEUE_SIZE
+    public_url: str | None = None  # "https://{domain}": the URL clients are told they serve
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -145,7 +146,8 @@ class ServerSetup:
             raise type(exc)(f"--storage: {exc}") from None
         smux_config = smux.Config.tun2_server()
         smux_config.version = self.smux_version
-        config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval)
+        config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval,
+                              public_url=self.public_url)
         if self.node_id:
             config.node_id = self.node_id
         http_listener = listen("--http", self.http_addr)

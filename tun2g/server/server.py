@@ -71,6 +71,9 @@ class ServerConfig:
     max_sessions_per_user: int | None = 64
     # The whole smux receive budget of a session before its Auth is verified.
     pre_auth_receive_buffer: int = smux.config.PRE_AUTH_RECEIVE_BUFFER
+    # The public URL a client's domain is served at, told in the auth reply: "https://{domain}"
+    # (None: the reply names none, and the client shows http://DOMAIN).
+    public_url: str | None = None
 
     def __post_init__(self):
         if self.storage is None:
@@ -253,6 +256,8 @@ class Server:
         self._count_auth("ok")
         self.router.register(tunnel)
         session.add_close_callback(lambda _session: self._forget(tunnel))
+        if self.config.public_url:
+            extra["urls"] = [self.config.public_url.replace("{domain}", tunnel.domain)]
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())
