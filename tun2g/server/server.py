@@ -232,7 +232,7 @@ class Server:
             log.warning("auth_rejected", remote=remote, proto=proto, reason=refusal, user=user)
             _try_send(control, encode_reply(False, error=refusal, retry=True))
             return None
-        extra = {}
+        extra: dict[str, object] = {}
         if auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL and session.config.version is None \
                 and session.version == 1:
             # docs/protocol.md#version-negotiation: a tun2g client follows us to v2. Before the
