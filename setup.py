@@ -36,6 +36,7 @@ setup(
             "types-requests",
             "playwright>=1.40",  # drives Debian's chromium (scripts/install-test-deps); no browser download
         ],
+        "gunicorn": ["gunicorn[gevent]>=22"],  # the WSGI deploy shape: gunicorn -k gevent
         "bench": ["psutil>=5.9", "pyinstrument>=4.6", "py-spy>=0.3"],
     },
     entry_points={"console_scripts": ["tun2g=tun2g.cli:main"]},

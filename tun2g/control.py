@@ -233,3 +233,46 @@ def decode_reply(line: bytes) -> dict:
     if not isinstance(value, dict) or not isinstance(value.get("ok"), bool):
         raise AuthFormatError("invalid reply on the control stream: no boolean 'ok'")
     return value
+
+
+# -- tun2g's control messages (docs/protocol.md#control-messages) ---------------------------
+#
+# After the reply, the control stream of a tun2g client (one whose Auth said "tun2g": 1) carries
+# one-line JSON events both ways. A Go tun2 peer never sees one: the server sends them only to
+# tun2g clients, and a tun2g client sends them only to a server that replied to its Auth.
+
+MAX_EVENT_SIZE = 1024
+# Server -> client: this server is draining; connect again (a balancer sends you elsewhere),
+# then send LEAVING on this session. "grace": seconds before the server closes it anyway.
+MOVE = "move"
+# Client -> server: route no new requests to this session; close it once those in flight are done.
+LEAVING = "leaving"
+
+
+def encode_event(event: str, **fields) -> bytes:
+    """One control message: a JSON line with an "event" field."""
+    return json.dumps({"event": event, **fields}, separators=(",", ":")).encode() + b"\n"
+
+
+class EventReader:
+    """Splits a control stream into events, a line at a time; a line over MAX_EVENT_SIZE is an error."""
+
+    def __init__(self, limit: int = MAX_EVENT_SIZE) -> None:
+        self._limit = limit
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[dict]:
+        """The complete events in ``data`` (with what came before); lines that are no event are skipped."""
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > self._limit or any(len(line) > self._limit for line in lines):
+            raise AuthFormatError(f"a control message longer than {self._limit} bytes")
+        events = []
+        for line in lines:
+            try:
+                value = json.loads(line)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue
+            if isinstance(value, dict) and isinstance(value.get("event"), str):
+                events.append(value)
+        return events

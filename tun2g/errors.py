@@ -52,5 +52,12 @@ class ConfigurationError(Tun2Error, ValueError):
     """A Server or Client was given an unusable configuration."""
 
 
+class SetupError(Tun2Error):
+    """Starting failed for a reason outside the code (a port in use, a file that cannot be read).
+
+    The message names the setting (the flag, for the command line) and the fix.
+    """
+
+
 def _with_detail(message: str, detail: str) -> str:
     return f"{message}: {detail}" if detail else message

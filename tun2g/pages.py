@@ -101,25 +101,29 @@ def tunnel_broke(request_id: str) -> Page:
     return _gateway_error(502, "The tunnel to this site's backend broke.", request_id)
 
 
-def tunnel_failed(detail: str, request_id: str) -> Page:
+# Public pages say what happened in plain words; the technical detail (smux, hop and parser
+# errors, node names) goes to the log under the same request id.
+
+def tunnel_failed(request_id: str) -> Page:
     """The tunnel failed under this request before a response came back."""
-    return _gateway_error(502, f"The backend's tunnel failed: {detail}", request_id)
+    return _gateway_error(502, "The connection to this site's server was lost before it answered. "
+                               "Retry in a moment.", request_id)
 
 
-def node_failed(node_id: str, detail: str, request_id: str) -> Page:
+def node_failed(request_id: str) -> Page:
     """The cluster node holding the site's tunnel failed under this request."""
-    return _gateway_error(502, f"The cluster node holding this site's tunnel ({node_id}) failed: {detail}",
-                          request_id)
+    return _gateway_error(502, "The part of this service that holds the site's connection stopped answering. "
+                               "Retry in a moment.", request_id)
 
 
 def no_node_reachable(request_id: str) -> Page:
     return _gateway_error(502, "No cluster node holding this site's tunnel could be reached.", request_id)
 
 
-def registry_unavailable(detail: str, request_id: str) -> Page:
+def registry_unavailable(request_id: str) -> Page:
     """503: the tunnel is not on this node and the shared registry cannot say where it is."""
-    return _gateway_error(503, f"This site's tunnel is not on this server, and the cluster registry cannot be "
-                               f"reached to find it ({detail}). Retry shortly.", request_id,
+    return _gateway_error(503, "This service cannot find the site's connection right now. Retry shortly.",
+                          request_id,
                           headers=(("Retry-After", "1"),))
 
 
@@ -199,9 +203,9 @@ def health_ok() -> Page:
     return Page(200, b"ok\n", TEXT)
 
 
-def backend_failed(detail: str) -> Page:
-    """The local service broke the exchange (the tunnel client's 502)."""
-    return Page(502, f"tun2g client: the backend failed: {detail}\n".encode(), TEXT)
+def backend_failed() -> Page:
+    """The local service broke the exchange (the tunnel client's 502; the detail is in the client's log)."""
+    return Page(502, b"tun2g client: the site's local service broke off its answer\n", TEXT)
 
 
 def backend_unreachable(error: BaseException) -> Page:

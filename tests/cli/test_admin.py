@@ -84,7 +84,7 @@ def test_revoke_stops_the_token_and_unknown_ids_fail_cleanly(storage_env):
     with pytest.raises(NoSuchToken):
         open_storage().has_token(record["token"])
     assert fails("token", "revoke", record["id"]).strip() == (
-        f"tun2g: no token with id '{record['id']}' (see `tun2g token list`)")
+        f"tun2g token: no token with id '{record['id']}' (see `tun2g token list`)")
 
 
 def test_import_registers_an_existing_go_token(storage_env):
@@ -146,16 +146,16 @@ def test_route_inspect_switches_capture_and_list_shows_it(storage_env):
     ok("route", "inspect", "app.example.com", "off")
     assert open_storage().list_routes()[0].inspect is False
     assert fails("route", "inspect", "gone.example.com", "on").strip() == (
-        "tun2g: no route for gone.example.com (see `tun2g route list`)")
+        "tun2g route: no route for gone.example.com (see `tun2g route list`)")
 
 
 def test_route_errors_are_one_line(storage_env):
     ok("route", "add", "app.example.com", "--user", "alice")
     assert fails("route", "add", "app.example.com", "--user", "mallory").strip() == (
-        "tun2g: route app.example.com already belongs to alice; remove it first (tun2g route rm app.example.com)")
+        "tun2g route: route app.example.com already belongs to alice; remove it first (tun2g route rm app.example.com)")
     assert fails("route", "rm", "gone.example.com").strip() == (
-        "tun2g: no route for gone.example.com (see `tun2g route list`)")
-    assert fails("route", "add", "not a domain", "--user", "alice").startswith("tun2g: invalid domain")
+        "tun2g route: no route for gone.example.com (see `tun2g route list`)")
+    assert fails("route", "add", "not a domain", "--user", "alice").startswith("tun2g route: invalid domain")
     assert open_storage().has_route("app.example.com") == "alice"
 
 
@@ -182,7 +182,7 @@ def test_storage_flag_and_redis_url_select_redis(storage_env, redis_server, monk
 def test_redis_down_is_one_line_and_exit_1(storage_env, redis_server):
     redis_server.stop()
     message = fails("route", "list", "--storage", redis_server.url)
-    assert message.startswith(f"tun2g: cannot reach Redis at {redis_server.url}")
+    assert message.startswith(f"tun2g route: cannot reach Redis at {redis_server.url}")
     assert message.count("\n") == 1
 
 
@@ -204,7 +204,7 @@ def test_python_m_tun2g_cli(tmp_path):
     assert store_in(tmp_path).has_token(created.stdout.strip()) == ("alice", ["connect"])
     failed = process([*cli, "route", "add", "app.example.com", "--user", "bob"], env)
     assert failed.returncode == 1 and failed.stdout == ""
-    assert failed.stderr.startswith("tun2g: route app.example.com already belongs to alice")
+    assert failed.stderr.startswith("tun2g route: route app.example.com already belongs to alice")
     assert "Traceback" not in failed.stderr and failed.stderr.count("\n") == 1
 
 
@@ -223,7 +223,7 @@ def test_operator_scripts_against_redis_url(redis_server):
         assert helped.returncode == 0 and f"Usage: {script}" in helped.stdout
     redis_server.stop()
     down = process([str(REPO / "scripts/tun2g-route"), "list"], env)
-    assert down.returncode == 1 and down.stderr.startswith("tun2g: cannot reach Redis")
+    assert down.returncode == 1 and "cannot reach Redis" in down.stderr.splitlines()[-1]
 
 
 def test_console_script_when_installed(tmp_path):

@@ -11,9 +11,10 @@ monkey.patch_all()
 import click  # noqa: E402
 
 from tun2g import __version__  # noqa: E402
+from tun2g.cli.errors import Group  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tun2g")
 def main():
     """tun2g: a self-hosted HTTP tunnel, wire-compatible with Go tun2.
@@ -36,10 +37,11 @@ def _register() -> None:
     from tun2g.cli.client_cmd import client
     from tun2g.cli.inspect_cmd import inspect
     from tun2g.cli.live_cmd import backends, cert, kill
+    from tun2g.cli.login_cmd import http, login
     from tun2g.cli.policy_cmd import policy
     from tun2g.cli.server_cmd import server
 
-    for command in (server, client, token, route, policy, backends, kill, cert, inspect):
+    for command in (server, client, login, http, token, route, policy, backends, kill, cert, inspect):
         main.add_command(command)
 
 

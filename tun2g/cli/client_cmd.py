@@ -9,7 +9,8 @@ from typing import NoReturn
 import click
 
 from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, route_section
-from tun2g.cli.options import env_option
+from tun2g.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, Fatal
+from tun2g.cli.options import env_option, http_url
 
 DEFAULT_INSPECT = "127.0.0.1:4040"
 NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as ngrok moves to 4041)
@@ -27,7 +28,7 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
 @env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH", type=click.Path(readable=False),
             help="Read the token from this file (its first line; keep it mode 0600). Instead of --token.")
 @env_option("--domain", env="TUN2G_DOMAIN", help="Public domain to serve (a route you own).")
-@env_option("--backend", "backend_url", env="TUN2G_BACKEND", metavar="URL",
+@env_option("--backend", "backend_url", env="TUN2G_BACKEND", metavar="URL", callback=http_url,
             help="Local service to forward to, e.g. http://127.0.0.1:3000 (a path prefix is kept).")
 @click.option("--route", "route_specs", multiple=True, metavar="ROUTE=URL",
               help="Serve one more route from its own backend over the same tunnel, e.g. "
@@ -58,6 +59,9 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
 @env_option("--sessions", env="TUN2G_SESSIONS", type=click.IntRange(1, 16), default=None, metavar="K",
             help="Hold sessions on K nodes of a cluster at once, one per node, learnt from the server's reply "
                  "(docs/cluster.md#multi-homed-clients). Default: 2 when the cluster has more than one node, else 1.")
+@env_option("--grace-period", env="TUN2G_GRACE_PERIOD", type=click.FloatRange(min=0), default=25.0,
+            show_default=True, metavar="SECONDS",
+            help="On SIGTERM: take no new requests and let those in flight finish for up to this long, then exit 0.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr); "
                                                     "debug adds the life of each stream and request.")
@@ -69,8 +73,8 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
 @env_option("--quiet", "-q", is_flag=True, env="TUN2G_QUIET",
             help="No status lines on stdout (the public URL, one line per request).")
 def client(server_addr, token, token_file, domain, backend_url, route_specs, instance_id, conn_type, kcp_profile, ca_file,
-           insecure, plain, backend_insecure, smux_version, reconnect, sessions, log_level, inspect_addr, no_inspect,
-           quiet):
+           insecure, plain, backend_insecure, smux_version, reconnect, sessions, grace_period, log_level, inspect_addr,
+           no_inspect, quiet):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
     \b
@@ -81,38 +85,43 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
                    --domain app.example.com --backend http://127.0.0.1:3000
       tun2g client --config client.toml            # kill -HUP reloads it (docs/config.md)
 
-    Exits with status 2 when the server rejects the token or domain, 1 on other fatal errors.
+    Exit status (docs/cli.md#exit-status): 0 stopped by SIGTERM after finishing the requests in flight;
+    1 the tunnel ended (or never began) with --no-reconnect; 2 a bad option, a token or domain the
+    server refuses, or a server certificate that does not verify; 130 Ctrl-C.
     """
     import gevent
 
     from tun2g import smux
     from tun2g.client import AuthRejected, ClientConfig
-    from tun2g.client.client import parse_route_spec
+    from tun2g.client.client import ConnectionLost, ServerMismatch, parse_route_spec
     from tun2g.client.multi import MultiClient
     from tun2g.errors import ConfigurationError
     from tun2g.log import configure
+    from tun2g.transport import tls
 
     token = _token(token, token_file)
     configure(log_level)
     if plain:
         click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
-    try:
-        routes = [parse_route_spec(spec) for spec in route_specs]
-        if bool(domain) != bool(backend_url):
-            raise ConfigurationError("--domain and --backend go together (or give --route ROUTE=URL only)")
-        if not domain:
-            if not routes:
-                raise ConfigurationError("nothing to serve: give --domain D --backend URL, or --route ROUTE=URL")
-            (domain, backend_url), routes = routes[0], routes[1:]
-        identity = {"instance_id": instance_id} if instance_id else {}
-        config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
-                              routes=routes, **identity,
-                              conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
-                              ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
-                              reconnect=reconnect,
-                              smux_config=smux.Config(version=None if smux_version == "auto" else int(smux_version)))
-    except ConfigurationError as exc:
-        raise click.UsageError(str(exc)) from None
+    tls_context = None
+    if ca_file or (not plain and conn_type != "kcp"):
+        tls_context = tls.client_context(ca_file=ca_file, insecure=insecure)  # a bad --ca: one line, now
+    routes = [parse_route_spec(spec) for spec in route_specs]
+    if bool(domain) != bool(backend_url):
+        raise ConfigurationError("--domain and --backend go together (or give --route ROUTE=URL only)")
+    if not domain:
+        if not routes:
+            raise ConfigurationError("nothing to serve: give --domain D --backend URL, or --route ROUTE=URL")
+        (domain, backend_url), routes = routes[0], routes[1:]
+    identity = {"instance_id": instance_id} if instance_id else {}
+    # A ConfigurationError (an invalid --domain, say) is one line and status 2: tun2g.cli.errors.
+    config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
+                          routes=routes, **identity,
+                          conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
+                          ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
+                          tls_context=None if conn_type == "kcp" else tls_context,
+                          reconnect=reconnect,
+                          smux_config=smux.Config(version=None if smux_version == "auto" else int(smux_version)))
     from tun2g.cli.status import StatusPrinter
 
     printer = StatusPrinter(quiet=quiet)
@@ -126,13 +135,14 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
                                       "backend": backend_url, "requests_served": tunnel.requests_served,
                                       "nodes": tunnel.connected_nodes()})
 
-    def stop():
-        tunnel.close()
-        if inspector is not None:
-            inspector.close()
+    interrupted = []
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, stop)
+    def interrupt():  # Ctrl-C: stop now, even mid-handshake
+        interrupted.append(True)
+        tunnel.close()
+
+    gevent.signal_handler(signal.SIGINT, interrupt)
+    gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(tunnel.drain, grace_period))
     ctx = click.get_current_context()
     if loaded_config(ctx) is not None:
         _reload_on_sighup(ctx, tunnel, printer)
@@ -140,13 +150,20 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
         tunnel.run()
     except AuthRejected as exc:
         printer.flush()
-        click.echo(f"tun2g client: {exc}. Check the token (`tun2g token list`) and that the route for "
-                   f"{domain} belongs to the token's user (`tun2g route list`).", err=True)
-        sys.exit(2)
+        raise Fatal(f"{exc}. Check the token (`tun2g token list`) and that the route for {domain} belongs to "
+                    f"the token's user (`tun2g route list`).", EXIT_USAGE) from None
+    except ServerMismatch as exc:
+        printer.flush()
+        raise Fatal(f"cannot use {server_addr}: {exc}; {exc.hint}", EXIT_USAGE) from None
+    except ConnectionLost as exc:
+        printer.flush()
+        raise Fatal(f"{server_addr}: {exc}; stopping (--no-reconnect)", EXIT_FAILED) from None
     finally:
         if inspector is not None:
             inspector.close()
         printer.flush()
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _reload_on_sighup(ctx: click.Context, tunnel, printer) -> None:
@@ -202,8 +219,7 @@ def _token(token: str | None, token_file: str | None) -> str:
 
 
 def _usage(message: str) -> NoReturn:
-    click.echo(f"tun2g client: {message}", err=True)
-    sys.exit(2)  # a usage error, as click's own
+    raise Fatal(message, EXIT_USAGE)
 
 
 def _kcp_options(conn_type: str, profile: str):

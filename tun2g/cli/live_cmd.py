@@ -9,13 +9,30 @@ from pathlib import Path
 
 import click
 
+from tun2g.cli.errors import Fatal
 from tun2g.cli.options import env_option, print_table
 
-_admin_url = env_option("--admin", "admin_url", env="TUN2G_ADMIN_URL", default="http://127.0.0.1:7070",
-                        show_default=True, help="The server's admin API (its --admin address).")
+_admin_url = click.option("--admin", "admin_url", envvar=["TUN2G_ADMIN", "TUN2G_ADMIN_URL"], show_envvar=True,
+                          metavar="HOST:PORT|URL",
+                          help="The server's admin API: its --admin address (the same form and variable as "
+                               "`tun2g server --admin`). Default: the address a server on this machine recorded "
+                               "in the data dir, else 127.0.0.1:7070.")
 _admin_token = env_option("--admin-token", env="TUN2G_ADMIN_TOKEN",
                           help="The admin API's bearer token. Default: the admin-token file in the data dir "
                                "(where `tun2g server` on this machine keeps it).")
+
+
+def _admin_base(admin: str | None) -> str:
+    """The admin API's base URL from --admin (HOST:PORT or URL), else from the local server's record."""
+    from tun2g.server.admin_token import read_admin_address
+
+    admin = admin or read_admin_address() or "127.0.0.1:7070"
+    if "://" not in admin:
+        host, _, port = admin.rpartition(":")
+        if host in ("", "0.0.0.0", "[::]", "::"):  # a server on every interface is reached on loopback here
+            host = "127.0.0.1"
+        admin = f"http://{host}:{port}"
+    return admin.rstrip("/")
 
 
 def _admin_request(method: str, url: str, token: str | None):
@@ -31,19 +48,34 @@ def _admin_request(method: str, url: str, token: str | None):
         else:  # changes go as JSON: the API refuses any other Content-Type (no cross-site form can send it)
             response = requests.request(method, url, headers=headers, json={}, timeout=10)
     except requests.RequestException as exc:
-        click.echo(f"tun2g: cannot reach the admin API at {url}: {exc}. Is `tun2g server` running, "
-                   f"and is --admin right?", err=True)
-        sys.exit(1)
+        raise Fatal(f"cannot reach the admin API at {url} ({_why(exc)}). Is `tun2g server` running, "
+                    f"and is --admin right?") from None
     try:
         payload = response.json()
     except ValueError:
-        payload = {}
+        payload = None
     if response.status_code != 200:
         error = payload.get("error") if isinstance(payload, dict) else None
-        click.echo(f"tun2g: {error or f'the admin API answered {response.status_code} {response.reason}'}",
-                   err=True)
-        sys.exit(1)
+        raise Fatal(error or f"the admin API at {url} answered {response.status_code} {response.reason}; "
+                             f"is --admin the server's admin address?")
+    if payload is None:
+        raise Fatal(f"{url} did not answer JSON: it is not a tun2g admin API; give --admin the address "
+                    f"`tun2g server --admin` listens on")
     return payload
+
+
+def _why(exc: Exception) -> str:
+    """The root of a requests error in a few words (connection refused, name not known, timed out)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror.lower()
+        cause = cause.__context__ or cause.__cause__
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Failed to resolve"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__
 
 
 @click.command()
@@ -59,7 +91,7 @@ def _admin_request(method: str, url: str, token: str | None):
 def backends(admin_url, admin_token, domain, user, as_json, watch, count):
     """List the tunnel clients connected to the server (--watch: keep the table current)."""
     query = f"?domain={domain}" if domain else f"?user={user}" if user else ""
-    url = f"{admin_url.rstrip('/')}/backends{query}"
+    url = f"{_admin_base(admin_url)}/backends{query}"
     if watch is None:
         _print_backends(_admin_request("GET", url, admin_token), as_json)
         return
@@ -96,7 +128,7 @@ def _print_backends(rows: list, as_json: bool) -> None:
 @click.argument("backend_id")
 def kill(admin_url, admin_token, backend_id):
     """Disconnect one backend (by the ID `tun2g backends` shows). It may reconnect."""
-    _admin_request("POST", f"{admin_url.rstrip('/')}/backends/{backend_id}/kill", admin_token)
+    _admin_request("POST", f"{_admin_base(admin_url)}/backends/{backend_id}/kill", admin_token)
     click.echo(f"killed {backend_id}")
 
 

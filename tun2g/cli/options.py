@@ -17,10 +17,31 @@ def host_port(ctx, param, value):
     if value is None:
         return None
     try:
-        split_host_port(value)
+        _host, port = split_host_port(value)
     except ValueError:
         raise click.BadParameter(f"expected HOST:PORT (e.g. 0.0.0.0:8080 or :8080), got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise click.BadParameter(f"port {port} is out of range (0-65535) in {value!r}")
     return value
+
+
+def http_url(ctx, param, value):
+    """Validate an http(s):// URL with a host (and a port in range) early: the backend's, the admin API's."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: {exc}; expected e.g. http://127.0.0.1:3000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(f"expected a URL such as http://127.0.0.1:3000, got {value!r}")
+    return value
+
+
+POSITIVE_SECONDS = click.FloatRange(min=0, min_open=True)
 
 
 def cidrs(ctx, param, values):

@@ -9,7 +9,7 @@ import sys
 import click
 
 from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, policy_section
-from tun2g.cli.options import cidrs, env_option, host_port
+from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
 
 
 @click.command(cls=ConfigCommand)
@@ -52,15 +52,15 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--cluster-secret", env="TUN2G_CLUSTER_SECRET",
             help="With Redis: the secret that signs node-to-node requests; the same on every node. "
                  "Default: one kept in Redis.")
-@env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=float, default=10.0, show_default=True,
+@env_option("--registry-ttl", env="TUN2G_REGISTRY_TTL", type=POSITIVE_SECONDS, default=10.0, show_default=True,
             help="With Redis: seconds after which a silent node's backends leave the shared registry.")
-@env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=float, default=75.0, show_default=True,
+@env_option("--hop-timeout", env="TUN2G_HOP_TIMEOUT", type=POSITIVE_SECONDS, default=75.0, show_default=True,
             help="With Redis: seconds a request forwarded to another node may wait for it (its response head, "
                  "or the next piece of a body). Frozen nodes are detected sooner, by their health check.")
 @env_option("--smux-version", env="TUN2G_SMUX_VERSION", type=click.Choice(["auto", "1", "2"]), default="auto",
             show_default=True, help="smux protocol version: auto gives tun2g clients 2 (per-stream flow control) "
                                     "and Go tun2 clients 1; a fixed version must match every client's.")
-@env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=float, default=5.0, show_default=True,
+@env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=POSITIVE_SECONDS, default=5.0, show_default=True,
             help="Seconds between health pings of each tunnel.")
 @env_option("--trusted-proxy", "trusted_proxies", env="TUN2G_TRUSTED_PROXY", multiple=True, metavar="CIDR",
             callback=cidrs,
@@ -91,12 +91,20 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--max-connections", env="TUN2G_MAX_CONNECTIONS", type=click.IntRange(min=0), metavar="N",
             help="Open public connections in all; more get a fast 503. 0: no cap. "
                  "Default: three quarters of the fd limit (raised to the hard limit at start).")
+@env_option("--public-url", env="TUN2G_PUBLIC_URL", metavar="URL",
+            callback=lambda ctx, param, value: _public_url(value),
+            help="The public URL of a client's domain, told to each client when it connects, e.g. "
+                 "https://{domain} (or https://{domain}:8443). Default: clients show http://DOMAIN.")
+@env_option("--grace-period", env="TUN2G_GRACE_PERIOD", type=click.FloatRange(min=0), default=25.0,
+            show_default=True, metavar="SECONDS",
+            help="On SIGTERM: stop taking new connections and tunnels, tell tun2g clients to move, and let the "
+                 "requests in flight finish for up to this long (inside Heroku's 30 s), then exit 0.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, advertise_tunnel, cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
-           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, log_level):
+           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -106,7 +114,6 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
       PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
       tun2g server --config tun2g.toml             # kill -HUP reloads it (docs/config.md)
     """
-    from tun2g.errors import ConfigurationError
     from tun2g.server.process import ServerSetup
 
     if bool(tls_cert) != bool(tls_key):
@@ -121,7 +128,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
                         log_level=log_level, advertise_url=advertise_url, advertise_tunnel=advertise_tunnel,
                         cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,
-                        metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect)
+                        metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect,
+                        public_url=public_url)
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)
@@ -132,23 +140,34 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     loaded = loaded_config(ctx)
     if loaded is not None:
         setup.policies = loaded.sections.get("policy", {})
-    try:
-        setup.check_admin_exposure()
-    except ConfigurationError as exc:
-        click.echo(f"tun2g server: {exc}", err=True)
-        sys.exit(2)  # a usage error, as click's own
-    try:
-        running = setup.start()
-    except (OSError, ValueError) as exc:
-        click.echo(f"tun2g server: {exc}", err=True)
-        sys.exit(1)
     import gevent
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, running.stop)
+    from tun2g.cli.errors import EXIT_INTERRUPTED
+
+    signals: list[int] = []  # handled from the start: a signal during start-up acts once the server runs
+
+    def handle(signum: int) -> None:
+        signals.append(signum)
+        if running is not None:
+            act(signum)
+
+    def act(signum: int) -> None:
+        if signum == signal.SIGINT:  # Ctrl-C: stop now
+            gevent.spawn(running.stop)
+        else:  # SIGTERM: drain, then stop
+            gevent.spawn(running.drain, grace_period)
+
+    running = None
+    gevent.signal_handler(signal.SIGINT, handle, signal.SIGINT)
+    gevent.signal_handler(signal.SIGTERM, handle, signal.SIGTERM)
+    running = setup.start()  # a refusal (a port in use, a bad store URL) is one line: tun2g.cli.errors
+    for signum in signals:
+        act(signum)
     if loaded is not None:
         _reload_on_sighup(ctx, running)
     running.wait()
+    if signal.SIGINT in signals:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _reload_on_sighup(ctx: click.Context, running) -> None:
@@ -175,3 +194,12 @@ def _reload_on_sighup(ctx: click.Context, running) -> None:
 
     running.reloader = reloader
     gevent.signal_handler(signal.SIGHUP, on_sighup)
+
+
+def _public_url(value: str | None) -> str | None:
+    """--public-url must be an http(s) URL template holding {domain}."""
+    if value is None:
+        return None
+    if "{domain}" not in value or not value.startswith(("http://", "https://")):
+        raise click.BadParameter(f"expected a URL with {{domain}} in it, such as https://{{domain}}, got {value!r}")
+    return value

@@ -50,7 +50,12 @@ class StatusPrinter:
         elif state == "connecting":
             self.line(f"tun2g: connecting to {config.server_addr} ...")
         elif state == "waiting":
-            self.line(f"tun2g: disconnected; requests served so far: {tunnel.requests_served}; retrying")
+            why = f" ({tunnel.last_error})" if tunnel.last_error else ""
+            if tunnel.was_connected:
+                self.line(f"tun2g: disconnected from {config.server_addr}{why}; retrying in {tunnel.retry_in:g} s "
+                          f"(requests served so far: {tunnel.requests_served})")
+            else:
+                self.line(f"tun2g: cannot reach {config.server_addr}{why}; retrying in {tunnel.retry_in:g} s")
 
     def request(self, served) -> None:
         """``GET /path 200 12.3 ms``."""

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import click
 
+from tun2g.cli.errors import EXIT_FAILED, Fatal
 from tun2g.cli.options import env_option, print_table
 from tun2g.storage import CONNECT_SCOPE, NoSuchRoute, Storage, StorageError, open_storage
 from tun2g.storage.routing import normalize_route_key, parse_route_key
@@ -35,14 +36,13 @@ _json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON in
 
 @contextmanager
 def _opened(storage_url: str | None) -> Iterator[Storage]:
-    """The store, closed afterwards; a StorageError becomes one line on stderr and exit status 1."""
+    """The store, closed afterwards; a StorageError (refused or down) becomes one line and exit status 1."""
     storage = None
     try:
         storage = open_storage(storage_url)
         yield storage
     except StorageError as exc:
-        click.echo(f"tun2g: {exc}", err=True)
-        sys.exit(1)
+        raise Fatal(str(exc), EXIT_FAILED) from None
     finally:
         if storage is not None:
             storage.close()

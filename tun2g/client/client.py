@@ -18,8 +18,8 @@ from gevent.pool import Group
 
 from tun2g import pages, smux
 from tun2g.client import connect
-from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, MAX_REPLY_SIZE, ROUTE_HEADER, TUN2G_LEVEL, Auth,
-                           AuthFormatError, decode_reply)
+from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MOVE, ROUTE_HEADER,
+                           TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
@@ -55,6 +55,29 @@ class AuthRejected(Tun2Error):
 
 class ConnectionLost(Tun2Error):
     """The tunnel could not be set up or broke; the client may retry."""
+
+
+class ServerMismatch(Tun2Error):
+    """What answered at --server cannot be this tunnel's server as configured (a certificate that
+    does not verify, a port that does not speak TLS): retrying would not help; ``hint`` says the fix."""
+
+    def __init__(self, reason: str, hint: str = ""):
+        super().__init__(reason)
+        self.hint = hint
+
+
+class Moved(Tun2Error):
+    """The server is draining and told us to connect again (docs/protocol.md#control-messages)."""
+
+
+class Stopped(BaseException):
+    """Thrown into a connect in progress by `close()`: a stop acts at once, not when a timeout ends."""
+
+
+# How long a session the server told us to leave may take to finish its streams, beyond the grace it named.
+RETIRE_MARGIN = 5.0
+# While draining with a Go tun2 server (no LEAVING), how often we look whether our streams are done.
+DRAIN_POLL = 0.05
 
 
 @dataclass
@@ -103,6 +126,10 @@ class ClientConfig:
         for _, url in self.all_routes:
             if urlsplit(url).scheme not in ("http", "https"):
                 raise ConfigurationError(f"backend URL must start with http:// or https://, got {url!r}")
+        try:
+            normalize_route_key(self.domain)
+        except StorageError as exc:  # refused before dialling: the server would refuse it for good
+            raise ConfigurationError(f"--domain: {exc}") from None
         self.smux_config.validate()
 
     @property
@@ -166,6 +193,19 @@ class Client:
         if on_request is not None or inspector is not None or metrics is not None:
             self._observer = ExchangeObserver(on_request=on_request, inspector=inspector, metrics=metrics)
 
+        # Why the last attempt ended and when the next one starts (for the status line), and whether
+        # that attempt had been connected; whether any attempt ever was.
+        self.last_error = ""
+        self.retry_in = 0.0
+        self.was_connected = False
+        self.ever_connected = False
+        self.draining = False
+        self._runner = None
+        self._control: smux.Stream | None = None  # a tun2g server's control stream, for LEAVING
+        self._connected = Event()  # set while a session is connected (a moved session waits for the next)
+        self._active_streams = 0
+        self._retiring: Group = Group()
+
     def use_backend(self, url: str) -> None:
         """Send the next requests to `url` (a config reload); exchanges in flight finish on the old backend."""
         pool = BackendPool(url, tls_verify=not self.config.backend_insecure, ca_file=self.config.backend_ca_file)
@@ -185,29 +225,60 @@ class Client:
     def run(self) -> None:
         """Connect and serve, reconnecting with exponential backoff and jitter.
 
-        Returns after `close()`; raises AuthRejected when the server refuses us.
+        Returns after `close()` or `drain()`; raises AuthRejected when the server refuses us,
+        ServerMismatch when what answers cannot be our server (a certificate that does not verify),
+        ConnectionLost when the tunnel ended and reconnecting is off.
         """
+        self._runner = gevent.getcurrent()
         delay = self.config.backoff_initial
-        while not self._closed.is_set():
-            started = time.monotonic()
-            try:
-                self.connect()
-            except AuthRejected:
-                self._set_state("rejected")
-                raise
-            except (ConnectionLost, OSError, smux.SessionClosedError, socket.timeout) as exc:
-                log.warning("disconnected", server=self.config.server_addr, error=str(exc) or type(exc).__name__)
-            if self._closed.is_set() or not self.config.reconnect:
-                return
-            if time.monotonic() - started > 60:
-                delay = self.config.backoff_initial  # it was up for a while: start the backoff afresh
-            wait = random.uniform(0.5, 1.0) * delay
-            self._set_state("waiting", retry_in=round(wait, 2))
-            outcome = self._wait_to_retry(wait)
-            if outcome == "closed":
-                return
-            # A server that was unreachable and answers again is retried with a fresh backoff.
-            delay = self.config.backoff_initial if outcome == "reachable" else min(self.config.backoff_max, delay * 2)
+        try:
+            while not self._closed.is_set():
+                started = time.monotonic()
+                self.was_connected = False
+                try:
+                    self.connect()
+                except AuthRejected:
+                    self._set_state("rejected")
+                    raise
+                except Moved as exc:
+                    log.info("moving", server=self.config.server_addr, reason=str(exc))
+                    delay = self.config.backoff_initial
+                    continue  # at once: the old session serves on until the new one is up
+                except (ConnectionLost, OSError, smux.SessionClosedError, socket.timeout) as exc:
+                    if self._closed.is_set() or self.draining:
+                        log.info("stopped", server=self.config.server_addr)
+                        return
+                    self._failed(exc)
+                if self._closed.is_set():
+                    return
+                if not self.config.reconnect:
+                    raise ConnectionLost(self.last_error or "the tunnel ended")
+                if time.monotonic() - started > 60:
+                    delay = self.config.backoff_initial  # it was up for a while: start the backoff afresh
+                self.retry_in = round(random.uniform(0.5, 1.0) * delay, 1)
+                self._set_state("waiting", retry_in=self.retry_in, error=self.last_error)
+                outcome = self._wait_to_retry(self.retry_in)
+                if outcome == "closed":
+                    return
+                # A server that was unreachable and answers again is retried with a fresh backoff.
+                delay = self.config.backoff_initial if outcome == "reachable" else min(self.config.backoff_max,
+                                                                                        delay * 2)
+        except Stopped:
+            log.info("stopped", server=self.config.server_addr)
+        finally:
+            self._runner = None
+
+    def _failed(self, exc: BaseException) -> None:
+        """Note why an attempt ended; raise ServerMismatch when retrying cannot help."""
+        diagnosis = connect.diagnose(exc, self.config)
+        self.last_error = diagnosis.reason
+        if diagnosis.permanent and not self.ever_connected:
+            # It never worked in this run: a configuration mistake, not an outage (a server that
+            # worked before and now fails to verify may be mid-rotation: that one is retried).
+            self._set_state("refused", error=diagnosis.reason)
+            raise ServerMismatch(diagnosis.reason, diagnosis.hint) from None
+        log.warning("disconnected" if self.was_connected else "unreachable", server=self.config.server_addr,
+                    error=diagnosis.reason, detail=str(exc) or type(exc).__name__)
 
     def _wait_to_retry(self, wait: float) -> str:
         """Sleep `wait` s before the next attempt: "closed" (close() was called), "elapsed", or
@@ -229,16 +300,22 @@ class Client:
         self.reached_server = False
         transport = connect.dial(self.config)
         self.reached_server = True
+        if self._closed.is_set():
+            transport.close()
+            raise Stopped()
         self.connections += 1
         if self.metrics is not None and self.connections > 1:
             self.metrics.reconnects.inc()
         session = smux.Session(transport, client=True, config=self.config.smux_config)
         self._session = session
+        handed_off = False
+        level = None
         try:
             control = session.accept_stream(timeout=ACCEPT_CONTROL_TIMEOUT)
             # A negotiating client says it is tun2g (a Go server ignores the field) and
             # follows the server's switch to smux v2 (the session does that on its own).
             level = TUN2G_LEVEL if self.config.smux_config.version is None else None
+            # Our control messages need a tun2g server (a confirmed reply) and the tun2g field in the Auth.
             control.sendall(Auth(self.config.token, self.config.domain, tun2g=level,
                                  routes=tuple(key for key, _ in self.config.routes),
                                  instance=self.config.instance_id).encode())
@@ -250,13 +327,77 @@ class Client:
                     raise ConnectionLost(f"the server neither confirmed our Auth nor sent a request in "
                                          f"{self.config.unconfirmed_timeout:g} s (a Go tun2 server loses "
                                          f"an Auth now and then); reconnecting")
-                session.wait_closed()
+                moved = self._serve_until_closed(session, control if confirmed and level else None)
+                if moved is not None and not self._closed.is_set():
+                    handed_off = True
+                    self._retiring.spawn(self._retire, session, control, serving, moved)
+                    raise Moved(f"the server is draining (it closes this session within {moved:g} s)")
             finally:
-                serving.kill()
+                if not handed_off:
+                    serving.kill()
             raise ConnectionLost(f"session ended: {session.close_reason or 'closed'}")
+        except smux.SessionClosedError as exc:
+            if self.connections == 1 and self.config.plain and not self.ever_connected:
+                # A plain client's NOP makes a TLS port, or the public HTTP port, hang up at once.
+                raise ServerMismatch(f"{self.config.server_addr} closed the connection before the tunnel began",
+                                     "--plain is for a server run with --plain-tunnel: drop --plain for a TLS "
+                                     "tunnel port; for the public HTTP port use --conn-type upgrade") from None
+            raise ConnectionLost(str(exc)) from None
         finally:
-            session.close()
+            self._connected.clear()
+            self._control = None
+            if not handed_off:
+                session.close()
             self._session = None
+
+    def _serve_until_closed(self, session: smux.Session, control: smux.Stream | None) -> float | None:
+        """Wait for the session to end; with a tun2g server, also read its control messages.
+
+        Returns the grace the server named when it told us to move, else None (the session ended).
+        """
+        if control is None:
+            session.wait_closed()
+            return None
+        self._control = control
+        wake = Event()
+        session.add_close_callback(lambda _session: wake.set())
+        told: list[float] = []
+        reading = gevent.spawn(self._read_events, control, told, wake)
+        try:
+            wake.wait()
+        finally:
+            reading.kill()
+        return told[0] if told and not session.is_closed else None
+
+    def _read_events(self, control: smux.Stream, told: list[float], wake: Event) -> None:
+        reader = EventReader()
+        control.settimeout(None)
+        while True:
+            try:
+                data = control.recv(4096)
+                events = reader.feed(data) if data else None
+            except (OSError, smux.SessionClosedError, AuthFormatError):
+                return
+            if events is None:
+                return
+            for event in events:
+                if event["event"] == MOVE:
+                    grace = event.get("grace")
+                    told.append(float(grace) if isinstance(grace, (int, float)) and 0 <= grace < 3600 else 25.0)
+                    wake.set()
+                    return
+
+    def _retire(self, session: smux.Session, control: smux.Stream, serving, grace: float) -> None:
+        """A session the server told us to leave: serve on it until the next one is up, then say LEAVING
+        and let the server close it once our requests on it are done (bounded by its grace)."""
+        try:
+            with gevent.Timeout(grace + RETIRE_MARGIN, False):
+                self._connected.wait()
+                _send_quietly(control, encode_event(LEAVING))
+                session.wait_closed()
+        finally:
+            serving.kill()
+            session.close()
 
     def _await_reply(self, control, session) -> bool:
         """Read tun2g's auth reply; True when confirmed, False when a live session stayed silent.
@@ -326,9 +467,11 @@ class Client:
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
         log.debug("stream_opened", stream=getattr(stream, "id", None))
+        self._active_streams += 1
         try:
             serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject)
         finally:
+            self._active_streams -= 1
             stream.close()
             log.debug("stream_closed", stream=getattr(stream, "id", None))
 
@@ -358,7 +501,7 @@ class Client:
             except UpstreamError as exc:
                 log.warning("backend_failed", backend=pool.url, error=str(exc))
                 status, error, failure = 502, str(exc), "bad_response"
-                stream.sendall(pages.backend_failed(str(exc)).encode())
+                stream.sendall(pages.backend_failed().encode())
                 return False
             except OSError as exc:
                 log.warning("backend_unreachable", backend=pool.url, error=str(exc))
@@ -389,6 +532,9 @@ class Client:
         return self.pool if route is None else self._route_pools.get(route, self.pool)
 
     def _set_state(self, state: str, **fields) -> None:
+        if state == "connected":
+            self.was_connected = self.ever_connected = True
+            self._connected.set()
         self.state = state
         if self.metrics is not None:
             self.metrics.connected.set(1 if state == "connected" else 0)
@@ -396,15 +542,39 @@ class Client:
         self._on_status(self)
 
     def close(self) -> None:
-        """Stop serving and do not reconnect."""
+        """Stop serving and do not reconnect; a connect in progress stops at once."""
         self._closed.set()
+        runner = self._runner
+        if runner is not None and runner is not gevent.getcurrent() and self.state == "connecting":
+            gevent.kill(runner, Stopped)  # a dial or handshake would otherwise end only at its timeout
         if self._session is not None:
             self._session.close()
+        self._retiring.kill(block=False)
         self._idle_workers.clear()
         self._handlers.kill(block=False)
         self.pool.close()
         for pool in self._route_pools.values():
             pool.close()
+
+    def drain(self, grace: float) -> None:
+        """SIGTERM: take no new requests, finish those in flight (at most ``grace`` s), then `close()`.
+
+        With a tun2g server we say LEAVING and the server closes the session once the requests
+        it sent us are answered; with a Go tun2 server we close once our streams are done.
+        """
+        if self.draining or self._closed.is_set():
+            return
+        self.draining = True
+        log.info("draining", server=self.config.server_addr, grace_period=grace, streams=self._active_streams)
+        session, control = self._session, self._control
+        with gevent.Timeout(grace, False):
+            if session is not None and control is not None:
+                _send_quietly(control, encode_event(LEAVING))
+                session.wait_closed()
+            else:
+                while self._active_streams:
+                    self._closed.wait(DRAIN_POLL)
+        self.close()
 
 
 def _public_urls(reply: dict, domain: str) -> list[str]:
@@ -424,6 +594,13 @@ def _route_key(key: str) -> str:
         return normalize_route_key(key)
     except StorageError:
         return key
+
+
+def _send_quietly(stream: smux.Stream, data: bytes) -> None:
+    try:
+        stream.sendall(data)
+    except (OSError, smux.SessionClosedError):
+        pass  # the session is going anyway
 
 
 def _reject(error: HTTPError) -> bytes:

@@ -53,6 +53,7 @@ class MultiClient:
         self._unreachable_since: dict[str, float] = {}
         self._avoid: dict[str, float] = {}  # node id -> monotonic time until which it is not tried
         self._closed = Event()
+        self._draining, self._drained = Event(), Event()
 
     @property
     def clients(self) -> list[Client]:
@@ -72,9 +73,12 @@ class MultiClient:
         try:
             while not self._closed.is_set():
                 if entry.ready():
-                    entry.get()  # re-raise its error; a clean return means close()
+                    if self._draining.is_set():
+                        self._drained.wait()  # the other sessions finish their requests too
+                    entry.get()  # re-raise its error; a clean return means close() or drain()
                     return
-                self._rebalance()
+                if not self._draining.is_set():
+                    self._rebalance()
                 self._closed.wait(DISCOVER_INTERVAL)
         finally:
             self.close()
@@ -90,6 +94,17 @@ class MultiClient:
         self._options["on_request"] = on_request
         for client in self.clients:
             client.set_on_request(on_request)
+
+    def drain(self, grace: float) -> None:
+        """SIGTERM: every session takes no new requests and finishes those in flight (Client.drain, at
+        most ``grace`` s, all at once), then everything closes."""
+        if self._draining.is_set():
+            return
+        self._draining.set()  # no session is added or replaced meanwhile
+        drains = [gevent.spawn(client.drain, grace) for client in self.clients]
+        gevent.joinall(drains, timeout=grace + 1)
+        self.close()
+        self._drained.set()
 
     def close(self) -> None:
         """Close every session and stop reconnecting."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from tun2g.storage import default_sqlite_path
 
 ADMIN_TOKEN_FILE = "admin-token"
+ADMIN_ADDRESS_FILE = "admin-address"  # HOST:PORT of the last server here that uses the admin-token file
 
 
 def admin_token_path() -> Path:
@@ -71,3 +72,26 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def admin_address_path() -> Path:
+    """`admin-address` next to the admin token: where a local server's admin API listens."""
+    return default_sqlite_path().parent / ADMIN_ADDRESS_FILE
+
+
+def write_admin_address(address: str, path: Path | None = None) -> None:
+    """Record the admin API's HOST:PORT for the CLI (best effort: the file only saves typing a flag)."""
+    path = admin_address_path() if path is None else path
+    try:
+        path.write_text(address + "\n")
+    except OSError:
+        pass
+
+
+def read_admin_address(path: Path | None = None) -> str | None:
+    """The recorded HOST:PORT, or None."""
+    path = admin_address_path() if path is None else path
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None

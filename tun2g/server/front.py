@@ -119,6 +119,7 @@ class HTTPFront:
         self.scheme = scheme
         self.limits = limits or FrontLimits()
         self.connections = 0  # open public connections
+        self.requests_in_flight = 0  # public requests being served (a draining server waits for them)
         self._per_ip: defaultdict[str, int] = defaultdict(int)
         self._log_refusal = _RateLimited("connection_refused")
 
@@ -190,7 +191,13 @@ class HTTPFront:
             return False
         if pages.is_health_request(head.method, head.target):
             return self._health(head, reader, sock)
-        return self.server.pipeline.serve(head, reader, sock, peer_ip=peer_ip, scheme=self.scheme)
+        if self.server.draining and not reader.upgrade:
+            reader.keep_alive = False  # this answer says Connection: close: the client's next request goes elsewhere
+        self.requests_in_flight += 1
+        try:
+            return self.server.pipeline.serve(head, reader, sock, peer_ip=peer_ip, scheme=self.scheme)
+        finally:
+            self.requests_in_flight -= 1
 
     def _health(self, head: RequestHead, reader: MessageReader, sock: ByteStream) -> bool:
         """The node's own health answer (for balancers and the other nodes), whatever the Host."""

@@ -8,12 +8,14 @@ can do the same and get back a RunningServer with its bound addresses.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import gevent
+from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 from gevent.pywsgi import WSGIServer
 
@@ -22,12 +24,12 @@ from tun2g.cluster import ClusterConfig, ClusterNode, default_advertise_url
 from tun2g.cluster.forward import HOP_READ_TIMEOUT
 from tun2g.config import ConfigChange, ConfigError, log_reload_failure
 from tun2g.log import configure, get_logger
-from tun2g.errors import ConfigurationError
+from tun2g.errors import ConfigurationError, SetupError
 from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
 from tun2g.policy import Policy
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
-from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
+from tun2g.server.admin_token import is_loopback, load_or_create_admin_token, write_admin_address
 from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
 from tun2g.server.policy_step import PolicyBook
@@ -35,7 +37,7 @@ from tun2g.server.rate_limit import ClusterLimiter
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
-from tun2g.storage import RedisStorage, default_sqlite_path, open_storage
+from tun2g.storage import RedisStorage, StorageError, default_sqlite_path, open_storage
 from tun2g.transport import tcp, tls
 
 log = get_logger(__name__)
@@ -54,6 +56,17 @@ FD_RESERVE_SHARE, FD_RESERVE_MIN = 4, 32
 LIVE_SETTINGS = frozenset({"log_level", "access_log", "ping_interval", "metrics_domain_cap", "inspect",
                            "trusted_proxies", "response_timeout", "body_timeout", "header_timeout", "idle_timeout",
                            "max_connections_per_ip", "max_connections", "policies"})
+
+
+def listen(flag: str, address: str):
+    """A listener on ``address``; a port in use (or any bind failure) is a SetupError naming ``flag``."""
+    try:
+        return tcp.listen(address)
+    except (OSError, OverflowError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        hint = ("another process holds it: stop that one or give another port"
+                if getattr(exc, "errno", None) == errno.EADDRINUSE else "give another address")
+        raise SetupError(f"{flag} {address}: cannot listen there ({reason}); {hint}") from None
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -123,6 +136,7 @@ class ServerSetup:
     # Edge policies per route from the config file ([policy."DOMAIN"] tables), installed before the first
     # request is served.
     policies: dict[str, Any] = field(default_factory=dict)
+    public_url: str | None = None  # "https://{domain}": the URL clients are told they serve
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -141,13 +155,17 @@ class ServerSetup:
         limits = self.front_limits(fd_limit)
         log.info("fd_limit", soft=fd_limit, raised_from=fd_before if fd_before != fd_limit else "-",
                  max_connections=limits.max_total or "-", max_connections_per_ip=limits.max_per_ip or "-")
-        storage = open_storage(self.storage_url)
+        try:
+            storage = open_storage(self.storage_url)
+        except StorageError as exc:
+            raise type(exc)(f"--storage: {exc}") from None
         smux_config = smux.Config.tun2_server()
         smux_config.version = self.smux_version
-        config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval)
+        config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval,
+                              public_url=self.public_url)
         if self.node_id:
             config.node_id = self.node_id
-        http_listener = tcp.listen(self.http_addr)
+        http_listener = listen("--http", self.http_addr)
         http_address = http_listener.getsockname()[:2]
         tunnels = Tunnels()
         cluster = None
@@ -213,17 +231,19 @@ class ServerSetup:
             token, path, created = load_or_create_admin_token()
             log.info("admin_token", file=str(path), created=created,
                      hint="tun2g backends / tun2g kill read it from there")
-        listener = tcp.listen(self.admin_addr)
+        listener = listen("--admin", self.admin_addr)
         address = listener.getsockname()[:2]
         admin = WSGIServer(listener, AdminAPI(server, token, address, reload=running.reload), log=None,
                            error_log=None)
         admin.start()
+        if not self.admin_token:  # the CLI on this machine finds the API next to its token
+            write_admin_address(_fmt(address))
         running.admin_address = address
         running.admin_token = token
         running.services.append(admin)
 
     def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
-        tunnel_listener = tcp.listen(self.tunnel_addr)
+        tunnel_listener = listen("--tunnel", self.tunnel_addr)
         running.tunnel_address = tunnel_listener.getsockname()[:2]
         if self.plain_tunnel:
             log.warning("plain_tunnel", note="tunnel traffic, tokens included, is NOT encrypted; "
@@ -249,7 +269,11 @@ class ServerSetup:
     def _start_kcp(self, address: str, server: Server, running: RunningServer, cert, key) -> tuple:
         from tun2g.transport import kcp, tls_bio
 
-        listener = kcp.KCPListener(*tcp.split_host_port(address), kcp.options_for(self.kcp_profile))
+        try:
+            listener = kcp.KCPListener(*tcp.split_host_port(address), kcp.options_for(self.kcp_profile))
+        except (OSError, OverflowError) as exc:
+            raise SetupError(f"--kcp {address}: cannot listen there ({getattr(exc, 'strerror', None) or exc}); "
+                             f"give another address") from None
         if self.plain_tunnel:
             secure = None
         else:
@@ -282,6 +306,7 @@ class RunningServer:
     # Reads the config file again and says what changed (set by `tun2g server --config`; None: no file).
     reloader: Callable[[], ConfigChange] | None = None
     _reload_lock: BoundedSemaphore = field(default_factory=BoundedSemaphore)
+    stopped: Event = field(default_factory=Event)
 
     def reload(self) -> ConfigChange:
         """Read the config file again and apply what can change live (SIGHUP, POST /reload of the admin API).
@@ -335,8 +360,22 @@ class RunningServer:
         if "policies" in changes:
             install_policies(server, setup.policies)
 
+    def drain(self, grace: float) -> None:
+        """SIGTERM: stop taking public connections and tunnels, let the work in flight finish
+        (at most ``grace`` s; tun2g clients are told to move), then `stop()`."""
+        if self.server.draining:
+            return
+        self.server.draining = True  # the health check answers 503 from now on: balancers send no more
+        if self.front is not None and self.services:
+            self.services[0].close()  # the public listener (new connections); the open ones carry on
+        front = self.front
+        self.server.drain(grace, busy=lambda: front.requests_in_flight if front is not None else 0)
+        self.stop()
+
     def stop(self) -> None:
         """Close listeners and tunnels; wakes `wait()`."""
+        if self.stopped.is_set():
+            return
         log.info("stopping")
         self.server.draining = True  # the health check answers 503 from now on
         if self.cluster is not None:
@@ -349,9 +388,11 @@ class RunningServer:
         gevent.killall(self.tasks, block=True, timeout=2)
         gevent.sleep(0)  # gevent closes a socket a waiting greenlet held on the next loop turn
         self.server.storage.close()
+        self.stopped.set()
 
     def wait(self) -> None:
-        self.server.wait()
+        """Block until `stop()` has finished."""
+        self.stopped.wait()
 
 
 def install_policies(server: Server, policies: Mapping[str, Policy]) -> None:
@@ -436,4 +477,31 @@ def create_wsgi_app(environ: dict | None = None) -> WSGIFront:
                   ).serve(hop_listener)
         cluster.start()
     log.info("wsgi_node_ready", node=config.node_id, storage=storage.describe(), cluster=cluster is not None)
+    _drain_on_sigterm(server, cluster, float(env.get("TUN2G_GRACE_PERIOD", "25")))
     return WSGIFront(server)
+
+
+def _drain_on_sigterm(server: Server, cluster: ClusterNode | None, grace: float) -> None:
+    """Under gunicorn: SIGTERM also drains this worker's node, then closes its tunnels.
+
+    gunicorn's worker waits up to its graceful timeout (30 s) for every open request, and a
+    tunnel by Upgrade is one that never ends on its own: closing the tunnels once their
+    requests are answered (tun2g clients told to move first) makes the worker's exit prompt.
+    The worker's own handler (installed before the app loads) still runs.
+    """
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def drain_then_close() -> None:
+        server.drain(grace)
+        if cluster is not None:
+            cluster.close()
+        server.close()
+
+    def on_sigterm(signum, frame) -> None:
+        gevent.spawn(drain_then_close)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

@@ -72,7 +72,8 @@ class TunnelUpstream:
         return True
 
     def failure_page(self, detail: str, request_id: str) -> pages.Page:
-        return pages.tunnel_failed(detail, request_id)
+        log.warning("tunnel_failed", error=detail, request_id=request_id, **self.tunnel.log_fields())
+        return pages.tunnel_failed(request_id)
 
 
 class NodeUpstream:
@@ -96,7 +97,8 @@ class NodeUpstream:
         return True
 
     def failure_page(self, detail: str, request_id: str) -> pages.Page:
-        return pages.node_failed(self.node.node_id, detail, request_id)
+        log.warning("hop_failed_page", node=self.node.node_id, error=detail, request_id=request_id)
+        return pages.node_failed(request_id)
 
 
 Upstream = TunnelUpstream | NodeUpstream
@@ -202,7 +204,8 @@ class Routing:
         if self.refused is not None:
             return pages.malformed_request(400, f"this path cannot be routed: {self.refused}", self.request_id)
         if self.registry_error is not None:
-            return pages.registry_unavailable(self.registry_error, self.request_id)
+            log.warning("registry_unavailable", error=self.registry_error, request_id=self.request_id)
+            return pages.registry_unavailable(self.request_id)
         if self.broken_tunnels:
             return pages.tunnel_broke(self.request_id)
         if self.unreachable_nodes:

@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import gevent
 from gevent.event import Event
@@ -25,8 +25,8 @@ from tun2g.backend import Backend
 from tun2g.errors import AuthMismatch, ConfigurationError, NoSuchBackend
 from tun2g.log import get_logger
 from tun2g.cluster import ClusterNode
-from tun2g.control import (MAX_AUTH_SIZE, TUN2G_LEVEL, Auth, AuthFormatError, JSONObjectReader, encode_reply,
-                           parse_auth, verify_auth)
+from tun2g.control import (LEAVING, MAX_AUTH_SIZE, MOVE, TUN2G_LEVEL, Auth, AuthFormatError, EventReader,
+                           JSONObjectReader, encode_event, encode_reply, parse_auth, verify_auth)
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
@@ -48,6 +48,12 @@ log = get_logger(__name__)
 # After this many consecutive accept() failures, wait before retrying, so a
 # broken listener does not spin the CPU (the Go original loops hot).
 ACCEPT_BACKOFF_MAX = 1.0
+# While draining, how often the server looks whether what it waits for is done (a cadence, bounded by the grace).
+DRAIN_POLL = 0.05
+# While draining in a cluster, how long the tun2g clients told to move get to re-register elsewhere:
+# one takes well under a second when another node is in service; past this there is none (the
+# whole service stopping), and the requests in flight alone are waited for.
+MOVE_WAIT = 5.0
 
 
 @dataclass
@@ -67,6 +73,9 @@ class ServerConfig:
     max_sessions_per_user: int | None = 64
     # The whole smux receive budget of a session before its Auth is verified.
     pre_auth_receive_buffer: int = smux.config.PRE_AUTH_RECEIVE_BUFFER
+    # The public URL a client's domain is served at, told in the auth reply: "https://{domain}"
+    # (None: the reply names none, and the client shows http://DOMAIN).
+    public_url: str | None = None
 
     def __post_init__(self):
         if self.storage is None:
@@ -223,6 +232,9 @@ class Server:
             self._count_auth("aborted")
             log.info("auth_aborted", remote=remote, proto=proto, error=str(exc) or type(exc).__name__)
             return None
+        if self.draining:  # a tunnel by Upgrade on a kept-alive public connection: it belongs elsewhere
+            _try_send(control, encode_reply(False, error="this server is stopping; connect again", retry=True))
+            return None
         refusal = self._session_cap_refusal(auth.token, user)
         if refusal is not None:
             log.warning("auth_rejected", remote=remote, proto=proto, reason=refusal, user=user)
@@ -238,11 +250,13 @@ class Server:
         if session.version == 2:
             extra["smux"] = 2
         session.release_receive_buffer()  # the pre-auth budget (smux.Config.initial_receive_buffer) is over
-        # The control stream carries nothing after the Auth: drop whatever still arrives on it.
-        control.shutdown(socket.SHUT_RD)
+        speaks_events = auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL
+        if not speaks_events:
+            # A Go client's control stream carries nothing after the Auth: drop whatever still arrives on it.
+            control.shutdown(socket.SHUT_RD)
         domain = normalize_route_key(auth.domain)
         routes = tuple(key for key in dict.fromkeys(map(normalize_route_key, auth.routes)) if key != domain)
-        auth = Auth(token=auth.token, domain=domain, routes=routes, instance=auth.instance)
+        auth = Auth(token=auth.token, domain=domain, tun2g=auth.tun2g, routes=routes, instance=auth.instance)
         tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
                         phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
         tunnel.revision = revision
@@ -259,9 +273,13 @@ class Server:
             extra["routes"] = list(tunnel.routes)
         if self._tunnel_nodes is not None:  # multi-homed clients hold sessions on several of these
             extra["nodes"] = [{"node": node_id, "tunnel": address} for node_id, address in self._tunnel_nodes()]
+        if self.config.public_url:
+            extra["urls"] = [self.config.public_url.replace("{domain}", tunnel.domain)]
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())
+        if speaks_events:
+            self._tasks.spawn(self._control_loop, tunnel)
         return tunnel
 
     def reload_routes(self) -> None:
@@ -272,6 +290,36 @@ class Server:
             log.warning("routes_unavailable", error=str(exc), effect="the previous routing table stays in force")
             return
         self.router.load_routes(routes)
+
+    def _control_loop(self, tunnel: Tunnel) -> None:
+        """Read a tun2g client's control messages (docs/protocol.md#control-messages) until the session ends."""
+        reader = EventReader()
+        control = tunnel.control_stream
+        control.settimeout(None)
+        while True:
+            try:
+                data = control.recv(4096)
+                events = reader.feed(data) if data else None
+            except (OSError, smux.SessionClosedError, AuthFormatError) as exc:
+                log.info("control_stream_ended", error=str(exc) or type(exc).__name__, **tunnel.log_fields())
+                return
+            if events is None:
+                return
+            for event in events:
+                if event["event"] == LEAVING and not tunnel.leaving:
+                    self._let_leave(tunnel)
+
+    def _let_leave(self, tunnel: Tunnel) -> None:
+        """The client asked for no new requests: deregister now, close once those in flight are done."""
+        tunnel.leaving = True
+        self.router.deregister(tunnel)
+        log.info("tunnel_leaving", in_flight=tunnel.in_flight, **tunnel.log_fields())
+        self._tasks.spawn(self._close_when_idle, tunnel)
+
+    def _close_when_idle(self, tunnel: Tunnel) -> None:
+        while tunnel.in_flight and not tunnel.is_closed:
+            self._closed.wait(DRAIN_POLL)
+        tunnel.close()
 
     def _session_cap_refusal(self, token: str, user: str) -> str | None:
         """Why one more tunnel for this token or user is refused (None: it is not)."""
@@ -371,6 +419,38 @@ class Server:
         does not answer at all: a balancer's timeout sees that.
         """
         return pages.node_health(self.config.node_id, self.draining or self.closed, len(self.tunnels))
+
+    def drain(self, grace: float, busy: Callable[[], int] = lambda: 0) -> None:
+        """Stop taking tunnels, tell tun2g clients to move, and wait (at most ``grace`` s) for the work in flight.
+
+        ``busy()``: the public requests the fronts are still serving. In a cluster the
+        wait also covers the tun2g clients re-registering elsewhere (each says LEAVING
+        here once it has); alone, there is nowhere to move to, so only requests count.
+        The caller then closes the server (``close``).
+        """
+        self.draining = True
+        for listener in self._listeners:
+            try:
+                listener.close()
+            except OSError:
+                pass
+        movers = [tunnel for tunnel in self.tunnels if tunnel.auth.tun2g]
+        for tunnel in movers:
+            _try_send(tunnel.control_stream, encode_event(MOVE, grace=grace))
+        log.info("draining", grace_period=grace, tunnels=len(self.tunnels), told_to_move=len(movers))
+        started = time.monotonic()
+        deadline = started + grace
+        in_cluster = self.router.cluster is not None
+        while time.monotonic() < deadline:
+            moving = in_cluster and time.monotonic() - started < MOVE_WAIT
+            staying = [t for t in movers if not t.leaving and not t.is_closed] if moving else []
+            in_flight = sum(t.in_flight for t in self.tunnels) + busy()
+            if not staying and not in_flight:
+                log.info("drained")
+                return
+            self._closed.wait(DRAIN_POLL)
+        log.warning("grace_period_over", grace_period=grace,
+                    in_flight=sum(t.in_flight for t in self.tunnels) + busy())
 
     def close(self) -> None:
         """Stop accepting, close every connection and wake `wait()`."""

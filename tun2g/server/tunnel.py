@@ -38,6 +38,7 @@ class Tunnel:
         self.connected_at = time.time()
         self.usable = True
         self.in_flight = 0
+        self.leaving = False  # the client said LEAVING (docs/protocol.md#control-messages): no new requests
         self.served = 0
         self.pings_answered = 0
         self.token_hash = hash_secret(auth.token)  # names the token in logs without the secret

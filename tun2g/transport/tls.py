@@ -15,7 +15,10 @@ from pathlib import Path
 
 from gevent import ssl as gssl
 
+from tun2g.errors import ConfigurationError
+
 HANDSHAKE_TIMEOUT = 10.0
+DEV_CERT_NAME, DEV_KEY_NAME = "tun2g-dev-cert.pem", "tun2g-dev-key.pem"
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -38,7 +41,8 @@ def client_context(ca_file: str | None = None, insecure: bool = False) -> ssl.SS
         try:
             context.load_verify_locations(ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load CA file {ca_file}: {exc}") from None
+            raise ConfigurationError(f"--ca {ca_file}: not a PEM certificate ({getattr(exc, 'reason', None) or exc}); "
+                                     f"give the server's certificate file (e.g. tun2g-dev-cert.pem)") from None
     else:
         context.load_default_certs()
     return context
@@ -75,7 +79,7 @@ def make_dev_certificate(directory: Path, hostnames=("localhost", "127.0.0.1", "
     from cryptography.x509.oid import NameOID
 
     directory = Path(directory)
-    cert_path, key_path = directory / "tun2g-dev-cert.pem", directory / "tun2g-dev-key.pem"
+    cert_path, key_path = directory / DEV_CERT_NAME, directory / DEV_KEY_NAME
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True)

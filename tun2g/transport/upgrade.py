@@ -30,6 +30,8 @@ SWITCHING_PROTOCOLS = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tun2g\r\nC
 class UpgradeRefused(OSError):
     """The server (or a proxy before it) did not switch to the tunnel protocol."""
 
+    status: int = 0  # the HTTP status it answered instead of 101
+
 
 def is_tunnel_request(head) -> bool:
     """Whether a request head asks for the tun2g tunnel (method, path and Upgrade token all match)."""
