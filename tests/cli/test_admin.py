@@ -130,11 +130,11 @@ def test_route_add_wildcards_and_paths_with_strip(storage_env):
             listed["example.com/api"]["strip"]) == ("example.com", "/api", True)
     assert ok("route", "list").splitlines()[0].split() == ["ROUTE", "USER", "CREATED", "STRIP", "INSPECT"]
     assert fails("route", "add", "shop.example.com", "--user", "bob").strip() == (
-        "tun2g: route shop.example.com is under the wildcard *.example.com, which belongs to alice; "
+        "tun2g route: route shop.example.com is under the wildcard *.example.com, which belongs to alice; "
         "only the wildcard's owner may add names under it")
     assert fails("route", "add", "example.com", "--path", "/a/../b", "--user", "alice").startswith(
-        "tun2g: invalid path prefix '/a/../b'")
-    assert fails("route", "add", "example.com/api", "--path", "/v2", "--user", "alice").startswith("tun2g: route")
+        "tun2g route: invalid path prefix '/a/../b'")
+    assert fails("route", "add", "example.com/api", "--path", "/v2", "--user", "alice").startswith("tun2g route: route")
     assert ok("route", "rm", "EXAMPLE.com/api").strip() == "Removed route example.com/api."
 
 
