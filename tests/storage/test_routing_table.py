@@ -32,7 +32,7 @@ def test_route_keys_normalize_case_port_trailing_dot_and_idn():
 
 
 @pytest.mark.parametrize("bad", [
-    "", "*", "*.", "a.*.example.com", "**.example.com", "*example.com", "*.[::1]", "exa mple.com",
+    "", "*", "*.", "*.com", "*.x", "a.*.example.com", "**.example.com", "*example.com", "*.[::1]", "exa mple.com",
     "example.com//api", "example.com/a/../b", "example.com/./a", "example.com/%2e%2e", "example.com/a%2Fb",
     "example.com/a?b", "example.com/a#b", "example.com/a\nb", "example.com/" + "a" * 600,
     "a" * 300 + ".com", ".".join(["a"] * 200), "app.test\n",

@@ -69,14 +69,16 @@ class MultiClient:
 
     def run(self) -> None:
         """Serve until close(); raises what the entry Client raises (a refused token, ...)."""
-        entry = self._greenlets[self.entry] = gevent.spawn(self.entry.run)
+        entry = self._greenlets[self.entry] = gevent.spawn(_outcome_of, self.entry.run)
         try:
             while not self._closed.is_set():
                 if entry.ready():
                     if self._draining.is_set():
                         self._drained.wait()  # the other sessions finish their requests too
-                    entry.get()  # re-raise its error; a clean return means close() or drain()
-                    return
+                    error = entry.get()
+                    if error is not None:
+                        raise error  # a refused token, --no-reconnect ending, ...: the caller says it in one line
+                    return  # close() or drain()
                 if not self._draining.is_set():
                     self._rebalance()
                 self._closed.wait(DISCOVER_INTERVAL)
@@ -174,6 +176,16 @@ class MultiClient:
         client.close()
         self._greenlets.pop(client).join(timeout=5)
         log.info("session_dropped", node=node_id, reason=reason, sessions=len(self.clients))
+
+
+def _outcome_of(run: Callable[[], None]) -> Exception | None:
+    """Run the entry session; its error is returned, not raised (a greenlet's uncaught error is printed
+    as a traceback, and the CLI turns these into one line)."""
+    try:
+        run()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _session_instance(instance_id: str, node_id: str) -> str:

@@ -100,6 +100,9 @@ def parse_route_key(text: str, path: str | None = None) -> RouteKey:
         raise RouteKeyError(str(exc)) from None
     if wildcard and normalized.startswith("["):
         raise RouteKeyError(f"invalid route {text!r}: a wildcard needs a domain after '*.', not an IP address")
+    if wildcard and "." not in normalized:  # *.com would claim a whole top-level domain
+        raise RouteKeyError(f"invalid route {text!r}: a wildcard needs two labels or more after '*.', "
+                            f"as in *.example.com")
     return RouteKey(WILDCARD + normalized if wildcard else normalized, normalize_prefix(key_path, text))
 
 
