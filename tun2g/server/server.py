@@ -436,6 +436,7 @@ class Server:
                 pass
         movers = [tunnel for tunnel in self.tunnels if tunnel.auth.tun2g]
         for tunnel in movers:
+            tunnel.moving = True
             _try_send(tunnel.control_stream, encode_event(MOVE, grace=grace))
         log.info("draining", grace_period=grace, tunnels=len(self.tunnels), told_to_move=len(movers))
         started = time.monotonic()

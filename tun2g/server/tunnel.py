@@ -39,6 +39,9 @@ class Tunnel:
         self.usable = True
         self.in_flight = 0
         self.leaving = False  # the client said LEAVING (docs/protocol.md#control-messages): no new requests
+        # Told to MOVE by a draining server: its client's new session elsewhere (same instance id) must not
+        # take this one over, which would cut its requests in flight; the client's LEAVING ends it instead.
+        self.moving = False
         self.served = 0
         self.pings_answered = 0
         self.token_hash = hash_secret(auth.token)  # names the token in logs without the secret

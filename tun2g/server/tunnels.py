@@ -64,8 +64,11 @@ class Tunnels:
         return best
 
     def close_one(self, tunnel_id: str) -> None:
-        """Close one tunnel (its session's close callback deregisters it); raises NoSuchBackend if unknown."""
-        self.get(tunnel_id).close()
+        """Close one tunnel (its session's close callback deregisters it) when another node asks (a kill or a
+        takeover); raises NoSuchBackend if unknown. A tunnel told to move is left to its drain (LEAVING)."""
+        tunnel = self.get(tunnel_id)
+        if not tunnel.moving:
+            tunnel.close()
 
     def same_instance(self, tunnel: Tunnel) -> list[Tunnel]:
         """The other tunnels of `tunnel`'s client instance and user (none when it gave no instance id)."""
