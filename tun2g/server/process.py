@@ -405,9 +405,9 @@ def policy_book(storage, metrics: Metrics | None = None) -> PolicyBook:
     """The routes' edge policies; with Redis, rate limits shared by the cluster (tun2g.server.rate_limit)."""
     if not isinstance(storage, RedisStorage):
         return PolicyBook()
-    import redis
+    from tun2g.storage.redis_connect import open_redis
 
-    client = redis.Redis.from_url(storage.url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    client = open_redis(storage.url, socket_timeout=1.0, socket_connect_timeout=1.0)  # Sentinel URLs too
     return PolicyBook(ClusterLimiter(client, storage.key_prefix,
                                      on_error=None if metrics is None else lambda: metrics.redis_error("ratelimit")))
 
