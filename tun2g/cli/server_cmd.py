@@ -14,6 +14,9 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @click.command()
 @env_option("--http", "http_addr", env="TUN2G_HTTP", callback=host_port, metavar="HOST:PORT",
             help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080.")
+@env_option("--https", "https_addr", env="TUN2G_HTTPS", callback=host_port, metavar="HOST:PORT",
+            help="Public HTTPS address (next to --http), certificates chosen by SNI from the store "
+                 "(`tun2g cert add`); see docs/https.md. Default: no HTTPS.")
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
             callback=lambda ctx, param, value: value if value == "none" else host_port(ctx, param, value),
             metavar="HOST:PORT|none", help="Address where tunnel clients connect (TCP). `none`: no tunnel port; "
@@ -87,7 +90,7 @@ from tun2g.cli.options import cidrs, env_option, host_port
                  "Default: three quarters of the fd limit (raised to the hard limit at start).")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
-def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
+def server(http_addr, https_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, log_level):
@@ -106,7 +109,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
         raise click.UsageError("--tls-cert and --tls-key go together")
     if http_addr is None:
         http_addr = f":{os.environ['PORT']}" if os.environ.get("PORT") else ":8080"
-    setup = ServerSetup(http_addr=http_addr, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
+    setup = ServerSetup(http_addr=http_addr, https_addr=https_addr, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,

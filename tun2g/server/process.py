@@ -25,11 +25,13 @@ from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
 from tun2g.server.front import FrontLimits, HTTPFront
+from tun2g.server.https import HANDSHAKE_TIMEOUT, CertificateBook, handshake
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
 from tun2g.storage import RedisStorage, default_sqlite_path, open_storage
+from tun2g.storage.certificates import CertificateStore
 from tun2g.transport import tcp, tls
 
 log = get_logger(__name__)
@@ -70,6 +72,8 @@ class ServerSetup:
     """Everything `tun2g server` can be told."""
 
     http_addr: str = ":8080"
+    https_addr: str | None = None  # public HTTPS, certificates from the store by SNI (tun2g.server.https)
+    https_handshake_timeout: float = HANDSHAKE_TIMEOUT
     tunnel_addr: str = ":4443"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -155,6 +159,8 @@ class ServerSetup:
         running = RunningServer(server, cluster, http_address=http_address)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
+        if self.https_addr:
+            self._start_https(server, running, storage, limits)
         if cluster is not None:
             cluster.start()
 
@@ -165,7 +171,7 @@ class ServerSetup:
             running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
             self._start_admin(server, running)
-        log.info("listening", http=_fmt(running.http_address), tunnel=_fmt(running.tunnel_address),
+        log.info("listening", http=_fmt(running.http_address), https=_fmt(running.https_address), tunnel=_fmt(running.tunnel_address),
                  tunnel_tls=not self.plain_tunnel and running.tunnel_address is not None, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
         if cert is not None and not self.plain_tunnel and self.tls_cert is None:
@@ -197,6 +203,22 @@ class ServerSetup:
         running.admin_address = address
         running.admin_token = token
         running.services.append(admin)
+
+    def _start_https(self, server: Server, running: "RunningServer", storage, limits: FrontLimits) -> None:
+        """The public HTTPS port: the same front and pipeline behind a TLS handshake chosen by SNI."""
+        if not isinstance(storage, CertificateStore):
+            raise ValueError(f"--https needs a store that keeps certificates; {storage.describe()} does not")
+        listener = tcp.listen(self.https_addr)
+        running.https_address = listener.getsockname()[:2]
+        book = CertificateBook(storage)
+        book.refresh()
+        running.certificates = book
+        running.tasks.append(gevent.spawn(book.run))
+        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout))
+        running.services.append(running.https_front.serve(listener))
+        if not book.names():
+            log.warning("https_without_certificates", https=_fmt(running.https_address),
+                        hint="add one with `tun2g cert add DOMAIN --cert F --key F`; until then handshakes fail")
 
     def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
         tunnel_listener = tcp.listen(self.tunnel_addr)
@@ -244,11 +266,14 @@ class RunningServer:
     server: Server
     cluster: ClusterNode | None = None
     http_address: tuple | None = None
+    https_address: tuple | None = None
     tunnel_address: tuple | None = None
     kcp_address: tuple | None = None
     kcp_listener: object | None = None
     admin_address: tuple | None = None
     front: HTTPFront | None = None
+    https_front: HTTPFront | None = None
+    certificates: CertificateBook | None = None
     admin_token: str | None = None
     services: list = field(default_factory=list)
     tasks: list = field(default_factory=list)

@@ -29,8 +29,9 @@ from tun2g.storage.base import (
     hash_secret, new_token_record, normalize_domain, normalize_token_id, route_taken_error,
     validate_user,
 )
+from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -51,9 +52,23 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX routes_by_user ON routes (user)",
     ),
     2: ("ALTER TABLE routes ADD COLUMN inspect INTEGER NOT NULL DEFAULT 0",),  # capture for the inspector
+    3: (  # public HTTPS certificates (tun2g.storage.certificates)
+        """CREATE TABLE certificates (
+               name       TEXT PRIMARY KEY,  -- a domain or *.domain, normalized
+               chain_pem  TEXT NOT NULL,
+               key_pem    TEXT NOT NULL,
+               issuer     TEXT NOT NULL,
+               not_before REAL NOT NULL,
+               not_after  REAL NOT NULL,
+               source     TEXT NOT NULL,     -- "static" or the node id that ordered it
+               updated    REAL NOT NULL)""",
+        "CREATE TABLE certificate_revision (counter INTEGER NOT NULL)",
+        "INSERT INTO certificate_revision (counter) VALUES (0)",
+    ),
 }
 
 T = TypeVar("T")
+_CERT_INFO_COLUMNS = "name, issuer, not_before, not_after, source, updated"  # CertificateInfo's fields, in order
 
 
 class SQLiteStorage(SecretMinting):
@@ -176,6 +191,45 @@ class SQLiteStorage(SecretMinting):
 
     def ping(self) -> None:
         self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    # -- the CertificateStore protocol ----------------------------------------------
+
+    def put_certificate(self, certificate: StoredCertificate) -> None:
+        info = certificate.info
+
+        def upsert(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                db.execute("INSERT OR REPLACE INTO certificates (name, chain_pem, key_pem, issuer, not_before, "
+                           "not_after, source, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (info.name, certificate.chain_pem, certificate.key_pem, info.issuer, info.not_before,
+                            info.not_after, info.source, info.updated))
+                db.execute("UPDATE certificate_revision SET counter = counter + 1")
+
+        self._run(upsert)
+
+    def load_certificates(self) -> list[StoredCertificate]:
+        rows = self._run(lambda db: db.execute(
+            f"SELECT {_CERT_INFO_COLUMNS}, chain_pem, key_pem FROM certificates ORDER BY name").fetchall())
+        return [StoredCertificate(CertificateInfo(*row[:6]), row[6], row[7]) for row in rows]
+
+    def list_certificates(self) -> list[CertificateInfo]:
+        rows = self._run(lambda db: db.execute(
+            f"SELECT {_CERT_INFO_COLUMNS} FROM certificates ORDER BY name").fetchall())
+        return [CertificateInfo(*row) for row in rows]
+
+    def remove_certificate(self, name: str) -> bool:
+        name = normalize_cert_name(name)
+
+        def delete(db: sqlite3.Connection) -> int:
+            with _write_transaction(db):
+                deleted = db.execute("DELETE FROM certificates WHERE name = ?", (name,)).rowcount
+                db.execute("UPDATE certificate_revision SET counter = counter + 1")
+                return deleted
+
+        return bool(self._run(delete))
+
+    def certificate_revision(self) -> str:
+        return str(self._run(lambda db: db.execute("SELECT counter FROM certificate_revision").fetchone()[0]))
 
     def close(self) -> None:
         with self._lock:
