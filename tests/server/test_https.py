@@ -200,3 +200,64 @@ def test_cert_add_refuses_bad_input_in_one_line(tmp_path, ca, problem, storage_e
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "--cert/--key" in result.stderr
     assert "PRIVATE KEY" not in result.stderr + result.stdout
+
+
+def test_redis_down_keeps_serving_the_loaded_certificates(tmp_path, data_dir, redis_server, ca):
+    from tests.fixtures.tunnel import Deployment
+    from tun2g.server.process import ServerSetup
+
+    setup = ServerSetup(http_addr="127.0.0.1:0", https_addr="127.0.0.1:0", tunnel_addr="127.0.0.1:0",
+                        admin_addr=None, plain_tunnel=True, storage_url=redis_server.url, access_log=False,
+                        log_level="warning", node_id="n1")
+    deployment = Deployment(running=setup.start(), storage_url=redis_server.url, cert=None, plain=True)
+    try:
+        store_certificate(deployment, ca, DOMAIN)
+        redis_server.stop()
+        book = deployment.running.certificates
+        assert not book.refresh() and book.names() == [DOMAIN]
+        with _handshake(deployment, _tls_client(ca), DOMAIN) as tls:
+            assert tls.version()
+    finally:
+        deployment.running.stop()
+
+
+def test_an_https_client_that_gives_up_on_a_hung_backend_frees_its_stream(https_deployment, start_client, ca):
+    """The relay's watch for a public client that left (MSG_PEEK) works through TLS too (PeekableTLS)."""
+    from tests.server.support import StuckBackend
+
+    stuck = StuckBackend()
+    try:
+        start_client(https_deployment.client_config(https_deployment.grant("hung.test"), stuck.url,
+                                                    domain="hung.test"))
+        store_certificate(https_deployment, ca, "hung.test")
+        hung = next(t for t in https_deployment.server.tunnels if t.domain == "hung.test")
+        clients = []
+        for _ in range(20):
+            tls = _handshake(https_deployment, _tls_client(ca), "hung.test")
+            tls.sendall(b"GET /never HTTP/1.1\r\nHost: hung.test\r\n\r\n")
+            clients.append(tls)
+        wait_until(lambda: hung.in_flight == 20 and stuck.open == 20, timeout=10, message="all waiting")
+        for tls in clients:
+            tls.close()
+        started = time.monotonic()
+        wait_until(lambda: hung.in_flight == 0 and https_deployment.running.https_front.connections == 0,
+                   timeout=3, message="the abandoned requests released")
+        assert time.monotonic() - started < 2
+        assert stuck.accepted == 20
+    finally:
+        stuck.stop()
+
+
+def test_a_pipelined_request_after_the_peek_is_served_whole(served, ca):
+    """Bytes the watch peeked at through TLS reach the next request's reader."""
+    with _handshake(served, _tls_client(ca), DOMAIN) as tls:
+        tls.sendall(f"GET /headers HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n"
+                    f"GET /status/201 HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        tls.settimeout(5)
+        while True:
+            piece = tls.recv(65536)
+            if not piece:
+                break
+            data += piece
+    assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 201" in data

@@ -20,11 +20,17 @@ node or command is served by every node within that time, without a restart;
 while the store cannot be read, the certificates already loaded keep serving.
 
 TLS session resumption stays on (OpenSSL's session tickets, TLS 1.2 and 1.3).
+
+A TLS socket cannot ``recv(n, MSG_PEEK)``, which the relay's watch for a
+public client that gave up on a hung backend uses. `PeekableTLS` gives it
+that: a peek reads through TLS (so a close_notify or a FIN shows as the end
+of the stream) and keeps the bytes for the next ordinary read.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import tempfile
 from typing import Callable
@@ -34,6 +40,7 @@ import gevent
 from tun2g.log import get_logger
 from tun2g.storage import StorageError
 from tun2g.storage.certificates import CertificateStore, StoredCertificate, candidate_names
+from tun2g.transport.base import TLS_OVER_TCP
 
 log = get_logger(__name__)
 
@@ -115,6 +122,30 @@ class CertificateBook:
         return None
 
 
+class PeekableTLS:
+    """A public TLS socket whose ``recv(n, MSG_PEEK)`` keeps the bytes it read for the next recv."""
+
+    capabilities = TLS_OVER_TCP
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        self._tls = tls
+        self._peeked = b""
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        """TLS plaintext; with MSG_PEEK the bytes stay for the next call (b"": the peer closed)."""
+        if flags & socket.MSG_PEEK:
+            if not self._peeked:
+                self._peeked = self._tls.recv(size)
+            return self._peeked[:size]
+        if self._peeked:
+            data, self._peeked = self._peeked[:size], self._peeked[size:]
+            return data
+        return self._tls.recv(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tls, name)  # sendall, settimeout, close, fileno, ...: the TLS socket's own
+
+
 def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT) -> Callable:
     """The `HTTPFront` handshake step: wrap an accepted socket in TLS within `timeout`, or HandshakeFailed."""
 
@@ -125,7 +156,7 @@ def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT) -> Call
                 tls.do_handshake()
         except OSError as exc:
             raise HandshakeFailed(str(exc)) from None
-        return tls
+        return PeekableTLS(tls)
 
     return run
 

@@ -160,7 +160,7 @@ class ServerSetup:
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
         if self.https_addr:
-            self._start_https(server, running, storage, limits)
+            self._start_https(self.https_addr, server, running, storage, limits)
         if cluster is not None:
             cluster.start()
 
@@ -204,11 +204,12 @@ class ServerSetup:
         running.admin_token = token
         running.services.append(admin)
 
-    def _start_https(self, server: Server, running: "RunningServer", storage, limits: FrontLimits) -> None:
+    def _start_https(self, address: str, server: Server, running: "RunningServer", storage,
+                     limits: FrontLimits) -> None:
         """The public HTTPS port: the same front and pipeline behind a TLS handshake chosen by SNI."""
         if not isinstance(storage, CertificateStore):
             raise ValueError(f"--https needs a store that keeps certificates; {storage.describe()} does not")
-        listener = tcp.listen(self.https_addr)
+        listener = tcp.listen(address)
         running.https_address = listener.getsockname()[:2]
         book = CertificateBook(storage)
         book.refresh()
