@@ -132,6 +132,12 @@ def gateway_timeout(seconds: float, request_id: str) -> Page:
     return _gateway_error(504, f"The site's backend did not answer within {seconds:g} seconds.", request_id)
 
 
+def https_redirect(location: str, request_id: str) -> Page:
+    """308 to the same URL over HTTPS (`tun2g server --https-redirect`); 308 keeps the method and body."""
+    return Page(308, f"tun2g: this site is served over HTTPS: {location}\n".encode(), TEXT,
+                headers=(("Location", location),), request_id=request_id)
+
+
 def server_busy(reason: str) -> Page:
     """503 for a connection over a cap (per client address, or in all), sent before any request is read."""
     return Page(503, f"tun2g: the server is busy ({reason}); retry shortly\n".encode(), TEXT,

@@ -261,3 +261,62 @@ def test_a_pipelined_request_after_the_peek_is_served_whole(served, ca):
                 break
             data += piece
     assert data.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 201" in data
+
+
+@pytest.fixture
+def redirecting(tmp_path, data_dir, backend, start_client, ca):
+    deployment = _start(tmp_path, data_dir, plain=True, https_addr="127.0.0.1:0", https_redirect=True,
+                        hsts_max_age=600)
+    store_certificate(deployment, ca, DOMAIN)
+    start_client(deployment.client_config(deployment.grant(), backend[0]))
+    yield deployment
+    deployment.running.stop()
+
+
+def _plain(deployment, request: bytes) -> bytes:
+    from tests.server.support import connect, read_until_closed
+
+    with connect(deployment.running.http_address[1]) as sock:
+        sock.sendall(request)
+        return read_until_closed(sock)
+
+
+def test_plain_http_is_redirected_to_https_and_https_carries_hsts(redirecting, ca, tmp_path):
+    answer = _plain(redirecting, f"POST /a/b?c=d HTTP/1.1\r\nHost: App.Test:80\r\nContent-Length: 0\r\n"
+                                 f"Connection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 308")
+    assert f"Location: https://{DOMAIN}:{_port(redirecting)}/a/b?c=d\r\n".encode() in answer
+    assert b"X-Request-Id: " in answer
+    result = subprocess.run([require_binary("curl"), "-sS", "-L", "-D", "-", "--max-time", "10", "--cacert",
+                             str(ca.write_root(tmp_path)), "--resolve", f"{DOMAIN}:{_port(redirecting)}:127.0.0.1",
+                             "--connect-to", f"{DOMAIN}:80:127.0.0.1:{redirecting.running.http_address[1]}",
+                             f"http://{DOMAIN}/headers"], capture_output=True, text=True, timeout=15)
+    assert result.returncode == 0, result.stderr
+    assert "strict-transport-security: max-age=600" in result.stdout.lower()
+    assert '"X-Forwarded-Proto": "https"' in result.stdout
+
+
+@pytest.mark.parametrize("host", ["a b", "", "exa_mple..test", "x" * 300])
+def test_a_host_that_is_no_name_gets_no_redirect(redirecting, host):
+    answer = _plain(redirecting, f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    assert not answer.startswith(b"HTTP/1.1 308") and b"Location:" not in answer
+
+
+def test_a_target_cannot_move_the_redirect_to_another_host(redirecting):
+    answer = _plain(redirecting, f"GET //evil.test/x HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n"
+                    .encode())
+    assert f"Location: https://{DOMAIN}:{_port(redirecting)}//evil.test/x\r\n".encode() in answer
+    # absolute-form names the host (RFC 9112 3.2.2), for routing and for the redirect alike; its path stays a path
+    answer = _plain(redirecting, b"GET http://other.test/x HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+    assert f"Location: https://other.test:{_port(redirecting)}/x\r\n".encode() in answer
+
+
+def test_health_checks_are_not_redirected(redirecting):
+    answer = _plain(redirecting, b"GET /_tun2g/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_redirect_without_https_is_one_line_and_exit_2(storage_env):
+    result = subprocess.run([sys.executable, "-m", "tun2g.cli", "server", "--https-redirect", "--http",
+                             "127.0.0.1:0", "--admin-token", "t"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--https" in result.stderr and "Traceback" not in result.stderr

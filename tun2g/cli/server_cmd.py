@@ -17,6 +17,11 @@ from tun2g.cli.options import cidrs, env_option, host_port
 @env_option("--https", "https_addr", env="TUN2G_HTTPS", callback=host_port, metavar="HOST:PORT",
             help="Public HTTPS address (next to --http), certificates chosen by SNI from the store "
                  "(`tun2g cert add`); see docs/https.md. Default: no HTTPS.")
+@env_option("--https-redirect", env="TUN2G_HTTPS_REDIRECT", is_flag=True,
+            help="Answer plain public HTTP with a 308 to the same URL on the --https port (health checks and "
+                 "tunnel clients by Upgrade are not redirected).")
+@env_option("--hsts", "hsts_max_age", env="TUN2G_HSTS", type=click.IntRange(min=0), default=0, metavar="SECONDS",
+            help="Send Strict-Transport-Security: max-age=SECONDS on responses over HTTPS. 0: none.")
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
             callback=lambda ctx, param, value: value if value == "none" else host_port(ctx, param, value),
             metavar="HOST:PORT|none", help="Address where tunnel clients connect (TCP). `none`: no tunnel port; "
@@ -90,7 +95,7 @@ from tun2g.cli.options import cidrs, env_option, host_port
                  "Default: three quarters of the fd limit (raised to the hard limit at start).")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
-def server(http_addr, https_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
+def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
            admin_addr, admin_token, node_id, advertise_url, cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, log_level):
@@ -109,7 +114,8 @@ def server(http_addr, https_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, 
         raise click.UsageError("--tls-cert and --tls-key go together")
     if http_addr is None:
         http_addr = f":{os.environ['PORT']}" if os.environ.get("PORT") else ":8080"
-    setup = ServerSetup(http_addr=http_addr, https_addr=https_addr, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
+    setup = ServerSetup(http_addr=http_addr, https_addr=https_addr, https_redirect=https_redirect,
+                        hsts_max_age=hsts_max_age, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
@@ -125,6 +131,7 @@ def server(http_addr, https_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, 
             setattr(setup, name, value)
     try:
         setup.check_admin_exposure()
+        setup.check_https()
     except ConfigurationError as exc:
         click.echo(f"tun2g server: {exc}", err=True)
         sys.exit(2)  # a usage error, as click's own

@@ -53,6 +53,32 @@ class Request:
     counted: DomainMetrics | None = None  # its domain's metrics, once an upstream took it
     capture: Capture | None = None        # its capture for the inspector, when its route is inspected
     public: bool = True                   # it came from a public client (not a hop from another node)
+    hsts: str | None = None               # Strict-Transport-Security for its response (HTTPS only)
+
+
+@dataclass(frozen=True)
+class HTTPSPolicy:
+    """Public HTTPS rules, for every route for now (docs/https.md; per route once routes carry a policy)."""
+
+    redirect: bool = False       # plain HTTP from the public gets a 308 to the same URL over HTTPS
+    https_port: int = 443        # the port a redirect names (443: none in the URL)
+    hsts_max_age: int = 0        # seconds of Strict-Transport-Security on responses over HTTPS (0: none)
+
+    def location(self, request: "Request") -> str | None:
+        """Where a plain request is redirected, or None (no redirect, or a Host that is no valid name)."""
+        if not self.redirect:
+            return None
+        domain = routing_key(request.host)
+        if domain is None:
+            return None
+        target = request.head.target
+        path = target if target.startswith("/") else "/"  # absolute-form and '*' go to the site's root
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{domain}{port}{path}"
+
+    @property
+    def hsts(self) -> str | None:
+        return f"max-age={self.hsts_max_age}" if self.hsts_max_age > 0 else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,8 @@ class _SocketExchange:
 
     def _stamp(self, response: ResponseHead) -> None:
         response.set("X-Request-Id", self._request.id)
+        if self._request.hsts:
+            response.set("Strict-Transport-Security", self._request.hsts)
         self._response = response
 
     def through(self, upstream: Upstream, meter: Meter | None) -> Outcome:
@@ -176,6 +204,8 @@ class _ResponseExchange:
         response.headers = forwardable_headers(response.headers) + (
             [("Connection", "Upgrade"), ("Upgrade", response.get("Upgrade") or "")] if response.status == 101 else [])
         response.set("X-Request-Id", self._request.id)
+        if self._request.hsts:
+            response.set("Strict-Transport-Security", self._request.hsts)
 
         def release() -> None:
             done = reader.body_complete and (pump is None or pump.successful())
@@ -203,8 +233,10 @@ class Pipeline:
 
     def __init__(self, router: Router, *, access_log: bool = True,
                  trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None,
-                 metrics: Metrics | None = None, inspector: Inspector | None = None) -> None:
+                 metrics: Metrics | None = None, inspector: Inspector | None = None,
+                 https: HTTPSPolicy | None = None) -> None:
         self.router = router
+        self.https = https or HTTPSPolicy()
         self.metrics = metrics      # None: nothing counted
         self.inspector = inspector  # None: nothing captured
         self.access_log = access_log
@@ -242,7 +274,9 @@ class Pipeline:
         request_id = head.get("X-Request-Id")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):  # a caller's own id, if it is a plain token
             request_id = new_request_id()
-        return Request(head, request_id, head.host or "", peer_ip or "", scheme, time.monotonic(), trusted)
+        hsts = self.https.hsts if scheme == "https" else None
+        return Request(head, request_id, head.host or "", peer_ip or "", scheme, time.monotonic(), trusted,
+                       hsts=hsts)
 
     def _run(self, request: Request, exchange: _Exchange[Result]) -> Result:
         head = request.head
@@ -251,6 +285,10 @@ class Pipeline:
         except HopRefused as exc:
             log.warning("hop_refused", remote=request.peer_ip, host=request.host, reason=str(exc))
             return self._finish(request, exchange, exchange.page(pages.hop_refused(str(exc), request.id)), "-")
+        if hop is None and request.scheme == "http" and request.peer_ip:  # a public visitor, not a library caller
+            location = self.https.location(request)
+            if location is not None:
+                return self._finish(request, exchange, exchange.page(pages.https_redirect(location, request.id)), "-")
         if hop is None:
             prepare_request(head, request_id=request.id, peer_ip=request.peer_ip, scheme=request.scheme,
                             trusted=request.trusted)

@@ -27,6 +27,7 @@ from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
 from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.https import HANDSHAKE_TIMEOUT, CertificateBook, handshake
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
+from tun2g.server.pipeline import HTTPSPolicy
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
@@ -74,6 +75,8 @@ class ServerSetup:
     http_addr: str = ":8080"
     https_addr: str | None = None  # public HTTPS, certificates from the store by SNI (tun2g.server.https)
     https_handshake_timeout: float = HANDSHAKE_TIMEOUT
+    https_redirect: bool = False  # plain public HTTP gets a 308 to HTTPS (needs --https)
+    hsts_max_age: int = 0         # Strict-Transport-Security max-age on HTTPS responses (0: none)
     tunnel_addr: str = ":4443"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -118,6 +121,11 @@ class ServerSetup:
         return FrontLimits(head_timeout=self.header_timeout or None, idle_timeout=self.idle_timeout or None,
                            max_per_ip=self.max_connections_per_ip, max_total=total)
 
+    def check_https(self) -> None:
+        """ConfigurationError when the redirect or HSTS is asked for without an HTTPS port."""
+        if (self.https_redirect or self.hsts_max_age) and not self.https_addr:
+            raise ConfigurationError("--https-redirect and --hsts need --https HOST:PORT (the port to send visitors to)")
+
     def exchange_timeouts(self) -> ExchangeTimeouts:
         return ExchangeTimeouts(response=self.response_timeout or None, body=self.body_timeout or None,
                                 watch_downstream=True)
@@ -125,6 +133,7 @@ class ServerSetup:
     def start(self) -> "RunningServer":
         """Open the store and every listener, start serving, and return the running server."""
         self.check_admin_exposure()
+        self.check_https()
         configure(self.log_level)
         fd_before, fd_limit = raise_fd_limit()
         limits = self.front_limits(fd_limit)
@@ -138,6 +147,9 @@ class ServerSetup:
             config.node_id = self.node_id
         http_listener = tcp.listen(self.http_addr)
         http_address = http_listener.getsockname()[:2]
+        https_listener = tcp.listen(self.https_addr) if self.https_addr else None
+        https_policy = HTTPSPolicy(redirect=self.https_redirect, hsts_max_age=self.hsts_max_age,
+                                   https_port=https_listener.getsockname()[1] if https_listener else 443)
         tunnels = Tunnels()
         cluster = None
         metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
@@ -155,12 +167,12 @@ class ServerSetup:
             inspector.start(storage)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector)
+                        inspector=inspector, https=https_policy)
         running = RunningServer(server, cluster, http_address=http_address)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
-        if self.https_addr:
-            self._start_https(self.https_addr, server, running, storage, limits)
+        if https_listener is not None:
+            self._start_https(https_listener, server, running, storage, limits)
         if cluster is not None:
             cluster.start()
 
@@ -204,12 +216,11 @@ class ServerSetup:
         running.admin_token = token
         running.services.append(admin)
 
-    def _start_https(self, address: str, server: Server, running: "RunningServer", storage,
+    def _start_https(self, listener, server: Server, running: "RunningServer", storage,
                      limits: FrontLimits) -> None:
         """The public HTTPS port: the same front and pipeline behind a TLS handshake chosen by SNI."""
         if not isinstance(storage, CertificateStore):
             raise ValueError(f"--https needs a store that keeps certificates; {storage.describe()} does not")
-        listener = tcp.listen(address)
         running.https_address = listener.getsockname()[:2]
         book = CertificateBook(storage)
         book.refresh()

@@ -32,7 +32,7 @@ from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
 from tun2g.metrics import Metrics, SessionSample
 from tun2g.server.inspect import Inspector
-from tun2g.server.pipeline import Pipeline, TrustedProxies
+from tun2g.server.pipeline import HTTPSPolicy, Pipeline, TrustedProxies
 from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
 from tun2g.server.tunnel import Tunnel
@@ -87,11 +87,12 @@ class Server:
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
                  access_log: bool = True, trusted_proxies: Iterable[str] = (),
                  timeouts: ExchangeTimeouts | None = None, metrics: Metrics | None = None,
-                 inspector: Inspector | None = None):
+                 inspector: Inspector | None = None, https: HTTPSPolicy | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
         `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
         `timeouts`: bounds on each exchange's waits (None: unbounded);
-        `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none)."""
+        `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none);
+        `https`: the redirect to HTTPS and HSTS rules (None: neither)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
@@ -101,7 +102,7 @@ class Server:
         self.metrics = metrics
         self.inspector = inspector
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
-                                 timeouts=timeouts, metrics=metrics, inspector=inspector)
+                                 timeouts=timeouts, metrics=metrics, inspector=inspector, https=https)
         self.login_limiter = LoginLimiter()  # failed logins per source address (docs/protocol.md#auth-limits)
         if metrics is not None:
             metrics.watch(self._session_samples)
