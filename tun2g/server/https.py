@@ -116,7 +116,7 @@ class CertificateBook:
     def _choose(self, tls: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _context) -> int | None:
         context = self.context_for(server_name)
         if context is None:
-            log.info("tls_unknown_name", server_name=server_name or "-")
+            log.debug("tls_unknown_name", server_name=(server_name or "-")[:256])
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         tls.context = context
         return None
