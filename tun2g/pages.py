@@ -132,6 +132,11 @@ def gateway_timeout(seconds: float, request_id: str) -> Page:
     return _gateway_error(504, f"The site's backend did not answer within {seconds:g} seconds.", request_id)
 
 
+def acme_challenge(key_authorization: str, request_id: str) -> Page:
+    """200 with an HTTP-01 key authorization (RFC 8555 8.3), for the ACME server validating an order."""
+    return Page(200, key_authorization.encode(), "application/octet-stream", request_id=request_id)
+
+
 def https_redirect(location: str, request_id: str) -> Page:
     """308 to the same URL over HTTPS (`tun2g server --https-redirect`); 308 keeps the method and body."""
     return Page(308, f"tun2g: this site is served over HTTPS: {location}\n".encode(), TEXT,

@@ -128,3 +128,38 @@ def rm(name, storage_url):
     if not removed:
         raise click.ClickException(f"no certificate for {name} (see `tun2g cert list`)")
     click.echo(f"removed certificate for {name}")
+
+
+@cert.command("issue")
+@click.argument("name")
+@click.option("--acme-directory", "directory_url", envvar="TUN2G_ACME_DIRECTORY", show_envvar=True,
+              default="https://acme-v02.api.letsencrypt.org/directory", show_default=True,
+              help="The ACME directory URL (any RFC 8555 server).")
+@click.option("--acme-email", "email", envvar="TUN2G_ACME_EMAIL", show_envvar=True,
+              help="Contact address for the ACME account (expiry notices).")
+@click.option("--acme-ca-bundle", "ca_bundle", type=click.Path(exists=True, dir_okay=False),
+              envvar="TUN2G_ACME_CA_BUNDLE", show_envvar=True,
+              help="CA file to verify the ACME directory with (a test server's); default: the system's.")
+@_storage_option
+def issue(name, directory_url, email, ca_bundle, storage_url):
+    """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port).
+
+    The servers sharing the store answer the challenge and serve the certificate within a second.
+    """
+    from tun2g.server.acme import IssuanceFailed, issue as acme_issue
+    from tun2g.storage import NoSuchRoute, StorageError, normalize_domain
+
+    try:
+        domain = normalize_domain(name)
+    except StorageError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    with _certificates(storage_url) as store:
+        try:
+            certificate = acme_issue(store, domain, directory_url=directory_url, email=email, ca_bundle=ca_bundle)
+        except NoSuchRoute:
+            raise click.ClickException(f"{domain} has no route: certificates are ordered only for routed names "
+                                       f"(`tun2g route add {domain} --user U` first)") from None
+        except IssuanceFailed as exc:
+            raise click.ClickException(str(exc)) from None
+    info = certificate.info
+    click.echo(f"issued certificate for {info.name} (issuer {info.issuer}, expires {_when(info.not_after)})")

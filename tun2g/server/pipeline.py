@@ -16,7 +16,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Iterable, Protocol, TypeVar
+from typing import Callable, Iterable, Protocol, TypeVar
 
 import gevent
 
@@ -30,6 +30,7 @@ from tun2g.http.client import Body, StreamedResponse, body_is_replayable, send_r
 from tun2g.log import get_logger
 from tun2g.metrics import DomainMetrics, Metrics
 from tun2g.requestid import new_request_id
+from tun2g.server.acme import CHALLENGE_PREFIX
 from tun2g.server.inspect import Capture, Inspector
 from tun2g.server.router import NodeUpstream, Router, Upstream, routing_key
 from tun2g.transport.base import ByteStream
@@ -234,9 +235,12 @@ class Pipeline:
     def __init__(self, router: Router, *, access_log: bool = True,
                  trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None,
                  metrics: Metrics | None = None, inspector: Inspector | None = None,
-                 https: HTTPSPolicy | None = None) -> None:
+                 https: HTTPSPolicy | None = None,
+                 acme_challenge: Callable[[str], str | None] | None = None) -> None:
         self.router = router
         self.https = https or HTTPSPolicy()
+        # A pending ACME HTTP-01 answer for a request target (tun2g.server.acme), None: not ours.
+        self.acme_challenge = acme_challenge
         self.metrics = metrics      # None: nothing counted
         self.inspector = inspector  # None: nothing captured
         self.access_log = access_log
@@ -286,6 +290,11 @@ class Pipeline:
             log.warning("hop_refused", remote=request.peer_ip, host=request.host, reason=str(exc))
             return self._finish(request, exchange, exchange.page(pages.hop_refused(str(exc), request.id)), "-")
         if hop is None and request.scheme == "http" and request.peer_ip:  # a public visitor, not a library caller
+            if self.acme_challenge is not None and head.method == "GET" and head.target.startswith(CHALLENGE_PREFIX):
+                answer = self.acme_challenge(head.target)  # only our pending tokens; others go to the site
+                if answer is not None:
+                    return self._finish(request, exchange, exchange.page(pages.acme_challenge(answer, request.id)),
+                                        "-")
             location = self.https.location(request)
             if location is not None:
                 return self._finish(request, exchange, exchange.page(pages.https_redirect(location, request.id)), "-")

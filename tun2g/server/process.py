@@ -21,6 +21,7 @@ from tun2g.cluster.forward import HOP_READ_TIMEOUT
 from tun2g.log import configure, get_logger
 from tun2g.errors import ConfigurationError
 from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
+from tun2g.server.acme import challenge_answer
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token
@@ -167,7 +168,9 @@ class ServerSetup:
             inspector.start(storage)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector, https=https_policy)
+                        inspector=inspector, https=https_policy,
+                        acme_challenge=(lambda target: challenge_answer(storage, target))
+                        if isinstance(storage, CertificateStore) else None)
         running = RunningServer(server, cluster, http_address=http_address)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))

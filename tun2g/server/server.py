@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import gevent
 from gevent.event import Event
@@ -87,12 +87,14 @@ class Server:
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
                  access_log: bool = True, trusted_proxies: Iterable[str] = (),
                  timeouts: ExchangeTimeouts | None = None, metrics: Metrics | None = None,
-                 inspector: Inspector | None = None, https: HTTPSPolicy | None = None):
+                 inspector: Inspector | None = None, https: HTTPSPolicy | None = None,
+                 acme_challenge: Callable[[str], str | None] | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
         `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
         `timeouts`: bounds on each exchange's waits (None: unbounded);
         `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none);
-        `https`: the redirect to HTTPS and HSTS rules (None: neither)."""
+        `https`: the redirect to HTTPS and HSTS rules (None: neither);
+        `acme_challenge`: pending ACME HTTP-01 answers by request target (None: none answered)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
@@ -102,7 +104,8 @@ class Server:
         self.metrics = metrics
         self.inspector = inspector
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
-                                 timeouts=timeouts, metrics=metrics, inspector=inspector, https=https)
+                                 timeouts=timeouts, metrics=metrics, inspector=inspector, https=https,
+                                 acme_challenge=acme_challenge)
         self.login_limiter = LoginLimiter()  # failed logins per source address (docs/protocol.md#auth-limits)
         if metrics is not None:
             metrics.watch(self._session_samples)

@@ -68,6 +68,15 @@ class CertificateStore(Protocol):
     def certificate_revision(self) -> str:
         """A cheap marker that changes whenever a certificate is stored or removed."""
 
+    def put_acme_value(self, key: str, value: str, ttl: float | None) -> None:
+        """Keep an ACME value (``challenge:<token>``, ``account:<directory>``) for `ttl` seconds (None: always)."""
+
+    def acme_value(self, key: str) -> str | None:
+        """An ACME value, or None when absent or expired."""
+
+    def remove_acme_value(self, key: str) -> None:
+        """Forget an ACME value (absent: nothing to do)."""
+
 
 def normalize_cert_name(name: str) -> str:
     """A certificate name: a domain, or ``*.`` and a domain; InvalidCertificate otherwise."""

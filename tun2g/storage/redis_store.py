@@ -14,6 +14,7 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
                                   (public HTTPS certificates; name a domain or *.domain; docs/https.md)
     P certs               set     every certificate name
     P cert-revision       string  a counter bumped by every certificate stored or removed (nodes poll it)
+    P acme:<key>          string  ACME state: challenge:<token> (key authorization, TTL), account:<sha256 of directory>
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write
@@ -228,6 +229,18 @@ class RedisStorage(SecretMinting):
     def certificate_revision(self) -> str:
         with self._errors():
             return str(self._client.get(self._key("cert-revision")) or "0")
+
+    def put_acme_value(self, key: str, value: str, ttl: float | None) -> None:
+        with self._errors():
+            self._client.set(self._key("acme:", key), value, px=None if ttl is None else int(ttl * 1000))
+
+    def acme_value(self, key: str) -> str | None:
+        with self._errors():
+            return self._client.get(self._key("acme:", key))
+
+    def remove_acme_value(self, key: str) -> None:
+        with self._errors():
+            self._client.delete(self._key("acme:", key))
 
     def _certificate_records(self) -> list[tuple[str, dict[str, str]]]:
         with self._errors():

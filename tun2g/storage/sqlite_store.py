@@ -31,7 +31,7 @@ from tun2g.storage.base import (
 )
 from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -64,6 +64,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                updated    REAL NOT NULL)""",
         "CREATE TABLE certificate_revision (counter INTEGER NOT NULL)",
         "INSERT INTO certificate_revision (counter) VALUES (0)",
+    ),
+    4: (  # ACME challenge tokens and account keys (tun2g.server.acme)
+        "CREATE TABLE acme (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL)",  # expires: unix s or NULL
     ),
 }
 
@@ -230,6 +233,25 @@ class SQLiteStorage(SecretMinting):
 
     def certificate_revision(self) -> str:
         return str(self._run(lambda db: db.execute("SELECT counter FROM certificate_revision").fetchone()[0]))
+
+    def put_acme_value(self, key: str, value: str, ttl: float | None) -> None:
+        expires = None if ttl is None else time.time() + ttl
+
+        def upsert(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                db.execute("DELETE FROM acme WHERE expires IS NOT NULL AND expires < ?", (time.time(),))
+                db.execute("INSERT OR REPLACE INTO acme (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
+
+        self._run(upsert)
+
+    def acme_value(self, key: str) -> str | None:
+        row = self._run(lambda db: db.execute("SELECT value, expires FROM acme WHERE key = ?", (key,)).fetchone())
+        if row is None or (row[1] is not None and row[1] < time.time()):
+            return None
+        return row[0]
+
+    def remove_acme_value(self, key: str) -> None:
+        self._run(lambda db: db.execute("DELETE FROM acme WHERE key = ?", (key,)))
 
     def close(self) -> None:
         with self._lock:
