@@ -51,8 +51,12 @@ def test_http01_issues_for_a_routed_name_and_curl_validates_the_chain(acme_setup
                             capture_output=True, text=True, timeout=15)
     assert result.returncode == 0, result.stderr
     assert '"X-Forwarded-Proto": "https"' in result.stdout
-    # the pending token was removed: its URL goes to the site like any other path
-    assert deployment.storage.acme_value("account:x") is None
+    # the pending tokens were removed, the account key stays for the next order
+    import sqlite3
+
+    with sqlite3.connect(deployment.storage_url.removeprefix("sqlite:///")) as db:
+        keys = [row[0] for row in db.execute("SELECT key FROM acme")]
+    assert len(keys) == 1 and keys[0].startswith("account:")
 
 
 def test_an_unrouted_name_is_never_ordered(acme_setup):
