@@ -34,10 +34,12 @@ setup(
             "websocket-client>=1.7",
             "mypy>=1.10",
             "types-requests",
+            "acme>=5.0", "josepy>=1.14",  # tests/server/test_acme.py against Debian's pebble
             "playwright>=1.40",  # drives Debian's chromium (scripts/install-test-deps); no browser download
         ],
         "gunicorn": ["gunicorn[gevent]>=22"],  # the WSGI deploy shape: gunicorn -k gevent
         "bench": ["psutil>=5.9", "pyinstrument>=4.6", "py-spy>=0.3"],
+        "acme": ["acme>=5.0", "josepy>=1.14"],  # `tun2g cert issue` (docs/https.md)
     },
     entry_points={"console_scripts": ["tun2g=tun2g.cli:main"]},
 )

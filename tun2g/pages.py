@@ -152,6 +152,17 @@ def with_custom_body(page: Page, template: str) -> Page:
     return Page(page.status, body.encode(), HTML, page.headers, page.request_id)
 
 
+def acme_challenge(key_authorization: str, request_id: str) -> Page:
+    """200 with an HTTP-01 key authorization (RFC 8555 8.3), for the ACME server validating an order."""
+    return Page(200, key_authorization.encode(), "application/octet-stream", request_id=request_id)
+
+
+def https_redirect(location: str, request_id: str) -> Page:
+    """308 to the same URL over HTTPS (`tun2g server --https-redirect`); 308 keeps the method and body."""
+    return Page(308, f"tun2g: this site is served over HTTPS: {location}\n".encode(), TEXT,
+                headers=(("Location", location),), request_id=request_id)
+
+
 def server_busy(reason: str) -> Page:
     """503 for a connection over a cap (per client address, or in all), sent before any request is read."""
     return Page(503, f"tun2g: the server is busy ({reason}); retry shortly\n".encode(), TEXT,

@@ -36,7 +36,8 @@ def _register() -> None:
     from tun2g.cli.store_cmd import route, token
     from tun2g.cli.client_cmd import client
     from tun2g.cli.inspect_cmd import inspect
-    from tun2g.cli.live_cmd import backends, cert, kill
+    from tun2g.cli.cert_cmd import cert
+    from tun2g.cli.live_cmd import backends, kill
     from tun2g.cli.login_cmd import http, login
     from tun2g.cli.policy_cmd import policy
     from tun2g.cli.server_cmd import server

@@ -1,11 +1,10 @@
-"""`tun2g backends`, `tun2g kill` and `tun2g cert`: operating a running server."""
+"""`tun2g backends` and `tun2g kill`: operating a running server."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -130,19 +129,3 @@ def kill(admin_url, admin_token, backend_id):
     """Disconnect one backend (by the ID `tun2g backends` shows). It may reconnect."""
     _admin_request("POST", f"{_admin_base(admin_url)}/backends/{backend_id}/kill", admin_token)
     click.echo(f"killed {backend_id}")
-
-
-@click.command()
-@click.option("--out", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Where to write tun2g-dev-cert.pem and tun2g-dev-key.pem.")
-@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1", "::1"), show_default=True,
-              help="Names and addresses the certificate is valid for (repeat).")
-def cert(directory, hosts):
-    """Make a self-signed development certificate for the tunnel port.
-
-    Start the server with --tls-cert/--tls-key and give clients --ca with the certificate.
-    """
-    from tun2g.transport.tls import make_dev_certificate
-
-    cert_path, key_path = make_dev_certificate(Path(directory), hostnames=tuple(hosts))
-    click.echo(f"certificate: {cert_path}\nkey:         {key_path}")

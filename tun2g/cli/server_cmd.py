@@ -16,6 +16,14 @@ from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
 @config_option("TUN2G_SERVER_CONFIG", sections={"policy": policy_section})
 @env_option("--http", "http_addr", env="TUN2G_HTTP", callback=host_port, metavar="HOST:PORT",
             help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080.")
+@env_option("--https", "https_addr", env="TUN2G_HTTPS", callback=host_port, metavar="HOST:PORT",
+            help="Public HTTPS address (next to --http), certificates chosen by SNI from the store "
+                 "(`tun2g cert add`); see docs/https.md. Default: no HTTPS.")
+@env_option("--https-redirect", env="TUN2G_HTTPS_REDIRECT", is_flag=True,
+            help="Answer plain public HTTP with a 308 to the same URL on the --https port (health checks and "
+                 "tunnel clients by Upgrade are not redirected).")
+@env_option("--hsts", "hsts_max_age", env="TUN2G_HSTS", type=click.IntRange(min=0), default=0, metavar="SECONDS",
+            help="Send Strict-Transport-Security: max-age=SECONDS on responses over HTTPS. 0: none.")
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
             callback=lambda ctx, param, value: value if value == "none" else host_port(ctx, param, value),
             metavar="HOST:PORT|none", help="Address where tunnel clients connect (TCP). `none`: no tunnel port; "
@@ -101,8 +109,9 @@ from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
                  "requests in flight finish for up to this long (inside Heroku's 30 s), then exit 0.")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
-def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kcp_profile, storage, redis_url,
-           admin_addr, admin_token, node_id, advertise_url, advertise_tunnel, cluster_secret, registry_ttl, hop_timeout, smux_version,
+def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr,
+           kcp_profile, storage, redis_url, admin_addr, admin_token, node_id, advertise_url, advertise_tunnel,
+           cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
@@ -120,7 +129,8 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
         raise click.UsageError("--tls-cert and --tls-key go together")
     if http_addr is None:
         http_addr = f":{os.environ['PORT']}" if os.environ.get("PORT") else ":8080"
-    setup = ServerSetup(http_addr=http_addr, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
+    setup = ServerSetup(http_addr=http_addr, https_addr=https_addr, https_redirect=https_redirect,
+                        hsts_max_age=hsts_max_age, tunnel_addr=tunnel_addr, tls_cert=tls_cert, tls_key=tls_key,
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
@@ -140,6 +150,7 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
     loaded = loaded_config(ctx)
     if loaded is not None:
         setup.policies = loaded.sections.get("policy", {})
+    setup.check_https()  # a ConfigurationError is one line and status 2: tun2g.cli.errors
     import gevent
 
     from tun2g.cli.errors import EXIT_INTERRUPTED

@@ -19,7 +19,7 @@ import errno
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from gevent.server import StreamServer
 
@@ -114,9 +114,13 @@ class _Acceptor(StreamServer):
 class HTTPFront:
     """Serves public HTTP for a Server; `serve(listener)` returns the running StreamServer."""
 
-    def __init__(self, server: Server, *, scheme: str = "http", limits: FrontLimits | None = None) -> None:
+    def __init__(self, server: Server, *, scheme: str = "http", limits: FrontLimits | None = None,
+                 handshake: Callable[[Any], Any] | None = None) -> None:
         self.server = server
         self.scheme = scheme
+        # Turns an accepted socket into the stream to serve (public HTTPS: `tun2g.server.https.handshake`);
+        # raising drops the connection quietly. Runs after the caps, so unfinished handshakes count too.
+        self.handshake = handshake
         self.limits = limits or FrontLimits()
         self.connections = 0  # open public connections
         self.requests_in_flight = 0  # public requests being served (a draining server waits for them)
@@ -140,6 +144,12 @@ class HTTPFront:
         self._per_ip[peer_ip] += 1
         try:
             tune(sock)
+            if self.handshake is not None:
+                try:
+                    sock = self.handshake(sock)
+                except Exception as exc:  # the handshake's own error type: a quiet close, one debug line
+                    log.debug("handshake_failed", remote=peer_ip, error=str(exc))
+                    return
             serve_requests(sock, lambda head, reader: self.handle_request(head, reader, sock, peer_ip), _reject,
                            head_timeout=limits.head_timeout, idle_timeout=limits.idle_timeout)
         finally:

@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol, TypeVar
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import gevent
 
@@ -34,6 +34,7 @@ from tun2g.log import get_logger
 from tun2g.metrics import DomainMetrics, Metrics
 from tun2g.requestid import new_request_id
 from tun2g.policy import Policy
+from tun2g.server.acme import CHALLENGE_PREFIX
 from tun2g.server.inspect import Capture, Inspector
 from tun2g.server.policy_step import PolicyBook
 from tun2g.server.router import NodeUpstream, Router, Upstream, routing_key
@@ -59,6 +60,32 @@ class Request:
     capture: Capture | None = None        # its capture for the inspector, when its route is inspected
     public: bool = True                   # it came from a public client (not a hop from another node)
     policy: Policy | None = None          # its route's edge policy, once the policy step found one
+    hsts: str | None = None               # Strict-Transport-Security for its response (HTTPS only)
+
+
+@dataclass(frozen=True)
+class HTTPSPolicy:
+    """Public HTTPS rules, for every route for now (docs/https.md; per route once routes carry a policy)."""
+
+    redirect: bool = False       # plain HTTP from the public gets a 308 to the same URL over HTTPS
+    https_port: int = 443        # the port a redirect names (443: none in the URL)
+    hsts_max_age: int = 0        # seconds of Strict-Transport-Security on responses over HTTPS (0: none)
+
+    def location(self, request: "Request") -> str | None:
+        """Where a plain request is redirected, or None (no redirect, or a Host that is no valid name)."""
+        if not self.redirect:
+            return None
+        domain = routing_key(request.host)
+        if domain is None:
+            return None
+        target = request.head.target
+        path = target if target.startswith("/") else "/"  # absolute-form and '*' go to the site's root
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{domain}{port}{path}"
+
+    @property
+    def hsts(self) -> str | None:
+        return f"max-age={self.hsts_max_age}" if self.hsts_max_age > 0 else None
 
 
 @dataclass(frozen=True)
@@ -118,6 +145,8 @@ class _SocketExchange:
         if policy is not None and policy.response_headers:
             response.headers = policy.response_headers.apply(response.headers)
         response.set("X-Request-Id", self._request.id)
+        if self._request.hsts:
+            response.set("Strict-Transport-Security", self._request.hsts)
         self._response = response
 
     def limit(self, timeouts: ExchangeTimeouts | None, max_body: int | None) -> None:
@@ -212,6 +241,8 @@ class _ResponseExchange:
         if policy is not None and policy.response_headers:
             response.headers = policy.response_headers.apply(response.headers)
         response.set("X-Request-Id", self._request.id)
+        if self._request.hsts:
+            response.set("Strict-Transport-Security", self._request.hsts)
 
         def release() -> None:
             done = reader.body_complete and (pump is None or pump.successful())
@@ -259,9 +290,13 @@ class Pipeline:
     def __init__(self, router: Router, *, access_log: bool = True,
                  trusted_proxies: TrustedProxies | None = None, timeouts: ExchangeTimeouts | None = None,
                  metrics: Metrics | None = None, inspector: Inspector | None = None,
-                 policies: PolicyBook | None = None) -> None:
+                 policies: PolicyBook | None = None, https: HTTPSPolicy | None = None,
+                 acme_challenge: Callable[[str], str | None] | None = None) -> None:
         self.router = router
         self.policies = policies    # None: no edge policy at all
+        self.https = https or HTTPSPolicy()
+        # A pending ACME HTTP-01 answer for a request target (tun2g.server.acme), None: not ours.
+        self.acme_challenge = acme_challenge
         self.metrics = metrics      # None: nothing counted
         self.inspector = inspector  # None: nothing captured
         self.access_log = access_log
@@ -304,7 +339,9 @@ class Pipeline:
         request_id = head.get("X-Request-Id")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):  # a caller's own id, if it is a plain token
             request_id = new_request_id()
-        return Request(head, request_id, head.host or "", peer_ip or "", scheme, time.monotonic(), trusted)
+        hsts = self.https.hsts if scheme == "https" else None
+        return Request(head, request_id, head.host or "", peer_ip or "", scheme, time.monotonic(), trusted,
+                       hsts=hsts)
 
     def _run(self, request: Request, exchange: _Exchange[Result]) -> Result:
         head = request.head
@@ -313,6 +350,15 @@ class Pipeline:
         except HopRefused as exc:
             log.warning("hop_refused", remote=request.peer_ip, host=request.host, reason=str(exc))
             return self._finish(request, exchange, exchange.page(pages.hop_refused(str(exc), request.id)), "-")
+        if hop is None and request.scheme == "http" and request.peer_ip:  # a public visitor, not a library caller
+            if self.acme_challenge is not None and head.method == "GET" and head.target.startswith(CHALLENGE_PREFIX):
+                answer = self.acme_challenge(head.target)  # only our pending tokens; others go to the site
+                if answer is not None:
+                    return self._finish(request, exchange, exchange.page(pages.acme_challenge(answer, request.id)),
+                                        "-")
+            location = self.https.location(request)
+            if location is not None:
+                return self._finish(request, exchange, exchange.page(pages.https_redirect(location, request.id)), "-")
         if hop is None:
             prepare_request(head, request_id=request.id, peer_ip=request.peer_ip, scheme=request.scheme,
                             trusted=request.trusted)

@@ -27,17 +27,21 @@ from tun2g.log import configure, get_logger
 from tun2g.errors import ConfigurationError, SetupError
 from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
 from tun2g.policy import Policy
+from tun2g.server.acme import challenge_answer
 from tun2g.server.admin_api import AdminAPI
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token, write_admin_address
 from tun2g.server.front import FrontLimits, HTTPFront
+from tun2g.server.https import HANDSHAKE_TIMEOUT, CertificateBook, handshake
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
+from tun2g.server.pipeline import HTTPSPolicy
 from tun2g.server.policy_step import PolicyBook
 from tun2g.server.rate_limit import ClusterLimiter
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.wsgi import WSGIFront
 from tun2g.storage import RedisStorage, StorageError, default_sqlite_path, open_storage
+from tun2g.storage.certificates import CertificateStore
 from tun2g.transport import tcp, tls
 
 log = get_logger(__name__)
@@ -94,6 +98,10 @@ class ServerSetup:
     """Everything `tun2g server` can be told."""
 
     http_addr: str = ":8080"
+    https_addr: str | None = None  # public HTTPS, certificates from the store by SNI (tun2g.server.https)
+    https_handshake_timeout: float = HANDSHAKE_TIMEOUT
+    https_redirect: bool = False  # plain public HTTP gets a 308 to HTTPS (needs --https)
+    hsts_max_age: int = 0         # Strict-Transport-Security max-age on HTTPS responses (0: none)
     tunnel_addr: str = ":4443"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -143,6 +151,11 @@ class ServerSetup:
         return FrontLimits(head_timeout=self.header_timeout or None, idle_timeout=self.idle_timeout or None,
                            max_per_ip=self.max_connections_per_ip, max_total=total)
 
+    def check_https(self) -> None:
+        """ConfigurationError when the redirect or HSTS is asked for without an HTTPS port."""
+        if (self.https_redirect or self.hsts_max_age) and not self.https_addr:
+            raise ConfigurationError("--https-redirect and --hsts need --https HOST:PORT (the port to send visitors to)")
+
     def exchange_timeouts(self) -> ExchangeTimeouts:
         return ExchangeTimeouts(response=self.response_timeout or None, body=self.body_timeout or None,
                                 watch_downstream=True)
@@ -150,6 +163,7 @@ class ServerSetup:
     def start(self) -> "RunningServer":
         """Open the store and every listener, start serving, and return the running server."""
         self.check_admin_exposure()
+        self.check_https()
         configure(self.log_level)
         fd_before, fd_limit = raise_fd_limit()
         limits = self.front_limits(fd_limit)
@@ -167,6 +181,9 @@ class ServerSetup:
             config.node_id = self.node_id
         http_listener = listen("--http", self.http_addr)
         http_address = http_listener.getsockname()[:2]
+        https_listener = listen("--https", self.https_addr) if self.https_addr else None
+        https_policy = HTTPSPolicy(redirect=self.https_redirect, hsts_max_age=self.hsts_max_age,
+                                   https_port=https_listener.getsockname()[1] if https_listener else 443)
         tunnels = Tunnels()
         cluster = None
         metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
@@ -177,12 +194,16 @@ class ServerSetup:
         inspector = self.start_inspector(storage, config.node_id, metrics) if self.inspect else None
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector, policies=policy_book(storage, metrics))
+                        inspector=inspector, policies=policy_book(storage, metrics), https=https_policy,
+                        acme_challenge=(lambda target: challenge_answer(storage, target))
+                        if isinstance(storage, CertificateStore) else None)
         install_policies(server, self.policies)
         running = RunningServer(server, cluster, http_address=http_address, setup=self, fd_limit=fd_limit,
                                 inspector=inspector)
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
+        if https_listener is not None:
+            self._start_https(https_listener, server, running, storage, limits)
         if cluster is not None:
             cluster.start()
 
@@ -196,7 +217,7 @@ class ServerSetup:
             running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
             self._start_admin(server, running)
-        log.info("listening", http=_fmt(running.http_address), tunnel=_fmt(running.tunnel_address),
+        log.info("listening", http=_fmt(running.http_address), https=_fmt(running.https_address), tunnel=_fmt(running.tunnel_address),
                  tunnel_tls=not self.plain_tunnel and running.tunnel_address is not None, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
         if cert is not None and not self.plain_tunnel and self.tls_cert is None:
@@ -241,6 +262,22 @@ class ServerSetup:
         running.admin_address = address
         running.admin_token = token
         running.services.append(admin)
+
+    def _start_https(self, listener, server: Server, running: "RunningServer", storage,
+                     limits: FrontLimits) -> None:
+        """The public HTTPS port: the same front and pipeline behind a TLS handshake chosen by SNI."""
+        if not isinstance(storage, CertificateStore):
+            raise ValueError(f"--https needs a store that keeps certificates; {storage.describe()} does not")
+        running.https_address = listener.getsockname()[:2]
+        book = CertificateBook(storage)
+        book.refresh()
+        running.certificates = book
+        running.tasks.append(gevent.spawn(book.run))
+        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout))
+        running.services.append(running.https_front.serve(listener))
+        if not book.names():
+            log.warning("https_without_certificates", https=_fmt(running.https_address),
+                        hint="add one with `tun2g cert add DOMAIN --cert F --key F`; until then handshakes fail")
 
     def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
         tunnel_listener = listen("--tunnel", self.tunnel_addr)
@@ -292,11 +329,14 @@ class RunningServer:
     server: Server
     cluster: ClusterNode | None = None
     http_address: tuple | None = None
+    https_address: tuple | None = None
     tunnel_address: tuple | None = None
     kcp_address: tuple | None = None
     kcp_listener: object | None = None
     admin_address: tuple | None = None
     front: HTTPFront | None = None
+    https_front: HTTPFront | None = None
+    certificates: CertificateBook | None = None
     admin_token: str | None = None
     services: list = field(default_factory=list)
     tasks: list = field(default_factory=list)

@@ -32,7 +32,7 @@ from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
 from tun2g.metrics import Metrics, SessionSample
 from tun2g.server.inspect import Inspector
-from tun2g.server.pipeline import Pipeline, TrustedProxies
+from tun2g.server.pipeline import HTTPSPolicy, Pipeline, TrustedProxies
 from tun2g.server.policy_step import PolicyBook
 from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
@@ -98,12 +98,15 @@ class Server:
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
                  access_log: bool = True, trusted_proxies: Iterable[str] = (),
                  timeouts: ExchangeTimeouts | None = None, metrics: Metrics | None = None,
-                 inspector: Inspector | None = None, policies: PolicyBook | None = None):
+                 inspector: Inspector | None = None, policies: PolicyBook | None = None,
+                 https: HTTPSPolicy | None = None, acme_challenge: Callable[[str], str | None] | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
         `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
         `timeouts`: bounds on each exchange's waits (None: unbounded);
         `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none);
-        `policies`: the routes' edge policies (default: a book with local rate limits, following the store)."""
+        `policies`: the routes' edge policies (default: a book with local rate limits, following the store);
+        `https`: the redirect to HTTPS and HSTS rules (None: neither);
+        `acme_challenge`: pending ACME HTTP-01 answers by request target (None: none answered)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
@@ -117,7 +120,8 @@ class Server:
         self.policies = PolicyBook() if policies is None else policies
         self.policies.start(self.storage)
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
-                                 timeouts=timeouts, metrics=metrics, inspector=inspector, policies=self.policies)
+                                 timeouts=timeouts, metrics=metrics, inspector=inspector, policies=self.policies,
+                                 https=https, acme_challenge=acme_challenge)
         self.login_limiter = LoginLimiter()  # failed logins per source address (docs/protocol.md#auth-limits)
         if metrics is not None:
             metrics.watch(self._session_samples)

@@ -17,6 +17,11 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P policy:<route>      string  a route's edge policy, JSON of tun2g.policy.Policy.as_mapping() (hashes only)
     P policies            set     every route with a policy
     P ratelimit:<route>[ <ip>]  hash, TTL  a shared token bucket (tun2g.server.rate_limit): tokens, ms
+    P cert:<name>         hash    chain_pem, key_pem, issuer, not_before, not_after, source, updated
+                                  (public HTTPS certificates; name a domain or *.domain; docs/https.md)
+    P certs               set     every certificate name
+    P cert-revision       string  a counter bumped by every certificate stored or removed (nodes poll it)
+    P acme:<key>          string  ACME state: challenge:<token> (key authorization, TTL), account:<sha256 of directory>
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write
@@ -46,6 +51,7 @@ from tun2g.storage.base import (
 )
 from tun2g.storage.routing import normalize_route_key
 from tun2g.storage.redis_connect import RedisURLError, open_redis
+from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
 
 DEFAULT_KEY_PREFIX = "tun2g:"
 CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
@@ -251,6 +257,61 @@ class RedisStorage(SecretMinting):
         with self._errors():
             self._client.ping()
 
+    # -- the CertificateStore protocol ----------------------------------------------
+
+    def put_certificate(self, certificate: StoredCertificate) -> None:
+        info = certificate.info
+        fields = {"chain_pem": certificate.chain_pem, "key_pem": certificate.key_pem, "issuer": info.issuer,
+                  "not_before": repr(info.not_before), "not_after": repr(info.not_after), "source": info.source,
+                  "updated": repr(info.updated)}
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key("cert:", info.name))
+            pipe.hset(self._key("cert:", info.name), mapping=fields)
+            pipe.sadd(self._key("certs"), info.name)
+            pipe.incr(self._key("cert-revision"))
+            pipe.execute()
+
+    def load_certificates(self) -> list[StoredCertificate]:
+        return [StoredCertificate(_certificate_info(name, fields), fields["chain_pem"], fields["key_pem"])
+                for name, fields in self._certificate_records()]
+
+    def list_certificates(self) -> list[CertificateInfo]:
+        return [_certificate_info(name, fields) for name, fields in self._certificate_records()]
+
+    def remove_certificate(self, name: str) -> bool:
+        name = normalize_cert_name(name)
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key("cert:", name))
+            pipe.srem(self._key("certs"), name)
+            pipe.incr(self._key("cert-revision"))
+            deleted, _, _ = pipe.execute()
+        return bool(deleted)
+
+    def certificate_revision(self) -> str:
+        with self._errors():
+            return str(self._client.get(self._key("cert-revision")) or "0")
+
+    def put_acme_value(self, key: str, value: str, ttl: float | None) -> None:
+        with self._errors():
+            self._client.set(self._key("acme:", key), value, px=None if ttl is None else int(ttl * 1000))
+
+    def acme_value(self, key: str) -> str | None:
+        with self._errors():
+            return self._client.get(self._key("acme:", key))
+
+    def remove_acme_value(self, key: str) -> None:
+        with self._errors():
+            self._client.delete(self._key("acme:", key))
+
+    def _certificate_records(self) -> list[tuple[str, dict[str, str]]]:
+        with self._errors():
+            names = sorted(self._client.smembers(self._key("certs")))
+            with self._client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self._key("cert:", name))
+                records = pipe.execute()
+        return [(name, fields) for name, fields in zip(names, records) if fields]
+
     def close(self) -> None:
         self._client.close()
 
@@ -307,6 +368,11 @@ class RedisStorage(SecretMinting):
 def _route(key: str, fields: dict[str, str]) -> Route:
     return Route(key, fields["user"], float(fields["created"]), fields.get("inspect") == "1",
                  fields.get("strip") == "1")
+
+
+def _certificate_info(name: str, fields: dict[str, str]) -> CertificateInfo:
+    return CertificateInfo(name, fields["issuer"], float(fields["not_before"]), float(fields["not_after"]),
+                           fields["source"], float(fields["updated"]))
 
 
 def _token_info(fields: dict[str, str]) -> TokenInfo:

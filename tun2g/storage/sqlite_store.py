@@ -30,8 +30,9 @@ from tun2g.storage.base import (
     route_parent, validate_user,
 )
 from tun2g.storage.routing import normalize_route_key
+from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -67,10 +68,27 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                route   TEXT PRIMARY KEY,     -- normalize_route_key: host, *.host or host/path
                policy  TEXT NOT NULL,        -- JSON of Policy.as_mapping() (hashes only, never a secret)
                updated REAL NOT NULL)""",),
+    5: (  # public HTTPS certificates (tun2g.storage.certificates)
+        """CREATE TABLE certificates (
+               name       TEXT PRIMARY KEY,  -- a domain or *.domain, normalized
+               chain_pem  TEXT NOT NULL,
+               key_pem    TEXT NOT NULL,
+               issuer     TEXT NOT NULL,
+               not_before REAL NOT NULL,
+               not_after  REAL NOT NULL,
+               source     TEXT NOT NULL,     -- "static" or the node id that ordered it
+               updated    REAL NOT NULL)""",
+        "CREATE TABLE certificate_revision (counter INTEGER NOT NULL)",
+        "INSERT INTO certificate_revision (counter) VALUES (0)",
+    ),
+    6: (  # ACME challenge tokens and account keys (tun2g.server.acme)
+        "CREATE TABLE acme (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL)",  # expires: unix s or NULL
+    ),
 }
 _ROUTE_COLUMNS = "domain, user, created, inspect, strip"
 
 T = TypeVar("T")
+_CERT_INFO_COLUMNS = "name, issuer, not_before, not_after, source, updated"  # CertificateInfo's fields, in order
 
 
 class SQLiteStorage(SecretMinting):
@@ -225,6 +243,64 @@ class SQLiteStorage(SecretMinting):
 
     def ping(self) -> None:
         self._run(lambda db: db.execute("SELECT 1").fetchone())
+
+    # -- the CertificateStore protocol ----------------------------------------------
+
+    def put_certificate(self, certificate: StoredCertificate) -> None:
+        info = certificate.info
+
+        def upsert(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                db.execute("INSERT OR REPLACE INTO certificates (name, chain_pem, key_pem, issuer, not_before, "
+                           "not_after, source, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (info.name, certificate.chain_pem, certificate.key_pem, info.issuer, info.not_before,
+                            info.not_after, info.source, info.updated))
+                db.execute("UPDATE certificate_revision SET counter = counter + 1")
+
+        self._run(upsert)
+
+    def load_certificates(self) -> list[StoredCertificate]:
+        rows = self._run(lambda db: db.execute(
+            f"SELECT {_CERT_INFO_COLUMNS}, chain_pem, key_pem FROM certificates ORDER BY name").fetchall())
+        return [StoredCertificate(CertificateInfo(*row[:6]), row[6], row[7]) for row in rows]
+
+    def list_certificates(self) -> list[CertificateInfo]:
+        rows = self._run(lambda db: db.execute(
+            f"SELECT {_CERT_INFO_COLUMNS} FROM certificates ORDER BY name").fetchall())
+        return [CertificateInfo(*row) for row in rows]
+
+    def remove_certificate(self, name: str) -> bool:
+        name = normalize_cert_name(name)
+
+        def delete(db: sqlite3.Connection) -> int:
+            with _write_transaction(db):
+                deleted = db.execute("DELETE FROM certificates WHERE name = ?", (name,)).rowcount
+                db.execute("UPDATE certificate_revision SET counter = counter + 1")
+                return deleted
+
+        return bool(self._run(delete))
+
+    def certificate_revision(self) -> str:
+        return str(self._run(lambda db: db.execute("SELECT counter FROM certificate_revision").fetchone()[0]))
+
+    def put_acme_value(self, key: str, value: str, ttl: float | None) -> None:
+        expires = None if ttl is None else time.time() + ttl
+
+        def upsert(db: sqlite3.Connection) -> None:
+            with _write_transaction(db):
+                db.execute("DELETE FROM acme WHERE expires IS NOT NULL AND expires < ?", (time.time(),))
+                db.execute("INSERT OR REPLACE INTO acme (key, value, expires) VALUES (?, ?, ?)", (key, value, expires))
+
+        self._run(upsert)
+
+    def acme_value(self, key: str) -> str | None:
+        row = self._run(lambda db: db.execute("SELECT value, expires FROM acme WHERE key = ?", (key,)).fetchone())
+        if row is None or (row[1] is not None and row[1] < time.time()):
+            return None
+        return row[0]
+
+    def remove_acme_value(self, key: str) -> None:
+        self._run(lambda db: db.execute("DELETE FROM acme WHERE key = ?", (key,)))
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,127 @@
+"""ACME (RFC 8555) issuance with HTTP-01, the challenge answered by whichever node the validation reaches.
+
+`issue()` orders a certificate for one routed name with certbot's `acme`
+library (JWS, nonces and polling are its work, not ours), puts each HTTP-01
+key authorization in the shared store under ``challenge:<token>`` for
+`CHALLENGE_TTL` seconds, and stores the certificate it gets; every node's
+public HTTP port answers ``/.well-known/acme-challenge/<token>`` from the store
+(`challenge_answer`, called by the pipeline before routing, only for tokens
+that are pending), and every node with ``--https`` serves the certificate
+within a second of it being stored. The account key is kept in the store too,
+one per directory URL, so repeated orders reuse one account.
+
+It runs where it is called (the `tun2g cert issue` command); requests' sockets
+are gevent's there, and every network call is bounded by `NETWORK_TIMEOUT` and
+the whole order by `ORDER_TIMEOUT`. Not done yet: ordering on first use and
+renewal by the server, TLS-ALPN-01, the cluster lock (docs/https.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+import time
+from typing import cast
+
+from tun2g.log import get_logger
+from tun2g.storage import Storage, StorageError
+from tun2g.storage.certificates import CertificateStore, StoredCertificate, certificate_info
+
+log = get_logger(__name__)
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+CHALLENGE_TTL = 600.0   # seconds a pending HTTP-01 answer is kept
+NETWORK_TIMEOUT = 30.0  # seconds per request to the ACME directory
+ORDER_TIMEOUT = 120.0   # seconds for a whole order (validation and finalization)
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # base64url, as RFC 8555 8.3 makes tokens
+
+
+class IssuanceFailed(Exception):
+    """An order that did not produce a certificate; the message carries the ACME server's error."""
+
+
+def challenge_answer(store: CertificateStore, target: str) -> str | None:
+    """The key authorization for an HTTP-01 request target, when its token is pending; else None."""
+    if not target.startswith(CHALLENGE_PREFIX):
+        return None
+    token = target[len(CHALLENGE_PREFIX):]
+    if not _TOKEN.fullmatch(token):
+        return None
+    try:
+        return store.acme_value(f"challenge:{token}")
+    except StorageError as exc:
+        log.warning("acme_challenge_unavailable", error=str(exc))
+        return None
+
+
+def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, email: str | None = None,
+          ca_bundle: str | None = None, source: str = "cli") -> StoredCertificate:
+    """Order, validate (HTTP-01) and store a certificate for a routed `domain`; IssuanceFailed otherwise."""
+    from acme import challenges, client, crypto_util, errors, messages
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import josepy
+
+    if not isinstance(store, CertificateStore):
+        raise IssuanceFailed(f"{store.describe()} does not keep certificates")
+    store.has_route(domain)  # NoSuchRoute: never order a name nobody routes
+    account_key = _account_key(store, directory_url, josepy)
+    # requests takes a CA file path for `verify`; acme annotates the pass-through as bool only.
+    network = client.ClientNetwork(account_key, user_agent="tun2g", verify_ssl=cast(bool, ca_bundle or True),
+                                   timeout=int(NETWORK_TIMEOUT))
+    tokens: list[str] = []
+    started = time.monotonic()
+    try:
+        directory = client.ClientV2.get_directory(directory_url, network)
+        acme = client.ClientV2(directory, network)
+        registration = messages.NewRegistration.from_data(email=email, terms_of_service_agreed=True)
+        try:
+            acme.new_account(registration)
+        except errors.ConflictError as conflict:  # this key has an account already: use it
+            network.account = messages.RegistrationResource(body=messages.Registration(), uri=conflict.location)
+        key = ec.generate_private_key(ec.SECP256R1())
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        order = acme.new_order(crypto_util.make_csr(key_pem, [domain]))
+        for authorization in order.authorizations:
+            challenge = next((c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)),
+                             None)
+            if challenge is None:
+                raise IssuanceFailed(f"the ACME server offers no HTTP-01 challenge for {domain}")
+            response, validation = challenge.response_and_validation(account_key)
+            token = challenge.chall.encode("token")
+            store.put_acme_value(f"challenge:{token}", validation, CHALLENGE_TTL)
+            tokens.append(token)
+            acme.answer_challenge(challenge, response)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
+        order = acme.poll_and_finalize(order, deadline)
+    except (errors.Error, messages.Error) as exc:
+        log.warning("acme_order_failed", domain=domain, directory=directory_url, error=str(exc))
+        raise IssuanceFailed(f"the ACME server refused the order for {domain}: {exc}") from None
+    except OSError as exc:  # requests' connection errors are OSErrors
+        raise IssuanceFailed(f"cannot reach the ACME directory {directory_url}: {exc}") from None
+    finally:
+        for token in tokens:
+            store.remove_acme_value(f"challenge:{token}")
+    certificate = certificate_info(domain, order.fullchain_pem, key_pem.decode(), source, time.time())
+    store.put_certificate(certificate)
+    log.info("acme_issued", domain=domain, issuer=certificate.info.issuer, not_after=certificate.info.not_after,
+             seconds=round(time.monotonic() - started, 1))
+    return certificate
+
+
+def _account_key(store: CertificateStore, directory_url: str, josepy):
+    """The account key for a directory, made and stored on first use."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    name = "account:" + hashlib.sha256(directory_url.encode()).hexdigest()
+    stored = store.acme_value(name)
+    if stored is not None:
+        return josepy.JWKRSA(key=serialization.load_pem_private_key(stored.encode(), password=None))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    store.put_acme_value(name, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()).decode(), None)
+    return josepy.JWKRSA(key=key)

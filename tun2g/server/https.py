@@ -1,0 +1,182 @@
+"""Public HTTPS: TLS on the public port, the certificate chosen per connection by SNI.
+
+The HTTPS port is the same `HTTPFront` as the HTTP port (the same limits, the
+same request pipeline, ``X-Forwarded-Proto: https``), with a TLS handshake run
+first inside the connection's own greenlet: gevent's ssl yields to the hub while
+it waits for the peer, so a slow handshake costs only its own greenlet, and
+it must finish within `HANDSHAKE_TIMEOUT` in all (a client dribbling its hello
+a byte at a time is cut there). The handshake happens after the front's
+connection caps, so unfinished handshakes count against them like any
+connection.
+
+Certificates come from the store (`tun2g cert add`), kept by a
+`CertificateBook`: one ssl context per stored name, chosen in the SNI callback
+(exact name, then the wildcard one label up). A name with no certificate, or a
+hello without SNI, fails the handshake with an ``unrecognized_name`` alert:
+there is no default certificate, so no certificate of one customer is shown
+for another's name. The book polls the store's certificate revision every
+`REFRESH_INTERVAL` seconds (one GET on Redis), so a certificate stored by any
+node or command is served by every node within that time, without a restart;
+while the store cannot be read, the certificates already loaded keep serving.
+
+TLS session resumption stays on (OpenSSL's session tickets, TLS 1.2 and 1.3).
+
+A TLS socket cannot ``recv(n, MSG_PEEK)``, which the relay's watch for a
+public client that gave up on a hung backend uses. `PeekableTLS` gives it
+that: a peek reads through TLS (so a close_notify or a FIN shows as the end
+of the stream) and keeps the bytes for the next ordinary read.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import tempfile
+from typing import Callable
+
+import gevent
+
+from tun2g.log import get_logger
+from tun2g.storage import StorageError
+from tun2g.storage.certificates import CertificateStore, StoredCertificate, candidate_names
+from tun2g.transport.base import TLS_OVER_TCP
+
+log = get_logger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds for a whole public TLS handshake
+REFRESH_INTERVAL = 1.0    # seconds between certificate revision reads
+ALPN_PROTOCOLS = ["http/1.1"]
+
+
+class HandshakeFailed(Exception):
+    """A public TLS handshake that did not complete (timeout, unknown name, not TLS)."""
+
+
+class CertificateBook:
+    """The certificates this node serves, by name, refreshed from the store."""
+
+    def __init__(self, store: CertificateStore, interval: float = REFRESH_INTERVAL) -> None:
+        self.store = store
+        self.interval = interval
+        self.revision: str | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._failing = False
+        self.listening_context = _base_context()
+        self.listening_context.sni_callback = self._choose
+
+    def names(self) -> list[str]:
+        """The names a certificate is loaded for."""
+        return sorted(self._contexts)
+
+    def context_for(self, server_name: str | None) -> ssl.SSLContext | None:
+        """The ssl context serving an SNI name (exact, then wildcard), or None."""
+        for name in candidate_names(server_name or ""):
+            context = self._contexts.get(name)
+            if context is not None:
+                return context
+        return None
+
+    def refresh(self) -> bool:
+        """Reload when the store's certificate revision changed; True when it did."""
+        try:
+            revision = self.store.certificate_revision()
+            if revision == self.revision:
+                return False
+            stored = self.store.load_certificates()
+        except StorageError as exc:
+            if not self._failing:
+                log.warning("certificates_unavailable", error=str(exc),
+                            effect=f"serving the {len(self._contexts)} certificates already loaded")
+            self._failing = True
+            return False
+        self._failing = False
+        contexts = {}
+        for certificate in stored:
+            try:
+                contexts[certificate.info.name] = _context_for(certificate)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("certificate_unusable", name=certificate.info.name, error=str(exc))
+                previous = self._contexts.get(certificate.info.name)
+                if previous is not None:
+                    contexts[certificate.info.name] = previous
+        self._contexts, self.revision = contexts, revision
+        log.info("certificates_loaded", count=len(contexts), revision=revision)
+        return True
+
+    def run(self) -> None:
+        """Refresh forever (the cadence is polling, not synchronisation)."""
+        while True:
+            try:
+                self.refresh()
+            except Exception as exc:  # a bug must not stop new certificates for the process's lifetime
+                log.error("certificates_refresh_failed", error=repr(exc))
+            gevent.sleep(self.interval)
+
+    def _choose(self, tls: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _context) -> int | None:
+        context = self.context_for(server_name)
+        if context is None:
+            log.debug("tls_unknown_name", server_name=(server_name or "-")[:256])
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        tls.context = context
+        return None
+
+
+class PeekableTLS:
+    """A public TLS socket whose ``recv(n, MSG_PEEK)`` keeps the bytes it read for the next recv."""
+
+    capabilities = TLS_OVER_TCP
+
+    def __init__(self, tls: ssl.SSLSocket) -> None:
+        self._tls = tls
+        self._peeked = b""
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        """TLS plaintext; with MSG_PEEK the bytes stay for the next call (b"": the peer closed)."""
+        if flags & socket.MSG_PEEK:
+            if not self._peeked:
+                self._peeked = self._tls.recv(size)
+            return self._peeked[:size]
+        if self._peeked:
+            data, self._peeked = self._peeked[:size], self._peeked[size:]
+            return data
+        return self._tls.recv(size)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tls, name)  # sendall, settimeout, close, fileno, ...: the TLS socket's own
+
+
+def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT) -> Callable:
+    """The `HTTPFront` handshake step: wrap an accepted socket in TLS within `timeout`, or HandshakeFailed."""
+
+    def run(sock):
+        tls = book.listening_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            with gevent.Timeout(timeout, HandshakeFailed(f"no TLS handshake within {timeout:g} s")):
+                tls.do_handshake()
+        except OSError as exc:
+            raise HandshakeFailed(str(exc)) from None
+        return PeekableTLS(tls)
+
+    return run
+
+
+def _base_context() -> ssl.SSLContext:
+    from gevent import ssl as gssl
+
+    context = gssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    return context
+
+
+def _context_for(certificate: StoredCertificate) -> ssl.SSLContext:
+    """An ssl context holding one stored chain and key (via a private temporary file, removed at once)."""
+    context = _base_context()
+    with tempfile.TemporaryDirectory(prefix="tun2g-cert-") as directory:
+        path = os.path.join(directory, "chain-and-key.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(certificate.chain_pem.rstrip("\n") + "\n" + certificate.key_pem)
+        context.load_cert_chain(path)
+    return context
