@@ -40,7 +40,7 @@ import gevent
 from tun2g.log import get_logger
 from tun2g.storage import StorageError
 from tun2g.storage.certificates import CertificateStore, StoredCertificate, candidate_names
-from tun2g.transport.base import TLS_OVER_TCP
+from tun2g.transport.base import PEEKABLE_TLS
 
 log = get_logger(__name__)
 
@@ -125,7 +125,7 @@ class CertificateBook:
 class PeekableTLS:
     """A public TLS socket whose ``recv(n, MSG_PEEK)`` keeps the bytes it read for the next recv."""
 
-    capabilities = TLS_OVER_TCP
+    capabilities = PEEKABLE_TLS
 
     def __init__(self, tls: ssl.SSLSocket) -> None:
         self._tls = tls

@@ -71,6 +71,8 @@ PLAIN_TCP = Capabilities(gathered_writes=True, half_close=True, tcp=True, plain_
 # TLS cannot be half-closed (an SSLSocket's shutdown ends reading too) and refuses sendmsg; MSG_PEEK
 # would peek at the records, not the plaintext (a close_notify, or a renegotiation, is not EOF there).
 TLS_OVER_TCP = Capabilities(tcp=True, plain_send=True)
+# A TLS socket wrapped so that a peek reads plaintext and keeps it for the next read (tun2g.server.https).
+PEEKABLE_TLS = Capabilities(tcp=True, plain_send=True, close_watch=CloseWatch.PEEK)
 OTHER_SOCKET = Capabilities(gathered_writes=True, half_close=True, plain_send=True,  # unix sockets, socketpairs
                             close_watch=CloseWatch.PEEK)
 UNKNOWN = Capabilities()
