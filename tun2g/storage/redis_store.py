@@ -8,6 +8,8 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P route:<domain>      hash    user, created, inspect ("1": captured for the inspector; absent: off)
                                   (domain normalized: lowercase, no :port, no trailing dot)
     P routes              set     every routed domain
+    P tcp-route:<port>    hash    user, host (bind address), created, policy (JSON: allow, deny, max_connections)
+    P tcp-routes          set     every routed TCP port
     P revision            string  a counter bumped by every token revocation, route removal and inspect switch
     P inspect:<domain>    stream  captured exchanges (tun2g.server.inspect), MAXLEN ~ 1000, written by the nodes
 
@@ -37,6 +39,7 @@ from tun2g.storage.base import (
     StorageUnavailable, TokenInfo, hash_secret, new_token_record, normalize_domain,
     normalize_token_id, route_taken_error, validate_user,
 )
+from tun2g.storage.tcp_route import TCPRoute, tcp_route_from_stored, tcp_route_taken_error
 
 DEFAULT_KEY_PREFIX = "tun2g:"
 CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
@@ -181,6 +184,54 @@ class RedisStorage(SecretMinting):
             raise NoSuchRoute(f"no route for {domain} (see `tun2g route list`)")
         return route
 
+    # -- TCP routes (tun2g.storage.tcp_route): P tcp-route:<port> hashes, the P tcp-routes set --
+
+    def add_tcp_route(self, route: TCPRoute) -> TCPRoute:
+        key = self._key("tcp-route:", str(route.port))
+
+        def insert(pipe: redis.client.Pipeline) -> TCPRoute:
+            fields = pipe.hgetall(key)
+            if fields:
+                if fields["user"] != route.user:
+                    raise tcp_route_taken_error(route.port, fields["user"])
+                return _tcp_route(route.port, fields)
+            pipe.multi()
+            pipe.hset(key, mapping={"user": route.user, "host": route.host, "created": repr(route.created),
+                                    "policy": route.policy_json()})
+            pipe.sadd(self._key("tcp-routes"), str(route.port))
+            pipe.incr(self._key("revision"))
+            return route
+
+        with self._errors():
+            return self._client.transaction(insert, key, value_from_callable=True)
+
+    def remove_tcp_route(self, port: int) -> None:
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key("tcp-route:", str(port)))
+            pipe.srem(self._key("tcp-routes"), str(port))
+            pipe.incr(self._key("revision"))
+            deleted, _, _ = pipe.execute()
+        if not deleted:
+            raise NoSuchRoute(f"no TCP route for port {port} (see `tun2g route list`)")
+
+    def list_tcp_routes(self, user: str | None = None) -> list[TCPRoute]:
+        wanted = None if user is None else validate_user(user)
+        with self._errors():
+            ports = sorted(int(port) for port in self._client.smembers(self._key("tcp-routes")))
+            with self._client.pipeline(transaction=False) as pipe:
+                for port in ports:
+                    pipe.hgetall(self._key("tcp-route:", str(port)))
+                records = pipe.execute()
+        routes = [_tcp_route(port, fields) for port, fields in zip(ports, records) if fields]
+        return [route for route in routes if wanted in (None, route.user)]
+
+    def tcp_route(self, port: int) -> TCPRoute:
+        with self._errors():
+            fields = self._client.hgetall(self._key("tcp-route:", str(port)))
+        if not fields:
+            raise NoSuchRoute(f"no TCP route for port {port}")
+        return _tcp_route(port, fields)
+
     def revision(self) -> str:
         """The ``P revision`` counter (one GET): every node polls it to drop revoked tunnels."""
         with self._errors():
@@ -229,6 +280,11 @@ class RedisStorage(SecretMinting):
                 f"running there and that REDIS_URL / --storage names it") from None
         except redis.RedisError as err:
             raise StorageError(f"Redis at {self.describe()} refused the command: {err}") from None
+
+
+def _tcp_route(port: int, fields: dict[str, str]) -> TCPRoute:
+    return tcp_route_from_stored(port, fields["user"], fields["host"], float(fields["created"]),
+                                 fields.get("policy", "{}"))
 
 
 def _token_info(fields: dict[str, str]) -> TokenInfo:
