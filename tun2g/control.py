@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tun2g.errors import AuthMismatch
 from tun2g.storage import StorageError
+from tun2g.tcp.wire import Announcement, PreambleError, parse_announcement
 
 # The Auth object is two short strings; anything near this size is not a client.
 MAX_AUTH_SIZE = 8192
@@ -50,12 +51,16 @@ class Auth:
     token: str
     domain: str
     tun2g: int | None = None
+    # The TCP services a tun2g client offers (docs/tcp.md; Auth field "tcp"); empty for a Go client.
+    tcp: Announcement = Announcement()
 
     def encode(self) -> bytes:
         """The wire form, as Go's json.Marshal writes it: compact, no newline."""
         fields: dict = {"token": self.token, "domain": self.domain}
         if self.tun2g is not None:
             fields["tun2g"] = self.tun2g
+        if self.tcp:
+            fields["tcp"] = self.tcp.as_json()
         return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -134,7 +139,13 @@ def parse_auth(obj: dict) -> Auth:
         raise AuthFormatError('the Auth object needs string fields "token" and "domain"')
     if type(level) is not int:
         level = None
-    return Auth(token=token, domain=domain, tun2g=level)
+    try:
+        tcp = parse_announcement(obj.get("tcp"))
+    except PreambleError as exc:
+        raise AuthFormatError(str(exc)) from None
+    if tcp and (level is None or level < TUN2G_LEVEL):
+        raise AuthFormatError('TCP services ("tcp") need the tun2g extension ("tun2g": 1)')
+    return Auth(token=token, domain=domain, tun2g=level, tcp=tcp)
 
 
 INVALID_TOKEN = "invalid token"

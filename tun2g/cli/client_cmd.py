@@ -52,10 +52,16 @@ NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as 
                                           "default port is taken the next free one up to 4049 is used; a port given "
                                           "here that is taken is reported and the client runs without it.")
 @click.option("--no-inspect", is_flag=True, help="Do not run the request inspector (same as --inspect off).")
+@env_option("--tcp", "tcp_specs", env="TUN2G_TCP", multiple=True, metavar="PORT=HOST:PORT",
+            help="Serve a public TCP port routed to you (tun2g route add tcp:...) from a local address; "
+                 "repeatable. PORT 0: any port of the server's --tcp-ports range.")
+@env_option("--tls", "tls_specs", env="TUN2G_TLS", multiple=True, metavar="NAME=HOST:PORT",
+            help="Serve TLS passthrough for NAME (a route you own) from a local TLS server; repeatable. "
+                 "The server routes by SNI and never decrypts.")
 @env_option("--quiet", "-q", is_flag=True, env="TUN2G_QUIET",
             help="No status lines on stdout (the public URL, one line per request).")
 def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_profile, ca_file, insecure, plain, backend_insecure,
-           smux_version, reconnect, log_level, inspect_addr, no_inspect, quiet):
+           smux_version, reconnect, log_level, inspect_addr, no_inspect, tcp_specs, tls_specs, quiet):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
     \b
@@ -78,11 +84,14 @@ def client(server_addr, token, token_file, domain, backend_url, conn_type, kcp_p
     configure(log_level)
     if plain:
         click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
+    from tun2g.client.tcp_forward import TCPForwarder
+
     try:
+        forwarder = TCPForwarder.from_specs(tcp_specs, tls_specs)
         config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
                               conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
                               ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
-                              reconnect=reconnect,
+                              reconnect=reconnect, tcp=forwarder or None,
                               smux_config=smux.Config(version=None if smux_version == "auto" else int(smux_version)))
     except ConfigurationError as exc:
         raise click.UsageError(str(exc)) from None

@@ -21,9 +21,11 @@ from tun2g.control import HEALTH_HOST, HEALTH_PATH, MAX_REPLY_SIZE, TUN2G_LEVEL,
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.http import BackendPool, HTTPError, MessageReader, RequestHead, UpstreamError, serve_requests
 from tun2g.log import get_logger
+from tun2g.tcp.wire import is_preamble_start
 
 if TYPE_CHECKING:
     from tun2g.client.inspector import Inspector
+    from tun2g.client.tcp_forward import TCPForwarder
     from tun2g.client.telemetry import ClientMetrics
     from tun2g.transport.kcp_conn import KCPOptions
 
@@ -85,6 +87,8 @@ class ClientConfig:
     # (docs/protocol.md#differences) and will never serve us: reconnect instead of waiting forever.
     unconfirmed_timeout: float = 15.0
     kcp_options: KCPOptions | None = None
+    # Local TCP services behind public ports and TLS names (docs/tcp.md); needs the negotiated smux version.
+    tcp: TCPForwarder | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -96,6 +100,8 @@ class ClientConfig:
         if urlsplit(self.backend_url).scheme not in ("http", "https"):
             raise ConfigurationError(f"backend URL must start with http:// or https://, got {self.backend_url!r}")
         self.smux_config.validate()
+        if self.tcp and self.smux_config.version is not None:
+            raise ConfigurationError("TCP services need the tun2g extension: leave the smux version negotiated")
 
 
 class Client:
@@ -166,7 +172,9 @@ class Client:
             # A negotiating client says it is tun2g (a Go server ignores the field) and
             # follows the server's switch to smux v2 (the session does that on its own).
             level = TUN2G_LEVEL if self.config.smux_config.version is None else None
-            control.sendall(Auth(self.config.token, self.config.domain, tun2g=level).encode())
+            tcp = self.config.tcp.announcement() if self.config.tcp else None
+            control.sendall(Auth(self.config.token, self.config.domain, tun2g=level,
+                                 **({"tcp": tcp} if tcp else {})).encode())
             first_stream = Event()
             serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
@@ -218,6 +226,10 @@ class Client:
             raise AuthRejected(f"server rejected us: {reason}")
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
+        if self.config.tcp:
+            host = self.config.server_addr.rsplit(":", 1)[0]
+            self.public_urls += [f"tcp://{host}:{port}" for port in self.config.tcp.granted(reply.get("tcp"))]
+            self.public_urls += [f"tls://{name}" for name in self.config.tcp.names]
         self._set_state("connected", confirmed=True, smux=session.version)
         return True
 
@@ -250,6 +262,15 @@ class Client:
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
         log.debug("stream_opened", stream=getattr(stream, "id", None))
+        if self.config.tcp:  # a TCP stream starts with the tun2g preamble, an HTTP one with its request line
+            try:
+                first = stream.peek_first_byte()
+            except (OSError, smux.SessionClosedError, smux.StreamResetError):
+                stream.close()
+                return
+            if is_preamble_start(first):
+                self.config.tcp.serve(stream)
+                return
         try:
             serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject)
         finally:

@@ -28,6 +28,7 @@ from tun2g.server.front import FrontLimits, HTTPFront
 from tun2g.server.inspect import QUEUE_SIZE, CaptureStore, Inspector, MemoryCaptures, RedisCaptures
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
+from tun2g.server.tcp_routes import TCPRoutes, TCPSettings
 from tun2g.server.wsgi import WSGIFront
 from tun2g.storage import RedisStorage, default_sqlite_path, open_storage
 from tun2g.transport import tcp, tls
@@ -56,6 +57,17 @@ def raise_fd_limit() -> tuple[int, int]:
             return soft, soft
         return soft, target
     return soft, soft
+
+
+def parse_port_range(text: str | None) -> tuple[int, int] | None:
+    """``A-B`` (or one port) -> (A, B); raises ConfigurationError naming --tcp-ports."""
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    last = last or first
+    if not (first.strip().isdigit() and last.strip().isdigit()) or not 1 <= int(first) <= int(last) <= 65535:
+        raise ConfigurationError(f"--tcp-ports {text!r}: write FIRST-LAST, e.g. --tcp-ports 20000-20100")
+    return int(first), int(last)
 
 
 def connection_cap(fd_limit: int) -> int:
@@ -108,6 +120,12 @@ class ServerSetup:
     # Capture of the routes marked `tun2g route inspect DOMAIN on` (False: never, whatever the routes say).
     inspect: bool = True
     inspect_queue: int = QUEUE_SIZE
+    # TCP routes and TLS passthrough (docs/tcp.md): ports a client asking for port 0 gets one of ("A-B"),
+    # a bind address overriding the stored ones, the shared passthrough listener, and their bounds.
+    tcp_ports: str | None = None
+    tcp_bind: str | None = None
+    tls_passthrough: str | None = None
+    tcp: TCPSettings = field(default_factory=TCPSettings)
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -149,10 +167,17 @@ class ServerSetup:
                                   on_outcome=None if metrics is None else _capture_counter(metrics),
                                   on_store_error=None if metrics is None else lambda: metrics.redis_error("inspect"))
             inspector.start(storage)
+        self.tcp.port_range = parse_port_range(self.tcp_ports)
+        self.tcp.bind_host = self.tcp_bind or None
+        passthrough_listener = tcp.listen(self.tls_passthrough) if self.tls_passthrough else None
+        tcp_routes = TCPRoutes(storage, self.tcp, metrics)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector)
+                        inspector=inspector, tcp=tcp_routes)
         running = RunningServer(server, cluster, http_address=http_address)
+        if passthrough_listener is not None:
+            running.passthrough_address = passthrough_listener.getsockname()[:2]
+            running.services.append(tcp_routes.serve_passthrough(passthrough_listener))
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
         if cluster is not None:
@@ -248,6 +273,7 @@ class RunningServer:
     kcp_address: tuple | None = None
     kcp_listener: object | None = None
     admin_address: tuple | None = None
+    passthrough_address: tuple | None = None
     front: HTTPFront | None = None
     admin_token: str | None = None
     services: list = field(default_factory=list)

@@ -37,6 +37,7 @@ from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
+from tun2g.server.tcp_routes import TCPRoutes
 from tun2g.storage import Storage, StorageError, normalize_domain
 from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
@@ -87,11 +88,12 @@ class Server:
     def __init__(self, config: ServerConfig, *, tunnels: Tunnels | None = None, cluster: ClusterNode | None = None,
                  access_log: bool = True, trusted_proxies: Iterable[str] = (),
                  timeouts: ExchangeTimeouts | None = None, metrics: Metrics | None = None,
-                 inspector: Inspector | None = None):
+                 inspector: Inspector | None = None, tcp: TCPRoutes | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
         `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
         `timeouts`: bounds on each exchange's waits (None: unbounded);
-        `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none)."""
+        `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none);
+        `tcp`: TCP routes and TLS passthrough (None: a client announcing TCP services is refused)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
@@ -100,6 +102,7 @@ class Server:
         self.router = Router(self.tunnels, cluster)
         self.metrics = metrics
         self.inspector = inspector
+        self.tcp = tcp
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
                                  timeouts=timeouts, metrics=metrics, inspector=inspector)
         self.login_limiter = LoginLimiter()  # failed logins per source address (docs/protocol.md#auth-limits)
@@ -220,7 +223,20 @@ class Server:
             log.warning("auth_rejected", remote=remote, proto=proto, reason=refusal, user=user)
             _try_send(control, encode_reply(False, error=refusal, retry=True))
             return None
+        grant = None
+        if auth.tcp:
+            try:
+                if self.tcp is None:
+                    raise AuthMismatch("this server serves no TCP routes")
+                grant = self.tcp.admit(auth.tcp, user)
+            except AuthMismatch as exc:
+                log.warning("auth_rejected", remote=remote, proto=proto, reason=exc.reason, user=user)
+                self._count_auth("rejected")
+                _try_send(control, encode_reply(False, error=exc.reason))
+                return None
         extra = {}
+        if grant is not None:
+            extra["tcp"] = grant.as_json()
         if auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL and session.config.version is None \
                 and session.version == 1:
             # docs/protocol.md#version-negotiation: a tun2g client follows us to v2. Before the
@@ -241,6 +257,8 @@ class Server:
         self._counted.add(tunnel)
         self._count_auth("ok")
         self.router.register(tunnel)
+        if grant is not None and self.tcp is not None:
+            self.tcp.register(tunnel, grant)
         session.add_close_callback(lambda _session: self._forget(tunnel))
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
@@ -305,6 +323,8 @@ class Server:
                 counter[key] -= 1
                 if counter[key] <= 0:
                     del counter[key]
+        if self.tcp is not None:
+            self.tcp.deregister(tunnel)
         if self.router.deregister(tunnel):
             log.info("deregistered", reason=_reason(tunnel.session), **tunnel.log_fields())
 
@@ -354,6 +374,8 @@ class Server:
                 listener.close()
             except OSError:
                 pass
+        if self.tcp is not None:
+            self.tcp.close()
         self.router.close()  # leaves the cluster first: other nodes stop forwarding here at once
         self._tasks.kill(block=False)
         if self.inspector is not None:
