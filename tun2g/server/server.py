@@ -234,7 +234,7 @@ class Server:
                 self._count_auth("rejected")
                 _try_send(control, encode_reply(False, error=exc.reason))
                 return None
-        extra = {}
+        extra: dict[str, object] = {}
         if grant is not None:
             extra["tcp"] = grant.as_json()
         if auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL and session.config.version is None \

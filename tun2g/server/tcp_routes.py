@@ -24,7 +24,7 @@ from tun2g.log import get_logger
 from tun2g.metrics import Metrics
 from tun2g.server.tunnel import Tunnel
 from tun2g.smux import SessionClosedError, StreamResetError
-from tun2g.storage import NoSuchRoute, StorageError, normalize_domain
+from tun2g.storage import NoSuchRoute, Storage, StorageError, normalize_domain
 from tun2g.storage.tcp_route import TCPRoute, TCPRouteStore
 from tun2g.tcp.edge import AddressPolicy, ConnectionCap
 from tun2g.tcp.sni import MAX_RECORDS_SIZE, ClientHelloError, peek_server_name
@@ -62,10 +62,12 @@ class Grant:
 class TCPRoutes:
     """Listeners for the stored TCP routes and allocated ports, and the tunnels serving each port and name."""
 
-    def __init__(self, storage, settings: TCPSettings | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, storage: Storage, settings: TCPSettings | None = None, metrics: Metrics | None = None) -> None:
+        """`storage` holds the HTTP routes (passthrough names) and, as a TCPRouteStore, the TCP routes."""
         if not isinstance(storage, TCPRouteStore):
             raise TypeError(f"{storage!r} cannot hold TCP routes")
         self.storage = storage
+        self.tcp_store: TCPRouteStore = storage
         self.settings = settings or TCPSettings()
         self.metrics = metrics
         self._routes: dict[int, TCPRoute] = {}
@@ -102,7 +104,7 @@ class TCPRoutes:
 
     def _owned_port(self, port: int, user: str) -> TCPRoute:
         try:
-            route = self.storage.tcp_route(port)
+            route = self.tcp_store.tcp_route(port)
         except NoSuchRoute:
             raise AuthMismatch(f"no TCP route for port {port}; add one with "
                                f"`tun2g route add tcp:0.0.0.0:{port} --user USER`") from None
@@ -172,7 +174,7 @@ class TCPRoutes:
         """Listen on every stored TCP route (re-read every refresh_interval), stop for removed ones."""
         while not self._closed:
             try:
-                routes = {route.port: route for route in self.storage.list_tcp_routes()}
+                routes = {route.port: route for route in self.tcp_store.list_tcp_routes()}
             except StorageError as exc:
                 log.warning("tcp_routes_unreadable", error=str(exc))
             else:
