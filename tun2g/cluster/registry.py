@@ -34,7 +34,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Iterable
 
 import gevent
 import redis
@@ -91,7 +91,9 @@ class RedisRegistry:
 
     def __init__(self, url: str, node_id: str, advertise_url: str, *, snapshot: Callable[[], list],
                  on_kill: Callable[[str], None], ttl: float = DEFAULT_TTL, cache_ttl: float = DEFAULT_CACHE_TTL,
-                 key_prefix: str = "tun2g:", on_redis_error: Callable[[str], None] | None = None):
+                 key_prefix: str = "tun2g:", on_redis_error: Callable[[str], None] | None = None,
+                 published_names: Callable[[], Iterable[str]] | None = None):
+        """`published_names()`: more names this node serves, published like domains (e.g. "tcp:2222")."""
         if " " in node_id or not node_id:
             raise ValueError(f"node id {node_id!r} must be non-empty and contain no spaces")
         if ttl <= 0 or cache_ttl < 0:
@@ -102,6 +104,7 @@ class RedisRegistry:
         self.cache_ttl = cache_ttl
         self.prefix = key_prefix
         self._snapshot = snapshot
+        self._published_names = published_names
         self._on_kill = on_kill
         self._redis = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
                                            socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
@@ -166,6 +169,8 @@ class RedisRegistry:
         """Write this node's full snapshot; False (logged once per interval) when Redis is unreachable."""
         backends = [b for b in self._snapshot() if b.usable]
         domains = {b.domain for b in backends}
+        if self._published_names is not None:
+            domains.update(self._published_names())
         now = time.time()
         expires = now + self.ttl
         ttl_ms = int(self.ttl * 1000)

@@ -170,7 +170,7 @@ class ServerSetup:
         self.tcp.port_range = parse_port_range(self.tcp_ports)
         self.tcp.bind_host = self.tcp_bind or None
         passthrough_listener = tcp.listen(self.tls_passthrough) if self.tls_passthrough else None
-        tcp_routes = TCPRoutes(storage, self.tcp, metrics)
+        tcp_routes = TCPRoutes(storage, self.tcp, metrics, cluster)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
                         inspector=inspector, tcp=tcp_routes)

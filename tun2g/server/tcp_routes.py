@@ -19,7 +19,12 @@ import gevent
 from gevent import socket as gsocket
 from gevent.server import StreamServer
 
+from tun2g.cluster import ClusterNode, ClusterUnavailable, HopRefused
+from tun2g.cluster.hop import sign
 from tun2g.errors import AuthMismatch, CantOpenSessionStream
+from tun2g.http import BackendPool, RequestHead
+from tun2g.requestid import new_request_id
+from tun2g.transport.upgrade import UpgradedStream
 from tun2g.log import get_logger
 from tun2g.metrics import Metrics
 from tun2g.server.tunnel import Tunnel
@@ -29,7 +34,9 @@ from tun2g.storage.tcp_route import TCPRoute, TCPRouteStore
 from tun2g.tcp.edge import AddressPolicy, ConnectionCap
 from tun2g.tcp.sni import MAX_RECORDS_SIZE, ClientHelloError, peek_server_name
 from tun2g.tcp.splice import Splice, reset
-from tun2g.tcp.wire import KIND_TCP, KIND_TLS, STATUS_CONNECTED, STATUS_NAMES, Announcement, Preamble
+from tun2g.tcp.wire import (HOP_PATH, HOP_SWITCHED, HOP_UPGRADE, KIND_TCP, KIND_TLS, STATUS_CONNECTED, STATUS_NAMES,
+                            Announcement, Preamble, registry_name)
+from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
 
 log = get_logger(__name__)
@@ -62,8 +69,10 @@ class Grant:
 class TCPRoutes:
     """Listeners for the stored TCP routes and allocated ports, and the tunnels serving each port and name."""
 
-    def __init__(self, storage: Storage, settings: TCPSettings | None = None, metrics: Metrics | None = None) -> None:
-        """`storage` holds the HTTP routes (passthrough names) and, as a TCPRouteStore, the TCP routes."""
+    def __init__(self, storage: Storage, settings: TCPSettings | None = None, metrics: Metrics | None = None,
+                 cluster: ClusterNode | None = None) -> None:
+        """`storage` holds the HTTP routes (passthrough names) and, as a TCPRouteStore, the TCP routes;
+        `cluster`: this node's membership, to publish the services served here and reach other nodes'."""
         if not isinstance(storage, TCPRouteStore):
             raise TypeError(f"{storage!r} cannot hold TCP routes")
         self.storage = storage
@@ -78,6 +87,9 @@ class TCPRoutes:
         self._grants: dict[Tunnel, Grant] = {}
         self._policies: dict[TCPRoute, AddressPolicy] = {}
         self.cap = ConnectionCap(self.settings.max_connections_per_route)
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.local_names = self.served_names
         self._closed = False
         self._watcher = gevent.spawn(self._watch_routes)
 
@@ -147,6 +159,7 @@ class TCPRoutes:
             self._by_port.setdefault(port, []).append(tunnel)
         for name in grant.names:
             self._by_name.setdefault(name, []).append(tunnel)
+        self._changed()
         log.info("tcp_registered", ports=",".join(map(str, sorted(grant.ports))) or "-",
                  names=",".join(grant.names) or "-", **tunnel.log_fields())
 
@@ -160,6 +173,16 @@ class TCPRoutes:
         for name in grant.names:
             _discard(self._by_name, name, tunnel)
         self.release(grant)
+        self._changed()
+
+    def served_names(self) -> list[str]:
+        """The registry names of the services local tunnels serve (published for the other nodes)."""
+        return [registry_name(KIND_TCP, port=port) for port in self._by_port] + \
+               [registry_name(KIND_TLS, name=name) for name in self._by_name]
+
+    def _changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.changed()
 
     def release(self, grant: Grant) -> None:
         """Close the ports allocated for `grant`."""
@@ -268,8 +291,9 @@ class TCPRoutes:
                                tunnels=self._by_name.get(name, ()), policy=AddressPolicy(), limit=None,
                                first_bytes=hello)
 
-    def _splice_to_tunnel(self, conn: socket.socket, address, *, key, preamble: Preamble, tunnels,
-                          policy: AddressPolicy, limit: int | None, first_bytes: bytes = b"") -> None:
+    def _splice_to_tunnel(self, conn: ByteStream, address, *, key: int | str, preamble: Preamble, tunnels,
+                          policy: AddressPolicy, limit: int | None, first_bytes: bytes = b"",
+                          hop: bool = False) -> None:
         remote = _format(address)
         if not policy.admits(str(address[0])):
             self._finish(conn, key, remote, "refused_by_policy")
@@ -282,6 +306,8 @@ class TCPRoutes:
             tune(conn)
             tunnel = _least_loaded(tunnels)
             if tunnel is None:
+                if not hop and self.cluster is not None and self._forward(conn, address, preamble, first_bytes):
+                    return
                 self._finish(conn, key, remote, "no_tunnel")
                 return
             try:
@@ -303,6 +329,84 @@ class TCPRoutes:
                      bytes_in=outcome[2], bytes_out=outcome[3], ms=round((time.monotonic() - started) * 1000))
         finally:
             self.cap.release(key)
+
+    # -- the cluster: a connection for a service another node's tunnel serves ---------------
+
+    def _forward(self, conn, address, preamble: Preamble, first_bytes: bytes) -> bool:
+        """Splice `conn` to a node holding a tunnel for the service (a signed Upgrade); False when none can."""
+        cluster = self.cluster
+        assert cluster is not None
+        name = registry_name(preamble.kind, preamble.port, preamble.name)
+        try:
+            nodes = cluster.nodes_for(name)
+        except ClusterUnavailable:
+            return False
+        for node in nodes:
+            started = time.monotonic()
+            request_id, remote_ip = new_request_id(), str(address[0])
+            signature = sign(cluster.secret, origin=cluster.node_id, to=node.node_id,
+                             timestamp=int(time.time() * 1000), method="GET", host=name, target=HOP_PATH,
+                             request_id=request_id, forwarded_for=remote_ip)
+            head = (f"GET {HOP_PATH} HTTP/1.1\r\nHost: {name}\r\nUpgrade: {HOP_UPGRADE}\r\nConnection: Upgrade\r\n"
+                    f"X-Request-Id: {request_id}\r\nX-Forwarded-For: {remote_ip}\r\nX-Tun2g-Hop: {signature}\r\n"
+                    f"X-Tun2g-Remote: {_format(address)}\r\n\r\n").encode()
+            try:
+                sock, _reader = BackendPool(node.url, connect_timeout=2.0).dial()
+                sock.settimeout(self.settings.connect_timeout)
+                sock.sendall(head + first_bytes)
+                answer = _read_head(sock)
+            except OSError as exc:
+                cluster.unreachable(name, node)
+                log.warning("tcp_hop_failed", service=name, node=node.node_id, error=str(exc) or type(exc).__name__)
+                continue
+            if not answer[0].startswith(b"HTTP/1.1 101"):
+                sock.close()
+                log.warning("tcp_hop_refused", service=name, node=node.node_id, answer=answer[0][:64])
+                continue
+            sock.settimeout(None)
+            if answer[1]:
+                conn.sendall(answer[1])
+            splice = Splice(conn, sock, idle_timeout=self.settings.idle_timeout, on_bytes=self._on_bytes)
+            end = splice.run()
+            self._count("forwarded")
+            log.info("tcp_connection", key=name, remote=_format(address), node=node.node_id, end=end,
+                     bytes_in=splice.moved["right"] + len(first_bytes), bytes_out=splice.moved["left"],
+                     ms=round((time.monotonic() - started) * 1000))
+            return True
+        return False
+
+    def serve_hop(self, head: RequestHead, sock, buffered: bytes, accept_hop) -> None:
+        """A TCP connection another node spliced here (GET /_tun2g/tcp, Upgrade): served by a local tunnel only.
+
+        `accept_hop(head)` checks the hop signature (tun2g.server.router.Router.accept_hop)."""
+        try:
+            hop = accept_hop(head)
+        except HopRefused as exc:
+            log.warning("tcp_hop_refused", reason=str(exc))
+            hop = None
+        kind, _, value = (head.host or "").partition(":")
+        remote = head.get("X-Tun2g-Remote") or head.get("X-Forwarded-For") or "unknown"
+        if hop is None or kind not in ("tcp", "tls") or (kind == "tcp" and not value.isdigit()):
+            sock.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            sock.close()
+            return
+        if kind == "tcp":
+            port = int(value)
+            key: int | str = port
+            tunnels = self._by_port.get(port, ())
+            preamble = Preamble(KIND_TCP, port=port, remote=remote)
+        else:
+            key, tunnels = value, self._by_name.get(value, ())
+            preamble = Preamble(KIND_TLS, name=value, remote=remote)
+        if not tunnels:
+            sock.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            sock.close()
+            return
+        sock.sendall(HOP_SWITCHED)
+        # The origin node applied the route's edge policy; this node still counts its cap.
+        host, _, port_text = remote.rpartition(":")
+        self._splice_to_tunnel(UpgradedStream(sock, buffered), (host.strip("[]"), port_text), key=key,
+                               preamble=preamble, tunnels=tunnels, policy=AddressPolicy(), limit=None, hop=True)
 
     def _relay(self, conn, stream, preamble: Preamble, first_bytes: bytes) -> tuple:
         """(outcome, how it ended, bytes in, bytes out) of one spliced connection."""
@@ -360,6 +464,18 @@ class TCPRoutes:
         self._watcher.kill(block=False)
         for port in list(self._listeners):
             self._close_listener(port)
+
+
+def _read_head(sock, limit: int = 8192) -> tuple[bytes, bytes]:
+    """(the response head, the bytes read after it) from a hop connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(4096)
+        if not piece or len(data) > limit:
+            raise ConnectionError("the node closed the hop before answering")
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
 
 
 def _least_loaded(tunnels) -> Tunnel | None:

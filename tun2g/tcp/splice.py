@@ -11,6 +11,7 @@ A side that cannot half-close (TLS) is closed once both directions are done.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from typing import Callable
 
@@ -100,10 +101,11 @@ def _close(stream: ByteStream) -> None:
         pass
 
 
-def reset(sock: socket.socket) -> None:
+def reset(sock: ByteStream) -> None:
     """Close a TCP socket with an RST (SO_LINGER 0), as a refused direct connection would end."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    except OSError:
+        linger = struct.pack("ii", 1, 0)  # on, 0 s: close() sends an RST
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)  # type: ignore[attr-defined]
+    except (OSError, AttributeError):  # not a TCP socket: a plain close
         pass
     _close(sock)

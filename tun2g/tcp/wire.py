@@ -140,3 +140,21 @@ def _port(value: object, *, allow_zero: bool) -> int:
     if type(value) is not int or not (0 if allow_zero else 1) <= value <= 65535:
         raise PreambleError(f"not a TCP port: {value!r}")
     return value
+
+
+# The node-to-node hop of a TCP connection (docs/cluster.md#tcp-routes): an HTTP Upgrade to the
+# node holding the tunnel, signed like any hop (tun2g.cluster.hop), Host = the service's registry name.
+HOP_PATH = "/_tun2g/tcp"
+HOP_UPGRADE = "tun2g-tcp"
+HOP_SWITCHED = (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: {HOP_UPGRADE}\r\n"
+                f"Connection: Upgrade\r\n\r\n").encode()
+
+
+def registry_name(kind: int, port: int = 0, name: str = "") -> str:
+    """The name a node publishes for a TCP service it serves ("tcp:2222", "tls:db.example.com"); never a domain."""
+    return f"tcp:{port}" if kind == KIND_TCP else f"tls:{name}"
+
+
+def is_tcp_hop(method: str, target: str, upgrade: str | None) -> bool:
+    """Whether a request head asks for a spliced TCP connection from another node."""
+    return method == "GET" and target == HOP_PATH and (upgrade or "").strip().lower() == HOP_UPGRADE
