@@ -7,6 +7,7 @@ storage's ``P token:*`` and ``P route:*`` keys)::
     P node:<node id>           hash    url (where other nodes reach it), started, pid, host;  TTL
     P node-backends:<node id>  hash    <backend id> -> JSON Backend record (domain, user, ...);  TTL
     P domain:<domain>          zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
+                               (also "tcp:<port>" and "tls:<name>" for the TCP services a node serves)
     P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
     P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
