@@ -260,8 +260,8 @@ def route_rm(domain, storage_url):
       tun2g route rm app.example.com
     """
     if is_tcp_route(domain):
-        _host, port = parse_tcp_route(domain)
         with _opened(storage_url) as storage:
+            _host, port = parse_tcp_route(domain)
             storage.remove_tcp_route(port)
         click.echo(f"Removed TCP route for port {port}.")
         return
@@ -272,8 +272,8 @@ def route_rm(domain, storage_url):
 
 
 def _add_tcp_route(text: str, user: str, allow, deny, max_connections, storage_url) -> None:
-    route = new_tcp_route(text, user, time.time(), allow=allow, deny=deny, max_connections=max_connections)
-    with _opened(storage_url) as storage:
+    with _opened(storage_url) as storage:  # also turns a bad route into one line on stderr
+        route = new_tcp_route(text, user, time.time(), allow=allow, deny=deny, max_connections=max_connections)
         added = storage.add_tcp_route(route)
     click.echo(f"TCP route {added.address} -> {added.user}. Clients with a token of {added.user} may now "
                f"connect with --tcp {added.port}=HOST:PORT.")
