@@ -109,8 +109,13 @@ def test_a_local_half_close_reaches_the_public_peer_which_may_go_on_sending(tcp_
         local.stop(timeout=1)
 
 
-def test_a_big_transfer_both_ways_keeps_every_byte(tcp_deployment, start_client, local_echo):
-    size = 64 * 1024 * 1024
+@pytest.mark.parametrize("size", [64 << 20, pytest.param(1 << 30, marks=pytest.mark.slow)], ids=["64MiB", "1GiB"])
+def test_a_big_transfer_both_ways_keeps_every_byte_in_flat_memory(tcp_deployment, start_client, local_echo, size):
+    import psutil
+
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    peak = [rss_before]
     port = free_port()
     token = _route(tcp_deployment, port)
     _serve(tcp_deployment, start_client, token, [f"{port}=127.0.0.1:{local_echo}"])
@@ -118,9 +123,11 @@ def test_a_big_transfer_both_ways_keeps_every_byte(tcp_deployment, start_client,
     sent = hashlib.sha256()
     with _connect(port) as sock:
         def upload():
-            for _ in range(size // len(block)):
+            for index in range(size // len(block)):
                 sock.sendall(block)
                 sent.update(block)
+                if index % 256 == 0:
+                    peak[0] = max(peak[0], process.memory_info().rss)
             sock.shutdown(socket.SHUT_WR)
 
         writer = gevent.spawn(upload)
@@ -135,6 +142,8 @@ def test_a_big_transfer_both_ways_keeps_every_byte(tcp_deployment, start_client,
     sent.update(b"<bye>")
     assert total == size + 5
     assert got.hexdigest() == sent.hexdigest()
+    # Server, client and both peers live in this process: the windows bound what is buffered.
+    assert peak[0] - rss_before < 96 << 20, f"memory grew by {(peak[0] - rss_before) >> 20} MiB"
 
 
 def test_a_refused_local_dial_resets_the_public_connection_at_once(tcp_deployment, start_client):
@@ -231,3 +240,34 @@ def test_a_thousand_concurrent_connections_on_one_client(tcp_deployment, start_c
         for sock in socks:
             sock.close()
     wait_until(lambda: tcp_deployment.server.metrics.tcp_open.value == 0, timeout=20, message="all closed")
+
+
+def test_junk_preambles_are_dropped_by_the_client_which_goes_on_serving(tcp_deployment, start_client, local_echo):
+    port = free_port()
+    token = _route(tcp_deployment, port)
+    _serve(tcp_deployment, start_client, token, [f"{port}=127.0.0.1:{local_echo}"])
+    tunnel = next(iter(tcp_deployment.server.tunnels))
+    for junk in (b"\x00t2g\x09\x01\x00\x00", b"\x00t2g\x01\x01\xff\xff" + b"x" * 100,
+                 b"\x00t2g\x01\x01\x00\x0c{\"port\":9999}", b"\x00\x00\x00"):
+        stream = tunnel.open_stream()
+        stream.settimeout(10)
+        stream.sendall(junk)
+        stream.shutdown(socket.SHUT_WR)
+        answer = stream.recv(16)
+        assert answer in (b"", b"\x02"), answer  # closed, or "unreachable" for a port it does not serve
+        stream.close()
+    with _connect(port) as sock:
+        sock.sendall(b"still")
+        assert sock.recv(5) == b"still"
+
+
+def test_a_client_without_tcp_services_is_never_sent_a_tcp_stream(tcp_deployment, start_client, backend):
+    url, _app = backend
+    port = free_port()
+    token = _route(tcp_deployment, port)
+    start_client(tcp_deployment.client_config(token, url))  # an HTTP-only client (as a Go tun2 client is)
+    with _connect(port) as sock, pytest.raises(ConnectionResetError):
+        sock.sendall(b"x")
+        sock.recv(1)
+    assert tcp_deployment.server.metrics.tcp_connections["no_tunnel"].value == 1
+    assert tcp_deployment.server.metrics.tcp_connections["served"].value == 0
