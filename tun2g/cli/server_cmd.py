@@ -144,9 +144,6 @@ def server(http_addr, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr, kc
         sys.exit(2)  # a usage error, as click's own
     try:
         running = setup.start()
-    except ConfigurationError as exc:
-        click.echo(f"tun2g server: {exc}", err=True)
-        sys.exit(2)
     except (OSError, ValueError) as exc:
         click.echo(f"tun2g server: {exc}", err=True)
         sys.exit(1)
