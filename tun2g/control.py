@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from tun2g.errors import AuthMismatch
 from tun2g.storage import StorageError
+from tun2g.tcp.wire import Announcement, PreambleError, parse_announcement
 
 # The Auth object is two short strings; anything near this size is not a client.
 MAX_AUTH_SIZE = 8192
@@ -68,6 +69,8 @@ class Auth:
     def route_keys(self) -> tuple[str, ...]:
         """Every route the session asks to serve, `domain` first."""
         return (self.domain, *self.routes)
+    # The TCP services a tun2g client offers (docs/tcp.md; Auth field "tcp"); empty for a Go client.
+    tcp: Announcement = Announcement()
 
     def encode(self) -> bytes:
         """The wire form, as Go's json.Marshal writes it: compact, no newline."""
@@ -78,6 +81,8 @@ class Auth:
             fields["routes"] = list(self.routes)
         if self.instance is not None:
             fields["instance"] = self.instance
+        if self.tcp:
+            fields["tcp"] = self.tcp.as_json()
         return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -164,7 +169,14 @@ def parse_auth(obj: dict) -> Auth:
     instance = obj.get("instance")
     if instance is not None and (not isinstance(instance, str) or not INSTANCE_ID.fullmatch(instance)):
         raise AuthFormatError('"instance" must be 1-64 letters, digits or . _ : -')
-    return Auth(token=token, domain=domain, tun2g=level, routes=tuple(dict.fromkeys(routes)), instance=instance)
+    try:
+        tcp = parse_announcement(obj.get("tcp"))
+    except PreambleError as exc:
+        raise AuthFormatError(str(exc)) from None
+    if tcp and (level is None or level < TUN2G_LEVEL):
+        raise AuthFormatError('TCP services ("tcp") need the tun2g extension ("tun2g": 1)')
+    return Auth(token=token, domain=domain, tun2g=level, routes=tuple(dict.fromkeys(routes)), instance=instance,
+                tcp=tcp)
 
 
 INVALID_TOKEN = "invalid token"

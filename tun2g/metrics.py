@@ -32,6 +32,9 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 AUTH_OUTCOMES = ("ok", "invalid_token", "rejected", "malformed", "storage_error", "aborted")
 HOP_OUTCOMES = ("ok", "failed", "unreachable")
 CAPTURE_OUTCOMES = ("queued", "dropped", "stored", "failed")
+# What became of a public TCP / TLS-passthrough connection (tun2g.server.tcp_routes).
+TCP_OUTCOMES = ("served", "refused_by_policy", "over_cap", "no_tunnel", "local_refused", "local_unreachable",
+                "failed", "bad_hello", "forwarded")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -100,6 +103,9 @@ class Metrics:
         self.hops = {outcome: Count() for outcome in HOP_OUTCOMES}
         self.captures = {outcome: Count() for outcome in CAPTURE_OUTCOMES}
         self.redis_errors: dict[str, Count] = {}
+        self.tcp_connections = {outcome: Count() for outcome in TCP_OUTCOMES}
+        self.tcp_bytes = {"in": Count(), "out": Count()}
+        self.tcp_open = Count()  # a gauge: public TCP connections being spliced now
         self._domains: dict[str, DomainMetrics] = {}
         self._other: DomainMetrics | None = None
         self.unrouted = DomainMetrics(UNROUTED)
@@ -176,6 +182,12 @@ class _Collector:
         yield _counts(f"{ns}_redis_errors", "Failed Redis calls, by what made them", "what", m.redis_errors)
         yield _counts(f"{ns}_inspect_captures", "Captured exchanges for the inspector, by fate", "outcome",
                       m.captures)
+        yield _counts(f"{ns}_tcp_connections", "Public TCP and TLS-passthrough connections, by outcome",
+                      "outcome", m.tcp_connections)
+        yield _counts(f"{ns}_tcp_bytes", "Bytes spliced through TCP routes (in: from public peers)", "direction",
+                      m.tcp_bytes)
+        yield GaugeMetricFamily(f"{ns}_tcp_connections_open", "Public TCP connections being spliced now",
+                                value=m.tcp_open.value)
         yield from _StateCollector(m, ns).collect()
 
 

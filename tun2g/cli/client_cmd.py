@@ -70,11 +70,17 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
                                           "default port is taken the next free one up to 4049 is used; a port given "
                                           "here that is taken is reported and the client runs without it.")
 @click.option("--no-inspect", is_flag=True, help="Do not run the request inspector (same as --inspect off).")
+@env_option("--tcp", "tcp_specs", env="TUN2G_TCP", multiple=True, metavar="PORT=HOST:PORT",
+            help="Serve a public TCP port routed to you (tun2g route add tcp:...) from a local address; "
+                 "repeatable. PORT 0: any port of the server's --tcp-ports range.")
+@env_option("--tls", "tls_specs", env="TUN2G_TLS", multiple=True, metavar="NAME=HOST:PORT",
+            help="Serve TLS passthrough for NAME (a route you own) from a local TLS server; repeatable. "
+                 "The server routes by SNI and never decrypts.")
 @env_option("--quiet", "-q", is_flag=True, env="TUN2G_QUIET",
             help="No status lines on stdout (the public URL, one line per request).")
 def client(server_addr, token, token_file, domain, backend_url, route_specs, instance_id, conn_type, kcp_profile, ca_file,
            insecure, plain, backend_insecure, smux_version, reconnect, sessions, grace_period, log_level, inspect_addr,
-           no_inspect, quiet):
+           no_inspect, tcp_specs, tls_specs, quiet):
     """Connect to a tun2 server and serve DOMAIN from a local backend.
 
     \b
@@ -103,6 +109,8 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
     configure(log_level)
     if plain:
         click.echo("tun2g client: --plain: the tunnel is NOT encrypted (development and tests only)", err=True)
+    from tun2g.client.tcp_forward import TCPForwarder
+
     tls_context = None
     if ca_file or (not plain and conn_type != "kcp"):
         tls_context = tls.client_context(ca_file=ca_file, insecure=insecure)  # a bad --ca: one line, now
@@ -113,6 +121,7 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
         if not routes:
             raise ConfigurationError("nothing to serve: give --domain D --backend URL, or --route ROUTE=URL")
         (domain, backend_url), routes = routes[0], routes[1:]
+    forwarder = TCPForwarder.from_specs(tcp_specs, tls_specs)
     identity = {"instance_id": instance_id} if instance_id else {}
     # A ConfigurationError (an invalid --domain, say) is one line and status 2: tun2g.cli.errors.
     config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
@@ -120,7 +129,7 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
                           conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
                           ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
                           tls_context=None if conn_type == "kcp" else tls_context,
-                          reconnect=reconnect,
+                          reconnect=reconnect, tcp=forwarder or None,
                           smux_config=smux.Config(version=None if smux_version == "auto" else int(smux_version)))
     from tun2g.cli.status import StatusPrinter
 

@@ -107,13 +107,26 @@ from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
             show_default=True, metavar="SECONDS",
             help="On SIGTERM: stop taking new connections and tunnels, tell tun2g clients to move, and let the "
                  "requests in flight finish for up to this long (inside Heroku's 30 s), then exit 0.")
+@env_option("--tcp-ports", env="TUN2G_TCP_PORTS", metavar="FIRST-LAST",
+            help="Ports to allocate for clients asking `--tcp 0=HOST:PORT` (held while they are connected).")
+@env_option("--tcp-bind", env="TUN2G_TCP_BIND", metavar="HOST",
+            help="Bind every TCP route on this address instead of the one in its route.")
+@env_option("--tls-passthrough", env="TUN2G_TLS_PASSTHROUGH", callback=host_port, metavar="HOST:PORT",
+            help="A shared TLS port routed by SNI to clients serving `--tls NAME=HOST:PORT`, never decrypted.")
+@env_option("--tcp-idle-timeout", env="TUN2G_TCP_IDLE_TIMEOUT", type=click.FloatRange(min=0), default=3600.0,
+            show_default=True, metavar="SECONDS", help="Close a TCP connection with no byte either way this long. 0: never.")
+@env_option("--tcp-connect-timeout", env="TUN2G_TCP_CONNECT_TIMEOUT", type=click.FloatRange(min=0.1), default=10.0,
+            show_default=True, metavar="SECONDS", help="A client must dial its local service within this (else RST).")
+@env_option("--tcp-max-connections", env="TUN2G_TCP_MAX_CONNECTIONS", type=click.IntRange(min=1), default=4096,
+            show_default=True, metavar="N", help="Open connections per TCP route or TLS name (a route may set fewer).")
 @env_option("--log-level", env="TUN2G_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
             default="info", show_default=True, help="Least severe log lines to print (key=value on stderr).")
 def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr,
            kcp_profile, storage, redis_url, admin_addr, admin_token, node_id, advertise_url, advertise_tunnel,
            cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
-           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period, log_level):
+           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period,
+           tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections, log_level):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -124,6 +137,7 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
       tun2g server --config tun2g.toml             # kill -HUP reloads it (docs/config.md)
     """
     from tun2g.server.process import ServerSetup
+    from tun2g.server.tcp_routes import TCPSettings
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -139,7 +153,10 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
                         cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,
                         metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect,
-                        public_url=public_url)
+                        public_url=public_url,
+                        tcp_ports=tcp_ports, tcp_bind=tcp_bind, tls_passthrough=tls_passthrough,
+                        tcp=TCPSettings(idle_timeout=tcp_idle_timeout or None, connect_timeout=tcp_connect_timeout,
+                                        max_connections_per_route=tcp_max_connections))
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -20,6 +21,7 @@ from tun2g.cli.errors import EXIT_FAILED, Fatal
 from tun2g.cli.options import env_option, print_table
 from tun2g.storage import CONNECT_SCOPE, NoSuchRoute, Storage, StorageError, open_storage
 from tun2g.storage.routing import normalize_route_key, parse_route_key
+from tun2g.storage.tcp_route import is_tcp_route, new_tcp_route, parse_tcp_route
 
 SHORT_SECRET = 20  # characters; shorter imported secrets get a warning (generated ones have 43)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -60,6 +62,13 @@ def _show(what: str, records: list, user, where: str, as_json: bool, header, row
         click.echo(f"no {what}{f' for {user}' if user else ''} in {where}")
     else:
         print_table(header, [row(record) for record in records])
+
+
+def _policy(route) -> str:
+    parts = [f"allow {','.join(route.allow)}"] if route.allow else []
+    parts += [f"deny {','.join(route.deny)}"] if route.deny else []
+    parts += [f"max {route.max_connections}"] if route.max_connections else []
+    return "; ".join(parts) or "-"
 
 
 # -- tun2g token ----------------------------------------------------------------------------
@@ -214,19 +223,31 @@ def route():
 @click.option("--path", default=None, metavar="/PREFIX",
               help="Route only this path prefix on DOMAIN (longest prefix wins; same as DOMAIN/PREFIX).")
 @click.option("--strip", is_flag=True, help="Remove the path prefix before the request reaches the backend.")
+@click.option("--allow", multiple=True, metavar="CIDR", help="TCP routes: only these addresses may connect.")
+@click.option("--deny", multiple=True, metavar="CIDR", help="TCP routes: these addresses may not connect.")
+@click.option("--max-connections", type=click.IntRange(min=1), metavar="N",
+              help="TCP routes: open connections at once per node.")
 @_storage_option
-def route_add(domain, user, path, strip, storage_url):
-    """Let USER's tunnel clients serve DOMAIN (a host, *.domain for one label under it, or host/prefix).
+def route_add(domain, user, path, strip, allow, deny, max_connections, storage_url):
+    """Let USER's tunnel clients serve DOMAIN (a host, *.domain for one label under it, or host/prefix),
+    or a public TCP port (tcp:HOST:PORT).
 
     Every route on one host belongs to one user, and names under a wildcard to
-    the wildcard's owner (docs/routing.md#ownership); to move one, remove it first.
+    the wildcard's owner (docs/routing.md#ownership); a port belongs to one user.
+    To move one, remove it first.
 
     \b
     Examples:
       tun2g route add app.example.com --user alice
       tun2g route add '*.example.com' --user alice
       tun2g route add example.com --path /api --strip --user alice
+      tun2g route add tcp:0.0.0.0:2222 --user alice --allow 203.0.113.0/24
     """
+    if is_tcp_route(domain):
+        _add_tcp_route(domain, user, allow, deny, max_connections, storage_url)
+        return
+    if allow or deny or max_connections:
+        raise click.UsageError("--allow, --deny and --max-connections apply to TCP routes (tcp:HOST:PORT)")
     with _opened(storage_url) as storage:
         key = normalize_route_key(domain) if path is None else str(parse_route_key(domain, path))
         try:
@@ -252,10 +273,24 @@ def route_rm(domain, storage_url):
     Example:
       tun2g route rm app.example.com
     """
+    if is_tcp_route(domain):
+        with _opened(storage_url) as storage:
+            _host, port = parse_tcp_route(domain)
+            storage.remove_tcp_route(port)
+        click.echo(f"Removed TCP route for port {port}.")
+        return
     with _opened(storage_url) as storage:
         domain = normalize_route_key(domain)
         storage.remove_route(domain)
     click.echo(f"Removed route {domain}.")
+
+
+def _add_tcp_route(text: str, user: str, allow, deny, max_connections, storage_url) -> None:
+    with _opened(storage_url) as storage:  # also turns a bad route into one line on stderr
+        route = new_tcp_route(text, user, time.time(), allow=allow, deny=deny, max_connections=max_connections)
+        added = storage.add_tcp_route(route)
+    click.echo(f"TCP route {added.address} -> {added.user}. Clients with a token of {added.user} may now "
+               f"connect with --tcp {added.port}=HOST:PORT.")
 
 
 @route.command("list", context_settings=CONTEXT)
@@ -272,6 +307,11 @@ def route_list(user, as_json, storage_url):
     """
     with _opened(storage_url) as storage:
         routes, where = storage.list_routes(user=user), storage.describe()
+        tcp_routes = storage.list_tcp_routes(user=user)
+    if tcp_routes and not as_json:
+        print_table(("TCP ROUTE", "USER", "CREATED", "POLICY"),
+                    [(f"tcp:{r.address}", r.user, _when(r.created), _policy(r)) for r in tcp_routes])
+    routes = routes + tcp_routes if as_json else routes
     _show("routes", routes, user, where, as_json, ("ROUTE", "USER", "CREATED", "STRIP", "INSPECT"),
           lambda r: (r.domain, r.user, _when(r.created), "on" if r.strip else "off",
                      "on" if r.inspect else "off"))

@@ -27,9 +27,11 @@ from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPErro
 from tun2g.log import get_logger
 from tun2g.storage import StorageError
 from tun2g.storage.routing import normalize_route_key
+from tun2g.tcp.wire import is_preamble_start
 
 if TYPE_CHECKING:
     from tun2g.client.inspector import Inspector
+    from tun2g.client.tcp_forward import TCPForwarder
     from tun2g.client.telemetry import ClientMetrics
     from tun2g.transport.kcp_conn import KCPOptions
 
@@ -107,6 +109,8 @@ class ClientConfig:
     # (docs/protocol.md#differences) and will never serve us: reconnect instead of waiting forever.
     unconfirmed_timeout: float = 15.0
     kcp_options: KCPOptions | None = None
+    # Local TCP services behind public ports and TLS names (docs/tcp.md); needs the negotiated smux version.
+    tcp: TCPForwarder | None = None
     extra: dict = field(default_factory=dict)
     # More (route key, backend URL) pairs served over the same session besides (domain, backend_url)
     # (docs/routing.md#multi-route-clients); `parse_route_spec` reads the CLI's --route KEY=URL.
@@ -131,6 +135,8 @@ class ClientConfig:
         except StorageError as exc:  # refused before dialling: the server would refuse it for good
             raise ConfigurationError(f"--domain: {exc}") from None
         self.smux_config.validate()
+        if self.tcp and self.smux_config.version is not None:
+            raise ConfigurationError("TCP services need the tun2g extension: leave the smux version negotiated")
 
     @property
     def all_routes(self) -> list[tuple[str, str]]:
@@ -316,9 +322,10 @@ class Client:
             # follows the server's switch to smux v2 (the session does that on its own).
             level = TUN2G_LEVEL if self.config.smux_config.version is None else None
             # Our control messages need a tun2g server (a confirmed reply) and the tun2g field in the Auth.
+            tcp = self.config.tcp.announcement() if self.config.tcp else None
             control.sendall(Auth(self.config.token, self.config.domain, tun2g=level,
                                  routes=tuple(key for key, _ in self.config.routes),
-                                 instance=self.config.instance_id).encode())
+                                 instance=self.config.instance_id, **({"tcp": tcp} if tcp else {})).encode())
             first_stream = Event()
             serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
@@ -435,6 +442,10 @@ class Client:
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
         self.node_id, self.cluster_nodes = _cluster_view(reply)
+        if self.config.tcp:
+            host = self.config.server_addr.rsplit(":", 1)[0]
+            self.public_urls += [f"tcp://{host}:{port}" for port in self.config.tcp.granted(reply.get("tcp"))]
+            self.public_urls += [f"tls://{name}" for name in self.config.tcp.names]
         self._set_state("connected", confirmed=True, smux=session.version)
         return True
 
@@ -467,6 +478,15 @@ class Client:
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
         log.debug("stream_opened", stream=getattr(stream, "id", None))
+        if self.config.tcp:  # a TCP stream starts with the tun2g preamble, an HTTP one with its request line
+            try:
+                first = stream.peek_first_byte()
+            except (OSError, smux.SessionClosedError, smux.StreamResetError):
+                stream.close()
+                return
+            if is_preamble_start(first):
+                self.config.tcp.serve(stream)
+                return
         self._active_streams += 1
         try:
             serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject)

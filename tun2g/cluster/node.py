@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 import redis
@@ -52,6 +52,7 @@ class ClusterNode:
 
     def __init__(self, config: ClusterConfig, node_id: str, *, local_backends: Callable[[], list[Backend]],
                  kill_local: Callable[[str], None]) -> None:
+        """`local_names` (settable before `start`): more names this node serves, e.g. its TCP routes."""
         _check_advertise_url(config.advertise_url)
         self.config = config
         self.node_id = node_id
@@ -59,11 +60,13 @@ class ClusterNode:
         self.registry = RedisRegistry(config.redis_url, node_id, config.advertise_url,
                                       snapshot=local_backends, on_kill=self._on_kill, ttl=config.ttl,
                                       cache_ttl=config.cache_ttl, key_prefix=config.key_prefix,
-                                      on_redis_error=config.on_redis_error)
+                                      on_redis_error=config.on_redis_error,
+                                      published_names=lambda: self.local_names())
         self.secret = self._resolve_secret(config)
         self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
         self.nonces = NonceMemory(WINDOW)
         self._closed = False
+        self.local_names: Callable[[], Iterable[str]] = lambda: ()
 
     def start(self) -> ClusterNode:
         self.registry.start()

@@ -7,6 +7,7 @@ storage's ``P token:*`` and ``P route:*`` keys)::
     P node:<node id>           hash    url (where other nodes reach it), started, pid, host;  TTL
     P node-backends:<node id>  hash    <backend id> -> JSON Backend record (domain, user, ...);  TTL
     P domain:<route key>       zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
+                               (also "tcp:<port>" and "tls:<name>" for the TCP services a node serves)
     P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
     P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
@@ -34,7 +35,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, Iterable
 
 import gevent
 import redis
@@ -94,7 +95,9 @@ class RedisRegistry:
 
     def __init__(self, url: str, node_id: str, advertise_url: str, *, snapshot: Callable[[], list],
                  on_kill: Callable[[str], None], ttl: float = DEFAULT_TTL, cache_ttl: float = DEFAULT_CACHE_TTL,
-                 key_prefix: str = "tun2g:", on_redis_error: Callable[[str], None] | None = None):
+                 key_prefix: str = "tun2g:", on_redis_error: Callable[[str], None] | None = None,
+                 published_names: Callable[[], Iterable[str]] | None = None):
+        """`published_names()`: more names this node serves, published like domains (e.g. "tcp:2222")."""
         if " " in node_id or not node_id:
             raise ValueError(f"node id {node_id!r} must be non-empty and contain no spaces")
         if ttl <= 0 or cache_ttl < 0:
@@ -105,6 +108,7 @@ class RedisRegistry:
         self.cache_ttl = cache_ttl
         self.prefix = key_prefix
         self._snapshot = snapshot
+        self._published_names = published_names
         self._on_kill = on_kill
         self._redis = open_redis(url, decode_responses=True, socket_connect_timeout=CONNECT_TIMEOUT,
                                  socket_timeout=COMMAND_TIMEOUT, retry=Retry(NoBackoff(), 1),
@@ -173,6 +177,8 @@ class RedisRegistry:
         """Write this node's full snapshot; False (logged once per interval) when Redis is unreachable."""
         backends = [b for b in self._snapshot() if b.usable]
         domains = {route for b in backends for route in (b.routes or (b.domain,))}
+        if self._published_names is not None:
+            domains.update(self._published_names())
         now = time.time()
         expires = now + self.ttl
         ttl_ms = int(self.ttl * 1000)

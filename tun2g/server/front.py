@@ -26,6 +26,7 @@ from gevent.server import StreamServer
 from tun2g import pages
 from tun2g.http import HTTPError, MessageReader, RequestHead, serve_requests
 from tun2g.log import get_logger
+from tun2g.tcp.wire import HOP_PATH, is_tcp_hop
 from tun2g.requestid import new_request_id
 from tun2g.server.server import Server
 from tun2g.transport import upgrade
@@ -198,6 +199,10 @@ class HTTPFront:
             self.server.serve_tunnel(upgrade.UpgradedStream(sock, reader.take_buffered()),
                                      proto="upgrade+tls" if self.scheme == "https" else "upgrade",
                                      remote=self.server.pipeline.client_address(head, peer_ip))
+            return False
+        tcp = self.server.tcp
+        if tcp is not None and head.target == HOP_PATH and is_tcp_hop(head.method, head.target, head.get("Upgrade")):
+            tcp.serve_hop(head, sock, reader.take_buffered(), self.server.router.accept_hop)  # another node's
             return False
         if pages.is_health_request(head.method, head.target):
             return self._health(head, reader, sock)

@@ -39,6 +39,7 @@ from tun2g.server.policy_step import PolicyBook
 from tun2g.server.rate_limit import ClusterLimiter
 from tun2g.server.server import Server, ServerConfig
 from tun2g.server.tunnels import Tunnels
+from tun2g.server.tcp_routes import TCPRoutes, TCPSettings
 from tun2g.server.wsgi import WSGIFront
 from tun2g.storage import RedisStorage, StorageError, default_sqlite_path, open_storage
 from tun2g.storage.certificates import CertificateStore
@@ -84,6 +85,17 @@ def raise_fd_limit() -> tuple[int, int]:
             return soft, soft
         return soft, target
     return soft, soft
+
+
+def parse_port_range(text: str | None) -> tuple[int, int] | None:
+    """``A-B`` (or one port) -> (A, B); raises ConfigurationError naming --tcp-ports."""
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    last = last or first
+    if not (first.strip().isdigit() and last.strip().isdigit()) or not 1 <= int(first) <= int(last) <= 65535:
+        raise ConfigurationError(f"--tcp-ports {text!r}: write FIRST-LAST, e.g. --tcp-ports 20000-20100")
+    return int(first), int(last)
 
 
 def connection_cap(fd_limit: int) -> int:
@@ -145,6 +157,12 @@ class ServerSetup:
     # request is served.
     policies: dict[str, Any] = field(default_factory=dict)
     public_url: str | None = None  # "https://{domain}": the URL clients are told they serve
+    # TCP routes and TLS passthrough (docs/tcp.md): ports a client asking for port 0 gets one of ("A-B"),
+    # a bind address overriding the stored ones, the shared passthrough listener, and their bounds.
+    tcp_ports: str | None = None
+    tcp_bind: str | None = None
+    tls_passthrough: str | None = None
+    tcp: TCPSettings = field(default_factory=TCPSettings)
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -192,14 +210,21 @@ class ServerSetup:
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
                                     self.hop_timeout, metrics)
         inspector = self.start_inspector(storage, config.node_id, metrics) if self.inspect else None
+        self.tcp.port_range = parse_port_range(self.tcp_ports)
+        self.tcp.bind_host = self.tcp_bind or None
+        passthrough_listener = listen("--tls-passthrough", self.tls_passthrough) if self.tls_passthrough else None
+        tcp_routes = TCPRoutes(storage, self.tcp, metrics, cluster)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
                         inspector=inspector, policies=policy_book(storage, metrics), https=https_policy,
                         acme_challenge=(lambda target: challenge_answer(storage, target))
-                        if isinstance(storage, CertificateStore) else None)
+                        if isinstance(storage, CertificateStore) else None, tcp=tcp_routes)
         install_policies(server, self.policies)
         running = RunningServer(server, cluster, http_address=http_address, setup=self, fd_limit=fd_limit,
                                 inspector=inspector)
+        if passthrough_listener is not None:
+            running.passthrough_address = passthrough_listener.getsockname()[:2]
+            running.services.append(tcp_routes.serve_passthrough(passthrough_listener))
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
         if https_listener is not None:
@@ -334,6 +359,7 @@ class RunningServer:
     kcp_address: tuple | None = None
     kcp_listener: object | None = None
     admin_address: tuple | None = None
+    passthrough_address: tuple | None = None
     front: HTTPFront | None = None
     https_front: HTTPFront | None = None
     certificates: CertificateBook | None = None

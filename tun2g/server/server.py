@@ -38,6 +38,7 @@ from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
+from tun2g.server.tcp_routes import TCPRoutes
 from tun2g.storage import Storage, StorageError
 from tun2g.storage.routing import normalize_route_key
 from tun2g.transport.base import ByteStream
@@ -99,14 +100,16 @@ class Server:
                  access_log: bool = True, trusted_proxies: Iterable[str] = (),
                  timeouts: ExchangeTimeouts | None = None, metrics: Metrics | None = None,
                  inspector: Inspector | None = None, policies: PolicyBook | None = None,
-                 https: HTTPSPolicy | None = None, acme_challenge: Callable[[str], str | None] | None = None):
+                 https: HTTPSPolicy | None = None, acme_challenge: Callable[[str], str | None] | None = None,
+                 tcp: TCPRoutes | None = None):
         """`cluster`: this process's ClusterNode when it is one node of many (built over the same `tunnels`);
         `trusted_proxies`: CIDRs of balancers in front whose X-Forwarded-* headers are believed;
         `timeouts`: bounds on each exchange's waits (None: unbounded);
         `metrics`: what this node counts (None: nothing); `inspector`: captures of inspected routes (None: none);
         `policies`: the routes' edge policies (default: a book with local rate limits, following the store);
         `https`: the redirect to HTTPS and HSTS rules (None: neither);
-        `acme_challenge`: pending ACME HTTP-01 answers by request target (None: none answered)."""
+        `acme_challenge`: pending ACME HTTP-01 answers by request target (None: none answered);
+        `tcp`: TCP routes and TLS passthrough (None: a client announcing TCP services is refused)."""
         if not isinstance(config, ServerConfig):
             raise ConfigurationError("Server needs a ServerConfig, got %r" % (config,))
         self.config = config
@@ -119,6 +122,7 @@ class Server:
         self.inspector = inspector
         self.policies = PolicyBook() if policies is None else policies
         self.policies.start(self.storage)
+        self.tcp = tcp
         self.pipeline = Pipeline(self.router, access_log=access_log, trusted_proxies=TrustedProxies(trusted_proxies),
                                  timeouts=timeouts, metrics=metrics, inspector=inspector, policies=self.policies,
                                  https=https, acme_challenge=acme_challenge)
@@ -244,7 +248,20 @@ class Server:
             log.warning("auth_rejected", remote=remote, proto=proto, reason=refusal, user=user)
             _try_send(control, encode_reply(False, error=refusal, retry=True))
             return None
+        grant = None
+        if auth.tcp:
+            try:
+                if self.tcp is None:
+                    raise AuthMismatch("this server serves no TCP routes")
+                grant = self.tcp.admit(auth.tcp, user)
+            except AuthMismatch as exc:
+                log.warning("auth_rejected", remote=remote, proto=proto, reason=exc.reason, user=user)
+                self._count_auth("rejected")
+                _try_send(control, encode_reply(False, error=exc.reason))
+                return None
         extra: dict[str, object] = {}
+        if grant is not None:
+            extra["tcp"] = grant.as_json()
         if auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL and session.config.version is None \
                 and session.version == 1:
             # docs/protocol.md#version-negotiation: a tun2g client follows us to v2. Before the
@@ -260,7 +277,8 @@ class Server:
             control.shutdown(socket.SHUT_RD)
         domain = normalize_route_key(auth.domain)
         routes = tuple(key for key in dict.fromkeys(map(normalize_route_key, auth.routes)) if key != domain)
-        auth = Auth(token=auth.token, domain=domain, tun2g=auth.tun2g, routes=routes, instance=auth.instance)
+        auth = Auth(token=auth.token, domain=domain, tun2g=auth.tun2g, routes=routes, instance=auth.instance,
+                    tcp=auth.tcp)
         tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
                         phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
         tunnel.revision = revision
@@ -272,6 +290,8 @@ class Server:
             self.reload_routes()  # a route added since the last revision tick: route to it at once
         self.router.register(tunnel)
         self.router.take_over(tunnel)  # after: the new session serves before the old ones close
+        if grant is not None and self.tcp is not None:
+            self.tcp.register(tunnel, grant)
         session.add_close_callback(lambda _session: self._forget(tunnel))
         if routes:
             extra["routes"] = list(tunnel.routes)
@@ -383,6 +403,8 @@ class Server:
                 counter[key] -= 1
                 if counter[key] <= 0:
                     del counter[key]
+        if self.tcp is not None:
+            self.tcp.deregister(tunnel)
         if self.router.deregister(tunnel):
             log.info("deregistered", reason=_reason(tunnel.session), **tunnel.log_fields())
 
@@ -466,6 +488,8 @@ class Server:
                 listener.close()
             except OSError:
                 pass
+        if self.tcp is not None:
+            self.tcp.close()
         self.router.close()  # leaves the cluster first: other nodes stop forwarding here at once
         self._tasks.kill(block=False)
         if self.inspector is not None:

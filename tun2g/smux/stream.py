@@ -144,6 +144,15 @@ class Stream:
         self.session._after_stream_call()
         return count
 
+    def peek_first_byte(self) -> bytes:
+        """The next unread byte, left unread (b"" at EOF); waits like recv.
+
+        Lets a reader choose how to read a stream (tun2g's TCP preamble or HTTP) by its first byte.
+        """
+        if not self._wait_readable():
+            return b""
+        return bytes(memoryview(self._state.chunks[0])[:1])
+
     def _wait_readable(self) -> bool:
         """True when data is buffered, False at EOF; raises on reset, dead session or timeout."""
         state = self._state

@@ -12,6 +12,8 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P route-parent:<parent> set   the route keys whose host sits one label under <parent> (the ownership
                                   rule's neighbours); built from P routes once, when P route-index is absent
     P route-index         string  "1" once P route-parent:* covers every route (older data lacks them)
+    P tcp-route:<port>    hash    user, host (bind address), created, policy (JSON: allow, deny, max_connections)
+    P tcp-routes          set     every routed TCP port
     P revision            string  a counter bumped by every token revocation, route change and inspect switch
     P inspect:<domain>    stream  captured exchanges (tun2g.server.inspect), MAXLEN ~ 1000, written by the nodes
     P policy:<route>      string  a route's edge policy, JSON of tun2g.policy.Policy.as_mapping() (hashes only)
@@ -52,6 +54,7 @@ from tun2g.storage.base import (
 from tun2g.storage.routing import normalize_route_key
 from tun2g.storage.redis_connect import RedisURLError, open_redis
 from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
+from tun2g.storage.tcp_route import TCPRoute, tcp_route_from_stored, tcp_route_taken_error
 
 DEFAULT_KEY_PREFIX = "tun2g:"
 CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
@@ -248,6 +251,54 @@ class RedisStorage(SecretMinting):
             texts = self._client.mget([self._key("policy:", route) for route in routes]) if routes else []
         return {route: json.loads(text) for route, text in zip(routes, texts) if text is not None}
 
+    # -- TCP routes (tun2g.storage.tcp_route): P tcp-route:<port> hashes, the P tcp-routes set --
+
+    def add_tcp_route(self, route: TCPRoute) -> TCPRoute:
+        key = self._key("tcp-route:", str(route.port))
+
+        def insert(pipe: redis.client.Pipeline) -> TCPRoute:
+            fields = pipe.hgetall(key)
+            if fields:
+                if fields["user"] != route.user:
+                    raise tcp_route_taken_error(route.port, fields["user"])
+                return _tcp_route(route.port, fields)
+            pipe.multi()
+            pipe.hset(key, mapping={"user": route.user, "host": route.host, "created": repr(route.created),
+                                    "policy": route.policy_json()})
+            pipe.sadd(self._key("tcp-routes"), str(route.port))
+            pipe.incr(self._key("revision"))
+            return route
+
+        with self._errors():
+            return self._client.transaction(insert, key, value_from_callable=True)
+
+    def remove_tcp_route(self, port: int) -> None:
+        with self._errors(), self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key("tcp-route:", str(port)))
+            pipe.srem(self._key("tcp-routes"), str(port))
+            pipe.incr(self._key("revision"))
+            deleted, _, _ = pipe.execute()
+        if not deleted:
+            raise NoSuchRoute(f"no TCP route for port {port} (see `tun2g route list`)")
+
+    def list_tcp_routes(self, user: str | None = None) -> list[TCPRoute]:
+        wanted = None if user is None else validate_user(user)
+        with self._errors():
+            ports = sorted(int(port) for port in self._client.smembers(self._key("tcp-routes")))
+            with self._client.pipeline(transaction=False) as pipe:
+                for port in ports:
+                    pipe.hgetall(self._key("tcp-route:", str(port)))
+                records = pipe.execute()
+        routes = [_tcp_route(port, fields) for port, fields in zip(ports, records) if fields]
+        return [route for route in routes if wanted in (None, route.user)]
+
+    def tcp_route(self, port: int) -> TCPRoute:
+        with self._errors():
+            fields = self._client.hgetall(self._key("tcp-route:", str(port)))
+        if not fields:
+            raise NoSuchRoute(f"no TCP route for port {port}")
+        return _tcp_route(port, fields)
+
     def revision(self) -> str:
         """The ``P revision`` counter (one GET): every node polls it to drop revoked tunnels."""
         with self._errors():
@@ -373,6 +424,11 @@ def _route(key: str, fields: dict[str, str]) -> Route:
 def _certificate_info(name: str, fields: dict[str, str]) -> CertificateInfo:
     return CertificateInfo(name, fields["issuer"], float(fields["not_before"]), float(fields["not_after"]),
                            fields["source"], float(fields["updated"]))
+
+
+def _tcp_route(port: int, fields: dict[str, str]) -> TCPRoute:
+    return tcp_route_from_stored(port, fields["user"], fields["host"], float(fields["created"]),
+                                 fields.get("policy", "{}"))
 
 
 def _token_info(fields: dict[str, str]) -> TokenInfo:

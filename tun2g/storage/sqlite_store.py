@@ -31,8 +31,9 @@ from tun2g.storage.base import (
 )
 from tun2g.storage.routing import normalize_route_key
 from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
+from tun2g.storage.tcp_route import TCPRoute, tcp_route_from_stored, tcp_route_taken_error
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -84,11 +85,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: (  # ACME challenge tokens and account keys (tun2g.server.acme)
         "CREATE TABLE acme (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL)",  # expires: unix s or NULL
     ),
+    # TCP routes, a table of their own (tun2g.storage.tcp_route): one step, no other table touched.
+    7: ("""CREATE TABLE tcp_routes (
+               port    INTEGER PRIMARY KEY,  -- the public TCP port
+               host    TEXT NOT NULL,        -- the bind address
+               user    TEXT NOT NULL,
+               created REAL NOT NULL,
+               policy  TEXT NOT NULL DEFAULT '{}')  -- JSON: allow, deny, max_connections""",),
 }
 _ROUTE_COLUMNS = "domain, user, created, inspect, strip"
 
 T = TypeVar("T")
 _CERT_INFO_COLUMNS = "name, issuer, not_before, not_after, source, updated"  # CertificateInfo's fields, in order
+_TCP_SELECT = "SELECT port, user, host, created, policy FROM tcp_routes"
 
 
 class SQLiteStorage(SecretMinting):
@@ -232,6 +241,41 @@ class SQLiteStorage(SecretMinting):
     def list_policies(self) -> dict[str, dict]:
         rows = self._run(lambda db: db.execute("SELECT route, policy FROM policies ORDER BY route").fetchall())
         return {row[0]: json.loads(row[1]) for row in rows}
+
+    # -- TCP routes (tun2g.storage.tcp_route) ----------------------------------------
+
+    def add_tcp_route(self, route: TCPRoute) -> TCPRoute:
+        def insert(db: sqlite3.Connection) -> TCPRoute:
+            with _write_transaction(db):
+                row = db.execute(_TCP_SELECT + " WHERE port = ?", (route.port,)).fetchone()
+                if row is None:
+                    db.execute("INSERT INTO tcp_routes (port, host, user, created, policy) VALUES (?, ?, ?, ?, ?)",
+                               (route.port, route.host, route.user, route.created, route.policy_json()))
+                    return route
+            if row[1] != route.user:
+                raise tcp_route_taken_error(route.port, row[1])
+            return tcp_route_from_stored(*row)
+
+        return self._run(insert)
+
+    def remove_tcp_route(self, port: int) -> None:
+        deleted = self._run(lambda db: db.execute("DELETE FROM tcp_routes WHERE port = ?", (port,)).rowcount)
+        self._own_writes += 1
+        if not deleted:
+            raise NoSuchRoute(f"no TCP route for port {port} (see `tun2g route list`)")
+
+    def list_tcp_routes(self, user: str | None = None) -> list[TCPRoute]:
+        query, params = _TCP_SELECT, ()
+        if user is not None:
+            query, params = query + " WHERE user = ?", (validate_user(user),)
+        rows = self._run(lambda db: db.execute(query + " ORDER BY port", params).fetchall())
+        return [tcp_route_from_stored(*row) for row in rows]
+
+    def tcp_route(self, port: int) -> TCPRoute:
+        row = self._run(lambda db: db.execute(_TCP_SELECT + " WHERE port = ?", (port,)).fetchone())
+        if row is None:
+            raise NoSuchRoute(f"no TCP route for port {port}")
+        return tcp_route_from_stored(*row)
 
     def revision(self) -> str:
         """SQLite's data_version (bumped by every commit of another process) and this handle's own deletions.
