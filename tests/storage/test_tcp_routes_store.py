@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from tun2g.cli import main
 from tun2g.storage import NoSuchRoute, SQLiteStorage, StorageError
+from tun2g.storage.sqlite_store import SCHEMA_VERSION
 from tun2g.storage.tcp_route import TCPRouteStore, new_tcp_route, parse_tcp_route
 
 
@@ -50,7 +51,7 @@ def test_the_tcp_table_is_its_own_migration_step(tmp_path):
     path = tmp_path / "store.sqlite3"
     SQLiteStorage(path).list_tcp_routes()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 3
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     columns = [row[1] for row in db.execute("PRAGMA table_info(tcp_routes)")]
     assert columns == ["port", "host", "user", "created", "policy"]
 
