@@ -213,3 +213,21 @@ def test_memory_captures_are_bounded_over_all_domains():
     for n in range(500):
         store.append(f"many{n}.test", {"path": "/"})
     assert store.held == 100 and len(store.read("d0.test", 10)) == 0  # 100 domains at most, the oldest gone
+
+
+def test_a_wildcard_route_captures_the_names_under_it(plain_deployment, backend, start_client):
+    """Capture follows the route a request matched: `route inspect '*.wild.test' on` captures a.wild.test."""
+    url, _app = backend
+    storage = plain_deployment.storage
+    token = plain_deployment.grant("*.wild.test")
+    start_client(plain_deployment.client_config(token, url, domain="*.wild.test"))
+    storage.set_route_inspect("*.wild.test", True)
+    wait_until(lambda: plain_deployment.server.inspector.enabled("*.wild.test"), timeout=5,
+               message="capture switched on")
+    response = requests.get(plain_deployment.http_url + "/headers", headers={"Host": "a.wild.test"}, timeout=10)
+    assert response.status_code == 200
+    wait_until(lambda: len(inspected(plain_deployment, domain="*.wild.test")["records"]) == 1, timeout=5,
+               message="the capture stored under the wildcard route")
+    record = inspected(plain_deployment, domain="*.wild.test")["records"][0]
+    assert record["path"] == "/headers"
+    assert inspected(plain_deployment, domain="a.wild.test")["records"] == []

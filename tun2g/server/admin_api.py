@@ -30,7 +30,8 @@ from urllib.parse import unquote
 from tun2g.config import ConfigChange, ConfigError
 from tun2g.errors import ConfigurationError, NoSuchBackend
 from tun2g.metrics import CONTENT_TYPE
-from tun2g.storage import StorageError, normalize_domain
+from tun2g.storage import StorageError
+from tun2g.storage.routing import normalize_route_key
 from tun2g.server.server import Server
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -108,10 +109,10 @@ class AdminAPI:
             return _json(start_response, 404, {"error": "capture is off on this server (tun2g server --no-inspect)"})
         domain = unquote(query.get("domain", ""))
         try:
-            domain = normalize_domain(domain)
+            domain = normalize_route_key(domain)  # a route: host, *.host or host/prefix
             limit = int(query.get("limit", "50"))
         except (StorageError, ValueError) as exc:
-            return _json(start_response, 400, {"error": f"GET /inspect?domain=D[&limit=N][&after=ID]: {exc}"})
+            return _json(start_response, 400, {"error": f"GET /inspect?domain=ROUTE[&limit=N][&after=ID]: {exc}"})
         try:
             records = inspector.read(domain, limit, unquote(query["after"]) if query.get("after") else None)
         except Exception as exc:  # Redis down or the like: say so, in JSON, as the other endpoints do

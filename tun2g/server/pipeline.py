@@ -58,6 +58,7 @@ class Request:
     trusted: bool  # the peer is the embedding program or a trusted proxy: its forwarding headers stand
     counted: DomainMetrics | None = None  # its domain's metrics, once an upstream took it
     capture: Capture | None = None        # its capture for the inspector, when its route is inspected
+    route: str | None = None              # the route key it matched, once an upstream took it (metrics, captures)
     public: bool = True                   # it came from a public client (not a hop from another node)
     policy: Policy | None = None          # its route's edge policy, once the policy step found one
     hsts: str | None = None               # Strict-Transport-Security for its response (HTTPS only)
@@ -374,7 +375,7 @@ class Pipeline:
         metrics = self.metrics
         for upstream in routing:
             if meter is None:
-                meter = self._meter(request)
+                meter = self._meter(request, routing.route)
             try:
                 result = exchange.through(upstream, meter)
             except UpstreamError as exc:
@@ -412,12 +413,15 @@ class Pipeline:
             exchange.limit(timeouts, policy.max_body)
         return refusal
 
-    def _meter(self, request: Request) -> Meter | None:
-        """What counts this request's bytes (its domain's cached metrics) and, if inspected, captures it."""
+    def _meter(self, request: Request, route: str | None) -> Meter | None:
+        """What counts this request's bytes (its route's cached metrics) and, if inspected, captures it.
+
+        `route`: the route key the Router matched (a wildcard or a path route, else the normalized Host),
+        so `tun2g route inspect '*.example.com' on` captures the names under it."""
         metrics, inspector = self.metrics, self.inspector
         if metrics is None and inspector is None:
             return None
-        domain = routing_key(request.host)
+        domain = request.route = route
         if domain is None:
             return None
         counted = request.counted = metrics.domain(domain) if metrics is not None else None
@@ -452,7 +456,7 @@ class Pipeline:
         assert capture is not None and inspector is not None
         domain = routing_key(request.host) or request.host
         head = request.head
-        inspector.offer(domain, capture.record(
+        inspector.offer(request.route or domain, capture.record(  # kept under its route: `tun2g inspect ROUTE`
             domain=domain, node=inspector.node, method=head.method, path=head.target, status=status,
             seconds=seconds, client_ip=request.peer_ip, request_id=request.id, request_headers=head.headers,
             response_headers=exchange.response_headers(result), backend=label))
