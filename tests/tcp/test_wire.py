@@ -77,7 +77,7 @@ def test_address_policy_deny_wins_and_an_allow_list_admits_only_its_blocks():
     assert policy.admits("10.1.2.3") and policy.admits("2001:db8::7") and policy.admits("::ffff:10.1.2.3")
     assert not policy.admits("10.9.1.1") and not policy.admits("192.0.2.1") and not policy.admits("junk")
     assert AddressPolicy().admits("192.0.2.1")
-    with pytest.raises(PolicyError, match="not an IP address"):
+    with pytest.raises(PolicyError, match="not a CIDR"):
         AddressPolicy.from_strings(allow=["10.0.0.0/33"])
 
 

@@ -1,16 +1,15 @@
 """Edge policy of a TCP route, sans-I/O: which public addresses may connect, and how many at once.
 
-A minimal CIDR matcher over the standard library's ipaddress (the per-route
-HTTP policy package may later offer the same; this one has no other needs).
+The allow/deny verdict is the HTTP edge policy's own (tun2g.policy.access); this module adds the
+stored form of a TCP route's lists and the per-route connection cap.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from tun2g.policy.access import AccessError, AddressRules, Network, parse_network
 
 
 class PolicyError(ValueError):
@@ -19,22 +18,22 @@ class PolicyError(ValueError):
 
 def parse_networks(entries: Iterable[str], what: str = "--allow/--deny") -> tuple[Network, ...]:
     """CIDR blocks (a bare address is a /32 or /128); raises PolicyError naming the bad entry."""
-    networks = []
-    for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError:
-            raise PolicyError(f"{what}: {entry!r} is not an IP address or CIDR block "
-                              f"(e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
-    return tuple(networks)
+    try:
+        return tuple(parse_network(entry) for entry in entries)
+    except AccessError as exc:
+        raise PolicyError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class AddressPolicy:
-    """Deny wins over allow; with an allow list, only listed addresses get in."""
+    """Deny wins over allow; with an allow list, only listed addresses get in (AddressRules decides)."""
 
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
+    _rules: AddressRules = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_rules", AddressRules(self.allow, self.deny))
 
     @classmethod
     def from_strings(cls, allow: Iterable[str] = (), deny: Iterable[str] = ()) -> AddressPolicy:
@@ -42,15 +41,7 @@ class AddressPolicy:
 
     def admits(self, address: str) -> bool:
         """True when `address` (an IP literal; IPv4-mapped IPv6 counts as IPv4) may connect."""
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if any(ip in network for network in self.deny):
-            return False
-        return not self.allow or any(ip in network for network in self.allow)
+        return self._rules.admits(address.split("%", 1)[0])
 
 
 class ConnectionCap:
