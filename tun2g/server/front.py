@@ -120,7 +120,8 @@ class HTTPFront:
         self.server = server
         self.scheme = scheme
         # Turns an accepted socket into the stream to serve (public HTTPS: `tun2g.server.https.handshake`);
-        # raising drops the connection quietly. Runs after the caps, so unfinished handshakes count too.
+        # None: the step served it (TLS passthrough); raising drops the connection quietly.
+        # Runs after the caps, so unfinished handshakes count too.
         self.handshake = handshake
         self.limits = limits or FrontLimits()
         self.connections = 0  # open public connections
@@ -147,10 +148,13 @@ class HTTPFront:
             tune(sock)
             if self.handshake is not None:
                 try:
-                    sock = self.handshake(sock)
+                    stream = self.handshake(sock)
                 except Exception as exc:  # the handshake's own error type: a quiet close, one debug line
                     log.debug("handshake_failed", remote=peer_ip, error=str(exc))
                     return
+                if stream is None:  # the step served the connection itself (TLS passthrough)
+                    return
+                sock = stream
             serve_requests(sock, lambda head, reader: self.handle_request(head, reader, sock, peer_ip), _reject,
                            head_timeout=limits.head_timeout, idle_timeout=limits.idle_timeout)
         finally:

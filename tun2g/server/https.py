@@ -19,6 +19,14 @@ for another's name. The book polls the store's certificate revision every
 node or command is served by every node within that time, without a restart;
 while the store cannot be read, the certificates already loaded keep serving.
 
+TLS passthrough on this port: when some connected client serves names by
+passthrough (`tun2g client --tls NAME=HOST:PORT`), the ClientHello is first
+peeked (``MSG_PEEK``: the bytes stay in the kernel for the TLS handshake or
+the backend; at most `MAX_RECORDS_SIZE`, within the same handshake timeout).
+A hello naming such a name is handed, untouched, to the TCP routes
+(`Passthrough.handle_passthrough`), so the tunnel never holds that name's key;
+any other hello is terminated as above (docs/tcp.md).
+
 TLS session resumption stays on (OpenSSL's session tickets, TLS 1.2 and 1.3).
 
 A TLS socket cannot ``recv(n, MSG_PEEK)``, which the relay's watch for a
@@ -33,13 +41,14 @@ import os
 import socket
 import ssl
 import tempfile
-from typing import Callable
+from typing import Callable, Protocol
 
 import gevent
 
 from tun2g.log import get_logger
 from tun2g.storage import StorageError
 from tun2g.storage.certificates import CertificateStore, StoredCertificate, candidate_names
+from tun2g.tcp.sni import MAX_RECORDS_SIZE, ClientHelloError, peek_server_name
 from tun2g.transport.base import PEEKABLE_TLS
 
 log = get_logger(__name__)
@@ -47,6 +56,15 @@ log = get_logger(__name__)
 HANDSHAKE_TIMEOUT = 10.0  # seconds for a whole public TLS handshake
 REFRESH_INTERVAL = 1.0    # seconds between certificate revision reads
 ALPN_PROTOCOLS = ["http/1.1"]
+PEEK_POLL = 0.02          # seconds between peeks at a ClientHello that arrived in pieces
+
+
+class Passthrough(Protocol):
+    """The TCP routes as the HTTPS port sees them (tun2g.server.tcp_routes.TCPRoutes)."""
+
+    def passthrough_names(self) -> set[str]: ...
+
+    def handle_passthrough(self, conn: socket.socket, address, hello: bytes, name: str | None) -> None: ...
 
 
 class HandshakeFailed(Exception):
@@ -146,19 +164,56 @@ class PeekableTLS:
         return getattr(self._tls, name)  # sendall, settimeout, close, fileno, ...: the TLS socket's own
 
 
-def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT) -> Callable:
-    """The `HTTPFront` handshake step: wrap an accepted socket in TLS within `timeout`, or HandshakeFailed."""
+def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT,
+              passthrough: Passthrough | None = None) -> Callable:
+    """The `HTTPFront` handshake step: wrap an accepted socket in TLS within `timeout`, or HandshakeFailed;
+    None when the connection was a passthrough name's and `passthrough` served it (raw, to its end)."""
 
     def run(sock):
-        tls = book.listening_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        names = passthrough.passthrough_names() if passthrough is not None else set()
+        with gevent.Timeout(timeout, HandshakeFailed(f"no TLS handshake within {timeout:g} s")):
+            name = _peek_server_name(sock) if names else None
+            if passthrough is None or name is None or name not in names:
+                return PeekableTLS(_terminate(book, sock))
         try:
-            with gevent.Timeout(timeout, HandshakeFailed(f"no TLS handshake within {timeout:g} s")):
-                tls.do_handshake()
+            address = sock.getpeername()
         except OSError as exc:
             raise HandshakeFailed(str(exc)) from None
-        return PeekableTLS(tls)
+        passthrough.handle_passthrough(sock, address, b"", name)  # the hello is still unread in the socket
+        return None
 
     return run
+
+
+def _terminate(book: CertificateBook, sock) -> ssl.SSLSocket:
+    tls = book.listening_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    try:
+        tls.do_handshake()
+    except OSError as exc:
+        raise HandshakeFailed(str(exc)) from None
+    return tls
+
+
+def _peek_server_name(sock) -> str | None:
+    """The SNI of the ClientHello waiting in `sock`, read with MSG_PEEK (None: no SNI, or not a hello
+    the parser accepts, which the TLS handshake then refuses as before)."""
+    seen = b""
+    while True:
+        try:
+            peek = peek_server_name(seen)
+        except ClientHelloError:
+            return None
+        if peek.complete:
+            return peek.server_name
+        try:
+            data = sock.recv(min(MAX_RECORDS_SIZE, peek.needed), socket.MSG_PEEK)
+        except OSError as exc:
+            raise HandshakeFailed(str(exc)) from None
+        if not data:
+            raise HandshakeFailed("closed before its ClientHello")
+        if len(data) == len(seen):
+            gevent.sleep(PEEK_POLL)  # a hello in pieces: MSG_PEEK returns at once while bytes wait unread
+        seen = data
 
 
 def _base_context() -> ssl.SSLContext:

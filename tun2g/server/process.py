@@ -213,10 +213,11 @@ class ServerSetup:
         self.tcp.port_range = parse_port_range(self.tcp_ports)
         self.tcp.bind_host = self.tcp_bind or None
         passthrough_listener = listen("--tls-passthrough", self.tls_passthrough) if self.tls_passthrough else None
-        tcp_routes = TCPRoutes(storage, self.tcp, metrics, cluster)
+        policies = policy_book(storage, metrics)
+        tcp_routes = TCPRoutes(storage, self.tcp, metrics, cluster, policies)
         server = Server(config, tunnels=tunnels, cluster=cluster, access_log=self.access_log,
                         trusted_proxies=self.trusted_proxies, timeouts=self.exchange_timeouts(), metrics=metrics,
-                        inspector=inspector, policies=policy_book(storage, metrics), https=https_policy,
+                        inspector=inspector, policies=policies, https=https_policy,
                         acme_challenge=(lambda target: challenge_answer(storage, target))
                         if isinstance(storage, CertificateStore) else None, tcp=tcp_routes)
         install_policies(server, self.policies)
@@ -228,7 +229,7 @@ class ServerSetup:
         running.front = HTTPFront(server, limits=limits)
         running.services.append(running.front.serve(http_listener))
         if https_listener is not None:
-            self._start_https(https_listener, server, running, storage, limits)
+            self._start_https(https_listener, server, running, storage, limits, tcp_routes)
         if cluster is not None:
             cluster.start()
 
@@ -289,8 +290,9 @@ class ServerSetup:
         running.services.append(admin)
 
     def _start_https(self, listener, server: Server, running: "RunningServer", storage,
-                     limits: FrontLimits) -> None:
-        """The public HTTPS port: the same front and pipeline behind a TLS handshake chosen by SNI."""
+                     limits: FrontLimits, tcp_routes: TCPRoutes) -> None:
+        """The public HTTPS port: the same front and pipeline behind a TLS handshake chosen by SNI;
+        a name a client serves by TLS passthrough is handed to `tcp_routes` untouched."""
         if not isinstance(storage, CertificateStore):
             raise ValueError(f"--https needs a store that keeps certificates; {storage.describe()} does not")
         running.https_address = listener.getsockname()[:2]
@@ -298,7 +300,7 @@ class ServerSetup:
         book.refresh()
         running.certificates = book
         running.tasks.append(gevent.spawn(book.run))
-        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout))
+        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout, tcp_routes))
         running.services.append(running.https_front.serve(listener))
         if not book.names():
             log.warning("https_without_certificates", https=_fmt(running.https_address),

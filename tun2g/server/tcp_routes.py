@@ -27,6 +27,8 @@ from tun2g.requestid import new_request_id
 from tun2g.transport.upgrade import UpgradedStream
 from tun2g.log import get_logger
 from tun2g.metrics import Metrics
+from tun2g.policy import AddressRules
+from tun2g.server.policy_step import PolicyBook
 from tun2g.server.tunnel import Tunnel
 from tun2g.smux import SessionClosedError, StreamResetError
 from tun2g.storage import NoSuchRoute, Storage, StorageError, normalize_domain
@@ -40,6 +42,8 @@ from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
 
 log = get_logger(__name__)
+
+_ADMIT_ALL = AddressRules()
 
 
 @dataclass
@@ -70,9 +74,10 @@ class TCPRoutes:
     """Listeners for the stored TCP routes and allocated ports, and the tunnels serving each port and name."""
 
     def __init__(self, storage: Storage, settings: TCPSettings | None = None, metrics: Metrics | None = None,
-                 cluster: ClusterNode | None = None) -> None:
+                 cluster: ClusterNode | None = None, policies: PolicyBook | None = None) -> None:
         """`storage` holds the HTTP routes (passthrough names) and, as a TCPRouteStore, the TCP routes;
-        `cluster`: this node's membership, to publish the services served here and reach other nodes'."""
+        `cluster`: this node's membership, to publish the services served here and reach other nodes';
+        `policies`: the edge policies, whose allow/deny lists apply to a passthrough name's connections."""
         if not isinstance(storage, TCPRouteStore):
             raise TypeError(f"{storage!r} cannot hold TCP routes")
         self.storage = storage
@@ -88,6 +93,7 @@ class TCPRoutes:
         self._policies: dict[TCPRoute, AddressPolicy] = {}
         self.cap = ConnectionCap(self.settings.max_connections_per_route)
         self.cluster = cluster
+        self.policies = policies
         if cluster is not None:
             cluster.local_names = self.served_names
         self._closed = False
@@ -288,11 +294,17 @@ class TCPRoutes:
             return
         self._splice_to_tunnel(conn, address, key=name, preamble=Preamble(KIND_TLS, name=name,
                                                                           remote=_format(address)),
-                               tunnels=self._by_name.get(name, ()), policy=AddressPolicy(), limit=None,
+                               tunnels=self._by_name.get(name, ()), policy=self._name_policy(name), limit=None,
                                first_bytes=hello)
 
+    def _name_policy(self, name: str) -> AddressRules:
+        """The allow/deny lists of the name's edge policy (the HTTP route's, by its key); raw TCP has no
+        forwarding headers, so the peer address is the visitor and --trusted-proxy does not apply."""
+        policy = self.policies.get(name) if self.policies is not None else None
+        return policy.access if policy is not None else _ADMIT_ALL
+
     def _splice_to_tunnel(self, conn: ByteStream, address, *, key: int | str, preamble: Preamble, tunnels,
-                          policy: AddressPolicy, limit: int | None, first_bytes: bytes = b"",
+                          policy: AddressPolicy | AddressRules, limit: int | None, first_bytes: bytes = b"",
                           hop: bool = False) -> None:
         remote = _format(address)
         if not policy.admits(str(address[0])):
