@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunnel_common import free_port, port_open, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 256 * 1024
 
@@ -54,22 +56,9 @@ sys.stdin.read()
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"nothing listens on {port} after {timeout} s")
-            time.sleep(0.05)  # a start-up poll with a deadline
+    """Wait for a listener on 127.0.0.1:`port` (the shared helpers' poll, with a deadline)."""
+    wait_until(lambda: port_open(port), timeout, f"a listener on port {port}")
 
 
 def upload(port: int, size: int) -> float:
