@@ -36,6 +36,7 @@ CAPTURE_OUTCOMES = ("queued", "dropped", "stored", "failed")
 TCP_OUTCOMES = ("served", "refused_by_policy", "over_cap", "no_tunnel", "local_refused", "local_unreachable",
                 "failed", "bad_hello", "forwarded")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+ACME_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0)  # an ACME order: validation and finalization
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,32 @@ class DomainMetrics:
         self.bytes_out += size
 
 
+class AcmeMetrics:
+    """The in-server ACME manager's figures (tun2g.server.cert_manager)."""
+
+    def __init__(self) -> None:
+        self.started, self.succeeded, self.failed, self.renewals = Count(), Count(), Count(), Count()
+        self.buckets = [0] * (len(ACME_SECONDS_BUCKETS) + 1)  # per bucket (the last: above every bound)
+        self.seconds_sum = 0.0
+
+    def issued(self, seconds: float) -> None:
+        """One order that produced a certificate after `seconds`."""
+        self.succeeded.inc()
+        self.buckets[bisect_left(ACME_SECONDS_BUCKETS, seconds)] += 1
+        self.seconds_sum += seconds
+
+    def families(self, ns: str) -> Iterator[Metric]:
+        """The Prometheus families, built at scrape time."""
+        for name, count, text in (("started", self.started, "ACME orders begun by this node"),
+                                  ("succeeded", self.succeeded, "ACME orders that produced a certificate"),
+                                  ("failed", self.failed, "ACME orders that failed (the log line has the error)")):
+            yield CounterMetricFamily(f"{ns}_acme_orders_{name}", text, value=count.value)
+        yield CounterMetricFamily(f"{ns}_acme_renewals", "Certificates renewed by this node", value=self.renewals.value)
+        yield HistogramMetricFamily(f"{ns}_acme_issue_seconds", "From an order begun to its certificate stored",
+                                    buckets=_cumulative(ACME_SECONDS_BUCKETS, self.buckets),
+                                    sum_value=self.seconds_sum)
+
+
 class Metrics:
     """Every metric of one server process, exported from its own registry."""
 
@@ -106,6 +133,7 @@ class Metrics:
         self.tcp_connections = {outcome: Count() for outcome in TCP_OUTCOMES}
         self.tcp_bytes = {"in": Count(), "out": Count()}
         self.tcp_open = Count()  # a gauge: public TCP connections being spliced now
+        self.acme = AcmeMetrics()
         self._domains: dict[str, DomainMetrics] = {}
         self._other: DomainMetrics | None = None
         self.unrouted = DomainMetrics(UNROUTED)
@@ -165,15 +193,10 @@ class _Collector:
                                        "framing included), counted as they move", labels=("domain",))
         bytes_out = CounterMetricFamily(f"{ns}_bytes_out", "Bytes relayed from upstreams to public clients (heads "
                                         "and framing included), counted as they move", labels=("domain",))
-        bounds = [str(bound) for bound in DURATION_BUCKETS] + ["+Inf"]
         for d in domains:
             for code, count in zip(STATUS_CLASSES, d.requests):
                 requests.add_metric((d.label, code), count)
-            cumulative, total = [], 0
-            for bound, count in zip(bounds, d.buckets):
-                total += count
-                cumulative.append((bound, total))
-            duration.add_metric((d.label,), cumulative, d.duration_sum)
+            duration.add_metric((d.label,), _cumulative(DURATION_BUCKETS, d.buckets), d.duration_sum)
             bytes_in.add_metric((d.label,), d.bytes_in)
             bytes_out.add_metric((d.label,), d.bytes_out)
         yield from (requests, duration, bytes_in, bytes_out)
@@ -188,7 +211,17 @@ class _Collector:
                       m.tcp_bytes)
         yield GaugeMetricFamily(f"{ns}_tcp_connections_open", "Public TCP connections being spliced now",
                                 value=m.tcp_open.value)
+        yield from m.acme.families(ns)
         yield from _StateCollector(m, ns).collect()
+
+
+def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts as Prometheus' cumulative (le, count) pairs, +Inf last."""
+    pairs, total = [], 0
+    for bound, count in zip([str(bound) for bound in bounds] + ["+Inf"], counts):
+        total += count
+        pairs.append((bound, float(total)))
+    return pairs
 
 
 def _counts(name: str, documentation: str, label: str, counts: dict[str, Count]) -> CounterMetricFamily:
@@ -230,5 +263,5 @@ class _StateCollector:
                                 value=buffered)
 
 
-__all__ = ["CONTENT_TYPE", "Count", "DEFAULT_DOMAIN_CAP", "DomainMetrics", "Metrics", "OTHER", "SessionSample",
+__all__ = ["AcmeMetrics", "CONTENT_TYPE", "Count", "DEFAULT_DOMAIN_CAP", "DomainMetrics", "Metrics", "OTHER", "SessionSample",
            "UNROUTED"]

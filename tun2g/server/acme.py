@@ -12,8 +12,8 @@ one per directory URL, so repeated orders reuse one account.
 
 It runs where it is called (the `tun2g cert issue` command); requests' sockets
 are gevent's there, and every network call is bounded by `NETWORK_TIMEOUT` and
-the whole order by `ORDER_TIMEOUT`. Not done yet: ordering on first use and
-renewal by the server, TLS-ALPN-01, the cluster lock (docs/https.md).
+the whole order by `ORDER_TIMEOUT`; the server's own ordering on first use and
+renewal (`tun2g server --acme`) calls it from tun2g.server.cert_manager.
 """
 
 from __future__ import annotations
@@ -39,7 +39,15 @@ _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # base64url, as RFC 8555 8.3 makes
 
 
 class IssuanceFailed(Exception):
-    """An order that did not produce a certificate; the message carries the ACME server's error."""
+    """An order that did not produce a certificate; the message carries the ACME server's error.
+
+    `retry_after`: the server's Retry-After header on its refusal, as sent (None: none); `rate_limited`:
+    its error was ``rateLimited`` (RFC 8555 6.6), so the caller must wait before asking again.
+    """
+
+    def __init__(self, message: str, retry_after: str | None = None, rate_limited: bool = False) -> None:
+        super().__init__(message)
+        self.retry_after, self.rate_limited = retry_after, rate_limited
 
 
 def challenge_answer(store: CertificateStore, target: str) -> str | None:
@@ -71,6 +79,13 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
     # requests takes a CA file path for `verify`; acme annotates the pass-through as bool only.
     network = client.ClientNetwork(account_key, user_agent="tun2g", verify_ssl=cast(bool, ca_bundle or True),
                                    timeout=int(NETWORK_TIMEOUT))
+    refusals: list[str] = []  # the Retry-After of each refusal, seen by a requests response hook
+
+    def note_refusal(response, *args, **kwargs) -> None:
+        if response.status_code >= 400:
+            refusals.append(response.headers.get("Retry-After", ""))
+
+    network.session.hooks["response"].append(note_refusal)
     tokens: list[str] = []
     started = time.monotonic()
     try:
@@ -86,6 +101,8 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
                                     serialization.NoEncryption())
         order = acme.new_order(crypto_util.make_csr(key_pem, [domain]))
         for authorization in order.authorizations:
+            if authorization.body.status == messages.STATUS_VALID:
+                continue  # validated for this account recently (authorization reuse): nothing to answer
             challenge = next((c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)),
                              None)
             if challenge is None:
@@ -99,7 +116,9 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
         order = acme.poll_and_finalize(order, deadline)
     except (errors.Error, messages.Error) as exc:
         log.warning("acme_order_failed", domain=domain, directory=directory_url, error=str(exc))
-        raise IssuanceFailed(f"the ACME server refused the order for {domain}: {exc}") from None
+        raise IssuanceFailed(f"the ACME server refused the order for {domain}: {exc}",
+                             retry_after=(refusals[-1] or None) if refusals else None,
+                             rate_limited=getattr(exc, "code", None) == "rateLimited") from None
     except OSError as exc:  # requests' connection errors are OSErrors
         raise IssuanceFailed(f"cannot reach the ACME directory {directory_url}: {exc}") from None
     finally:

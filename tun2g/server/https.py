@@ -74,8 +74,11 @@ class HandshakeFailed(Exception):
 class CertificateBook:
     """The certificates this node serves, by name, refreshed from the store."""
 
-    def __init__(self, store: CertificateStore, interval: float = REFRESH_INTERVAL) -> None:
+    def __init__(self, store: CertificateStore, interval: float = REFRESH_INTERVAL,
+                 on_unknown: Callable[[str], None] | None = None) -> None:
+        """`on_unknown(name)`: told of an SNI name with no certificate (the ACME manager's `want`; must not block)."""
         self.store = store
+        self.on_unknown = on_unknown
         self.interval = interval
         self.revision: str | None = None
         self._contexts: dict[str, ssl.SSLContext] = {}
@@ -135,6 +138,8 @@ class CertificateBook:
         context = self.context_for(server_name)
         if context is None:
             log.debug("tls_unknown_name", server_name=(server_name or "-")[:256])
+            if server_name and self.on_unknown is not None:
+                self.on_unknown(server_name)  # ordered (if routed) in the manager's greenlet; this one fails
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         tls.context = context
         return None

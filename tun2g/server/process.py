@@ -29,6 +29,7 @@ from tun2g.metrics import DEFAULT_DOMAIN_CAP, Metrics
 from tun2g.policy import Policy
 from tun2g.server.acme import challenge_answer
 from tun2g.server.admin_api import AdminAPI
+from tun2g.server.cert_manager import AcmeSettings, CertManager
 from tun2g.http import ExchangeTimeouts
 from tun2g.server.admin_token import is_loopback, load_or_create_admin_token, write_admin_address
 from tun2g.server.front import FrontLimits, HTTPFront
@@ -114,6 +115,9 @@ class ServerSetup:
     https_handshake_timeout: float = HANDSHAKE_TIMEOUT
     https_redirect: bool = False  # plain public HTTP gets a 308 to HTTPS (needs --https)
     hsts_max_age: int = 0         # Strict-Transport-Security max-age on HTTPS responses (0: none)
+    # ACME by the server (tun2g.server.cert_manager): order routed names on first use, renew; needs --https.
+    acme: bool = False
+    acme_settings: AcmeSettings = field(default_factory=AcmeSettings)
     tunnel_addr: str = ":4443"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -173,6 +177,8 @@ class ServerSetup:
         """ConfigurationError when the redirect or HSTS is asked for without an HTTPS port."""
         if (self.https_redirect or self.hsts_max_age) and not self.https_addr:
             raise ConfigurationError("--https-redirect and --hsts need --https HOST:PORT (the port to send visitors to)")
+        if self.acme and not self.https_addr:
+            raise ConfigurationError("--acme needs --https HOST:PORT (the port its certificates are served on)")
 
     def exchange_timeouts(self) -> ExchangeTimeouts:
         return ExchangeTimeouts(response=self.response_timeout or None, body=self.body_timeout or None,
@@ -296,13 +302,19 @@ class ServerSetup:
         if not isinstance(storage, CertificateStore):
             raise ValueError(f"--https needs a store that keeps certificates; {storage.describe()} does not")
         running.https_address = listener.getsockname()[:2]
-        book = CertificateBook(storage)
+        manager = None
+        if self.acme:
+            manager = CertManager(storage, server.config.node_id, self.acme_settings,  # type: ignore[arg-type]
+                                  None if server.metrics is None else server.metrics.acme)
+            running.acme = manager
+            running.tasks += [gevent.spawn(manager.run), gevent.spawn(manager.scan_forever)]
+        book = CertificateBook(storage, on_unknown=None if manager is None else manager.want)
         book.refresh()
         running.certificates = book
         running.tasks.append(gevent.spawn(book.run))
         running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout, tcp_routes))
         running.services.append(running.https_front.serve(listener))
-        if not book.names():
+        if not book.names() and manager is None:
             log.warning("https_without_certificates", https=_fmt(running.https_address),
                         hint="add one with `tun2g cert add DOMAIN --cert F --key F`; until then handshakes fail")
 
@@ -365,6 +377,7 @@ class RunningServer:
     front: HTTPFront | None = None
     https_front: HTTPFront | None = None
     certificates: CertificateBook | None = None
+    acme: CertManager | None = None  # with --acme
     admin_token: str | None = None
     services: list = field(default_factory=list)
     tasks: list = field(default_factory=list)

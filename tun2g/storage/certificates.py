@@ -77,6 +77,12 @@ class CertificateStore(Protocol):
     def remove_acme_value(self, key: str) -> None:
         """Forget an ACME value (absent: nothing to do)."""
 
+    def acquire_acme_lock(self, key: str, owner: str, ttl: float) -> bool:
+        """Hold the lock `key` (``order:<name>``) as `owner` for `ttl` seconds; False while another holds it."""
+
+    def release_acme_lock(self, key: str, owner: str) -> bool:
+        """Drop the lock `key` if `owner` still holds it (never another's); True when it did."""
+
 
 def normalize_cert_name(name: str) -> str:
     """A certificate name: a domain, or ``*.`` and a domain; InvalidCertificate otherwise."""

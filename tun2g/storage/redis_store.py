@@ -23,7 +23,8 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
                                   (public HTTPS certificates; name a domain or *.domain; docs/https.md)
     P certs               set     every certificate name
     P cert-revision       string  a counter bumped by every certificate stored or removed (nodes poll it)
-    P acme:<key>          string  ACME state: challenge:<token> (key authorization, TTL), account:<sha256 of directory>
+    P acme:<key>          string  ACME state: challenge:<token> (key authorization, TTL), account:<sha256 of directory>,
+                                  order:<name> (the node ordering it: SET NX PX, released by compare-and-delete)
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write
@@ -61,6 +62,8 @@ CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is tre
 COMMAND_TIMEOUT = 5.0  # seconds per command
 # One quick retry re-dials a pooled connection that a Redis restart broke; more would
 # only delay the StorageUnavailable a caller needs to see.
+# Drop a lock only while it is still ours: a lock that expired and was taken by another node stays theirs.
+_RELEASE_IF_OWNER = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
 _RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
 
 
@@ -353,6 +356,14 @@ class RedisStorage(SecretMinting):
     def remove_acme_value(self, key: str) -> None:
         with self._errors():
             self._client.delete(self._key("acme:", key))
+
+    def acquire_acme_lock(self, key: str, owner: str, ttl: float) -> bool:
+        with self._errors():
+            return bool(self._client.set(self._key("acme:", key), owner, nx=True, px=max(1, int(ttl * 1000))))
+
+    def release_acme_lock(self, key: str, owner: str) -> bool:
+        with self._errors():
+            return bool(self._client.eval(_RELEASE_IF_OWNER, 1, self._key("acme:", key), owner))
 
     def _certificate_records(self) -> list[tuple[str, dict[str, str]]]:
         with self._errors():

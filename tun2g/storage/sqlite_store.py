@@ -346,6 +346,22 @@ class SQLiteStorage(SecretMinting):
     def remove_acme_value(self, key: str) -> None:
         self._run(lambda db: db.execute("DELETE FROM acme WHERE key = ?", (key,)))
 
+    def acquire_acme_lock(self, key: str, owner: str, ttl: float) -> bool:
+        def take(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            with _write_transaction(db):  # BEGIN IMMEDIATE: the read and the write are one step
+                row = db.execute("SELECT value, expires FROM acme WHERE key = ?", (key,)).fetchone()
+                if row is not None and row[0] != owner and (row[1] is None or row[1] >= now):
+                    return False
+                db.execute("INSERT OR REPLACE INTO acme (key, value, expires) VALUES (?, ?, ?)", (key, owner, now + ttl))
+                return True
+
+        return self._run(take)
+
+    def release_acme_lock(self, key: str, owner: str) -> bool:
+        return bool(self._run(lambda db: db.execute("DELETE FROM acme WHERE key = ? AND value = ?",
+                                                    (key, owner)).rowcount))
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -1,0 +1,126 @@
+"""`tun2g server --acme` against a real ACME server (pebble), with real HTTP-01 validation.
+
+A handshake for a routed name with no certificate fails cleanly and makes the
+server order one; the next handshake is served the issued chain, which curl
+verifies with pebble's root. An unrouted SNI never reaches pebble. A
+short-lived certificate (pebble's certificateValidityPeriod) is renewed before
+it expires and served without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.fixtures.net import require_binary
+from tests.fixtures.tunnel import DOMAIN, _start, wait_until
+from tun2g.server.cert_manager import AcmeSettings
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def acme_server(tmp_path, data_dir, backend, start_client, pebble):
+    """Factory: a server with --acme on SQLite, a client serving DOMAIN, and pebble validating against it."""
+    started = []
+
+    def start(validity: int | None = None, scan_interval: float = 60.0):
+        settings = AcmeSettings(scan_interval=scan_interval)
+        deployment = _start(tmp_path, data_dir, plain=True, https_addr="127.0.0.1:0", acme=True,
+                            acme_settings=settings)
+        started.append(deployment)
+        start_client(deployment.client_config(deployment.grant(), backend[0]))
+        server = pebble(deployment.running.http_address[1], deployment.running.https_address[1], validity)
+        settings.directory_url, settings.ca_bundle = server.directory_url, str(server.ca_bundle)
+        return deployment, server
+
+    yield start
+    for deployment in started:
+        deployment.running.stop()
+
+
+def handshake(port: int, name: str, root: str | None = None) -> bytes:
+    """The DER certificate served for `name` (verified with `root` when given); ssl.SSLError when refused."""
+    context = ssl.create_default_context(cadata=root) if root else ssl._create_unverified_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=name) as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def refused(port: int, name: str) -> str:
+    """The handshake for `name` fails with the server's unrecognized_name alert; the error text."""
+    with pytest.raises(ssl.SSLError) as failure:
+        handshake(port, name)
+    assert "UNRECOGNIZED_NAME" in str(failure.value).upper()
+    return str(failure.value)
+
+
+def test_first_use_orders_a_routed_name_and_the_next_handshake_is_served(acme_server, tmp_path):
+    deployment, server = acme_server()
+    running = deployment.running
+    port = running.https_address[1]
+    started = time.monotonic()
+    refused(port, DOMAIN)  # this handshake fails cleanly; it made the server order
+    wait_until(lambda: DOMAIN in running.certificates.names(), timeout=60, message="the certificate served")
+    served_after = time.monotonic() - started
+    print(f"first handshake -> certificate served: {served_after:.2f} s")
+    root = tmp_path / "pebble-root.pem"
+    root.write_text(server.root_pem())
+    result = subprocess.run([require_binary("curl"), "-sS", "--max-time", "10", "--cacert", str(root), "--resolve",
+                             f"{DOMAIN}:{port}:127.0.0.1", f"https://{DOMAIN}:{port}/headers"],
+                            capture_output=True, text=True, timeout=15)
+    assert result.returncode == 0, result.stderr
+    assert '"X-Forwarded-Proto": "https"' in result.stdout
+    assert server.orders() == 1
+    acme = running.acme
+    assert (acme.metrics.started.value, acme.metrics.succeeded.value, acme.metrics.failed.value) == (1, 1, 0)
+    # `tun2g cert list` names the node that ordered it
+    listing = subprocess.run([sys.executable, "-m", "tun2g.cli", "cert", "list", "--json", "--storage",
+                              deployment.storage_url], capture_output=True, text=True, timeout=30)
+    [record] = json.loads(listing.stdout)
+    assert record["name"] == DOMAIN and record["source"] == f"acme:{running.server.config.node_id}"
+    assert "Pebble" in record["issuer"] and record["not_after"] > time.time()
+    table = subprocess.run([sys.executable, "-m", "tun2g.cli", "cert", "list", "--storage", deployment.storage_url],
+                           capture_output=True, text=True, timeout=30).stdout
+    assert f"acme:{running.server.config.node_id}" in table and "Pebble" in table
+    # the order lock was released and the tokens removed; the account key stays
+    store = deployment.storage
+    assert store.acme_value(f"order:{DOMAIN}") is None
+
+
+def test_an_unrouted_sni_orders_nothing_and_fails_cleanly(acme_server):
+    deployment, server = acme_server()
+    running = deployment.running
+    port = running.https_address[1]
+    for name in ("unrouted.test", "x." + DOMAIN, "127.0.0.1.nip.test"):
+        refused(port, name)
+    wait_until(lambda: running.acme.waiting() == 0, timeout=10, message="the manager looked at every name")
+    assert server.orders() == 0
+    assert running.acme.metrics.started.value == 0
+    assert deployment.storage.list_certificates() == []
+    # and the server still serves plain HTTP for the routed name as before
+    refused(port, "unrouted.test")
+
+
+def test_a_short_lived_certificate_is_renewed_and_served_without_restart(acme_server):
+    deployment, server = acme_server(validity=12, scan_interval=0.5)
+    running = deployment.running
+    port = running.https_address[1]
+    refused(port, DOMAIN)
+    wait_until(lambda: DOMAIN in running.certificates.names(), timeout=60, message="the first certificate")
+    root = server.root_pem()
+    first = handshake(port, DOMAIN, root)
+    [info] = deployment.storage.list_certificates()
+    assert info.not_after - info.not_before <= 13
+    wait_until(lambda: handshake(port, DOMAIN, root) != first, timeout=60, interval=0.2,
+               message="the renewed certificate served")
+    [renewed] = deployment.storage.list_certificates()
+    assert renewed.not_after > info.not_after
+    assert running.acme.metrics.renewals.value >= 1
+    assert server.orders() >= 2
