@@ -17,7 +17,7 @@ from typing import Iterator, Protocol, cast
 
 import click
 
-from tun2g.cli.options import print_table
+from tun2g.cli.options import acme_options, print_table
 from tun2g.cli.store_cmd import CONTEXT, _json_flag, _opened, _storage_option, _when
 from tun2g.storage import Storage
 from tun2g.storage.certificates import CertificateStore
@@ -132,16 +132,9 @@ def rm(name, storage_url):
 
 @cert.command("issue")
 @click.argument("name")
-@click.option("--acme-directory", "directory_url", envvar="TUN2G_ACME_DIRECTORY", show_envvar=True,
-              default="https://acme-v02.api.letsencrypt.org/directory", show_default=True,
-              help="The ACME directory URL (any RFC 8555 server).")
-@click.option("--acme-email", "email", envvar="TUN2G_ACME_EMAIL", show_envvar=True,
-              help="Contact address for the ACME account (expiry notices).")
-@click.option("--acme-ca-bundle", "ca_bundle", type=click.Path(exists=True, dir_okay=False),
-              envvar="TUN2G_ACME_CA_BUNDLE", show_envvar=True,
-              help="CA file to verify the ACME directory with (a test server's); default: the system's.")
+@acme_options
 @_storage_option
-def issue(name, directory_url, email, ca_bundle, storage_url):
+def issue(name, acme_directory, acme_email, acme_ca_bundle, storage_url):
     """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port).
 
     The servers sharing the store answer the challenge and serve the certificate within a second.
@@ -155,7 +148,8 @@ def issue(name, directory_url, email, ca_bundle, storage_url):
         raise click.BadParameter(str(exc), param_hint="NAME") from None
     with _certificates(storage_url) as store:
         try:
-            certificate = acme_issue(store, domain, directory_url=directory_url, email=email, ca_bundle=ca_bundle)
+            certificate = acme_issue(store, domain, directory_url=acme_directory, email=acme_email,
+                                     ca_bundle=acme_ca_bundle)
         except NoSuchRoute:
             raise click.ClickException(f"{domain} has no route: certificates are ordered only for routed names "
                                        f"(`tun2g route add {domain} --user U` first)") from None

@@ -25,6 +25,11 @@ def host_port(ctx, param, value):
     return value
 
 
+def host_port_or_none(ctx, param, value):
+    """`host_port`, or the word ``none`` (no such listener)."""
+    return value if value == "none" else host_port(ctx, param, value)
+
+
 def http_url(ctx, param, value):
     """Validate an http(s):// URL with a host (and a port in range) early: the backend's, the admin API's."""
     from urllib.parse import urlsplit
@@ -54,6 +59,23 @@ def cidrs(ctx, param, values):
         except ValueError:
             raise click.BadParameter(f"expected an address or CIDR block such as 10.0.0.0/8, got {value!r}") from None
     return tuple(values)
+
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # tun2g.server.acme.LETS_ENCRYPT
+
+
+def acme_options(command):
+    """--acme-directory, --acme-email and --acme-ca-bundle: where `tun2g cert issue` and `server --acme` order."""
+    for option in reversed((
+            env_option("--acme-directory", env="TUN2G_ACME_DIRECTORY", default=LETS_ENCRYPT, show_default=True,
+                       metavar="URL", help="The ACME directory URL (any RFC 8555 server)."),
+            env_option("--acme-email", env="TUN2G_ACME_EMAIL", metavar="EMAIL",
+                       help="Contact address for the ACME account (expiry notices)."),
+            env_option("--acme-ca-bundle", env="TUN2G_ACME_CA_BUNDLE", type=click.Path(exists=True, dir_okay=False),
+                       metavar="FILE", help="CA file to verify the ACME directory with (a test server's); "
+                                            "default: the system's."))):
+        command = option(command)
+    return command
 
 
 def print_table(header, rows) -> None:

@@ -9,13 +9,15 @@ import sys
 import click
 
 from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, policy_section
-from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
+from tun2g.cli.options import POSITIVE_SECONDS, acme_options, cidrs, env_option, host_port, host_port_or_none
 
 
 @click.command(cls=ConfigCommand)
 @config_option("TUN2G_SERVER_CONFIG", sections={"policy": policy_section})
-@env_option("--http", "http_addr", env="TUN2G_HTTP", callback=host_port, metavar="HOST:PORT",
-            help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080.")
+@env_option("--http", "http_addr", env="TUN2G_HTTP", metavar="HOST:PORT|none",
+            callback=host_port_or_none,
+            help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080. `none`: HTTPS only "
+                 "(with --https; not with --https-redirect, --acme or a Redis store).")
 @env_option("--https", "https_addr", env="TUN2G_HTTPS", callback=host_port, metavar="HOST:PORT",
             help="Public HTTPS address (next to --http), certificates chosen by SNI from the store "
                  "(`tun2g cert add`); see docs/https.md. Default: no HTTPS.")
@@ -24,8 +26,12 @@ from tun2g.cli.options import POSITIVE_SECONDS, cidrs, env_option, host_port
                  "tunnel clients by Upgrade are not redirected).")
 @env_option("--hsts", "hsts_max_age", env="TUN2G_HSTS", type=click.IntRange(min=0), default=0, metavar="SECONDS",
             help="Send Strict-Transport-Security: max-age=SECONDS on responses over HTTPS. 0: none.")
+@env_option("--acme", env="TUN2G_ACME", is_flag=True,
+            help="Order certificates by ACME for routed names on their first HTTPS use and renew them "
+                 "(one node per name, HTTP-01 on the --http port); needs --https. See docs/https.md.")
+@acme_options
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
-            callback=lambda ctx, param, value: value if value == "none" else host_port(ctx, param, value),
+            callback=host_port_or_none,
             metavar="HOST:PORT|none", help="Address where tunnel clients connect (TCP). `none`: no tunnel port; "
                                            "clients connect by HTTP Upgrade on the public port (--conn-type upgrade).")
 @env_option("--tls-cert", env="TUN2G_TLS_CERT", type=click.Path(exists=True, dir_okay=False),
@@ -126,7 +132,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
            cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period,
-           tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections, log_level):
+           tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections, log_level,
+           acme, acme_directory, acme_email, acme_ca_bundle):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -136,6 +143,7 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
       PORT=8080 REDIS_URL=redis://localhost:6379/0 tun2g server
       tun2g server --config tun2g.toml             # kill -HUP reloads it (docs/config.md)
     """
+    from tun2g.server.cert_manager import AcmeSettings
     from tun2g.server.process import ServerSetup
     from tun2g.server.tcp_routes import TCPSettings
 
@@ -156,7 +164,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
                         public_url=public_url,
                         tcp_ports=tcp_ports, tcp_bind=tcp_bind, tls_passthrough=tls_passthrough,
                         tcp=TCPSettings(idle_timeout=tcp_idle_timeout or None, connect_timeout=tcp_connect_timeout,
-                                        max_connections_per_route=tcp_max_connections))
+                                        max_connections_per_route=tcp_max_connections),
+                        acme=acme, acme_settings=AcmeSettings(acme_directory, acme_email, acme_ca_bundle))
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)

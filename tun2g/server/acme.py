@@ -30,7 +30,7 @@ from tun2g.storage.certificates import CertificateStore, StoredCertificate, cert
 
 log = get_logger(__name__)
 
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # the default of --acme-directory (cli.options)
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 CHALLENGE_TTL = 600.0   # seconds a pending HTTP-01 answer is kept
 NETWORK_TIMEOUT = 30.0  # seconds per request to the ACME directory

@@ -59,6 +59,8 @@ MAX_CONNECTIONS_PER_IP = 256
 FD_RESERVE_SHARE, FD_RESERVE_MIN = 4, 32
 # The ServerSetup fields a running server can change in place (a config reload): each takes effect for
 # the next request, connection or ping, and nothing in flight is dropped. Every other one needs a restart.
+_HTTPS_ONLY_CLUSTER = ("--http none: a cluster node (a Redis store) needs its HTTP port for the other nodes' "
+                       "forwarded requests; give --http HOST:PORT")
 LIVE_SETTINGS = frozenset({"log_level", "access_log", "ping_interval", "metrics_domain_cap", "inspect",
                            "trusted_proxies", "response_timeout", "body_timeout", "header_timeout", "idle_timeout",
                            "max_connections_per_ip", "max_connections", "policies"})
@@ -179,6 +181,21 @@ class ServerSetup:
             raise ConfigurationError("--https-redirect and --hsts need --https HOST:PORT (the port to send visitors to)")
         if self.acme and not self.https_addr:
             raise ConfigurationError("--acme needs --https HOST:PORT (the port its certificates are served on)")
+        if self.https_only():
+            if not self.https_addr:
+                raise ConfigurationError("--http none needs --https HOST:PORT (else there is no public port)")
+            if self.https_redirect:
+                raise ConfigurationError("--https-redirect redirects the plain HTTP port, which --http none "
+                                         "removes: drop one of them")
+            if self.acme:
+                raise ConfigurationError("--acme answers its HTTP-01 challenges on the plain HTTP port: keep "
+                                         "--http HOST:PORT (port 80 must reach it) with --acme")
+            if (self.storage_url or "").lower().startswith("redis"):
+                raise ConfigurationError(_HTTPS_ONLY_CLUSTER)
+
+    def https_only(self) -> bool:
+        """True for `--http none`: public HTTPS only, no plain HTTP listener."""
+        return (self.http_addr or "").lower() == "none"
 
     def exchange_timeouts(self) -> ExchangeTimeouts:
         return ExchangeTimeouts(response=self.response_timeout or None, body=self.body_timeout or None,
@@ -203,14 +220,17 @@ class ServerSetup:
                               public_url=self.public_url)
         if self.node_id:
             config.node_id = self.node_id
-        http_listener = listen("--http", self.http_addr)
-        http_address = http_listener.getsockname()[:2]
+        http_listener = None if self.https_only() else listen("--http", self.http_addr)
+        http_address = http_listener.getsockname()[:2] if http_listener is not None else None
         https_listener = listen("--https", self.https_addr) if self.https_addr else None
         https_policy = HTTPSPolicy(redirect=self.https_redirect, hsts_max_age=self.hsts_max_age,
                                    https_port=https_listener.getsockname()[1] if https_listener else 443)
         tunnels = Tunnels()
         cluster = None
         metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
+        if isinstance(storage, RedisStorage) and http_listener is None:
+            storage.close()
+            raise ConfigurationError(_HTTPS_ONLY_CLUSTER)
         if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
@@ -232,8 +252,9 @@ class ServerSetup:
         if passthrough_listener is not None:
             running.passthrough_address = passthrough_listener.getsockname()[:2]
             running.services.append(tcp_routes.serve_passthrough(passthrough_listener))
-        running.front = HTTPFront(server, limits=limits)
-        running.services.append(running.front.serve(http_listener))
+        if http_listener is not None:
+            running.front = HTTPFront(server, limits=limits)
+            running.services.append(running.front.serve(http_listener))
         if https_listener is not None:
             self._start_https(https_listener, server, running, storage, limits, tcp_routes)
         if cluster is not None:
@@ -449,7 +470,7 @@ class RunningServer:
         self.server.draining = True  # the health check answers 503 from now on: balancers send no more
         if self.front is not None and self.services:
             self.services[0].close()  # the public listener (new connections); the open ones carry on
-        front = self.front
+        front = self.front if self.front is not None else self.https_front  # --http none: HTTPS only
         self.server.drain(grace, busy=lambda: front.requests_in_flight if front is not None else 0)
         self.stop()
 
