@@ -143,6 +143,7 @@ class CertManager:
         self._waiting: set[str] = set()
         self._backoff: dict[str, Backoff] = {}
         self._random = random.Random()
+        self.scans_skipped = 0  # renewal scans the store could not answer (Redis down): nothing renewed then
 
     def want(self, server_name: str) -> None:
         """Ask for a certificate for an SNI name (never blocks; the worker decides whether to order)."""
@@ -179,8 +180,11 @@ class CertManager:
         try:
             listing: Iterable[CertificateInfo] = self.store.list_certificates()
         except StorageError as exc:
-            log.warning("acme_renewal_scan_skipped", error=str(exc), effect="serving the certificates loaded")
+            if not self.scans_skipped:
+                log.warning("acme_renewal_scan_skipped", error=str(exc), effect="serving the certificates loaded")
+            self.scans_skipped += 1
             return []
+        self.scans_skipped = 0
         due = [info.name for info in listing
                if is_acme_issued(info) and not info.name.startswith("*.")
                and renewal_due(info, now, self.settings.renew_fraction)]
