@@ -105,3 +105,46 @@ def test_a_failed_order_backs_off(sqlite_storage, monkeypatch):
     assert sqlite_storage.acme_value("order:app.test") is None  # the lock was released
     [backoff] = manager._backoff.values()
     assert backoff.failures == 1 and backoff.not_before >= cert_manager.time.time() + 7100
+
+
+@pytest.fixture
+def rate_limiting_directory():
+    """A real HTTP server answering every request as a rate-limited ACME directory (429, Retry-After: 3600)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Limited(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
+                               "detail": "too many certificates already issued for this name"}).encode()
+            self.send_response(429)
+            self.send_header("Content-Type", "application/problem+json")
+            self.send_header("Retry-After", "3600")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Limited)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/dir"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_rate_limited_directory_is_not_asked_again_before_its_retry_after(sqlite_storage, rate_limiting_directory):
+    from tun2g.server.acme import IssuanceFailed, issue
+
+    sqlite_storage.add_route("app.test", "alice")
+    with pytest.raises(IssuanceFailed) as refused:
+        issue(sqlite_storage, "app.test", directory_url=rate_limiting_directory)
+    assert refused.value.rate_limited and refused.value.retry_after == "3600"
+    assert "too many certificates" in str(refused.value)
+    manager = CertManager(sqlite_storage, "n1", AcmeSettings(directory_url=rate_limiting_directory))
+    assert manager.order("app.test", renewal=False) is False
+    [backoff] = manager._backoff.values()
+    assert backoff.not_before >= cert_manager.time.time() + 3500  # the server's hour, not our minute
+    assert manager.metrics.failed.value == 1
