@@ -111,28 +111,28 @@ def test_a_failed_order_backs_off(sqlite_storage, monkeypatch):
 def rate_limiting_directory():
     """A real HTTP server answering every request as a rate-limited ACME directory (429, Retry-After: 3600)."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Limited(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
-                               "detail": "too many certificates already issued for this name"}).encode()
-            self.send_response(429)
-            self.send_header("Content-Type", "application/problem+json")
-            self.send_header("Retry-After", "3600")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    from gevent.server import StreamServer
 
-        def log_message(self, *args):
-            pass
+    problem = json.dumps({"type": "urn:ietf:params:acme:error:rateLimited",
+                          "detail": "too many certificates already issued for this name"}).encode()
+    answer = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/problem+json\r\nRetry-After: 3600\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(problem), problem))
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Limited)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/dir"
-    httpd.shutdown()
-    httpd.server_close()
+    def serve(conn, _address):
+        conn.settimeout(5)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            data = conn.recv(4096)
+            if not data:
+                return
+            head += data
+        conn.sendall(answer)
+
+    server = StreamServer(("127.0.0.1", 0), serve)
+    server.start()
+    yield f"http://127.0.0.1:{server.server_port}/dir"
+    server.stop(timeout=2)
 
 
 def test_a_rate_limited_directory_is_not_asked_again_before_its_retry_after(sqlite_storage, rate_limiting_directory):

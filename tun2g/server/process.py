@@ -228,10 +228,10 @@ class ServerSetup:
         tunnels = Tunnels()
         cluster = None
         metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
-        if isinstance(storage, RedisStorage) and http_listener is None:
+        if isinstance(storage, RedisStorage) and http_address is None:
             storage.close()
             raise ConfigurationError(_HTTPS_ONLY_CLUSTER)
-        if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
+        if isinstance(storage, RedisStorage) and http_address is not None:  # with Redis: one node of a cluster
             cluster = _cluster_node(storage, config.node_id, tunnels, self.advertise_url or
                                     default_advertise_url(http_address), self.cluster_secret, self.registry_ttl,
                                     self.hop_timeout, metrics)
