@@ -4,7 +4,8 @@ A handshake for a routed name with no certificate fails cleanly and makes the
 server order one; the next handshake is served the issued chain, which curl
 verifies with pebble's root. An unrouted SNI never reaches pebble. A
 short-lived certificate (pebble's certificateValidityPeriod) is renewed before
-it expires and served without a restart.
+it expires (its reused authorization not answered again) and served without a
+restart.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ def acme_server(tmp_path, data_dir, backend, start_client, pebble):
     """Factory: a server with --acme on SQLite, a client serving DOMAIN, and pebble validating against it."""
     started = []
 
-    def start(validity: int | None = None, scan_interval: float = 60.0):
+    def start(validity: int | None = None, scan_interval: float = 60.0, authz_reuse: int = 50):
         settings = AcmeSettings(scan_interval=scan_interval)
         deployment = _start(tmp_path, data_dir, plain=True, https_addr="127.0.0.1:0", acme=True,
                             acme_settings=settings)
         started.append(deployment)
         start_client(deployment.client_config(deployment.grant(), backend[0]))
-        server = pebble(deployment.running.http_address[1], deployment.running.https_address[1], validity)
+        server = pebble(deployment.running.http_address[1], deployment.running.https_address[1], validity, authz_reuse)
         settings.directory_url, settings.ca_bundle = server.directory_url, str(server.ca_bundle)
         return deployment, server
 
@@ -80,6 +81,8 @@ def test_first_use_orders_a_routed_name_and_the_next_handshake_is_served(acme_se
     assert server.orders() == 1
     acme = running.acme
     assert (acme.metrics.started.value, acme.metrics.succeeded.value, acme.metrics.failed.value) == (1, 1, 0)
+    exposition = running.server.metrics.exposition().decode()
+    assert "tun2g_acme_orders_succeeded_total 1.0" in exposition and "tun2g_acme_issue_seconds_count 1.0" in exposition
     # `tun2g cert list` names the node that ordered it
     listing = subprocess.run([sys.executable, "-m", "tun2g.cli", "cert", "list", "--json", "--storage",
                               deployment.storage_url], capture_output=True, text=True, timeout=30)
@@ -109,7 +112,8 @@ def test_an_unrouted_sni_orders_nothing_and_fails_cleanly(acme_server):
 
 
 def test_a_short_lived_certificate_is_renewed_and_served_without_restart(acme_server):
-    deployment, server = acme_server(validity=12, scan_interval=0.5)
+    # every renewal finds its authorization valid already (pebble reuses them all): nothing to answer then
+    deployment, server = acme_server(validity=12, scan_interval=0.5, authz_reuse=100)
     running = deployment.running
     port = running.https_address[1]
     refused(port, DOMAIN)

@@ -139,7 +139,10 @@ class CertificateBook:
         if context is None:
             log.debug("tls_unknown_name", server_name=(server_name or "-")[:256])
             if server_name and self.on_unknown is not None:
-                self.on_unknown(server_name)  # ordered (if routed) in the manager's greenlet; this one fails
+                try:
+                    self.on_unknown(server_name)  # ordered (if routed) in the manager's greenlet; this one fails
+                except Exception as exc:  # a bug there must not turn the alert into an internal error
+                    log.error("tls_unknown_name_callback_failed", error=repr(exc))
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         tls.context = context
         return None
