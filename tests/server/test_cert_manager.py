@@ -128,3 +128,42 @@ def test_a_short_lived_certificate_is_renewed_and_served_without_restart(acme_se
     assert renewed.not_after > info.not_after
     assert running.acme.metrics.renewals.value >= 1
     assert server.orders() >= 2
+
+
+def test_the_command_line_server_orders_on_first_use(tmp_path, data_dir, pebble):
+    """`tun2g server --acme` as a user runs it (TUN2G_ACME from the environment, the --acme-* flags)."""
+    from tests.fixtures.net import env_without_proxies, free_port, wait_for_port
+    from tun2g.storage import open_storage
+
+    http_port, https_port = free_port(), free_port()
+    server = pebble(http_port, https_port)
+    storage_url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    store = open_storage(storage_url)
+    store.add_route(DOMAIN, "alice")
+    env = env_without_proxies() | {"TUN2G_DATA_DIR": str(data_dir), "TUN2G_ACME": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tun2g.cli", "server", "--http", f"127.0.0.1:{http_port}", "--https",
+         f"127.0.0.1:{https_port}", "--tunnel", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--plain-tunnel",
+         "--storage", storage_url, "--node-id", "edge-1", "--acme-directory", server.directory_url,
+         "--acme-ca-bundle", str(server.ca_bundle), "--acme-email", "ops@example.com"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(https_port, timeout=30)
+        refused(https_port, DOMAIN)
+        root = server.root_pem()
+
+        def served() -> bool:
+            try:
+                handshake(https_port, DOMAIN, root)
+                return True
+            except OSError:
+                return False
+
+        wait_until(served, timeout=60, interval=0.1, message="the CLI server serving its ACME certificate")
+        [info] = store.list_certificates()
+        assert info.source == "acme:edge-1" and server.orders() == 1
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=30)
+        store.close()
+    assert "acme_certificate_stored" in err and "Traceback" not in err
