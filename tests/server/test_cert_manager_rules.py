@@ -8,7 +8,8 @@ import pytest
 
 from tun2g.server import cert_manager
 from tun2g.server.cert_manager import (BACKOFF_MAX, BACKOFF_MIN, RATE_LIMITED_WAIT, RETRY_AFTER_MAX, AcmeSettings,
-                                       CertManager, backoff_delay, is_acme_issued, parse_retry_after, renewal_due)
+                                       CertManager, backoff_delay, is_acme_issued, parse_retry_after, renewal_due,
+                                       shared_backoff)
 from tun2g.storage.certificates import CertificateInfo
 
 NOW = 1_800_000_000.0
@@ -105,6 +106,38 @@ def test_a_failed_order_backs_off(sqlite_storage, monkeypatch):
     assert sqlite_storage.acme_value("order:app.test") is None  # the lock was released
     [backoff] = manager._backoff.values()
     assert backoff.failures == 1 and backoff.not_before >= cert_manager.time.time() + 7100
+    other_node = CertManager(sqlite_storage, "n2", AcmeSettings(), order=failing)
+    assert other_node.order("app.test", renewal=False) is False  # the backoff is the cluster's
+    assert attempts == ["acme:n1"]
+
+
+def test_the_shared_backoff_counts_on_and_ends_with_a_success(sqlite_storage):
+    from tun2g.server.acme import IssuanceFailed
+
+    sqlite_storage.add_route("app.test", "alice")
+    outcomes = [IssuanceFailed("connection refused"), None]
+
+    def flaky(*args, **kwargs):
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    first = CertManager(sqlite_storage, "n1", AcmeSettings(), order=flaky)
+    assert first.order("app.test", renewal=False) is False
+    shared = shared_backoff(sqlite_storage.acme_value("backoff:app.test"))
+    assert shared.failures == 1 and shared.not_before > cert_manager.time.time() + 40
+    sqlite_storage.put_acme_value("backoff:app.test", "1 0", None)  # its time is up (as if a minute passed)
+    second = CertManager(sqlite_storage, "n2", AcmeSettings(), order=flaky)
+    assert second.order("app.test", renewal=False) is True
+    assert sqlite_storage.acme_value("backoff:app.test") is None
+
+
+@pytest.mark.pure
+def test_a_shared_backoff_value_that_is_not_ours_is_no_backoff():
+    assert shared_backoff("3 1800000000.5") == cert_manager.Backoff(3, 1800000000.5)
+    for junk in (None, "", "x", "3", "3 y", "a 1", "1 2 3"):
+        assert shared_backoff(junk) == cert_manager.Backoff()
+    assert shared_backoff("99999999 1").failures == 1000
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ listing and queues every ACME-issued one (source ``acme:...`` or ``cli``,
 never a static ``cert add``) past `RENEW_FRACTION` of its lifetime; the lock
 and the re-check make one node renew it. Failures back off (`backoff_delay`:
 60 s doubling to 6 h, ±25 % jitter) and honour the directory's Retry-After
-and rateLimited errors. While the store is unreachable a scan is skipped (one
+and rateLimited errors; the backoff is shared through the store
+(``backoff:<name>``), so the other nodes wait too. While the store is unreachable a scan is skipped (one
 warning), and the certificates already loaded keep being served.
 """
 
@@ -109,6 +110,16 @@ class Backoff:
 
     failures: int = 0
     not_before: float = 0.0
+
+
+def shared_backoff(value: str | None) -> Backoff:
+    """A backoff as the store keeps it for the cluster (``backoff:<name>``: "FAILURES NOT_BEFORE"); a value
+    that is absent or not of that form is no backoff."""
+    failures, _, not_before = (value or "").partition(" ")
+    try:
+        return Backoff(min(max(int(failures), 0), 1000), float(not_before))
+    except ValueError:
+        return Backoff()
 
 
 class OrderingStore(CertificateStore, Storage, Protocol):
@@ -214,14 +225,30 @@ class CertManager:
             log.warning("acme_order_postponed", domain=name, error=str(exc))
             return False
         try:
+            shared = shared_backoff(self.store.acme_value(f"backoff:{name}"))
+            if now < shared.not_before:  # another node failed it recently: the whole cluster waits
+                log.debug("acme_backing_off", domain=name, failures=shared.failures)
+                return False
             if not self._still_needed(name, renewal, now):
                 return False
-            return self._issue(name, renewal)
+            return self._issue(name, renewal, shared.failures)
         finally:
             try:
                 self.store.release_acme_lock(f"order:{name}", owner)
             except StorageError as exc:  # it expires by itself after LOCK_TTL
                 log.warning("acme_lock_not_released", domain=name, error=str(exc))
+
+    def _share(self, name: str, backoff: Backoff | None, delay: float) -> None:
+        """Tell the other nodes of a name's backoff (kept `BACKOFF_MAX` past its end, so the count goes on),
+        or (None) that it is over."""
+        try:
+            if backoff is None:
+                self.store.remove_acme_value(f"backoff:{name}")
+            else:
+                self.store.put_acme_value(f"backoff:{name}", f"{backoff.failures} {backoff.not_before:.3f}",
+                                          delay + BACKOFF_MAX)
+        except StorageError as exc:  # this node's own backoff still holds
+            log.warning("acme_backoff_not_shared", domain=name, error=str(exc))
 
     def _enqueue(self, name: str, renewal: bool) -> bool:
         if name in self._waiting:
@@ -241,7 +268,7 @@ class CertManager:
             return True
         return renewal and is_acme_issued(current) and renewal_due(current, now, self.settings.renew_fraction)
 
-    def _issue(self, name: str, renewal: bool) -> bool:
+    def _issue(self, name: str, renewal: bool, failed_before: int) -> bool:
         settings = self.settings
         self.metrics.started.inc()
         started = time.monotonic()
@@ -253,16 +280,18 @@ class CertManager:
         except (IssuanceFailed, NoSuchRoute, StorageError) as exc:
             self.metrics.failed.inc()
             backoff = self._backoff.setdefault(name, Backoff())
-            backoff.failures += 1
+            backoff.failures = max(backoff.failures, failed_before) + 1
             retry_after = getattr(exc, "retry_after", None)
             delay = backoff_delay(backoff.failures, self._random.random(),
                                   parse_retry_after(retry_after, time.time()), getattr(exc, "rate_limited", False))
             backoff.not_before = time.time() + delay
+            self._share(name, backoff, delay)
             log.warning("acme_order_failed", domain=name, renewal=renewal, error=str(exc),
                         failures=backoff.failures, retry_in=round(delay))
             return False
         seconds = time.monotonic() - started
-        self._backoff.pop(name, None)
+        if self._backoff.pop(name, None) is not None or failed_before:
+            self._share(name, None, 0)
         self.metrics.issued(seconds)
         if renewal:
             self.metrics.renewals.inc()
@@ -270,5 +299,5 @@ class CertManager:
         return True
 
 
-__all__ = ["AcmeSettings", "Backoff", "CertManager", "backoff_delay", "is_acme_issued", "parse_retry_after",
+__all__ = ["AcmeSettings", "Backoff", "shared_backoff", "CertManager", "backoff_delay", "is_acme_issued", "parse_retry_after",
            "renewal_due"]
