@@ -111,6 +111,29 @@ def test_an_unrouted_sni_orders_nothing_and_fails_cleanly(acme_server):
     refused(port, "unrouted.test")
 
 
+def test_a_flood_of_random_snis_stays_within_the_queue_cap_and_orders_nothing(acme_server):
+    import gevent
+
+    from tun2g.server.cert_manager import QUEUE_CAP
+
+    deployment, server = acme_server()
+    running = deployment.running
+    port = running.https_address[1]
+    peak = []
+
+    def one(index: int) -> None:
+        refused(port, f"scan-{index}.unrouted.test")
+        peak.append(running.acme.waiting())
+
+    flood = [gevent.spawn(one, index) for index in range(300)]
+    gevent.joinall(flood, timeout=60, raise_error=True)
+    assert len(peak) == 300 and max(peak) <= QUEUE_CAP
+    wait_until(lambda: running.acme.waiting() == 0, timeout=30, message="the queue drained")
+    assert server.orders() == 0 and running.acme.metrics.started.value == 0
+    refused(port, DOMAIN)  # a routed name still gets its order after the flood
+    wait_until(lambda: DOMAIN in running.certificates.names(), timeout=60, message="the certificate served")
+
+
 def test_a_short_lived_certificate_is_renewed_and_served_without_restart(acme_server):
     # every renewal finds its authorization valid already (pebble reuses them all): nothing to answer then
     deployment, server = acme_server(validity=12, scan_interval=0.5, authz_reuse=100)
