@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from tun2g.control import CONNECT_SCOPE, INVALID_TOKEN, Auth
 from tun2g.errors import AuthMismatch
-from tun2g.storage import Storage
+from tun2g.storage import Route, Storage
 from tun2g.storage.claims import ClaimRefused, ClaimStore
 
 DEFAULT_LIMIT = 3  # names per user, as ngrok's free plan gives a handful
@@ -26,8 +26,8 @@ class RetryLater(Exception):
 
 
 def claim_name(storage: Storage, auth: Auth, base: str | None, limit: int,
-               cap_refusal: Callable[[str, str], str | None]) -> Auth:
-    """The Auth with `domain` set to a name claimed for its token's user (and `claim` cleared).
+               cap_refusal: Callable[[str, str], str | None]) -> tuple[Auth, Route]:
+    """The Auth with `domain` set to a name claimed for its token's user (and `claim` cleared), and that route.
 
     AuthMismatch when the server gives no names, the token is unknown or lacks the connect
     scope, or the store refuses the claim for good (the limit); RetryLater when `cap_refusal(token,
@@ -50,7 +50,7 @@ def claim_name(storage: Storage, auth: Auth, base: str | None, limit: int,
         route = storage.claim_route(base, user, limit)
     except ClaimRefused as exc:
         raise AuthMismatch(str(exc)) from None
-    return dataclasses.replace(auth, domain=route.domain, claim=False)
+    return dataclasses.replace(auth, domain=route.domain, claim=False), route
 
 
 def public_url_template(value: str) -> str:

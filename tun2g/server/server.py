@@ -330,8 +330,9 @@ class Server:
         """The Auth for a fresh self-service name (docs/routing.md#self-service); see claim_name."""
         if self.draining:
             raise RetryLater("this server is stopping; connect again")
-        claimed = claim_name(self.storage, auth, self.config.self_service_domain, self.config.self_service_limit,
-                             self._session_cap_refusal)
+        claimed, route = claim_name(self.storage, auth, self.config.self_service_domain,
+                                    self.config.self_service_limit, self._session_cap_refusal)
+        self.router.add_route(route)  # known at once: no reload of every route for a new name
         log.info("name_claimed", remote=remote, proto=proto, domain=claimed.domain)
         return claimed
 
