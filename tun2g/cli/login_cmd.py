@@ -90,12 +90,12 @@ def http(ctx, port, domain, new_name, quiet, inspect_addr):
     """Expose http://127.0.0.1:PORT with the server and token `tun2g login` saved (like `ngrok http PORT`)."""
     from tun2g.cli.client_cmd import ON_CLAIM, client
 
+    if new_name and domain and domain.lower() != "auto":
+        raise Fatal(f"--new-name asks for a random name: drop --domain {domain}", EXIT_USAGE)
     saved = read_credentials()
     if not saved.get("server") or not saved.get("token"):
         raise Fatal(f"no saved server and token in {credentials_path()}: run "
                     f"`tun2g login --server URL --token TOKEN` first", EXIT_USAGE)
-    if new_name and domain and domain.lower() != "auto":
-        raise Fatal(f"--new-name asks for a random name: drop --domain {domain}", EXIT_USAGE)
     if new_name or (domain or "").lower() == "auto":
         domain = None
     else:
