@@ -74,6 +74,21 @@ def test_a_claim_flood_by_one_token_holds_the_limit_and_nothing_grows(self_servi
     assert raw == 3
 
 
+def test_a_refusal_for_now_uses_up_no_name(self_service, backend, start_client):
+    """The session cap and a draining server are checked before the claim: a retrying client burns no names."""
+    url, _app = backend
+    _info, token = self_service.storage.create_token(USER)
+    self_service.server.config.max_sessions_per_token = 1
+    start_client(self_service.client_config(token, url, domain="", claim=True))
+    capped = _handshake(self_service, {"token": token, "domain": "", "claim": 1})
+    assert capped["ok"] is False and capped["retry"] is True and "too many tunnels" in capped["error"]
+    _info, other = self_service.storage.create_token("other")
+    self_service.server.draining = True
+    stopping = _handshake(self_service, {"token": other, "domain": "", "claim": 1})
+    assert stopping["ok"] is False and stopping["retry"] is True and "stopping" in stopping["error"]
+    assert len(self_service.storage.list_routes()) == 1
+
+
 def test_an_unknown_token_claims_nothing_and_learns_nothing(self_service):
     reply = _handshake(self_service, {"token": "forged", "domain": "", "claim": 1})
     assert reply == {"ok": False, "error": "invalid token"}
