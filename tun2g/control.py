@@ -71,6 +71,9 @@ class Auth:
         return (self.domain, *self.routes)
     # The TCP services a tun2g client offers (docs/tcp.md; Auth field "tcp"); empty for a Go client.
     tcp: Announcement = Announcement()
+    # "claim": 1 asks the server for a self-service name (docs/protocol.md#self-service-names); "domain"
+    # is then ignored, and so is any label the client puts anywhere: the server alone picks the name.
+    claim: bool = False
 
     def encode(self) -> bytes:
         """The wire form, as Go's json.Marshal writes it: compact, no newline."""
@@ -83,6 +86,8 @@ class Auth:
             fields["instance"] = self.instance
         if self.tcp:
             fields["tcp"] = self.tcp.as_json()
+        if self.claim:
+            fields["claim"] = 1
         return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -175,8 +180,9 @@ def parse_auth(obj: dict) -> Auth:
         raise AuthFormatError(str(exc)) from None
     if tcp and (level is None or level < TUN2G_LEVEL):
         raise AuthFormatError('TCP services ("tcp") need the tun2g extension ("tun2g": 1)')
+    claim = obj.get("claim")  # any true value asks for a name; whatever it says is no label we would use
     return Auth(token=token, domain=domain, tun2g=level, routes=tuple(dict.fromkeys(routes)), instance=instance,
-                tcp=tcp)
+                tcp=tcp, claim=bool(claim))
 
 
 INVALID_TOKEN = "invalid token"

@@ -95,6 +95,10 @@ BAD_INPUTS = [
     ([*SERVER, "--storage", "mysql://x"], 2, "--storage"),
     ([*SERVER, "--ping-interval", "-1"], 2, "--ping-interval"),
     ([*SERVER, "--tls-cert", "{text}"], 2, "--tls-cert"),
+    ([*SERVER, "--self-service-domain", "com"], 2, "--self-service-domain"),
+    ([*SERVER, "--self-service-limit", "0"], 2, "--self-service-limit"),
+    ([*SERVER, "--public-url", "tunnels.example.com"], 2, "--public-url"),
+    (["http", "3000", "--new-name", "--domain", "app.localhost"], 2, "--new-name"),
     (["server", "--http", "127.0.0.1:{held}", "--tunnel", "127.0.0.1:0", "--admin", "127.0.0.1:0"], 1, "--http"),
     (["server", "--http", "127.0.0.1:0", "--tunnel", "127.0.0.1:{held}", "--admin", "127.0.0.1:0"], 1, "--tunnel"),
     (["server", "--http", "127.0.0.1:0", "--tunnel", "127.0.0.1:0", "--admin", "127.0.0.1:{held}"], 1, "--admin"),
@@ -179,6 +183,31 @@ def test_exit_130_on_ctrl_c_even_in_the_middle_of_a_handshake(env):
         stderr = client.stderr.read()
         assert "Traceback" not in stderr and "level=warning" not in stderr
         held.close()
+    finally:
+        client.kill()
+        client.wait(10)
+        silent.close()
+
+
+def test_exit_130_on_ctrl_c_in_the_middle_of_a_kcp_handshake(env):
+    """A UDP port that takes the client's KCP segments and never answers: Ctrl-C still acts at once."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    client = subprocess.Popen(tun2g(*CLIENT, "--conn-type", "kcp", "--insecure", "--server",
+                                    f"127.0.0.1:{silent.getsockname()[1]}", "--domain", "app.localhost",
+                                    "--backend", "http://127.0.0.1:3000"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "connecting to" in client.stdout.readline()
+        silent.settimeout(20)
+        silent.recvfrom(65536)  # the first segment of its TLS handshake over KCP: it waits for us now
+        started = time.monotonic()
+        client.send_signal(signal.SIGINT)
+        assert client.wait(10) == 130
+        elapsed = time.monotonic() - started
+        assert elapsed < 3, f"Ctrl-C took {elapsed:.2f} s: it waited for the KCP handshake timeout (10 s)"
+        stderr = client.stderr.read()
+        assert "Traceback" not in stderr and "level=warning" not in stderr
     finally:
         client.kill()
         client.wait(10)

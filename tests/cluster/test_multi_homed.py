@@ -129,3 +129,26 @@ def test_a_bad_advertise_tunnel_is_one_clear_line(tmp_path):
                             capture_output=True, text=True, timeout=30, env=env_without_proxies())
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "--advertise-tunnel" in result.stderr, result.stderr
+
+
+def test_a_claiming_client_holds_every_session_on_its_one_claimed_name(cluster_node, backend):
+    """docs/routing.md#self-service: the entry session claims; the sessions on other nodes serve that name."""
+    nodes = [cluster_node(f"s{i}", self_service_domain="tun.test") for i in (1, 2)]
+    storage = nodes[0].server.storage
+    _info, token = storage.create_token("alice")
+    backend_url, _app = backend
+    config = ClientConfig(server_addr=nodes[0].tunnel_addr, token=token, domain="", claim=True,
+                          backend_url=backend_url, plain=True, backoff_initial=0.05, backoff_max=0.3)
+    claimed: list[str] = []
+    client = MultiClient(config, sessions=2, on_claim=claimed.append)
+    greenlet = gevent.spawn(client.run)
+    try:
+        wait_until(lambda: client.connected_nodes() == ["s1", "s2"], timeout=10, message="sessions on both nodes")
+        assert len(claimed) == 1 and storage.claimed_routes("tun.test", "alice") == claimed
+        assert {c.config.domain for c in client.clients} == set(claimed)
+        for node in nodes:
+            response = requests.get(node.http_url + "/", headers={"Host": claimed[0]}, timeout=5)
+            assert response.status_code == 200
+    finally:
+        client.close()
+        greenlet.join(5)

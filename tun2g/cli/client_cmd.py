@@ -16,6 +16,8 @@ DEFAULT_INSPECT = "127.0.0.1:4040"
 NEXT_FREE_PORTS = 9  # with the default address: 4040 taken, try up to 4049 (as ngrok moves to 4041)
 # What a config reload (SIGHUP) changes without dropping the session; the rest needs a restart.
 LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
+# A callable the context's meta may hold (`tun2g http` sets it): hears the self-service name a claim got.
+ON_CLAIM = "tun2g.on_claim"
 
 
 @click.command(cls=ConfigCommand)
@@ -27,7 +29,8 @@ LIVE_SETTINGS = frozenset({"log_level", "quiet", "backend_url"})
                  "or the TUN2G_TOKEN variable.")
 @env_option("--token-file", env="TUN2G_TOKEN_FILE", metavar="PATH", type=click.Path(readable=False),
             help="Read the token from this file (its first line; keep it mode 0600). Instead of --token.")
-@env_option("--domain", env="TUN2G_DOMAIN", help="Public domain to serve (a route you own).")
+@env_option("--domain", env="TUN2G_DOMAIN", help="Public domain to serve (a route you own); auto: a random name "
+                                                 "from a server with --self-service-domain.")
 @env_option("--backend", "backend_url", env="TUN2G_BACKEND", metavar="URL", callback=http_url,
             help="Local service to forward to, e.g. http://127.0.0.1:3000 (a path prefix is kept).")
 @click.option("--route", "route_specs", multiple=True, metavar="ROUTE=URL",
@@ -121,11 +124,12 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
         if not routes:
             raise ConfigurationError("nothing to serve: give --domain D --backend URL, or --route ROUTE=URL")
         (domain, backend_url), routes = routes[0], routes[1:]
+    claim = domain.strip().lower() == "auto"  # docs/routing.md#self-service
     forwarder = TCPForwarder.from_specs(tcp_specs, tls_specs)
     identity = {"instance_id": instance_id} if instance_id else {}
     # A ConfigurationError (an invalid --domain, say) is one line and status 2: tun2g.cli.errors.
-    config = ClientConfig(server_addr=server_addr, token=token, domain=domain, backend_url=backend_url,
-                          routes=routes, **identity,
+    config = ClientConfig(server_addr=server_addr, token=token, domain="" if claim else domain,
+                          backend_url=backend_url, routes=routes, claim=claim, **identity,
                           conn_type=conn_type, kcp_options=_kcp_options(conn_type, kcp_profile), plain=plain,
                           ca_file=ca_file, insecure=insecure, backend_insecure=backend_insecure,
                           tls_context=None if conn_type == "kcp" else tls_context,
@@ -138,7 +142,8 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
     if not no_inspect and inspect_addr.strip().lower() not in ("off", "no", "false", "0", ""):
         inspector, metrics = _start_inspector(config, inspect_addr, printer)
     tunnel = MultiClient(config, sessions=sessions, on_status=printer.status,
-                         on_request=None if quiet else printer.request, inspector=inspector, metrics=metrics)
+                         on_request=None if quiet else printer.request, inspector=inspector, metrics=metrics,
+                         on_claim=click.get_current_context().meta.get(ON_CLAIM))
     if inspector is not None:
         inspector.set_status(lambda: {"state": tunnel.entry.state, "public_urls": tunnel.entry.public_urls,
                                       "backend": backend_url, "requests_served": tunnel.requests_served,
@@ -159,6 +164,8 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
         tunnel.run()
     except AuthRejected as exc:
         printer.flush()
+        if claim and not config.domain:
+            raise Fatal(str(exc), EXIT_USAGE) from None
         raise Fatal(f"{exc}. Check the token (`tun2g token list`) and that the route for {domain} belongs to "
                     f"the token's user (`tun2g route list`).", EXIT_USAGE) from None
     except ServerMismatch as exc:

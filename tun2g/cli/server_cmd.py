@@ -108,7 +108,14 @@ from tun2g.cli.options import POSITIVE_SECONDS, acme_options, cidrs, env_option,
 @env_option("--public-url", env="TUN2G_PUBLIC_URL", metavar="URL",
             callback=lambda ctx, param, value: _public_url(value),
             help="The public URL of a client's domain, told to each client when it connects, e.g. "
-                 "https://{domain} (or https://{domain}:8443). Default: clients show http://DOMAIN.")
+                 "https://{domain} (or https://{domain}:8443), or a bare base such as https://tunnels.example.com"
+                 "[:8443] (its scheme and port, each client's domain). Default: clients show http://DOMAIN.")
+@env_option("--self-service-domain", env="TUN2G_SELF_SERVICE_DOMAIN", metavar="BASE",
+            callback=lambda ctx, param, value: _self_service_domain(value),
+            help="Let tokens claim random names RANDOM.BASE for themselves (`tun2g http PORT` with no --domain; "
+                 "docs/routing.md#self-service). Point *.BASE's DNS here. Default: off.")
+@env_option("--self-service-limit", env="TUN2G_SELF_SERVICE_LIMIT", type=click.IntRange(1, 1000), default=3,
+            show_default=True, metavar="N", help="Self-service names one user may hold (`tun2g route rm` frees one).")
 @env_option("--grace-period", env="TUN2G_GRACE_PERIOD", type=click.FloatRange(min=0), default=25.0,
             show_default=True, metavar="SECONDS",
             help="On SIGTERM: stop taking new connections and tunnels, tell tun2g clients to move, and let the "
@@ -131,7 +138,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
            kcp_profile, storage, redis_url, admin_addr, admin_token, node_id, advertise_url, advertise_tunnel,
            cluster_secret, registry_ttl, hop_timeout, smux_version,
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
-           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url, grace_period,
+           idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url,
+           self_service_domain, self_service_limit, grace_period,
            tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections, log_level,
            acme, acme_directory, acme_email, acme_ca_bundle):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
@@ -162,6 +170,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,
                         metrics=metrics, metrics_domain_cap=metrics_domain_cap, inspect=inspect,
                         public_url=public_url,
+                        self_service_domain=self_service_domain,
+                        self_service_limit=self_service_limit,
                         tcp_ports=tcp_ports, tcp_bind=tcp_bind, tls_passthrough=tls_passthrough,
                         tcp=TCPSettings(idle_timeout=tcp_idle_timeout or None, connect_timeout=tcp_connect_timeout,
                                         max_connections_per_route=tcp_max_connections),
@@ -234,9 +244,25 @@ def _reload_on_sighup(ctx: click.Context, running) -> None:
 
 
 def _public_url(value: str | None) -> str | None:
-    """--public-url must be an http(s) URL template holding {domain}."""
+    """--public-url: an http(s) URL template holding {domain}, or a bare scheme://host[:port] base."""
     if value is None:
         return None
-    if "{domain}" not in value or not value.startswith(("http://", "https://")):
-        raise click.BadParameter(f"expected a URL with {{domain}} in it, such as https://{{domain}}, got {value!r}")
-    return value
+    from tun2g.server.self_service import public_url_template
+
+    try:
+        return public_url_template(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _self_service_domain(value: str | None) -> str | None:
+    """--self-service-domain: a DNS name of two labels or more, normalized."""
+    if value is None:
+        return None
+    from tun2g.storage import StorageError
+    from tun2g.storage.claims import check_claim_base
+
+    try:
+        return check_claim_base(value)
+    except StorageError as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -78,6 +78,9 @@ class Stopped(BaseException):
 
 # How long a session the server told us to leave may take to finish its streams, beyond the grace it named.
 RETIRE_MARGIN = 5.0
+# A claim (ClientConfig.claim) that the server did not answer: no tun2g server with self-service names.
+NO_CLAIMS = ("the server gave no self-service name (a Go tun2 server, or one without --self-service-domain); "
+             "give --domain NAME")
 # While draining with a Go tun2 server (no LEAVING), how often we look whether our streams are done.
 DRAIN_POLL = 0.05
 
@@ -118,12 +121,15 @@ class ClientConfig:
     # Names this client across reconnects: a new session of the same instance (and user) takes over
     # the older ones still registered (docs/routing.md#takeover). Random per Client unless given.
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Ask the server for a self-service name (docs/routing.md#self-service) instead of serving `domain`
+    # (then ""). Cleared once the server names one: the next sessions serve that name.
+    claim: bool = False
 
     def __post_init__(self):
         if self.conn_type not in CONN_TYPES:
             raise ConfigurationError(f"conn_type must be one of {', '.join(CONN_TYPES)}, not {self.conn_type!r}")
         for name in ("server_addr", "token", "domain", "backend_url"):
-            if not getattr(self, name):
+            if not getattr(self, name) and not (name == "domain" and self.claim):
                 raise ConfigurationError(f"ClientConfig.{name} is required")
         if not INSTANCE_ID.fullmatch(self.instance_id):
             raise ConfigurationError(f"instance id {self.instance_id!r}: use 1-64 letters, digits or . _ : -")
@@ -131,7 +137,8 @@ class ClientConfig:
             if urlsplit(url).scheme not in ("http", "https"):
                 raise ConfigurationError(f"backend URL must start with http:// or https://, got {url!r}")
         try:
-            normalize_route_key(self.domain)
+            if self.domain or not self.claim:
+                normalize_route_key(self.domain)
         except StorageError as exc:  # refused before dialling: the server would refuse it for good
             raise ConfigurationError(f"--domain: {exc}") from None
         self.smux_config.validate()
@@ -164,8 +171,10 @@ class Client:
     """Connects to a server and proxies every stream it opens to the backend (Go tun2's Client)."""
 
     def __init__(self, config: ClientConfig, on_status=None, *, on_request: Callable[[Served], None] | None = None,
-                 inspector: Inspector | None = None, metrics: ClientMetrics | None = None):
-        """``on_request`` hears of every proxied exchange; ``inspector`` captures them; ``metrics`` counts."""
+                 inspector: Inspector | None = None, metrics: ClientMetrics | None = None,
+                 on_claim: Callable[[str], None] | None = None):
+        """``on_request`` hears of every proxied exchange; ``inspector`` captures them; ``metrics`` counts;
+        ``on_claim`` hears the self-service name the server gave (with ``config.claim``)."""
         if not isinstance(config, ClientConfig):
             raise ConfigurationError("Client needs a ClientConfig, got %r" % (config,))
         self.config = config
@@ -194,6 +203,7 @@ class Client:
         if inspector is not None:
             inspector.use_backend(self.pool)
         self.metrics = metrics
+        self._on_claim = on_claim
         # None when nothing listens: the proxy path then pays for no observation at all.
         self._observer: ExchangeObserver | None = None
         if on_request is not None or inspector is not None or metrics is not None:
@@ -325,7 +335,8 @@ class Client:
             tcp = self.config.tcp.announcement() if self.config.tcp else None
             control.sendall(Auth(self.config.token, self.config.domain, tun2g=level,
                                  routes=tuple(key for key, _ in self.config.routes),
-                                 instance=self.config.instance_id, **({"tcp": tcp} if tcp else {})).encode())
+                                 instance=self.config.instance_id, **({"tcp": tcp} if tcp else {}),
+                                 claim=self.config.claim).encode())
             first_stream = Event()
             serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
@@ -420,6 +431,8 @@ class Client:
                     break
                 line += data
         except socket.timeout:
+            if self.config.claim:
+                raise AuthRejected(NO_CLAIMS) from None
             if not session.is_closed:
                 self.backend_id = None
                 self.public_urls = [f"http://{self.config.domain}"]
@@ -427,6 +440,8 @@ class Client:
                 return False
         except (OSError, smux.SessionClosedError):
             pass
+        if not line and self.config.claim:
+            raise AuthRejected(NO_CLAIMS)
         if not line:
             raise ConnectionLost("the server closed the tunnel right after our Auth (a Go tun2 server does this "
                                  "when it rejects the token or the domain)")
@@ -439,6 +454,8 @@ class Client:
             if reply.get("retry"):
                 raise ConnectionLost(f"server could not check our Auth: {reason}")
             raise AuthRejected(f"server rejected us: {reason}")
+        if self.config.claim:
+            self._claimed(reply.get("domain"))
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
         self.node_id, self.cluster_nodes = _cluster_view(reply)
@@ -448,6 +465,19 @@ class Client:
             self.public_urls += [f"tls://{name}" for name in self.config.tcp.names]
         self._set_state("connected", confirmed=True, smux=session.version)
         return True
+
+    def _claimed(self, domain) -> None:
+        """The server gave us a self-service name: serve it from now on (a reconnect asks for it by name)."""
+        try:
+            domain = normalize_route_key(domain) if isinstance(domain, str) else None
+        except StorageError:
+            domain = None
+        if domain is None:
+            raise ConnectionLost("the server accepted our claim but named no valid domain")
+        self.config.domain, self.config.claim = domain, False
+        log.info("name_claimed", server=self.config.server_addr, domain=domain)
+        if self._on_claim is not None:
+            self._on_claim(domain)
 
     def _accept_loop(self, session, first_stream: Event, peer_ip: str) -> None:
         while True:

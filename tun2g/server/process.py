@@ -163,6 +163,9 @@ class ServerSetup:
     # request is served.
     policies: dict[str, Any] = field(default_factory=dict)
     public_url: str | None = None  # "https://{domain}": the URL clients are told they serve
+    # Self-service names (docs/routing.md#self-service): "<random>.BASE" claimed by tokens, N per user.
+    self_service_domain: str | None = None
+    self_service_limit: int = 3
     # TCP routes and TLS passthrough (docs/tcp.md): ports a client asking for port 0 gets one of ("A-B"),
     # a bind address overriding the stored ones, the shared passthrough listener, and their bounds.
     tcp_ports: str | None = None
@@ -217,7 +220,8 @@ class ServerSetup:
         smux_config = smux.Config.tun2_server()
         smux_config.version = self.smux_version
         config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval,
-                              public_url=self.public_url)
+                              public_url=self.public_url, self_service_domain=self.self_service_domain,
+                              self_service_limit=self.self_service_limit)
         if self.node_id:
             config.node_id = self.node_id
         http_listener = None if self.https_only() else listen("--http", self.http_addr)

@@ -261,6 +261,11 @@ class Router:
                 log.warning("route_skipped", route=route.domain, error=str(exc))
         self.routes = table
 
+    def add_route(self, route: Route) -> None:
+        """Add one route this process just stored (a self-service claim), sparing a reload of every route;
+        the next reload (the store's revision moved) confirms it."""
+        self.routes.add(parse_route_key(route.domain), route, route.strip)
+
     def knows(self, route: str) -> bool:
         """Whether the routing table holds this route key."""
         try:

@@ -36,10 +36,12 @@ from tun2g.server.pipeline import HTTPSPolicy, Pipeline, TrustedProxies
 from tun2g.server.policy_step import PolicyBook
 from tun2g.server.revocation import RevocationWatch
 from tun2g.server.router import Router
+from tun2g.server.self_service import DEFAULT_LIMIT, RetryLater, claim_name, public_url_template, public_urls
 from tun2g.server.tunnel import Tunnel
 from tun2g.server.tunnels import Tunnels
 from tun2g.server.tcp_routes import TCPRoutes
 from tun2g.storage import Storage, StorageError
+from tun2g.storage.claims import check_claim_base, check_claim_limit
 from tun2g.storage.routing import normalize_route_key
 from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
@@ -77,6 +79,10 @@ class ServerConfig:
     # The public URL a client's domain is served at, told in the auth reply: "https://{domain}"
     # (None: the reply names none, and the client shows http://DOMAIN).
     public_url: str | None = None
+    # Self-service names (docs/routing.md#self-service): a token may claim "<random>.BASE" (None: it may
+    # not), at most `self_service_limit` per user; a Go client never asks.
+    self_service_domain: str | None = None
+    self_service_limit: int = DEFAULT_LIMIT
 
     def __post_init__(self):
         if self.storage is None:
@@ -91,6 +97,14 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigurationError(f"ServerConfig.{name} must be at least 1, or None for no limit")
+        try:
+            if self.public_url is not None:
+                self.public_url = public_url_template(self.public_url)
+            if self.self_service_domain is not None:
+                self.self_service_domain = check_claim_base(self.self_service_domain)
+            check_claim_limit(self.self_service_limit)
+        except (ValueError, StorageError) as exc:
+            raise ConfigurationError(f"ServerConfig: {exc}") from None
 
 
 class Server:
@@ -220,7 +234,13 @@ class Server:
                                                              f"{max(1, round(wait))} s", retry=True))
                 return None
             revision = self.revocations.revision  # before the check: a revocation during it is caught later
+            if auth.claim:
+                auth = self._claim(auth, remote, proto)
             user = verify_auth(self.storage, auth, normalize_route_key)
+        except RetryLater as exc:
+            log.warning("auth_rejected", remote=remote, proto=proto, reason=str(exc))
+            _try_send(control, encode_reply(False, error=str(exc), retry=True))
+            return None
         except (AuthMismatch, AuthFormatError) as exc:
             self.login_limiter.failed(remote)
             reason = getattr(exc, "reason", str(exc))
@@ -298,13 +318,23 @@ class Server:
         if self._tunnel_nodes is not None:  # multi-homed clients hold sessions on several of these
             extra["nodes"] = [{"node": node_id, "tunnel": address} for node_id, address in self._tunnel_nodes()]
         if self.config.public_url:
-            extra["urls"] = [self.config.public_url.replace("{domain}", tunnel.domain)]
+            extra["urls"] = public_urls(self.config.public_url, tunnel.routes)
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())
         if speaks_events:
             self._tasks.spawn(self._control_loop, tunnel)
         return tunnel
+
+    def _claim(self, auth: Auth, remote: str, proto: str) -> Auth:
+        """The Auth for a fresh self-service name (docs/routing.md#self-service); see claim_name."""
+        if self.draining:
+            raise RetryLater("this server is stopping; connect again")
+        claimed, route = claim_name(self.storage, auth, self.config.self_service_domain,
+                                    self.config.self_service_limit, self._session_cap_refusal)
+        self.router.add_route(route)  # known at once: no reload of every route for a new name
+        log.info("name_claimed", remote=remote, proto=proto, domain=claimed.domain)
+        return claimed
 
     def reload_routes(self) -> None:
         """Load the stored routes into the Router's table (on every store revision and for new routes)."""

@@ -12,6 +12,8 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P route-parent:<parent> set   the route keys whose host sits one label under <parent> (the ownership
                                   rule's neighbours); built from P routes once, when P route-index is absent
     P route-index         string  "1" once P route-parent:* covers every route (older data lacks them)
+    P claims:<base>:<user>  set   the self-service names <user> claimed under <base> (tun2g.storage.claims);
+                                  a member whose P route:<name> is gone or another user's no longer counts
     P tcp-route:<port>    hash    user, host (bind address), created, policy (JSON: allow, deny, max_connections)
     P tcp-routes          set     every routed TCP port
     P revision            string  a counter bumped by every token revocation, route change and inspect switch
@@ -54,6 +56,7 @@ from tun2g.storage.base import (
     ownership_conflict, policy_json, route_parent, validate_user,
 )
 from tun2g.storage.routing import normalize_route_key
+from tun2g.storage.claims import check_claim_base, check_claim_limit, held_or_refuse, pick_claim
 from tun2g.storage.redis_connect import RedisURLError, open_redis
 from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
 from tun2g.storage.tcp_route import TCPRoute, tcp_route_from_stored, tcp_route_taken_error
@@ -61,10 +64,12 @@ from tun2g.storage.tcp_route import TCPRoute, tcp_route_from_stored, tcp_route_t
 DEFAULT_KEY_PREFIX = "tun2g:"
 CONNECT_TIMEOUT = 2.0  # seconds; a Redis that doesn't accept within this is treated as down
 COMMAND_TIMEOUT = 5.0  # seconds per command
-# One quick retry re-dials a pooled connection that a Redis restart broke; more would
-# only delay the StorageUnavailable a caller needs to see.
 # Drop a lock only while it is still ours: a lock that expired and was taken by another node stays theirs.
 _RELEASE_IF_OWNER = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"
+# SSCAN batch: a claim looks for path routes on its fresh name among the base's names in a few round trips.
+SCAN_COUNT = 4096
+# One quick retry re-dials a pooled connection that a Redis restart broke; more would
+# only delay the StorageUnavailable a caller needs to see.
 _RETRY = Retry(ExponentialBackoff(cap=0.1, base=0.02), retries=1)
 
 
@@ -254,6 +259,55 @@ class RedisStorage(SecretMinting):
             routes = sorted(self._client.smembers(self._key("policies")))
             texts = self._client.mget([self._key("policy:", route) for route in routes]) if routes else []
         return {route: json.loads(text) for route, text in zip(routes, texts) if text is not None}
+
+    # -- self-service names (tun2g.storage.claims): the P claims:<base>:<user> sets --------
+
+    def claim_route(self, base: str, user: str, limit: int) -> Route:
+        """WATCH the user's claims and the base's route-parent set (every route under base, ``*.base``
+        included, is added to it), count the live claims, draw a free label, then MULTI: the route (as
+        add_route writes it) and the claim; a concurrent claim or route added under the base makes EXEC
+        fail and the whole check run again."""
+        base, user, limit = check_claim_base(base), validate_user(user), check_claim_limit(limit)
+        claims_key = self._key("claims:", base, ":", user)
+        parent_key = self._key("route-parent:", base)
+
+        def claim(pipe: redis.client.Pipeline) -> Route:
+            members = sorted(pipe.smembers(claims_key))
+            owners = [pipe.hget(self._route_key(name), "user") for name in members]
+            live = [name for name, owner in zip(members, owners) if owner == user]
+            held_or_refuse(base, live, limit)
+
+            def neighbours_of(key: str) -> list[Route]:
+                keys = [key, *pipe.sscan_iter(parent_key, match=key + "/*", count=SCAN_COUNT), "*." + base]
+                found = [(k, pipe.hgetall(self._route_key(k))) for k in keys]
+                return [_route(k, fields) for k, fields in found if fields]
+
+            route = Route(pick_claim(base, user, neighbours_of), user, time.time())
+            pipe.multi()
+            pipe.hset(self._route_key(route.domain), mapping={"user": user, "created": repr(route.created)})
+            pipe.sadd(self._key("routes"), route.domain)
+            pipe.sadd(parent_key, route.domain)
+            stale = set(members) - set(live)
+            if stale:
+                pipe.srem(claims_key, *stale)
+            pipe.sadd(claims_key, route.domain)
+            pipe.incr(self._key("revision"))  # every node reloads its routing table
+            return route
+
+        with self._errors():
+            self._ensure_route_index()
+            return self._client.transaction(claim, claims_key, parent_key, value_from_callable=True)
+
+    def claimed_routes(self, base: str, user: str) -> list[str]:
+        base, user = check_claim_base(base), validate_user(user)
+        with self._errors():
+            members = sorted(self._client.smembers(self._key("claims:", base, ":", user)))
+            with self._client.pipeline(transaction=False) as pipe:
+                for name in members:
+                    pipe.hmget(self._route_key(name), ["user", "created"])
+                records = pipe.execute()
+        live = [(float(created), name) for name, (owner, created) in zip(members, records) if owner == user]
+        return [name for _created, name in sorted(live)]
 
     # -- TCP routes (tun2g.storage.tcp_route): P tcp-route:<port> hashes, the P tcp-routes set --
 

@@ -29,11 +29,12 @@ from tun2g.storage.base import (
     hash_secret, new_token_record, normalize_token_id, ownership_conflict, policy_json,
     route_parent, validate_user,
 )
+from tun2g.storage.claims import check_claim_base, check_claim_limit, held_or_refuse, pick_claim
 from tun2g.storage.routing import normalize_route_key
 from tun2g.storage.certificates import CertificateInfo, StoredCertificate, normalize_cert_name
 from tun2g.storage.tcp_route import TCPRoute, tcp_route_from_stored, tcp_route_taken_error
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 LOCK_WAIT_SECONDS = 5.0  # how long a write waits for another process's write lock
 
 # Each entry upgrades the schema from version N-1 to N; append, never edit.
@@ -92,6 +93,13 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                user    TEXT NOT NULL,
                created REAL NOT NULL,
                policy  TEXT NOT NULL DEFAULT '{}')  -- JSON: allow, deny, max_connections""",),
+    # Self-service names (tun2g.storage.claims): which routes were claimed, for the per-user limit.
+    8: ("""CREATE TABLE IF NOT EXISTS claims (
+               domain  TEXT PRIMARY KEY,     -- the claimed route key, <label>.<base>
+               base    TEXT NOT NULL,
+               user    TEXT NOT NULL,
+               created REAL NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS claims_by_user ON claims (user, base)"),
 }
 _ROUTE_COLUMNS = "domain, user, created, inspect, strip"
 
@@ -241,6 +249,51 @@ class SQLiteStorage(SecretMinting):
     def list_policies(self) -> dict[str, dict]:
         rows = self._run(lambda db: db.execute("SELECT route, policy FROM policies ORDER BY route").fetchall())
         return {row[0]: json.loads(row[1]) for row in rows}
+
+    # -- self-service names (tun2g.storage.claims) -----------------------------------
+
+    def claim_route(self, base: str, user: str, limit: int) -> Route:
+        """One transaction (BEGIN IMMEDIATE): forget claims no longer routed to `user`, check the limit,
+        draw a free label and insert the route and its claim."""
+        base, user, limit = check_claim_base(base), validate_user(user), check_claim_limit(limit)
+
+        def claim(db: sqlite3.Connection) -> Route:
+            with _write_transaction(db):
+                names = self._live_claims(db, base, user, prune=True)
+                held_or_refuse(base, names, limit)
+
+                def neighbours_of(key: str) -> list[Route]:
+                    rows = db.execute(f"SELECT {_ROUTE_COLUMNS} FROM routes WHERE parent = ? AND (domain = ? "
+                                      f"OR substr(domain, 1, ?) = ? OR domain = ?)",
+                                      (base, key, len(key) + 1, key + "/", "*." + base)).fetchall()
+                    return [_route(row) for row in rows]
+
+                route = Route(pick_claim(base, user, neighbours_of), user, time.time())
+                db.execute("INSERT INTO routes (domain, user, created, parent) VALUES (?, ?, ?, ?)",
+                           (route.domain, user, route.created, base))
+                db.execute("INSERT OR REPLACE INTO claims (domain, base, user, created) VALUES (?, ?, ?, ?)",
+                           (route.domain, base, user, route.created))
+                return route
+
+        claimed = self._run(claim)
+        self._own_writes += 1  # this handle's servers reload their routing table too
+        return claimed
+
+    def claimed_routes(self, base: str, user: str) -> list[str]:
+        base, user = check_claim_base(base), validate_user(user)
+        return self._run(lambda db: self._live_claims(db, base, user, prune=False))
+
+    @staticmethod
+    def _live_claims(db: sqlite3.Connection, base: str, user: str, prune: bool) -> list[str]:
+        """The user's claims under base whose route is still theirs (the others deleted when `prune`)."""
+        if prune:
+            db.execute("DELETE FROM claims WHERE user = ? AND base = ? AND NOT EXISTS "
+                       "(SELECT 1 FROM routes WHERE routes.domain = claims.domain AND routes.user = claims.user)",
+                       (user, base))
+        rows = db.execute("SELECT claims.domain FROM claims JOIN routes ON routes.domain = claims.domain "
+                          "AND routes.user = claims.user WHERE claims.user = ? AND claims.base = ? "
+                          "ORDER BY claims.created, claims.domain", (user, base)).fetchall()
+        return [row[0] for row in rows]
 
     # -- TCP routes (tun2g.storage.tcp_route) ----------------------------------------
 
