@@ -90,6 +90,18 @@ class DomainMetrics:
         self.bytes_out += size
 
 
+class TCPRouteMetrics:
+    """The figures of one TCP route or passthrough name ("tcp:2222", "tls:db.example.com"), or of `other` / `none`."""
+
+    __slots__ = ("label", "connections", "bytes_in", "bytes_out")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.connections = {outcome: 0 for outcome in TCP_OUTCOMES}
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
 class Metrics:
     """Every metric of one server process, exported from its own registry."""
 
@@ -106,6 +118,9 @@ class Metrics:
         self.tcp_connections = {outcome: Count() for outcome in TCP_OUTCOMES}
         self.tcp_bytes = {"in": Count(), "out": Count()}
         self.tcp_open = Count()  # a gauge: public TCP connections being spliced now
+        self._tcp_routes: dict[str, TCPRouteMetrics] = {}  # capped like the domains (domain_cap, then "other")
+        self._tcp_other: TCPRouteMetrics | None = None
+        self.tcp_unrouted = TCPRouteMetrics(UNROUTED)  # connections for no route (an unknown SNI name, no SNI)
         self._domains: dict[str, DomainMetrics] = {}
         self._other: DomainMetrics | None = None
         self.unrouted = DomainMetrics(UNROUTED)
@@ -123,6 +138,22 @@ class Metrics:
         if self._other is None:
             self._other = DomainMetrics(OTHER)
         return self._other
+
+    def tcp_route(self, key: str) -> TCPRouteMetrics:
+        """The figures of one TCP route key ("tcp:2222", "tls:NAME"); past the cap, the shared `other` ones."""
+        found = self._tcp_routes.get(key)
+        if found is not None:
+            return found
+        if len(self._tcp_routes) < self.domain_cap:
+            found = self._tcp_routes[key] = TCPRouteMetrics(key)
+            return found
+        if self._tcp_other is None:
+            self._tcp_other = TCPRouteMetrics(OTHER)
+        return self._tcp_other
+
+    def all_tcp_routes(self) -> list[TCPRouteMetrics]:
+        extra = [self.tcp_unrouted] + ([self._tcp_other] if self._tcp_other is not None else [])
+        return list(self._tcp_routes.values()) + extra
 
     def label(self, domain: str) -> str:
         """The label `domain` is exported under (claims a slot if one is free)."""
@@ -188,7 +219,22 @@ class _Collector:
                       m.tcp_bytes)
         yield GaugeMetricFamily(f"{ns}_tcp_connections_open", "Public TCP connections being spliced now",
                                 value=m.tcp_open.value)
+        yield from _tcp_route_families(ns, m.all_tcp_routes())
         yield from _StateCollector(m, ns).collect()
+
+
+def _tcp_route_families(ns: str, routes: list[TCPRouteMetrics]) -> Iterator[Metric]:
+    connections = CounterMetricFamily(f"{ns}_tcp_route_connections", "Public TCP and TLS-passthrough connections, "
+                                      "by route and outcome", labels=("route", "outcome"))
+    moved = CounterMetricFamily(f"{ns}_tcp_route_bytes", "Bytes spliced, by route (in: from public peers)",
+                                labels=("route", "direction"))
+    for route in routes:
+        for outcome, count in route.connections.items():
+            if count:
+                connections.add_metric((route.label, outcome), count)
+        moved.add_metric((route.label, "in"), route.bytes_in)
+        moved.add_metric((route.label, "out"), route.bytes_out)
+    yield from (connections, moved)
 
 
 def _counts(name: str, documentation: str, label: str, counts: dict[str, Count]) -> CounterMetricFamily:
