@@ -128,3 +128,32 @@ def test_a_huge_or_junk_hop_preamble_is_bounded(tls_node):
     wait_until(lambda: tls_node.server.metrics.tcp_connections["local_unreachable"].value
                + tls_node.server.metrics.tcp_connections["local_refused"].value == 1,
                message="the stream reached the client, which found its local port closed")
+
+
+def test_draining_the_origin_node_waits_for_a_connection_it_spliced_to_another(cluster_node, start_client,
+                                                                                local_echo):  # noqa: F811
+    import gevent
+
+    node_a = cluster_node("a", tcp_bind="127.0.0.2")
+    node_b = cluster_node("b", tcp_bind="127.0.0.3")
+    for node in (node_a, node_b):
+        node.server.tcp.settings.refresh_interval = 0.05
+    port = free_port()
+    node_a.storage.add_tcp_route(new_tcp_route(f"tcp:0.0.0.0:{port}", USER, 0.0))
+    wait_until(lambda: port in node_b.server.tcp.listening_ports(), message="node B listening")
+    start_client(node_a.client_config(node_a.grant(), "http://127.0.0.1:9",
+                                      tcp=TCPForwarder.from_specs([f"{port}=127.0.0.1:{local_echo}"])))
+    wait_until(lambda: node_b.cluster.registry.lookup(f"tcp:{port}"), message="node A published the port")
+    with socket.create_connection(("127.0.0.3", port), timeout=10) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        assert node_b.server.tcp.forwarding == 1
+        drain = gevent.spawn(node_b.running.drain, 20.0)
+        wait_until(lambda: port not in node_b.server.tcp.listening_ports(), message="node B's listener closed")
+        sock.sendall(b"more")
+        assert sock.recv(4) == b"more"
+        assert not drain.ready()  # the forwarded connection holds the drain
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(64) == b"<bye>"
+    drain.join(10)
+    assert drain.ready() and node_b.running.stopped.is_set()

@@ -436,8 +436,11 @@ class RunningServer:
         self.server.draining = True  # the health check answers 503 from now on: balancers send no more
         if self.front is not None and self.services:
             self.services[0].close()  # the public listener (new connections); the open ones carry on
-        front = self.front
-        self.server.drain(grace, busy=lambda: front.requests_in_flight if front is not None else 0)
+        front, tcp_routes = self.front, self.server.tcp
+        if tcp_routes is not None:
+            tcp_routes.stop_accepting()  # new TCP connections go to another node; the open ones carry on
+        self.server.drain(grace, busy=lambda: (front.requests_in_flight if front is not None else 0)
+                          + (tcp_routes.forwarding if tcp_routes is not None else 0))
         self.stop()
 
     def stop(self) -> None:
