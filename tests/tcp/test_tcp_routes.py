@@ -201,6 +201,24 @@ def test_denied_addresses_and_connections_past_the_cap_are_reset(tcp_deployment,
     assert tcp_deployment.server.metrics.tcp_connections["over_cap"].value == 20
     for sock in held:
         sock.close()
+    # Per route too: each route's own refusals, and the bytes of the connections it served.
+    routes = {r.label: r for r in tcp_deployment.server.metrics.all_tcp_routes()}
+    assert routes[f"tcp:{port}"].connections["refused_by_policy"] == 1
+    assert routes[f"tcp:{capped}"].connections["over_cap"] == 20
+    wait_until(lambda: routes[f"tcp:{capped}"].connections["served"] == 3, message="the held ones counted")
+    assert routes[f"tcp:{capped}"].bytes_in == 3  # one byte each
+    assert routes[f"tcp:{capped}"].bytes_out == 3 * len(b"p<bye>")  # its echo, then the service's goodbye
+    text = tcp_deployment.server.metrics.exposition().decode()
+    assert f'tun2g_tcp_route_connections_total{{outcome="over_cap",route="tcp:{capped}"}} 20.0' in text
+
+
+def test_per_route_tcp_metrics_are_capped_like_domains():
+    from tun2g.metrics import Metrics
+
+    metrics = Metrics(domain_cap=2)
+    labels = {metrics.tcp_route(f"tcp:{port}").label for port in range(1000, 1010)}
+    assert labels == {"tcp:1000", "tcp:1001", "other"}
+    assert {r.label for r in metrics.all_tcp_routes()} == {"tcp:1000", "tcp:1001", "other", "none"}
 
 
 def test_port_zero_gets_a_port_of_the_range_released_when_the_client_leaves(tmp_path, data_dir, start_client,
