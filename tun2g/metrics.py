@@ -119,7 +119,6 @@ class Metrics:
         self.tcp_bytes = {"in": Count(), "out": Count()}
         self.tcp_open = Count()  # a gauge: public TCP connections being spliced now
         self._tcp_routes: dict[str, TCPRouteMetrics] = {}  # capped like the domains (domain_cap, then "other")
-        self._tcp_other: TCPRouteMetrics | None = None
         self.tcp_unrouted = TCPRouteMetrics(UNROUTED)  # connections for no route (an unknown SNI name, no SNI)
         self._domains: dict[str, DomainMetrics] = {}
         self._other: DomainMetrics | None = None
@@ -142,18 +141,14 @@ class Metrics:
     def tcp_route(self, key: str) -> TCPRouteMetrics:
         """The figures of one TCP route key ("tcp:2222", "tls:NAME"); past the cap, the shared `other` ones."""
         found = self._tcp_routes.get(key)
-        if found is not None:
-            return found
-        if len(self._tcp_routes) < self.domain_cap:
-            found = self._tcp_routes[key] = TCPRouteMetrics(key)
-            return found
-        if self._tcp_other is None:
-            self._tcp_other = TCPRouteMetrics(OTHER)
-        return self._tcp_other
+        if found is None:  # `other` shares the table: no route key is spelled "other"
+            label = key if len(self._tcp_routes) < self.domain_cap else OTHER
+            found = self._tcp_routes.setdefault(label, TCPRouteMetrics(label))
+        return found
 
     def all_tcp_routes(self) -> list[TCPRouteMetrics]:
-        extra = [self.tcp_unrouted] + ([self._tcp_other] if self._tcp_other is not None else [])
-        return list(self._tcp_routes.values()) + extra
+        """Every route's figures, `other` and `none` included."""
+        return [*self._tcp_routes.values(), self.tcp_unrouted]
 
     def label(self, domain: str) -> str:
         """The label `domain` is exported under (claims a slot if one is free)."""

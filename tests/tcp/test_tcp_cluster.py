@@ -13,8 +13,9 @@ from tun2g.client.tcp_forward import TCPForwarder
 from tun2g.storage.tcp_route import new_tcp_route
 
 
-def test_a_connection_on_a_node_without_the_tunnel_is_spliced_to_the_node_with_it(cluster_node, start_client,
-                                                                                     local_echo):  # noqa: F811
+@pytest.fixture
+def port_on_node_a(cluster_node, start_client, local_echo):  # noqa: F811
+    """(node A, node B, port): both nodes listen on the TCP route, a client on node A serves it (echo)."""
     node_a = cluster_node("a", tcp_bind="127.0.0.2")
     node_b = cluster_node("b", tcp_bind="127.0.0.3")
     for node in (node_a, node_b):
@@ -27,6 +28,11 @@ def test_a_connection_on_a_node_without_the_tunnel_is_spliced_to_the_node_with_i
     start_client(node_a.client_config(token, "http://127.0.0.1:9",
                                       tcp=TCPForwarder.from_specs([f"{port}=127.0.0.1:{local_echo}"])))
     wait_until(lambda: node_b.cluster.registry.lookup(f"tcp:{port}"), message="node A published the port")
+    return node_a, node_b, port
+
+
+def test_a_connection_on_a_node_without_the_tunnel_is_spliced_to_the_node_with_it(port_on_node_a):
+    node_a, node_b, port = port_on_node_a
     with socket.create_connection(("127.0.0.3", port), timeout=10) as sock:
         sock.sendall(b"via node b")
         assert sock.recv(10) == b"via node b"
@@ -130,20 +136,10 @@ def test_a_huge_or_junk_hop_preamble_is_bounded(tls_node):
                message="the stream reached the client, which found its local port closed")
 
 
-def test_draining_the_origin_node_waits_for_a_connection_it_spliced_to_another(cluster_node, start_client,
-                                                                                local_echo):  # noqa: F811
+def test_draining_the_origin_node_waits_for_a_connection_it_spliced_to_another(port_on_node_a):
     import gevent
 
-    node_a = cluster_node("a", tcp_bind="127.0.0.2")
-    node_b = cluster_node("b", tcp_bind="127.0.0.3")
-    for node in (node_a, node_b):
-        node.server.tcp.settings.refresh_interval = 0.05
-    port = free_port()
-    node_a.storage.add_tcp_route(new_tcp_route(f"tcp:0.0.0.0:{port}", USER, 0.0))
-    wait_until(lambda: port in node_b.server.tcp.listening_ports(), message="node B listening")
-    start_client(node_a.client_config(node_a.grant(), "http://127.0.0.1:9",
-                                      tcp=TCPForwarder.from_specs([f"{port}=127.0.0.1:{local_echo}"])))
-    wait_until(lambda: node_b.cluster.registry.lookup(f"tcp:{port}"), message="node A published the port")
+    _node_a, node_b, port = port_on_node_a
     with socket.create_connection(("127.0.0.3", port), timeout=10) as sock:
         sock.sendall(b"ping")
         assert sock.recv(4) == b"ping"
