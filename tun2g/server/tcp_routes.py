@@ -97,6 +97,8 @@ class TCPRoutes:
         self.forwarding = 0  # connections spliced to another node now (the drain waits for them too)
         self._servers: list[StreamServer] = []  # the passthrough listeners
         self._accepting = True
+        self._names_version = 0  # bumped whenever the local passthrough names change
+        self._names_cache: tuple = (None, set(), frozenset())  # (key, the union, the remote set it was built from)
         if cluster is not None:
             cluster.local_names = self.served_names
         self._closed = False
@@ -206,6 +208,7 @@ class TCPRoutes:
                [registry_name(KIND_TLS, name=name) for name in self._by_name]
 
     def _changed(self) -> None:
+        self._names_version += 1
         if self.cluster is not None:
             self.cluster.changed()
 
@@ -294,10 +297,11 @@ class TCPRoutes:
     def passthrough_names(self) -> set[str]:
         """The TLS names served by passthrough: by a local tunnel, or (in a cluster) another node's, as last
         read from the registry (for a front that terminates the rest)."""
-        names = set(self._by_name)
-        if self.cluster is not None:
-            names.update(self.cluster.passthrough_names())
-        return names
+        remote = self.cluster.passthrough_names() if self.cluster is not None else frozenset()
+        key = (self._names_version, id(remote))
+        if self._names_cache[0] != key:  # rebuilt when a name comes or goes, not on every handshake
+            self._names_cache = (key, set(self._by_name).union(remote), remote)
+        return self._names_cache[1]
 
     def _served_name(self, name: str) -> bool:
         return name in self._by_name or (self.cluster is not None and name in self.cluster.passthrough_names())
