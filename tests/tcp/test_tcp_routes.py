@@ -289,3 +289,23 @@ def test_a_client_without_tcp_services_is_never_sent_a_tcp_stream(tcp_deployment
         sock.recv(1)
     assert tcp_deployment.server.metrics.tcp_connections["no_tunnel"].value == 1
     assert tcp_deployment.server.metrics.tcp_connections["served"].value == 0
+
+
+def test_a_port_given_to_another_user_is_no_longer_served_by_the_old_owners_tunnel(tcp_deployment, start_client,
+                                                                                     local_echo):
+    port = free_port()
+    token = _route(tcp_deployment, port)
+    _serve(tcp_deployment, start_client, token, [f"{port}=127.0.0.1:{local_echo}"])
+    with _connect(port) as sock:
+        sock.sendall(b"mine")
+        assert sock.recv(4) == b"mine"
+    tcp = tcp_deployment.server.tcp
+    # The operator removes the route and grants the port to bob: two SQLite calls with no yield between,
+    # so the route watcher reads both at once (the port never looks removed).
+    tcp_deployment.storage.remove_tcp_route(port)
+    tcp_deployment.storage.add_tcp_route(new_tcp_route(f"tcp:127.0.0.1:{port}", "bob", 0.0))
+    wait_until(lambda: f"tcp:{port}" not in tcp.served_names(), message="alice's tunnel no longer serving the port")
+    assert port in tcp.listening_ports()  # still bob's route, listened on
+    with _connect(port) as sock, pytest.raises(ConnectionResetError):
+        sock.sendall(b"x")
+        sock.recv(1)

@@ -235,6 +235,11 @@ class TCPRoutes:
                     self._close_listener(port)
                     for tunnel in list(self._by_port.get(port, ())):
                         _discard(self._by_port, port, tunnel)  # the route was removed: no longer served
+                for port, route in routes.items():
+                    for tunnel in list(self._by_port.get(port, ())):
+                        if tunnel.user != route.user:  # given to another user: not this tunnel's any more
+                            _discard(self._by_port, port, tunnel)
+                            log.info("tcp_port_revoked", port=port, **tunnel.log_fields())
                 self._routes = routes
                 for port, route in routes.items():
                     if port not in self._listeners and port not in self._allocated:
