@@ -55,6 +55,13 @@ def _serve(deployment, start_client, token: str, specs, **options):
     return start_client(config)
 
 
+def _echoing_port(deployment, start_client, local_echo: int) -> int:
+    """A TCP route of alice's, served by her client from the local echo service; its port."""
+    port = free_port()
+    _serve(deployment, start_client, _route(deployment, port), [f"{port}=127.0.0.1:{local_echo}"])
+    return port
+
+
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
@@ -70,9 +77,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 def test_bytes_flow_both_ways_and_a_public_half_close_reaches_the_local_service(tcp_deployment, start_client,
                                                                                   local_echo):
-    port = free_port()
-    token = _route(tcp_deployment, port)
-    _serve(tcp_deployment, start_client, token, [f"{port}=127.0.0.1:{local_echo}"])
+    port = _echoing_port(tcp_deployment, start_client, local_echo)
     with _connect(port) as sock:
         sock.sendall(b"hello")
         assert sock.recv(5) == b"hello"
@@ -293,13 +298,9 @@ def test_a_client_without_tcp_services_is_never_sent_a_tcp_stream(tcp_deployment
 
 def test_a_port_given_to_another_user_is_no_longer_served_by_the_old_owners_tunnel(tcp_deployment, start_client,
                                                                                      local_echo):
-    port = free_port()
-    token = _route(tcp_deployment, port)
-    _serve(tcp_deployment, start_client, token, [f"{port}=127.0.0.1:{local_echo}"])
-    with _connect(port) as sock:
-        sock.sendall(b"mine")
-        assert sock.recv(4) == b"mine"
+    port = _echoing_port(tcp_deployment, start_client, local_echo)
     tcp = tcp_deployment.server.tcp
+    assert f"tcp:{port}" in tcp.served_names()
     # The operator removes the route and grants the port to bob: two SQLite calls with no yield between,
     # so the route watcher reads both at once (the port never looks removed).
     tcp_deployment.storage.remove_tcp_route(port)
