@@ -107,18 +107,23 @@ def test_sigterm_waits_for_an_open_tcp_connection_then_exits_0(tcp_tunnel, signa
     with socket.create_connection(("127.0.0.1", public), timeout=10) as sock:
         assert _echo(sock, b"before") == b"before"
         target.send_signal(signal.SIGTERM)
-        wait_until(lambda: "event=draining" in log.read_text(errors="replace"), timeout=10,
+        wait_until(lambda: "event=draining" in log.read_text(errors="replace"), timeout=20,
                    message=f"the {signalled} draining")
         # Draining: the connection in flight still carries bytes both ways, and the process waits for it.
         for round_ in range(3):
-            assert _echo(sock, b"during %d" % round_) == b"during %d" % round_
-        assert target.poll() is None
+            assert _echo(sock, b"during %d" % round_) == b"during %d" % round_, _tails(server_log, client_log)
+        assert target.poll() is None, _tails(server_log, client_log)
         if signalled == "server":  # no new connections on the draining server's TCP port
-            wait_until(lambda: _refused(public), timeout=10, message="the TCP listener closed")
+            wait_until(lambda: _refused(public), timeout=20, message="the TCP listener closed")
         sock.shutdown(socket.SHUT_WR)
-        assert sock.recv(64) == b""
-    assert target.wait(20) == 0
-    assert "Traceback" not in log.read_text(errors="replace")
+        assert sock.recv(64) == b"", _tails(server_log, client_log)
+    assert target.wait(30) == 0, _tails(server_log, client_log)
+    assert "Traceback" not in log.read_text(errors="replace"), _tails(server_log, client_log)
+
+
+def _tails(*logs) -> str:
+    """The end of each process's log, for a failure message."""
+    return "\n".join(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:] for path in logs)
 
 
 def _refused(port: int) -> bool:
