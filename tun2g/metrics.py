@@ -117,6 +117,18 @@ class AcmeMetrics:
                                     sum_value=self.seconds_sum)
 
 
+class TCPRouteMetrics:
+    """The figures of one TCP route or passthrough name ("tcp:2222", "tls:db.example.com"), or of `other` / `none`."""
+
+    __slots__ = ("label", "connections", "bytes_in", "bytes_out")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.connections = {outcome: 0 for outcome in TCP_OUTCOMES}
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
 class Metrics:
     """Every metric of one server process, exported from its own registry."""
 
@@ -134,6 +146,8 @@ class Metrics:
         self.tcp_bytes = {"in": Count(), "out": Count()}
         self.tcp_open = Count()  # a gauge: public TCP connections being spliced now
         self.acme = AcmeMetrics()
+        self._tcp_routes: dict[str, TCPRouteMetrics] = {}  # capped like the domains (domain_cap, then "other")
+        self.tcp_unrouted = TCPRouteMetrics(UNROUTED)  # connections for no route (an unknown SNI name, no SNI)
         self._domains: dict[str, DomainMetrics] = {}
         self._other: DomainMetrics | None = None
         self.unrouted = DomainMetrics(UNROUTED)
@@ -151,6 +165,18 @@ class Metrics:
         if self._other is None:
             self._other = DomainMetrics(OTHER)
         return self._other
+
+    def tcp_route(self, key: str) -> TCPRouteMetrics:
+        """The figures of one TCP route key ("tcp:2222", "tls:NAME"); past the cap, the shared `other` ones."""
+        found = self._tcp_routes.get(key)
+        if found is None:  # `other` shares the table: no route key is spelled "other"
+            label = key if len(self._tcp_routes) < self.domain_cap else OTHER
+            found = self._tcp_routes.setdefault(label, TCPRouteMetrics(label))
+        return found
+
+    def all_tcp_routes(self) -> list[TCPRouteMetrics]:
+        """Every route's figures, `other` and `none` included."""
+        return [*self._tcp_routes.values(), self.tcp_unrouted]
 
     def label(self, domain: str) -> str:
         """The label `domain` is exported under (claims a slot if one is free)."""
@@ -212,6 +238,7 @@ class _Collector:
         yield GaugeMetricFamily(f"{ns}_tcp_connections_open", "Public TCP connections being spliced now",
                                 value=m.tcp_open.value)
         yield from m.acme.families(ns)
+        yield from _tcp_route_families(ns, m.all_tcp_routes())
         yield from _StateCollector(m, ns).collect()
 
 
@@ -222,6 +249,22 @@ def _cumulative(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str,
         total += count
         pairs.append((bound, float(total)))
     return pairs
+
+
+
+
+def _tcp_route_families(ns: str, routes: list[TCPRouteMetrics]) -> Iterator[Metric]:
+    connections = CounterMetricFamily(f"{ns}_tcp_route_connections", "Public TCP and TLS-passthrough connections, "
+                                      "by route and outcome", labels=("route", "outcome"))
+    moved = CounterMetricFamily(f"{ns}_tcp_route_bytes", "Bytes spliced, by route (in: from public peers)",
+                                labels=("route", "direction"))
+    for route in routes:
+        for outcome, count in route.connections.items():
+            if count:
+                connections.add_metric((route.label, outcome), count)
+        moved.add_metric((route.label, "in"), route.bytes_in)
+        moved.add_metric((route.label, "out"), route.bytes_out)
+    yield from (connections, moved)
 
 
 def _counts(name: str, documentation: str, label: str, counts: dict[str, Count]) -> CounterMetricFamily:

@@ -171,3 +171,19 @@ def test_the_lookup_cache_stays_bounded_whatever_hosts_the_public_sends(nodes, m
     for index in range(500):
         assert b.registry.lookup(f"random{index}.test") == []
         assert len(b.registry._cache) <= 50
+
+
+def test_passthrough_names_are_shared_and_read_without_waiting_for_redis(nodes, redis_server):
+    names = {"tls:secure.test", "tcp:2222"}
+    a = nodes("a", ttl=1.0, published_names=lambda: set(names))
+    b = nodes("b")
+    assert b.registry.tls_names() == frozenset()  # the first call answers at once and starts a read
+    wait_until(lambda: b.registry.tls_names() == {"secure.test"}, message="node a's passthrough name seen by b")
+    before = redis_command_counts(redis_server.url)
+    for _ in range(100):
+        b.registry.tls_names()  # cached: a handshake never asks Redis
+    assert commands_between(before, redis_command_counts(redis_server.url)).get("zrangebyscore", 0) <= 1
+    names.clear()  # node a stops serving it: the name expires from the set within the TTL
+    a.registry.changed()
+    wait_until(lambda: b.registry.read_tls_names() == frozenset(), timeout=5, interval=0.1,
+               message="the name no longer served expiring from the shared set")

@@ -57,6 +57,13 @@ def test_address_rules_v4_v6_deny_beats_allow_and_mapped_addresses():
         assert not rules.admits("10.6.1.1")  # cached verdicts agree
 
 
+def test_address_rules_ignore_an_ipv6_zone():
+    rules = AddressRules([parse_network("fe80::/10")], [parse_network("fe80::dead/128")])
+    assert rules.admits("fe80::1%eth0") and rules.admits("fe80::1%2")
+    assert not rules.admits("fe80::dead%eth0")
+    assert not rules.admits("2001:db8::1%eth0") and not rules.admits("%eth0") and not rules.admits("10.0.0.1%x")
+
+
 def test_address_cache_is_bounded():
     rules = AddressRules([parse_network("10.0.0.0/8")])
     for index in range(10000):

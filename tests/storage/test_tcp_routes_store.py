@@ -66,6 +66,8 @@ def test_route_add_rm_and_list_take_tcp_routes(tmp_path):
     assert "--tcp 2222=HOST:PORT" in added.output
     listed = runner.invoke(main, ["route", "list", "--storage", url])
     assert "tcp:0.0.0.0:2222" in listed.output and "deny 192.0.2.0/24" in listed.output
+    assert "no routes" not in listed.output  # only TCP routes: their table is the whole listing
+    assert runner.invoke(main, ["route", "list", "--user", "bob", "--storage", url]).output.startswith("no routes")
     wrong = runner.invoke(main, ["route", "add", "app.example.com", "--user", "a", "--deny", "10.0.0.0/8",
                                  "--storage", url])
     assert wrong.exit_code == 2 and "apply to TCP routes" in wrong.output

@@ -55,6 +55,13 @@ def _serve(deployment, start_client, token: str, specs, **options):
     return start_client(config)
 
 
+def _echoing_port(deployment, start_client, local_echo: int) -> int:
+    """A TCP route of alice's, served by her client from the local echo service; its port."""
+    port = free_port()
+    _serve(deployment, start_client, _route(deployment, port), [f"{port}=127.0.0.1:{local_echo}"])
+    return port
+
+
 def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
@@ -70,9 +77,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 def test_bytes_flow_both_ways_and_a_public_half_close_reaches_the_local_service(tcp_deployment, start_client,
                                                                                   local_echo):
-    port = free_port()
-    token = _route(tcp_deployment, port)
-    _serve(tcp_deployment, start_client, token, [f"{port}=127.0.0.1:{local_echo}"])
+    port = _echoing_port(tcp_deployment, start_client, local_echo)
     with _connect(port) as sock:
         sock.sendall(b"hello")
         assert sock.recv(5) == b"hello"
@@ -201,6 +206,24 @@ def test_denied_addresses_and_connections_past_the_cap_are_reset(tcp_deployment,
     assert tcp_deployment.server.metrics.tcp_connections["over_cap"].value == 20
     for sock in held:
         sock.close()
+    # Per route too: each route's own refusals, and the bytes of the connections it served.
+    routes = {r.label: r for r in tcp_deployment.server.metrics.all_tcp_routes()}
+    assert routes[f"tcp:{port}"].connections["refused_by_policy"] == 1
+    assert routes[f"tcp:{capped}"].connections["over_cap"] == 20
+    wait_until(lambda: routes[f"tcp:{capped}"].connections["served"] == 3, message="the held ones counted")
+    assert routes[f"tcp:{capped}"].bytes_in == 3  # one byte each
+    assert routes[f"tcp:{capped}"].bytes_out == 3 * len(b"p<bye>")  # its echo, then the service's goodbye
+    text = tcp_deployment.server.metrics.exposition().decode()
+    assert f'tun2g_tcp_route_connections_total{{outcome="over_cap",route="tcp:{capped}"}} 20.0' in text
+
+
+def test_per_route_tcp_metrics_are_capped_like_domains():
+    from tun2g.metrics import Metrics
+
+    metrics = Metrics(domain_cap=2)
+    labels = {metrics.tcp_route(f"tcp:{port}").label for port in range(1000, 1010)}
+    assert labels == {"tcp:1000", "tcp:1001", "other"}
+    assert {r.label for r in metrics.all_tcp_routes()} == {"tcp:1000", "tcp:1001", "other", "none"}
 
 
 def test_port_zero_gets_a_port_of_the_range_released_when_the_client_leaves(tmp_path, data_dir, start_client,
@@ -271,3 +294,19 @@ def test_a_client_without_tcp_services_is_never_sent_a_tcp_stream(tcp_deployment
         sock.recv(1)
     assert tcp_deployment.server.metrics.tcp_connections["no_tunnel"].value == 1
     assert tcp_deployment.server.metrics.tcp_connections["served"].value == 0
+
+
+def test_a_port_given_to_another_user_is_no_longer_served_by_the_old_owners_tunnel(tcp_deployment, start_client,
+                                                                                     local_echo):
+    port = _echoing_port(tcp_deployment, start_client, local_echo)
+    tcp = tcp_deployment.server.tcp
+    assert f"tcp:{port}" in tcp.served_names()
+    # The operator removes the route and grants the port to bob: two SQLite calls with no yield between,
+    # so the route watcher reads both at once (the port never looks removed).
+    tcp_deployment.storage.remove_tcp_route(port)
+    tcp_deployment.storage.add_tcp_route(new_tcp_route(f"tcp:127.0.0.1:{port}", "bob", 0.0))
+    wait_until(lambda: f"tcp:{port}" not in tcp.served_names(), message="alice's tunnel no longer serving the port")
+    assert port in tcp.listening_ports()  # still bob's route, listened on
+    with _connect(port) as sock, pytest.raises(ConnectionResetError):
+        sock.sendall(b"x")
+        sock.recv(1)

@@ -312,6 +312,8 @@ def route_list(user, as_json, storage_url):
         print_table(("TCP ROUTE", "USER", "CREATED", "POLICY"),
                     [(f"tcp:{r.address}", r.user, _when(r.created), _policy(r)) for r in tcp_routes])
     routes = routes + tcp_routes if as_json else routes
+    if tcp_routes and not routes and not as_json:
+        return  # only TCP routes: their table is the listing (not "no routes" under it)
     _show("routes", routes, user, where, as_json, ("ROUTE", "USER", "CREATED", "STRIP", "INSPECT"),
           lambda r: (r.domain, r.user, _when(r.created), "on" if r.strip else "off",
                      "on" if r.inspect else "off"))

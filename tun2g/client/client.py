@@ -515,7 +515,11 @@ class Client:
                 stream.close()
                 return
             if is_preamble_start(first):
-                self.config.tcp.serve(stream)
+                self._active_streams += 1  # a TCP connection in flight: the drain waits for it too
+                try:
+                    self.config.tcp.serve(stream)
+                finally:
+                    self._active_streams -= 1
                 return
         self._active_streams += 1
         try:

@@ -148,6 +148,10 @@ class ClusterNode:
         """The other nodes holding a backend for `domain`; raises ClusterUnavailable when Redis cannot say."""
         return self.registry.lookup(domain)
 
+    def passthrough_names(self) -> frozenset[str]:
+        """The TLS passthrough names some live node's tunnels serve, as last read (never waits for Redis)."""
+        return self.registry.tls_names()
+
     def unreachable(self, domain: str, node: NodeRef) -> None:
         """`node` could not be reached for `domain`: skip it for a while, look `domain` up afresh next time."""
         self.forwarder.failed(node.url, "unreachable")

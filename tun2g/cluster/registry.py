@@ -8,6 +8,7 @@ storage's ``P token:*`` and ``P route:*`` keys)::
     P node-backends:<node id>  hash    <backend id> -> JSON Backend record (domain, user, ...);  TTL
     P domain:<route key>       zset    member "<node id> <url>", score = expiry (unix seconds);  TTL
                                (also "tcp:<port>" and "tls:<name>" for the TCP services a node serves)
+    P tls-names                zset    member <TLS passthrough name> some node serves, score = expiry
     P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
     P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
@@ -64,6 +65,11 @@ INVALIDATED_WAIT = 0.2
 TUNNEL_NODES_CACHE = 1.0
 # Hop nonces are claimed in Redis (SET NX) with these timeouts: a slow Redis must not hold requests.
 NONCE_TIMEOUT = 0.25
+# The cluster's TLS passthrough names are read at most this often (in the background: never on a handshake).
+TLS_NAMES_CACHE = 1.0
+# At most this many passthrough names are read (each client announces at most 64).
+MAX_TLS_NAMES = 100_000
+TLS_PREFIX = "tls:"
 _BACKEND_FIELDS = {f.name for f in fields(Backend)}
 
 
@@ -122,6 +128,8 @@ class RedisRegistry:
         self.advertise_tunnel = ""
         self._tunnel_nodes: tuple[float, list[tuple[str, str]]] = (float("-inf"), [])
         self._published: set[str] = set()
+        self._tls_names: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+        self._tls_refresh: gevent.Greenlet | None = None
         self._cache: dict[str, _CacheEntry] = {}
         self._pending: dict[str, AsyncResult] = {}
         self._changed = Event()
@@ -200,6 +208,11 @@ class RedisRegistry:
                     pipe.zadd(domain_key, {self._member: expires})
                     pipe.zremrangebyscore(domain_key, "-inf", now)
                     pipe.pexpire(domain_key, ttl_ms)
+                tls_names = {domain[len(TLS_PREFIX):] for domain in domains if domain.startswith(TLS_PREFIX)}
+                if tls_names:
+                    pipe.zadd(self._key("tls-names"), {name: expires for name in tls_names})
+                    pipe.zremrangebyscore(self._key("tls-names"), "-inf", now)
+                    pipe.pexpire(self._key("tls-names"), ttl_ms)
                 for domain in self._published - domains:
                     pipe.zrem(self._key("domain:", domain), self._member)
                 changed = domains ^ self._published
@@ -329,6 +342,31 @@ class RedisRegistry:
 
     # -- the whole cluster -----------------------------------------------------------
 
+    def tls_names(self) -> frozenset[str]:
+        """The TLS passthrough names some live node serves (this one's included), as last read: never waits
+        for Redis; a read older than TLS_NAMES_CACHE s starts one in the background. Empty until the first."""
+        fetched, names = self._tls_names
+        if time.monotonic() - fetched >= TLS_NAMES_CACHE and self._tls_refresh is None and \
+                not self._closed.is_set() and self.outage.should_try():
+            self._tls_refresh = gevent.spawn(self._read_tls_names)
+        return names
+
+    def read_tls_names(self) -> frozenset[str]:
+        """Read the cluster's passthrough names from Redis now (what `tls_names` answers from then on)."""
+        self._read_tls_names()
+        return self._tls_names[1]
+
+    def _read_tls_names(self) -> None:
+        try:
+            names = self._redis.zrangebyscore(self._key("tls-names"), time.time(), "+inf", start=0,
+                                              num=MAX_TLS_NAMES)
+        except (redis.RedisError, OSError) as exc:
+            self.outage.failed(exc)
+        else:
+            self._tls_names = (time.monotonic(), frozenset(str(name) for name in names))
+        finally:
+            self._tls_refresh = None
+
     def tunnel_nodes(self) -> list[tuple[str, str]]:
         """(node id, tunnel address) of every live node that offers one, this one included; cached for
         TUNNEL_NODES_CACHE s. While Redis cannot say, the last answer (or this node alone)."""
@@ -435,6 +473,8 @@ class RedisRegistry:
         if channel == self._key("invalidate"):
             for domain in data.split():
                 self._invalidate(domain)
+                if domain.startswith(TLS_PREFIX):
+                    self._tls_names = (float("-inf"), self._tls_names[1])  # read again at the next handshake
         elif channel == self._key("kill"):
             node_id, _, backend_id = data.partition(" ")
             if node_id == self.node_id:

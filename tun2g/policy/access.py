@@ -26,8 +26,9 @@ def parse_network(text: object) -> Network:
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in `text`, its IPv6 zone (``fe80::1%eth0``) dropped: a zone names an interface, not a peer."""
     try:
-        address = ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

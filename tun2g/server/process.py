@@ -258,7 +258,8 @@ class ServerSetup:
             running.services.append(tcp_routes.serve_passthrough(passthrough_listener))
         if http_listener is not None:
             running.front = HTTPFront(server, limits=limits)
-            running.services.append(running.front.serve(http_listener))
+            running.public_services.append(running.front.serve(http_listener))
+            running.services.append(running.public_services[-1])
         if https_listener is not None:
             self._start_https(https_listener, server, running, storage, limits, tcp_routes)
         if cluster is not None:
@@ -338,7 +339,8 @@ class ServerSetup:
         running.certificates = book
         running.tasks.append(gevent.spawn(book.run))
         running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout, tcp_routes))
-        running.services.append(running.https_front.serve(listener))
+        running.public_services.append(running.https_front.serve(listener))
+        running.services.append(running.public_services[-1])
         if not book.names() and manager is None:
             log.warning("https_without_certificates", https=_fmt(running.https_address),
                         hint="add one with `tun2g cert add DOMAIN --cert F --key F`; until then handshakes fail")
@@ -405,6 +407,7 @@ class RunningServer:
     acme: CertManager | None = None  # with --acme
     admin_token: str | None = None
     services: list = field(default_factory=list)
+    public_services: list = field(default_factory=list)  # the HTTP and HTTPS fronts' listeners, closed first on a drain
     tasks: list = field(default_factory=list)
     setup: ServerSetup | None = None  # the settings in force (a reload replaces the live ones)
     fd_limit: int = 1024
@@ -472,10 +475,14 @@ class RunningServer:
         if self.server.draining:
             return
         self.server.draining = True  # the health check answers 503 from now on: balancers send no more
-        if self.front is not None and self.services:
-            self.services[0].close()  # the public listener (new connections); the open ones carry on
-        front = self.front if self.front is not None else self.https_front  # --http none: HTTPS only
-        self.server.drain(grace, busy=lambda: front.requests_in_flight if front is not None else 0)
+        for service in self.public_services:
+            service.close()  # the public HTTP/HTTPS listeners (new connections); the open ones carry on
+        fronts = [front for front in (self.front, self.https_front) if front is not None]
+        tcp_routes = self.server.tcp
+        if tcp_routes is not None:
+            tcp_routes.stop_accepting()  # new TCP connections go to another node; the open ones carry on
+        self.server.drain(grace, busy=lambda: sum(front.requests_in_flight for front in fronts)
+                          + (tcp_routes.forwarding if tcp_routes is not None else 0))
         self.stop()
 
     def stop(self) -> None:

@@ -344,6 +344,8 @@ class Server:
             log.warning("routes_unavailable", error=str(exc), effect="the previous routing table stays in force")
             return
         self.router.load_routes(routes)
+        if self.tcp is not None:
+            self.tcp.recheck(routes)  # a passthrough name whose route went away is no longer served
 
     def _control_loop(self, tunnel: Tunnel) -> None:
         """Read a tun2g client's control messages (docs/protocol.md#control-messages) until the session ends."""

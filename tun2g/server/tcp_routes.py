@@ -26,7 +26,7 @@ from tun2g.http import BackendPool, RequestHead
 from tun2g.requestid import new_request_id
 from tun2g.transport.upgrade import UpgradedStream
 from tun2g.log import get_logger
-from tun2g.metrics import Metrics
+from tun2g.metrics import Metrics, TCPRouteMetrics
 from tun2g.policy import AddressRules
 from tun2g.server.policy_step import PolicyBook
 from tun2g.server.tunnel import Tunnel
@@ -37,7 +37,7 @@ from tun2g.tcp.edge import AddressPolicy, ConnectionCap
 from tun2g.tcp.sni import MAX_RECORDS_SIZE, ClientHelloError, peek_server_name
 from tun2g.tcp.splice import Splice, reset
 from tun2g.tcp.wire import (HOP_PATH, HOP_SWITCHED, HOP_UPGRADE, KIND_TCP, KIND_TLS, STATUS_CONNECTED, STATUS_NAMES,
-                            Announcement, Preamble, registry_name)
+                            MAX_NAME, Announcement, Preamble, registry_name)
 from tun2g.transport.base import ByteStream
 from tun2g.transport.tcp import tune
 
@@ -94,6 +94,11 @@ class TCPRoutes:
         self.cap = ConnectionCap(self.settings.max_connections_per_route)
         self.cluster = cluster
         self.policies = policies
+        self.forwarding = 0  # connections spliced to another node now (the drain waits for them too)
+        self._servers: list[StreamServer] = []  # the passthrough listeners
+        self._accepting = True
+        self._names_version = 0  # bumped whenever the local passthrough names change
+        self._names_cache: tuple = (None, set(), frozenset())  # (key, the union, the remote set it was built from)
         if cluster is not None:
             cluster.local_names = self.served_names
         self._closed = False
@@ -181,12 +186,29 @@ class TCPRoutes:
         self.release(grant)
         self._changed()
 
+    def recheck(self, routes) -> None:
+        """The stored HTTP routes changed (`routes`: every Route): a TLS name whose route is gone or now
+        belongs to another user is no longer served by the tunnels that announced it."""
+        owners = {route.domain: route.user for route in routes}
+        dropped = []
+        for tunnel, grant in self._grants.items():
+            kept = tuple(name for name in grant.names if owners.get(name) == tunnel.user)
+            for name in set(grant.names) - set(kept):
+                _discard(self._by_name, name, tunnel)
+                dropped.append(name)
+                log.info("tls_name_revoked", name=name, reason="its route was removed or given to another user",
+                         **tunnel.log_fields())
+            grant.names = kept
+        if dropped:
+            self._changed()
+
     def served_names(self) -> list[str]:
         """The registry names of the services local tunnels serve (published for the other nodes)."""
         return [registry_name(KIND_TCP, port=port) for port in self._by_port] + \
                [registry_name(KIND_TLS, name=name) for name in self._by_name]
 
     def _changed(self) -> None:
+        self._names_version += 1
         if self.cluster is not None:
             self.cluster.changed()
 
@@ -202,6 +224,8 @@ class TCPRoutes:
     def _watch_routes(self) -> None:
         """Listen on every stored TCP route (re-read every refresh_interval), stop for removed ones."""
         while not self._closed:
+            if not self._accepting:
+                return
             try:
                 routes = {route.port: route for route in self.tcp_store.list_tcp_routes()}
             except StorageError as exc:
@@ -211,6 +235,11 @@ class TCPRoutes:
                     self._close_listener(port)
                     for tunnel in list(self._by_port.get(port, ())):
                         _discard(self._by_port, port, tunnel)  # the route was removed: no longer served
+                for port, route in routes.items():
+                    for tunnel in list(self._by_port.get(port, ())):
+                        if tunnel.user != route.user:  # given to another user: not this tunnel's any more
+                            _discard(self._by_port, port, tunnel)
+                            log.info("tcp_port_revoked", port=port, **tunnel.log_fields())
                 self._routes = routes
                 for port, route in routes.items():
                     if port not in self._listeners and port not in self._allocated:
@@ -227,6 +256,9 @@ class TCPRoutes:
         except OSError as exc:
             sock.close()
             log.warning("tcp_listen_failed", port=port, host=host, error=str(exc))
+            return False
+        if not self._accepting:
+            sock.close()
             return False
         server = StreamServer(sock, lambda conn, address: self._serve_port(port, conn, address))
         server.start()
@@ -256,11 +288,28 @@ class TCPRoutes:
         """Serve TLS passthrough on `listener` (a bound, listening socket); returns the started server."""
         server = StreamServer(listener, self._serve_tls)
         server.start()
+        self._servers.append(server)
         return server
 
+    def stop_accepting(self) -> None:
+        """Draining: take no new public TCP or passthrough connections; the open ones carry on."""
+        self._accepting = False
+        for port in list(self._listeners):
+            self._close_listener(port)
+        for server in self._servers:
+            server.close()
+
     def passthrough_names(self) -> set[str]:
-        """The TLS names some local tunnel serves by passthrough (for a front that terminates the rest)."""
-        return set(self._by_name)
+        """The TLS names served by passthrough: by a local tunnel, or (in a cluster) another node's, as last
+        read from the registry (for a front that terminates the rest)."""
+        remote = self.cluster.passthrough_names() if self.cluster is not None else frozenset()
+        key = (self._names_version, id(remote))
+        if self._names_cache[0] != key:  # rebuilt when a name comes or goes, not on every handshake
+            self._names_cache = (key, set(self._by_name).union(remote), remote)
+        return self._names_cache[1]
+
+    def _served_name(self, name: str) -> bool:
+        return name in self._by_name or (self.cluster is not None and name in self.cluster.passthrough_names())
 
     def _serve_tls(self, conn: socket.socket, address) -> None:
         hello = bytearray()
@@ -277,7 +326,7 @@ class TCPRoutes:
                     return
                 hello += data
         except (ClientHelloError, OSError) as exc:
-            self._count("bad_hello")
+            self._count("bad_hello", None)
             log.info("tls_passthrough_refused", remote=_format(address), reason=str(exc) or type(exc).__name__)
             reset(conn)
             return
@@ -286,8 +335,8 @@ class TCPRoutes:
 
     def handle_passthrough(self, conn: socket.socket, address, hello: bytes, name: str | None) -> None:
         """Splice a TLS connection whose ClientHello (`hello`, already read) names `name` to its tunnel."""
-        if name is None or name not in self._by_name:
-            self._count("no_tunnel")
+        if name is None or not self._served_name(name):
+            self._count("no_tunnel", None)
             log.info("tls_passthrough_refused", remote=_format(address), name=name or "-",
                      reason="no SNI" if name is None else "no tunnel serves this name")
             reset(conn)
@@ -318,7 +367,7 @@ class TCPRoutes:
             tune(conn)
             tunnel = _least_loaded(tunnels)
             if tunnel is None:
-                if not hop and self.cluster is not None and self._forward(conn, address, preamble, first_bytes):
+                if not hop and self.cluster is not None and self._forward(conn, address, preamble, first_bytes, key):
                     return
                 self._finish(conn, key, remote, "no_tunnel")
                 return
@@ -329,14 +378,14 @@ class TCPRoutes:
                 return
             tunnel.in_flight += 1
             try:
-                outcome = self._relay(conn, stream, preamble, first_bytes)
+                outcome = self._relay(conn, stream, preamble, first_bytes, self._route_metrics(key))
             finally:
                 tunnel.in_flight -= 1
                 tunnel.served += 1
             if outcome[0] != "served":
                 self._finish(conn, key, remote, outcome[0], backend=tunnel.id)
                 return
-            self._count("served")
+            self._count("served", key)
             log.info("tcp_connection", key=key, remote=remote, backend=tunnel.id, end=outcome[1],
                      bytes_in=outcome[2], bytes_out=outcome[3], ms=round((time.monotonic() - started) * 1000))
         finally:
@@ -344,7 +393,7 @@ class TCPRoutes:
 
     # -- the cluster: a connection for a service another node's tunnel serves ---------------
 
-    def _forward(self, conn, address, preamble: Preamble, first_bytes: bytes) -> bool:
+    def _forward(self, conn, address, preamble: Preamble, first_bytes: bytes, key: int | str) -> bool:
         """Splice `conn` to a node holding a tunnel for the service (a signed Upgrade); False when none can."""
         cluster = self.cluster
         assert cluster is not None
@@ -378,9 +427,17 @@ class TCPRoutes:
             sock.settimeout(None)
             if answer[1]:
                 conn.sendall(answer[1])
-            splice = Splice(conn, sock, idle_timeout=self.settings.idle_timeout, on_bytes=self._on_bytes)
-            end = splice.run()
-            self._count("forwarded")
+            route = self._route_metrics(key)
+            splice = Splice(conn, sock, idle_timeout=self.settings.idle_timeout,
+                            on_bytes=lambda direction, count: self._on_bytes(route, direction, count))
+            if route is not None:
+                route.bytes_in += len(first_bytes)
+            self.forwarding += 1
+            try:
+                end = splice.run()
+            finally:
+                self.forwarding -= 1
+            self._count("forwarded", key)
             log.info("tcp_connection", key=name, remote=_format(address), node=node.node_id, end=end,
                      bytes_in=splice.moved["right"] + len(first_bytes), bytes_out=splice.moved["left"],
                      ms=round((time.monotonic() - started) * 1000))
@@ -397,8 +454,9 @@ class TCPRoutes:
             log.warning("tcp_hop_refused", reason=str(exc))
             hop = None
         kind, _, value = (head.host or "").partition(":")
-        remote = head.get("X-Tun2g-Remote") or head.get("X-Forwarded-For") or "unknown"
-        if hop is None or kind not in ("tcp", "tls") or (kind == "tcp" and not value.isdigit()):
+        remote = _hop_remote(head.get("X-Tun2g-Remote"), head.get("X-Forwarded-For"))
+        if hop is None or kind not in ("tcp", "tls") or (kind == "tcp" and not (value.isdigit() and len(value) <= 5)) \
+                or (kind == "tls" and not 0 < len(value) <= MAX_NAME):
             sock.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             sock.close()
             return
@@ -420,7 +478,7 @@ class TCPRoutes:
         self._splice_to_tunnel(UpgradedStream(sock, buffered), (host.strip("[]"), port_text), key=key,
                                preamble=preamble, tunnels=tunnels, policy=AddressPolicy(), limit=None, hop=True)
 
-    def _relay(self, conn, stream, preamble: Preamble, first_bytes: bytes) -> tuple:
+    def _relay(self, conn, stream, preamble: Preamble, first_bytes: bytes, route: TCPRouteMetrics | None) -> tuple:
         """(outcome, how it ended, bytes in, bytes out) of one spliced connection."""
         try:
             stream.sendall(preamble.encode())
@@ -439,7 +497,10 @@ class TCPRoutes:
             except (OSError, SessionClosedError, StreamResetError):
                 stream.close()
                 return ("failed", "", 0, 0)
-        splice = Splice(conn, stream, idle_timeout=self.settings.idle_timeout, on_bytes=self._on_bytes)
+        if route is not None:
+            route.bytes_in += len(first_bytes)
+        splice = Splice(conn, stream, idle_timeout=self.settings.idle_timeout,
+                        on_bytes=lambda direction, count: self._on_bytes(route, direction, count))
         if self.metrics is not None:
             self.metrics.tcp_open.value += 1
         try:
@@ -449,19 +510,36 @@ class TCPRoutes:
                 self.metrics.tcp_open.value -= 1
         return ("served", end, splice.moved["right"] + len(first_bytes), splice.moved["left"])
 
-    def _on_bytes(self, direction: str, count: int) -> None:
+    def _on_bytes(self, route: TCPRouteMetrics | None, direction: str, count: int) -> None:
         if self.metrics is not None:
             self.metrics.tcp_bytes["in" if direction == "right" else "out"].value += count
+        if route is not None:
+            if direction == "right":
+                route.bytes_in += count
+            else:
+                route.bytes_out += count
 
     def _finish(self, conn, key, remote: str, outcome: str, **fields) -> None:
         """A public connection that will not be served: reset at once, counted and logged."""
-        self._count(outcome)
+        self._count(outcome, key)
         log.info("tcp_refused", key=key, remote=remote, outcome=outcome, **fields)
         reset(conn)
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, key: int | str | None) -> None:
         if self.metrics is not None:
             self.metrics.tcp_connections[outcome].value += 1
+            route = self._route_metrics(key)
+            (route or self.metrics.tcp_unrouted).connections[outcome] += 1
+
+    def _route_metrics(self, key: int | str | None) -> TCPRouteMetrics | None:
+        """The per-route figures of `key` (a port, or a passthrough name served somewhere); None: no route."""
+        if self.metrics is None or key is None:
+            return None
+        if isinstance(key, int):
+            if key not in self._routes and key not in self._allocated:
+                return None
+            return self.metrics.tcp_route(registry_name(KIND_TCP, port=key))
+        return self.metrics.tcp_route(registry_name(KIND_TLS, name=key)) if self._served_name(key) else None
 
     def _policy(self, route: TCPRoute) -> AddressPolicy:
         policy = self._policies.get(route)
@@ -476,6 +554,19 @@ class TCPRoutes:
         self._watcher.kill(block=False)
         for port in list(self._listeners):
             self._close_listener(port)
+        for server in self._servers:
+            server.close()
+
+
+def _hop_remote(remote: str | None, forwarded_for: str | None) -> str:
+    """The public peer's address a hop names ("host:port"), bounded: anything else is its signed IP, or unknown."""
+    if remote and len(remote) <= 64:
+        host, _, port = remote.rpartition(":")
+        if port.isdigit() and host and all(c in "0123456789abcdefABCDEF.:[]%" for c in host):
+            return remote
+    if forwarded_for and len(forwarded_for) <= 45 and all(c in "0123456789abcdefABCDEF.:" for c in forwarded_for):
+        return f"[{forwarded_for}]:0" if ":" in forwarded_for else f"{forwarded_for}:0"
+    return "unknown:0"
 
 
 def _read_head(sock, limit: int = 8192) -> tuple[bytes, bytes]:

@@ -40,8 +40,8 @@ class AddressPolicy:
         return cls(parse_networks(allow, "allow"), parse_networks(deny, "deny"))
 
     def admits(self, address: str) -> bool:
-        """True when `address` (an IP literal; IPv4-mapped IPv6 counts as IPv4) may connect."""
-        return self._rules.admits(address.split("%", 1)[0])
+        """True when `address` (an IP literal; IPv4-mapped IPv6 counts as IPv4, an IPv6 zone is ignored) may connect."""
+        return self._rules.admits(address)
 
 
 class ConnectionCap:
