@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -257,15 +255,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--systems: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ALL_SYSTEMS)}")
 
-    workdir = Path(tempfile.mkdtemp(prefix="tun2g-peers-"))
     systems: list[System] = []
     notes: list[str] = []
     with ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        backend_port = tc.free_port()
-        stack.callback(tc.start_nginx(workdir, backend_port, "unused").stop)
-        tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
-        cert = workdir / "tun2g-dev-cert.pem"
+        workdir, backend_port, cert = rcb.workspace(stack, "tun2g-peers-")
         trees = [("tun2g", tc.REPO_ROOT)]
         if args.against:
             trees.append((args.against.replace("/", "_"), rcb.export_revision(args.against, workdir / "against")))

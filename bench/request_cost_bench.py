@@ -166,6 +166,17 @@ def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False, mor
     return storage
 
 
+def workspace(stack: ExitStack, prefix: str) -> tuple[Path, int, Path]:
+    """A temporary directory, an nginx backend in it and a dev certificate, all undone by `stack`:
+    (directory, nginx port, certificate)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    nginx_port = tc.free_port()
+    stack.callback(tc.start_nginx(workdir, nginx_port, "unused").stop)
+    tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
+    return workdir, nginx_port, workdir / "tun2g-dev-cert.pem"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", default="HEAD", help="git revision to compare with (tree A)")
@@ -180,13 +191,8 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(n) for n in args.connections.split(",")]
 
-    workdir = Path(tempfile.mkdtemp(prefix="tun2g-ab-"))
     with ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        nginx_port = tc.free_port()
-        stack.callback(tc.start_nginx(workdir, nginx_port, "unused").stop)
-        tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
-        cert = workdir / "tun2g-dev-cert.pem"
+        workdir, nginx_port, cert = workspace(stack, "tun2g-ab-")
         tunnels = []
         if args.modes:
             source = export_revision(args.candidate, workdir / "b") if args.candidate else tc.REPO_ROOT
