@@ -94,8 +94,11 @@ def cpu_seconds(pid: int) -> float:
 class System:
     """Something wrk can load on `port` with Host DOMAIN, and the processes whose CPU is counted."""
 
-    def __init__(self, name: str, port: int, processes: dict[str, int], stop=None):
+    def __init__(self, name: str, port: int, processes: dict[str, int], stop=None, restart=None):
         self.name, self.port, self.processes, self._stop = name, port, processes, stop
+        self.restart = restart  # a function starting it afresh (the Go peers: a dropped tunnel ends them)
+        self.said = lambda: ""  # what its processes last said, for a failure's note
+
 
     def measure(self, connections: int, seconds: float) -> dict:
         """One wrk run: req/s, p50/p99 ms and CPU µs per request of each process."""
@@ -154,8 +157,10 @@ def start_go(name: str, tls: bool, cert: Path, backend_port: int) -> System:
         for peer in peers:
             peer.stop()
         raise
-    return System(name, int(ready.group(2)), {"server": server.proc.pid, "client": client.proc.pid},
-                  lambda: [peer.stop() for peer in reversed(peers)])
+    system = System(name, int(ready.group(2)), {"server": server.proc.pid, "client": client.proc.pid},
+                    lambda: [peer.stop() for peer in reversed(peers)])
+    system.said = lambda: f" (Go server: {server.lines[-1:]} {server.stderr[-200:]!r})"
+    return system
 
 
 def median_of(samples: list[dict]) -> dict:
@@ -235,8 +240,8 @@ def verdicts(results: dict, counts: list[int]) -> list[str]:
     log_on, log_off = results.get(("tun2g", 64)), results.get(("tun2g-nolog", 64))
     if log_on and log_off:
         added = log_on["cpu"]["server"] - log_off["cpu"]["server"]
-        lines.append(f"- the access log at 64 conn: {added:+.0f} µs/req of server CPU, "
-                     f"{log_on['rps'] / log_off['rps'] - 1:+.1%} req/s")
+        lines.append(f"- the access log at 64 conn (log on vs off, one figure each: noisy on a busy machine): "
+                     f"{added:+.0f} µs/req of server CPU, {log_on['rps'] / log_off['rps'] - 1:+.1%} req/s")
     return lines
 
 
@@ -276,8 +281,12 @@ def main() -> None:
                 for label, source in trees:
                     add(start_tun2g(label + name[len("tun2g"):], source, workdir, tls, cert, backend_port, log))
             else:
+                def go(name=name) -> System:
+                    system = start_go(name, name == "go-tls", cert, backend_port)
+                    system.restart = go
+                    return system
                 try:
-                    add(start_go(name, name == "go-tls", cert, backend_port))
+                    add(go())
                 except GoPeerUnavailable as exc:
                     notes.append(f"- {name} skipped: {exc}")
                     print(f"  {name} skipped: {exc}", file=sys.stderr)
@@ -285,20 +294,34 @@ def main() -> None:
             tc.run_wrk(system.port, DOMAIN, 16, 1.0)  # warm-up
         samples: dict = {}
         failed: set[str] = set()
+        restarted: set[str] = set()
         started = time.monotonic()
         for round_number in range(args.rounds):
             order = systems[round_number % len(systems):] + systems[:round_number % len(systems)]
             for connections in counts:
-                for system in order:
+                for index, system in enumerate(order):
                     if system.name in failed:
                         continue
                     try:
                         figures = system.measure(connections, args.seconds)
-                    except RuntimeError as exc:  # wrk saw errors: this system is left out from here on
-                        failed.add(system.name)
-                        notes.append(f"- {system.name} failed in round {round_number + 1}: {exc}")
+                    except RuntimeError as exc:  # wrk saw errors
+                        notes.append(f"- {system.name} failed in round {round_number + 1}: {exc}{system.said()}")
                         print(f"  {notes[-1]}", flush=True)
-                        continue
+                        if system.restart is None or system.name in restarted:
+                            failed.add(system.name)  # left out from here on
+                            continue
+                        restarted.add(system.name)  # once: started afresh, the point measured again
+                        system.stop()
+                        fresh = system.restart()
+                        stack.callback(fresh.stop)
+                        systems[systems.index(system)] = order[index] = fresh
+                        system = fresh
+                        try:
+                            figures = system.measure(connections, args.seconds)
+                        except RuntimeError as again:
+                            failed.add(system.name)
+                            notes.append(f"- {system.name} failed again after a restart: {again}")
+                            continue
                     samples.setdefault((system.name, connections), []).append(figures)
                     cpu = " ".join(f"{role} {us:.0f}" for role, us in figures["cpu"].items())
                     print(f"  round {round_number + 1}, {connections:>3} conn, {system.name}: {figures['rps']:7.0f} "
