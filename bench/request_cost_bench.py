@@ -18,7 +18,8 @@ and the route marked `tun2g route inspect DOMAIN on`, so every request is captur
 (as `off`, with 1,000 more routes in the store: hosts, wildcards and path prefixes, some on the
 bench's own host, so its requests take the prefix scan; docs/routing.md),
 `policies` (off, with 1,000 edge policies stored for other routes: the lookup misses) and
-`policy` (off, 1,000 policies, one of them on DOMAIN: an allow list, a header set, a body limit).
+`policy` (off, 1,000 policies, one of them on DOMAIN: an allow list, a header set, a body limit) and
+`log` (off, with the access log on; the servers log to a file). `--access-log` turns it on in every tree.
 
     python3 bench/request_cost_bench.py --modes off,routes,policies,policy
 """
@@ -57,7 +58,7 @@ class TreeTunnel:
     """A server and one client for DOMAIN, both importing tun2g from `source`."""
 
     def __init__(self, name: str, source: Path, workdir: Path, storage: str, tls: bool, cert: Path,
-                 nginx_port: int, server_args: tuple[str, ...] = ()):
+                 nginx_port: int, server_args: tuple[str, ...] = (), access_log: bool = False):
         self.name = name
         env = tc.child_env()
         env["PYTHONPATH"] = str(source)
@@ -70,8 +71,8 @@ class TreeTunnel:
         self.http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
         argv = ["server", "--http", f"127.0.0.1:{self.http_port}", "--tunnel", f"127.0.0.1:{tunnel_port}",
                 "--admin", f"127.0.0.1:{admin_port}", "--storage", storage,
-                "--no-access-log",
-                "--log-level", "warning", *server_args]
+                "--access-log" if access_log else "--no-access-log",
+                "--log-level", "info" if access_log else "warning", *server_args]
         argv += ["--tls-cert", str(cert), "--tls-key", str(cert.with_name("tun2g-dev-key.pem"))] if tls \
             else ["--plain-tunnel"]
         run = [sys.executable, "-m", "tun2g.cli"]
@@ -165,6 +166,17 @@ def _storage(path: Path, source: Path = tc.REPO_ROOT, inspect: bool = False, mor
     return storage
 
 
+def workspace(stack: ExitStack, prefix: str) -> tuple[Path, int, Path]:
+    """A temporary directory, an nginx backend in it and a dev certificate, all undone by `stack`:
+    (directory, nginx port, certificate)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    nginx_port = tc.free_port()
+    stack.callback(tc.start_nginx(workdir, nginx_port, "unused").stop)
+    tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
+    return workdir, nginx_port, workdir / "tun2g-dev-cert.pem"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", default="HEAD", help="git revision to compare with (tree A)")
@@ -173,30 +185,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", default="1,64")
     parser.add_argument("--tls", action="store_true", help="TLS tunnels instead of plain TCP")
+    parser.add_argument("--access-log", action="store_true", help="servers log every request (as by default)")
     parser.add_argument("--modes", default=None,
                         help="comma-separated of off, metrics, capture, routes: one tree in each mode (see above)")
     args = parser.parse_args()
     counts = [int(n) for n in args.connections.split(",")]
 
-    workdir = Path(tempfile.mkdtemp(prefix="tun2g-ab-"))
     with ExitStack() as stack:
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        nginx_port = tc.free_port()
-        stack.callback(tc.start_nginx(workdir, nginx_port, "unused").stop)
-        tc.tun2g_run("cert", "--out", str(workdir), "--host", "127.0.0.1", "--host", "localhost")
-        cert = workdir / "tun2g-dev-cert.pem"
+        workdir, nginx_port, cert = workspace(stack, "tun2g-ab-")
         tunnels = []
         if args.modes:
             source = export_revision(args.candidate, workdir / "b") if args.candidate else tc.REPO_ROOT
             for mode in args.modes.split(","):
                 flags = {"off": ("--no-metrics", "--no-inspect"), "metrics": ("--no-inspect",), "capture": (),
                          "routes": ("--no-metrics", "--no-inspect"),
-                         "policies": ("--no-metrics", "--no-inspect"), "policy": ("--no-metrics", "--no-inspect")}[mode]
+                         "policies": ("--no-metrics", "--no-inspect"), "policy": ("--no-metrics", "--no-inspect"),
+                         "log": ("--no-metrics", "--no-inspect")}[mode]
                 own = _storage(workdir / f"bench-{mode}.db", source, inspect=mode == "capture",
                                more_routes=mode == "routes")
                 if mode in ("policies", "policy"):
                     _store_policies(own, source, own=mode == "policy")
-                tunnel = TreeTunnel(mode, source, workdir, own, args.tls, cert, nginx_port, flags)
+                tunnel = TreeTunnel(mode, source, workdir, own, args.tls, cert, nginx_port, flags,
+                                    access_log=args.access_log or mode == "log")
                 stack.callback(tunnel.stop)
                 tunnels.append((mode, tunnel))
         else:
@@ -208,7 +218,8 @@ def main() -> None:
             for name, source in trees.items():
                 label = name.replace("/", "_").replace(" ", "_")
                 storage = _storage(workdir / f"bench-{label}.db", source)
-                tunnel = TreeTunnel(label, source, workdir, storage, args.tls, cert, nginx_port)
+                tunnel = TreeTunnel(label, source, workdir, storage, args.tls, cert, nginx_port,
+                                    access_log=args.access_log)
                 stack.callback(tunnel.stop)
                 tunnels.append((name, tunnel))
         for _, tunnel in tunnels:

@@ -19,7 +19,7 @@ from tests.fixtures.tunnel import DOMAIN
 from tun2g import smux
 from tun2g.control import decode_reply
 from tun2g.http import MessageReader
-from tun2g.log import configure
+from tun2g.log import configure, flush
 
 
 @pytest.fixture
@@ -28,9 +28,13 @@ def capture_logs():
     server started: ServerSetup configures logging itself). Logging is restored afterwards."""
     buffer = io.StringIO()
 
+    def lines():
+        flush()  # access lines are buffered (tun2g.log): write them out first
+        return buffer.getvalue().splitlines()
+
     def start():
         configure("info", stream=buffer)
-        return lambda: buffer.getvalue().splitlines()
+        return lines
 
     yield start
     structlog.reset_defaults()

@@ -160,6 +160,9 @@ def client(server_addr, token, token_file, domain, backend_url, route_specs, ins
     ctx = click.get_current_context()
     if loaded_config(ctx) is not None:
         _reload_on_sighup(ctx, tunnel, printer)
+    from tun2g.cli import gctune
+
+    gctune.after_start_up()
     try:
         tunnel.run()
     except AuthRejected as exc:

@@ -208,6 +208,9 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
     gevent.signal_handler(signal.SIGINT, handle, signal.SIGINT)
     gevent.signal_handler(signal.SIGTERM, handle, signal.SIGTERM)
     running = setup.start()  # a refusal (a port in use, a bad store URL) is one line: tun2g.cli.errors
+    from tun2g.cli import gctune
+
+    gctune.after_start_up()
     for signum in signals:
         act(signum)
     if loaded is not None:

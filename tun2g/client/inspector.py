@@ -197,6 +197,8 @@ class Inspector:
         record = self._digest(capture)
         self._records.append(record)
         self.captured += 1
+        if not self._subscribers:
+            return record  # no inspector page open: nothing to encode
         message = ("event: request\ndata: " + json.dumps(record.summary) + "\n\n").encode()
         for subscriber in list(self._subscribers):
             try:

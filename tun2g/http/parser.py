@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
@@ -76,9 +77,56 @@ class _StopAfterHead(Exception):
 
 
 class MessageParser:
-    """Parses every request (``is_request``) or response on one connection into ``events``."""
+    """Parses every request (``is_request``) or response on one connection into ``events``.
+
+    The llhttp parser holds its callbacks (bound methods of a `_Parse`), so the `_Parse` refers
+    to it only while it feeds it: no reference cycle, and a finished connection's parser is
+    freed by its reference count, never left to the cyclic garbage collector.
+    """
+
+    __slots__ = ("events", "_parse", "_llhttp")
 
     def __init__(self, is_request: bool, max_head_size: int = DEFAULT_MAX_HEAD_SIZE) -> None:
+        parse = self._parse = _Parse(is_request, max_head_size)
+        self.events: deque = parse.events
+        self._llhttp, parse._llhttp = parse._llhttp, None
+
+    def receive_data(self, data: bytes) -> None:
+        """Parse ``data`` (the next bytes from the peer; b"" means EOF) into ``events``."""
+        parse = self._parse
+        parse._llhttp = self._llhttp
+        try:
+            parse.receive_data(data)
+        finally:
+            self._llhttp, parse._llhttp = parse._llhttp, None  # it may have started a new one
+
+    @property
+    def is_request(self) -> bool:
+        return self._parse.is_request
+
+    @property
+    def finished(self) -> bool:
+        """No more parsing: EOF, an error or a protocol switch; ``terminal_event`` is reported for ever after."""
+        return self._parse.finished
+
+    @property
+    def terminal_event(self):
+        return self._parse.terminal_event
+
+    @property
+    def request_method(self) -> str:
+        """For responses: the method of the request being answered (HEAD has no response body)."""
+        return self._parse.request_method
+
+    @request_method.setter
+    def request_method(self, method: str) -> None:
+        self._parse.request_method = method
+
+
+class _Parse:
+    """A MessageParser's state and llhttp's callbacks."""
+
+    def __init__(self, is_request: bool, max_head_size: int) -> None:
         self.events: deque = deque()
         self.is_request = is_request
         self.max_head_size = max_head_size
@@ -98,12 +146,11 @@ class MessageParser:
         self._new_llhttp()
 
     def _new_llhttp(self) -> None:
-        self._llhttp = (httptools.HttpRequestParser if self.is_request else httptools.HttpResponseParser)(self)
+        self._llhttp: Any = (httptools.HttpRequestParser if self.is_request else httptools.HttpResponseParser)(self)
 
     # --- feeding -----------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        """Parse ``data`` (the next bytes from the peer; b"" means EOF) into ``events``."""
         if self.finished:
             return
         if not data:

@@ -30,7 +30,7 @@ from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forw
 from tun2g.http.relay import IDEMPOTENT_METHODS, Meter
 from tun2g.http.client import Body, StreamedResponse, body_pieces, body_is_replayable, send_request
 from tun2g.http.parser import CHUNKED
-from tun2g.log import get_logger
+from tun2g.log import AccessLog, get_logger
 from tun2g.metrics import DomainMetrics, Metrics
 from tun2g.requestid import new_request_id
 from tun2g.policy import Policy
@@ -41,6 +41,7 @@ from tun2g.server.router import NodeUpstream, Router, Upstream, routing_key
 from tun2g.transport.base import ByteStream
 
 log = get_logger(__name__)
+access = AccessLog(__name__)
 
 Result = TypeVar("Result")
 
@@ -444,10 +445,9 @@ class Pipeline:
         if self.access_log:
             head = request.head
             sizes = exchange.sizes(result)
-            log.info("request", method=head.method, host=request.host, path=head.target, status=status,
-                     ms=round(seconds * 1000, 2), client_ip=request.peer_ip or "-",
-                     bytes_in=sizes[0] if sizes else "-", bytes_out=sizes[1] if sizes else "-",
-                     request_id=request.id, backend=label)
+            access.request(head.method, request.host, head.target, status, round(seconds * 1000, 2),
+                           request.peer_ip or "-", sizes[0] if sizes else "-", sizes[1] if sizes else "-",
+                           request.id, label)
         return result
 
     def _offer(self, request: Request, exchange: _Exchange[Result], result: Result, status: int, seconds: float,
