@@ -140,9 +140,14 @@ def rm(name, storage_url):
 @click.option("--acme-ca-bundle", "ca_bundle", type=click.Path(exists=True, dir_okay=False),
               envvar="TUN2G_ACME_CA_BUNDLE", show_envvar=True,
               help="CA file to verify the ACME directory with (a test server's); default: the system's.")
+@click.option("--challenge", type=click.Choice(["http-01", "tls-alpn-01"]), default="http-01", show_default=True,
+              envvar="TUN2G_ACME_CHALLENGE", show_envvar=True,
+              help="How the ACME server validates: http-01 on the servers' public HTTP port (port 80), "
+                   "tls-alpn-01 on their public HTTPS port (443; works behind a TCP-mode balancer).")
 @_storage_option
-def issue(name, directory_url, email, ca_bundle, storage_url):
-    """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port).
+def issue(name, directory_url, email, ca_bundle, challenge, storage_url):
+    """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port,
+    or --challenge tls-alpn-01 on their public HTTPS port).
 
     The servers sharing the store answer the challenge and serve the certificate within a second.
     """
@@ -155,7 +160,8 @@ def issue(name, directory_url, email, ca_bundle, storage_url):
         raise click.BadParameter(str(exc), param_hint="NAME") from None
     with _certificates(storage_url) as store:
         try:
-            certificate = acme_issue(store, domain, directory_url=directory_url, email=email, ca_bundle=ca_bundle)
+            certificate = acme_issue(store, domain, directory_url=directory_url, email=email, ca_bundle=ca_bundle,
+                                     challenge=challenge)
         except NoSuchRoute:
             raise click.ClickException(f"{domain} has no route: certificates are ordered only for routed names "
                                        f"(`tun2g route add {domain} --user U` first)") from None
