@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from tests.fixtures.net import free_port, require_binary
+from tests.fixtures.net import free_port
 from tests.fixtures.tunnel import DOMAIN, _start, wait_until
+from tests.server.test_https import _curl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,15 +50,16 @@ def test_tls_alpn_01_issues_with_the_http_port_out_of_reach_and_curl_validates_t
     assert "Pebble" in info.issuer and info.not_after > time.time()
     root = tmp_path / "pebble-root.pem"
     root.write_text(server.root_pem())
-    port = deployment.running.https_address[1]
-    result = subprocess.run([require_binary("curl"), "-sS", "--max-time", "10", "--cacert", str(root), "--resolve",
-                             f"{DOMAIN}:{port}:127.0.0.1", f"https://{DOMAIN}:{port}/headers"],
-                            capture_output=True, text=True, timeout=15)
+    result = _curl(deployment, root)
     assert result.returncode == 0, result.stderr
     assert '"X-Forwarded-Proto": "https"' in result.stdout
+    assert deployment.storage.acme_value(f"alpn:{DOMAIN}") is None  # removed after the order
+    assert [name for name in _acme_keys(deployment) if not name.startswith("account:")] == []
+
+
+def _acme_keys(deployment) -> list[str]:
     with sqlite3.connect(deployment.storage_url.removeprefix("sqlite:///")) as db:
-        keys = [row[0] for row in db.execute("SELECT key FROM acme")]
-    assert len(keys) == 1 and keys[0].startswith("account:")  # alpn:<domain> removed after the order
+        return [row[0] for row in db.execute("SELECT key FROM acme")]
 
 
 def test_http_01_in_the_same_setup_fails_in_one_line_with_the_acme_error(https_only_to_pebble):
