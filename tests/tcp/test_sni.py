@@ -97,6 +97,27 @@ def test_any_alpn_list_is_read_back_with_or_before_the_name(names, alpn_first):
     assert peek.server_name == "a.example" and peek.alpn == tuple(names)
 
 
+ACME_ENTRY = b"\x0aacme-tls/1"
+
+
+def test_parse_only_if_skips_a_hello_without_the_bytes_and_reads_one_with_them():
+    skipped = peek_server_name(real_hello(), parse_only_if=ACME_ENTRY)
+    assert skipped.complete and not skipped.parsed and skipped.alpn == () and skipped.server_name is None
+    read = peek_server_name(real_hello("shop.example", ("acme-tls/1",)), parse_only_if=ACME_ENTRY)
+    assert read.parsed and read.alpn == (b"acme-tls/1",) and read.server_name == "shop.example"
+    hello = real_hello("shop.example", ("acme-tls/1",))
+    for cut in range(len(hello)):
+        assert not peek_server_name(hello[:cut], parse_only_if=ACME_ENTRY).complete
+
+
+@given(st.lists(st.integers(min_value=1, max_value=16), max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_parse_only_if_finds_the_bytes_across_record_boundaries(sizes):
+    handshake = real_hello("shop.example", ("acme-tls/1",))[5:]
+    peek = peek_server_name(_records(handshake, sizes), parse_only_if=ACME_ENTRY)
+    assert peek.parsed and peek.alpn == (b"acme-tls/1",)
+
+
 def test_names_are_lower_cased_and_lose_a_trailing_dot():
     assert peek_server_name(_records(_hello(_sni((0, b"DB.Example.COM."))), [])).server_name == "db.example.com"
 
@@ -151,6 +172,8 @@ def test_a_real_hello_with_bytes_flipped_is_refused_or_read_never_crashes(alpn, 
     position %= len(hello)
     hello[position:position + len(junk)] = junk
     try:
-        peek_server_name(bytes(hello))
+        full = peek_server_name(bytes(hello))
     except ClientHelloError:
-        pass
+        return
+    skipped = peek_server_name(bytes(hello), parse_only_if=ACME_ENTRY)  # the same bytes, or not parsed
+    assert skipped == full or (not skipped.parsed and b"acme-tls/1" not in full.alpn)

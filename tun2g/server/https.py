@@ -65,6 +65,7 @@ REFRESH_INTERVAL = 1.0    # seconds between certificate revision reads
 ALPN_PROTOCOLS = ["http/1.1"]
 PEEK_POLL = 0.02          # seconds between peeks at a ClientHello that arrived in pieces
 _ACME_TLS_ALPN = ACME_TLS_ALPN.encode()
+_ACME_TLS_ALPN_ENTRY = bytes((len(_ACME_TLS_ALPN),)) + _ACME_TLS_ALPN  # as it appears in an ALPN list
 
 
 class Passthrough(Protocol):
@@ -183,7 +184,7 @@ def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT,
     def run(sock):
         names = passthrough.passthrough_names() if passthrough is not None else set()
         with gevent.Timeout(timeout, HandshakeFailed(f"no TLS handshake within {timeout:g} s")):
-            hello = _peek_hello(sock)
+            hello = _peek_hello(sock, None if names else _ACME_TLS_ALPN_ENTRY)  # parse only what may matter
             name = hello.server_name if hello is not None else None
             if passthrough is None or name is None or name not in names:
                 if hello is not None and _ACME_TLS_ALPN in hello.alpn:
@@ -227,15 +228,16 @@ def _refuse(_tls, server_name: str | None, _context) -> int:
     return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
 
-def _peek_hello(sock) -> HelloPeek | None:
+def _peek_hello(sock, parse_only_if: bytes | None) -> HelloPeek | None:
     """The SNI and ALPN of the ClientHello waiting in `sock`, read with MSG_PEEK (None: not a hello
-    the parser accepts, which the TLS handshake then refuses as before). One peek takes a hello that
+    the parser accepts, which the TLS handshake then refuses as before; unparsed when it lacks
+    `parse_only_if`). One peek takes a hello that
     arrived whole; a cut one (the handshake timeout) has its peeked bytes read, so the close is a FIN."""
     seen = b""
     try:
         while True:
             try:
-                peek = peek_server_name(seen)
+                peek = peek_server_name(seen, parse_only_if=parse_only_if)
             except ClientHelloError:
                 return None
             if peek.complete:

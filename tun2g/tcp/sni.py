@@ -51,10 +51,15 @@ class HelloPeek:
     server_name: str | None = None
     needed: int = 0
     alpn: tuple[bytes, ...] = ()
+    parsed: bool = True  # False: complete, its extensions not read (the hello lacks `parse_only_if`)
 
 
-def peek_server_name(data: bytes | bytearray | memoryview) -> HelloPeek:
-    """Parse the start of a TLS connection; raises ClientHelloError for anything but a ClientHello."""
+def peek_server_name(data: bytes | bytearray | memoryview, *, parse_only_if: bytes | None = None) -> HelloPeek:
+    """Parse the start of a TLS connection; raises ClientHelloError for anything but a ClientHello.
+
+    With `parse_only_if`, a complete hello whose bytes do not contain it comes back unparsed (``parsed``
+    False: no name, no protocols, no check of its extensions), which skips most of the work for a caller
+    that looks for one thing, such as an ALPN name with its length byte."""
     view = memoryview(data).cast("B")
     handshake = bytearray()
     offset = 0
@@ -83,6 +88,8 @@ def peek_server_name(data: bytes | bytearray | memoryview) -> HelloPeek:
             hello_length = int.from_bytes(handshake[1:4], "big")
             if hello_length > MAX_HELLO_SIZE:
                 raise ClientHelloError(f"a ClientHello of {hello_length} bytes (the limit is {MAX_HELLO_SIZE})")
+    if parse_only_if is not None and handshake.find(parse_only_if, 4, 4 + hello_length) < 0:
+        return HelloPeek(True, parsed=False)
     server_name, alpn = _extensions(memoryview(handshake)[4:4 + hello_length])
     return HelloPeek(True, server_name=server_name, alpn=alpn)
 
