@@ -63,6 +63,16 @@ def test_pending_challenges_are_shared_and_expire(storage_factory):
     wait_until(lambda: pending(reader, "shop.test") is None, timeout=10, message="the challenge expired")
 
 
+def test_a_store_that_is_down_answers_no_challenge(redis_server):
+    from tun2g.storage.redis_store import RedisStorage
+
+    store = RedisStorage(redis_server.url)
+    put_pending(store, "shop.test", KEY_AUTHORIZATION)
+    redis_server.stop()
+    book = ChallengeCertificates(store, lambda cert, key: ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    assert pending(store, "shop.test") is None and book.context_for("shop.test") is None
+
+
 def test_a_challenge_certificate_is_made_once_per_key_authorization(storage_factory):
     store = storage_factory()
     made: list[str] = []
@@ -80,9 +90,9 @@ def test_a_challenge_certificate_is_made_once_per_key_authorization(storage_fact
     assert len(book._contexts) == 2  # the cap
 
 
-def test_a_pending_challenge_is_answered_with_acme_tls_1_and_closed_after_the_handshake(https_deployment):
-    put_pending(https_deployment.storage, DOMAIN, KEY_AUTHORIZATION)
-    with _handshake(https_deployment, _acme_client(), DOMAIN) as tls:
+def test_a_pending_challenge_is_answered_with_acme_tls_1_and_closed_after_the_handshake(served):
+    put_pending(served.storage, DOMAIN, KEY_AUTHORIZATION)  # a renewal: the name has a certificate already
+    with _handshake(served, _acme_client(), DOMAIN) as tls:
         assert tls.selected_alpn_protocol() == "acme-tls/1"
         critical, value, names = _identifier(tls.getpeercert(binary_form=True))
         assert critical and names == [DOMAIN]
