@@ -6,7 +6,8 @@ extension of the pending challenge in the store, negotiates acme-tls/1, and the
 connection closes after the handshake. An acme-tls/1 hello for a name with no
 pending challenge (unrouted, or nothing ordered) or with no SNI fails with an
 alert and the port keeps serving; ordinary clients never see a challenge
-certificate. Pending challenges live in both stores with their TTL.
+certificate; a passthrough name's acme-tls/1 hello goes to its backend (nginx).
+Pending challenges live in both stores with their TTL.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.fixtures.tunnel import DOMAIN, wait_until
 from tests.server.test_https import _curl, _handshake, _tls_client, ca, https_deployment, served  # noqa: F401
+from tests.tcp.test_https_passthrough import NAME as PASSTHROUGH_NAME, shared_port  # noqa: F401
+from tests.tcp.test_real_peers import nginx_tls  # noqa: F401  (a fixture shared_port uses)
 from tun2g.server.tls_alpn import (ACME_IDENTIFIER_OID, ChallengeCertificates, challenge_certificate, pending,
                                    put_pending, remove_pending)
 
@@ -120,6 +123,14 @@ def test_ordinary_clients_never_see_a_challenge_certificate(served, ca):
     put_pending(served.storage, DOMAIN, KEY_AUTHORIZATION)
     with _handshake(served, _tls_client(ca), DOMAIN) as tls:  # verified against the test CA: the real one
         assert tls.selected_alpn_protocol() == "http/1.1"
+
+
+def test_acme_tls_1_for_a_passthrough_name_goes_to_its_backend_not_to_our_challenge(shared_port):
+    deployment, _nginx_ca = shared_port
+    put_pending(deployment.storage, PASSTHROUGH_NAME, KEY_AUTHORIZATION)  # even so: the backend's own ACME
+    # nginx's answer (it offers no acme-tls/1); tun2g would have answered the challenge or said unrecognized_name
+    with pytest.raises(ssl.SSLError, match="no application protocol"):
+        _handshake(deployment, _acme_client(), PASSTHROUGH_NAME).close()
 
 
 def test_a_hello_that_is_no_tls_still_fails_the_handshake(https_deployment):
