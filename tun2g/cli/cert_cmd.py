@@ -131,6 +131,10 @@ def rm(name, storage_url):
 
 
 @cert.command("issue")
+@click.option("--challenge", type=click.Choice(["http-01", "tls-alpn-01"]), default="http-01", show_default=True,
+              envvar="TUN2G_ACME_CHALLENGE", show_envvar=True,
+              help="How the ACME server validates: http-01 on the servers' public HTTP port (port 80), "
+                   "tls-alpn-01 on their public HTTPS port (443; works behind a TCP-mode balancer).")
 @click.argument("name")
 @click.option("--acme-directory", "directory_url", envvar="TUN2G_ACME_DIRECTORY", show_envvar=True,
               default="https://acme-v02.api.letsencrypt.org/directory", show_default=True,
@@ -140,10 +144,6 @@ def rm(name, storage_url):
 @click.option("--acme-ca-bundle", "ca_bundle", type=click.Path(exists=True, dir_okay=False),
               envvar="TUN2G_ACME_CA_BUNDLE", show_envvar=True,
               help="CA file to verify the ACME directory with (a test server's); default: the system's.")
-@click.option("--challenge", type=click.Choice(["http-01", "tls-alpn-01"]), default="http-01", show_default=True,
-              envvar="TUN2G_ACME_CHALLENGE", show_envvar=True,
-              help="How the ACME server validates: http-01 on the servers' public HTTP port (port 80), "
-                   "tls-alpn-01 on their public HTTPS port (443; works behind a TCP-mode balancer).")
 @_storage_option
 def issue(name, directory_url, email, ca_bundle, challenge, storage_url):
     """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port,

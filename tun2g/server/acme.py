@@ -115,8 +115,7 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
         order = acme.poll_and_finalize(order, deadline)
     except (errors.Error, messages.Error) as exc:
         log.warning("acme_order_failed", domain=domain, directory=directory_url, error=str(exc))
-        reason = " ".join(str(exc).split())  # acme's text for failed challenges spans lines: one line for users
-        raise IssuanceFailed(f"the ACME server refused the order for {domain}: {reason}") from None
+        raise IssuanceFailed(f"the ACME server refused the order for {domain}: {exc}") from None
     except OSError as exc:  # requests' connection errors are OSErrors
         raise IssuanceFailed(f"cannot reach the ACME directory {directory_url}: {exc}") from None
     finally:
