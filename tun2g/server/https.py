@@ -231,8 +231,8 @@ def _refuse(_tls, server_name: str | None, _context) -> int:
 def _peek_hello(sock, parse_only_if: bytes | None) -> HelloPeek | None:
     """The SNI and ALPN of the ClientHello waiting in `sock`, read with MSG_PEEK (None: not a hello
     the parser accepts, which the TLS handshake then refuses as before; unparsed when it lacks
-    `parse_only_if`). One peek takes a hello that
-    arrived whole; a cut one (the handshake timeout) has its peeked bytes read, so the close is a FIN."""
+    `parse_only_if`). One peek takes a hello that arrived whole; a cut one (the handshake timeout)
+    has its peeked bytes read, so the close is a FIN, not a reset."""
     seen = b""
     try:
         while True:
