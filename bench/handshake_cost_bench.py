@@ -27,11 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 import tunnel_common as tc
-
-DOMAIN = "localhost"
+from https_bench import DOMAIN, _cpu, handshakes
 
 
 class Tree:
@@ -67,23 +64,6 @@ class Tree:
         before = _cpu(self.service.pid)
         count, elapsed = handshakes(self.port, self._client(alpn), resume, seconds)
         return count / elapsed, (_cpu(self.service.pid) - before) * 1e6 / count
-
-
-def handshakes(port: int, context: ssl.SSLContext, resume: bool, seconds: float) -> tuple[int, float]:
-    session, count, started = None, 0, time.monotonic()
-    while count == 0 or time.monotonic() - started < seconds:
-        with socket.create_connection(("127.0.0.1", port)) as raw, \
-                context.wrap_socket(raw, server_hostname=DOMAIN, session=session if resume else None) as tls:
-            session = tls.session
-            if resume and count and not tls.session_reused:
-                raise RuntimeError("the session was not resumed")
-        count += 1
-    return count, time.monotonic() - started
-
-
-def _cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def main() -> None:
