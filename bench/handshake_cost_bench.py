@@ -1,9 +1,9 @@
 """Server CPU per public TLS handshake, this tree against a baseline tree, both servers in the same run.
 
-    git archive a25cae5 | (mkdir -p /tmp/base && tar -x -C /tmp/base)
-    python3 bench/handshake_cost_bench.py --base /tmp/base [--rounds 3] [--seconds 2]
+    python3 bench/handshake_cost_bench.py --against a25cae5 [--rounds 12] [--seconds 1]
 
-Two `tun2g server --https` processes (one per tree, each with its own SQLite
+Two `tun2g server --https` processes (this working tree, and the package of
+the `--against` revision exported with `git archive`; one per tree, each with its own SQLite
 store holding a certificate for `localhost`) take new connections one after
 another, full handshakes and resumed ones (TLS 1.2 session ids), in
 alternating rounds so both see the same load on the machine. The figure is the
@@ -23,12 +23,15 @@ import argparse
 import socket
 import ssl
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import tunnel_common as tc
 from https_bench import DOMAIN, _cpu, handshakes
+from request_cost_bench import export_revision
 
 
 class Tree:
@@ -39,7 +42,11 @@ class Tree:
         self.store = workdir / f"{label}.sqlite3"
         self.cert = workdir / "tun2g-dev-cert.pem"
         env = tc.child_env()
-        env["PYTHONPATH"] = str(root)
+        env["PYTHONPATH"] = str(root)  # and run in `root`: `python -m` puts its working directory first
+        where = subprocess.run([sys.executable, "-c", "import tun2g; print(tun2g.__file__)"], env=env, cwd=root,
+                               capture_output=True, text=True, check=True).stdout
+        if not where.startswith(str(root)):
+            raise RuntimeError(f"the {label} server would import tun2g from {where.strip()}, not {root}")
         storage = f"sqlite:///{self.store}"
         key = workdir / "tun2g-dev-key.pem"
         tc.tun2g_run("cert", "add", DOMAIN, "--cert", str(self.cert), "--key", str(key), "--storage", storage)
@@ -47,7 +54,8 @@ class Tree:
         self.service = tc.Service(f"tun2g server ({label})", tc.tun2g_argv(
             "server", "--http", f"127.0.0.1:{tc.free_port()}", "--https", f"127.0.0.1:{self.port}",
             "--tunnel", f"127.0.0.1:{tc.free_port()}", "--plain-tunnel", "--admin", f"127.0.0.1:{admin}",
-            "--storage", storage, "--no-access-log", "--log-level", "warning"), workdir / f"{label}.log", env=env)
+            "--storage", storage, "--no-access-log", "--log-level", "warning"), workdir / f"{label}.log", env=env,
+            cwd=root)
         tc.wait_until(lambda: self.service.check_alive() or tc.port_open(admin), 30, f"the {label} server")
         handshakes(self.port, self._client(), False, 0.5)  # warm-up: certificates loaded, code paths hot
 
@@ -68,7 +76,7 @@ class Tree:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path, required=True, help="the baseline tree (e.g. `git archive a25cae5`)")
+    parser.add_argument("--against", default="HEAD", help="git revision to compare with (the base)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
     args = parser.parse_args()
@@ -77,7 +85,8 @@ def main() -> None:
         tc.tun2g_run("cert", "dev", "--out", str(workdir), "--host", DOMAIN)
         trees: list[Tree] = []
         try:
-            for label, root in (("base", args.base.resolve()), ("this", tc.REPO_ROOT)):
+            base = export_revision(args.against, workdir / "base")
+            for label, root in (("base", base), ("this", tc.REPO_ROOT)):
                 trees.append(Tree(label, root, workdir))
             figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for round_ in range(args.rounds):
@@ -107,8 +116,6 @@ def main() -> None:
 
 def _peek_cost_us(alpn: str, calls: int = 5000) -> float:
     """CPU µs of one `_peek_hello` (MSG_PEEK and parse) on a hello waiting in a real socket pair."""
-    import sys
-
     sys.path.insert(0, str(tc.REPO_ROOT))
     from tun2g.server.https import _ACME_TLS_ALPN_ENTRY, _peek_hello
 
@@ -131,8 +138,6 @@ def _peek_cost_us(alpn: str, calls: int = 5000) -> float:
 
 def _challenge_figures(tree: Tree, seconds: float) -> tuple[float, float, float]:
     """(ms of the first acme-tls/1 handshake, answers/s, server CPU µs per answer) with a pending challenge."""
-    import sys
-
     sys.path.insert(0, str(tc.REPO_ROOT))
     from tun2g.server.tls_alpn import put_pending
     from tun2g.storage.sqlite_store import SQLiteStorage
