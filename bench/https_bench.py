@@ -45,15 +45,21 @@ def run_wrk(url: str, connections: int, duration: float) -> tc.WrkResult:
 def handshakes_per_s(port: int, ca: Path, resume: bool, seconds: float) -> float:
     context = ssl.create_default_context(cafile=str(ca))
     context.maximum_version = ssl.TLSVersion.TLSv1_2  # the session is known right after the handshake
-    session, count, deadline = None, 0, time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    count, elapsed = handshakes(port, context, resume, seconds)
+    return count / elapsed
+
+
+def handshakes(port: int, context: ssl.SSLContext, resume: bool, seconds: float) -> tuple[int, float]:
+    """New connections one after another for `seconds` (at least one): (handshakes, seconds taken)."""
+    session, count, started = None, 0, time.monotonic()
+    while count == 0 or time.monotonic() - started < seconds:
         with socket.create_connection(("127.0.0.1", port)) as raw, \
                 context.wrap_socket(raw, server_hostname=DOMAIN, session=session if resume else None) as tls:
             session = tls.session
             if resume and count and not tls.session_reused:
                 raise RuntimeError("the session was not resumed")
         count += 1
-    return count / seconds
+    return count, time.monotonic() - started
 
 
 def main() -> None:

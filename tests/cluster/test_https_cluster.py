@@ -3,7 +3,10 @@
 pebble validates HTTP-01 through the balancer, so the request lands on
 whichever node round-robin picks, none of which ordered (`tun2g cert issue`
 did, from the store's side); each answers from Redis. Then every node serves
-the same certificate, directly and through the TCP balancer.
+the same certificate, directly and through the TCP balancer. TLS-ALPN-01: no
+HTTP port reaches pebble at all, node 1 orders, and the TCP balancer for 443
+sends pebble's acme-tls/1 handshake to nodes 2 and 3 only, which answer from
+Redis; then all three serve the one certificate.
 """
 
 from __future__ import annotations
@@ -82,3 +85,23 @@ def test_one_order_through_the_balancer_and_all_three_nodes_serve_it(cluster_nod
     served = {_served_certificate(node.running.https_address[1], root) for node in nodes}
     assert len(served) == 1
     assert {_served_certificate(tls_port, root) for _ in range(3)} == served
+
+
+def test_tls_alpn_01_through_a_tcp_balancer_is_answered_by_a_node_that_did_not_order(cluster_node, tcp_balancer,
+                                                                                     pebble, redis_server):
+    from tun2g.server.acme import issue
+
+    nodes = [cluster_node(f"n{i}", https_addr="127.0.0.1:0") for i in (1, 2, 3)]
+    tls_port = tcp_balancer([node.running.https_address[1] for node in nodes[1:]])  # not the ordering node
+    server = pebble(free_port(), tls_port)  # pebble's HTTP-01 port: nobody listens
+    nodes[0].storage.add_route(DOMAIN, "alice")
+    certificate = issue(nodes[0].storage, DOMAIN, directory_url=server.directory_url,
+                        ca_bundle=str(server.ca_bundle), source="n1", challenge="tls-alpn-01")
+    assert certificate.info.source == "n1" and "Pebble" in certificate.info.issuer
+    for node in nodes:
+        wait_until(lambda: DOMAIN in node.running.certificates.names(), timeout=5, message=f"{node} loaded it")
+    assert nodes[0].storage.acme_value(f"alpn:{DOMAIN}") is None  # the pending challenge is gone
+    root = server.root_pem()
+    served = {_served_certificate(node.running.https_address[1], root) for node in nodes}
+    assert len(served) == 1
+    assert {_served_certificate(tls_port, root) for _ in range(2)} == served

@@ -153,22 +153,28 @@ def test_a_short_lived_certificate_is_renewed_and_served_without_restart(acme_se
     assert server.orders() >= 2
 
 
-def test_the_command_line_server_orders_on_first_use(tmp_path, data_dir, pebble):
-    """`tun2g server --acme` as a user runs it (TUN2G_ACME from the environment, the --acme-* flags)."""
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
+def test_the_command_line_server_orders_on_first_use(tmp_path, data_dir, pebble, challenge):
+    """`tun2g server --acme` as a user runs it (TUN2G_ACME from the environment, the --acme-* flags).
+
+    With tls-alpn-01 the server is HTTPS-only (`--http none`) and pebble's HTTP-01 port reaches nobody,
+    so only the HTTPS port can have validated."""
     from tests.fixtures.net import env_without_proxies, free_port, wait_for_port
     from tun2g.storage import open_storage
 
     http_port, https_port = free_port(), free_port()
-    server = pebble(http_port, https_port)
+    server = pebble(http_port if challenge == "http-01" else free_port(), https_port)
+    public = ["--http", f"127.0.0.1:{http_port}"] if challenge == "http-01" else ["--http", "none"]
     storage_url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
     store = open_storage(storage_url)
     store.add_route(DOMAIN, "alice")
     env = env_without_proxies() | {"TUN2G_DATA_DIR": str(data_dir), "TUN2G_ACME": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tun2g.cli", "server", "--http", f"127.0.0.1:{http_port}", "--https",
+        [sys.executable, "-m", "tun2g.cli", "server", *public, "--https",
          f"127.0.0.1:{https_port}", "--tunnel", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--plain-tunnel",
          "--storage", storage_url, "--node-id", "edge-1", "--acme-directory", server.directory_url,
-         "--acme-ca-bundle", str(server.ca_bundle), "--acme-email", "ops@example.com"],
+         "--acme-ca-bundle", str(server.ca_bundle), "--acme-email", "ops@example.com",
+         "--acme-challenge", challenge],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_port(https_port, timeout=30)

@@ -51,7 +51,7 @@ def test_an_https_only_server_serves_a_tunnel_over_https(tmp_path, data_dir, bac
 @pytest.mark.parametrize("argv, words", [
     (["--http", "none"], "--http none needs --https"),
     (["--http", "none", "--https", "127.0.0.1:0", "--https-redirect"], "--https-redirect"),
-    (["--http", "none", "--https", "127.0.0.1:0", "--acme"], "--acme"),
+    (["--http", "none", "--https", "127.0.0.1:0", "--acme"], "--acme-challenge tls-alpn-01"),
     (["--http", "none", "--https", "127.0.0.1:0", "--storage", "redis://127.0.0.1:1/0"], "Redis"),
     (["--http", "127.0.0.1:0", "--acme"], "--acme needs --https"),
 ])

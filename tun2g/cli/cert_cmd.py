@@ -17,7 +17,7 @@ from typing import Iterator, Protocol, cast
 
 import click
 
-from tun2g.cli.options import acme_options, print_table
+from tun2g.cli.options import acme_challenge_option, acme_options, print_table
 from tun2g.cli.store_cmd import CONTEXT, _json_flag, _opened, _storage_option, _when
 from tun2g.storage import Storage
 from tun2g.storage.certificates import CertificateStore
@@ -131,11 +131,13 @@ def rm(name, storage_url):
 
 
 @cert.command("issue")
+@acme_challenge_option("--challenge")
 @click.argument("name")
 @acme_options
 @_storage_option
-def issue(name, acme_directory, acme_email, acme_ca_bundle, storage_url):
-    """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port).
+def issue(name, acme_directory, acme_email, acme_ca_bundle, acme_challenge, storage_url):
+    """Order a certificate for the routed NAME by ACME (HTTP-01 on the servers' public HTTP port,
+    or --challenge tls-alpn-01 on their public HTTPS port).
 
     The servers sharing the store answer the challenge and serve the certificate within a second.
     """
@@ -149,7 +151,7 @@ def issue(name, acme_directory, acme_email, acme_ca_bundle, storage_url):
     with _certificates(storage_url) as store:
         try:
             certificate = acme_issue(store, domain, directory_url=acme_directory, email=acme_email,
-                                     ca_bundle=acme_ca_bundle)
+                                     ca_bundle=acme_ca_bundle, challenge=acme_challenge)
         except NoSuchRoute:
             raise click.ClickException(f"{domain} has no route: certificates are ordered only for routed names "
                                        f"(`tun2g route add {domain} --user U` first)") from None

@@ -73,7 +73,8 @@ class Group(click.Group):
             command = ctx.invoked_subcommand or ctx.info_name
             click.echo(f"tun2g {command}: {_one_line(exc.format_message())} (tun2g {command} --help)", err=True)
             sys.exit(EXIT_USAGE)
-        except click.ClickException:
+        except click.ClickException as exc:  # a command's own message, which may quote a server's lines
+            exc.message = _one_line(exc.message)
             raise
         except Exception as exc:
             described = describe(exc)

@@ -64,6 +64,18 @@ def cidrs(ctx, param, values):
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # tun2g.server.acme.LETS_ENCRYPT
 
 
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+def acme_challenge_option(flag: str):
+    """`tun2g cert issue --challenge` / `tun2g server --acme-challenge`: how the ACME server validates."""
+    return env_option(flag, "acme_challenge", env="TUN2G_ACME_CHALLENGE", type=click.Choice(ACME_CHALLENGES),
+                      default="http-01", show_default=True,
+                      help="How the ACME server validates: http-01 on the servers' public HTTP port (port 80), "
+                           "tls-alpn-01 on their public HTTPS port (443; works behind a TCP-mode balancer "
+                           "and with --http none).")
+
+
 def acme_options(command):
     """--acme-directory, --acme-email and --acme-ca-bundle: where `tun2g cert issue` and `server --acme` order."""
     for option in reversed((

@@ -9,7 +9,7 @@ import sys
 import click
 
 from tun2g.cli.config_cmd import ConfigCommand, config_option, loaded_config, policy_section
-from tun2g.cli.options import POSITIVE_SECONDS, acme_options, cidrs, env_option, host_port, host_port_or_none
+from tun2g.cli.options import POSITIVE_SECONDS, acme_challenge_option, acme_options, cidrs, env_option, host_port, host_port_or_none
 
 
 @click.command(cls=ConfigCommand)
@@ -17,7 +17,7 @@ from tun2g.cli.options import POSITIVE_SECONDS, acme_options, cidrs, env_option,
 @env_option("--http", "http_addr", env="TUN2G_HTTP", metavar="HOST:PORT|none",
             callback=host_port_or_none,
             help="Public HTTP address. Default :$PORT when PORT is set (Heroku), else :8080. `none`: HTTPS only "
-                 "(with --https; not with --https-redirect, --acme or a Redis store).")
+                 "(with --https; not with --https-redirect, --acme's http-01 or a Redis store).")
 @env_option("--https", "https_addr", env="TUN2G_HTTPS", callback=host_port, metavar="HOST:PORT",
             help="Public HTTPS address (next to --http), certificates chosen by SNI from the store "
                  "(`tun2g cert add`); see docs/https.md. Default: no HTTPS.")
@@ -28,8 +28,9 @@ from tun2g.cli.options import POSITIVE_SECONDS, acme_options, cidrs, env_option,
             help="Send Strict-Transport-Security: max-age=SECONDS on responses over HTTPS. 0: none.")
 @env_option("--acme", env="TUN2G_ACME", is_flag=True,
             help="Order certificates by ACME for routed names on their first HTTPS use and renew them "
-                 "(one node per name, HTTP-01 on the --http port); needs --https. See docs/https.md.")
+                 "(one node per name; --acme-challenge says how it is validated); needs --https. See docs/https.md.")
 @acme_options
+@acme_challenge_option("--acme-challenge")
 @env_option("--tunnel", "tunnel_addr", env="TUN2G_TUNNEL", default=":4443", show_default=True,
             callback=host_port_or_none,
             metavar="HOST:PORT|none", help="Address where tunnel clients connect (TCP). `none`: no tunnel port; "
@@ -141,7 +142,7 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url,
            self_service_domain, self_service_limit, grace_period,
            tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections, log_level,
-           acme, acme_directory, acme_email, acme_ca_bundle):
+           acme, acme_directory, acme_email, acme_ca_bundle, acme_challenge):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -175,7 +176,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
                         tcp_ports=tcp_ports, tcp_bind=tcp_bind, tls_passthrough=tls_passthrough,
                         tcp=TCPSettings(idle_timeout=tcp_idle_timeout or None, connect_timeout=tcp_connect_timeout,
                                         max_connections_per_route=tcp_max_connections),
-                        acme=acme, acme_settings=AcmeSettings(acme_directory, acme_email, acme_ca_bundle))
+                        acme=acme, acme_settings=AcmeSettings(acme_directory, acme_email, acme_ca_bundle,
+                                                              challenge=acme_challenge))
     bounds = dict(header_timeout=header_timeout, idle_timeout=idle_timeout, response_timeout=response_timeout,
                   body_timeout=body_timeout, max_connections_per_ip=max_connections_per_ip,
                   max_connections=max_connections)

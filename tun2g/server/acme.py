@@ -1,4 +1,5 @@
-"""ACME (RFC 8555) issuance with HTTP-01, the challenge answered by whichever node the validation reaches.
+"""ACME (RFC 8555) issuance with HTTP-01 or TLS-ALPN-01, the challenge answered by whichever node the
+validation reaches.
 
 `issue()` orders a certificate for one routed name with certbot's `acme`
 library (JWS, nonces and polling are its work, not ours), puts each HTTP-01
@@ -8,7 +9,11 @@ public HTTP port answers ``/.well-known/acme-challenge/<token>`` from the store
 (`challenge_answer`, called by the pipeline before routing, only for tokens
 that are pending), and every node with ``--https`` serves the certificate
 within a second of it being stored. The account key is kept in the store too,
-one per directory URL, so repeated orders reuse one account.
+one per directory URL, so repeated orders reuse one account. With
+``challenge="tls-alpn-01"`` (RFC 8737) the key authorization goes under
+``alpn:<domain>`` instead and every node's public HTTPS port answers the
+validation's ``acme-tls/1`` handshake (tun2g.server.tls_alpn); the HTTP port
+is not used.
 
 It runs where it is called (the `tun2g cert issue` command); requests' sockets
 are gevent's there, and every network call is bounded by `NETWORK_TIMEOUT` and
@@ -19,12 +24,14 @@ renewal (`tun2g server --acme`) calls it from tun2g.server.cert_manager.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import re
 import time
 from typing import cast
 
 from tun2g.log import get_logger
+from tun2g.server import tls_alpn
 from tun2g.storage import Storage, StorageError
 from tun2g.storage.certificates import CertificateStore, StoredCertificate, certificate_info
 
@@ -36,6 +43,7 @@ CHALLENGE_TTL = 600.0   # seconds a pending HTTP-01 answer is kept
 NETWORK_TIMEOUT = 30.0  # seconds per request to the ACME directory
 ORDER_TIMEOUT = 120.0   # seconds for a whole order (validation and finalization)
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # base64url, as RFC 8555 8.3 makes tokens
+CHALLENGES = ("http-01", "tls-alpn-01")
 
 
 class IssuanceFailed(Exception):
@@ -65,15 +73,19 @@ def challenge_answer(store: CertificateStore, target: str) -> str | None:
 
 
 def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, email: str | None = None,
-          ca_bundle: str | None = None, source: str = "cli") -> StoredCertificate:
-    """Order, validate (HTTP-01) and store a certificate for a routed `domain`; IssuanceFailed otherwise."""
+          ca_bundle: str | None = None, source: str = "cli", challenge: str = "http-01") -> StoredCertificate:
+    """Order, validate (`challenge`: http-01 or tls-alpn-01) and store a certificate for a routed `domain`;
+    IssuanceFailed otherwise."""
     from acme import challenges, client, crypto_util, errors, messages
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     import josepy
 
+    if challenge not in CHALLENGES:
+        raise ValueError(f"challenge must be one of {', '.join(CHALLENGES)}, not {challenge!r}")
     if not isinstance(store, CertificateStore):
         raise IssuanceFailed(f"{store.describe()} does not keep certificates")
+    kind = challenges.HTTP01 if challenge == "http-01" else _tls_alpn_01()
     store.has_route(domain)  # NoSuchRoute: never order a name nobody routes
     account_key = _account_key(store, directory_url, josepy)
     # requests takes a CA file path for `verify`; acme annotates the pass-through as bool only.
@@ -87,6 +99,7 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
 
     network.session.hooks["response"].append(note_refusal)
     tokens: list[str] = []
+    alpn_pending = False
     started = time.monotonic()
     try:
         directory = client.ClientV2.get_directory(directory_url, network)
@@ -103,15 +116,18 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
         for authorization in order.authorizations:
             if authorization.body.status == messages.STATUS_VALID:
                 continue  # validated for this account recently (authorization reuse): nothing to answer
-            challenge = next((c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)),
-                             None)
-            if challenge is None:
-                raise IssuanceFailed(f"the ACME server offers no HTTP-01 challenge for {domain}")
-            response, validation = challenge.response_and_validation(account_key)
-            token = challenge.chall.encode("token")
-            store.put_acme_value(f"challenge:{token}", validation, CHALLENGE_TTL)
-            tokens.append(token)
-            acme.answer_challenge(challenge, response)
+            offered = next((c for c in authorization.body.challenges if isinstance(c.chall, kind)), None)
+            if offered is None:
+                raise IssuanceFailed(f"the ACME server offers no {challenge.upper()} challenge for {domain}")
+            response = offered.chall.response(account_key)
+            if challenge == "http-01":
+                token = offered.chall.encode("token")
+                store.put_acme_value(f"challenge:{token}", response.key_authorization, CHALLENGE_TTL)
+                tokens.append(token)
+            else:
+                tls_alpn.put_pending(store, domain, response.key_authorization, CHALLENGE_TTL)
+                alpn_pending = True
+            acme.answer_challenge(offered, response)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
         order = acme.poll_and_finalize(order, deadline)
     except (errors.Error, messages.Error) as exc:
@@ -124,11 +140,38 @@ def issue(store: Storage, domain: str, *, directory_url: str = LETS_ENCRYPT, ema
     finally:
         for token in tokens:
             store.remove_acme_value(f"challenge:{token}")
+        if alpn_pending:
+            tls_alpn.remove_pending(store, domain)
     certificate = certificate_info(domain, order.fullchain_pem, key_pem.decode(), source, time.time())
     store.put_certificate(certificate)
     log.info("acme_issued", domain=domain, issuer=certificate.info.issuer, not_after=certificate.info.not_after,
              seconds=round(time.monotonic() - started, 1))
     return certificate
+
+
+@functools.cache
+def _tls_alpn_01() -> type:
+    """The tls-alpn-01 challenge type, registered with acme's parser (acme 3 and later dropped theirs):
+    a key authorization challenge like HTTP-01, its response an empty JSON object."""
+    from acme import challenges
+
+    known = challenges.Challenge.TYPES.get("tls-alpn-01")
+    if known is not None:
+        return known
+
+    @challenges.ChallengeResponse.register
+    class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
+        typ = "tls-alpn-01"
+
+    @challenges.Challenge.register
+    class TLSALPN01(challenges.KeyAuthorizationChallenge):
+        response_cls = TLSALPN01Response
+        typ = "tls-alpn-01"
+
+        def validation(self, account_key, **unused_kwargs) -> str:
+            return self.key_authorization(account_key)
+
+    return TLSALPN01
 
 
 def _account_key(store: CertificateStore, directory_url: str, josepy):

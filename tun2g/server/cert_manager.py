@@ -136,6 +136,7 @@ class AcmeSettings:
     directory_url: str = LETS_ENCRYPT
     email: str | None = None
     ca_bundle: str | None = None
+    challenge: str = "http-01"  # or "tls-alpn-01" (on the HTTPS port: behind a TCP balancer, with --http none)
     scan_interval: float = SCAN_INTERVAL
     renew_fraction: float = RENEW_FRACTION
 
@@ -276,7 +277,8 @@ class CertManager:
         try:
             with gevent.Timeout(ORDER_DEADLINE, IssuanceFailed(f"no certificate within {ORDER_DEADLINE:g} s")):
                 self._order(self.store, name, directory_url=settings.directory_url, email=settings.email,
-                            ca_bundle=settings.ca_bundle, source=f"acme:{self.node_id}")
+                            ca_bundle=settings.ca_bundle, source=f"acme:{self.node_id}",
+                            challenge=settings.challenge)
         except (IssuanceFailed, NoSuchRoute, StorageError) as exc:
             self.metrics.failed.inc()
             backoff = self._backoff.setdefault(name, Backoff())

@@ -19,13 +19,19 @@ for another's name. The book polls the store's certificate revision every
 node or command is served by every node within that time, without a restart;
 while the store cannot be read, the certificates already loaded keep serving.
 
-TLS passthrough on this port: when some connected client serves names by
-passthrough (`tun2g client --tls NAME=HOST:PORT`), the ClientHello is first
-peeked (``MSG_PEEK``: the bytes stay in the kernel for the TLS handshake or
-the backend; at most `MAX_RECORDS_SIZE`, within the same handshake timeout).
-A hello naming such a name is handed, untouched, to the TCP routes
-(`Passthrough.handle_passthrough`), so the tunnel never holds that name's key;
-any other hello is terminated as above (docs/tcp.md).
+Every ClientHello is first peeked (``MSG_PEEK``: the bytes stay in the kernel
+for the TLS handshake or the backend; at most `MAX_RECORDS_SIZE`, within the
+same handshake timeout) for its SNI and ALPN. TLS passthrough on this port:
+when some connected client serves names by passthrough (`tun2g client --tls
+NAME=HOST:PORT`), a hello naming such a name is handed, untouched, to the TCP
+routes (`Passthrough.handle_passthrough`), so the tunnel never holds that
+name's key (docs/tcp.md). ACME TLS-ALPN-01 (RFC 8737): any other hello that
+offers ALPN ``acme-tls/1`` is an ACME server's validation; it gets the
+challenge certificate of its name's pending challenge (tun2g.server.tls_alpn,
+from the shared store), negotiates ``acme-tls/1`` and is closed after the
+handshake (never served HTTP), or, with no challenge pending for its name,
+fails with an ``unrecognized_name`` alert. Any other hello is terminated as
+above.
 
 TLS session resumption stays on (OpenSSL's session tickets, TLS 1.2 and 1.3).
 
@@ -48,7 +54,8 @@ import gevent
 from tun2g.log import get_logger
 from tun2g.storage import StorageError
 from tun2g.storage.certificates import CertificateStore, StoredCertificate, candidate_names
-from tun2g.tcp.sni import MAX_RECORDS_SIZE, ClientHelloError, peek_server_name
+from tun2g.server.tls_alpn import ACME_TLS_ALPN, ChallengeCertificates
+from tun2g.tcp.sni import MAX_RECORDS_SIZE, ClientHelloError, HelloPeek, peek_server_name
 from tun2g.transport.base import PEEKABLE_TLS
 
 log = get_logger(__name__)
@@ -57,6 +64,8 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds for a whole public TLS handshake
 REFRESH_INTERVAL = 1.0    # seconds between certificate revision reads
 ALPN_PROTOCOLS = ["http/1.1"]
 PEEK_POLL = 0.02          # seconds between peeks at a ClientHello that arrived in pieces
+_ACME_TLS_ALPN = ACME_TLS_ALPN.encode()
+_ACME_TLS_ALPN_ENTRY = bytes((len(_ACME_TLS_ALPN),)) + _ACME_TLS_ALPN  # as it appears in an ALPN list
 
 
 class Passthrough(Protocol):
@@ -85,6 +94,9 @@ class CertificateBook:
         self._failing = False
         self.listening_context = _base_context()
         self.listening_context.sni_callback = self._choose
+        self.challenges = ChallengeCertificates(store, _challenge_context)
+        self.refusing_context = _base_context()  # an acme-tls/1 hello with no challenge pending for its name
+        self.refusing_context.sni_callback = _refuse
 
     def names(self) -> list[str]:
         """The names a certificate is loaded for."""
@@ -180,8 +192,12 @@ def handshake(book: CertificateBook, timeout: float = HANDSHAKE_TIMEOUT,
     def run(sock):
         names = passthrough.passthrough_names() if passthrough is not None else set()
         with gevent.Timeout(timeout, HandshakeFailed(f"no TLS handshake within {timeout:g} s")):
-            name = _peek_server_name(sock) if names else None
+            hello = _peek_hello(sock, None if names else _ACME_TLS_ALPN_ENTRY)  # parse only what may matter
+            name = hello.server_name if hello is not None else None
             if passthrough is None or name is None or name not in names:
+                if hello is not None and _ACME_TLS_ALPN in hello.alpn:
+                    _answer_challenge(book, sock, name)
+                    return None
                 return PeekableTLS(_terminate(book, sock))
         try:
             address = sock.getpeername()
@@ -202,26 +218,54 @@ def _terminate(book: CertificateBook, sock) -> ssl.SSLSocket:
     return tls
 
 
-def _peek_server_name(sock) -> str | None:
-    """The SNI of the ClientHello waiting in `sock`, read with MSG_PEEK (None: no SNI, or not a hello
-    the parser accepts, which the TLS handshake then refuses as before)."""
+def _answer_challenge(book: CertificateBook, sock, name: str | None) -> None:
+    """An ACME server's TLS-ALPN-01 validation: the challenge certificate, acme-tls/1, then close."""
+    context = book.challenges.context_for(name)
+    tls = (context or book.refusing_context).wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    try:
+        tls.do_handshake()
+    except OSError as exc:
+        raise HandshakeFailed(f"acme-tls/1 for {name or 'no name'}: {exc}") from None
+    finally:
+        tls.close()  # RFC 8737 3: no data follows the handshake
+    log.info("acme_tls_alpn_answered", domain=name)
+
+
+def _refuse(_tls, server_name: str | None, _context) -> int:
+    log.debug("acme_tls_alpn_not_pending", server_name=(server_name or "-")[:256])
+    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+
+
+def _peek_hello(sock, parse_only_if: bytes | None) -> HelloPeek | None:
+    """The SNI and ALPN of the ClientHello waiting in `sock`, read with MSG_PEEK (None: not a hello
+    the parser accepts, which the TLS handshake then refuses as before; unparsed when it lacks
+    `parse_only_if`). One peek takes a hello that arrived whole; a cut one (the handshake timeout)
+    has its peeked bytes read, so the close is a FIN, not a reset."""
     seen = b""
-    while True:
-        try:
-            peek = peek_server_name(seen)
-        except ClientHelloError:
-            return None
-        if peek.complete:
-            return peek.server_name
-        try:
-            data = sock.recv(min(MAX_RECORDS_SIZE, peek.needed), socket.MSG_PEEK)
-        except OSError as exc:
-            raise HandshakeFailed(str(exc)) from None
-        if not data:
-            raise HandshakeFailed("closed before its ClientHello")
-        if len(data) == len(seen):
-            gevent.sleep(PEEK_POLL)  # a hello in pieces: MSG_PEEK returns at once while bytes wait unread
-        seen = data
+    try:
+        while True:
+            try:
+                peek = peek_server_name(seen, parse_only_if=parse_only_if)
+            except ClientHelloError:
+                return None
+            if peek.complete:
+                return peek
+            try:
+                data = sock.recv(MAX_RECORDS_SIZE, socket.MSG_PEEK)  # whatever has come, up to the cap
+            except OSError as exc:
+                raise HandshakeFailed(str(exc)) from None
+            if not data:
+                raise HandshakeFailed("closed before its ClientHello")
+            if len(data) == len(seen):
+                gevent.sleep(PEEK_POLL)  # a hello in pieces: MSG_PEEK returns at once while bytes wait unread
+            seen = data
+    except HandshakeFailed:
+        if seen:
+            try:
+                sock.recv(len(seen))  # they wait in the kernel: no block
+            except OSError:
+                pass
+        raise
 
 
 def _base_context() -> ssl.SSLContext:
@@ -234,12 +278,24 @@ def _base_context() -> ssl.SSLContext:
 
 
 def _context_for(certificate: StoredCertificate) -> ssl.SSLContext:
-    """An ssl context holding one stored chain and key (via a private temporary file, removed at once)."""
+    """An ssl context holding one stored chain and key."""
+    return _load(_base_context(), certificate.chain_pem, certificate.key_pem)
+
+
+def _challenge_context(certificate_pem: str, key_pem: str) -> ssl.SSLContext:
+    """An ssl context serving a TLS-ALPN-01 challenge certificate: ALPN acme-tls/1 only, no session tickets."""
     context = _base_context()
+    context.set_alpn_protocols([ACME_TLS_ALPN])
+    context.num_tickets = 0
+    return _load(context, certificate_pem, key_pem)
+
+
+def _load(context: ssl.SSLContext, chain_pem: str, key_pem: str) -> ssl.SSLContext:
+    """`context` holding a chain and key (via a private temporary file, removed at once)."""
     with tempfile.TemporaryDirectory(prefix="tun2g-cert-") as directory:
         path = os.path.join(directory, "chain-and-key.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(certificate.chain_pem.rstrip("\n") + "\n" + certificate.key_pem)
+            handle.write(chain_pem.rstrip("\n") + "\n" + key_pem)
         context.load_cert_chain(path)
     return context

@@ -190,9 +190,10 @@ class ServerSetup:
             if self.https_redirect:
                 raise ConfigurationError("--https-redirect redirects the plain HTTP port, which --http none "
                                          "removes: drop one of them")
-            if self.acme:
+            if self.acme and self.acme_settings.challenge == "http-01":
                 raise ConfigurationError("--acme answers its HTTP-01 challenges on the plain HTTP port: keep "
-                                         "--http HOST:PORT (port 80 must reach it) with --acme")
+                                         "--http HOST:PORT (port 80 must reach it), or validate on the HTTPS "
+                                         "port with --acme-challenge tls-alpn-01")
             if (self.storage_url or "").lower().startswith("redis"):
                 raise ConfigurationError(_HTTPS_ONLY_CLUSTER)
 

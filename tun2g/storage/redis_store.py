@@ -27,7 +27,8 @@ Key schema (``P`` is ``key_prefix``, default ``tun2g:``)::
     P cert-revision       string  a counter bumped by every certificate stored or removed (nodes poll it)
     P acme:<key>          string  ACME state: challenge:<token> (key authorization, TTL), account:<sha256 of directory>,
                                   order:<name> (the node ordering it: SET NX PX, released by compare-and-delete),
-                                  backoff:<name> ("FAILURES NOT_BEFORE" after a failed order, for every node)
+                                  backoff:<name> ("FAILURES NOT_BEFORE" after a failed order, for every node),
+                                  alpn:<domain> (a TLS-ALPN-01 key authorization, TTL; tun2g.server.tls_alpn)
 
 A server's token check is one HGETALL and its route check one HGET. Writes
 that touch several keys run in one MULTI/EXEC transaction; read-then-write

@@ -1,9 +1,11 @@
-"""The server name a TLS ClientHello asks for (SNI, RFC 6066 section 3), read without terminating TLS.
+"""The server name (SNI, RFC 6066 section 3) and the ALPN protocols (RFC 7301) of a TLS ClientHello, read
+without terminating TLS.
 
 Sans-I/O: `peek_server_name(data)` looks at the bytes a public connection has
 sent so far and says one of three things: more bytes are needed (and at least
 how many in all), the hello is complete (with its name, or None when it has no
-server_name extension), or the bytes are no ClientHello (`ClientHelloError`).
+server_name extension, and the protocols it offers by ALPN, in its order, ()
+without the extension), or the bytes are no ClientHello (`ClientHelloError`).
 The caller keeps the bytes and forwards them untouched, so the TLS session
 stays between the visitor and the backend; nothing here needs a key.
 
@@ -30,6 +32,7 @@ RECORD_HEADER = 5
 HANDSHAKE_RECORD = 0x16
 CLIENT_HELLO = 0x01
 SERVER_NAME_EXTENSION = 0x0000
+ALPN_EXTENSION = 0x0010
 HOST_NAME = 0x00
 MAX_HOST_NAME = 253
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -41,15 +44,22 @@ class ClientHelloError(ValueError):
 
 @dataclass(frozen=True)
 class HelloPeek:
-    """What the bytes so far say: ``complete`` with ``server_name`` (None: no SNI), or ``needed`` bytes in all."""
+    """What the bytes so far say: ``complete`` with ``server_name`` (None: no SNI) and ``alpn`` (the offered
+    protocols, () without ALPN), or ``needed`` bytes in all."""
 
     complete: bool
     server_name: str | None = None
     needed: int = 0
+    alpn: tuple[bytes, ...] = ()
+    parsed: bool = True  # False: complete, its extensions not read (the hello lacks `parse_only_if`)
 
 
-def peek_server_name(data: bytes | bytearray | memoryview) -> HelloPeek:
-    """Parse the start of a TLS connection; raises ClientHelloError for anything but a ClientHello."""
+def peek_server_name(data: bytes | bytearray | memoryview, *, parse_only_if: bytes | None = None) -> HelloPeek:
+    """Parse the start of a TLS connection; raises ClientHelloError for anything but a ClientHello.
+
+    With `parse_only_if`, a complete hello whose bytes do not contain it comes back unparsed (``parsed``
+    False: no name, no protocols, no check of its extensions), which skips most of the work for a caller
+    that looks for one thing, such as an ALPN name with its length byte."""
     view = memoryview(data).cast("B")
     handshake = bytearray()
     offset = 0
@@ -78,11 +88,15 @@ def peek_server_name(data: bytes | bytearray | memoryview) -> HelloPeek:
             hello_length = int.from_bytes(handshake[1:4], "big")
             if hello_length > MAX_HELLO_SIZE:
                 raise ClientHelloError(f"a ClientHello of {hello_length} bytes (the limit is {MAX_HELLO_SIZE})")
-    return HelloPeek(True, server_name=_server_name(memoryview(handshake)[4:4 + hello_length]))
+    if parse_only_if is not None and handshake.find(parse_only_if, 4, 4 + hello_length) < 0:
+        return HelloPeek(True, parsed=False)
+    server_name, alpn = _extensions(memoryview(handshake)[4:4 + hello_length])
+    return HelloPeek(True, server_name=server_name, alpn=alpn)
 
 
-def _server_name(hello: memoryview) -> str | None:
-    """The host_name of the hello's server_name extension (RFC 8446 4.1.2 layout), None without one."""
+def _extensions(hello: memoryview) -> tuple[str | None, tuple[bytes, ...]]:
+    """The host_name of the hello's server_name extension (None without one) and its ALPN protocol names
+    (RFC 8446 4.1.2 layout)."""
     reader = _Reader(hello, "ClientHello")
     reader.take(2 + 32)                     # legacy_version, random
     reader.vector(1, maximum=32)            # legacy_session_id
@@ -91,10 +105,11 @@ def _server_name(hello: memoryview) -> str | None:
         raise ClientHelloError("the cipher suite list has an odd length")
     reader.vector(1, minimum=1)             # legacy_compression_methods
     if reader.remaining == 0:
-        return None                         # no extensions at all (TLS 1.0-1.2 allow it)
+        return None, ()                     # no extensions at all (TLS 1.0-1.2 allow it)
     extensions = _Reader(reader.vector(2), "extensions")
     reader.finish()
     found: str | None = None
+    alpn: tuple[bytes, ...] = ()
     seen: set[int] = set()
     while extensions.remaining:
         kind = int.from_bytes(extensions.take(2), "big")
@@ -104,7 +119,20 @@ def _server_name(hello: memoryview) -> str | None:
         seen.add(kind)
         if kind == SERVER_NAME_EXTENSION:
             found = _host_name(body)
-    return found
+        elif kind == ALPN_EXTENSION:
+            alpn = _protocols(body)
+    return found, alpn
+
+
+def _protocols(body: memoryview) -> tuple[bytes, ...]:
+    """ALPN's ProtocolNameList (RFC 7301 3.1): at least one name, each 1 to 255 bytes."""
+    entries = _Reader(body, "application_layer_protocol_negotiation")
+    names = _Reader(entries.vector(2, minimum=2), "ALPN protocol list")
+    entries.finish()
+    protocols = []
+    while names.remaining:
+        protocols.append(bytes(names.vector(1, minimum=1)))
+    return tuple(protocols)
 
 
 def _host_name(body: memoryview) -> str | None:
