@@ -163,6 +163,8 @@ class ServerSetup:
     tcp_bind: str | None = None
     tls_passthrough: str | None = None
     tcp: TCPSettings = field(default_factory=TCPSettings)
+    # `tun2g server --workers N`: this process is one worker (tun2g.server.workers.WorkerLink), else None.
+    worker: Any = None
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -197,12 +199,12 @@ class ServerSetup:
                               public_url=self.public_url)
         if self.node_id:
             config.node_id = self.node_id
-        http_listener = listen("--http", self.http_addr)
+        http_listener = self._listen("--http", self.http_addr)
         http_address = http_listener.getsockname()[:2]
         https_listener = listen("--https", self.https_addr) if self.https_addr else None
         https_policy = HTTPSPolicy(redirect=self.https_redirect, hsts_max_age=self.hsts_max_age,
                                    https_port=https_listener.getsockname()[1] if https_listener else 443)
-        tunnels = Tunnels()
+        tunnels = Tunnels() if self.worker is None else self.worker.tunnels
         cluster = None
         metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
         if isinstance(storage, RedisStorage):  # with Redis, this process is one node of a cluster
@@ -226,7 +228,7 @@ class ServerSetup:
         if passthrough_listener is not None:
             running.passthrough_address = passthrough_listener.getsockname()[:2]
             running.services.append(tcp_routes.serve_passthrough(passthrough_listener))
-        running.front = HTTPFront(server, limits=limits)
+        running.front = HTTPFront(server, limits=limits) if self.worker is None else self.worker.make_front(server, limits)
         running.services.append(running.front.serve(http_listener))
         if https_listener is not None:
             self._start_https(https_listener, server, running, storage, limits, tcp_routes)
@@ -243,6 +245,8 @@ class ServerSetup:
             running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
             self._start_admin(server, running)
+        if self.worker is not None:
+            self.worker.attach(running)
         log.info("listening", http=_fmt(running.http_address), https=_fmt(running.https_address), tunnel=_fmt(running.tunnel_address),
                  tunnel_tls=not self.plain_tunnel and running.tunnel_address is not None, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
@@ -278,7 +282,7 @@ class ServerSetup:
             token, path, created = load_or_create_admin_token()
             log.info("admin_token", file=str(path), created=created,
                      hint="tun2g backends / tun2g kill read it from there")
-        listener = listen("--admin", self.admin_addr)
+        listener = self._listen("--admin", self.admin_addr)
         address = listener.getsockname()[:2]
         admin = WSGIServer(listener, AdminAPI(server, token, address, reload=running.reload), log=None,
                            error_log=None)
@@ -307,7 +311,7 @@ class ServerSetup:
                         hint="add one with `tun2g cert add DOMAIN --cert F --key F`; until then handshakes fail")
 
     def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
-        tunnel_listener = listen("--tunnel", self.tunnel_addr)
+        tunnel_listener = self._listen("--tunnel", self.tunnel_addr)
         running.tunnel_address = tunnel_listener.getsockname()[:2]
         if self.plain_tunnel:
             log.warning("plain_tunnel", note="tunnel traffic, tokens included, is NOT encrypted; "
@@ -322,6 +326,15 @@ class ServerSetup:
     def _tunnel_port_wanted(self) -> bool:
         """False for `--tunnel none` (one public port: clients use --conn-type upgrade)."""
         return bool(self.tunnel_addr) and self.tunnel_addr.lower() != "none"
+
+    def _listen(self, flag: str, address: str):
+        """The listener for `flag`: a worker's comes from its supervisor (shared with the other workers)."""
+        inherited = None if self.worker is None else self.worker.listener(flag)
+        return listen(flag, address) if inherited is None else inherited
+
+    def shared_certificate(self) -> None:
+        """Make the development certificate now, if one is needed (a supervisor, before its workers start)."""
+        self._certificate()
 
     def _certificate(self):
         if self.tls_cert:
