@@ -35,10 +35,11 @@ def tun2g(*args):
 class Workers:
     """A `tun2g server --workers 2` process, its log file and the ports it serves."""
 
-    def __init__(self, tmp_path: Path, *extra: str) -> None:
+    def __init__(self, tmp_path: Path, *extra: str, env: dict | None = None) -> None:
         self.env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
         for name in ("REDIS_URL", "TUN2G_STORAGE", "TUN2G_WORKERS"):
             self.env.pop(name, None)
+        self.env |= env or {}
         self.http_port, self.tunnel_port = free_port(), free_port()
         self.log_path = tmp_path / "server.log"
         self.process = subprocess.Popen(
@@ -250,6 +251,37 @@ def test_a_flood_of_connections_to_the_wrong_worker_leaks_no_fds(workers, backen
                message=f"fd counts back to {baseline}")
 
 
+def test_with_redis_each_worker_is_a_cluster_node_and_forwarded_requests_are_served(tmp_path, redis_server,
+                                                                                    backend):
+    url, _app = backend
+    cluster = {"TUN2G_STORAGE": redis_server.url, "TUN2G_CLUSTER_SECRET": "s" * 32}
+    (tmp_path / "a").mkdir()
+    workers = Workers(tmp_path / "a", "--node-id", "edge", env=cluster)
+    other_port = free_port()
+    other = subprocess.Popen(tun2g("server", "--http", f"127.0.0.1:{other_port}", "--tunnel", "none", "--admin",
+                                   "127.0.0.1:0", "--node-id", "other"),
+                             env=workers.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers.client(url)
+        wait_until(workers.served, timeout=30, message="the tunnel to serve")
+
+        def forwarded() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{other_port}/", headers={"Host": DOMAIN},
+                                    timeout=10).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_until(forwarded, timeout=30, message="the other node to forward to the workers' node")
+        for _ in range(20):  # each hop lands on either worker; the one that did not sign for it hands it over
+            assert forwarded()
+        assert re.search(r"node=edge-w[01]\b", workers.log())
+    finally:
+        other.kill()
+        other.wait(15)
+        workers.close()
+
+
 def test_combinations_that_cannot_work_are_refused_in_one_line(tmp_path):
     env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
     result = subprocess.run(tun2g("server", "--workers", "2", "--kcp", f"127.0.0.1:{free_port()}",
@@ -258,3 +290,67 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--workers" in lines[0] and "--kcp" in lines[0], result.stderr
+
+
+# -- the handover messages themselves, on a real socket pair in this process ----------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("case", ["oversized", "two_fds", "no_fd", "not_tcp", "wrong_kind"])
+def test_a_malformed_handover_message_ends_the_link_and_closes_what_it_carried(tmp_path, case):
+    import gevent
+
+    from tun2g.server.workers import HANDOVER_MAX, WorkerLink
+
+    control, _other = socket.socketpair()
+    link = WorkerLink(0, control, str(tmp_path), {}, grace=1.0)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * HANDOVER_MAX)  # room for the oversized one
+    listener = socket.create_server(("127.0.0.1", 0))
+    tcp = socket.create_connection(listener.getsockname())
+    read_end, write_end = os.pipe()
+    baseline = _open_fds()
+    serving = gevent.spawn(link.take_handovers, theirs)
+    message, fds = {
+        "oversized": ([b"C" + b"x" * HANDOVER_MAX], [tcp.fileno()]),
+        "two_fds": ([b"C"], [tcp.fileno(), tcp.fileno()]),
+        "no_fd": ([b"C" + b"GET / HTTP/1.1\r\n\r\n"], []),
+        "not_tcp": ([b"C"], [read_end]),
+        "wrong_kind": ([b"X"], [tcp.fileno()]),
+    }[case]
+    socket.send_fds(ours, message, fds)
+    serving.join(10)
+    assert serving.dead
+    assert ours.recv(16) == b""  # the link was closed
+    assert link.refused == 1 and link.taken_over == 0
+    ours.close()
+    assert _open_fds() <= baseline - 1  # every descriptor the message carried is closed, and our end
+    for sock in (tcp, listener, control, _other):
+        sock.close()
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_a_handover_within_the_bounds_is_taken(tmp_path):
+    import gevent
+
+    from tun2g.server.workers import WorkerLink
+
+    control, _other = socket.socketpair()
+    link = WorkerLink(0, control, str(tmp_path), {}, grace=1.0)  # no front yet: the connection is closed
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = socket.create_server(("127.0.0.1", 0))
+    tcp = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    serving = gevent.spawn(link.take_handovers, theirs)
+    socket.send_fds(ours, [b"C" + b"GET / HTTP/1.1\r\n\r\n"], [tcp.fileno()])
+    tcp.close()  # the worker's copy is the only one left
+    assert accepted.recv(16) == b""  # taken, then closed by the link without a front
+    ours.close()
+    serving.join(10)
+    assert link.taken_over == 1 and link.refused == 0
+    for sock in (accepted, listener, control, _other):
+        sock.close()

@@ -39,13 +39,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
 from tun2g import pages
+from tun2g.cluster.hop import HOP_HEADER
 from tun2g.errors import ConfigurationError
 from tun2g.http import RequestHead
 from tun2g.http.encode import encode_request_head
@@ -64,12 +65,13 @@ from tun2g.transport.upgrade import UpgradedStream
 log = get_logger(__name__)
 
 WORKER_ENV = "TUN2G_WORKER"        # set by the supervisor in each worker's environment (JSON)
-HANDOVER_MAX = 256 * 1024          # bytes in one handover message (a head read already, and what followed it)
+HANDOVER_MAX = 128 * 1024          # bytes in one handover message (a head read already, and what followed it)
 HANDOVER_TIMEOUT = 2.0             # s to hand a connection over, else the accepting worker answers it
 CONTROL_LINE_MAX = 8 * 1024 * 1024 # bytes in one control message (a whole worker's route keys at most)
 PEEK_POLL_MIN, PEEK_POLL_MAX = 0.005, 0.2  # s between peeks at a request head that arrived in pieces
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 30.0      # s before restarting a worker that exited; doubling
 STEADY_RUN = 60.0                  # s a worker must have run for its restart backoff to start again
+STATS_INTERVAL = 5.0               # s between a worker's handover counts in the log (when they changed)
 STOP_MARGIN = 10.0                 # s past the grace period before a worker that did not exit is killed
 _PEERCRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
 
@@ -171,6 +173,7 @@ class WorkerLink:
         self.peers: dict[int, tuple[int, str]] = {}      # worker index -> (pid, handover socket path)
         self.held: dict[int, set[str]] = {}               # worker index -> the route keys it holds
         self.holders: dict[str, set[int]] = {}            # route key -> the other workers holding it
+        self.nodes: dict[str, int] = {}                   # another worker's node id (hops name it) -> its index
         self.handed_over = 0   # connections this worker gave to another
         self.taken_over = 0    # connections another worker gave to this one
         self.refused = 0       # handover connections refused (not a sibling) or dropped (a bad message)
@@ -220,7 +223,8 @@ class WorkerLink:
         os.chmod(self.path, 0o600)
         listener.listen(64)
         self._tasks += [gevent.spawn(self._accept_handovers, listener), gevent.spawn(self._read_control),
-                        gevent.spawn(self._send_changes)]
+                        gevent.spawn(self._send_changes), gevent.spawn(self._log_stats)]
+        self._send_control({"node": running.server.config.node_id})
         self._changed()
         log.info("worker_ready", worker=self.index, pid=os.getpid())
 
@@ -261,12 +265,15 @@ class WorkerLink:
     def _apply(self, message: dict) -> None:
         if "peers" in message:
             peers = {}
+            nodes = {}
             for key, value in message["peers"].items():
-                if isinstance(value, list) and len(value) == 2:
+                if isinstance(value, list) and len(value) == 3:
                     peers[int(key)] = (int(value[0]), str(value[1]))
-            self.peers = peers
-            for index in list(self._connections):
-                self._forget(index)  # a restarted sibling listens anew
+                    if value[2] and int(key) != self.index:
+                        nodes[str(value[2])] = int(key)
+            self.peers, self.nodes = peers, nodes
+            for known in list(self._connections):
+                self._forget(known)  # a restarted sibling listens anew
             return
         index = message.get("w")
         if not isinstance(index, int) or index == self.index:
@@ -294,6 +301,9 @@ class WorkerLink:
         """The sibling to hand `head`'s connection to: it holds the route and this worker does not."""
         if not self.holders:
             return None
+        if self.nodes and (hop := head.get(HOP_HEADER)) is not None:  # with Redis: the node it is signed for
+            to = next((field[3:] for field in hop.split(";") if field.startswith("to=")), "")
+            return self.nodes.get(to)
         route = router.route(head, "", None).route
         if route is None or router.tunnels.pick(route) is not None:
             return None
@@ -350,9 +360,9 @@ class WorkerLink:
                 log.warning("handover_refused", pid=pid, uid=uid, reason="not a worker of this supervisor")
                 conn.close()
                 continue
-            gevent.spawn(self._take_handovers, conn)
+            gevent.spawn(self.take_handovers, conn)
 
-    def _take_handovers(self, conn) -> None:
+    def take_handovers(self, conn) -> None:
         """Serve each connection a sibling hands over on `conn`; a malformed message ends `conn`."""
         try:
             while True:
@@ -379,12 +389,17 @@ class WorkerLink:
             log.warning("handover_dropped", reason="not one connection within the message bound",
                         fds=len(fds), size=len(data))
             return None
-        sock = socket.socket(fileno=fds[0])
-        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:  # not a socket at all
+            os.close(fds[0])
+            sock = None
+        if sock is not None and sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            return sock
+        if sock is not None:
             sock.close()
-            log.warning("handover_dropped", reason="not a TCP connection")
-            return None
-        return sock
+        log.warning("handover_dropped", reason="not a TCP connection")
+        return None
 
     def _serve_taken(self, sock, data: bytes) -> None:
         front = self.front
@@ -399,7 +414,17 @@ class WorkerLink:
         front.serve_taken(UpgradedStream(sock, data) if data else sock, address)
 
     def stats(self) -> dict[str, int]:
+        """This worker's handover counts since it started."""
         return {"handed_over": self.handed_over, "taken_over": self.taken_over, "refused": self.refused}
+
+    def _log_stats(self) -> None:
+        logged = self.stats()
+        while True:
+            gevent.sleep(STATS_INTERVAL)
+            now = self.stats()
+            if now != logged:
+                log.info("handovers", worker=self.index, **now)
+                logged = now
 
 
 class WorkerFront(HTTPFront):
@@ -453,7 +478,7 @@ class WorkerFront(HTTPFront):
         else:
             del self._per_ip[peer_ip]
 
-    def _peek_head(self, sock) -> RequestHead | None | bool:
+    def _peek_head(self, sock) -> RequestHead | None | Literal[False]:
         """The first request head, read with MSG_PEEK (the bytes stay in the kernel for whoever serves it).
 
         None: no head to route by (malformed, too large: the normal path answers it); False: the
@@ -481,7 +506,7 @@ class WorkerFront(HTTPFront):
                         return None
                     seen = len(data)
                     for event in parser.events:
-                        if type(event) is HeadEvent:
+                        if type(event) is HeadEvent and isinstance(event.head, RequestHead):
                             return event.head
                     if parser.finished or seen > DEFAULT_MAX_HEAD_SIZE:
                         return None
@@ -519,6 +544,7 @@ class _Worker:
         self.process: subprocess.Popen | None = None
         self.control: socket.socket | None = None
         self.routes: set[str] = set()
+        self.node = ""  # its node id, once it said
         self.started = 0.0
         self.backoff = BACKOFF_MIN
         self.lock = Semaphore()
@@ -626,7 +652,8 @@ class Supervisor:
                 self._send(worker, {"w": other.index, "add": sorted(other.routes), "drop": []})
 
     def _peers(self) -> dict[str, list]:
-        return {str(worker.index): [worker.process.pid, os.path.join(self.directory, f"w{worker.index}.sock")]
+        return {str(worker.index): [worker.process.pid, os.path.join(self.directory, f"w{worker.index}.sock"),
+                                    worker.node]
                 for worker in self.workers if worker.process is not None and worker.process.poll() is None}
 
     def _relay(self, worker: _Worker) -> None:
@@ -635,6 +662,10 @@ class Supervisor:
         reader = LineReader(worker.control)
         try:
             while (message := reader.read()) is not None:
+                if isinstance(message.get("node"), str):
+                    worker.node = message["node"]
+                    self._broadcast({"peers": self._peers()})
+                    continue
                 added, dropped = _string_list(message.get("add")), _string_list(message.get("drop"))
                 worker.routes.difference_update(dropped)
                 worker.routes.update(added)
@@ -643,7 +674,7 @@ class Supervisor:
             log.warning("worker_control_failed", worker=worker.index, error=str(exc))
 
     def _gone(self, worker: _Worker) -> None:
-        worker.routes = set()
+        worker.routes, worker.node = set(), ""
         if worker.control is not None:
             worker.control.close()
             worker.control = None
