@@ -35,7 +35,7 @@ TOKEN = "cd" * 24
 
 def health(port: int) -> dict:
     """The health answer of whichever worker accepts a new connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(b"GET /_tun2g/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):

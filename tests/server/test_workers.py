@@ -282,6 +282,56 @@ def test_with_redis_each_worker_is_a_cluster_node_and_forwarded_requests_are_ser
         workers.close()
 
 
+def test_workers_that_cannot_start_stop_the_supervisor_with_their_one_line_error(tmp_path):
+    env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
+    result = subprocess.run(tun2g("server", "--workers", "2", "--storage", f"redis://127.0.0.1:{free_port()}/0",
+                                  "--http", f"127.0.0.1:{free_port()}", "--tunnel", f"127.0.0.1:{free_port()}",
+                                  "--admin", "127.0.0.1:0", "--plain-tunnel"),
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tun2g server:")]
+    assert errors and all("Redis" in line for line in errors), result.stderr  # each worker says it once
+    assert "Traceback" not in result.stderr and "worker_exited" not in result.stderr
+
+
+def test_https_connections_go_to_the_worker_holding_their_name_before_the_handshake(tmp_path, backend):
+    import ssl
+
+    from tests.fixtures.certs import ThrowawayCA
+
+    url, _app = backend
+    https_port = free_port()
+    workers = Workers(tmp_path, "--https", f"127.0.0.1:{https_port}")
+    try:
+        ca = ThrowawayCA.create()
+        chain, key = ca.issue(DOMAIN)
+        (tmp_path / "chain.pem").write_text(chain)
+        (tmp_path / "key.pem").write_text(key)
+        subprocess.run(tun2g("cert", "add", DOMAIN, "--cert", str(tmp_path / "chain.pem"), "--key",
+                             str(tmp_path / "key.pem")), env=workers.env, check=True, capture_output=True, timeout=60)
+        workers.client(url)
+        context = ssl.create_default_context(cafile=str(ca.write_root(tmp_path)))
+
+        def fetch() -> bytes:
+            with socket.create_connection(("127.0.0.1", https_port), timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname=DOMAIN) as tls:
+                    tls.sendall(f"GET /headers HTTP/1.1\r\nHost: {DOMAIN}\r\n\r\n".encode())
+                    return read_response(tls)[0]
+
+        def served() -> bool:
+            try:
+                return fetch().startswith(b"HTTP/1.1 200")
+            except (OSError, AssertionError):
+                return False
+
+        wait_until(served, timeout=30, message="HTTPS to serve (certificate loaded, tunnel up)")
+        for _ in range(30):
+            assert fetch().startswith(b"HTTP/1.1 200")
+        wait_until(lambda: workers.count("handed_over") >= 1, message="a TLS connection to be handed over")
+    finally:
+        workers.close()
+
+
 def test_combinations_that_cannot_work_are_refused_in_one_line(tmp_path):
     env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
     result = subprocess.run(tun2g("server", "--workers", "2", "--kcp", f"127.0.0.1:{free_port()}",

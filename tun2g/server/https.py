@@ -194,6 +194,12 @@ def _terminate(book: CertificateBook, sock) -> ssl.SSLSocket:
     return tls
 
 
+def waiting_server_name(sock) -> str | None:
+    """The SNI of the ClientHello waiting unread in `sock` (MSG_PEEK; None: none, or not a hello);
+    raises HandshakeFailed when the peer leaves first. Bound it with a timeout."""
+    return _peek_server_name(sock)
+
+
 def _peek_server_name(sock) -> str | None:
     """The SNI of the ClientHello waiting in `sock`, read with MSG_PEEK (None: no SNI, or not a hello
     the parser accepts, which the TLS handshake then refuses as before)."""

@@ -201,7 +201,7 @@ class ServerSetup:
             config.node_id = self.node_id
         http_listener = self._listen("--http", self.http_addr)
         http_address = http_listener.getsockname()[:2]
-        https_listener = listen("--https", self.https_addr) if self.https_addr else None
+        https_listener = self._listen("--https", self.https_addr) if self.https_addr else None
         https_policy = HTTPSPolicy(redirect=self.https_redirect, hsts_max_age=self.hsts_max_age,
                                    https_port=https_listener.getsockname()[1] if https_listener else 443)
         tunnels = Tunnels() if self.worker is None else self.worker.tunnels
@@ -304,7 +304,10 @@ class ServerSetup:
         book.refresh()
         running.certificates = book
         running.tasks.append(gevent.spawn(book.run))
-        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout, tcp_routes))
+        step = handshake(book, self.https_handshake_timeout, tcp_routes)
+        if self.worker is not None:  # a name another worker holds goes there before the handshake
+            step = self.worker.tls_step(step, server.router, self.https_handshake_timeout)
+        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=step)
         running.services.append(running.https_front.serve(listener))
         if not book.names():
             log.warning("https_without_certificates", https=_fmt(running.https_address),

@@ -55,8 +55,9 @@ from tun2g.http.parser import DEFAULT_MAX_HEAD_SIZE, HeadEvent, MessageParser
 from tun2g.log import configure, get_logger
 from tun2g.requestid import new_request_id
 from tun2g.server.front import HTTPFront
+from tun2g.server.https import HandshakeFailed, waiting_server_name
 from tun2g.server.process import ServerSetup, listen
-from tun2g.server.router import Router
+from tun2g.server.router import Router, routing_key
 from tun2g.server.tunnels import Tunnels
 from tun2g.tcp.wire import HOP_PATH
 from tun2g.transport import upgrade
@@ -83,8 +84,7 @@ def worker_count(requested: int) -> int:
 
 def check_combination(setup: ServerSetup) -> None:
     """ConfigurationError for what several workers cannot share (one line, naming the flag)."""
-    refused = [(setup.https_addr, "--https (a TLS connection cannot be handed to another worker)"),
-               (setup.kcp_addr, "--kcp (UDP sessions cannot be spread over processes)"),
+    refused = [(setup.kcp_addr, "--kcp (UDP sessions cannot be spread over processes)"),
                (setup.tls_passthrough, "--tls-passthrough (routed by SNI inside one process)"),
                (setup.tcp_ports, "--tcp-ports (each worker would allocate ports on its own)")]
     for value, flag in refused:
@@ -181,16 +181,22 @@ class WorkerLink:
         self._change = Event()
         self._control_lock = Semaphore()
         self.front: "WorkerFront | None" = None
+        self.https_front: HTTPFront | None = None
+        self._taken_tls: set[int] = set()  # fds of TLS connections a sibling handed over, not peeked again
         self.running: Any = None
         self._tasks: list = []
 
     @classmethod
     def from_env(cls, text: str) -> "WorkerLink":
         """The link a worker's TUN2G_WORKER describes (inherited descriptors, the handover directory)."""
-        spec = json.loads(text)
-        control = socket.socket(fileno=int(spec["control"]))
-        listeners = {flag: socket.socket(fileno=int(fd)) for flag, fd in spec["listeners"].items()}
-        return cls(int(spec["index"]), control, spec["dir"], listeners, float(spec["grace"]))
+        try:
+            spec = json.loads(text)
+            control = socket.socket(fileno=int(spec["control"]))
+            listeners = {flag: socket.socket(fileno=int(fd)) for flag, fd in spec["listeners"].items()}
+            return cls(int(spec["index"]), control, spec["dir"], listeners, float(spec["grace"]))
+        except (ValueError, TypeError, KeyError, AttributeError, OSError):
+            raise ConfigurationError(f"{WORKER_ENV} is set, but not by a tun2g supervisor: unset it "
+                                     f"(use --workers N to run workers)") from None
 
     def adjust(self, setup: ServerSetup) -> None:
         """This worker's own settings: a node id of its own, the admin API in worker 0 only."""
@@ -206,6 +212,24 @@ class WorkerLink:
         front.link = self
         return front
 
+    def tls_step(self, step: Callable, router: Router, timeout: float) -> Callable:
+        """The public HTTPS front's handshake `step`, first handing a connection whose SNI names a route a
+        sibling holds (and this worker does not) to that sibling, its ClientHello unread."""
+
+        def run(sock):
+            if not self.holders or sock.fileno() in self._taken_tls:
+                self._taken_tls.discard(sock.fileno())
+                return step(sock)
+            with gevent.Timeout(timeout, HandshakeFailed(f"no TLS handshake within {timeout:g} s")):
+                name = waiting_server_name(sock)
+            route = None if name is None else routing_key(name)
+            holders = None if route is None or router.tunnels.pick(route) is not None else self.holders.get(route)
+            if holders and self.hand_over(random.choice(tuple(holders)), sock, kind=b"S"):
+                return None  # served by the sibling
+            return step(sock)
+
+        return run
+
     def listener(self, flag: str):
         """The supervisor's listener for `flag`, or None."""
         return self.listeners.pop(flag, None)
@@ -213,7 +237,8 @@ class WorkerLink:
     def attach(self, running) -> None:
         """Start the handover socket and the control stream for a started server."""
         self.running = running
-        self.front = running.front
+        self.front = running.front if isinstance(running.front, WorkerFront) else None
+        self.https_front = running.https_front
         try:
             os.unlink(self.path)  # left by this worker's predecessor
         except FileNotFoundError:
@@ -314,15 +339,16 @@ class WorkerLink:
 
     # -- handing connections over -------------------------------------------------------
 
-    def hand_over(self, index: int, sock, data: bytes = b"") -> bool:
-        """Give `sock` (and the bytes already read from it) to worker `index`; False if it could not."""
+    def hand_over(self, index: int, sock, data: bytes = b"", kind: bytes = b"C") -> bool:
+        """Give `sock` (and the bytes already read from it) to worker `index`; False if it could not.
+        `kind`: b"C" plain HTTP, b"S" a TLS connection not yet handshaken (for the HTTPS front)."""
         if len(data) + 1 > HANDOVER_MAX or index not in self.peers:
             return False
         try:
             conn, lock = self._connection(index)
             with lock:
                 conn.settimeout(HANDOVER_TIMEOUT)
-                socket.send_fds(conn, [b"C" + data], [sock.fileno()])
+                socket.send_fds(conn, [kind + data], [sock.fileno()])
         except (OSError, ValueError) as exc:
             log.warning("handover_failed", to=index, error=str(exc))
             self._forget(index)
@@ -375,7 +401,7 @@ class WorkerLink:
                     return
                 self.taken_over += 1
                 log.debug("taken_over", worker=self.index, bytes=len(data) - 1)
-                gevent.spawn(self._serve_taken, taken, data[1:])
+                gevent.spawn(self._serve_taken, taken, data[1:], data[:1] == b"S")
         except OSError:
             return
         finally:
@@ -383,7 +409,8 @@ class WorkerLink:
 
     def _check(self, data: bytes, fds: list[int], flags: int) -> socket.socket | None:
         """The TCP socket a handover message carries, or None (and every fd closed) for anything else."""
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1 or data[:1] != b"C":
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1 or data[:1] not in (b"C", b"S") \
+                or (data[:1] == b"S" and (len(data) > 1 or self.https_front is None)):
             for fd in fds:
                 os.close(fd)
             log.warning("handover_dropped", reason="not one connection within the message bound",
@@ -401,17 +428,19 @@ class WorkerLink:
         log.warning("handover_dropped", reason="not a TCP connection")
         return None
 
-    def _serve_taken(self, sock, data: bytes) -> None:
-        front = self.front
-        if front is None:
-            sock.close()
-            return
+    def _serve_taken(self, sock, data: bytes, tls: bool = False) -> None:
+        front, https_front = self.front, self.https_front
         try:
             address = sock.getpeername()
         except OSError:
+            address = None
+        if address is None or (https_front if tls else front) is None:
             sock.close()
-            return
-        front.serve_taken(UpgradedStream(sock, data) if data else sock, address)
+        elif tls and https_front is not None:
+            self._taken_tls.add(sock.fileno())
+            https_front.handle(sock, address)
+        elif front is not None:
+            front.serve_taken(UpgradedStream(sock, data) if data else sock, address)
 
     def stats(self) -> dict[str, int]:
         """This worker's handover counts since it started."""
@@ -545,6 +574,7 @@ class _Worker:
         self.control: socket.socket | None = None
         self.routes: set[str] = set()
         self.node = ""  # its node id, once it said
+        self.served = False  # it started serving once (a worker that never did is not restarted)
         self.started = 0.0
         self.backoff = BACKOFF_MIN
         self.lock = Semaphore()
@@ -565,12 +595,16 @@ class Supervisor:
         self.listeners: dict[str, socket.socket] = {}
         self.directory = ""
         self.stopping: int | None = None  # the signal that stops the workers
+        self.kill_at = float("inf")       # when a worker still running after that signal is killed
+        self.failed = 0                   # the status of a worker that failed before it ever served
         self.done = Event()
 
     def bind(self) -> None:
         """The shared listeners (a port in use is a one-line SetupError) and the handover directory."""
         setup = self.setup
         self.listeners["--http"] = listen("--http", setup.http_addr)
+        if setup.https_addr:
+            self.listeners["--https"] = listen("--https", setup.https_addr)
         if setup.tunnel_addr and setup.tunnel_addr.lower() != "none":
             self.listeners["--tunnel"] = listen("--tunnel", setup.tunnel_addr)
         if setup.admin_addr:
@@ -591,14 +625,16 @@ class Supervisor:
         self.done.wait()
         gevent.joinall(watchers, timeout=self.grace + 2 * STOP_MARGIN)
         shutil.rmtree(self.directory, ignore_errors=True)
-        return 130 if self.stopping == signal.SIGINT else 0
+        return self.failed or (130 if self.stopping == signal.SIGINT else 0)
 
     def stop(self, signum: int) -> None:
         """SIGTERM: every worker drains (the grace period); SIGINT: every worker stops now."""
         if self.stopping is not None:
             return
         self.stopping = signum
-        log.info("supervisor_stopping", signal=signal.Signals(signum).name, workers=self.count)
+        self.kill_at = time.monotonic() + (self.grace if signum == signal.SIGTERM else 0.0) + STOP_MARGIN
+        if not self.failed:
+            log.info("supervisor_stopping", signal=signal.Signals(signum).name, workers=self.count)
         for listener in self.listeners.values():
             listener.close()  # the workers' copies carry on until each one drains
         for worker in self.workers:
@@ -607,16 +643,30 @@ class Supervisor:
         self.done.set()
 
     def _keep(self, worker: _Worker) -> None:
-        """Run one worker slot: start it, wait for it, restart it with backoff until stopping."""
+        """Run one worker slot: start it, wait for it, restart it with backoff until stopping.
+
+        A worker that fails before it ever served (a store that is down, a bad setting it found)
+        stops them all: the supervisor exits with its status, after the worker's own one-line error."""
         while self.stopping is None:
-            self._start(worker)
+            try:
+                self._start(worker)
+            except OSError as exc:  # no fork (out of memory or processes): try again later
+                log.warning("worker_not_started", worker=worker.index, error=str(exc), restart_in_s=worker.backoff)
+                gevent.sleep(worker.backoff)
+                worker.backoff = min(BACKOFF_MAX, worker.backoff * 2)
+                continue
             process = worker.process
             assert process is not None
             reader = gevent.spawn(self._relay, worker)
             status = self._wait(process)
+            reader.join(1.0)  # what it said before exiting (its node id: it had started)
             reader.kill()
             self._gone(worker)
             if self.stopping is not None:
+                return
+            if not worker.served and status:
+                self.failed = status
+                self.stop(signal.SIGTERM)
                 return
             ran = time.monotonic() - worker.started
             if ran >= STEADY_RUN:
@@ -629,9 +679,9 @@ class Supervisor:
     def _wait(self, process: subprocess.Popen) -> int:
         while True:
             try:
-                return process.wait(timeout=1.0 if self.stopping is None else self.grace + STOP_MARGIN)
+                return process.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                if self.stopping is not None:
+                if self.stopping is not None and time.monotonic() >= self.kill_at:
                     log.warning("worker_killed", pid=process.pid, reason="did not exit within the grace period")
                     process.kill()
 
@@ -663,14 +713,16 @@ class Supervisor:
         try:
             while (message := reader.read()) is not None:
                 if isinstance(message.get("node"), str):
-                    worker.node = message["node"]
+                    worker.node, worker.served = message["node"], True
                     self._broadcast({"peers": self._peers()})
                     continue
                 added, dropped = _string_list(message.get("add")), _string_list(message.get("drop"))
                 worker.routes.difference_update(dropped)
                 worker.routes.update(added)
                 self._broadcast({"w": worker.index, "add": added, "drop": dropped}, but=worker)
-        except (OSError, ValueError) as exc:
+        except OSError:
+            pass  # the worker exited (its watcher says so)
+        except ValueError as exc:
             log.warning("worker_control_failed", worker=worker.index, error=str(exc))
 
     def _gone(self, worker: _Worker) -> None:
