@@ -332,6 +332,32 @@ def test_https_connections_go_to_the_worker_holding_their_name_before_the_handsh
         workers.close()
 
 
+def test_workers_from_the_config_file_and_sighup_reloads_every_worker(tmp_path):
+    env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
+    for name in ("REDIS_URL", "TUN2G_STORAGE", "TUN2G_WORKERS"):
+        env.pop(name, None)
+    config = tmp_path / "tun2g.toml"
+    config.write_text(f'workers = 2\nhttp = "127.0.0.1:{free_port()}"\ntunnel = "127.0.0.1:{free_port()}"\n'
+                      f'admin = "127.0.0.1:0"\nplain-tunnel = true\nping-interval = 5.0\n')
+    log_path = tmp_path / "server.log"
+    server = subprocess.Popen(tun2g("server", "--config", str(config)), env=env, stdout=subprocess.DEVNULL,
+                              stderr=log_path.open("w"))
+    try:
+        wait_until(lambda: log_path.read_text().count("event=worker_ready") == 2, timeout=60,
+                   message="both workers to start")
+        config.write_text(config.read_text().replace("ping-interval = 5.0", "ping-interval = 7.0"))
+        server.send_signal(signal.SIGHUP)
+        wait_until(lambda: log_path.read_text().count("event=config_reloaded") == 2, timeout=30,
+                   message="each worker to reload")
+        assert server.poll() is None and "worker_exited" not in log_path.read_text()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(15)
+
+
 def test_combinations_that_cannot_work_are_refused_in_one_line(tmp_path):
     env = env_without_proxies() | {"TUN2G_DATA_DIR": str(tmp_path)}
     result = subprocess.run(tun2g("server", "--workers", "2", "--kcp", f"127.0.0.1:{free_port()}",

@@ -171,7 +171,7 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
     if loaded is not None:
         setup.policies = loaded.sections.get("policy", {})
     setup.check_https()  # a ConfigurationError is one line and status 2: tun2g.cli.errors
-    if _run_workers(setup, workers, grace_period):
+    if _run_workers(setup, workers, grace_period, reloads=loaded is not None):
         return
     import gevent
 
@@ -203,7 +203,7 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _run_workers(setup, workers: int, grace_period: float) -> bool:
+def _run_workers(setup, workers: int, grace_period: float, reloads: bool = False) -> bool:
     """--workers: True when this process was the supervisor (it has run and stopped); a worker (or
     --workers 1) gets its settings adjusted and serves as one server does."""
     from tun2g.server import workers as pool
@@ -215,7 +215,7 @@ def _run_workers(setup, workers: int, grace_period: float) -> bool:
     count = pool.worker_count(workers)
     if count == 1:
         return False
-    status = pool.supervise(setup, count, grace_period)
+    status = pool.supervise(setup, count, grace_period, reloads=reloads)
     if status:
         sys.exit(status)
     return True

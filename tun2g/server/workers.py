@@ -584,8 +584,10 @@ class Supervisor:
     """Starts, watches and restarts the workers; relays their route keys; drains them on SIGTERM."""
 
     def __init__(self, setup: ServerSetup, count: int, argv: list[str], grace: float,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, reloads: bool = False) -> None:
+        """`reloads`: the workers read a config file, and SIGHUP (passed on to them) reloads it."""
         self.setup = setup
+        self.reloads = reloads
         self.count = count
         self.argv = argv
         self.grace = grace
@@ -617,6 +619,7 @@ class Supervisor:
         """Run until every worker stopped after a signal; the exit status."""
         gevent.signal_handler(signal.SIGTERM, self.stop, signal.SIGTERM)
         gevent.signal_handler(signal.SIGINT, self.stop, signal.SIGINT)
+        gevent.signal_handler(signal.SIGHUP, self._reload)  # never the default (exit): pass it on, or ignore it
         address = self.listeners["--http"].getsockname()[:2]
         tunnel = self.listeners.get("--tunnel")
         log.info("supervisor", workers=self.count, pid=os.getpid(), dir=self.directory, http=f"{address[0]}:{address[1]}",
@@ -641,6 +644,15 @@ class Supervisor:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.send_signal(signum)
         self.done.set()
+
+    def _reload(self) -> None:
+        """SIGHUP: each worker reads its config file again (without --config, nothing to do)."""
+        if not self.reloads:
+            log.info("sighup_ignored", reason="started without --config: there is no file to reload")
+            return
+        for worker in self.workers:
+            if worker.served and worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGHUP)
 
     def _keep(self, worker: _Worker) -> None:
         """Run one worker slot: start it, wait for it, restart it with backoff until stopping.
@@ -749,11 +761,12 @@ class Supervisor:
                 pass  # that worker is exiting: its watcher sees it
 
 
-def supervise(setup: ServerSetup, count: int, grace: float, argv: Iterable[str] | None = None) -> int:
+def supervise(setup: ServerSetup, count: int, grace: float, argv: Iterable[str] | None = None,
+              reloads: bool = False) -> int:
     """Run `tun2g server` as a supervisor of `count` workers; returns the exit status."""
     check_combination(setup)
     configure(setup.log_level)
-    supervisor = Supervisor(setup, count, list(sys.argv[1:] if argv is None else argv), grace)
+    supervisor = Supervisor(setup, count, list(sys.argv[1:] if argv is None else argv), grace, reloads=reloads)
     supervisor.bind()
     return supervisor.run()
 
