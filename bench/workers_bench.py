@@ -2,6 +2,7 @@
 
     python3 bench/workers_bench.py                       # 256 connections, 3 rounds of 5 s
     python3 bench/workers_bench.py --connections 64 --rounds 5 --seconds 3
+    python3 bench/workers_bench.py --close --connections 16   # a new connection per request
 
 Each setup is one server (plain tunnel, no access log) in front of one nginx, with two
 tun2g clients for the bench's domain; under `--workers 2` the clients are placed one per
@@ -20,6 +21,7 @@ import json
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +57,8 @@ def placement(port: int, probes: int = 40) -> dict[str, int]:
 class Setup:
     """One server (`workers` processes) and `clients` clients for DOMAIN."""
 
+    close = False  # wrk sends Connection: close
+
     def __init__(self, name: str, workdir: Path, storage: str, nginx_port: int, workers: int, clients: int) -> None:
         self.name, self.workers = name, workers
         self.http_port, self.tunnel_port = tc.free_port(), tc.free_port()
@@ -70,6 +74,7 @@ class Setup:
                                           f"http://127.0.0.1:{nginx_port}", "--log-level", "warning", "--quiet",
                                           "--no-inspect")
         self._workdir = workdir
+        self.connections_opened = 0
         try:
             tc.wait_until(lambda: self.server.check_alive() or tc.port_open(self.tunnel_port), 60, f"{name} up")
             for number in range(clients):
@@ -113,10 +118,11 @@ class Setup:
         servers, clients = self.processes()
         before_s, before_c = sum(map(_cpu, servers)), sum(map(_cpu, clients))
         handed = self.handed_over()
-        result = tc.run_wrk(self.http_port, DOMAIN, connections, seconds)
+        result = run_wrk(self.http_port, connections, seconds, self.close)
         if result.errors:
             raise RuntimeError(f"{self.name}: {result.errors}")
         requests = max(result.requests, 1)
+        self.connections_opened += requests if self.close else 0
         server = (sum(map(_cpu, servers)) - before_s) * 1e6 / requests
         client = (sum(map(_cpu, clients)) - before_c) * 1e6 / requests
         time.sleep(6)  # the workers log their handover counts every 5 s: a reading, not synchronisation
@@ -125,6 +131,18 @@ class Setup:
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop()
+
+
+def run_wrk(port: int, connections: int, seconds: float, close: bool) -> tc.WrkResult:
+    """wrk at `connections` (with `close`: a new connection per request, each one peeked and maybe handed over)."""
+    if not close:
+        return tc.run_wrk(port, DOMAIN, connections, seconds)
+    argv = [tc.require_binary("wrk"), "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s", "--latency",
+            "--timeout", "10s", "-H", f"Host: {DOMAIN}", "-H", "Connection: close", f"http://127.0.0.1:{port}/"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr}{result.stdout}")
+    return tc.parse_wrk(result.stdout)
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -140,7 +158,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--close", action="store_true",
+                        help="a new connection per request (Connection: close): the cost of peeking and handing over")
     args = parser.parse_args()
+    Setup.close = args.close
     with tempfile.TemporaryDirectory(prefix="tun2g-workers-bench-") as directory:
         workdir = Path(directory)
         storage = f"sqlite:///{workdir / 'bench.sqlite3'}"
@@ -163,14 +184,15 @@ def main() -> None:
             for setup in setups:
                 setup.stop()
             nginx.stop()
+    opened = {setup.name: setup.connections_opened or args.connections * args.rounds for setup in setups}
     base = statistics.median(r[0] for r in results[setups[0].name])
     rows = []
     for name, runs in results.items():
         rps = statistics.median(r[0] for r in runs)
         rows.append([name, f"{rps:,.0f}", f"{rps / base:.2f}", f"{statistics.median(r[1] for r in runs):.0f}",
                      f"{statistics.median(r[2] for r in runs):.0f}",
-                     f"{sum(r[3] for r in runs) / (args.connections * len(runs)):.2f}"])
-    print(f"{args.connections} connections, {args.rounds} rounds of {args.seconds:g} s, medians "
+                     f"{sum(r[3] for r in runs) / opened[name]:.2f}"])
+    print(f"{args.connections} connections{' (Connection: close)' if args.close else ''}, {args.rounds} rounds of {args.seconds:g} s, medians "
           f"({psutil.cpu_count()} cores)")
     print(tc.format_table(["setup", "req/s", "vs 1 worker", "server µs/req", "clients µs/req",
                            "handed over per connection"], rows))
