@@ -121,6 +121,9 @@ from tun2g.cli.options import POSITIVE_SECONDS, acme_challenge_option, acme_opti
             show_default=True, metavar="SECONDS",
             help="On SIGTERM: stop taking new connections and tunnels, tell tun2g clients to move, and let the "
                  "requests in flight finish for up to this long (inside Heroku's 30 s), then exit 0.")
+@env_option("--workers", env="TUN2G_WORKERS", type=click.IntRange(min=0), default=1, show_default=True, metavar="N",
+            help="Processes sharing the public and tunnel ports (0: one per core); a request for a tunnel another "
+                 "worker holds is handed to it. See docs/cli.md#workers.")
 @env_option("--tcp-ports", env="TUN2G_TCP_PORTS", metavar="FIRST-LAST",
             help="Ports to allocate for clients asking `--tcp 0=HOST:PORT` (held while they are connected).")
 @env_option("--tcp-bind", env="TUN2G_TCP_BIND", metavar="HOST",
@@ -141,8 +144,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
            ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url,
            self_service_domain, self_service_limit, grace_period,
-           tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections, log_level,
-           acme, acme_directory, acme_email, acme_ca_bundle, acme_challenge):
+           workers, tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections,
+           log_level, acme, acme_directory, acme_email, acme_ca_bundle, acme_challenge):
     """Run a tun2g server: public HTTP in, routed by Host to connected tunnel clients.
 
     \b
@@ -189,6 +192,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
     if loaded is not None:
         setup.policies = loaded.sections.get("policy", {})
     setup.check_https()  # a ConfigurationError is one line and status 2: tun2g.cli.errors
+    if _run_workers(setup, workers, grace_period, reloads=loaded is not None):
+        return
     import gevent
 
     from tun2g.cli.errors import EXIT_INTERRUPTED
@@ -220,6 +225,24 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
     running.wait()
     if signal.SIGINT in signals:
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _run_workers(setup, workers: int, grace_period: float, reloads: bool = False) -> bool:
+    """--workers: True when this process was the supervisor (it has run and stopped); a worker (or
+    --workers 1) gets its settings adjusted and serves as one server does."""
+    from tun2g.server import workers as pool
+
+    spec = os.environ.get(pool.WORKER_ENV)
+    if spec:
+        pool.WorkerLink.from_env(spec).adjust(setup)
+        return False
+    count = pool.worker_count(workers)
+    if count == 1:
+        return False
+    status = pool.supervise(setup, count, grace_period, reloads=reloads)
+    if status:
+        sys.exit(status)
+    return True
 
 
 def _reload_on_sighup(ctx: click.Context, running) -> None:

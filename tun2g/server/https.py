@@ -218,6 +218,13 @@ def _terminate(book: CertificateBook, sock) -> ssl.SSLSocket:
     return tls
 
 
+def waiting_server_name(sock) -> str | None:
+    """The SNI of the ClientHello waiting unread in `sock` (MSG_PEEK; None: none, or not a hello);
+    raises HandshakeFailed when the peer leaves first. Bound it with a timeout."""
+    peek = _peek_hello(sock, None)
+    return peek.server_name if peek is not None else None
+
+
 def _answer_challenge(book: CertificateBook, sock, name: str | None) -> None:
     """An ACME server's TLS-ALPN-01 validation: the challenge certificate, acme-tls/1, then close."""
     context = book.challenges.context_for(name)

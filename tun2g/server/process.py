@@ -172,6 +172,8 @@ class ServerSetup:
     tcp_bind: str | None = None
     tls_passthrough: str | None = None
     tcp: TCPSettings = field(default_factory=TCPSettings)
+    # `tun2g server --workers N`: this process is one worker (tun2g.server.workers.WorkerLink), else None.
+    worker: Any = None
 
     def front_limits(self, fd_limit: int) -> FrontLimits:
         total = connection_cap(fd_limit) if self.max_connections is None else self.max_connections
@@ -225,12 +227,12 @@ class ServerSetup:
                               self_service_limit=self.self_service_limit)
         if self.node_id:
             config.node_id = self.node_id
-        http_listener = None if self.https_only() else listen("--http", self.http_addr)
+        http_listener = None if self.https_only() else self._listen("--http", self.http_addr)
         http_address = http_listener.getsockname()[:2] if http_listener is not None else None
-        https_listener = listen("--https", self.https_addr) if self.https_addr else None
+        https_listener = self._listen("--https", self.https_addr) if self.https_addr else None
         https_policy = HTTPSPolicy(redirect=self.https_redirect, hsts_max_age=self.hsts_max_age,
                                    https_port=https_listener.getsockname()[1] if https_listener else 443)
-        tunnels = Tunnels()
+        tunnels = Tunnels() if self.worker is None else self.worker.tunnels
         cluster = None
         metrics = Metrics(self.metrics_domain_cap) if self.metrics else None
         if isinstance(storage, RedisStorage) and http_address is None:
@@ -258,7 +260,8 @@ class ServerSetup:
             running.passthrough_address = passthrough_listener.getsockname()[:2]
             running.services.append(tcp_routes.serve_passthrough(passthrough_listener))
         if http_listener is not None:
-            running.front = HTTPFront(server, limits=limits)
+            running.front = (HTTPFront(server, limits=limits) if self.worker is None
+                             else self.worker.make_front(server, limits))
             running.public_services.append(running.front.serve(http_listener))
             running.services.append(running.public_services[-1])
         if https_listener is not None:
@@ -276,6 +279,8 @@ class ServerSetup:
             running.kcp_address = self._start_kcp(self.kcp_addr, server, running, cert, key)
         if self.admin_addr:
             self._start_admin(server, running)
+        if self.worker is not None:
+            self.worker.attach(running)
         log.info("listening", http=_fmt(running.http_address), https=_fmt(running.https_address), tunnel=_fmt(running.tunnel_address),
                  tunnel_tls=not self.plain_tunnel and running.tunnel_address is not None, kcp=_fmt(running.kcp_address),
                  admin=_fmt(running.admin_address), storage=storage.describe(), node=config.node_id)
@@ -311,7 +316,7 @@ class ServerSetup:
             token, path, created = load_or_create_admin_token()
             log.info("admin_token", file=str(path), created=created,
                      hint="tun2g backends / tun2g kill read it from there")
-        listener = listen("--admin", self.admin_addr)
+        listener = self._listen("--admin", self.admin_addr)
         address = listener.getsockname()[:2]
         admin = WSGIServer(listener, AdminAPI(server, token, address, reload=running.reload), log=None,
                            error_log=None)
@@ -339,7 +344,10 @@ class ServerSetup:
         book.refresh()
         running.certificates = book
         running.tasks.append(gevent.spawn(book.run))
-        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=handshake(book, self.https_handshake_timeout, tcp_routes))
+        step = handshake(book, self.https_handshake_timeout, tcp_routes)
+        if self.worker is not None:  # a name another worker holds goes there before the handshake
+            step = self.worker.tls_step(step, server.router, self.https_handshake_timeout)
+        running.https_front = HTTPFront(server, scheme="https", limits=limits, handshake=step)
         running.public_services.append(running.https_front.serve(listener))
         running.services.append(running.public_services[-1])
         if not book.names() and manager is None:
@@ -347,7 +355,7 @@ class ServerSetup:
                         hint="add one with `tun2g cert add DOMAIN --cert F --key F`; until then handshakes fail")
 
     def _start_tunnel_port(self, server: Server, running: RunningServer, cert, key) -> None:
-        tunnel_listener = listen("--tunnel", self.tunnel_addr)
+        tunnel_listener = self._listen("--tunnel", self.tunnel_addr)
         running.tunnel_address = tunnel_listener.getsockname()[:2]
         if self.plain_tunnel:
             log.warning("plain_tunnel", note="tunnel traffic, tokens included, is NOT encrypted; "
@@ -362,6 +370,15 @@ class ServerSetup:
     def _tunnel_port_wanted(self) -> bool:
         """False for `--tunnel none` (one public port: clients use --conn-type upgrade)."""
         return bool(self.tunnel_addr) and self.tunnel_addr.lower() != "none"
+
+    def _listen(self, flag: str, address: str):
+        """The listener for `flag`: a worker's comes from its supervisor (shared with the other workers)."""
+        inherited = None if self.worker is None else self.worker.listener(flag)
+        return listen(flag, address) if inherited is None else inherited
+
+    def shared_certificate(self) -> None:
+        """Make the development certificate now, if one is needed (a supervisor, before its workers start)."""
+        self._certificate()
 
     def _certificate(self):
         if self.tls_cert:
