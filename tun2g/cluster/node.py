@@ -63,6 +63,7 @@ class ClusterNode:
                                       on_redis_error=config.on_redis_error,
                                       published_names=lambda: self.local_names())
         self.secret = self._resolve_secret(config)
+        self.registry.secret = self.secret  # heartbeats are signed as hops are
         self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
         self.nonces = NonceMemory(WINDOW)
         self._closed = False
@@ -152,6 +153,7 @@ class ClusterNode:
         """`node` could not be reached for `domain`: skip it for a while, look `domain` up afresh next time."""
         self.forwarder.failed(node.url, "unreachable")
         self.registry.forget(domain)
+        self.registry.suspect(node.node_id)  # evicted soon unless its heartbeats say it lives
 
     @property
     def last_error(self) -> str:
