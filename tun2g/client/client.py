@@ -18,8 +18,8 @@ from gevent.pool import Group
 
 from tun2g import pages, smux
 from tun2g.client import connect
-from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MOVE, ROUTE_HEADER,
-                           TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
+from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE,
+                           MOVE, NODES, ROUTE_HEADER, TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
@@ -190,6 +190,7 @@ class Client:
         # From the last auth reply: the node we are on and the live nodes' tunnel addresses (tun2g.client.multi).
         self.node_id: str | None = None
         self.cluster_nodes: dict[str, str] = {}
+        self.nodes_heard = float("-inf")  # monotonic time cluster_nodes was last told (reply or "nodes" event)
         self.inspector = inspector
         if inspector is not None:
             inspector.use_backend(self.pool)
@@ -377,7 +378,7 @@ class Client:
         return told[0] if told and not session.is_closed else None
 
     def _read_events(self, control: smux.Stream, told: list[float], wake: Event) -> None:
-        reader = EventReader()
+        reader = EventReader(MAX_SERVER_EVENT_SIZE)
         control.settimeout(None)
         while True:
             try:
@@ -393,6 +394,10 @@ class Client:
                     told.append(float(grace) if isinstance(grace, (int, float)) and 0 <= grace < 3600 else 25.0)
                     wake.set()
                     return
+                if event["event"] == NODES and isinstance(event.get("nodes"), list):
+                    self.cluster_nodes = _cluster_view({"nodes": event["nodes"]})[1]
+                    self.nodes_heard = time.monotonic()
+                    log.info("nodes_changed", server=self.config.server_addr, nodes=" ".join(sorted(self.cluster_nodes)))
 
     def _retire(self, session: smux.Session, control: smux.Stream, serving, grace: float) -> None:
         """A session the server told us to leave: serve on it until the next one is up, then say LEAVING
@@ -442,6 +447,7 @@ class Client:
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
         self.node_id, self.cluster_nodes = _cluster_view(reply)
+        self.nodes_heard = time.monotonic()
         if self.config.tcp:
             host = self.config.server_addr.rsplit(":", 1)[0]
             self.public_urls += [f"tcp://{host}:{port}" for port in self.config.tcp.granted(reply.get("tcp"))]

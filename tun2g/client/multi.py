@@ -5,7 +5,8 @@ node id) in its auth reply. The supervisor here dials the address it was given
 (a node, or a balancer in front of them: whichever node answers), learns the
 others from that reply and runs one of today's single-session `Client` loops
 per extra node, never two on one node, until K are held. Each loop reconnects
-on its own; the supervisor re-reads the nodes every DISCOVER_INTERVAL, drops
+on its own; the servers push a new list when a node joins, drains, leaves or is
+evicted (the "nodes" control message), and the supervisor re-reads the freshest list every DISCOVER_INTERVAL, drops
 sessions to nodes that left the cluster's list (a dead node's entry expires
 with the registry TTL) and opens new ones to take their place. Requests for
 the domain are then served by whichever session is on the node they land on
@@ -116,11 +117,10 @@ class MultiClient:
         gevent.joinall(list(self._greenlets.values()), timeout=5)
 
     def _view(self) -> dict[str, str]:
-        """The cluster's nodes as the connected sessions last heard them: {node id: tunnel address}."""
-        view: dict[str, str] = {}
-        for client in self.clients:
-            if client.state == "connected":
-                view.update(client.cluster_nodes)
+        """The cluster's nodes as a connected session last heard them (the freshest list, from an auth reply
+        or a "nodes" event): {node id: tunnel address}."""
+        connected = [client for client in self.clients if client.state == "connected"]
+        view = dict(max(connected, key=lambda client: client.nodes_heard).cluster_nodes) if connected else {}
         now = time.monotonic()
         return {node: address for node, address in view.items() if self._avoid.get(node, 0) <= now}
 

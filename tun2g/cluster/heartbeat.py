@@ -4,6 +4,7 @@ Every node publishes a signed beat on ``P heartbeat`` every BEAT_INTERVAL
 (tun2g.cluster.registry drives it)::
 
     beat <node id> <unix ms> <sig>
+    drain <node id> <unix ms> <sig>                      (a beat of a node that is stopping: list it to no client)
     evict <node id> <evicting node id> <unix ms> <sig>   (that node's records were removed)
     leave <node id> <unix ms> <sig>                      (that node stopped on purpose)
 
@@ -37,7 +38,7 @@ MAX_MESSAGE = 600
 
 @dataclass(frozen=True)
 class Message:
-    """One verified heartbeat-channel message: `kind` "beat", "evict" or "leave"; `by`: who evicted."""
+    """One verified heartbeat-channel message: `kind` "beat", "drain", "evict" or "leave"; `by`: who evicted."""
 
     kind: str
     node: str
@@ -62,7 +63,7 @@ def decode(secret: bytes, data: str, now: float) -> Message | None:
         return None
     words = data.split(" ")
     kind = words[0]
-    if (kind, len(words)) not in (("beat", 4), ("leave", 4), ("evict", 5)) or not all(words):
+    if (kind, len(words)) not in (("beat", 4), ("drain", 4), ("leave", 4), ("evict", 5)) or not all(words):
         return None
     *signed, sig = words
     if not hmac.compare_digest(sig, _sig(secret, signed)):
@@ -87,26 +88,33 @@ class PeerTable:
     heard: dict[str, float] = field(default_factory=dict)
     last_ts: dict[str, int] = field(default_factory=dict)
     suspects: dict[str, float] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
     own_heard: float = float("-inf")
 
     def hear(self, message: Message, now: float) -> bool:
-        """Take in one verified message; True when the set of live peers changed (one joined or left)."""
+        """Take in one verified message; True when the set of live peers changed (one joined, left, or
+        began to drain)."""
         if message.timestamp <= self.last_ts.get(message.node, -1):
             return False  # a replay, or out of order
         if len(self.last_ts) >= MAX_PEERS and message.node not in self.last_ts:
             self.last_ts.clear()
         self.last_ts[message.node] = message.timestamp
+        beating = message.kind in ("beat", "drain")
         if message.node == self.node_id:
-            if message.kind == "beat":
+            if beating:
                 self.own_heard = now
             return False
-        if message.kind == "beat":
+        if beating:
             joined = message.node not in self.heard
             if joined and len(self.heard) >= MAX_PEERS:
                 return False
             self.heard[message.node] = now
             self.suspects.pop(message.node, None)
-            return joined
+            flipped = (message.kind == "drain") != (message.node in self.draining)
+            if flipped:
+                self.draining.symmetric_difference_update({message.node})
+            return joined or flipped
+        self.draining.discard(message.node)
         return self.heard.pop(message.node, None) is not None  # it left, or another node evicted it
 
     def suspect(self, node: str, now: float) -> None:
@@ -131,6 +139,7 @@ class PeerTable:
         for node, _silence in gone:
             del self.heard[node]
             self.suspects.pop(node, None)
+            self.draining.discard(node)
         return gone
 
     def spare(self, node: str, now: float) -> None:

@@ -91,6 +91,11 @@ class ClusterNode:
         """A local backend came or went."""
         self.registry.changed()
 
+    def drain(self) -> None:
+        """This node is stopping: list it to no client from now on (its own clients are told to move)."""
+        self.registry.draining = True
+        self.registry.changed()
+
     def remote_backends(self) -> list[Backend]:
         """Other nodes' backends; none (and Redis logged) when Redis is down."""
         try:

@@ -161,6 +161,7 @@ class RedisRegistry:
         self.peers = heartbeat.PeerTable(node_id)
         self.on_nodes_changed: Callable[[], None] = lambda: None
         self._published_once = Event()
+        self.draining = False  # published: a draining node is listed to no client (tunnel_nodes)
 
     # -- keys ----------------------------------------------------------------
 
@@ -226,7 +227,8 @@ class RedisRegistry:
                 pipe.hset(node_key, mapping={"url": self.advertise_url, "started": repr(self.started),
                                              "pid": os.getpid(), "host": socket.gethostname(),
                                              "tunnel": self.advertise_tunnel,
-                                             "domains": " ".join(sorted(domains))})
+                                             "domains": " ".join(sorted(domains)),
+                                             "draining": "1" if self.draining else ""})
                 pipe.pexpire(node_key, ttl_ms)
                 pipe.delete(backends_key)
                 if backends:
@@ -278,7 +280,7 @@ class RedisRegistry:
         while not self._closed.is_set() and self.secret is not None:
             try:
                 self._redis.publish(self._key("heartbeat"), heartbeat.encode(
-                    self.secret, "beat", self.node_id, int(time.time() * 1000)))
+                    self.secret, "drain" if self.draining else "beat", self.node_id, int(time.time() * 1000)))
                 for node_id, silence in self.peers.to_evict(time.monotonic()):
                     self._evict(node_id, silence)
             except (redis.RedisError, OSError) as exc:
@@ -318,8 +320,8 @@ class RedisRegistry:
             self.changed()
         if self.peers.hear(message, time.monotonic()):
             self._tunnel_nodes = (float("-inf"), self._tunnel_nodes[1])
-            if message.kind == "beat":
-                log.info("node_joined", node=message.node)
+            if message.kind in ("beat", "drain"):
+                log.info("node_draining" if message.kind == "drain" else "node_joined", node=message.node)
             self.on_nodes_changed()
 
     # -- lookups -----------------------------------------------------------------
@@ -421,7 +423,10 @@ class RedisRegistry:
 
     def tunnel_nodes(self) -> list[tuple[str, str]]:
         """(node id, tunnel address) of every live node that offers one, this one included; cached for
-        TUNNEL_NODES_CACHE s. While Redis cannot say, the last answer (or this node alone)."""
+        TUNNEL_NODES_CACHE s. While Redis cannot say, the last answer (or this node alone).
+
+        Live: in ``P nodes``, not draining, and (with a cluster secret) beating on the heartbeat
+        channel, so a record written into Redis by someone without the secret is listed to no client."""
         fetched, nodes = self._tunnel_nodes
         now = time.monotonic()
         if now - fetched < TUNNEL_NODES_CACHE or not self.outage.should_try():
@@ -430,13 +435,15 @@ class RedisRegistry:
             node_ids = [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")]
             with self._redis.pipeline(transaction=False) as pipe:
                 for node_id in node_ids:
-                    pipe.hget(self._key("node:", node_id), "tunnel")
-                addresses = pipe.execute()
+                    pipe.hmget(self._key("node:", node_id), "tunnel", "draining")
+                records = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self.outage.failed(exc)
             return nodes or self._own_tunnel()
-        nodes = sorted((node_id, str(address)) for node_id, address in zip(node_ids, addresses) if address)
-        if self.advertise_tunnel and self.node_id not in {node_id for node_id, _ in nodes}:
+        nodes = sorted((node_id, str(address)) for node_id, (address, draining) in zip(node_ids, records)
+                       if address and not draining and node_id != self.node_id and node_id not in self.peers.draining
+                       and (self.secret is None or node_id in self.peers.heard))
+        if not self.draining:
             nodes = sorted([*nodes, *self._own_tunnel()])
         self._tunnel_nodes = (now, nodes)
         return nodes

@@ -30,6 +30,7 @@ from tun2g.control import (LEAVING, MAX_AUTH_SIZE, MOVE, TUN2G_LEVEL, Auth, Auth
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
+from tun2g.server.node_list import NodeListPush, node_entries
 from tun2g.metrics import Metrics, SessionSample
 from tun2g.server.inspect import Inspector
 from tun2g.server.pipeline import HTTPSPolicy, Pipeline, TrustedProxies
@@ -136,6 +137,10 @@ class Server:
         self.revocations = RevocationWatch(self.storage, lambda: self.tunnels, self._revoked,
                                            on_revision=self.reload_routes)
         self._tasks.spawn(self.revocations.run)
+        if cluster is not None:  # tell tun2g clients when nodes join or leave (tun2g.server.node_list)
+            self.node_list = NodeListPush(lambda: self.tunnels, cluster.registry.tunnel_nodes)
+            cluster.registry.on_nodes_changed = self.node_list.changed
+            self._tasks.spawn(self.node_list.run)
         # Live tunnels per token and per user (the session caps); see _admit / _forget.
         self._per_token: Counter[str] = Counter()
         self._per_user: Counter[str] = Counter()
@@ -296,7 +301,7 @@ class Server:
         if routes:
             extra["routes"] = list(tunnel.routes)
         if self._tunnel_nodes is not None:  # multi-homed clients hold sessions on several of these
-            extra["nodes"] = [{"node": node_id, "tunnel": address} for node_id, address in self._tunnel_nodes()]
+            extra["nodes"] = node_entries(self._tunnel_nodes())
         if self.config.public_url:
             extra["urls"] = [self.config.public_url.replace("{domain}", tunnel.domain)]
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
@@ -460,6 +465,8 @@ class Server:
                 listener.close()
             except OSError:
                 pass
+        if self.router.cluster is not None:
+            self.router.cluster.drain()
         movers = [tunnel for tunnel in self.tunnels if tunnel.auth.tun2g]
         for tunnel in movers:
             tunnel.moving = True
