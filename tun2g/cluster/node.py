@@ -154,6 +154,10 @@ class ClusterNode:
         """The other nodes holding a backend for `domain`; raises ClusterUnavailable when Redis cannot say."""
         return self.registry.lookup(domain)
 
+    def forget(self, domain: str) -> None:
+        """Look `domain` up afresh in Redis next time (the cached answer may predate a move)."""
+        self.registry.forget(domain)
+
     def unreachable(self, domain: str, node: NodeRef) -> None:
         """`node` could not be reached for `domain`: skip it for a while, look `domain` up afresh next time."""
         self.forwarder.failed(node.url, "unreachable")

@@ -432,7 +432,9 @@ class RedisRegistry:
         if now - fetched < TUNNEL_NODES_CACHE or not self.outage.should_try():
             return nodes or self._own_tunnel()
         try:
-            node_ids = [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")]
+            # With a secret, the nodes heard beating are the candidates (and the only ones listed).
+            node_ids = sorted(self.peers.heard) if self.secret is not None else \
+                [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")]
             with self._redis.pipeline(transaction=False) as pipe:
                 for node_id in node_ids:
                     pipe.hmget(self._key("node:", node_id), "tunnel", "draining")

@@ -25,7 +25,7 @@ from tun2g.server.tunnel import Tunnel
 log = get_logger(__name__)
 
 SEND_TIMEOUT = 1.0  # one client's control stream may hold the push this long at most
-RECHECK = 2.0  # seconds between looks at the node list when nothing woke us (a TTL expiry is silent)
+RECHECK = 2.0  # after a change, the list is looked at once more this much later
 
 
 def node_entries(nodes: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
@@ -52,9 +52,13 @@ class NodeListPush:
 
     def run(self) -> None:
         """Until killed: on each wake-up (or every `recheck` s), push the list if it changed."""
+        again = False
         while True:
-            self._wake.wait(self._recheck)
+            # After a change, once more `recheck` s later (a record written late, Redis unreachable just
+            # then); otherwise only when woken: an idle cluster costs Redis nothing here.
+            woken = self._wake.wait(self._recheck if again else None)
             self._wake.clear()
+            again = woken
             try:
                 self.push_if_changed()
             except Exception as exc:  # a bug must not end rediscovery for this node's clients

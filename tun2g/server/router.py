@@ -36,6 +36,15 @@ from tun2g.transport.base import ByteStream
 
 log = get_logger(__name__)
 
+# A stored route with no backend here nor in the registry is looked up again this many times, this far
+# apart, before the 502: a client moving between nodes (drain, rolling restart) is registered on its
+# new node a few milliseconds after it left the old one.
+MISS_RETRIES = 3
+MISS_WAIT = 0.1
+# Route keys known to have had a backend (here, or found in the registry): looked up again on a miss even
+# before the routing table loads them. Bounded: public requests choose the Host.
+MAX_SEEN_ROUTES = 10_000
+
 
 @functools.lru_cache(maxsize=4096)
 def routing_key(host: str) -> str | None:
@@ -140,12 +149,26 @@ class Routing:
         cluster = self.router.cluster
         if cluster is None or self.local_only or self.broken_tunnels:
             return
-        try:
-            nodes = cluster.nodes_for(domain)
-        except ClusterUnavailable as exc:
-            self.registry_error = cluster.last_error or str(exc)
-            log.debug("lookup_unavailable", host=self.host, error=str(exc))
-            return
+        for attempt in range(MISS_RETRIES + 1):
+            if attempt:
+                gevent.sleep(MISS_WAIT)  # bounded: MISS_RETRIES x MISS_WAIT per request at most
+                yield from self._local(domain)  # the client may have come here
+                if self.broken_tunnels:
+                    return
+                cluster.forget(domain)
+            try:
+                nodes = cluster.nodes_for(domain)
+            except ClusterUnavailable as exc:
+                self.registry_error = cluster.last_error or str(exc)
+                log.debug("lookup_unavailable", host=self.host, error=str(exc))
+                return
+            if nodes:
+                self.router.saw(domain)
+                break
+            if not self.router.knows(domain) and domain not in self.router.seen:
+                break  # found, or a Host no stored route names: no second look (public Hosts are anyone's)
+        if attempt and nodes:
+            log.info("lookup_retried", host=self.host, attempts=attempt, request_id=self.request_id)
         for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
             yield from self._node(cluster, domain, node)
 
@@ -221,6 +244,7 @@ class Router:
         self.tunnels = tunnels
         self.cluster = cluster
         self.routes: RoutingTable[Route] = RoutingTable()  # the stored routes (`load_routes`)
+        self.seen: set[str] = set()  # route keys that had a backend somewhere (see MAX_SEEN_ROUTES)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -270,8 +294,16 @@ class Router:
 
     # -- tunnels -------------------------------------------------------------------------
 
+    def saw(self, route: str) -> None:
+        """`route` has a backend somewhere: a miss for it is worth a second look."""
+        if len(self.seen) >= MAX_SEEN_ROUTES:
+            self.seen.clear()
+        self.seen.add(route)
+
     def register(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
+        for route in tunnel.routes:
+            self.saw(route)
         self._changed()
 
     def deregister(self, tunnel: Tunnel) -> bool:
