@@ -212,6 +212,9 @@ class Client:
         self._connected = Event()  # set while a session is connected (a moved session waits for the next)
         self._active_streams = 0
         self._retiring: Group = Group()
+        # Whether another session of the same client (tun2g.client.multi) is up and serves our routes: then a
+        # session told to move says LEAVING at once, without waiting for its own next session.
+        self.sibling_up: Callable[[], bool] = lambda: False
 
     def use_backend(self, url: str) -> None:
         """Send the next requests to `url` (a config reload); exchanges in flight finish on the old backend."""
@@ -404,7 +407,8 @@ class Client:
         and let the server close it once our requests on it are done (bounded by its grace)."""
         try:
             with gevent.Timeout(grace + RETIRE_MARGIN, False):
-                self._connected.wait()
+                while not self._connected.wait(DRAIN_POLL) and not self.sibling_up():
+                    pass
                 _send_quietly(control, encode_event(LEAVING))
                 session.wait_closed()
         finally:

@@ -89,6 +89,7 @@ class PeerTable:
     last_ts: dict[str, int] = field(default_factory=dict)
     suspects: dict[str, float] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
+    joined: dict[str, float] = field(default_factory=dict)  # when each peer was last heard after an absence
     own_heard: float = float("-inf")
 
     def hear(self, message: Message, now: float) -> bool:
@@ -109,6 +110,10 @@ class PeerTable:
             if joined and len(self.heard) >= MAX_PEERS:
                 return False
             self.heard[message.node] = now
+            if joined:
+                if len(self.joined) >= MAX_PEERS:
+                    self.joined.clear()
+                self.joined[message.node] = now
             self.suspects.pop(message.node, None)
             flipped = (message.kind == "drain") != (message.node in self.draining)
             if flipped:

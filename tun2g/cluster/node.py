@@ -154,6 +154,19 @@ class ClusterNode:
         """The other nodes holding a backend for `domain`; raises ClusterUnavailable when Redis cannot say."""
         return self.registry.lookup(domain)
 
+    def available(self, node: NodeRef) -> bool:
+        """Whether to try `node`: not skipped by the forwarder, or heard beating again since it was."""
+        if self.forwarder.available(node.url):
+            return True
+        since = self.forwarder.down_since(node.url)
+        if since is None:
+            return True
+        joined = self.registry.peers.joined.get(node.node_id)
+        if joined is not None and joined > since and node.node_id in self.registry.peers.heard:
+            self.forwarder.revive(node.url, "its heartbeats are back")
+            return True
+        return False
+
     def forget(self, domain: str) -> None:
         """Look `domain` up afresh in Redis next time (the cached answer may predate a move)."""
         self.registry.forget(domain)

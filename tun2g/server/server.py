@@ -465,6 +465,7 @@ class Server:
                 listener.close()
             except OSError:
                 pass
+        self.router.draining = True
         if self.router.cluster is not None:
             self.router.cluster.drain()
         movers = [tunnel for tunnel in self.tunnels if tunnel.auth.tun2g]
