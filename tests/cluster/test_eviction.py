@@ -37,6 +37,9 @@ def test_only_signed_fresh_newer_messages_are_heard():
     message = heartbeat.decode(SECRET, beat, now)
     assert table.hear(message, 0.0) is True  # n1 joined
     assert table.hear(message, 0.1) is False and table.heard["n1"] == 0.0  # a replay refreshes nothing
+    # An evict notice carries its sender's clock (here 5 s ahead): n1's own later beats still count.
+    assert table.hear(heartbeat.Message("evict", "n1", int(now * 1000) + 5000, by="n3"), 0.2) is True
+    assert table.hear(heartbeat.Message("beat", "n1", int(now * 1000) + 250), 0.3) is True and "n1" in table.heard
 
 
 @pytest.mark.pure

@@ -9,16 +9,34 @@ again before any 502."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import gevent
 import gevent.event
 import requests
 
+from tests.fixtures.net import env_without_proxies, free_port
 from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
 from tun2g.client.multi import MultiClient
 from tun2g.storage import RedisStorage
 
 DOMAINS = ("roll-a.test", "roll-b.test")
+
+
+def diagnosis(nodes, balancer) -> str:
+    """What the nodes warned about and the balancer's failed requests, in time order (for a failure message)."""
+    events = ("level=warning", "level=error", "event=draining", "event=drained", "event=tunnel_leaving",
+              "event=taken_over",
+              "event=registered", "event=cluster_joined")
+    quiet = ("plain_tunnel", "accept_failed")
+    lines = [f"{node.node_id} {line}" for node in nodes for line in node.log().splitlines()
+             if any(e in line for e in events) and not any(q in line for q in quiet)]
+    failed = [line for line in balancer.log_path.read_text(errors="replace").splitlines()
+              if '"' in line and " 200 " not in line and "BADREQ" not in line]
+    return "\n".join(sorted(lines, key=lambda line: line.split("ts=", 1)[-1])[-250:] + ["haproxy:"] + failed[-20:])
 
 
 def test_a_rolling_restart_of_three_nodes_fails_no_request(redis_server, node_processes, haproxy, backend):
@@ -76,5 +94,19 @@ def test_a_rolling_restart_of_three_nodes_fails_no_request(redis_server, node_pr
             client.close()
         gevent.joinall(runners, timeout=5)
     failed = [result for result in results if result[2] != 200]
-    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:10]}"
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:10]}\n{diagnosis(nodes, balancer)}"
     print(f"{len(results)} requests through 3 rolling restarts, none failed")
+
+
+def test_the_rolling_restart_script_stops_at_a_node_that_does_not_come_back(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "tun2g-rolling-restart"
+    marker = tmp_path / "second-restarted"
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run([sys.executable, str(script), "--node", "true", dead, "--node", f"touch {marker}", dead,
+                             "--timeout", "1"], capture_output=True, text=True, timeout=60, env=env_without_proxies())
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "did not answer 200" in result.stderr and "--timeout" in result.stderr
+    assert not marker.exists()  # the next node was left alone
+    failing = subprocess.run([sys.executable, str(script), "--node", "exit 3", dead], capture_output=True, text=True,
+                             timeout=60, env=env_without_proxies())
+    assert failing.returncode == 1 and "status 3" in failing.stderr and "Traceback" not in failing.stderr

@@ -19,7 +19,8 @@ from gevent.pool import Group
 from tun2g import pages, smux
 from tun2g.client import connect
 from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE,
-                           MOVE, NODES, ROUTE_HEADER, TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
+                           MOVE, NODES, ROUTE_HEADER, TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply,
+                           encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
@@ -400,7 +401,8 @@ class Client:
                 if event["event"] == NODES and isinstance(event.get("nodes"), list):
                     self.cluster_nodes = _cluster_view({"nodes": event["nodes"]})[1]
                     self.nodes_heard = time.monotonic()
-                    log.info("nodes_changed", server=self.config.server_addr, nodes=" ".join(sorted(self.cluster_nodes)))
+                    log.info("nodes_changed", server=self.config.server_addr,
+                             nodes=" ".join(sorted(self.cluster_nodes)))
 
     def _retire(self, session: smux.Session, control: smux.Stream, serving, grace: float) -> None:
         """A session the server told us to leave: serve on it until the next one is up, then say LEAVING

@@ -95,11 +95,13 @@ class PeerTable:
     def hear(self, message: Message, now: float) -> bool:
         """Take in one verified message; True when the set of live peers changed (one joined, left, or
         began to drain)."""
-        if message.timestamp <= self.last_ts.get(message.node, -1):
+        # Replays are told apart per sender and kind (an "evict" carries its sender's clock, not the evicted's).
+        key = f"{message.kind} {message.by or message.node}"
+        if message.timestamp <= self.last_ts.get(key, -1):
             return False  # a replay, or out of order
-        if len(self.last_ts) >= MAX_PEERS and message.node not in self.last_ts:
+        if len(self.last_ts) >= 4 * MAX_PEERS and key not in self.last_ts:
             self.last_ts.clear()
-        self.last_ts[message.node] = message.timestamp
+        self.last_ts[key] = message.timestamp
         beating = message.kind in ("beat", "drain")
         if message.node == self.node_id:
             if beating:

@@ -95,6 +95,7 @@ class ClusterNode:
         """This node is stopping: list it to no client from now on (its own clients are told to move)."""
         self.registry.draining = True
         self.registry.changed()
+        self.registry.beat_now()  # the other nodes stop forwarding here (Routing prefers nodes not draining)
 
     def remote_backends(self) -> list[Backend]:
         """Other nodes' backends; none (and Redis logged) when Redis is down."""

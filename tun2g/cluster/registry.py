@@ -289,6 +289,21 @@ class RedisRegistry:
                 log.error("heartbeat_failed", error=repr(exc))
             self._closed.wait(heartbeat.BEAT_INTERVAL)
 
+    def beat_now(self) -> None:
+        """Publish a beat (or a drain beat) now, not at the next tick (in the background; best effort)."""
+        if self.secret is None:
+            return
+        secret = self.secret
+
+        def beat() -> None:
+            try:
+                self._redis.publish(self._key("heartbeat"), heartbeat.encode(
+                    secret, "drain" if self.draining else "beat", self.node_id, int(time.time() * 1000)))
+            except (redis.RedisError, OSError) as exc:
+                self.outage.failed(exc)
+
+        gevent.spawn(beat)
+
     def _evict(self, node_id: str, silence: float) -> None:
         """Remove a silent node's records now rather than at the TTL (spared when it refreshed them since)."""
         assert self.secret is not None

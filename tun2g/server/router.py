@@ -163,9 +163,11 @@ class Routing:
                 self.registry_error = cluster.last_error or str(exc)
                 log.debug("lookup_unavailable", host=self.host, error=str(exc))
                 return
+            draining = cluster.registry.peers.draining
             if self.hop_origin is not None:  # forwarded to us as we drain: once more, never back nor to a draining node
-                draining = cluster.registry.peers.draining
                 nodes = [node for node in nodes if node.node_id != self.hop_origin and node.node_id not in draining]
+            elif draining and len(nodes) > 1:  # a draining node serves only until its sessions have moved
+                nodes = [node for node in nodes if node.node_id not in draining] or nodes
             if nodes:
                 self.router.saw(domain)
                 if attempt:

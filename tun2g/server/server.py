@@ -56,6 +56,10 @@ DRAIN_POLL = 0.05
 # one takes well under a second when another node is in service; past this there is none (the
 # whole service stopping), and the requests in flight alone are waited for.
 MOVE_WAIT = 5.0
+# In a cluster, a drained node stays up until it has served nothing for this long: the other nodes hear that it
+# drains (its heartbeats say so) and stop forwarding to it, and a request already on its way over a kept-alive
+# connection is answered rather than cut by the close.
+DRAIN_QUIET = 0.5
 
 
 @dataclass
@@ -476,11 +480,15 @@ class Server:
         started = time.monotonic()
         deadline = started + grace
         in_cluster = self.router.cluster is not None
+        last_busy = started
         while time.monotonic() < deadline:
             moving = in_cluster and time.monotonic() - started < MOVE_WAIT
             staying = [t for t in movers if not t.leaving and not t.is_closed] if moving else []
             in_flight = sum(t.in_flight for t in self.tunnels) + busy()
-            if not staying and not in_flight:
+            if in_flight:
+                last_busy = time.monotonic()
+            quiet = not in_cluster or time.monotonic() - last_busy >= DRAIN_QUIET
+            if not staying and not in_flight and quiet:
                 log.info("drained")
                 return
             self._closed.wait(DRAIN_POLL)
