@@ -217,6 +217,11 @@ class Client:
         # session told to move says LEAVING at once, without waiting for its own next session.
         self.sibling_up: Callable[[], bool] = lambda: False
 
+    @property
+    def streams_in_flight(self) -> int:
+        """Requests being served now, on the current session and on any session retiring after a move."""
+        return self._active_streams
+
     def use_backend(self, url: str) -> None:
         """Send the next requests to `url` (a config reload); exchanges in flight finish on the old backend."""
         pool = BackendPool(url, tls_verify=not self.config.backend_insecure, ca_file=self.config.backend_ca_file)

@@ -190,12 +190,13 @@ class MultiClient:
             log.warning("session_refused", server=client.config.server_addr, error=str(exc))
 
     def _drop(self, node_id: str, reason: str) -> None:
-        """Stop holding the session on `node_id`: at once when its node is unreachable, else gracefully (it says
-        LEAVING, and the server closes it once the requests in flight on it are answered, within DROP_GRACE)."""
+        """Stop holding the session on `node_id`: gracefully (it says LEAVING, and the server closes it once the
+        requests in flight on it are answered, within DROP_GRACE), or at once when it serves nothing (also a
+        session told to move whose node left the list: it still finishes the requests on its old session)."""
         client = self.extra.pop(node_id)
         greenlet = self._greenlets.pop(client)
         log.info("session_dropped", node=node_id, reason=reason, sessions=len(self.clients))
-        if reason == "unreachable" or client.state != "connected":
+        if client.state != "connected" and not client.streams_in_flight:
             client.close()
             greenlet.join(timeout=5)
             return
