@@ -114,6 +114,7 @@ class Cluster:
         self.http_ports, self.admin_ports, tunnel_ports = {}, {}, {}
         self.services = [redis_service]
         self.nodes: dict[str, tc.Service] = {}
+        self.nginx_port = nginx_port
         for node in NODES:
             http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
             self.http_ports[node], self.admin_ports[node], tunnel_ports[node] = http_port, admin_port, tunnel_port
@@ -238,19 +239,24 @@ def measure_scaling(cluster: Cluster, nodes: int, sessions: int, connections: in
                       (cpu_seconds(cluster.client) - client) / requests * 1e6)
 
 
+def start_cluster(args: argparse.Namespace, stack: ExitStack, prefix: str) -> Cluster:
+    """nginx and the Cluster in a new temporary directory (kept with --keep), stopped by `stack`."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if args.keep:
+        print(f"logs in {workdir}")
+    else:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    nginx_port = tc.free_port()
+    stack.callback(tc.start_nginx(workdir, nginx_port, "unused.bin").stop)
+    print("starting redis, 3 nodes, a client on n1, haproxy ...", flush=True)
+    return Cluster(workdir, nginx_port, stack)
+
+
 def scaling(args: argparse.Namespace, duration: float) -> int:
     """The --scaling run: req/s, forwarded fraction and CPU per request per node for each of SCALING."""
-    workdir = Path(tempfile.mkdtemp(prefix="tun2g-cluster-scaling-"))
     points: list[ScalePoint] = []
     with ExitStack() as stack:
-        if args.keep:
-            print(f"logs in {workdir}")
-        else:
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        nginx_port = tc.free_port()
-        stack.callback(tc.start_nginx(workdir, nginx_port, "unused.bin").stop)
-        print("starting redis, 3 nodes, a client on n1, haproxy ...", flush=True)
-        cluster = Cluster(workdir, nginx_port, stack)
+        cluster = start_cluster(args, stack, "tun2g-cluster-scaling-")
         for nodes, sessions in SCALING:
             if cluster.client is None or not cluster.client.name.endswith(f"k{sessions}"):
                 print(f"client with --sessions {sessions}", flush=True)
@@ -295,16 +301,9 @@ def main() -> int:
     duration = 3.0 if args.quick else 8.0
     if args.scaling:
         return scaling(args, duration)
-    workdir = Path(tempfile.mkdtemp(prefix="tun2g-cluster-bench-"))
     with ExitStack() as stack:
-        if args.keep:
-            print(f"logs in {workdir}")
-        else:
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        nginx_port = tc.free_port()
-        stack.callback(tc.start_nginx(workdir, nginx_port, "unused.bin").stop)
-        print("starting redis, 3 nodes, a client on n1, haproxy ...", flush=True)
-        cluster = Cluster(workdir, nginx_port, stack)
+        cluster = start_cluster(args, stack, "tun2g-cluster-bench-")
+        nginx_port = cluster.nginx_port
         for port in cluster.frontends.values():  # warm every path (connections, lookup caches)
             tc.run_wrk(port, DOMAIN, args.connections, 1)
         points = [measure(None, "direct nginx", nginx_port, args.connections, duration)]

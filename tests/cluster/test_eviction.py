@@ -10,11 +10,10 @@ import pytest
 import redis
 import requests
 
-from tests.fixtures.cluster import CLUSTER_SECRET
+from tests.fixtures.cluster import CLUSTER_SECRET, grant
 from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
 from tun2g.cluster import heartbeat
-from tun2g.storage import RedisStorage
 
 DOMAIN = "evict.test"
 SECRET = CLUSTER_SECRET.encode()
@@ -83,10 +82,7 @@ def registered_nodes(url: str) -> set[str]:
 def two_nodes(redis_server, node_processes, backend, start_client):
     """Two node processes with a registry TTL of 10 s, and a client on n1 serving evict.test."""
     nodes = node_processes(2, ttl=10.0)
-    storage = RedisStorage(redis_server.url)
-    storage.add_route(DOMAIN, "alice")
-    _info, token = storage.create_token("alice")
-    storage.close()
+    token = grant(redis_server.url, DOMAIN)
     backend_url, _app = backend
     start_client(ClientConfig(server_addr=nodes[0].tunnel_addr, token=token, domain=DOMAIN, backend_url=backend_url,
                               plain=True, backoff_initial=0.05, backoff_max=0.3))

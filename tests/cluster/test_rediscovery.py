@@ -10,23 +10,20 @@ import gevent
 import pytest
 import redis
 
+from tests.fixtures.cluster import grant
 from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
 from tun2g.client.client import _cluster_view
 from tun2g.client.multi import MultiClient
 from tun2g.control import MAX_LISTED_NODES, MAX_SERVER_EVENT_SIZE, NODES, EventReader, encode_event
 from tun2g.server.node_list import node_entries
-from tun2g.storage import RedisStorage
 
 DOMAIN = "rediscover.test"
 
 
 def test_a_k2_client_with_one_dead_node_gets_a_session_on_a_node_that_joins(redis_server, node_processes, backend):
     n1, n2 = node_processes(2, ttl=10.0)
-    storage = RedisStorage(redis_server.url)
-    storage.add_route(DOMAIN, "alice")
-    _info, token = storage.create_token("alice")
-    storage.close()
+    token = grant(redis_server.url, DOMAIN)
     # A record no node wrote: it must never reach a client (the attacker cannot sign heartbeats).
     forged = redis.Redis.from_url(redis_server.url, decode_responses=True)
     forged.zadd("tun2g:nodes", {"evil": time.time() + 3600})

@@ -18,10 +18,10 @@ import gevent.event
 import requests
 
 from tests.fixtures.net import env_without_proxies, free_port
+from tests.fixtures.cluster import grant
 from tests.fixtures.tunnel import wait_until
 from tun2g.client import ClientConfig
 from tun2g.client.multi import MultiClient
-from tun2g.storage import RedisStorage
 
 DOMAINS = ("roll-a.test", "roll-b.test")
 
@@ -42,11 +42,7 @@ def diagnosis(nodes, balancer) -> str:
 def test_a_rolling_restart_of_three_nodes_fails_no_request(redis_server, node_processes, haproxy, backend):
     nodes = node_processes(3, ttl=2.0)
     balancer = haproxy([node.http_port for node in nodes])
-    storage = RedisStorage(redis_server.url)
-    for domain in DOMAINS:
-        storage.add_route(domain, "alice")
-    _info, token = storage.create_token("alice")
-    storage.close()
+    token = grant(redis_server.url, *DOMAINS)
     backend_url, _app = backend
     clients = [MultiClient(ClientConfig(server_addr=entry.tunnel_addr, token=token, domain=domain,
                                         backend_url=backend_url, plain=True, backoff_initial=0.05, backoff_max=0.3),
