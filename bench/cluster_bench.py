@@ -13,6 +13,15 @@ net of the commands the idle cluster sends anyway (registry refreshes), measured
 over a quiet window of the same length; registry lookups are shown apart.
 Targets: remote >= 60% of local requests/s; registry lookups per request 0
 on the local path and <= 1 (cached) on the forwarded one.
+
+    python3 bench/cluster_bench.py --scaling [--quick]
+
+Scale-out, same run: HAProxy round-robin over the first 1, 2 or 3 nodes, with
+the client (`--sessions K`) on K of them: (N, K) = (1, 1), (2, 2), (3, 3) and
+(3, 2). Reports req/s, the fraction of requests forwarded (the nodes'
+tun2g_hop_forwards_total), and CPU per request on each balanced node (psutil,
+user + system): on a machine with cores to spare req/s scales with N; on a
+small shared one, CPU per request per node is what predicts it.
 """
 
 from __future__ import annotations
@@ -26,10 +35,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import redis
 
 import tunnel_common as tc
-from common import format_table
+from common import BENCH_ADMIN_TOKEN, format_table
 
 DOMAIN, USER, SECRET = "bench.test", "bench", "cluster-bench-secret"
 NODES = ("n1", "n2", "n3")
@@ -61,7 +71,21 @@ backend all_nodes
     server n1 127.0.0.1:{n1}
     server n2 127.0.0.1:{n2}
     server n3 127.0.0.1:{n3}
+frontend first1
+    bind 127.0.0.1:{first1}
+    default_backend only_n1
+frontend first2
+    bind 127.0.0.1:{first2}
+    default_backend n1_n2
+frontend first3
+    bind 127.0.0.1:{first3}
+    default_backend all_nodes
+backend n1_n2
+    balance roundrobin
+    server n1 127.0.0.1:{n1}
+    server n2 127.0.0.1:{n2}
 """
+SCALING = ((1, 1), (2, 2), (3, 2), (3, 3))  # (nodes behind HAProxy, client sessions), grouped by sessions
 
 
 @dataclass
@@ -77,7 +101,7 @@ class Point:
 class Cluster:
     """Redis, three nodes, a client on n1 and HAProxy, all in `workdir`."""
 
-    def __init__(self, workdir: Path, nginx_port: int, stack: ExitStack):
+    def __init__(self, workdir: Path, nginx_port: int, stack: ExitStack, sessions: int = 1):
         self.redis_port = tc.free_port()
         redis_service = tc.Service("redis", [tc.require_binary("redis-server"), "--port", str(self.redis_port),
                                              "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -89,6 +113,8 @@ class Cluster:
         token = tc.create_token(self.redis_url, USER)
         self.http_ports, self.admin_ports, tunnel_ports = {}, {}, {}
         self.services = [redis_service]
+        self.nodes: dict[str, tc.Service] = {}
+        self.nginx_port = nginx_port
         for node in NODES:
             http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
             self.http_ports[node], self.admin_ports[node], tunnel_ports[node] = http_port, admin_port, tunnel_port
@@ -99,17 +125,18 @@ class Cluster:
                 workdir / f"{node}.log", env=tc.child_env())
             stack.callback(service.stop)
             self.services.append(service)
+            self.nodes[node] = service
         for node in NODES:
             tc.wait_until(lambda: self._alive() or tc.port_open(self.admin_ports[node]), 30, f"node {node}")
-        client = tc.Service("client", tc.tun2g_argv(
+        self._client_argv = tc.tun2g_argv(
             "client", "--server", f"127.0.0.1:{tunnel_ports['n1']}", "--plain", "--token", token,
-            "--domain", DOMAIN, "--backend", f"http://127.0.0.1:{nginx_port}", "--log-level", "warning"),
-            workdir / "client.log", env=tc.child_env())
-        stack.callback(client.stop)
-        self.services.append(client)
-        for node in NODES:  # every node sees the backend (n2 and n3 through Redis)
-            tc.wait_for_backends(self.admin_ports[node], DOMAIN, 1, 30, watch=self.services)
-        self.frontends = {"local": tc.free_port(), "remote": tc.free_port(), "balanced": tc.free_port()}
+            "--domain", DOMAIN, "--backend", f"http://127.0.0.1:{nginx_port}", "--log-level", "warning")
+        self._workdir = workdir
+        self.client: tc.Service | None = None
+        stack.callback(lambda: self.client.stop() if self.client is not None else None)
+        self.use_client(sessions)
+        self.frontends = {"local": tc.free_port(), "remote": tc.free_port(), "balanced": tc.free_port(),
+                          "first1": tc.free_port(), "first2": tc.free_port(), "first3": tc.free_port()}
         config = workdir / "haproxy.cfg"
         config.write_text(HAPROXY_CONFIG.format(**self.frontends, **self.http_ports))
         haproxy = tc.Service("haproxy", [tc.require_binary("haproxy"), "-db", "-f", str(config)],
@@ -119,6 +146,18 @@ class Cluster:
         for port in self.frontends.values():
             tc.wait_until(lambda: self._alive() or tc.port_open(port), 10, "haproxy")
         self.redis = redis.Redis(port=self.redis_port)
+
+    def use_client(self, sessions: int) -> None:
+        """(Re)start the tunnel client with `sessions` sessions (entry n1) and wait until each is listed."""
+        if self.client is not None:
+            self.client.stop(timeout=30)
+            self.services.remove(self.client)
+        self.client = tc.Service(f"client-k{sessions}", [*self._client_argv, "--sessions", str(sessions)],
+                                 self._workdir / f"client-k{sessions}.log", env=tc.child_env())
+        self.services.append(self.client)
+        for node in NODES:  # every node sees the backends (the others' through Redis)
+            tc.wait_until(lambda: self._alive() or len(tc.admin_backends(self.admin_ports[node], DOMAIN)) == sessions,
+                          30, f"{sessions} backend(s) listed on {node}", interval=0.1)
 
     def _alive(self) -> bool:
         for service in self.services:
@@ -157,6 +196,89 @@ def measure(cluster: Cluster | None, name: str, port: int, connections: int, dur
                  delta.get("zrangebyscore", 0) / requests)
 
 
+def hop_forwards(cluster: Cluster) -> float:
+    """Requests forwarded so far by all nodes (tun2g_hop_forwards_total, every outcome)."""
+    total = 0.0
+    for port in cluster.admin_ports.values():
+        text = tc.http_get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {BENCH_ADMIN_TOKEN}"})
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+                     if line.startswith("tun2g_hop_forwards_total"))
+    return total
+
+
+def cpu_seconds(service: tc.Service) -> float:
+    times = psutil.Process(service.pid).cpu_times()
+    return times.user + times.system
+
+
+@dataclass
+class ScalePoint:
+    """One (nodes, sessions) configuration through HAProxy."""
+
+    nodes: int
+    sessions: int
+    wrk: tc.WrkResult
+    forwarded: float  # fraction of requests that crossed two nodes
+    cpu_us: list[float]  # CPU per request on each balanced node, microseconds
+    client_us: float  # CPU per request of the tunnel client process (all its sessions)
+
+    @property
+    def capacity(self) -> float:
+        """req/s the configuration would reach with a core per process: the busiest one saturates first."""
+        return 1e6 / max(*self.cpu_us, self.client_us)
+
+
+def measure_scaling(cluster: Cluster, nodes: int, sessions: int, connections: int, duration: float) -> ScalePoint:
+    balanced = [cluster.nodes[name] for name in NODES[:nodes]]
+    assert cluster.client is not None
+    hops, cpu, client = hop_forwards(cluster), [cpu_seconds(node) for node in balanced], cpu_seconds(cluster.client)
+    result = tc.run_wrk(cluster.frontends[f"first{nodes}"], DOMAIN, connections, duration)
+    requests = max(1, result.requests)
+    return ScalePoint(nodes, sessions, result, (hop_forwards(cluster) - hops) / requests,
+                      [(cpu_seconds(node) - before) / requests * 1e6 for node, before in zip(balanced, cpu)],
+                      (cpu_seconds(cluster.client) - client) / requests * 1e6)
+
+
+def start_cluster(args: argparse.Namespace, stack: ExitStack, prefix: str) -> Cluster:
+    """nginx and the Cluster in a new temporary directory (kept with --keep), stopped by `stack`."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if args.keep:
+        print(f"logs in {workdir}")
+    else:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    nginx_port = tc.free_port()
+    stack.callback(tc.start_nginx(workdir, nginx_port, "unused.bin").stop)
+    print("starting redis, 3 nodes, a client on n1, haproxy ...", flush=True)
+    return Cluster(workdir, nginx_port, stack)
+
+
+def scaling(args: argparse.Namespace, duration: float) -> int:
+    """The --scaling run: req/s, forwarded fraction and CPU per request per node for each of SCALING."""
+    points: list[ScalePoint] = []
+    with ExitStack() as stack:
+        cluster = start_cluster(args, stack, "tun2g-cluster-scaling-")
+        for nodes, sessions in SCALING:
+            if cluster.client is None or not cluster.client.name.endswith(f"k{sessions}"):
+                print(f"client with --sessions {sessions}", flush=True)
+                cluster.use_client(sessions)
+            tc.run_wrk(cluster.frontends[f"first{nodes}"], DOMAIN, args.connections, 1)  # warm
+            print(f"wrk -c {args.connections} via haproxy over {nodes} node(s), K = {sessions}", flush=True)
+            points.append(measure_scaling(cluster, nodes, sessions, args.connections, duration))
+    base = points[0].wrk.requests_per_s
+    rows = [[f"{p.nodes} node{'s' if p.nodes > 1 else ''}, K = {p.sessions}", f"{p.wrk.requests_per_s:,.0f}",
+             f"{p.wrk.requests_per_s / base:.2f}", f"{p.forwarded:.2f}",
+             " / ".join(f"{us:.0f}" for us in p.cpu_us), f"{sum(p.cpu_us):.0f}", f"{p.client_us:.0f}",
+             f"{p.capacity:,.0f}", f"{p.wrk.p99_ms:.2f}", p.wrk.errors or "-"] for p in points]
+    print()
+    print(f"tun2g cluster scale-out, {args.connections} connections, {duration:g} s per configuration, "
+          f"{psutil.cpu_count()} cores")
+    print(format_table(["configuration", "req/s", "vs 1 node", "forwarded", "CPU µs/req per node", "nodes' sum",
+                        "client µs/req", "req/s, a core each", "p99 ms", "errors"], rows))
+    print("(CPU per request, user + system, on each balanced node and in the one client process; the last column\n"
+          " is 1e6 / the busiest process's figure: what the configuration reaches with a core per process)")
+    return 0
+
+
 def table(points: list[Point], local: Point) -> str:
     rows = [["path", "req/s", "vs local", "p50 ms", "p99 ms", "Redis cmds/req (net)", "lookups/req", "errors"]]
     for point in points:
@@ -173,18 +295,15 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each path is shown")
+    parser.add_argument("--scaling", action="store_true", help="req/s, forwarded fraction and CPU per request "
+                                                               "with 1, 2, 3 nodes and K = N or 2 (see above)")
     args = parser.parse_args()
     duration = 3.0 if args.quick else 8.0
-    workdir = Path(tempfile.mkdtemp(prefix="tun2g-cluster-bench-"))
+    if args.scaling:
+        return scaling(args, duration)
     with ExitStack() as stack:
-        if args.keep:
-            print(f"logs in {workdir}")
-        else:
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-        nginx_port = tc.free_port()
-        stack.callback(tc.start_nginx(workdir, nginx_port, "unused.bin").stop)
-        print("starting redis, 3 nodes, a client on n1, haproxy ...", flush=True)
-        cluster = Cluster(workdir, nginx_port, stack)
+        cluster = start_cluster(args, stack, "tun2g-cluster-bench-")
+        nginx_port = cluster.nginx_port
         for port in cluster.frontends.values():  # warm every path (connections, lookup caches)
             tc.run_wrk(port, DOMAIN, args.connections, 1)
         points = [measure(None, "direct nginx", nginx_port, args.connections, duration)]

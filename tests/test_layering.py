@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tun2g"
 FLOORS: list[tuple[int, str]] = [
     (0, "tun2g.errors"), (0, "tun2g.log"), (0, "tun2g.phi"), (0, "tun2g.requestid"), (0, "tun2g.backend"),
     (0, "tun2g.metrics"), (0, "tun2g.config"),
-    (0, "tun2g.storage"), (0, "tun2g.policy"), (0, "tun2g.transport.base"), (0, "tun2g.transport.kcp_wire"), (0, "tun2g.cluster.hop"),
+    (0, "tun2g.storage"), (0, "tun2g.policy"), (0, "tun2g.transport.base"), (0, "tun2g.transport.kcp_wire"), (0, "tun2g.cluster.hop"), (0, "tun2g.cluster.heartbeat"),
     (0, "tun2g.smux.frame"), (0, "tun2g.smux.config"), (0, "tun2g.smux.state"), (0, "tun2g.smux.errors"),
     (0, "tun2g.http.parser"), (0, "tun2g.http.heads"), (0, "tun2g.http.encode"),
     (0, "tun2g.tcp.sni"), (0, "tun2g.tcp.wire"), (0, "tun2g.tcp.edge"),

@@ -265,6 +265,12 @@ MAX_EVENT_SIZE = 1024
 MOVE = "move"
 # Client -> server: route no new requests to this session; close it once those in flight are done.
 LEAVING = "leaving"
+# Server -> client, in a cluster: the live nodes changed; "nodes" as in the auth reply (at most
+# MAX_LISTED_NODES entries). A multi-homed client opens or drops sessions to match (tun2g.client.multi).
+NODES = "nodes"
+MAX_LISTED_NODES = 64
+# A client reads the server's events with this bound: a "nodes" event lists up to 64 nodes.
+MAX_SERVER_EVENT_SIZE = 65536
 
 
 def encode_event(event: str, **fields) -> bytes:

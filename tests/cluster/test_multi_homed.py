@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import gevent
 import pytest
@@ -78,8 +79,51 @@ def test_the_default_is_two_sessions_on_two_nodes_and_a_stopped_node_is_replaced
     assert len(set(client.connected_nodes())) == 2  # never two sessions on one node
 
 
-def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, haproxy, backend, redis_server):
-    """3 node processes behind HAProxy, one client with K = 2: SIGKILL one of its nodes under GET load."""
+def trace_sessions(client: MultiClient, served_on: dict[str, str]) -> None:
+    """Note in `served_on` which node's session each request target reached (when it began there), for
+    every session the client holds now and opens later."""
+
+    def trace(session) -> None:
+        if getattr(session, "_traced", False):
+            return
+        session._traced = True
+        session.set_on_request(lambda served: None)  # an observer, whose begin() we wrap
+        begin = session._observer.begin
+
+        def traced(head, stream_id=None):
+            served_on.setdefault(head.target, session.node_id or "?")
+            return begin(head, stream_id)
+
+        session._observer.begin = traced
+
+    trace(client.entry)
+    add = client._add
+
+    def traced_add(node_id: str, address: str) -> None:
+        add(node_id, address)
+        trace(client.extra[node_id])
+
+    client._add = traced_add  # type: ignore[method-assign]
+    for session in client.extra.values():
+        trace(session)
+
+
+def hop_failures(nodes) -> dict[str, str]:
+    """{request id: the node a forwarded request was in flight to when that hop broke}, from the nodes' logs."""
+    failures = {}
+    for node in nodes:
+        for line in node.log().splitlines():
+            if "event=hop_failed_page" in line:
+                fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+                failures[fields.get("request_id", "")] = fields.get("node", "")
+    return failures
+
+
+def test_sigkill_of_a_node_fails_no_get_and_only_posts_in_flight_there(node_processes, haproxy, backend,
+                                                                        redis_server):
+    """3 node processes behind HAProxy, one client with K = 2: SIGKILL one of its nodes under GET and POST
+    load. No GET fails; a POST fails only if it was in flight on the dead node when it died (HAProxy had sent
+    it there, or it was being served by that node's session)."""
     nodes = node_processes(3, ttl=2.0)
     balancer = haproxy([node.http_port for node in nodes])
     storage = RedisStorage(redis_server.url)
@@ -90,11 +134,14 @@ def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, hap
     config = ClientConfig(server_addr=nodes[0].tunnel_addr, token=token, domain=DOMAIN, backend_url=backend_url,
                           plain=True, backoff_initial=0.05, backoff_max=0.3)
     client = MultiClient(config, sessions=2)
+    served_on: dict[str, str] = {}
+    trace_sessions(client, served_on)
     runner = gevent.spawn(client.run)
     statuses: list[int] = []
+    posts: dict[str, tuple[float, float, int]] = {}  # target -> (sent, answered, status; -1: no answer)
     stop = gevent.event.Event()
 
-    def loop() -> None:
+    def get_loop() -> None:
         session = requests.Session()
         while not stop.is_set():
             try:
@@ -102,18 +149,33 @@ def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, hap
             except requests.RequestException:
                 statuses.append(-1)
 
+    def post_loop(worker: int) -> None:
+        session = requests.Session()
+        count = 0
+        while not stop.is_set():
+            count += 1
+            target = f"/sink?post={worker}-{count}"
+            sent = time.monotonic()
+            try:
+                status = session.post(balancer.url + target, data=b"x" * 2048, timeout=10,
+                                      headers={"Host": DOMAIN, "X-Request-Id": f"post-{worker}-{count}"}).status_code
+            except requests.RequestException:
+                status = -1
+            posts[target] = (sent, time.monotonic(), status)
+
     try:
         wait_until(lambda: len(client.connected_nodes()) == 2, timeout=10, message="two sessions")
         wait_until(lambda: all(requests.get(n.url + "/", headers={"Host": DOMAIN}, timeout=5).status_code == 200
                                for n in nodes), timeout=10, message="every node serving the domain")
-        workers = [gevent.spawn(loop) for _ in range(3)]
-        wait_until(lambda: len(statuses) > 50, message="traffic flowing")
+        workers = [gevent.spawn(get_loop) for _ in range(3)] + [gevent.spawn(post_loop, i) for i in range(2)]
+        wait_until(lambda: len(statuses) > 50 and len(posts) > 20, message="traffic flowing")
         victim = next(n for n in nodes if n.node_id == client.connected_nodes()[-1])
+        kill_started = time.monotonic()
         victim.kill()
-        killed_at = len(statuses)
+        killed_at, killed_count = time.monotonic(), len(statuses)
         wait_until(lambda: len(client.connected_nodes()) == 2 and victim.node_id not in client.connected_nodes(),
                    timeout=10, message="the client holding two sessions again, off the dead node")
-        wait_until(lambda: len(statuses) > killed_at + 200, timeout=20, message="traffic after the kill")
+        wait_until(lambda: len(statuses) > killed_count + 200, timeout=20, message="traffic after the kill")
         stop.set()
         gevent.joinall(workers, timeout=15)
     finally:
@@ -122,6 +184,21 @@ def test_sigkill_of_a_node_fails_no_get_through_the_balancer(node_processes, hap
         runner.join(5)
     failed = [status for status in statuses if status != 200]
     assert not failed, f"{len(failed)} of {len(statuses)} GETs failed: {sorted(set(failed))}"
+    balancer.stop()  # its log is complete once it has stopped
+    entered = balancer.sent_to("POST", "/sink")
+    forwarded_to = hop_failures([node for node in nodes if node is not victim])
+    failed_posts = {target: result for target, result in posts.items() if result[2] != 200}
+    for target, (sent, answered, status) in failed_posts.items():
+        request_id = "post-" + target.rsplit("=", 1)[1]
+        where = (entered.get(target), served_on.get(target), forwarded_to.get(request_id))
+        # In flight when the node died, and on it: it was traced there, or seen by no live node or session at
+        # all (HAProxy logs no server for a request cut on a node that died under it).
+        on_victim = victim.node_id in where or where == (None, None, None)
+        assert on_victim and sent <= killed_at and answered >= kill_started, \
+            f"POST {target} failed ({status}) without being in flight on the dead node {victim.node_id}: " \
+            f"HAProxy sent it to {where[0]}, forwarded to {where[2]}, the session on {where[1]} got it"
+    print(f"{len(statuses)} GETs, none failed; {len(posts)} POSTs, {len(failed_posts)} failed, all in flight on "
+          f"{victim.node_id}")
 
 
 def test_a_bad_advertise_tunnel_is_one_clear_line(tmp_path):

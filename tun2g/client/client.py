@@ -18,8 +18,9 @@ from gevent.pool import Group
 
 from tun2g import pages, smux
 from tun2g.client import connect
-from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MOVE, ROUTE_HEADER,
-                           TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
+from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE,
+                           MOVE, NODES, ROUTE_HEADER, TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply,
+                           encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
@@ -199,6 +200,7 @@ class Client:
         # From the last auth reply: the node we are on and the live nodes' tunnel addresses (tun2g.client.multi).
         self.node_id: str | None = None
         self.cluster_nodes: dict[str, str] = {}
+        self.nodes_heard = float("-inf")  # monotonic time cluster_nodes was last told (reply or "nodes" event)
         self.inspector = inspector
         if inspector is not None:
             inspector.use_backend(self.pool)
@@ -221,6 +223,14 @@ class Client:
         self._connected = Event()  # set while a session is connected (a moved session waits for the next)
         self._active_streams = 0
         self._retiring: Group = Group()
+        # Whether another session of the same client (tun2g.client.multi) is up and serves our routes: then a
+        # session told to move says LEAVING at once, without waiting for its own next session.
+        self.sibling_up: Callable[[], bool] = lambda: False
+
+    @property
+    def streams_in_flight(self) -> int:
+        """Requests being served now, on the current session and on any session retiring after a move."""
+        return self._active_streams
 
     def use_backend(self, url: str) -> None:
         """Send the next requests to `url` (a config reload); exchanges in flight finish on the old backend."""
@@ -388,7 +398,7 @@ class Client:
         return told[0] if told and not session.is_closed else None
 
     def _read_events(self, control: smux.Stream, told: list[float], wake: Event) -> None:
-        reader = EventReader()
+        reader = EventReader(MAX_SERVER_EVENT_SIZE)
         control.settimeout(None)
         while True:
             try:
@@ -404,13 +414,19 @@ class Client:
                     told.append(float(grace) if isinstance(grace, (int, float)) and 0 <= grace < 3600 else 25.0)
                     wake.set()
                     return
+                if event["event"] == NODES and isinstance(event.get("nodes"), list):
+                    self.cluster_nodes = _cluster_view({"nodes": event["nodes"]})[1]
+                    self.nodes_heard = time.monotonic()
+                    log.info("nodes_changed", server=self.config.server_addr,
+                             nodes=" ".join(sorted(self.cluster_nodes)))
 
     def _retire(self, session: smux.Session, control: smux.Stream, serving, grace: float) -> None:
         """A session the server told us to leave: serve on it until the next one is up, then say LEAVING
         and let the server close it once our requests on it are done (bounded by its grace)."""
         try:
             with gevent.Timeout(grace + RETIRE_MARGIN, False):
-                self._connected.wait()
+                while not self._connected.wait(DRAIN_POLL) and not self.sibling_up():
+                    pass
                 _send_quietly(control, encode_event(LEAVING))
                 session.wait_closed()
         finally:
@@ -459,6 +475,7 @@ class Client:
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
         self.node_id, self.cluster_nodes = _cluster_view(reply)
+        self.nodes_heard = time.monotonic()
         if self.config.tcp:
             host = self.config.server_addr.rsplit(":", 1)[0]
             self.public_urls += [f"tcp://{host}:{port}" for port in self.config.tcp.granted(reply.get("tcp"))]

@@ -5,7 +5,8 @@ node id) in its auth reply. The supervisor here dials the address it was given
 (a node, or a balancer in front of them: whichever node answers), learns the
 others from that reply and runs one of today's single-session `Client` loops
 per extra node, never two on one node, until K are held. Each loop reconnects
-on its own; the supervisor re-reads the nodes every DISCOVER_INTERVAL, drops
+on its own; the servers push a new list when a node joins, drains, leaves or is
+evicted (the "nodes" control message), and the supervisor re-reads the freshest list every DISCOVER_INTERVAL, drops
 sessions to nodes that left the cluster's list (a dead node's entry expires
 with the registry TTL) and opens new ones to take their place. Requests for
 the domain are then served by whichever session is on the node they land on
@@ -21,6 +22,7 @@ from typing import Callable
 
 import gevent
 from gevent.event import Event
+from gevent.pool import Group
 
 from tun2g.client.client import Client, ClientConfig
 from tun2g.client.telemetry import Served
@@ -34,6 +36,10 @@ DEFAULT_CLUSTER_SESSIONS = 2  # sessions held when the cluster offers more than 
 # and the node is not tried again for AVOID_FOR (the node lists we hold are only as fresh as our logins).
 NODE_DOWN_AFTER = 1.0
 AVOID_FOR = 30.0
+# ... unless a list heard this long after we found it down still names it: a dead node leaves the servers'
+# lists within the heartbeat eviction (2 s), so that node is back (restarted).
+BACK_AFTER = 3.0
+DROP_GRACE = 10.0  # a surplus session's requests in flight get this long to finish after it says LEAVING
 
 
 class MultiClient:
@@ -48,12 +54,14 @@ class MultiClient:
         self.wanted = sessions
         self._options = client_options
         self.entry = Client(config, **client_options)
+        self.entry.sibling_up = lambda: self._sibling_up(self.entry)
         self.extra: dict[str, Client] = {}  # node id -> the Client dialling that node's tunnel address
         self._greenlets: dict[Client, gevent.Greenlet] = {}
         self._unreachable_since: dict[str, float] = {}
-        self._avoid: dict[str, float] = {}  # node id -> monotonic time until which it is not tried
+        self._avoid: dict[str, tuple[float, float]] = {}  # node id -> (not tried until, found down at), monotonic
         self._closed = Event()
         self._draining, self._drained = Event(), Event()
+        self._leaving = Group()  # sessions dropped gracefully, finishing their requests
 
     @property
     def clients(self) -> list[Client]:
@@ -111,18 +119,22 @@ class MultiClient:
     def close(self) -> None:
         """Close every session and stop reconnecting."""
         self._closed.set()
+        self._leaving.kill(block=False)
         for client in self.clients:
             client.close()
         gevent.joinall(list(self._greenlets.values()), timeout=5)
 
     def _view(self) -> dict[str, str]:
-        """The cluster's nodes as the connected sessions last heard them: {node id: tunnel address}."""
-        view: dict[str, str] = {}
-        for client in self.clients:
-            if client.state == "connected":
-                view.update(client.cluster_nodes)
+        """The cluster's nodes as a connected session last heard them (the freshest list, from an auth reply
+        or a "nodes" event): {node id: tunnel address}."""
+        connected = [client for client in self.clients if client.state == "connected"]
+        if not connected:
+            return {}
+        freshest = max(connected, key=lambda client: client.nodes_heard)
         now = time.monotonic()
-        return {node: address for node, address in view.items() if self._avoid.get(node, 0) <= now}
+        return {node: address for node, address in freshest.cluster_nodes.items()
+                if self._avoid.get(node, (0.0, 0.0))[0] <= now
+                or freshest.nodes_heard > self._avoid[node][1] + BACK_AFTER}
 
     def _unreachable(self, node_id: str, client: Client) -> bool:
         """True once `client` has failed to even dial its node for NODE_DOWN_AFTER seconds."""
@@ -133,8 +145,13 @@ class MultiClient:
         since = self._unreachable_since.setdefault(node_id, time.monotonic())
         if time.monotonic() - since < NODE_DOWN_AFTER:
             return False
-        self._avoid[node_id] = time.monotonic() + AVOID_FOR
+        self._avoid[node_id] = (time.monotonic() + AVOID_FOR, time.monotonic())
         return True
+
+    def _sibling_up(self, client: Client) -> bool:
+        """Whether a session other than `client`'s, on another node, is connected (it serves our routes)."""
+        return any(other is not client and other.state == "connected" and other.node_id != client.node_id
+                   for other in self.clients)
 
     def _rebalance(self) -> None:
         view = self._view()
@@ -161,6 +178,7 @@ class MultiClient:
         config = dataclasses.replace(self.config, server_addr=address, instance_id=_session_instance(
             self.config.instance_id, node_id), smux_config=dataclasses.replace(self.config.smux_config))
         client = Client(config, **self._options)
+        client.sibling_up = lambda: self._sibling_up(client)
         self.extra[node_id] = client
         self._greenlets[client] = gevent.spawn(self._run_extra, client)
         log.info("session_added", node=node_id, server=address, sessions=len(self.clients))
@@ -172,10 +190,25 @@ class MultiClient:
             log.warning("session_refused", server=client.config.server_addr, error=str(exc))
 
     def _drop(self, node_id: str, reason: str) -> None:
+        """Stop holding the session on `node_id`: gracefully (it says LEAVING, and the server closes it once the
+        requests in flight on it are answered, within DROP_GRACE), or at once when it serves nothing (also a
+        session told to move whose node left the list: it still finishes the requests on its old session)."""
         client = self.extra.pop(node_id)
-        client.close()
-        self._greenlets.pop(client).join(timeout=5)
+        greenlet = self._greenlets.pop(client)
         log.info("session_dropped", node=node_id, reason=reason, sessions=len(self.clients))
+        if client.state != "connected" and not client.streams_in_flight:
+            client.close()
+            greenlet.join(timeout=5)
+            return
+
+        def leave() -> None:
+            try:
+                client.drain(DROP_GRACE)
+                greenlet.join(timeout=5)
+            finally:
+                client.close()  # also when close() cuts the wait short
+
+        self._leaving.spawn(leave)
 
 
 def _outcome_of(run: Callable[[], None]) -> Exception | None:

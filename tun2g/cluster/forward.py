@@ -67,6 +67,7 @@ class Forwarder:
         self._last_used: dict[str, float] = {}
         self._busy: dict[str, dict[ByteStream, float]] = {}  # url -> {connection in use: since (monotonic)}
         self._down: dict[str, str] = {}  # url -> why it is skipped (until a health check is answered)
+        self._down_since: dict[str, float] = {}  # url -> when it was first skipped (monotonic)
         self._watchers: dict[str, gevent.Greenlet] = {}
         self._closed = False
 
@@ -97,12 +98,24 @@ class Forwarder:
             log.warning("node_skipped", url=url, reason=reason,
                         effect="requests for its domains go to other nodes or get a 502 at once")
         self._down[url] = reason
+        self._down_since.setdefault(url, time.monotonic())
         pool = self._pools.pop(url, None)
         if pool is not None:
             pool.close()
         for sock in list(self._busy.get(url, {})):
             _close_quietly(sock)  # wakes the exchanges waiting on it
         self._watch(url)
+
+    def down_since(self, url: str) -> float | None:
+        """When the node at `url` began to be skipped (monotonic), None when it is not."""
+        return self._down_since.get(url) if url in self._down else None
+
+    def revive(self, url: str, why: str) -> None:
+        """The node at `url` is back (its health check answered, or it beats again): stop skipping it."""
+        was = self._down.pop(url, None)
+        self._down_since.pop(url, None)
+        if was is not None:
+            log.info("node_answering", url=url, was=was, why=why)
 
     def _watch(self, url: str) -> None:
         watcher = self._watchers.get(url)
@@ -119,6 +132,7 @@ class Forwarder:
                 now = time.monotonic()
                 if down and now - self._last_used.get(url, 0.0) > POOL_IDLE_LIFETIME:
                     self._down.pop(url, None)  # nobody asked for it in a minute: forget it
+                    self._down_since.pop(url, None)
                     return
                 waiting = busy is not None and bool(busy) and now - min(busy.values()) >= self.probe_after
                 if not down and not busy:
@@ -127,7 +141,7 @@ class Forwarder:
                     continue
                 error = self.probe(url)
                 if error is None and down:
-                    log.info("node_answering", url=url, was=self._down.pop(url, ""))
+                    self.revive(url, "health check answered")
                 elif error is not None:
                     self.failed(url, f"health check: {error}")
         finally:

@@ -63,6 +63,7 @@ class ClusterNode:
                                       on_redis_error=config.on_redis_error,
                                       published_names=lambda: self.local_names())
         self.secret = self._resolve_secret(config)
+        self.registry.secret = self.secret  # heartbeats are signed as hops are
         self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
         self.nonces = NonceMemory(WINDOW)
         self._closed = False
@@ -89,6 +90,12 @@ class ClusterNode:
     def changed(self) -> None:
         """A local backend came or went."""
         self.registry.changed()
+
+    def drain(self) -> None:
+        """This node is stopping: list it to no client from now on (its own clients are told to move)."""
+        self.registry.draining = True
+        self.registry.changed()
+        self.registry.beat_now()  # the other nodes stop forwarding here (Routing prefers nodes not draining)
 
     def remote_backends(self) -> list[Backend]:
         """Other nodes' backends; none (and Redis logged) when Redis is down."""
@@ -152,10 +159,28 @@ class ClusterNode:
         """The TLS passthrough names some live node's tunnels serve, as last read (never waits for Redis)."""
         return self.registry.tls_names()
 
+    def available(self, node: NodeRef) -> bool:
+        """Whether to try `node`: not skipped by the forwarder, or heard beating again since it was."""
+        if self.forwarder.available(node.url):
+            return True
+        since = self.forwarder.down_since(node.url)
+        if since is None:
+            return True
+        joined = self.registry.peers.joined.get(node.node_id)
+        if joined is not None and joined > since and node.node_id in self.registry.peers.heard:
+            self.forwarder.revive(node.url, "its heartbeats are back")
+            return True
+        return False
+
+    def forget(self, domain: str) -> None:
+        """Look `domain` up afresh in Redis next time (the cached answer may predate a move)."""
+        self.registry.forget(domain)
+
     def unreachable(self, domain: str, node: NodeRef) -> None:
         """`node` could not be reached for `domain`: skip it for a while, look `domain` up afresh next time."""
         self.forwarder.failed(node.url, "unreachable")
         self.registry.forget(domain)
+        self.registry.suspect(node.node_id)  # evicted soon unless its heartbeats say it lives
 
     @property
     def last_error(self) -> str:

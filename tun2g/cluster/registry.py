@@ -13,11 +13,15 @@ storage's ``P token:*`` and ``P route:*`` keys)::
     P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
     channel P invalidate       "<domain> <domain> ...": drop cached lookups for these domains
+    channel P heartbeat        signed beats of every node, and "evict" / "leave" notices (tun2g.cluster.heartbeat)
 
 Each node rewrites its own records from its local registry every TTL/3
 seconds and at once after a change, in one MULTI/EXEC; the zset scores and
 key TTLs make a node that dies, or loses Redis, vanish within the TTL with
-nobody cleaning up. Because every write is a full snapshot, a Redis that
+nobody cleaning up. Sooner than that, a node that stops beating on ``P heartbeat``
+(a crash, a freeze, a partition) has its records removed by the nodes that still
+hear each other (`_evict`), within EVICT_SILENCE, or SUSPECT_SILENCE when a hop
+found its port closed. Because every write is a full snapshot, a Redis that
 restarts empty is repopulated by the next refresh without operator help.
 Scores are unix times from each node's clock: keep nodes NTP-synchronised.
 
@@ -45,6 +49,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tun2g.backend import Backend
+from tun2g.cluster import heartbeat
 from tun2g.cluster.outage import Outage
 from tun2g.errors import NoSuchBackend
 from tun2g.log import get_logger
@@ -71,6 +76,28 @@ TLS_NAMES_CACHE = 1.0
 MAX_TLS_NAMES = 100_000
 TLS_PREFIX = "tls:"
 _BACKEND_FIELDS = {f.name for f in fields(Backend)}
+# Removes a silent node's records in one step, unless it refreshed them after it went silent (ARGV[3], unix s:
+# the latest expiry score it may have): then it is alive and only its beats do not reach us.
+# ARGV: key prefix, node id, latest score, the "evict" message to publish. Returns -1 (spared) or the domains.
+_EVICT = """
+local prefix, node, latest, notice = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local score = redis.call('ZSCORE', prefix .. 'nodes', node)
+if score and tonumber(score) > latest then return -1 end
+local info = redis.call('HMGET', prefix .. 'node:' .. node, 'url', 'domains')
+local member = node .. ' ' .. (info[1] or '')
+local domains = {}
+if info[2] then
+  for domain in string.gmatch(info[2], '%S+') do
+    table.insert(domains, domain)
+    redis.call('ZREM', prefix .. 'domain:' .. domain, member)
+  end
+end
+redis.call('ZREM', prefix .. 'nodes', node)
+redis.call('DEL', prefix .. 'node:' .. node, prefix .. 'node-backends:' .. node)
+if #domains > 0 then redis.call('PUBLISH', prefix .. 'invalidate', table.concat(domains, ' ')) end
+redis.call('PUBLISH', prefix .. 'heartbeat', notice)
+return #domains
+"""
 
 
 class ClusterUnavailable(ConnectionError):
@@ -136,6 +163,13 @@ class RedisRegistry:
         self._closed = Event()
         self._tasks: list = []
         self.started = time.time()
+        # Heartbeats (tun2g.cluster.heartbeat): signed with the cluster secret, which the ClusterNode sets
+        # (no beats, hence no evictions, without one); `on_nodes_changed()` hears a node join or go.
+        self.secret: bytes | None = None
+        self.peers = heartbeat.PeerTable(node_id)
+        self.on_nodes_changed: Callable[[], None] = lambda: None
+        self._published_once = Event()
+        self.draining = False  # published: a draining node is listed to no client (tunnel_nodes)
 
     # -- keys ----------------------------------------------------------------
 
@@ -146,7 +180,7 @@ class RedisRegistry:
 
     def start(self) -> None:
         """Publish this node and keep it published; listen for kills and invalidations."""
-        self._tasks = [gevent.spawn(self._sync_loop), gevent.spawn(self._listen_loop)]
+        self._tasks = [gevent.spawn(self._sync_loop), gevent.spawn(self._listen_loop), gevent.spawn(self._beat_loop)]
 
     def changed(self) -> None:
         """The local backends changed: publish them now rather than at the next refresh."""
@@ -164,6 +198,9 @@ class RedisRegistry:
                 pipe.delete(self._key("node:", self.node_id), self._key("node-backends:", self.node_id))
                 if self._published:
                     pipe.publish(self._key("invalidate"), " ".join(sorted(self._published)))
+                if self.secret is not None:
+                    pipe.publish(self._key("heartbeat"), heartbeat.encode(self.secret, "leave", self.node_id,
+                                                                          int(time.time() * 1000)))
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.info("deregister_skipped", reason=str(exc), note="this node's records expire within the TTL")
@@ -197,7 +234,9 @@ class RedisRegistry:
                 pipe.zremrangebyscore(self._key("nodes"), "-inf", now)
                 pipe.hset(node_key, mapping={"url": self.advertise_url, "started": repr(self.started),
                                              "pid": os.getpid(), "host": socket.gethostname(),
-                                             "tunnel": self.advertise_tunnel})
+                                             "tunnel": self.advertise_tunnel,
+                                             "domains": " ".join(sorted(domains)),
+                                             "draining": "1" if self.draining else ""})
                 pipe.pexpire(node_key, ttl_ms)
                 pipe.delete(backends_key)
                 if backends:
@@ -224,6 +263,7 @@ class RedisRegistry:
             return False
         self.outage.succeeded()
         self._published = domains
+        self._published_once.set()
         return True
 
     def shared_secret(self) -> str:
@@ -244,6 +284,73 @@ class RedisRegistry:
             self.outage.failed(exc)
             return None
         return bool(claimed)
+
+    # -- heartbeats -------------------------------------------------------------------
+
+    def _beat_loop(self) -> None:
+        """Beat every BEAT_INTERVAL once this node is published; evict the peers gone silent."""
+        self._published_once.wait()
+        while not self._closed.is_set() and self.secret is not None:
+            try:
+                self._redis.publish(self._key("heartbeat"), heartbeat.encode(
+                    self.secret, "drain" if self.draining else "beat", self.node_id, int(time.time() * 1000)))
+                for node_id, silence in self.peers.to_evict(time.monotonic()):
+                    self._evict(node_id, silence)
+            except (redis.RedisError, OSError) as exc:
+                self.outage.failed(exc)
+            except Exception as exc:  # a bug must not end this node's beats
+                log.error("heartbeat_failed", error=repr(exc))
+            self._closed.wait(heartbeat.BEAT_INTERVAL)
+
+    def beat_now(self) -> None:
+        """Publish a beat (or a drain beat) now, not at the next tick (in the background; best effort)."""
+        if self.secret is None:
+            return
+        secret = self.secret
+
+        def beat() -> None:
+            try:
+                self._redis.publish(self._key("heartbeat"), heartbeat.encode(
+                    secret, "drain" if self.draining else "beat", self.node_id, int(time.time() * 1000)))
+            except (redis.RedisError, OSError) as exc:
+                self.outage.failed(exc)
+
+        gevent.spawn(beat)
+
+    def _evict(self, node_id: str, silence: float) -> None:
+        """Remove a silent node's records now rather than at the TTL (spared when it refreshed them since)."""
+        assert self.secret is not None
+        now = time.time()
+        latest = now - silence + 2 * heartbeat.BEAT_INTERVAL + self.ttl  # its expiry score had it published since
+        notice = heartbeat.encode(self.secret, "evict", node_id, int(now * 1000), by=self.node_id)
+        removed = self._redis.eval(_EVICT, 0, self.prefix, node_id, repr(latest), notice)
+        if removed == -1:
+            self.peers.spare(node_id, time.monotonic())
+            log.info("node_spared", node=node_id, silent_for=round(silence, 2), reason="it refreshed its records")
+            return
+        self._tunnel_nodes = (float("-inf"), self._tunnel_nodes[1])
+        log.warning("node_evicted", node=node_id, silent_for=round(silence, 2), domains=removed)
+        self.on_nodes_changed()
+
+    def suspect(self, node_id: str) -> None:
+        """A hop could not connect to `node_id`: evict it if it also stays silent SUSPECT_SILENCE."""
+        self.peers.suspect(node_id, time.monotonic())
+
+    def _on_heartbeat(self, data: str) -> None:
+        if self.secret is None:
+            return
+        message = heartbeat.decode(self.secret, data, time.time())
+        if message is None:
+            log.debug("heartbeat_ignored", data=data[:80])
+            return
+        if message.kind == "evict" and message.node == self.node_id and message.by != self.node_id:
+            log.warning("evicted_while_alive", by=message.by, effect="republishing this node's records now")
+            self.changed()
+        if self.peers.hear(message, time.monotonic()):
+            self._tunnel_nodes = (float("-inf"), self._tunnel_nodes[1])
+            if message.kind in ("beat", "drain"):
+                log.info("node_draining" if message.kind == "drain" else "node_joined", node=message.node)
+            self.on_nodes_changed()
 
     # -- lookups -----------------------------------------------------------------
 
@@ -369,22 +476,29 @@ class RedisRegistry:
 
     def tunnel_nodes(self) -> list[tuple[str, str]]:
         """(node id, tunnel address) of every live node that offers one, this one included; cached for
-        TUNNEL_NODES_CACHE s. While Redis cannot say, the last answer (or this node alone)."""
+        TUNNEL_NODES_CACHE s. While Redis cannot say, the last answer (or this node alone).
+
+        Live: in ``P nodes``, not draining, and (with a cluster secret) beating on the heartbeat
+        channel, so a record written into Redis by someone without the secret is listed to no client."""
         fetched, nodes = self._tunnel_nodes
         now = time.monotonic()
         if now - fetched < TUNNEL_NODES_CACHE or not self.outage.should_try():
             return nodes or self._own_tunnel()
         try:
-            node_ids = [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")]
+            # With a secret, the nodes heard beating are the candidates (and the only ones listed).
+            node_ids = sorted(self.peers.heard) if self.secret is not None else \
+                [str(n) for n in self._redis.zrangebyscore(self._key("nodes"), time.time(), "+inf")]
             with self._redis.pipeline(transaction=False) as pipe:
                 for node_id in node_ids:
-                    pipe.hget(self._key("node:", node_id), "tunnel")
-                addresses = pipe.execute()
+                    pipe.hmget(self._key("node:", node_id), "tunnel", "draining")
+                records = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self.outage.failed(exc)
             return nodes or self._own_tunnel()
-        nodes = sorted((node_id, str(address)) for node_id, address in zip(node_ids, addresses) if address)
-        if self.advertise_tunnel and self.node_id not in {node_id for node_id, _ in nodes}:
+        nodes = sorted((node_id, str(address)) for node_id, (address, draining) in zip(node_ids, records)
+                       if address and not draining and node_id != self.node_id and node_id not in self.peers.draining
+                       and (self.secret is None or node_id in self.peers.heard))
+        if not self.draining:
             nodes = sorted([*nodes, *self._own_tunnel()])
         self._tunnel_nodes = (now, nodes)
         return nodes
@@ -447,7 +561,7 @@ class RedisRegistry:
         while not self._closed.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub.subscribe(self._key("kill"), self._key("invalidate"))
+                pubsub.subscribe(self._key("kill"), self._key("invalidate"), self._key("heartbeat"))
                 self.outage.succeeded()
                 # (Re)subscribed: Redis may have restarted empty, and we may have missed invalidations.
                 for domain in list(self._cache):
@@ -470,7 +584,9 @@ class RedisRegistry:
                 pubsub.close()
 
     def _on_message(self, channel: str, data: str) -> None:
-        if channel == self._key("invalidate"):
+        if channel == self._key("heartbeat"):
+            self._on_heartbeat(data)
+        elif channel == self._key("invalidate"):
             for domain in data.split():
                 self._invalidate(domain)
                 if domain.startswith(TLS_PREFIX):

@@ -36,6 +36,15 @@ from tun2g.transport.base import ByteStream
 
 log = get_logger(__name__)
 
+# A stored route with no backend here nor in the registry is looked up again this many times, this far
+# apart, before the 502: a client moving between nodes (drain, rolling restart) is registered on its
+# new node a few milliseconds after it left the old one.
+MISS_RETRIES = 3
+MISS_WAIT = 0.1
+# Route keys known to have had a backend (here, or found in the registry): looked up again on a miss even
+# before the routing table loads them. Bounded: public requests choose the Host.
+MAX_SEEN_ROUTES = 10_000
+
 
 @functools.lru_cache(maxsize=4096)
 def routing_key(host: str) -> str | None:
@@ -111,7 +120,9 @@ class Routing:
     `route`: the route key the Host and path resolved to (the normalized Host when no stored
     route matches; None for a Host that is no host name); `prefix` and `target`: the path prefix
     to strip and the target the backend gets, when the route strips (else "" and None);
-    `refused`: why the path cannot be routed (tun2g.storage.routing.AmbiguousPath), else None.
+    `refused`: why the path cannot be routed (tun2g.storage.routing.AmbiguousPath), else None;
+    `hop_origin`: the node that forwarded this request to a draining node, which may forward it once
+    more (to a node neither draining nor the origin), else None.
     """
 
     router: Router
@@ -125,6 +136,7 @@ class Routing:
     broken_tunnels: list[Tunnel] = field(default_factory=list)
     unreachable_nodes: list[str] = field(default_factory=list)
     registry_error: str | None = None
+    hop_origin: str | None = None
     _prepared: bool = False
     _route_header: bool = False
 
@@ -138,16 +150,34 @@ class Routing:
             return
         yield from self._local(domain)
         cluster = self.router.cluster
-        if cluster is None or self.local_only or self.broken_tunnels:
-            return
-        try:
-            nodes = cluster.nodes_for(domain)
-        except ClusterUnavailable as exc:
-            self.registry_error = cluster.last_error or str(exc)
-            log.debug("lookup_unavailable", host=self.host, error=str(exc))
-            return
-        for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
-            yield from self._node(cluster, domain, node)
+        if cluster is None or self.local_only:
+            return  # (a local tunnel that broke under a replayable request, or opened no stream: on to the others)
+        for attempt in range(MISS_RETRIES + 1):
+            if attempt:
+                gevent.sleep(MISS_WAIT)  # bounded: MISS_RETRIES x MISS_WAIT per request at most
+                yield from self._local(domain)  # the client may have come here
+                cluster.forget(domain)
+            try:
+                nodes = cluster.nodes_for(domain)
+            except ClusterUnavailable as exc:
+                self.registry_error = cluster.last_error or str(exc)
+                log.debug("lookup_unavailable", host=self.host, error=str(exc))
+                return
+            draining = cluster.registry.peers.draining
+            if self.hop_origin is not None:  # forwarded to us as we drain: once more, never back nor to a draining node
+                nodes = [node for node in nodes if node.node_id != self.hop_origin and node.node_id not in draining]
+            elif draining and len(nodes) > 1:  # a draining node serves only until its sessions have moved
+                nodes = [node for node in nodes if node.node_id not in draining] or nodes
+            if nodes:
+                self.router.saw(domain)
+                if attempt:
+                    log.info("lookup_retried", host=self.host, attempts=attempt, request_id=self.request_id)
+            elif not self.router.knows(domain) and domain not in self.router.seen:
+                return  # a Host no stored route names, nor ever had a backend: no second look (Hosts are anyone's)
+            # Resumed past a node only when nothing reached it or the request is replayable: then, after all of
+            # them, a second look (a node that was just restarting, a client that just moved) is safe too.
+            for node in nodes if len(nodes) == 1 else random.sample(nodes, len(nodes)):
+                yield from self._node(cluster, domain, node)
 
     def _local(self, route: str) -> Iterator[Upstream]:
         while (tunnel := self.router.tunnels.pick(route, self.broken_tunnels)) is not None:
@@ -181,7 +211,7 @@ class Routing:
     def _node(self, cluster: ClusterNode, domain: str, node: NodeRef) -> Iterator[Upstream]:
         fresh = False
         while True:
-            if not cluster.forwarder.available(node.url):
+            if not cluster.available(node):
                 self.unreachable_nodes.append(f"{node.node_id}: not answering its health check")
                 return
             # Signed for this node, with a new nonce for each attempt: the receiving node serves it, never
@@ -221,6 +251,8 @@ class Router:
         self.tunnels = tunnels
         self.cluster = cluster
         self.routes: RoutingTable[Route] = RoutingTable()  # the stored routes (`load_routes`)
+        self.seen: set[str] = set()  # route keys that had a backend somewhere (see MAX_SEEN_ROUTES)
+        self.draining = False  # this node is stopping (Server.drain): see Routing.hop_origin
 
     # -- requests ------------------------------------------------------------------------
 
@@ -234,7 +266,9 @@ class Router:
 
     def route(self, head: RequestHead, request_id: str, hop: Hop | None) -> Routing:
         """The route for `head` and its candidates, tried in order by the pipeline."""
-        routing = Routing(self, head, request_id, local_only=hop is not None)
+        # A hop is served from local tunnels only; a draining node whose tunnels just left forwards it once more.
+        routing = Routing(self, head, request_id, local_only=hop is not None and not self.draining,
+                          hop_origin=hop.origin if hop is not None and self.draining else None)
         host = routing_key(head.host or "")
         if host is None:
             return routing
@@ -275,8 +309,16 @@ class Router:
 
     # -- tunnels -------------------------------------------------------------------------
 
+    def saw(self, route: str) -> None:
+        """`route` has a backend somewhere: a miss for it is worth a second look."""
+        if len(self.seen) >= MAX_SEEN_ROUTES:
+            self.seen.clear()
+        self.seen.add(route)
+
     def register(self, tunnel: Tunnel) -> None:
         self.tunnels.add(tunnel)
+        for route in tunnel.routes:
+            self.saw(route)
         self._changed()
 
     def deregister(self, tunnel: Tunnel) -> bool:

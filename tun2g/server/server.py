@@ -30,6 +30,7 @@ from tun2g.control import (LEAVING, MAX_AUTH_SIZE, MOVE, TUN2G_LEVEL, Auth, Auth
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
+from tun2g.server.node_list import NodeListPush, node_entries
 from tun2g.metrics import Metrics, SessionSample
 from tun2g.server.inspect import Inspector
 from tun2g.server.pipeline import HTTPSPolicy, Pipeline, TrustedProxies
@@ -57,6 +58,10 @@ DRAIN_POLL = 0.05
 # one takes well under a second when another node is in service; past this there is none (the
 # whole service stopping), and the requests in flight alone are waited for.
 MOVE_WAIT = 5.0
+# In a cluster, a drained node stays up until it has served nothing for this long: the other nodes hear that it
+# drains (its heartbeats say so) and stop forwarding to it, and a request already on its way over a kept-alive
+# connection is answered rather than cut by the close.
+DRAIN_QUIET = 0.5
 
 
 @dataclass
@@ -150,6 +155,10 @@ class Server:
         self.revocations = RevocationWatch(self.storage, lambda: self.tunnels, self._revoked,
                                            on_revision=self.reload_routes)
         self._tasks.spawn(self.revocations.run)
+        if cluster is not None:  # tell tun2g clients when nodes join or leave (tun2g.server.node_list)
+            self.node_list = NodeListPush(lambda: self.tunnels, cluster.registry.tunnel_nodes)
+            cluster.registry.on_nodes_changed = self.node_list.changed
+            self._tasks.spawn(self.node_list.run)
         # Live tunnels per token and per user (the session caps); see _admit / _forget.
         self._per_token: Counter[str] = Counter()
         self._per_user: Counter[str] = Counter()
@@ -316,7 +325,7 @@ class Server:
         if routes:
             extra["routes"] = list(tunnel.routes)
         if self._tunnel_nodes is not None:  # multi-homed clients hold sessions on several of these
-            extra["nodes"] = [{"node": node_id, "tunnel": address} for node_id, address in self._tunnel_nodes()]
+            extra["nodes"] = node_entries(self._tunnel_nodes())
         if self.config.public_url:
             extra["urls"] = public_urls(self.config.public_url, tunnel.routes)
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
@@ -492,6 +501,9 @@ class Server:
                 listener.close()
             except OSError:
                 pass
+        self.router.draining = True
+        if self.router.cluster is not None:
+            self.router.cluster.drain()
         movers = [tunnel for tunnel in self.tunnels if tunnel.auth.tun2g]
         for tunnel in movers:
             tunnel.moving = True
@@ -500,11 +512,15 @@ class Server:
         started = time.monotonic()
         deadline = started + grace
         in_cluster = self.router.cluster is not None
+        last_busy = started
         while time.monotonic() < deadline:
             moving = in_cluster and time.monotonic() - started < MOVE_WAIT
             staying = [t for t in movers if not t.leaving and not t.is_closed] if moving else []
             in_flight = sum(t.in_flight for t in self.tunnels) + busy()
-            if not staying and not in_flight:
+            if in_flight:
+                last_busy = time.monotonic()
+            quiet = not in_cluster or time.monotonic() - last_busy >= DRAIN_QUIET
+            if not staying and not in_flight and quiet:
                 log.info("drained")
                 return
             self._closed.wait(DRAIN_POLL)
