@@ -214,6 +214,9 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
     running = None
     gevent.signal_handler(signal.SIGINT, handle, signal.SIGINT)
     gevent.signal_handler(signal.SIGTERM, handle, signal.SIGTERM)
+    reload_asked: list[bool] = []  # a SIGHUP during start-up (a worker's supervisor passed one on) is applied after
+    if loaded is not None:
+        gevent.signal_handler(signal.SIGHUP, reload_asked.append, True)
     running = setup.start()  # a refusal (a port in use, a bad store URL) is one line: tun2g.cli.errors
     from tun2g.cli import gctune
 
@@ -221,7 +224,7 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
     for signum in signals:
         act(signum)
     if loaded is not None:
-        _reload_on_sighup(ctx, running)
+        _reload_on_sighup(ctx, running, asked_already=bool(reload_asked))
     running.wait()
     if signal.SIGINT in signals:
         sys.exit(EXIT_INTERRUPTED)
@@ -245,7 +248,7 @@ def _run_workers(setup, workers: int, grace_period: float, reloads: bool = False
     return True
 
 
-def _reload_on_sighup(ctx: click.Context, running) -> None:
+def _reload_on_sighup(ctx: click.Context, running, asked_already: bool = False) -> None:
     """SIGHUP (and the admin API's POST /reload) read the config file again; see RunningServer.reload."""
     import gevent
 
@@ -269,6 +272,8 @@ def _reload_on_sighup(ctx: click.Context, running) -> None:
 
     running.reloader = reloader
     gevent.signal_handler(signal.SIGHUP, on_sighup)
+    if asked_already:
+        on_sighup()
 
 
 def _public_url(value: str | None) -> str | None:
