@@ -190,3 +190,27 @@ def test_set_keepalive_changes_a_live_sessions_cadence(raw_peer):
     finally:
         session.close()
     assert_session_finished(session)
+
+
+def test_send_nowait_writes_a_small_message_directly_or_refuses_it_whole(raw_peer):
+    peer = raw_peer(version=2)
+    session = Session(peer.session_end, client=False,
+                      config=Config(version=2, keepalive_interval=NEVER, keepalive_timeout=NEVER))
+    try:
+        stream = session.open_stream()
+        peer.read_frames(lambda frames: (SYN, stream.id, None) in frames)
+        parked = session._writer.greenlet
+        session._on_keepalive_tick()  # retires the parked writer greenlet
+        if parked is not None:
+            parked.join(5)
+        assert session._writer.greenlet is None
+        starts = CountingStarts(session._writer)
+        assert stream.send_nowait(b'{"event":"ping","seq":1}\n')
+        peer.read_frames(lambda frames: (PSH, stream.id, b'{"event":"ping","seq":1}\n') in frames)
+        assert starts.calls == 0 and session._writer.greenlet is None
+        assert not stream.send_nowait(b"x" * (256 * 1024 + 1))  # more than the peer's window: nothing sent
+        stream.shutdown(socket.SHUT_WR)
+        assert not stream.send_nowait(b"late")
+    finally:
+        session.close()
+    assert_session_finished(session)

@@ -114,16 +114,7 @@ class Tunnel:
             return wait
         self._ping_seq += 1
         line = encode_event(PING, seq=self._ping_seq)
-        control = self.control_stream
-        previous = control.gettimeout()
-        control.settimeout(0)  # the shared timer never waits for one tunnel
-        try:
-            sent = control.send(line)
-        except (OSError, SessionClosedError):
-            sent = 0
-        finally:
-            control.settimeout(previous)
-        if sent != len(line):
+        if not self.control_stream.send_nowait(line):  # the shared timer never waits for one tunnel
             on_dead(self, "the client takes nothing more on its control stream")
             return None
         self._ping_sent_at = self._last_ping_at = now

@@ -337,7 +337,8 @@ class Session:
         arrived for ``timeout`` (never while our own budget keeps us from reading)."""
         self._keepalive_interval, self._keepalive_timeout = interval, timeout
         self._headers_at_last_tick = self._state.decoder.headers_decoded
-        self._heard_at = time.monotonic()
+        self._heard_at = self._ticked_at = time.monotonic()
+        self._stall_forgiven = False
         self._writes_at_last_tick = self._writer.writes
         return shared_timer().call_later(interval, self._on_keepalive_tick)
 
@@ -347,12 +348,20 @@ class Session:
         now = time.monotonic()
         state = self._state
         headers = state.decoder.headers_decoded
+        # A tick far behind its time means this process was stalled: the peer's frames may be
+        # waiting unread in the socket, so this one tick (not two in a row) judges no timeout.
+        stalled, self._ticked_at = now - self._ticked_at > 2 * self._keepalive_interval, now
         if headers != self._headers_at_last_tick or state.budget <= 0:
             self._headers_at_last_tick = headers
             self._heard_at = now
+            self._stall_forgiven = False
+        elif stalled and not self._stall_forgiven:
+            self._stall_forgiven = True
         elif now - self._heard_at >= self._keepalive_timeout:
             self._die(SessionClosedError(f"keepalive timeout: nothing received in {self._keepalive_timeout:g} s"))
             return None
+        else:
+            self._stall_forgiven = False
         writer = self._writer
         if writer.version is not None:
             writer.retire_if_idle()

@@ -132,11 +132,21 @@ class FrameWriter:
         """
         if self.closed or self.version is None:
             return
-        transport = self._transport
-        if transport is None or self._greenlet is not None or self._control or self._data:
+        if not self._write_now(_pack_header(self.version, NOP, 0, 0)):
             self.send_control(NOP, 0)
-            return
-        frame = _pack_header(self.version, NOP, 0, 0)
+
+    def send_data_now(self, sid: int, payload: bytes) -> None:
+        """send_data for one small payload from a caller that must not wait (the liveness ping):
+        written at once like send_keepalive when the writer is idle, else queued."""
+        if self.closed or self.version is None or len(payload) > self._max_frame_size or \
+                not self._write_now(_pack_header(self.version, PSH, len(payload), sid) + payload):
+            self.send_data(sid, payload)
+
+    def _write_now(self, frame: bytes) -> bool:
+        """One non-blocking send() of a whole frame when nothing is queued; False (nothing done) otherwise."""
+        transport = self._transport
+        if transport is None or self._greenlet is not None or self._control or self._data or self.closed:
+            return False
         previous = transport.gettimeout()
         transport.settimeout(0.0)
         try:
@@ -145,7 +155,7 @@ class FrameWriter:
             sent = 0
         except Exception as exc:  # the transport failed; the session decides what that means
             self._on_error(exc)
-            return
+            return True
         finally:
             if not self.closed:
                 transport.settimeout(previous)
@@ -154,6 +164,7 @@ class FrameWriter:
             self._control.appendleft((None, 0, frame[sent:]))  # raw bytes, first in the next batch
             self._busy = True
             self._start()
+        return True
 
     def send_data(self, sid: int, payload) -> WriteRequest:
         """Queue payload bytes (or, with payload None, a FIN) behind earlier data."""
