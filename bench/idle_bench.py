@@ -138,7 +138,7 @@ def run(workdir: Path, counts: list[int], window: float, source: Path | None) ->
                 helper.proc.stdin.write(f"{count}\n".encode())
                 helper.proc.stdin.flush()
             tc.wait_until(lambda: server.check_alive() or helper.check_alive() or registered(admin_port) >= count,
-                          900, f"{count} registered tunnels", interval=1.0)
+                          900, f"{count} registered tunnels", interval=5.0)
             connect_seconds = time.monotonic() - started
             time.sleep(SETTLE)  # the settling period, not synchronisation
             point = measure(server_process, client_process, admin_port, count, window if count > 1 else 10,

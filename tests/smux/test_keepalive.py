@@ -62,6 +62,26 @@ def test_a_failing_callback_is_dropped_and_the_others_go_on():
     assert len(timer) == 0
 
 
+def test_no_callback_runs_before_its_time_so_a_not_yet_answer_cannot_spin():
+    timer = SharedTimer()
+    calls = []
+    done = Event()
+    deadline = time.monotonic() + 0.2
+
+    def wait_for_deadline():  # like a liveness tick: "not yet, come back in what is left"
+        calls.append(time.monotonic())
+        left = deadline - time.monotonic()
+        if left <= 0:
+            done.set()
+            return None
+        return left
+
+    timer.call_later(0.1, wait_for_deadline)
+    assert done.wait(5)
+    assert calls[0] >= deadline - 0.1 - 0.001 and calls[-1] >= deadline
+    assert len(calls) <= 3  # run when due, never early: no loop of tiny delays
+
+
 def test_an_earlier_entry_wakes_a_timer_sleeping_until_a_later_one():
     timer = SharedTimer()
     fired = Event()

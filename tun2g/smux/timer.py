@@ -3,8 +3,8 @@
 A tunnel server holds thousands of idle sessions; giving each its own timers and a
 greenlet per tick costs memory and CPU for nothing. ``shared_timer()`` returns the
 process's (the hub's) ``SharedTimer``: a heap of due times served by one greenlet,
-which sleeps until the earliest entry and then runs every entry due within
-``SLACK`` of it. A callback returns the delay until it should run again (None: done);
+which sleeps until ``SLACK`` after the earliest entry and then runs every entry
+due by then (never one before its time). A callback returns the delay until it should run again (None: done);
 it must not block (it runs in the timer's greenlet, for everyone).
 """
 
@@ -22,8 +22,8 @@ from tun2g.log import get_logger
 
 log = get_logger(__name__)
 
-# Entries due this close together run in one wake-up: 10,000 sessions ticking every
-# 10 s would otherwise wake the greenlet every millisecond.
+# The timer oversleeps by this much, so entries due this close together run in one wake-up:
+# 10,000 sessions ticking every 10 s would otherwise wake the greenlet every millisecond.
 SLACK = 0.02
 # After this many callbacks in a row the timer yields to the other greenlets once.
 BATCH = 256
@@ -86,7 +86,7 @@ class SharedTimer:
             while heap:
                 now = clock()
                 ran = 0
-                while heap and heap[0][0] <= now + SLACK and ran < BATCH:
+                while heap and heap[0][0] <= now and ran < BATCH:  # never early: a callback re-checks its time
                     handle = heapq.heappop(heap)[2]
                     if not handle.cancelled:
                         ran += 1
@@ -95,7 +95,7 @@ class SharedTimer:
                     gevent.sleep(0)  # a crowd due at once: let the others run between batches
                 elif heap:
                     self._wakeup.clear()
-                    self._wakeup.wait(max(0.0, heap[0][0] - clock()))
+                    self._wakeup.wait(max(0.0, heap[0][0] - clock()) + SLACK)  # late by SLACK at most: batches
         finally:
             if self._greenlet is gevent.getcurrent():
                 self._greenlet = None
