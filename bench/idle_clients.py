@@ -5,7 +5,9 @@
 
 It prints `connected N` each time all N clients are connected, then reads
 target totals from stdin, one per line (e.g. `1000`), and grows to each.
-It exits on end of input or SIGTERM, closing every tunnel.
+It exits on end of input or SIGTERM, closing every tunnel. With `--credentials FILE`
+(one "token domain" line per client, as bench/idle_bench.py writes it) client i uses
+line i instead of --token / --domain.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tun2g.client import Client, ClientConfig  # noqa: E402
 from tun2g.log import configure  # noqa: E402
 from tun2g.transport import tls  # noqa: E402
 
-CONNECT_TIMEOUT = 120.0
+CONNECT_TIMEOUT = 120.0  # --connect-timeout
 
 
 def raise_fd_limit(wanted: int) -> None:
@@ -47,27 +49,49 @@ class IdleFleet:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.context = None if args.plain else tls.client_context(ca_file=args.ca)
+        self.credentials = ([tuple(line.split()) for line in Path(args.credentials).read_text().splitlines()]
+                            if args.credentials else [])
         self.clients: list[Client] = []
-        self.connected = 0
+        self._connected: set[Client] = set()
         self._changed = Event()
 
     def grow_to(self, total: int) -> None:
-        """Start clients until there are `total`, then wait until all are connected."""
+        """Start clients, `--step` at a time, until there are `total`, then wait until all are connected."""
         while len(self.clients) < total:
-            config = ClientConfig(server_addr=self.args.server, token=self.args.token, domain=self.args.domain,
+            self._grow_to(min(total, len(self.clients) + self.args.step))
+
+    def _grow_to(self, total: int) -> None:
+        while len(self.clients) < total:
+            index = len(self.clients)
+            token, domain = self.credentials[index] if self.credentials else (self.args.token, self.args.domain)
+            config = ClientConfig(server_addr=self.args.server, token=token, domain=domain,
                                   backend_url=self.args.backend, plain=self.args.plain,
-                                  tls_context=self.context, reconnect=False)
+                                  tls_context=self.context, reconnect=not self.args.no_reconnect)
             client = Client(config, on_status=self._on_status)
             self.clients.append(client)
             gevent.spawn(self._run, client)
-        with gevent.Timeout(CONNECT_TIMEOUT, TimeoutError(f"{total} clients not all connected after "
-                                                          f"{CONNECT_TIMEOUT:.0f}s ({self.connected} are)")):
+        limit = self.args.connect_timeout
+        with gevent.Timeout(limit, TimeoutError(f"{total} clients not all connected after "
+                                                f"{limit:.0f}s ({self.connected} are)")):
             while self.connected < total:
                 self._changed.clear()
                 self._changed.wait()
 
+    @property
+    def connected(self) -> int:
+        """Clients connected right now."""
+        return len(self._connected)
+
+    @property
+    def reconnects(self) -> int:
+        """Connections beyond each client's first (the server dropped or refused one)."""
+        return sum(max(0, client.connections - 1) for client in self.clients)
+
     def _on_status(self, client: Client) -> None:
-        self.connected = sum(1 for c in self.clients if c.state == "connected")
+        if client.state == "connected":
+            self._connected.add(client)
+        else:
+            self._connected.discard(client)
         self._changed.set()
 
     def _run(self, client: Client) -> None:
@@ -87,13 +111,19 @@ class IdleFleet:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", required=True)
-    parser.add_argument("--token", required=True)
-    parser.add_argument("--domain", required=True)
+    parser.add_argument("--token")
+    parser.add_argument("--domain")
+    parser.add_argument("--credentials", help='a file of "token domain" lines, one per client')
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT)
+    parser.add_argument("--step", type=int, default=250, help="clients started at once while growing")
+    parser.add_argument("--no-reconnect", action="store_true", help="a client whose session ends stays down")
     parser.add_argument("--backend", required=True)
     parser.add_argument("--ca", help="CA / self-signed certificate the server uses")
     parser.add_argument("--plain", action="store_true", help="no TLS (server run with --plain-tunnel)")
     parser.add_argument("--count", type=int, default=1)
     args = parser.parse_args()
+    if not args.credentials and not (args.token and args.domain):
+        parser.error("give --token and --domain, or --credentials")
     configure("warning")
     raise_fd_limit(65536)
     fleet = IdleFleet(args)
@@ -108,11 +138,11 @@ def main() -> None:
 def serve(fleet: IdleFleet, count: int) -> None:
     """Grow to `count`, then to each total read from stdin, reporting each on stdout."""
     fleet.grow_to(count)
-    print(f"connected {fleet.connected}", flush=True)
+    print(f"connected {fleet.connected} reconnects {fleet.reconnects}", flush=True)
     for line in FileObjectThread(sys.stdin):
         if line.strip():
             fleet.grow_to(int(line))
-            print(f"connected {fleet.connected}", flush=True)
+            print(f"connected {fleet.connected} reconnects {fleet.reconnects}", flush=True)
 
 if __name__ == "__main__":
     main()

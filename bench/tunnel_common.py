@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -56,6 +57,16 @@ def port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def temporary_workdir(stack, prefix: str, keep: bool) -> Path:
+    """A fresh temporary directory, removed when `stack` closes unless `keep` (then its path is printed)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if keep:
+        print(f"logs and files in {workdir}")
+    else:
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    return workdir
 
 
 def require_binary(name: str) -> str:

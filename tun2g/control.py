@@ -35,6 +35,12 @@ CONNECT_SCOPE = "connect"
 # tun2g's extension field in the Auth (docs/protocol.md#version-negotiation): a client
 # sending "tun2g": 1 follows a switch of the session to smux version 2. Go ignores it.
 TUN2G_LEVEL = 1
+# "tun2g": 2 (or more) adds the liveness check (docs/protocol.md#liveness): the client answers the
+# server's pings on the control stream, and the server sends it no HTTP `GET /health` any more.
+LIVENESS_LEVEL = 2
+# Both sides' smux keepalive (interval, timeout) once the liveness check is agreed: the pings and
+# pongs (every 15 s by default) are frames that feed both keepalive timeouts, so no NOP is sent.
+LIVENESS_KEEPALIVE = (20.0, 30.0)
 # More tun2g extension fields (docs/routing.md#multi-route-clients): "routes", the route keys
 # a client serves besides "domain", and "instance", the id that names one client across its
 # reconnects (a new session of the same instance takes over the old ones).
@@ -271,6 +277,9 @@ NODES = "nodes"
 MAX_LISTED_NODES = 64
 # A client reads the server's events with this bound: a "nodes" event lists up to 64 nodes.
 MAX_SERVER_EVENT_SIZE = 65536
+# Server -> client {"event":"ping","seq":N}; the client answers {"event":"pong","seq":N} (docs/protocol.md#liveness).
+PING = "ping"
+PONG = "pong"
 
 
 def encode_event(event: str, **fields) -> bytes:

@@ -57,7 +57,7 @@ def test_a_silent_server_refuses_a_claim_for_good(backend, start_client):
     try:
         url, _app = backend
         config = ClientConfig(server_addr=f"127.0.0.1:{server.server_port}", token="t", domain="", claim=True,
-                              backend_url=url, plain=True, backoff_initial=0.05)
+                              backend_url=url, plain=True, backoff_initial=0.05, unconfirmed_timeout=3.0)
         client = start_client(config, wait=False)
         assert client.rejected.wait(15)
         assert isinstance(client.error, AuthRejected) and NO_CLAIMS in str(client.error)

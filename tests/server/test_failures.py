@@ -63,6 +63,7 @@ def test_public_client_abort_closes_one_stream_not_the_tunnel(tunnel):
 
 def test_slow_reader_does_not_stall_other_requests_or_pings(deployment, backend, start_client):
     deployment.server.config.ping_interval = 0.2
+    deployment.server.config.liveness_interval = 0.2  # a tun2g client gets control-stream pings (docs/protocol.md#liveness)
     url, _app = backend
     token = deployment.grant()
     start_client(deployment.client_config(token, url))

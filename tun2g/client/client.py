@@ -18,9 +18,9 @@ from gevent.pool import Group
 
 from tun2g import pages, smux
 from tun2g.client import connect
-from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE,
-                           MOVE, NODES, ROUTE_HEADER, TUN2G_LEVEL, Auth, AuthFormatError, EventReader, decode_reply,
-                           encode_event)
+from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, LIVENESS_KEEPALIVE, LIVENESS_LEVEL,
+                           MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE, MOVE, NODES, PING, PONG, ROUTE_HEADER,
+                           Auth, AuthFormatError, EventReader, decode_reply, encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
@@ -42,6 +42,8 @@ CONN_TYPES = ("tcp", "kcp", "upgrade")
 # A Go tun2 server never answers the Auth; after this long without a reply on a
 # live session we take the silence as acceptance.
 REPLY_GRACE = 3.0
+# After REPLY_GRACE, how often a client still waiting for a late reply looks whether a request came instead.
+REPLY_POLL = 0.1
 REACHABLE_PROBE = 0.5  # seconds between TCP probes of an unreachable server during the reconnect wait
 ACCEPT_CONTROL_TIMEOUT = 15.0
 # Greenlets that served a stream wait for the next one, up to this many: a request then
@@ -82,6 +84,10 @@ RETIRE_MARGIN = 5.0
 # A claim (ClientConfig.claim) that the server did not answer: no tun2g server with self-service names.
 NO_CLAIMS = ("the server gave no self-service name (a Go tun2 server, or one without --self-service-domain); "
              "give --domain NAME")
+# The server's liveness pings are answered at most this fast (a burst, then a rate per second);
+# a tun2g server pings every 15 s, so only a peer flooding pings loses answers.
+PONG_BURST = 10
+PONG_RATE = 10.0
 # While draining with a Go tun2 server (no LEAVING), how often we look whether our streams are done.
 DRAIN_POLL = 0.05
 
@@ -220,6 +226,7 @@ class Client:
         self.draining = False
         self._runner = None
         self._control: smux.Stream | None = None  # a tun2g server's control stream, for LEAVING
+        self._after_reply = b""  # control-stream bytes read with the auth reply: the event reader's
         self._connected = Event()  # set while a session is connected (a moved session waits for the next)
         self._active_streams = 0
         self._retiring: Group = Group()
@@ -340,7 +347,7 @@ class Client:
             control = session.accept_stream(timeout=ACCEPT_CONTROL_TIMEOUT)
             # A negotiating client says it is tun2g (a Go server ignores the field) and
             # follows the server's switch to smux v2 (the session does that on its own).
-            level = TUN2G_LEVEL if self.config.smux_config.version is None else None
+            level = LIVENESS_LEVEL if self.config.smux_config.version is None else None
             # Our control messages need a tun2g server (a confirmed reply) and the tun2g field in the Auth.
             tcp = self.config.tcp.announcement() if self.config.tcp else None
             control.sendall(Auth(self.config.token, self.config.domain, tun2g=level,
@@ -350,11 +357,7 @@ class Client:
             first_stream = Event()
             serving = gevent.spawn(self._accept_loop, session, first_stream, _peer_ip(transport))
             try:
-                confirmed = self._await_reply(control, session)
-                if not confirmed and not first_stream.wait(self.config.unconfirmed_timeout):
-                    raise ConnectionLost(f"the server neither confirmed our Auth nor sent a request in "
-                                         f"{self.config.unconfirmed_timeout:g} s (a Go tun2 server loses "
-                                         f"an Auth now and then); reconnecting")
+                confirmed = self._await_reply(control, session, first_stream)
                 moved = self._serve_until_closed(session, control if confirmed and level else None)
                 if moved is not None and not self._closed.is_set():
                     handed_off = True
@@ -400,16 +403,20 @@ class Client:
     def _read_events(self, control: smux.Stream, told: list[float], wake: Event) -> None:
         reader = EventReader(MAX_SERVER_EVENT_SIZE)
         control.settimeout(None)
+        pongs = PongBudget()
+        pending, self._after_reply = self._after_reply, b""
         while True:
             try:
-                data = control.recv(4096)
+                data, pending = pending or control.recv(4096), b""
                 events = reader.feed(data) if data else None
             except (OSError, smux.SessionClosedError, AuthFormatError):
                 return
             if events is None:
                 return
             for event in events:
-                if event["event"] == MOVE:
+                if event["event"] == PING and type(event.get("seq")) is int and pongs.take():
+                    _send_quietly(control, encode_event(PONG, seq=event["seq"]))  # docs/protocol.md#liveness
+                elif event["event"] == MOVE:
                     grace = event.get("grace")
                     told.append(float(grace) if isinstance(grace, (int, float)) and 0 <= grace < 3600 else 25.0)
                     wake.set()
@@ -433,27 +440,50 @@ class Client:
             serving.kill()
             session.close()
 
-    def _await_reply(self, control, session) -> bool:
-        """Read tun2g's auth reply; True when confirmed, False when a live session stayed silent.
+    def _await_reply(self, control, session, first_stream: Event) -> bool:
+        """Read tun2g's auth reply; True when confirmed, False when a live session stayed silent
+        and sent a request (``first_stream``): what a Go server that accepted us does.
 
-        Silence is what a Go server that accepted us sends.
+        After REPLY_GRACE of silence we show "connected" but keep listening: a loaded tun2g
+        server may reply late, and it sends a client with the liveness check no request
+        (docs/protocol.md#liveness). Neither within unconfirmed_timeout: ConnectionLost.
         """
         control.settimeout(REPLY_GRACE)
+        deadline = time.monotonic() + self.config.unconfirmed_timeout
         line = b""
+        self._after_reply = b""
+        shown = False
         try:
-            while not line.endswith(b"\n") and len(line) < MAX_REPLY_SIZE:
-                data = control.recv(MAX_REPLY_SIZE)
+            while b"\n" not in line and len(line) < MAX_REPLY_SIZE:
+                try:
+                    data = control.recv(MAX_REPLY_SIZE)
+                except socket.timeout:
+                    if session.is_closed:
+                        break
+                    if self.config.claim:  # no name to show or serve until a reply names one
+                        if time.monotonic() >= deadline:
+                            raise AuthRejected(NO_CLAIMS) from None
+                        control.settimeout(REPLY_POLL)
+                        continue
+                    if not shown:
+                        shown = True
+                        self.backend_id = None
+                        self.public_urls = [f"http://{self.config.domain}"]
+                        self._set_state("connected", confirmed=False)
+                    if first_stream.is_set():
+                        return False
+                    if time.monotonic() >= deadline:
+                        raise ConnectionLost(f"the server neither confirmed our Auth nor sent a request in "
+                                             f"{self.config.unconfirmed_timeout:g} s (a Go tun2 server loses "
+                                             f"an Auth now and then); reconnecting") from None
+                    control.settimeout(REPLY_POLL)  # a cadence: the first request may come any moment
+                    continue
                 if not data:
                     break
                 line += data
-        except socket.timeout:
-            if self.config.claim:
-                raise AuthRejected(NO_CLAIMS) from None
-            if not session.is_closed:
-                self.backend_id = None
-                self.public_urls = [f"http://{self.config.domain}"]
-                self._set_state("connected", confirmed=False)
-                return False
+            # A control message (a ping, a move) may share the reply's read: it is the event reader's.
+            line, newline, self._after_reply = line.partition(b"\n")
+            line += newline
         except (OSError, smux.SessionClosedError):
             pass
         if not line and self.config.claim:
@@ -472,6 +502,8 @@ class Client:
             raise AuthRejected(f"server rejected us: {reason}")
         if self.config.claim:
             self._claimed(reply.get("domain"))
+        if isinstance(reply.get("liveness"), dict) and not session.config.keepalive_disabled:
+            session.set_keepalive(*LIVENESS_KEEPALIVE)  # the server pings us (docs/protocol.md#liveness)
         self.backend_id = reply.get("backend")
         self.public_urls = _public_urls(reply, self.config.domain)
         self.node_id, self.cluster_nodes = _cluster_view(reply)
@@ -646,6 +678,24 @@ class Client:
                 while self._active_streams:
                     self._closed.wait(DRAIN_POLL)
         self.close()
+
+
+class PongBudget:
+    """At most PONG_BURST pongs at once, refilled at PONG_RATE a second: a server flooding pings gets no more."""
+
+    def __init__(self) -> None:
+        self._tokens = float(PONG_BURST)
+        self._at = time.monotonic()
+
+    def take(self) -> bool:
+        """True when one more pong may be sent now."""
+        now = time.monotonic()
+        self._tokens = min(float(PONG_BURST), self._tokens + (now - self._at) * PONG_RATE)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 def _public_urls(reply: dict, domain: str) -> list[str]:

@@ -25,8 +25,8 @@ from tun2g.backend import Backend
 from tun2g.errors import AuthMismatch, ConfigurationError, NoSuchBackend
 from tun2g.log import get_logger
 from tun2g.cluster import ClusterNode
-from tun2g.control import (LEAVING, MAX_AUTH_SIZE, MOVE, TUN2G_LEVEL, Auth, AuthFormatError, EventReader,
-                           JSONObjectReader, encode_event, encode_reply, parse_auth, verify_auth)
+from tun2g.control import (LEAVING, LIVENESS_KEEPALIVE, LIVENESS_LEVEL, MAX_AUTH_SIZE, MOVE, PONG, TUN2G_LEVEL, Auth, AuthFormatError,
+                           EventReader, JSONObjectReader, encode_event, encode_reply, parse_auth, verify_auth)
 from tun2g.http import ExchangeTimeouts, RequestHead
 from tun2g.http.client import Body, StreamedResponse
 from tun2g.server.login_limit import LoginLimiter
@@ -73,6 +73,9 @@ class ServerConfig:
     auth_timeout: float = 10.0
     ping_interval: float = 5.0
     ping_timeout: float = 3.0
+    # Clients with the liveness check ("tun2g": 2) get a control-stream ping instead (docs/protocol.md#liveness).
+    liveness_interval: float = 15.0
+    liveness_timeout: float = 10.0
     phi_threshold: float = 8.0
     node_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     # Live tunnels one token / one user may hold on this process (None: no limit);
@@ -95,7 +98,8 @@ class ServerConfig:
         if self.smux_config is None:
             self.smux_config = smux.Config.tun2_server()
         self.smux_config.validate()
-        for name in ("auth_timeout", "ping_interval", "ping_timeout", "pre_auth_receive_buffer"):
+        for name in ("auth_timeout", "ping_interval", "ping_timeout", "pre_auth_receive_buffer", "liveness_interval",
+                     "liveness_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"ServerConfig.{name} must be positive")
         for name in ("max_sessions_per_token", "max_sessions_per_user"):
@@ -225,9 +229,14 @@ class Server:
             tunnel = self._authenticate(session, control, remote, proto)
             if tunnel is None:
                 return
-            ping_task = gevent.spawn(self._health_loop, tunnel)
-            session.wait_closed()
-            ping_task.kill()
+            if tunnel.auth.tun2g is not None and tunnel.auth.tun2g >= LIVENESS_LEVEL:
+                tunnel.start_liveness(self.config.liveness_interval, self.config.liveness_timeout, self._dead)
+                self._control_loop(tunnel)  # in this greenlet: an idle tunnel holds one greenlet less
+                session.wait_closed()
+            else:
+                ping_task = gevent.spawn(self._health_loop, tunnel)
+                session.wait_closed()
+                ping_task.kill()
         finally:
             session.close()
             if tunnel is not None:
@@ -299,6 +308,11 @@ class Server:
             session.upgrade()
         if session.version == 2:
             extra["smux"] = 2
+        liveness = auth.tun2g is not None and auth.tun2g >= LIVENESS_LEVEL
+        if liveness:
+            extra["liveness"] = {"interval": self.config.liveness_interval, "timeout": self.config.liveness_timeout}
+            if not session.config.keepalive_disabled:
+                session.set_keepalive(*LIVENESS_KEEPALIVE)
         session.release_receive_buffer()  # the pre-auth budget (smux.Config.initial_receive_buffer) is over
         speaks_events = auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL
         if not speaks_events:
@@ -309,7 +323,8 @@ class Server:
         auth = Auth(token=auth.token, domain=domain, tun2g=auth.tun2g, routes=routes, instance=auth.instance,
                     tcp=auth.tcp)
         tunnel = Tunnel(session, control, auth, user, proto=proto, host=remote, node=self.config.node_id,
-                        phi_threshold=self.config.phi_threshold, ping_interval=self.config.ping_interval)
+                        phi_threshold=self.config.phi_threshold,
+                        ping_interval=self.config.liveness_interval if liveness else self.config.ping_interval)
         tunnel.revision = revision
         self._per_token[auth.token] += 1
         self._per_user[user] += 1
@@ -331,7 +346,7 @@ class Server:
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())
-        if speaks_events:
+        if speaks_events and not liveness:
             self._tasks.spawn(self._control_loop, tunnel)
         return tunnel
 
@@ -371,7 +386,9 @@ class Server:
             if events is None:
                 return
             for event in events:
-                if event["event"] == LEAVING and not tunnel.leaving:
+                if event["event"] == PONG:
+                    tunnel.pong(event)
+                elif event["event"] == LEAVING and not tunnel.leaving:
                     self._let_leave(tunnel)
 
     def _let_leave(self, tunnel: Tunnel) -> None:
@@ -431,6 +448,11 @@ class Server:
                 log.warning("ping_failed", error=str(exc), phi=round(tunnel.phi, 2), **tunnel.log_fields())
                 tunnel.close()
                 return
+
+    def _dead(self, tunnel: Tunnel, reason: str) -> None:
+        """The liveness check failed (docs/protocol.md#liveness): close the tunnel (it is deregistered)."""
+        log.warning("ping_failed", error=reason, phi=round(tunnel.phi, 2), **tunnel.log_fields())
+        gevent.spawn(tunnel.close)  # closing flushes for up to a second: never in the shared timer's greenlet
 
     def _revoked(self, tunnel: Tunnel, reason: str) -> None:
         """Its token was revoked or its route removed: disconnect it (the client reconnects and is refused)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from typing import Callable
 
 from tun2g.backend import Backend
 from tun2g.errors import CantOpenSessionStream, CantReadResponse, CantWriteRequest
 from tun2g.http import HTTPError, MessageReader
 from tun2g.phi import PhiAccrualDetector
-from tun2g.control import PING_REQUEST, Auth
+from tun2g.control import PING, PING_REQUEST, Auth, encode_event
 from tun2g.smux import Session, SessionClosedError, Stream
+from tun2g.smux.timer import shared_timer
 from tun2g.storage import hash_secret
 
 
@@ -47,6 +49,7 @@ class Tunnel:
         self.token_hash = hash_secret(auth.token)  # names the token in logs without the secret
         # The store's revision read before this tunnel's Auth check (tun2g.server.revocation).
         self.revision: str | None = None
+        self._ping_sent_at: float | None = None  # the liveness ping waiting for its pong (start_liveness)
         self._phi = PhiAccrualDetector(threshold=phi_threshold, first_heartbeat_estimate=ping_interval)
         self._phi.heartbeat()
 
@@ -85,6 +88,47 @@ class Tunnel:
         self._phi.heartbeat()
         self.pings_answered += 1
         return time.monotonic() - started
+
+    def start_liveness(self, interval: float, timeout: float, on_dead: Callable[[Tunnel, str], None]) -> None:
+        """Ping on the control stream every ``interval`` from the shared timer (docs/protocol.md#liveness);
+        ``on_dead(tunnel, reason)`` when a pong is ``timeout`` late or the ping cannot be written."""
+        self._liveness = (interval, timeout, on_dead)
+        self._ping_seq = 0
+        self._ping_sent_at = None
+        self._last_ping_at = time.monotonic()
+        shared_timer().call_later(interval, self._liveness_tick)
+
+    def _liveness_tick(self) -> float | None:
+        if self.is_closed:
+            return None
+        interval, timeout, on_dead = self._liveness
+        now = time.monotonic()
+        if self._ping_sent_at is not None:
+            late = now - self._ping_sent_at
+            if late < timeout:
+                return timeout - late
+            on_dead(self, f"no pong within {timeout:g} s")
+            return None
+        wait = self._last_ping_at + interval - now
+        if wait > 0:
+            return wait
+        self._ping_seq += 1
+        line = encode_event(PING, seq=self._ping_seq)
+        if not self.control_stream.send_nowait(line):  # the shared timer never waits for one tunnel
+            on_dead(self, "the client takes nothing more on its control stream")
+            return None
+        self._ping_sent_at = self._last_ping_at = now
+        return min(interval, timeout)  # the next ping if the pong came by then, else the timeout's check
+
+    def pong(self, event: dict) -> bool:
+        """A pong arrived: True (and a heartbeat) when it answers the ping outstanding, else it is ignored."""
+        seq = event.get("seq")
+        if type(seq) is not int or self._ping_sent_at is None or seq != self._ping_seq:
+            return False
+        self._ping_sent_at = None
+        self._phi.heartbeat()
+        self.pings_answered += 1
+        return True
 
     @property
     def phi(self) -> float:

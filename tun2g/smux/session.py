@@ -1,9 +1,9 @@
 """A smux session over any socket-like transport, driven by gevent greenlets.
 
 One greenlet per session reads (transport -> SessionState -> wake streams); a writer
-greenlet (writer.FrameWriter) exists while the session is busy; keepalive runs on two
-hub timers. All protocol rules live in state.py; this module only moves bytes
-and wakes waiters.
+greenlet (writer.FrameWriter) exists while the session is busy; keepalive runs on the
+process's shared timer (timer.py), one entry per session. All protocol rules live in
+state.py; this module only moves bytes and wakes waiters.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from tun2g.transport.base import capabilities_of
 
 from .config import ACCEPT_BACKLOG, Config
 from .errors import SessionClosedError
-from .frame import FIN, NOP, SYN
+from .frame import FIN, SYN
 from .state import SessionState
 from .stream import Stream
+from .timer import shared_timer
 from .writer import FrameWriter
 
 # recv() this much at a time: a few frames per call at full speed, so per-call
@@ -82,7 +83,8 @@ class Session:
             self._version_known.set()
         self._writer = FrameWriter(transport, config.max_frame_size, self._state.version, self._on_write_error)
         self._reader = gevent.spawn(self._read_loop)
-        self._timers = [] if config.keepalive_disabled else self._start_keepalive()
+        self._keepalive = None if config.keepalive_disabled else self._start_keepalive(
+            config.keepalive_interval, config.keepalive_timeout)
 
     # --- public API ----------------------------------------------------------------
 
@@ -153,6 +155,16 @@ class Session:
         self._state.upgrade()
         self._writer.set_version(self._state.version)
 
+    def set_keepalive(self, interval: float, timeout: float) -> None:
+        """Change this session's keepalive (e.g. once the peer is known to be a tun2g peer)."""
+        if not 0 < interval <= timeout:
+            raise ValueError(f"keepalive needs 0 < interval <= timeout, got {interval} / {timeout}")
+        if self._closed:
+            return
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._keepalive = self._start_keepalive(interval, timeout)
+
     def release_receive_buffer(self) -> None:
         """Raise the budget from Config.initial_receive_buffer to max_receive_buffer."""
         self._state.release_receive_buffer()
@@ -218,8 +230,8 @@ class Session:
         self._close_reason = reason
         if self._reader is not gevent.getcurrent():
             self._reader.kill(block=False)
-        for timer in self._timers:
-            timer.close()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         self._writer.close()
         try:
             self._transport.close()
@@ -319,31 +331,44 @@ class Session:
                     stream._grace_spent = True
                     break
 
-    def _start_keepalive(self) -> list:
-        """Go's two tickers, as hub timers: a NOP every interval, a liveness check every timeout."""
-        loop = gevent.get_hub().loop
-        interval, timeout = self.config.keepalive_interval, self.config.keepalive_timeout
-        self._headers_at_last_check = self._state.decoder.headers_decoded
-        ping, check = loop.timer(interval, interval), loop.timer(timeout, timeout)
-        ping.start(self._on_ping_tick)
-        check.start(self._on_check_tick)
-        return [ping, check]
+    def _start_keepalive(self, interval: float, timeout: float):
+        """Go's two tickers as one shared-timer entry: each tick sends a NOP unless the session
+        wrote something since the last tick, and closes the session when no frame header
+        arrived for ``timeout`` (never while our own budget keeps us from reading)."""
+        self._keepalive_interval, self._keepalive_timeout = interval, timeout
+        self._headers_at_last_tick = self._state.decoder.headers_decoded
+        self._heard_at = self._ticked_at = time.monotonic()
+        self._stall_forgiven = False
+        self._writes_at_last_tick = self._writer.writes
+        return shared_timer().call_later(interval, self._on_keepalive_tick)
 
-    def _on_ping_tick(self) -> None:
-        # Runs in the hub: only queue (the writer greenlet does the sending).
+    def _on_keepalive_tick(self) -> float | None:
+        if self._closed:
+            return None
+        now = time.monotonic()
+        state = self._state
+        headers = state.decoder.headers_decoded
+        # A tick far behind its time means this process was stalled: the peer's frames may be
+        # waiting unread in the socket, so this one tick (not two in a row) judges no timeout.
+        stalled, self._ticked_at = now - self._ticked_at > 2 * self._keepalive_interval, now
+        if headers != self._headers_at_last_tick or state.budget <= 0:
+            self._headers_at_last_tick = headers
+            self._heard_at = now
+            self._stall_forgiven = False
+        elif stalled and not self._stall_forgiven:
+            self._stall_forgiven = True
+        elif now - self._heard_at >= self._keepalive_timeout:
+            self._die(SessionClosedError(f"keepalive timeout: nothing received in {self._keepalive_timeout:g} s"))
+            return None
+        else:
+            self._stall_forgiven = False
         writer = self._writer
         if writer.version is not None:
             writer.retire_if_idle()
-            writer.send_control(NOP, 0)
-
-    def _on_check_tick(self) -> None:
-        # Go: close when no header arrived during a whole period, unless we stopped
-        # reading ourselves (budget spent). Runs in the hub, so the closing is spawned.
-        headers = self._state.decoder.headers_decoded
-        if headers == self._headers_at_last_check and self._state.budget > 0 and not self._closed:
-            timeout = self.config.keepalive_timeout
-            gevent.spawn(self._die, SessionClosedError(f"keepalive timeout: nothing received in {timeout:g} s"))
-        self._headers_at_last_check = headers
+            if writer.writes == self._writes_at_last_tick:
+                writer.send_keepalive()
+            self._writes_at_last_tick = writer.writes
+        return self._keepalive_interval
 
 
 def _set_nodelay(transport) -> None:

@@ -12,7 +12,7 @@ from gevent.event import Event
 
 from tun2g.transport.base import Capabilities, CloseWatch
 
-from .errors import ProtocolError, StreamResetError
+from .errors import ProtocolError, SessionClosedError, StreamResetError
 from .state import StreamState
 
 # One send() hands at most this much to the writer, so that a huge sendall from one
@@ -210,6 +210,20 @@ class Stream:
         view = memoryview(data).cast("B")
         while len(view):
             view = view[self.send(view):]
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Send all of a small ``data`` now or nothing (False): never waits for the peer's window or
+        the writer, and writes directly when the session's writer is idle (the liveness ping)."""
+        session, state = self.session, self._state
+        try:
+            self._check_writable()
+            if session.version is None or session._state.send_window(state) < len(data):
+                return False
+        except (OSError, SessionClosedError, ProtocolError):
+            return False
+        session._state.record_sent(state, len(data))
+        session._writer.send_data_now(state.sid, bytes(data))
+        return True
 
     def _check_writable(self) -> None:
         state = self._state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from typing import Callable
 
@@ -77,6 +78,10 @@ class FrameWriter:
         # A plain socket can write header and payload slices in one gathered system call;
         # TLS and other transports get one joined buffer instead.
         self._sendmsg = transport.sendmsg if capabilities.gathered_writes else None
+        # A keepalive is written straight from the shared timer (no greenlet) on transports whose
+        # send() with timeout 0 never waits: sockets and TLS sockets (see send_keepalive).
+        self._transport = transport if capabilities.plain_send and hasattr(transport, "gettimeout") else None
+        self.writes = 0  # transport writes so far: the keepalive is skipped when this moved since the last tick
         self._max_frame_size = max_frame_size
         self._on_error = on_error
         self._control: deque[tuple] = deque()
@@ -116,6 +121,50 @@ class FrameWriter:
             self._busy = True
         self._control.append((cmd, sid, value))
         self._start()
+
+    def send_keepalive(self) -> None:
+        """Write one NOP now, without blocking or spawning a greenlet when the writer is idle.
+
+        Called from the shared timer: on a socket or TLS socket with nothing queued the
+        NOP goes out in one non-blocking send(); what the kernel did not take (or, on TLS,
+        the record OpenSSL keeps pending, which must be retried with the same bytes first)
+        is queued ahead of everything for the writer greenlet. Otherwise it is queued.
+        """
+        if self.closed or self.version is None:
+            return
+        if not self._write_now(_pack_header(self.version, NOP, 0, 0)):
+            self.send_control(NOP, 0)
+
+    def send_data_now(self, sid: int, payload: bytes) -> None:
+        """send_data for one small payload from a caller that must not wait (the liveness ping):
+        written at once like send_keepalive when the writer is idle, else queued."""
+        if self.closed or self.version is None or len(payload) > self._max_frame_size or \
+                not self._write_now(_pack_header(self.version, PSH, len(payload), sid) + payload):
+            self.send_data(sid, payload)
+
+    def _write_now(self, frame: bytes) -> bool:
+        """One non-blocking send() of a whole frame when nothing is queued; False (nothing done) otherwise."""
+        transport = self._transport
+        if transport is None or self._greenlet is not None or self._control or self._data or self.closed:
+            return False
+        previous = transport.gettimeout()
+        transport.settimeout(0.0)
+        try:
+            sent = transport.send(frame)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except Exception as exc:  # the transport failed; the session decides what that means
+            self._on_error(exc)
+            return True
+        finally:
+            if not self.closed:
+                transport.settimeout(previous)
+        self.writes += 1
+        if sent < len(frame):
+            self._control.appendleft((None, 0, frame[sent:]))  # raw bytes, first in the next batch
+            self._busy = True
+            self._start()
+        return True
 
     def send_data(self, sid: int, payload) -> WriteRequest:
         """Queue payload bytes (or, with payload None, a FIN) behind earlier data."""
@@ -200,7 +249,9 @@ class FrameWriter:
         control, data = self._control, self._data
         while control:
             cmd, sid, value = control.popleft()
-            if cmd == UPD:
+            if cmd is None:  # the unsent rest of a keepalive written directly (send_keepalive)
+                parts.append(value)
+            elif cmd == UPD:
                 parts.append(encode_update(version, sid, *value))
             else:
                 parts.append(_pack_header(version, cmd, 0, sid))
@@ -228,6 +279,7 @@ class FrameWriter:
                 parts.append(_pack_header(version, PSH, len(piece), request.sid))
                 parts.append(piece)
         self.queued_bytes -= size
+        self.writes += 1
         if len(parts) == 1:
             self._write(parts[0])
         elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:

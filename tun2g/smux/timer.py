@@ -1,0 +1,125 @@
+"""One timer greenlet for the periodic work of many sessions (keepalives, liveness pings).
+
+A tunnel server holds thousands of idle sessions; giving each its own timers and a
+greenlet per tick costs memory and CPU for nothing. ``shared_timer()`` returns the
+process's (the hub's) ``SharedTimer``: a heap of due times served by one greenlet,
+which sleeps until ``SLACK`` after the earliest entry and then runs every entry
+due by then (never one before its time). A callback returns the delay until it should run again (None: done);
+it must not block (it runs in the timer's greenlet, for everyone).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import Callable
+
+import gevent
+from gevent.event import Event
+
+from tun2g.log import get_logger
+
+log = get_logger(__name__)
+
+# The timer oversleeps by this much, so entries due this close together run in one wake-up:
+# 10,000 sessions ticking every 10 s would otherwise wake the greenlet every millisecond.
+SLACK = 0.02
+# After this many callbacks in a row the timer yields to the other greenlets once.
+BATCH = 256
+
+TimerCallback = Callable[[], "float | None"]
+
+
+class TimerHandle:
+    """One scheduled callback; ``cancel()`` drops it (lazily: it is skipped when due)."""
+
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: TimerCallback) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Never run the callback again."""
+        self.cancelled = True
+
+
+class SharedTimer:
+    """Many callbacks on one greenlet, each run when due and again after the delay it returns."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._order = itertools.count()
+        self._wakeup = Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def __len__(self) -> int:
+        """Entries scheduled and not cancelled."""
+        return sum(1 for entry in self._heap if not entry[2].cancelled)
+
+    @property
+    def greenlet(self) -> gevent.Greenlet | None:
+        """The timer's greenlet while it has entries (for leak checks)."""
+        return self._greenlet
+
+    def call_later(self, delay: float, callback: TimerCallback) -> TimerHandle:
+        """Run ``callback()`` in ``delay`` seconds; it returns the next delay, or None to stop."""
+        handle = TimerHandle(callback)
+        self._push(handle, delay)
+        return handle
+
+    def _push(self, handle: TimerHandle, delay: float) -> None:
+        heap = self._heap
+        due = self._clock() + max(0.0, delay)
+        earlier = not heap or due < heap[0][0]
+        heapq.heappush(heap, (due, next(self._order), handle))
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+        elif earlier:
+            self._wakeup.set()
+
+    def _run(self) -> None:
+        heap, clock = self._heap, self._clock
+        try:
+            while heap:
+                now = clock()
+                ran = 0
+                while heap and heap[0][0] <= now and ran < BATCH:  # never early: a callback re-checks its time
+                    handle = heapq.heappop(heap)[2]
+                    if not handle.cancelled:
+                        ran += 1
+                        self._fire(handle)
+                if ran >= BATCH:
+                    gevent.sleep(0)  # a crowd due at once: let the others run between batches
+                elif heap:
+                    self._wakeup.clear()
+                    self._wakeup.wait(max(0.0, heap[0][0] - clock()) + SLACK)  # late by SLACK at most: batches
+        finally:
+            if self._greenlet is gevent.getcurrent():
+                self._greenlet = None
+
+    def _fire(self, handle: TimerHandle) -> None:
+        try:
+            delay = handle.callback()
+        except Exception as exc:  # noqa: BLE001 - one session's bug must not stop everyone's timers
+            log.error("timer_callback_failed", callback=repr(handle.callback), error=repr(exc))
+            delay = None
+        if delay is not None and not handle.cancelled:
+            self._push(handle, delay)
+        else:
+            handle.cancelled = True
+
+
+_timers: dict[int, SharedTimer] = {}
+
+
+def shared_timer() -> SharedTimer:
+    """The SharedTimer of the current thread's hub (made on first use)."""
+    hub = gevent.get_hub()
+    timer = _timers.get(id(hub))
+    if timer is None or getattr(timer, "_hub", None) is not hub:
+        timer = _timers[id(hub)] = SharedTimer()
+        timer._hub = hub  # type: ignore[attr-defined]
+    return timer
