@@ -430,6 +430,7 @@ class Client:
     def _retire(self, session: smux.Session, control: smux.Stream, serving, grace: float) -> None:
         """A session the server told us to leave: serve on it until the next one is up, then say LEAVING
         and let the server close it once our requests on it are done (bounded by its grace)."""
+        answering = gevent.spawn(self._read_events, control, [], Event())  # its liveness pings, till the end
         try:
             with gevent.Timeout(grace + RETIRE_MARGIN, False):
                 while not self._connected.wait(DRAIN_POLL) and not self.sibling_up():
@@ -437,6 +438,7 @@ class Client:
                 _send_quietly(control, encode_event(LEAVING))
                 session.wait_closed()
         finally:
+            answering.kill()
             serving.kill()
             session.close()
 
