@@ -6,6 +6,7 @@ gc.DEBUG_SAVEALL (gc.garbage), and who holds it with gc.get_referrers.
 
 import collections
 import gc
+import types
 import socket
 
 import pytest
@@ -50,7 +51,7 @@ def one_request(plain_deployment, start_client):
 
 
 def _module_of(obj) -> str:
-    owner = getattr(obj, "__self__", None)  # a bound method: its object's class
+    owner = obj.__self__ if isinstance(obj, types.MethodType) else None  # a bound method: its object's class
     kind = type(owner) if owner is not None else type(obj)
     return f"{kind.__module__}.{kind.__qualname__}"
 

@@ -244,7 +244,7 @@ def test_idle_connections_cost_no_cpu(listener):
     gevent.sleep(1.0)  # an observation window: nothing to wait for, we measure what idling costs
     after, elapsed = process.cpu_times(), time.monotonic() - started
     used = (after.user + after.system - before.user - before.system) / elapsed
-    assert used < 0.04, f"400 idle KCP ends used {used:.0%} of a core"
+    assert used < 0.08, f"400 idle KCP ends used {used:.0%} of a core"  # ticking: ~15 %; idle: 1-5 % under load
     for client in clients:
         client.close()
 
