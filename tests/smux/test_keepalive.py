@@ -219,10 +219,6 @@ def test_send_nowait_writes_a_small_message_directly_or_refuses_it_whole(raw_pee
     try:
         stream = session.open_stream()
         peer.read_frames(lambda frames: (SYN, stream.id, None) in frames)
-        parked = session._writer.greenlet
-        session._on_keepalive_tick()  # retires the parked writer greenlet
-        if parked is not None:
-            parked.join(5)
         assert session._writer.greenlet is None
         starts = CountingStarts(session._writer)
         assert stream.send_nowait(b'{"event":"ping","seq":1}\n')

@@ -8,7 +8,7 @@ import ssl
 import gevent
 import pytest
 
-from tests.smux.conftest import assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256, tcp_pair
+from tests.smux.conftest import PSH, assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256, tcp_pair
 from tun2g.smux import Config, Session, SessionClosedError, StreamIdsExhaustedError
 
 
@@ -275,34 +275,43 @@ def test_non_blocking_and_timed_out_sends(make_pair):
         stream.sendall(b"c" * (1 << 20))
 
 
-def test_a_busy_session_keeps_one_writer_greenlet_across_requests(make_pair):
+def test_frames_queued_in_one_loop_turn_go_out_in_one_write_without_a_writer_greenlet(make_pair):
     pair = make_pair(client_config=quiet_config(), server_config=quiet_config())
     serve_echo(pair.server)
-    stream = pair.client.open_stream()
-    stream.sendall(b"hello")
-    assert stream.recv(10) == b"hello"
-    writer = pair.client._writer.greenlet
-    assert writer is not None and not writer.dead  # parked for the next burst, not spawned per write
     for _ in range(5):
-        stream.sendall(b"again")
-        assert stream.recv(10) == b"again"
-    assert pair.client._writer.greenlet is writer
-    assert pair.client.greenlets == [pair.client._reader, writer]
+        writes = pair.client._writer.writes
+        stream = pair.client.open_stream()  # SYN
+        stream.sendall(b"hello")            # PSH
+        stream.shutdown(socket.SHUT_WR)     # FIN: all three queued before this greenlet yields
+        assert read_to_eof(stream) == b"hello"
+        assert pair.client._writer.writes == writes + 1
+        assert pair.client._writer.greenlet is None  # the hub wrote them: no greenlet, no switch
+        stream.close()
+    assert pair.client.greenlets == [pair.client._reader]
 
 
-def test_an_idle_session_drops_its_writer_greenlet_at_a_keepalive_tick(make_pair):
-    config = Config(keepalive_interval=0.05, keepalive_timeout=10)
-    pair = make_pair(client_config=config, server_config=config)
-    serve_echo(pair.server)
-    stream = pair.client.open_stream()
-    stream.sendall(b"hello")
-    assert stream.recv(10) == b"hello"
-    writer = pair.client._writer.greenlet
-    assert writer is not None
-    writer.join(timeout=5)  # the first tick with nothing but a keepalive to send ends it
-    assert writer.dead
-    assert not pair.client._reader.dead
-    assert not pair.client.is_closed
+def test_what_the_socket_cannot_take_goes_on_from_a_writer_greenlet_that_ends_once_written(raw_peer):
+    peer = raw_peer()
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    peer.session_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    session = Session(peer.session_end, client=True, config=quiet_config())
+    try:
+        stream = session.open_stream()
+        stream.settimeout(0)  # queued without waiting for the writer
+        payload = os.urandom(4 << 20)  # far more than both socket buffers hold
+        view = memoryview(payload)
+        while len(view):
+            view = view[stream.send(view):]
+        gevent.sleep(0)  # the hub runs the write queued before this: the kernel takes a part of it
+        writer = session._writer.greenlet
+        assert writer is not None and not writer.dead
+        peer.read_frames(lambda frames: peer.psh_bytes(stream.id) == len(payload), timeout=10)
+        assert b"".join(value for cmd, sid, value in peer.frames if cmd == PSH) == payload
+        writer.join(5)
+        assert writer.dead and session._writer.greenlet is None
+    finally:
+        session.close()
+    assert_session_finished(session)
 
 
 class RefusesGatheredWrites(CountingSocket):

@@ -364,7 +364,6 @@ class Session:
             self._stall_forgiven = False
         writer = self._writer
         if writer.version is not None:
-            writer.retire_if_idle()
             if writer.writes == self._writes_at_last_tick:
                 writer.send_keepalive()
             self._writes_at_last_tick = writer.writes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections import deque
 from typing import Callable
@@ -55,17 +56,18 @@ class WriteRequest:
 
 
 class FrameWriter:
-    """Queues frames and sends them from its own greenlet, which parks between bursts of work.
+    """Queues frames and writes what one turn of the event loop queued in one transport write.
 
     Control frames (SYN, NOP, UPD) overtake queued data, as in Go's priority shaper.
     PSH payloads and FINs share one FIFO so a stream's FIN never overtakes its data.
     Frames are encoded at send time, so an automatic client can queue frames before
     it knows which version byte to put on them.
 
-    The greenlet is spawned on demand and then parks on an event between bursts, so a
-    busy session does not pay a new greenlet (and Python's 16 KiB frame chunk) per
-    request. ``retire_if_idle`` (the session's keepalive tick) ends a greenlet that had
-    nothing but keepalives to send since it last parked: an idle session holds none.
+    On sockets and TLS sockets the write is a callback the hub runs once the queuing
+    greenlets have yielded (`_write_in_hub`): a non-blocking send, no greenlet switch.
+    What the kernel does not take, and every write on other transports (KCP) or before
+    the version is known, goes on from a writer greenlet that may block; it ends once
+    everything is written, so an idle session holds none.
     """
 
     def __init__(self, transport, max_frame_size: int, version: int | None,
@@ -92,9 +94,8 @@ class FrameWriter:
         self.version = None
         self.closed = False
         self._greenlet: gevent.Greenlet | None = None
-        self._wakeup = Event()
-        self._parked = False
-        self._busy = False  # something other than a keepalive was queued since the greenlet last parked
+        self._loop = gevent.get_hub().loop
+        self._scheduled = False  # a _write_in_hub callback is due
         self._drained = Event()  # set whenever nothing is queued or being written
         self._drained.set()
         if version is not None:
@@ -117,8 +118,6 @@ class FrameWriter:
         if cmd == NOP:
             if any(queued[0] == NOP for queued in self._control):
                 return  # a keepalive already waits; Go drops the extra one too
-        else:
-            self._busy = True
         self._control.append((cmd, sid, value))
         self._start()
 
@@ -144,27 +143,60 @@ class FrameWriter:
 
     def _write_now(self, frame: bytes) -> bool:
         """One non-blocking send() of a whole frame when nothing is queued; False (nothing done) otherwise."""
-        transport = self._transport
-        if transport is None or self._greenlet is not None or self._control or self._data or self.closed:
+        if self._transport is None or self._greenlet is not None or self._control or self._data or self.closed:
             return False
-        previous = transport.gettimeout()
-        transport.settimeout(0.0)
+        self._write_without_waiting([frame], ())
+        return True
+
+    def _write_in_hub(self) -> None:
+        """The hub's callback: write every queued batch without waiting; a writer greenlet takes the rest."""
+        self._scheduled = False
+        if self._greenlet is not None or self.closed:
+            return
+        while self._control or self._data:
+            parts = self._take_batch()
+            if parts and not self._write_without_waiting(parts, self._in_flight):
+                return
+        self._drained.set()
+
+    def _write_without_waiting(self, parts: list, taken) -> bool:
+        """Send ``parts`` in one non-blocking write and finish ``taken``. What the kernel did not
+        take (on TLS: the record OpenSSL keeps pending, to be retried with the same bytes first)
+        goes first to a writer greenlet, which finishes ``taken`` after it; False then."""
         try:
-            sent = transport.send(frame)
+            sent = self._send_without_waiting(parts)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except Exception as exc:  # the transport failed; the session decides what that means
             self._on_error(exc)
-            return True
+            return False
+        self.writes += 1
+        if sent < sum(map(len, parts)):
+            self._control.appendleft((None, 0, b"".join(parts)[sent:]))  # raw bytes, first in the next batch
+            self._in_flight = list(taken)
+            self._greenlet = gevent.spawn(self._run)
+            return False
+        self._in_flight = []
+        for request in taken:
+            request.finish()
+        return True
+
+    def _send_without_waiting(self, parts: list) -> int:
+        """One send of ``parts`` that never waits: a gathered MSG_DONTWAIT write on a plain
+        socket, else a send() with the timeout at 0 (TLS); the bytes written."""
+        if self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
+            try:
+                return self._sendmsg(parts, (), socket.MSG_DONTWAIT)
+            except NotImplementedError:  # a TLS-like wrapper that refuses sendmsg before writing
+                self._sendmsg = None
+        transport = self._transport
+        previous = transport.gettimeout()
+        transport.settimeout(0.0)
+        try:
+            return transport.send(parts[0] if len(parts) == 1 else b"".join(parts))
         finally:
             if not self.closed:
                 transport.settimeout(previous)
-        self.writes += 1
-        if sent < len(frame):
-            self._control.appendleft((None, 0, frame[sent:]))  # raw bytes, first in the next batch
-            self._busy = True
-            self._start()
-        return True
 
     def send_data(self, sid: int, payload) -> WriteRequest:
         """Queue payload bytes (or, with payload None, a FIN) behind earlier data."""
@@ -175,7 +207,6 @@ class FrameWriter:
         if payload is not None:
             self.queued_bytes += len(payload)
         self._data.append(request)
-        self._busy = True
         self._start()
         return request
 
@@ -191,12 +222,6 @@ class FrameWriter:
     def flush(self, timeout: float | None) -> bool:
         """Wait until everything queued is written (or the writer stopped); False on timeout."""
         return self._drained.wait(timeout)
-
-    def retire_if_idle(self) -> None:
-        """End a parked greenlet that only had keepalives to send since it parked (keeps idle sessions light)."""
-        if self._parked and not self._busy:
-            self._parked = False
-            self._wakeup.set()  # it finds no work and nothing busy, and exits
 
     def close(self) -> None:
         """Stop writing and release every waiting sender (their requests fail)."""
@@ -215,35 +240,48 @@ class FrameWriter:
 
     def _start(self) -> None:
         self._drained.clear()
-        if self._parked:
-            self._parked = False
-            self._wakeup.set()
-        elif self._greenlet is None:
+        if self._greenlet is not None or self._scheduled:
+            return  # the writer at work picks the new frames up
+        if self._transport is not None and self.version is not None:
+            self._scheduled = True
+            self._loop.run_callback(self._write_in_hub)
+        else:
             self._greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
         try:
             self._version_known.wait()
-            while True:
-                while self._control or self._data:
-                    self._write_batch()
-                self._drained.set()
-                if not self._busy:
-                    return
-                self._busy = False
-                self._parked = True
-                self._wakeup.clear()
-                self._wakeup.wait()
+            while self._control or self._data:
+                self._write_batch()
+            self._drained.set()
         except gevent.GreenletExit:
             raise
         except Exception as exc:  # the transport failed; the session decides what that means
             self._on_error(exc)
         finally:
-            self._parked = False
             if self._greenlet is gevent.getcurrent():
                 self._greenlet = None
 
     def _write_batch(self) -> None:
+        parts = self._take_batch()
+        self.writes += 1
+        if len(parts) == 1:
+            self._write(parts[0])
+        elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
+            try:
+                self._gather_all(parts)
+            except NotImplementedError:  # a TLS-like wrapper that refuses sendmsg before writing
+                self._sendmsg = None
+                self._write(b"".join(parts))
+        elif parts:
+            self._write(b"".join(parts))
+        taken, self._in_flight = self._in_flight, []
+        for request in taken:
+            request.finish()
+
+    def _take_batch(self) -> list:
+        """The encoded frames of the next write: every control frame, then data up to BATCH_BYTES
+        (its requests join ``_in_flight``, to be finished once written)."""
         version = self.version
         parts: list = []
         control, data = self._control, self._data
@@ -279,20 +317,7 @@ class FrameWriter:
                 parts.append(_pack_header(version, PSH, len(piece), request.sid))
                 parts.append(piece)
         self.queued_bytes -= size
-        self.writes += 1
-        if len(parts) == 1:
-            self._write(parts[0])
-        elif self._sendmsg is not None and len(parts) <= MAX_GATHER_PARTS:
-            try:
-                self._gather_all(parts)
-            except NotImplementedError:  # a TLS-like wrapper that refuses sendmsg before writing
-                self._sendmsg = None
-                self._write(b"".join(parts))
-        elif parts:
-            self._write(b"".join(parts))
-        self._in_flight = []
-        for request in taken:
-            request.finish()
+        return parts
 
     def _write(self, data) -> None:
         if self._send is not None:
