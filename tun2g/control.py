@@ -32,6 +32,11 @@ PING_REQUEST = b"GET /health HTTP/1.1\r\nHost: backend\r\nUser-Agent: Go-http-cl
 
 CONNECT_SCOPE = "connect"
 
+# Kept-alive request streams (docs/protocol.md#request-streams): a tun2g server closes one that was
+# idle this long; a tun2g client waits twice as long for a next request on one before it closes it
+# itself (a server that forgot it), so the server's close comes first and no request meets a closing stream.
+STREAM_IDLE_SECONDS = 30.0
+
 # tun2g's extension field in the Auth (docs/protocol.md#version-negotiation): a client
 # sending "tun2g": 1 follows a switch of the session to smux version 2. Go ignores it.
 TUN2G_LEVEL = 1

@@ -14,6 +14,7 @@ from gevent.queue import Empty, Queue
 
 from tests.fixtures.net import env_without_proxies
 from tests.fixtures.tunnel import DOMAIN
+from tun2g.server import tunnel as tunnel_module
 
 
 class CLIClient:
@@ -113,7 +114,8 @@ def test_quiet_prints_no_status_lines(plain_deployment, backend):
     assert client.lines == []
 
 
-def test_debug_logs_the_life_of_a_stream(plain_deployment, backend):
+def test_debug_logs_the_life_of_a_stream(plain_deployment, backend, monkeypatch):
+    monkeypatch.setattr(tunnel_module, "IDLE_STREAM_SECONDS", 0.2)  # the server ends its kept stream soon
     url, _app = backend
     client = CLIClient(plain_deployment, plain_deployment.grant(), url, "--log-level", "debug", "--no-inspect")
     try:

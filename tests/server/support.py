@@ -9,7 +9,9 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from tests.fixtures.backends import read_head
-from tests.fixtures.tunnel import _start
+from tests.fixtures.tunnel import DOMAIN, _start
+from tun2g import smux
+from tun2g.control import Auth, decode_reply
 
 
 def bounded_deployment(tmp_path, data_dir, **bounds):
@@ -114,3 +116,18 @@ class StuckBackend:
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
+
+
+def handshake(deployment, level: int, token: str) -> tuple[smux.Session, smux.Stream, dict]:
+    """Authenticate by hand over a real socket with "tun2g": level; (session, control stream, reply)."""
+    sock = socket.create_connection(("127.0.0.1", deployment.running.tunnel_address[1]), timeout=5)
+    session = smux.Session(sock, client=True, config=smux.Config(version=None))
+    control = session.accept_stream(timeout=5)
+    control.sendall(Auth(token, DOMAIN, tun2g=level).encode())
+    control.settimeout(5)
+    line = b""
+    while not line.endswith(b"\n"):
+        data = control.recv(1)
+        assert data, "the server closed the control stream before its reply"
+        line += data
+    return session, control, decode_reply(line.strip())

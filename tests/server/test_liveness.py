@@ -4,15 +4,15 @@ HTTP health pings, fed to phi; dead, silent and hostile peers."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import gevent
 import pytest
 
 from tests.fixtures.tunnel import DOMAIN, wait_until
+from tests.server.support import handshake as _handshake
 from tun2g import smux
-from tun2g.control import LIVENESS_KEEPALIVE, PING_REQUEST, Auth, EventReader, decode_reply, encode_event
+from tun2g.control import LIVENESS_KEEPALIVE, PING_REQUEST, EventReader, encode_event
 from tun2g.errors import ConfigurationError
 from tun2g.server.server import ServerConfig
 
@@ -23,21 +23,6 @@ TIMEOUT = 0.5
 def _fast_liveness(deployment) -> None:
     deployment.server.config.liveness_interval = FAST
     deployment.server.config.liveness_timeout = TIMEOUT
-
-
-def _handshake(deployment, level: int, token: str) -> tuple[smux.Session, smux.Stream, dict]:
-    """Authenticate by hand over a real socket with "tun2g": level; (session, control stream, reply)."""
-    sock = socket.create_connection(("127.0.0.1", deployment.running.tunnel_address[1]), timeout=5)
-    session = smux.Session(sock, client=True, config=smux.Config(version=None))
-    control = session.accept_stream(timeout=5)
-    control.sendall(Auth(token, DOMAIN, tun2g=level).encode())
-    control.settimeout(5)
-    line = b""
-    while not line.endswith(b"\n"):
-        data = control.recv(1)
-        assert data, "the server closed the control stream before its reply"
-        line += data
-    return session, control, decode_reply(line.strip())
 
 
 def _tunnel(deployment):

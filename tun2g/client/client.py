@@ -20,7 +20,7 @@ from tun2g import pages, smux
 from tun2g.client import connect
 from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, LIVENESS_KEEPALIVE, LIVENESS_LEVEL,
                            MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE, MOVE, NODES, PING, PONG, ROUTE_HEADER,
-                           Auth, AuthFormatError, EventReader, decode_reply, encode_event)
+                           STREAM_IDLE_SECONDS, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
 from tun2g.client.telemetry import ExchangeObserver, Served
 from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
@@ -574,7 +574,8 @@ class Client:
                 return
         self._active_streams += 1
         try:
-            serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject)
+            serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject,
+                           idle_timeout=2 * STREAM_IDLE_SECONDS)
         finally:
             self._active_streams -= 1
             stream.close()

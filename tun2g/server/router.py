@@ -56,29 +56,36 @@ def routing_key(host: str) -> str | None:
 
 
 class TunnelUpstream:
-    """One stream of a local tunnel, for one exchange."""
+    """One stream of a local tunnel, for one exchange: a kept-alive one (``reused``) or a new one."""
 
-    single_use = True  # one exchange per stream: Connection: close lets the client FIN with its response
-    reader: MessageReader | None = None
-
-    def __init__(self, router: Router, tunnel: Tunnel, stream: Stream) -> None:
+    def __init__(self, router: Router, tunnel: Tunnel, stream: Stream, reader: MessageReader | None) -> None:
         self._router = router
         self.tunnel = tunnel
+        # A stream the tunnel does not keep carries one exchange: Connection: close lets the client FIN
+        # with its response. A kept one goes back to the tunnel at a clean message boundary.
+        self.single_use = not tunnel.keeps_streams
+        self._stream = stream
         self.stream: ByteStream = stream
+        self.reused = reader is not None
+        self.reader = reader if reader is not None else MessageReader(stream)
         self.label = tunnel.id
         tunnel.in_flight += 1
 
     def release(self, reusable: bool) -> None:
-        self.stream.close()
+        if reusable and not self.single_use:
+            self.tunnel.keep_stream(self._stream, self.reader)
+        else:
+            self._stream.close()
         self.tunnel.in_flight -= 1
         self.tunnel.served += 1
 
     def failed(self, reason: str) -> bool:
-        """The exchange failed; True when the tunnel is gone (a replayable request may go to another)."""
-        if not self.tunnel.is_closed:
-            return False
-        self._router.retire(self.tunnel, reason)
-        return True
+        """The exchange failed; True when another upstream may serve a replayable request: the tunnel is
+        gone, or this was a kept stream (which the client may have closed just now)."""
+        if self.tunnel.is_closed:
+            self._router.retire(self.tunnel, reason)
+            return True
+        return self.reused
 
     def failure_page(self, detail: str, request_id: str) -> pages.Page:
         log.warning("tunnel_failed", error=detail, request_id=request_id, **self.tunnel.log_fields())
@@ -181,16 +188,20 @@ class Routing:
 
     def _local(self, route: str) -> Iterator[Upstream]:
         while (tunnel := self.router.tunnels.pick(route, self.broken_tunnels)) is not None:
-            try:
-                stream = tunnel.open_stream()
-            except CantOpenSessionStream as exc:
-                self.router.retire(tunnel, str(exc))
-                self.broken_tunnels.append(tunnel)
-                continue
-            self._prepare(route, tunnel)
-            upstream = TunnelUpstream(self.router, tunnel, stream)
-            yield upstream
-            self.broken_tunnels.append(tunnel)  # resumed only when it died under a replayable request
+            fresh = False
+            while True:
+                try:
+                    stream, reader = (tunnel.open_stream(), None) if fresh else tunnel.take_stream()
+                except CantOpenSessionStream as exc:
+                    self.router.retire(tunnel, str(exc))
+                    break
+                self._prepare(route, tunnel)
+                upstream = TunnelUpstream(self.router, tunnel, stream, reader)
+                yield upstream  # resumed only when it failed under a replayable request
+                if not upstream.reused or tunnel.is_closed:
+                    break
+                fresh = True  # a kept stream the client closed meanwhile: once more, on a new one
+            self.broken_tunnels.append(tunnel)
 
     def _prepare(self, route: str, tunnel: Tunnel) -> None:
         """The head as this node's tunnel gets it: the prefix stripped (once: a retry reuses the head),

@@ -5,22 +5,29 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from collections import deque
 from typing import Callable
 
 from tun2g.backend import Backend
 from tun2g.errors import CantOpenSessionStream, CantReadResponse, CantWriteRequest
 from tun2g.http import HTTPError, MessageReader
 from tun2g.phi import PhiAccrualDetector
-from tun2g.control import PING, PING_REQUEST, Auth, encode_event
+from tun2g.control import PING, PING_REQUEST, STREAM_IDLE_SECONDS, TUN2G_LEVEL, Auth, encode_event
 from tun2g.smux import Session, SessionClosedError, Stream
 from tun2g.smux.timer import shared_timer
 from tun2g.storage import hash_secret
+
+# Request streams are kept alive between exchanges (docs/protocol.md#request-streams), as a keep-alive
+# pool: at most this many idle per tunnel, each for at most this long.
+MAX_IDLE_STREAMS = 32
+IDLE_STREAM_SECONDS = STREAM_IDLE_SECONDS
 
 
 class Tunnel:
     """A registered tunnel: its session, its Auth and its health.
 
-    Streams are opened per request; `in_flight` drives least-loaded routing.
+    A request takes a kept-alive stream (`take_stream`) or opens one, and gives it back at a clean
+    message boundary (`keep_stream`); `in_flight` drives least-loaded routing.
     Its public record (Go tun2's name for it) is a `Backend`.
     """
 
@@ -40,6 +47,9 @@ class Tunnel:
         self.connected_at = time.time()
         self.usable = True
         self.in_flight = 0
+        # A tun2g client serves keep-alive HTTP on a stream; a Go tun2 client's http.Server cancels a second
+        # request on one (its smux stream's read deadlines), so it gets one stream per exchange, as from Go.
+        self.keeps_streams = auth.tun2g is not None and auth.tun2g >= TUN2G_LEVEL
         self.leaving = False  # the client said LEAVING (docs/protocol.md#control-messages): no new requests
         # Told to MOVE by a draining server: its client's new session elsewhere (same instance id) must not
         # take this one over, which would cut its requests in flight; the client's LEAVING ends it instead.
@@ -50,6 +60,8 @@ class Tunnel:
         # The store's revision read before this tunnel's Auth check (tun2g.server.revocation).
         self.revision: str | None = None
         self._ping_sent_at: float | None = None  # the liveness ping waiting for its pong (start_liveness)
+        self._idle_streams: deque[tuple[Stream, MessageReader, float]] = deque()  # oldest first
+        self._expiry_due = False  # the shared timer will close idle streams past IDLE_STREAM_SECONDS
         self._phi = PhiAccrualDetector(threshold=phi_threshold, first_heartbeat_estimate=ping_interval)
         self._phi.heartbeat()
 
@@ -57,8 +69,46 @@ class Tunnel:
     def is_closed(self) -> bool:
         return self.session.is_closed
 
+    def take_stream(self) -> tuple[Stream, MessageReader | None]:
+        """A stream for one HTTP exchange: the newest kept one still idle (with its response reader), else a
+        new one (reader None)."""
+        idle = self._idle_streams
+        while idle:
+            stream, reader, _ = idle.pop()
+            if stream.reusable:  # the client may have closed it meanwhile
+                return stream, reader
+            stream.close()
+        return self.open_stream(), None
+
+    def keep_stream(self, stream: Stream, reader: MessageReader) -> None:
+        """Keep a stream whose exchange ended at a clean boundary for a next request, or close it."""
+        idle = self._idle_streams
+        if (not self.keeps_streams or self.leaving or self.moving or not self.usable or len(idle) >= MAX_IDLE_STREAMS
+                or not stream.reusable or not reader.idle):
+            stream.close()
+            return
+        idle.append((stream, reader, time.monotonic()))
+        if not self._expiry_due:
+            self._expiry_due = True
+            shared_timer().call_later(IDLE_STREAM_SECONDS, self._expire_idle_streams)
+
+    def _expire_idle_streams(self) -> float | None:
+        idle = self._idle_streams
+        now = time.monotonic()
+        while idle and (now - idle[0][2] >= IDLE_STREAM_SECONDS or self.is_closed):
+            idle.popleft()[0].close()
+        if not idle:
+            self._expiry_due = False
+            return None
+        return idle[0][2] + IDLE_STREAM_SECONDS - now
+
+    @property
+    def idle_streams(self) -> int:
+        """Request streams kept alive for a next exchange."""
+        return len(self._idle_streams)
+
     def open_stream(self) -> Stream:
-        """A new stream to the client, for one HTTP exchange."""
+        """A new stream to the client."""
         try:
             return self.session.open_stream()
         except (SessionClosedError, OSError) as exc:
@@ -138,6 +188,7 @@ class Tunnel:
         """Close the session (and so every stream); idempotent."""
         self.usable = False
         self.session.close()
+        self._idle_streams.clear()  # closed with the session
 
     def backend(self) -> Backend:
         """The public record of this connection."""

@@ -65,6 +65,13 @@ class Stream:
         return not self._state.registered
 
     @property
+    def reusable(self) -> bool:
+        """Open both ways with nothing unread and no FIN or reset: it may carry another exchange."""
+        state = self._state
+        return (state.registered and not state.chunks and not state.fin_received and not state.fin_sent
+                and not state.read_closed and state.reset_message is None and not self.session.is_closed)
+
+    @property
     def fin_received(self) -> bool:
         """True once the peer has sent FIN (it will send no more data)."""
         return self._state.fin_received
