@@ -94,6 +94,8 @@ BAD_INPUTS = [
     (["server", "--http", "127.0.0.1:99999"], 2, "--http"),
     ([*SERVER, "--storage", "mysql://x"], 2, "--storage"),
     ([*SERVER, "--ping-interval", "-1"], 2, "--ping-interval"),
+    ([*SERVER, "--liveness-interval", "0"], 2, "--liveness-interval"),
+    ([*SERVER, "--liveness-timeout", "soon"], 2, "--liveness-timeout"),
     ([*SERVER, "--tls-cert", "{text}"], 2, "--tls-cert"),
     ([*SERVER, "--self-service-domain", "com"], 2, "--self-service-domain"),
     ([*SERVER, "--self-service-limit", "0"], 2, "--self-service-limit"),

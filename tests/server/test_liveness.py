@@ -9,7 +9,7 @@ import time
 import gevent
 import pytest
 
-from tests.fixtures.tunnel import DOMAIN, wait_until
+from tests.fixtures.tunnel import DOMAIN, _start, wait_until
 from tests.server.support import handshake as _handshake
 from tun2g import smux
 from tun2g.control import LIVENESS_KEEPALIVE, PING_REQUEST, EventReader, encode_event
@@ -160,3 +160,15 @@ def test_liveness_settings_are_validated(plain_deployment):
         with pytest.raises(ConfigurationError, match=name):
             ServerConfig(storage=plain_deployment.storage, **{name: 0})
     assert json.loads(encode_event("ping", seq=3)) == {"event": "ping", "seq": 3}
+
+
+def test_the_liveness_flags_set_the_cadence_and_the_bound(tmp_path, data_dir, backend, start_client):
+    deployment = _start(tmp_path, data_dir, plain=True, liveness_interval=FAST, liveness_timeout=TIMEOUT)
+    try:
+        assert (deployment.server.config.liveness_interval, deployment.server.config.liveness_timeout) == (FAST, TIMEOUT)
+        start_client(deployment.client_config(deployment.grant(), backend[0]))
+        tunnel = _tunnel(deployment)
+        # At the default 15 s interval five pongs would take over a minute.
+        wait_until(lambda: tunnel.pings_answered >= 5, timeout=10, message="five pongs at the set cadence")
+    finally:
+        deployment.running.stop()

@@ -76,7 +76,11 @@ from tun2g.cli.options import POSITIVE_SECONDS, acme_challenge_option, acme_opti
             show_default=True, help="smux protocol version: auto gives tun2g clients 2 (per-stream flow control) "
                                     "and Go tun2 clients 1; a fixed version must match every client's.")
 @env_option("--ping-interval", env="TUN2G_PING_INTERVAL", type=POSITIVE_SECONDS, default=5.0, show_default=True,
-            help="Seconds between health pings of each tunnel.")
+            help="Seconds between health pings of each Go tun2 client's tunnel (an HTTP GET /health).")
+@env_option("--liveness-interval", env="TUN2G_LIVENESS_INTERVAL", type=POSITIVE_SECONDS, default=15.0,
+            show_default=True, help="Seconds between the control-stream pings of each tun2g client's tunnel.")
+@env_option("--liveness-timeout", env="TUN2G_LIVENESS_TIMEOUT", type=POSITIVE_SECONDS, default=10.0,
+            show_default=True, help="Seconds a tun2g client has to answer a ping before its tunnel is dropped.")
 @env_option("--trusted-proxy", "trusted_proxies", env="TUN2G_TRUSTED_PROXY", multiple=True, metavar="CIDR",
             callback=cidrs,
             help="A balancer in front whose X-Forwarded-For/-Proto/-Host, Forwarded and X-Real-IP headers "
@@ -141,7 +145,7 @@ from tun2g.cli.options import POSITIVE_SECONDS, acme_challenge_option, acme_opti
 def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls_cert, tls_key, plain_tunnel, kcp_addr,
            kcp_profile, storage, redis_url, admin_addr, admin_token, node_id, advertise_url, advertise_tunnel,
            cluster_secret, registry_ttl, hop_timeout, smux_version,
-           ping_interval, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
+           ping_interval, liveness_interval, liveness_timeout, trusted_proxies, access_log, metrics, metrics_domain_cap, inspect, header_timeout,
            idle_timeout, response_timeout, body_timeout, max_connections_per_ip, max_connections, public_url,
            self_service_domain, self_service_limit, grace_period,
            workers, tcp_ports, tcp_bind, tls_passthrough, tcp_idle_timeout, tcp_connect_timeout, tcp_max_connections,
@@ -168,7 +172,8 @@ def server(http_addr, https_addr, https_redirect, hsts_max_age, tunnel_addr, tls
                         plain_tunnel=plain_tunnel, kcp_addr=kcp_addr, kcp_profile=kcp_profile,
                         storage_url=storage or redis_url,
                         admin_addr=admin_addr, admin_token=admin_token, node_id=node_id,
-                        smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval, access_log=access_log,
+                        smux_version=None if smux_version == "auto" else int(smux_version), ping_interval=ping_interval,
+                        liveness_interval=liveness_interval, liveness_timeout=liveness_timeout, access_log=access_log,
                         log_level=log_level, advertise_url=advertise_url, advertise_tunnel=advertise_tunnel,
                         cluster_secret=cluster_secret,
                         registry_ttl=registry_ttl, hop_timeout=hop_timeout, trusted_proxies=trusted_proxies,

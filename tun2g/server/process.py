@@ -134,6 +134,8 @@ class ServerSetup:
     node_id: str | None = None
     smux_version: int | None = None  # None: negotiated (v2 with tun2g clients, v1 with Go ones)
     ping_interval: float = 5.0
+    liveness_interval: float = 15.0  # tun2g clients: control-stream pings (docs/protocol.md#liveness)
+    liveness_timeout: float = 10.0
     access_log: bool = True
     log_level: str = "info"
     # Balancers in front (CIDRs) whose X-Forwarded-*/Forwarded/X-Real-IP headers are believed.
@@ -223,6 +225,7 @@ class ServerSetup:
         smux_config = smux.Config.tun2_server()
         smux_config.version = self.smux_version
         config = ServerConfig(storage=storage, smux_config=smux_config, ping_interval=self.ping_interval,
+                              liveness_interval=self.liveness_interval, liveness_timeout=self.liveness_timeout,
                               public_url=self.public_url, self_service_domain=self.self_service_domain,
                               self_service_limit=self.self_service_limit)
         if self.node_id:
