@@ -1,14 +1,16 @@
-"""A proxied request leaves no reference cycle behind in the HTTP layer, and the tuned collector runs
-rarely (tun2g.cli.gctune). A real server and tun2g client in this process, a raw keep-alive backend,
+"""A proxied request leaves no reference cycle behind in the HTTP layer, the tuned collector runs
+rarely (tun2g.cli.gctune), and it costs few greenlet switches. A real server and tun2g client in this process, a raw keep-alive backend,
 requests on one public keep-alive connection; what the cyclic collector would find is read with
 gc.DEBUG_SAVEALL (gc.garbage), and who holds it with gc.get_referrers.
 """
 
 import collections
 import gc
-import types
 import socket
+import types
 
+import gevent
+import greenlet
 import pytest
 from gevent.server import StreamServer
 
@@ -114,3 +116,28 @@ def test_the_tuned_collector_runs_gen0_far_less_often(one_request, restored_coll
     record_property("gen0_per_1k_requests", {"default": before, "tuned": after})
     print(f"\ngen0 collections per 1,000 requests (server and client in one process): {before} -> {after}")
     assert after * 10 <= max(before, 10), (before, after)
+
+
+# Greenlet switches per proxied request, all parties in this process: the public client (this test),
+# the server's connection greenlet, the client's stream worker, the backend, and the hub between them.
+# smux reads and writes run in hub callbacks and request streams are kept alive (docs/protocol.md#
+# request-streams); with a reader and a writer greenlet per session and a stream per request it was 32.
+MAX_SWITCHES_PER_REQUEST = 12
+
+
+def test_a_proxied_request_costs_few_greenlet_switches(one_request):
+    requests = 200
+    switches = collections.Counter()
+
+    def count(event, args):
+        if event in ("switch", "throw"):
+            target = args[1]
+            switches["hub" if target is gevent.get_hub() else "greenlets"] += 1
+
+    previous = greenlet.settrace(count)
+    try:
+        for _ in range(requests):
+            assert one_request() == 200
+    finally:
+        greenlet.settrace(previous)
+    assert sum(switches.values()) / requests < MAX_SWITCHES_PER_REQUEST + 0.5, dict(switches)

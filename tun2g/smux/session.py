@@ -1,14 +1,18 @@
-"""A smux session over any socket-like transport, driven by gevent greenlets.
+"""A smux session over any socket-like transport, driven by gevent.
 
-One greenlet per session reads (transport -> SessionState -> wake streams); a writer
-greenlet (writer.FrameWriter) exists while the session is busy; keepalive runs on the
-process's shared timer (timer.py), one entry per session. All protocol rules live in
-state.py; this module only moves bytes and wakes waiters.
+Reading (transport -> SessionState -> wake streams) runs in the event loop's callbacks on
+sockets and TLS sockets (an fd watcher, no greenlet: an idle session holds none), and in a
+reader greenlet on other transports (KCP), or while reading must wait for the application
+(the budget spent, a stream past its backlog, a full accept queue). Writes go out from
+hub callbacks too (writer.FrameWriter); keepalive runs on the process's shared timer
+(timer.py), one entry per session. All protocol rules live in state.py; this module only
+moves bytes and wakes waiters.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from collections import deque
 from typing import Callable
@@ -44,6 +48,9 @@ BACKLOG_GRACE = 0.1
 # While the budget is spent, the reader looks this often for a stream whose reader has
 # stopped (Config.backlog_seconds), well within the tun2 server's 3-s health-ping timeout.
 STALL_CHECK_INTERVAL = 0.25
+
+# Reads one hub callback makes before it lets the loop run others (a flood cannot hold the loop).
+HUB_READS = 8
 
 # close() first lets the writer send what stream calls queued without waiting (a reply
 # written just before closing, say), for at most this long.
@@ -82,7 +89,14 @@ class Session:
         if self._state.version is not None:
             self._version_known.set()
         self._writer = FrameWriter(transport, config.max_frame_size, self._state.version, self._on_write_error)
-        self._reader = gevent.spawn(self._read_loop)
+        self._reader: gevent.Greenlet | None = None  # the reader greenlet, while there is one
+        self._loop = gevent.get_hub().loop
+        self._watcher = None  # the fd watcher of hub reads (capabilities.hub_reads)
+        if capabilities_of(transport).hub_reads:
+            self._watcher = self._loop.io(transport.fileno(), 1)
+            self._resume_hub_reads()
+        else:
+            self._reader = gevent.spawn(self._read_loop)
         self._keepalive = None if config.keepalive_disabled else self._start_keepalive(
             config.keepalive_interval, config.keepalive_timeout)
 
@@ -228,7 +242,11 @@ class Session:
             return
         self._closed = True
         self._close_reason = reason
-        if self._reader is not gevent.getcurrent():
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.close()
+            self._watcher = None
+        if self._reader is not None and self._reader is not gevent.getcurrent():
             self._reader.kill(block=False)
         if self._keepalive is not None:
             self._keepalive.cancel()
@@ -254,10 +272,63 @@ class Session:
 
     # --- greenlets -------------------------------------------------------------------
 
-    def _read_loop(self) -> None:
+    def _resume_hub_reads(self) -> None:
+        self._watcher.start(self._read_in_hub)
+        self._loop.run_callback(self._read_in_hub)  # bytes already buffered (TLS) show no readiness
+
+    def _read_in_hub(self) -> None:
+        """Hub callback: read what the transport holds, without waiting, and dispatch it; hand over to a
+        reader greenlet when the budget is spent or dispatching must wait for the application."""
+        if self._closed or self._reader is not None:
+            return
+        state, transport = self._state, self._transport
+        try:
+            for _ in range(HUB_READS):
+                if state.budget <= 0:
+                    self._read_from_greenlet(None)
+                    return
+                previous = transport.gettimeout()
+                transport.settimeout(0.0)
+                try:
+                    data = transport.recv(self._read_size())
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    return  # the watcher calls again when more comes
+                finally:
+                    if not self._closed:
+                        transport.settimeout(previous)
+                if not len(data):
+                    self._peer_closed()
+                    return
+                received = state.receive(data, keep_views=type(data) is bytes)
+                if self._dispatch_must_wait(received):
+                    self._read_from_greenlet(received)
+                    return
+                if not self._dispatch(received):
+                    return
+            self._loop.run_callback(self._read_in_hub)  # more may be waiting: after the others' turn
+        except Exception as exc:
+            self._read_failed(exc)
+
+    def _dispatch_must_wait(self, received) -> bool:
+        """Whether dispatching ``received`` waits: for room in the accept queue, or for a stream past half
+        its backlog to be read (see _wait_for_backlogged)."""
+        if received.opened and len(self._accept_queue) + len(received.opened) > ACCEPT_BACKLOG:
+            return True
+        return any(self._past_half_backlog(stream_state) and not stream_state.handle._grace_spent
+                   for stream_state in received.changed)
+
+    def _read_from_greenlet(self, received) -> None:
+        """Reading must wait for the application: a reader greenlet takes over (dispatching ``received``
+        first) until it can hand back to the hub."""
+        self._watcher.stop()
+        self._reader = gevent.spawn(self._read_loop, received)
+
+    def _read_loop(self, received=None) -> None:
         state = self._state
         recv = self._transport.recv
         try:
+            if received is not None and not self._dispatch(received):
+                return
             while True:
                 while state.budget <= 0:  # Go semantics: stop reading until the application reads
                     self._budget_ready.clear()
@@ -266,19 +337,30 @@ class Session:
                         for stream_state in state.reset_stalled():
                             stream_state.handle._wake()
                         self._flush_outbox()
+                if self._watcher is not None:  # nothing to wait for any more: the hub reads on
+                    self._reader = None
+                    self._resume_hub_reads()
+                    return
                 data = recv(self._read_size())
                 if not len(data):
-                    where = " in the middle of a frame" if state.decoder.in_frame else ""
-                    self._die(SessionClosedError(f"the peer closed the smux connection{where}"))
+                    self._peer_closed()
                     return
                 # Views are safe only into immutable chunks the transport will not reuse.
                 if not self._dispatch(state.receive(data, keep_views=type(data) is bytes)):
                     return
         except gevent.GreenletExit:
             raise
-        except ConnectionError as exc:
-            self._die(SessionClosedError(f"the peer closed the smux connection: {exc}"))
         except Exception as exc:
+            self._read_failed(exc)
+
+    def _peer_closed(self) -> None:
+        where = " in the middle of a frame" if self._state.decoder.in_frame else ""
+        self._die(SessionClosedError(f"the peer closed the smux connection{where}"))
+
+    def _read_failed(self, exc: Exception) -> None:
+        if isinstance(exc, ConnectionError):
+            self._die(SessionClosedError(f"the peer closed the smux connection: {exc}"))
+        else:
             self._die(SessionClosedError(f"reading from the transport failed: {exc!r}"))
 
     def _dispatch(self, received) -> bool:
@@ -312,14 +394,18 @@ class Session:
             size = min(size, state.backlog // 2)
         return max(size, 1024)
 
+    def _past_half_backlog(self, stream_state) -> bool:
+        state = self._state
+        buffered = stream_state.buffered
+        return buffered > state.backlog // 2 and buffered > state.stream_backlog(stream_state) // 2
+
     def _wait_for_backlogged(self, changed) -> None:
         """Give streams past half their backlog one chance to be read before reading on."""
         state = self._state
-        soft_limit = state.backlog // 2
         deadline = None
         for stream_state in changed:
             stream = stream_state.handle
-            if stream_state.buffered <= soft_limit or stream_state.buffered <= state.stream_backlog(stream_state) // 2:
+            if not self._past_half_backlog(stream_state):
                 stream._grace_spent = False
                 continue
             if stream._grace_spent:

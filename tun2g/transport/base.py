@@ -64,17 +64,21 @@ class Capabilities:
     tcp: bool = False              # a TCP socket underneath: TCP_NODELAY applies to it
     plain_send: bool = False       # send() is a cheap single system call (worth trying before sendall)
     close_watch: CloseWatch = CloseWatch.NONE  # how the peer's leaving can be watched (see CloseWatch)
+    # recv() with the timeout at 0 never waits, and the file descriptor's readiness says when to read:
+    # the event loop can read it from a callback, with no greenlet (a TLS socket's buffered bytes are
+    # read on until it says want-read).
+    hub_reads: bool = False
 
 
 PLAIN_TCP = Capabilities(gathered_writes=True, half_close=True, tcp=True, plain_send=True,
-                         close_watch=CloseWatch.PEEK)
+                         close_watch=CloseWatch.PEEK, hub_reads=True)
 # TLS cannot be half-closed (an SSLSocket's shutdown ends reading too) and refuses sendmsg; MSG_PEEK
 # would peek at the records, not the plaintext (a close_notify, or a renegotiation, is not EOF there).
-TLS_OVER_TCP = Capabilities(tcp=True, plain_send=True)
+TLS_OVER_TCP = Capabilities(tcp=True, plain_send=True, hub_reads=True)
 # A TLS socket wrapped so that a peek reads plaintext and keeps it for the next read (tun2g.server.https).
 PEEKABLE_TLS = Capabilities(tcp=True, plain_send=True, close_watch=CloseWatch.PEEK)
 OTHER_SOCKET = Capabilities(gathered_writes=True, half_close=True, plain_send=True,  # unix sockets, socketpairs
-                            close_watch=CloseWatch.PEEK)
+                            close_watch=CloseWatch.PEEK, hub_reads=True)
 UNKNOWN = Capabilities()
 
 

@@ -16,6 +16,7 @@ upgraded connection to `Server.serve_tunnel`.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 from tun2g.transport.base import capabilities_of
@@ -69,7 +70,8 @@ class UpgradedStream:
         self._leftover = leftover
         self._own_socket = own_socket
         self.sendall = sock.sendall
-        self.capabilities = capabilities_of(sock)
+        # Not read from the hub: the bytes that came with the switch wait here, not in the socket.
+        self.capabilities = dataclasses.replace(capabilities_of(sock), hub_reads=False)
         if self.capabilities.gathered_writes:
             self.sendmsg = sock.sendmsg
 
