@@ -8,6 +8,7 @@ import time
 
 import gevent
 import pytest
+import requests
 
 from tests.fixtures.tunnel import DOMAIN, _start, wait_until
 from tests.server.support import handshake as _handshake
@@ -172,3 +173,22 @@ def test_the_liveness_flags_set_the_cadence_and_the_bound(tmp_path, data_dir, ba
         wait_until(lambda: tunnel.pings_answered >= 5, timeout=10, message="five pongs at the set cadence")
     finally:
         deployment.running.stop()
+
+
+def test_an_idle_tun2g_tunnel_holds_no_server_greenlet(tls_deployment, backend, start_client):
+    """Its smux reads and its control messages are read from event-loop callbacks; the greenlet that
+    ran its handshake and Auth is gone once it is registered, and its clean-up still runs at the end."""
+    _fast_liveness(tls_deployment)
+    tls_deployment.server.config.liveness_timeout = 5.0
+    server = tls_deployment.server
+    baseline = len(server._tasks)
+    running = start_client(tls_deployment.client_config(tls_deployment.grant(), backend[0]))
+    tunnel = _tunnel(tls_deployment)
+    wait_until(lambda: len(server._tasks) == baseline, message="the connection's greenlet to end")
+    assert tunnel.session.greenlets == []
+    wait_until(lambda: tunnel.pings_answered >= 3, timeout=10, message="pongs read without a greenlet")
+    response = requests.get(tls_deployment.http_url + "/", headers={"Host": DOMAIN}, timeout=10)
+    assert response.status_code == 200
+    running.close()
+    wait_until(lambda: len(server.tunnels) == 0, message="the tunnel forgotten when its session closed")
+    assert server._per_token == {} and server._per_user == {}

@@ -7,6 +7,7 @@ import ssl
 
 import gevent
 import pytest
+from gevent.event import Event
 
 from tests.smux.conftest import PSH, assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256, tcp_pair
 from tun2g.smux import Config, Session, SessionClosedError, StreamIdsExhaustedError
@@ -375,3 +376,32 @@ def test_writes_after_the_peers_fin_are_allowed_unless_the_stream_opts_out(pair)
     accepted.peer_fin_ends_writes = True
     with pytest.raises(BrokenPipeError, match="the peer closed it"):
         accepted.sendall(b"into the void")
+
+
+def test_on_readable_calls_back_for_data_and_eof_and_stops_when_unregistered(make_pair):
+    pair = make_pair(client_config=quiet_config(), server_config=quiet_config())
+    stream = pair.client.open_stream()
+    stream.sendall(b"x")
+    accepted = pair.server.accept_stream(timeout=5)
+    calls = []
+    woken = Event()
+
+    def readable():
+        calls.append(accepted.readable_now)
+        woken.set()
+
+    accepted.on_readable(readable)  # bytes are there already: called at once, from the loop
+    assert woken.wait(5) and calls == [True] and accepted.recv(10) == b"x"
+    assert not accepted.readable_now
+    woken.clear()
+    stream.sendall(b"more")
+    assert woken.wait(5) and accepted.recv(10) == b"more"
+    woken.clear()
+    stream.shutdown(socket.SHUT_WR)  # EOF counts: recv returns b"" without waiting
+    assert woken.wait(5) and accepted.readable_now and accepted.recv(10) == b""
+    accepted.on_readable(None)
+    before = len(calls)
+    other = pair.client.open_stream()
+    other.sendall(b"elsewhere")
+    assert pair.server.accept_stream(timeout=5).recv(20) == b"elsewhere"
+    assert len(calls) == before  # unregistered: no more calls

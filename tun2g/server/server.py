@@ -64,6 +64,32 @@ MOVE_WAIT = 5.0
 DRAIN_QUIET = 0.5
 
 
+class ControlReader:
+    """Reads a tun2g client's control messages (docs/protocol.md#control-messages) from event-loop
+    callbacks (`smux.Stream.on_readable`), never waiting: what is there, then back to the loop.
+    It stops at the end of the stream or at the first malformed message (the pings then go
+    unanswered, and the liveness check ends the tunnel)."""
+
+    def __init__(self, server: Server, tunnel: Tunnel) -> None:
+        self._server = server
+        self._tunnel = tunnel
+        self._events = EventReader()
+
+    def __call__(self) -> None:
+        control = self._tunnel.control_stream
+        try:
+            while control.readable_now:
+                data = control.recv(4096)
+                if not data:
+                    control.on_readable(None)
+                    return
+                for event in self._events.feed(data):
+                    self._server._on_control_event(self._tunnel, event)
+        except (OSError, smux.SessionClosedError, AuthFormatError) as exc:
+            control.on_readable(None)
+            log.info("control_stream_ended", error=str(exc) or type(exc).__name__, **self._tunnel.log_fields())
+
+
 @dataclass
 class ServerConfig:
     """How a Server behaves. Only `storage` is required."""
@@ -210,12 +236,16 @@ class Server:
                          error=str(exc) or type(exc).__name__)
                 conn.close()
                 return
-        self.serve_tunnel(conn, proto=proto)
+        self.serve_tunnel(conn, proto=proto, detach=True)
 
-    def serve_tunnel(self, sock: ByteStream, proto: str = "tcp", remote: str | None = None) -> None:
+    def serve_tunnel(self, sock: ByteStream, proto: str = "tcp", remote: str | None = None,
+                     detach: bool = False) -> None:
         """Run one tunnel connection: smux, auth, registration, pings; returns when it ends.
 
-        `remote`: the client's address when the peer is a proxy that said it (else the peer's)."""
+        `remote`: the client's address when the peer is a proxy that said it (else the peer's).
+        `detach`: for a connection this server owns (its tunnel listener), return once a tun2g client
+        with the liveness check is registered: its control messages are read from event-loop
+        callbacks and its clean-up runs when the session closes, so an idle tunnel holds no greenlet."""
         remote = remote or _peer(sock)
         try:
             session = smux.Session(sock, client=False, config=self._session_config)
@@ -224,6 +254,7 @@ class Server:
             sock.close()
             return
         tunnel = None
+        detached = False
         try:
             control = session.open_stream()
             tunnel = self._authenticate(session, control, remote, proto)
@@ -231,16 +262,19 @@ class Server:
                 return
             if tunnel.auth.tun2g is not None and tunnel.auth.tun2g >= LIVENESS_LEVEL:
                 tunnel.start_liveness(self.config.liveness_interval, self.config.liveness_timeout, self._dead)
-                self._control_loop(tunnel)  # in this greenlet: an idle tunnel holds one greenlet less
+                if detach:  # its clean-up (_forget) runs when the session closes: registered by _authenticate
+                    detached = True
+                    return
                 session.wait_closed()
             else:
                 ping_task = gevent.spawn(self._health_loop, tunnel)
                 session.wait_closed()
                 ping_task.kill()
         finally:
-            session.close()
-            if tunnel is not None:
-                self._forget(tunnel)
+            if not detached:
+                session.close()
+                if tunnel is not None:
+                    self._forget(tunnel)
 
     def _authenticate(self, session: smux.Session, control: smux.Stream, remote: str, proto: str) -> Tunnel | None:
         """Read and verify the Auth within the deadline; register on success."""
@@ -346,8 +380,9 @@ class Server:
         _try_send(control, encode_reply(True, backend=tunnel.id, domain=tunnel.domain, node=self.config.node_id,
                                         **extra))
         log.info("registered", smux=session.version, **tunnel.log_fields())
-        if speaks_events and not liveness:
-            self._tasks.spawn(self._control_loop, tunnel)
+        if speaks_events:
+            control.settimeout(0)  # read only what is there: see ControlReader
+            control.on_readable(ControlReader(self, tunnel))
         return tunnel
 
     def _claim(self, auth: Auth, remote: str, proto: str) -> Auth:
@@ -371,25 +406,11 @@ class Server:
         if self.tcp is not None:
             self.tcp.recheck(routes)  # a passthrough name whose route went away is no longer served
 
-    def _control_loop(self, tunnel: Tunnel) -> None:
-        """Read a tun2g client's control messages (docs/protocol.md#control-messages) until the session ends."""
-        reader = EventReader()
-        control = tunnel.control_stream
-        control.settimeout(None)
-        while True:
-            try:
-                data = control.recv(4096)
-                events = reader.feed(data) if data else None
-            except (OSError, smux.SessionClosedError, AuthFormatError) as exc:
-                log.info("control_stream_ended", error=str(exc) or type(exc).__name__, **tunnel.log_fields())
-                return
-            if events is None:
-                return
-            for event in events:
-                if event["event"] == PONG:
-                    tunnel.pong(event)
-                elif event["event"] == LEAVING and not tunnel.leaving:
-                    self._let_leave(tunnel)
+    def _on_control_event(self, tunnel: Tunnel, event: dict) -> None:
+        if event["event"] == PONG:
+            tunnel.pong(event)
+        elif event["event"] == LEAVING and not tunnel.leaving:
+            self._let_leave(tunnel)
 
     def _let_leave(self, tunnel: Tunnel) -> None:
         """The client asked for no new requests: deregister now, close once those in flight are done."""

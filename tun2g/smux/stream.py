@@ -48,6 +48,7 @@ class Stream:
         # by default; tun2 clients set this, since a tun2 server's FIN ends the exchange.
         self.peer_fin_ends_writes = False
         self._on_peer_closed: Callable[[], None] | None = None
+        self._on_readable: Callable[[], None] | None = None
 
     @property
     def id(self) -> int:
@@ -90,6 +91,21 @@ class Stream:
         self._on_peer_closed = callback
         if callback is not None and self.peer_closed:
             self._notify_peer_closed()
+
+    @property
+    def readable_now(self) -> bool:
+        """recv() would return without waiting: data, EOF, a reset, or the session gone."""
+        state = self._state
+        return bool(state.chunks) or state.fin_received or state.read_closed or state.reset_message is not None \
+            or self.session.is_closed
+
+    def on_readable(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback``, from the event loop, each time the stream may have become `readable_now`
+        (at once if it is); it reads what is there without waiting. None unregisters. A reader that
+        holds no greenlet between messages (the server's control stream)."""
+        self._on_readable = callback
+        if callback is not None and self.readable_now:
+            get_hub().loop.run_callback(callback)
 
     def __repr__(self) -> str:
         return f"<smux.Stream {self.id} {self._state!r}>"
@@ -316,6 +332,8 @@ class Stream:
         self._writable.set()
         if self._on_peer_closed is not None and self.peer_closed:
             self._notify_peer_closed()
+        if self._on_readable is not None and self.readable_now:
+            get_hub().loop.run_callback(self._on_readable)  # never in the middle of the reader's frame
 
     def _notify_peer_closed(self) -> None:
         # Deferred to the loop: the session's reader (calling _wake) must not run the watcher's
