@@ -189,8 +189,12 @@ def main() -> None:
                           flush=True)
         finally:
             for child in children:
-                child.kill()
-                child.wait()
+                child.terminate()  # SIGTERM: nginx's master stops its workers (a SIGKILL would orphan them)
+                try:
+                    child.wait(5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
 
 
 if __name__ == "__main__":
