@@ -64,18 +64,17 @@ class TunnelUpstream:
         # A stream the tunnel does not keep carries one exchange: Connection: close lets the client FIN
         # with its response. A kept one goes back to the tunnel at a clean message boundary.
         self.single_use = not tunnel.keeps_streams
-        self._stream = stream
-        self.stream: ByteStream = stream
+        self.stream = stream
         self.reused = reader is not None
         self.reader = reader if reader is not None else MessageReader(stream)
         self.label = tunnel.id
         tunnel.in_flight += 1
 
     def release(self, reusable: bool) -> None:
-        if reusable and not self.single_use:
-            self.tunnel.keep_stream(self._stream, self.reader)
+        if reusable:
+            self.tunnel.keep_stream(self.stream, self.reader)  # closed there unless the tunnel keeps it
         else:
-            self._stream.close()
+            self.stream.close()
         self.tunnel.in_flight -= 1
         self.tunnel.served += 1
 

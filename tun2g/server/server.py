@@ -240,7 +240,8 @@ class Server:
 
     def serve_tunnel(self, sock: ByteStream, proto: str = "tcp", remote: str | None = None,
                      detach: bool = False) -> None:
-        """Run one tunnel connection: smux, auth, registration, pings; returns when it ends.
+        """Run one tunnel connection: smux, auth, registration, pings; returns when it ends (or, with
+        `detach`, once it runs without this greenlet).
 
         `remote`: the client's address when the peer is a proxy that said it (else the peer's).
         `detach`: for a connection this server owns (its tunnel listener), return once a tun2g client
@@ -407,6 +408,7 @@ class Server:
             self.tcp.recheck(routes)  # a passthrough name whose route went away is no longer served
 
     def _on_control_event(self, tunnel: Tunnel, event: dict) -> None:
+        """One control message of a tun2g client, from an event-loop callback (ControlReader): never blocks."""
         if event["event"] == PONG:
             tunnel.pong(event)
         elif event["event"] == LEAVING and not tunnel.leaving:
