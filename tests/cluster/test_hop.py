@@ -96,3 +96,10 @@ def test_the_nonce_memory_accepts_each_nonce_once_within_its_window_and_stays_bo
     with pytest.raises(HopRefused, match="too many"):
         memory.first_use("n5", now=25)
     assert memory.first_use("n5", now=45) and len(memory) <= 4  # the expired ones were forgotten
+
+
+def test_only_hops_signed_up_to_two_windows_after_the_memory_began_need_the_cluster_wide_check():
+    memory = NonceMemory(window=10, started=1_000.0)
+    assert memory.may_predate(990_000)  # signed before this process: an earlier one may have seen it
+    assert memory.may_predate(1_019_999)  # the earlier process's clock may have run a window ahead
+    assert not memory.may_predate(1_020_000)  # no earlier process could have accepted it

@@ -120,12 +120,22 @@ def verify(secret: bytes, value: str, *, receiver: str, now: float, method: str,
 
 
 class NonceMemory:
-    """The hop nonces this node accepted within the last 2 x window, each usable once (bounded)."""
+    """The hop nonces this node accepted within the last 2 x window, each usable once (bounded).
 
-    def __init__(self, window: float = WINDOW, limit: int = MAX_NONCES) -> None:
+    `started` (unix seconds) is when this memory began: a hop signed before it, or within a window
+    after it (the nodes' clocks differ by up to a window), may have been accepted by an earlier
+    process of the same node id, so only those need the cluster-wide check (`may_predate`).
+    """
+
+    def __init__(self, window: float = WINDOW, limit: int = MAX_NONCES, started: float = 0.0) -> None:
         self.keep_for = 2 * window
         self.limit = limit
+        self._remembers_from_ms = int((started + 2 * window) * 1000)
         self._seen: dict[str, float] = {}  # nonce -> forget after (monotonic); insertion-ordered
+
+    def may_predate(self, timestamp: int) -> bool:
+        """Whether a hop signed at `timestamp` (unix ms) could have reached an earlier process of this node."""
+        return timestamp < self._remembers_from_ms
 
     def first_use(self, nonce: str, now: float) -> bool:
         """True the first time `nonce` is offered (and remember it); False for a replay.

@@ -65,7 +65,7 @@ class ClusterNode:
         self.secret = self._resolve_secret(config)
         self.registry.secret = self.secret  # heartbeats are signed as hops are
         self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
-        self.nonces = NonceMemory(WINDOW)
+        self.nonces = NonceMemory(WINDOW, started=time.time())
         self._closed = False
         self.local_names: Callable[[], Iterable[str]] = lambda: ()
 
@@ -132,11 +132,13 @@ class ClusterNode:
         """None for a public request; the Hop for a valid node-to-node one (its header removed).
 
         Raises HopRefused for a hop header that is not a fresh, first-seen
-        signature of this cluster addressed to this node. A nonce is single-use
-        twice over: this process remembers every nonce it accepted for 2 x WINDOW
-        (enough, as a hop names its receiver), and Redis (SET NX) remembers it
-        across a restart of this node; when Redis cannot answer at once, this
-        process's memory alone decides.
+        signature of this cluster addressed to this node. This process remembers
+        every nonce it accepted for 2 x WINDOW (enough, as a hop names its
+        receiver). A hop signed before this process started, or less than two
+        windows after, may have been accepted by an earlier process of this node
+        id: its nonce is also claimed in Redis (SET NX), which remembers it across
+        a restart; when Redis cannot answer at once, this process's memory alone
+        decides. Later hops cost no Redis call.
         """
         value = head.get(HOP_HEADER)
         if value is None:
@@ -145,8 +147,9 @@ class ClusterNode:
                      host=head.host or "", target=head.target, request_id=head.get("X-Request-Id") or "",
                      forwarded_for=head.get("X-Forwarded-For") or "",
                      framing=framing_of(head.content_length, head.chunked))
-        if not self.nonces.first_use(hop.nonce, time.monotonic()) or \
-                self.registry.claim_nonce(hop.nonce, self.nonces.keep_for) is False:
+        if not self.nonces.first_use(hop.nonce, time.monotonic()) or (
+                self.nonces.may_predate(hop.timestamp)
+                and self.registry.claim_nonce(hop.nonce, self.nonces.keep_for) is False):
             raise HopRefused(f"hop nonce already used (a replayed request from node {hop.origin!r})")
         head.remove(HOP_HEADER)
         return hop
