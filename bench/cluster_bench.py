@@ -11,7 +11,7 @@ Direct nginx is measured in the same run as the baseline. Redis commands per
 proxied request come from INFO commandstats before/after each wrk run
 net of the commands the idle cluster sends anyway (registry refreshes), measured
 over a quiet window of the same length; registry lookups are shown apart.
-Targets: remote >= 60% of local requests/s; registry lookups per request 0
+Targets: remote >= 80% of local requests/s; registry lookups per request 0
 on the local path and <= 1 (cached) on the forwarded one.
 
     python3 bench/cluster_bench.py --scaling [--quick]
@@ -40,6 +40,7 @@ import redis
 
 import tunnel_common as tc
 from common import BENCH_ADMIN_TOKEN, format_table
+from tun2g.cluster.hop import WINDOW
 
 DOMAIN, USER, SECRET = "bench.test", "bench", "cluster-bench-secret"
 NODES = ("n1", "n2", "n3")
@@ -115,6 +116,7 @@ class Cluster:
         self.services = [redis_service]
         self.nodes: dict[str, tc.Service] = {}
         self.nginx_port = nginx_port
+        self.started = time.monotonic()  # before any node: see settle()
         for node in NODES:
             http_port, tunnel_port, admin_port = tc.free_port(), tc.free_port(), tc.free_port()
             self.http_ports[node], self.admin_ports[node], tunnel_ports[node] = http_port, admin_port, tunnel_port
@@ -158,6 +160,14 @@ class Cluster:
         for node in NODES:  # every node sees the backends (the others' through Redis)
             tc.wait_until(lambda: self._alive() or len(tc.admin_backends(self.admin_ports[node], DOMAIN)) == sessions,
                           30, f"{sessions} backend(s) listed on {node}", interval=0.1)
+
+    def settle(self) -> None:
+        """Wait until every node is past its first 2 x WINDOW seconds, when it claims each hop nonce in Redis
+        too (tun2g.cluster.hop.NonceMemory.may_predate): what follows measures nodes in their steady state."""
+        left = self.started + 2 * WINDOW + 1 - time.monotonic()
+        if left > 0:
+            print(f"waiting {left:.0f} s for the nodes' steady state (no Redis call per hop)", flush=True)
+            time.sleep(left)  # a fixed period of the nodes' lives, not synchronisation
 
     def _alive(self) -> bool:
         for service in self.services:
@@ -257,6 +267,7 @@ def scaling(args: argparse.Namespace, duration: float) -> int:
     points: list[ScalePoint] = []
     with ExitStack() as stack:
         cluster = start_cluster(args, stack, "tun2g-cluster-scaling-")
+        cluster.settle()
         for nodes, sessions in SCALING:
             if cluster.client is None or not cluster.client.name.endswith(f"k{sessions}"):
                 print(f"client with --sessions {sessions}", flush=True)
@@ -306,6 +317,7 @@ def main() -> int:
         nginx_port = cluster.nginx_port
         for port in cluster.frontends.values():  # warm every path (connections, lookup caches)
             tc.run_wrk(port, DOMAIN, args.connections, 1)
+        cluster.settle()
         points = [measure(None, "direct nginx", nginx_port, args.connections, duration)]
         idle_rate = idle_commands_per_second(cluster, duration)
         runs = {name: [] for name in ("local", "remote", "balanced")}
@@ -325,7 +337,7 @@ def main() -> int:
     print(table(points, local))
     print(f"(idle cluster background: {idle_rate:.1f} Redis commands/s, subtracted above)")
     print()
-    print(f"target remote >= 0.60 x local req/s: {'MET' if ratio >= 0.6 else 'NOT MET'} ({ratio:.2f})")
+    print(f"target remote >= 0.80 x local req/s: {'MET' if ratio >= 0.8 else 'NOT MET'} ({ratio:.2f})")
     print(f"target lookups/request local == 0: {'MET' if local.lookups_per_request == 0 else 'NOT MET'}; "
           f"remote <= 1: {'MET' if remote.lookups_per_request <= 1 else 'NOT MET'} "
           f"({remote.lookups_per_request:.5f}, cached)")
