@@ -229,10 +229,12 @@ def _ip_family(host: str):
 
 def _still_idle(sock) -> bool:
     """False when an idle connection has something to read: the backend closed it (or sent junk)."""
-    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already buffered in the SSL object
+    # TLS: decrypted bytes already buffered in the SSL object. Looked up on the class: on a plain gevent
+    # socket the instance lookup goes through its __getattr__, which raises and catches on every reuse.
+    pending = getattr(type(sock), "pending", None)
     if pending is not None:
         try:
-            if pending():
+            if pending(sock):
                 return False
         except (OSError, ValueError):
             return False
