@@ -7,9 +7,10 @@ import time
 
 import gevent
 import requests
+from gevent.queue import Queue
 
 from tests.client.support import XSS
-from tun2g.client.inspector import BODY_CAP, REDACTED, Inspector
+from tun2g.client.inspector import BODY_CAP, REDACTED, Inspector, Record
 from tun2g.http import RequestHead
 
 
@@ -164,28 +165,31 @@ def test_metrics_count_what_the_client_served(inspected):
     assert samples["tun2g_client_inspector_captures_dropped_total"] == 0
 
 
-def test_a_full_queue_drops_captures_and_never_blocks_a_request(plain_deployment, counting_backend, start_client):
+def test_an_inspector_nobody_reads_keeps_the_newest_exchanges_undigested(plain_deployment, counting_backend,
+                                                                         start_client):
     url, app = counting_backend
     token = plain_deployment.grant()
-    inspector = Inspector(queue_size=2)  # never digested: nothing listens, nothing drains the queue
+    inspector = Inspector(ring_size=3)  # not listening: no page, nothing pushed
     start_client(plain_deployment.client_config(token, url), inspector=inspector)
-    started = time.monotonic()
     for n in range(10):
         response = requests.get(plain_deployment.http_url + f"/n{n}", headers={"Host": "app.test"}, timeout=5)
         assert response.status_code == 200
-    assert time.monotonic() - started < 5
-    assert app.hits.total() == 10
-    assert inspector.dropped == 8 and inspector.captured == 0
+    assert app.hits.total() == 10 and inspector.captured == 10 and inspector.dropped == 0
+    assert not any(isinstance(entry, Record) for entry in inspector._records)  # nothing digested yet
+    assert [record["path"] for record in inspector.records()] == ["/n9", "/n8", "/n7"]  # digested when read
+    assert inspector.record(10).public["path"] == "/n9" and inspector.record(7) is None
 
 
-def test_finish_never_waits_on_a_full_queue():
-    inspector = Inspector(queue_size=4)
+def test_finish_never_waits_and_a_page_that_does_not_read_gets_a_bounded_backlog():
+    inspector = Inspector(ring_size=50, live_backlog=4)
+    inspector._subscribers.append(Queue(maxsize=1))  # an open page that reads nothing
     started = time.monotonic()
-    for n in range(10_000):
+    for n in range(10_000):  # no yield in between: the pushing greenlet cannot drain the backlog
         capture = inspector.begin(RequestHead("GET", f"/{n}"))
         inspector.finish(capture, 200)
-    assert inspector.dropped == 10_000 - 4
     assert time.monotonic() - started < 2
+    assert len(inspector._live) == 4 and inspector.dropped == 10_000 - 4  # pushes skipped, counted
+    assert len(inspector.records()) == 50 and inspector.captured == 10_000  # still listed: the newest 50
 
 
 def test_xss_in_a_path_and_headers_is_only_data_in_the_api(inspected):

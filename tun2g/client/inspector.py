@@ -1,11 +1,12 @@
 """The request inspector: a tee of each exchange the client proxies, a local web UI, and Replay.
 
 The hot path only copies what streams by into capped buffers (`Capture`, the
-relay's meter for the exchange) and hands the finished capture to a bounded
-queue (`Inspector.finish`); a full queue drops it and counts the drop, so
-inspecting never slows a request. One greenlet digests captures (redacts, renders bodies)
-into a ring of recent records and pushes summaries to the page over
-Server-Sent Events.
+relay's meter for the exchange) and puts the finished capture in a ring of the
+recent ones (`Inspector.finish`: no wait, no greenlet woken). A capture is
+digested (redacted, its bodies rendered) into a `Record` only when something
+reads it: the API, or an open page, to which one greenlet pushes summaries over
+Server-Sent Events from a bounded backlog (a full backlog skips the push, and
+counts it; the exchange is still listed). Nobody looking costs no digesting.
 
 What the UI sees is redacted (Authorization, Cookie, Set-Cookie,
 Proxy-Authorization, X-Tun2g-*, and the tunnel token wherever it appears);
@@ -46,7 +47,7 @@ log = get_logger(__name__)
 
 BODY_CAP = 64 * 1024           # body bytes kept per direction and exchange
 RING_SIZE = 200                # recent exchanges kept
-QUEUE_SIZE = 256               # finished captures waiting to be digested
+LIVE_BACKLOG = 256             # finished captures waiting to be pushed to the open pages
 SUBSCRIBER_QUEUE = 64          # summaries waiting for one slow page; more are dropped for it
 MAX_SUBSCRIBERS = 16
 MAX_CONNECTIONS = 64           # connections the UI serves at once (live pages included)
@@ -66,7 +67,7 @@ class Capture:
 
     __slots__ = ("method", "target", "version", "request_headers", "started", "cap", "request_body",
                  "request_size", "response_head", "response_size", "status", "duration",
-                 "error", "replay_of", "upgrade", "finished_at", "response_body", "response_complete")
+                 "error", "replay_of", "upgrade", "finished_at", "response_body", "response_complete", "id")
 
     def __init__(self, head: RequestHead, cap: int = BODY_CAP, replay_of: int | None = None) -> None:
         self.method = head.method
@@ -87,6 +88,7 @@ class Capture:
         self.error: str | None = None
         self.replay_of = replay_of
         self.upgrade = False
+        self.id = 0  # its record's, given when it finishes
 
     def add_request_body(self, data: bytes) -> None:
         self.request_size += len(data)
@@ -129,7 +131,7 @@ class Inspector:
     """Captures exchanges (bounded), keeps the recent ones, serves the page, the API and /metrics."""
 
     def __init__(self, pool: BackendPool | None = None, *, secrets: Iterable[str] = (), metrics: ClientMetrics | None = None,
-                 body_cap: int = BODY_CAP, ring_size: int = RING_SIZE, queue_size: int = QUEUE_SIZE,
+                 body_cap: int = BODY_CAP, ring_size: int = RING_SIZE, live_backlog: int = LIVE_BACKLOG,
                  status: Callable[[], dict] | None = None, replay_timeout: float = REPLAY_TIMEOUT) -> None:
         self.pool = pool
         self.replay_timeout = replay_timeout
@@ -139,11 +141,13 @@ class Inspector:
         self.dropped = 0
         self.captured = 0
         self._status = status or (lambda: {})
-        self._queue: Queue = Queue(maxsize=queue_size)
-        self._records: deque[Record] = deque(maxlen=ring_size)
+        self._live: deque[Capture] = deque()  # finished while a page is open, not yet pushed to it
+        self.live_backlog = live_backlog
+        self._live_waiting = Event()
+        # The recent exchanges, oldest first: a Capture until something reads it, then its Record.
+        self._records: deque[Capture | Record] = deque(maxlen=ring_size)
         self._ids = itertools.count(1)
         self._subscribers: list[Queue] = []
-        self._changed = Event()
         self._digester: gevent.Greenlet | None = None
         self._server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
@@ -167,48 +171,75 @@ class Inspector:
         return capture
 
     def finish(self, capture: Capture, status: int, error: str | None = None) -> None:
-        """Queue a finished capture for digesting; never blocks (a full queue drops it, counted)."""
+        """Keep a finished capture among the recent ones; never blocks, digests nothing."""
         capture.status = status
         capture.error = error
         capture.finished_at = time.time()
         capture.duration = time.monotonic() - capture.started
-        try:
-            self._queue.put_nowait(capture)
-        except Full:
-            self.dropped += 1
-            if self.metrics is not None:
-                self.metrics.captures_dropped.inc()
+        capture.id = next(self._ids)
+        self._records.append(capture)
+        self.captured += 1
+        if self._subscribers:
+            if len(self._live) < self.live_backlog:
+                self._live.append(capture)
+                self._live_waiting.set()
+            else:  # the pages read too slowly: they find it in the list instead
+                self.dropped += 1
+                if self.metrics is not None:
+                    self.metrics.captures_dropped.inc()
 
     # --- digesting -----------------------------------------------------------------
 
-    def start_digesting(self) -> None:
+    def start_pushing(self) -> None:
+        """Start the greenlet that pushes finished exchanges to the open pages."""
         if self._digester is None:
-            self._digester = gevent.spawn(self._digest_loop)
+            self._digester = gevent.spawn(self._push_loop)
 
-    def _digest_loop(self) -> None:
+    def _push_loop(self) -> None:
         while True:
-            capture = self._queue.get()
-            try:
-                self._add(capture)
-            except Exception as exc:  # a capture we cannot render must not stop the inspector
-                log.warning("inspector_digest_failed", error=repr(exc))
+            self._live_waiting.wait()
+            self._live_waiting.clear()
+            while self._live:
+                capture = self._live.popleft()
+                try:
+                    record = self._record_of(capture)
+                except Exception as exc:  # a capture we cannot render must not stop the inspector
+                    log.warning("inspector_digest_failed", error=repr(exc))
+                    continue
+                self._push(record)
 
-    def _add(self, capture: Capture) -> Record:
-        record = self._digest(capture)
-        self._records.append(record)
-        self.captured += 1
-        if not self._subscribers:
-            return record  # no inspector page open: nothing to encode
+    def _push(self, record: Record) -> None:
         message = ("event: request\ndata: " + json.dumps(record.summary) + "\n\n").encode()
         for subscriber in list(self._subscribers):
             try:
                 subscriber.put_nowait(message)
             except Full:
                 pass  # that page reads too slowly; it still finds the record in the list
+
+    def _record_of(self, entry: Capture | Record) -> Record:
+        """The Record of a recent exchange, digested now if it was not yet (and kept digested in the ring)."""
+        if isinstance(entry, Record):
+            return entry
+        record = self._digest(entry)
+        records = self._records
+        for index in range(len(records) - 1, -1, -1):  # most reads are of the newest
+            if records[index] is entry:
+                records[index] = record
+                break
+        return record
+
+    def _add(self, capture: Capture) -> Record:
+        """Record a capture at once (a replay, whose answer is the record)."""
+        capture.id = next(self._ids)
+        record = self._digest(capture)
+        self._records.append(record)
+        self.captured += 1
+        if self._subscribers:
+            self._push(record)
         return record
 
     def _digest(self, capture: Capture) -> Record:
-        record_id = next(self._ids)
+        record_id = capture.id
         response_headers: list[tuple[str, str]] = []
         response_body = b""
         response_complete = True
@@ -275,8 +306,8 @@ class Inspector:
     def records(self, path: str = "", status: str = "") -> list[dict]:
         """Summaries, newest first, whose path contains ``path`` and whose status starts with ``status``."""
         found = []
-        for record in reversed(self._records):
-            summary = record.summary
+        for entry in reversed(list(self._records)):  # (a copy: digesting replaces entries in place)
+            summary = self._record_of(entry).summary
             if path and path not in (summary["path"] or ""):
                 continue
             if status and not str(summary["status"]).startswith(status.rstrip("x")):
@@ -285,9 +316,9 @@ class Inspector:
         return found
 
     def record(self, record_id: int) -> Record | None:
-        for record in self._records:
-            if record.id == record_id:
-                return record
+        for entry in self._records:
+            if entry.id == record_id:
+                return self._record_of(entry)
         return None
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
@@ -392,7 +423,7 @@ class Inspector:
             # loop gets them queued in the backlog, not a greenlet each.
             self._server = WSGIServer(sock, self._app, log=None, error_log=None, spawn=MAX_CONNECTIONS)
             self._server.start()
-            self.start_digesting()
+            self.start_pushing()
             return self.address
         raise last_error or OSError("no port to bind")
 

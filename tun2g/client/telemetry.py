@@ -67,7 +67,8 @@ class ClientMetrics:
                                   registry=self.registry)
         self.connected = Gauge("tun2g_client_connected", "1 while the tunnel is up", registry=self.registry)
         self.captures_dropped = Counter("tun2g_client_inspector_captures_dropped",
-                                        "Exchanges the inspector did not record: its queue was full",
+                                        "Exchanges the inspector did not push to its open pages live (their "
+                                        "backlog was full); they are still listed",
                                         registry=self.registry)
         self._by_class = {name: self.requests.labels(name) for name in ("1xx", "2xx", "3xx", "4xx", "5xx")}
 

@@ -70,7 +70,9 @@
   }
 
   function counts(answer) {
-    $("counts").textContent = answer.captured + " captured" + (answer.dropped ? ", " + answer.dropped + " dropped" : "");
+    // "dropped": exchanges not pushed live (the page fell behind); a reload lists them.
+    $("counts").textContent = answer.captured + " captured" +
+      (answer.dropped ? ", " + answer.dropped + " not shown live" : "");
   }
 
   function headers(table, list) {
