@@ -5,6 +5,12 @@ One command: ``python3 bench/http_layer_bench.py [--seconds 3] [--connections 1,
 It starts nginx (or, without nginx, a small gevent backend) as the backend, a
 one-process gevent proxy built on tun2g.http, and drives both with wrk in the
 same run, so the ratio column compares like with like. Prints a table.
+
+Two floors come with it, for small answers (`/`): what one gevent process costs
+per relayed request when it does no HTTP work at all (one recv and one send each
+way on a kept-alive upstream), written in the two styles gevent allows: a
+greenlet per connection blocking on its sockets (`greenlet relay`), and
+event-loop callbacks with non-blocking sockets and no greenlet (`callback relay`).
 """
 
 from __future__ import annotations
@@ -115,6 +121,82 @@ def serve_proxy(port: int, backend_port: int) -> None:
     StreamServer(("127.0.0.1", port), handle, backlog=1024).serve_forever()
 
 
+def serve_greenlet_relay(port: int, backend_port: int) -> None:
+    """A floor: a greenlet per connection, one blocking recv and one send each way, no HTTP (small answers only)."""
+    from gevent import monkey
+    monkey.patch_all()
+    from gevent.server import StreamServer
+
+    def handle(client, _address):
+        with socket.create_connection(("127.0.0.1", backend_port)) as upstream:
+            try:
+                while data := client.recv(65536):
+                    upstream.sendall(data)
+                    client.sendall(upstream.recv(65536))
+            except OSError:  # wrk resets its connections at the end of a run
+                pass
+    StreamServer(("127.0.0.1", port), handle, backlog=1024).serve_forever()
+
+
+def serve_callback_relay(port: int, backend_port: int) -> None:
+    """A floor: the same relay from event-loop callbacks on non-blocking sockets, with no greenlet at all."""
+    import gevent
+    loop = gevent.get_hub().loop
+    relays = set()  # the live relays (the watchers' callbacks are their only other reference)
+
+    class Relay:
+        def __init__(self, client: socket.socket) -> None:
+            self.client, self.upstream = client, socket.create_connection(("127.0.0.1", backend_port))
+            client.setblocking(False)
+            self.upstream.setblocking(False)
+            self.watchers = [loop.io(client.fileno(), 1), loop.io(self.upstream.fileno(), 1)]
+            self.watchers[0].start(self.from_client)
+            self.watchers[1].start(self.from_upstream)
+            relays.add(self)
+
+        def from_client(self) -> None:
+            try:
+                data = self.client.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                self.upstream.send(data)  # a small request: the kernel takes it whole
+                return
+            for watcher in self.watchers:
+                watcher.stop()
+            self.client.close()
+            self.upstream.close()
+            relays.discard(self)
+
+        def from_upstream(self) -> None:
+            try:
+                data = self.upstream.recv(65536)
+            except BlockingIOError:
+                return
+            if data:
+                self.client.send(data)
+
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _address = listener.accept()
+            except BlockingIOError:
+                return
+            Relay(client)
+    accepting = loop.io(listener.fileno(), 1)
+    accepting.start(accept)
+    gevent.wait()
+
+
+PROXIES = {"tun2g.http": "--serve-proxy", "greenlet relay": "--serve-greenlet-relay",
+           "callback relay": "--serve-callback-relay"}
+
+
 def run_wrk(port: int, path: str, connections: int, seconds: float, server_pid: int | None = None) -> dict:
     """wrk's figures; with ``server_pid``, also that process's CPU microseconds per request."""
     cpu_before = _cpu_seconds(server_pid)
@@ -149,18 +231,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", default="1,16,64")
     parser.add_argument("--serve-proxy", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-greenlet-relay", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-callback-relay", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve_proxy:
-        serve_proxy(*args.serve_proxy)
-        return
+    for serve in (serve_proxy, serve_greenlet_relay, serve_callback_relay):
+        ports = getattr(args, serve.__name__)
+        if ports:
+            serve(*ports)
+            return
     if args.serve_backend:
         serve_gevent_backend(args.serve_backend)
         return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run scripts/install-test-deps")
     env = dict(os.environ, PYTHONPATH=ROOT)
-    backend_port, proxy_port = free_port(), free_port()
+    backend_port = free_port()
     children = []
     with tempfile.TemporaryDirectory() as workdir:
         try:
@@ -170,23 +256,29 @@ def main() -> None:
                 backend_name = "gevent"
                 backend = subprocess.Popen([sys.executable, __file__, "--serve-backend", str(backend_port)], env=env)
             children.append(backend)
-            proxy = subprocess.Popen([sys.executable, __file__, "--serve-proxy", str(proxy_port), str(backend_port)],
-                                     env=env)
-            children.append(proxy)
             wait_for_port(backend_port)
-            wait_for_port(proxy_port)
-            print(f"backend: {backend_name}; proxy: one gevent process on tun2g.http; wrk -t1, {args.seconds:g}s each;"
+            proxies = {}
+            for name, flag in PROXIES.items():
+                port = free_port()
+                proxies[name] = (port, subprocess.Popen([sys.executable, __file__, flag, str(port), str(backend_port)],
+                                                        env=env))
+                children.append(proxies[name][1])
+                wait_for_port(port)
+            print(f"backend: {backend_name}; each proxy: one gevent process; wrk -t1, {args.seconds:g}s each;"
                   f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            print(f"{'path':<10}{'conns':>6}{'direct req/s':>14}{'proxy req/s':>13}{'ratio':>7}"
+            print(f"{'proxy':<16}{'path':<10}{'conns':>6}{'direct req/s':>14}{'proxy req/s':>13}{'ratio':>7}"
                   f"{'proxy MB/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'proxy CPU us/req':>18}  notes")
             for path in ("/", "/big.bin"):
                 for connections in (int(c) for c in args.connections.split(",")):
                     direct = run_wrk(backend_port, path, connections, args.seconds)
-                    proxied = run_wrk(proxy_port, path, connections, args.seconds, proxy.pid)
-                    print(f"{path:<10}{connections:>6}{direct['rps']:>14.0f}{proxied['rps']:>13.0f}"
-                          f"{proxied['rps'] / direct['rps']:>7.2f}{proxied['mbps']:>12.1f}"
-                          f"{proxied['p50']:>8.2f}{proxied['p99']:>8.2f}{proxied['cpu_us']:>18.1f}  {proxied['errors']}",
-                          flush=True)
+                    for name, (port, proxy) in proxies.items():
+                        if path != "/" and name != "tun2g.http":
+                            continue  # the relays do no HTTP framing: one recv is one small answer
+                        proxied = run_wrk(port, path, connections, args.seconds, proxy.pid)
+                        print(f"{name:<16}{path:<10}{connections:>6}{direct['rps']:>14.0f}{proxied['rps']:>13.0f}"
+                              f"{proxied['rps'] / direct['rps']:>7.2f}{proxied['mbps']:>12.1f}"
+                              f"{proxied['p50']:>8.2f}{proxied['p99']:>8.2f}{proxied['cpu_us']:>18.1f}  "
+                              f"{proxied['errors']}", flush=True)
         finally:
             for child in children:
                 child.terminate()  # SIGTERM: nginx's master stops its workers (a SIGKILL would orphan them)
