@@ -10,7 +10,8 @@ storage's ``P token:*`` and ``P route:*`` keys)::
                                (also "tcp:<port>" and "tls:<name>" for the TCP services a node serves)
     P tls-names                zset    member <TLS passthrough name> some node serves, score = expiry
     P cluster-secret           string  the hop secret when no --cluster-secret is given (created once)
-    P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used;  TTL 2 x hop window
+    P hop-nonce:<nonce>        string  <receiving node id>: that hop nonce was used (hops signed around the
+                                       receiver's start only: NonceMemory.may_predate);  TTL 2 x hop window
     channel P kill             "<node id> <backend id>": that node disconnects that backend
     channel P invalidate       "<domain> <domain> ...": drop cached lookups for these domains
     channel P heartbeat        signed beats of every node, and "evict" / "leave" notices (tun2g.cluster.heartbeat)
