@@ -25,8 +25,9 @@ Pure functions over strings: the drivers live in `tun2g.cluster.forward`,
 from __future__ import annotations
 
 import hmac
-import secrets
 from dataclasses import dataclass
+
+from tun2g.requestid import new_request_id
 
 HOP_HEADER = "X-Tun2g-Hop"
 VERSION = "v2"
@@ -64,7 +65,9 @@ def _message(origin: str, to: str, timestamp: int, nonce: str, method: str, host
 
 
 def new_nonce() -> str:
-    return secrets.token_hex(16)
+    """32 hex digits never repeated: a random per-process prefix and a counter, with no syscall per hop.
+    A nonce need not be secret (the signature covers it), only used once."""
+    return new_request_id()
 
 
 def sign(secret: bytes, *, origin: str, to: str, timestamp: int, method: str, host: str, target: str,
