@@ -192,6 +192,17 @@ def test_finish_never_waits_and_a_page_that_does_not_read_gets_a_bounded_backlog
     assert len(inspector.records()) == 50 and inspector.captured == 10_000  # still listed: the newest 50
 
 
+def test_a_capture_that_cannot_be_rendered_is_left_out_and_the_others_still_listed():
+    inspector = Inspector(secrets=["tok"])
+    good = inspector.begin(RequestHead("GET", "/ok"))
+    inspector.finish(good, 200)
+    bad = inspector.begin(RequestHead("GET", "/bad"))
+    bad.request_headers = [("X-Odd", 5)]  # not text: redacting it raises
+    inspector.finish(bad, 200)
+    assert [record["path"] for record in inspector.records()] == ["/ok"]
+    assert inspector.record(bad.id) is None and inspector.record(good.id).public["path"] == "/ok"
+
+
 def test_xss_in_a_path_and_headers_is_only_data_in_the_api(inspected):
     inspected.get("/xss/" + requests.utils.quote(XSS), headers={"X-Evil": XSS})
     assert inspected.inspector.wait_for(lambda: bool(inspected.inspector.records()), 1.0)

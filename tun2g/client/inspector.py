@@ -148,7 +148,7 @@ class Inspector:
         self._records: deque[Capture | Record] = deque(maxlen=ring_size)
         self._ids = itertools.count(1)
         self._subscribers: list[Queue] = []
-        self._digester: gevent.Greenlet | None = None
+        self._pusher: gevent.Greenlet | None = None
         self._server: WSGIServer | None = None
         self.address: tuple[str, int] | None = None
         self._allowed_hosts: frozenset[str] = frozenset()
@@ -192,21 +192,17 @@ class Inspector:
 
     def start_pushing(self) -> None:
         """Start the greenlet that pushes finished exchanges to the open pages."""
-        if self._digester is None:
-            self._digester = gevent.spawn(self._push_loop)
+        if self._pusher is None:
+            self._pusher = gevent.spawn(self._push_loop)
 
     def _push_loop(self) -> None:
         while True:
             self._live_waiting.wait()
             self._live_waiting.clear()
             while self._live:
-                capture = self._live.popleft()
-                try:
-                    record = self._record_of(capture)
-                except Exception as exc:  # a capture we cannot render must not stop the inspector
-                    log.warning("inspector_digest_failed", error=repr(exc))
-                    continue
-                self._push(record)
+                record = self._record_of(self._live.popleft())
+                if record is not None:
+                    self._push(record)
 
     def _push(self, record: Record) -> None:
         message = ("event: request\ndata: " + json.dumps(record.summary) + "\n\n").encode()
@@ -216,15 +212,23 @@ class Inspector:
             except Full:
                 pass  # that page reads too slowly; it still finds the record in the list
 
-    def _record_of(self, entry: Capture | Record) -> Record:
-        """The Record of a recent exchange, digested now if it was not yet (and kept digested in the ring)."""
+    def _record_of(self, entry: Capture | Record) -> Record | None:
+        """The Record of a recent exchange, digested now if it was not yet (and kept digested in the ring);
+        None for a capture that cannot be rendered (logged, and left out of the ring)."""
         if isinstance(entry, Record):
             return entry
-        record = self._digest(entry)
+        try:
+            record: Record | None = self._digest(entry)
+        except Exception as exc:  # one capture we cannot render must not break the page or the API
+            log.warning("inspector_digest_failed", error=repr(exc))
+            record = None
         records = self._records
         for index in range(len(records) - 1, -1, -1):  # most reads are of the newest
             if records[index] is entry:
-                records[index] = record
+                if record is None:
+                    del records[index]
+                else:
+                    records[index] = record
                 break
         return record
 
@@ -307,7 +311,10 @@ class Inspector:
         """Summaries, newest first, whose path contains ``path`` and whose status starts with ``status``."""
         found = []
         for entry in reversed(list(self._records)):  # (a copy: digesting replaces entries in place)
-            summary = self._record_of(entry).summary
+            record = self._record_of(entry)
+            if record is None:
+                continue
+            summary = record.summary
             if path and path not in (summary["path"] or ""):
                 continue
             if status and not str(summary["status"]).startswith(status.rstrip("x")):
@@ -438,9 +445,9 @@ class Inspector:
         if self._server is not None:
             self._server.stop(timeout=1)
             self._server = None
-        if self._digester is not None:
-            self._digester.kill(block=False)
-            self._digester = None
+        if self._pusher is not None:
+            self._pusher.kill(block=False)
+            self._pusher = None
         for subscriber in list(self._subscribers):
             try:
                 subscriber.put_nowait(None)
