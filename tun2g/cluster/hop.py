@@ -125,9 +125,10 @@ def verify(secret: bytes, value: str, *, receiver: str, now: float, method: str,
 class NonceMemory:
     """The hop nonces this node accepted within the last 2 x window, each usable once (bounded).
 
-    `started` (unix seconds) is when this memory began: a hop signed before it, or within a window
-    after it (the nodes' clocks differ by up to a window), may have been accepted by an earlier
-    process of the same node id, so only those need the cluster-wide check (`may_predate`).
+    `started` (unix seconds) is when this memory began. An earlier process of the same node id took
+    hops up to a window ahead of its clock, and its clock (on another host, maybe) may have run up to
+    a window ahead of this one: only a hop signed before `started` + 2 x window may have reached it,
+    so only those need the cluster-wide check (`may_predate`).
     """
 
     def __init__(self, window: float = WINDOW, limit: int = MAX_NONCES, started: float = 0.0) -> None:
