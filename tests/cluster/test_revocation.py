@@ -176,3 +176,34 @@ def test_a_store_that_comes_back_empty_is_not_a_revocation():
     assert watch.check() == 0 and cut == [] and tunnel.revision == "0"
     store.rev = "1"  # a real revocation afterwards is acted on
     assert watch.check() == 1 and "no route" in cut[0]
+
+
+def test_an_unchanged_revision_scans_no_tunnel():
+    from tun2g.server.revocation import RevocationWatch
+
+    store, tunnel, scans = _Store(), _Tunnel(), []
+    watch = RevocationWatch(store, lambda: scans.append(1) or [tunnel], lambda t, reason: None)
+    watch.check()  # the baseline
+    before = len(scans)
+    for _ in range(5):
+        assert watch.check() == 0
+    assert len(scans) == before
+    store.rev = "4"  # moved: scanned once
+    watch.check()
+    assert len(scans) == before + 1
+
+
+def test_a_tunnel_that_registers_under_an_older_revision_is_checked_at_the_next_tick():
+    from tun2g.server.revocation import RevocationWatch
+
+    store, cut, tunnels = _Store(), [], []
+    watch = RevocationWatch(store, lambda: tunnels, lambda t, reason: cut.append(reason))
+    watch.check()  # baseline "3"
+    late = _Tunnel()
+    late.revision = watch.revision  # its Auth check starts under "3" ...
+    store.tokens, store.rev = {}, "4"  # ... a revocation lands meanwhile ...
+    assert watch.check() == 0  # ... and the tick reads "4" before the tunnel registers
+    tunnels.append(late)
+    watch.registered(late)
+    assert watch.check() == 1 and cut  # same revision, but the late tunnel is checked
+    assert watch.check() == 0

@@ -361,6 +361,7 @@ class Server:
                         phi_threshold=self.config.phi_threshold,
                         ping_interval=self.config.liveness_interval if liveness else self.config.ping_interval)
         tunnel.revision = revision
+        self.revocations.registered(tunnel)
         self._per_token[auth.token] += 1
         self._per_user[user] += 1
         self._counted.add(tunnel)
