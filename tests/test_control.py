@@ -46,3 +46,10 @@ def test_a_malformed_auth_extension_is_refused(fields):
 
     with pytest.raises(AuthFormatError):
         parse_auth({"token": "t", "domain": "d", **fields})
+
+
+def test_the_ping_encoder_writes_what_encode_event_writes():
+    from tun2g.control import PING, encode_event, encode_ping
+
+    for seq in (0, 1, 15, 2**31, 10**18):
+        assert encode_ping(seq) == encode_event(PING, seq=seq)

@@ -292,6 +292,11 @@ def encode_event(event: str, **fields) -> bytes:
     return json.dumps({"event": event, **fields}, separators=(",", ":")).encode() + b"\n"
 
 
+def encode_ping(seq: int) -> bytes:
+    """``encode_event(PING, seq=seq)`` without json: the server sends one per tunnel every liveness interval."""
+    return b'{"event":"ping","seq":%d}\n' % seq
+
+
 class EventReader:
     """Splits a control stream into events, a line at a time; a line over MAX_EVENT_SIZE is an error."""
 

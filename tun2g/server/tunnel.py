@@ -12,7 +12,7 @@ from tun2g.backend import Backend
 from tun2g.errors import CantOpenSessionStream, CantReadResponse, CantWriteRequest
 from tun2g.http import HTTPError, MessageReader
 from tun2g.phi import PhiAccrualDetector
-from tun2g.control import PING, PING_REQUEST, STREAM_IDLE_SECONDS, TUN2G_LEVEL, Auth, encode_event
+from tun2g.control import PING_REQUEST, STREAM_IDLE_SECONDS, TUN2G_LEVEL, Auth, encode_ping
 from tun2g.smux import Session, SessionClosedError, Stream
 from tun2g.smux.timer import shared_timer
 from tun2g.storage import hash_secret
@@ -163,7 +163,7 @@ class Tunnel:
         if wait > 0:
             return wait
         self._ping_seq += 1
-        line = encode_event(PING, seq=self._ping_seq)
+        line = encode_ping(self._ping_seq)
         if not self.control_stream.send_nowait(line):  # the shared timer never waits for one tunnel
             on_dead(self, "the client takes nothing more on its control stream")
             return None
