@@ -155,12 +155,9 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
             relays.add(self)
 
         def from_client(self) -> None:
-            try:
-                data = self.client.recv(65536)
-            except BlockingIOError:
+            data = _take(self.client)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if data:
                 self.upstream.send(data)  # a small request: the kernel takes it whole
                 return
@@ -171,12 +168,18 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
             relays.discard(self)
 
         def from_upstream(self) -> None:
-            try:
-                data = self.upstream.recv(65536)
-            except BlockingIOError:
-                return
+            data = _take(self.upstream)
             if data:
                 self.client.send(data)
+
+    def _take(sock: socket.socket) -> bytes | None:
+        """What a non-blocking socket holds: None when nothing yet, b"" at its end (or on an error)."""
+        try:
+            return sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
 
     listener = socket.create_server(("127.0.0.1", port), backlog=1024)
     listener.setblocking(False)
