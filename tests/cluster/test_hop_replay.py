@@ -151,3 +151,40 @@ def test_the_old_v1_header_and_a_hop_for_another_node_are_refused(relayed_nodes)
                f"X-Forwarded-For: 10.0.0.1\r\n\r\n")
     answer = send_raw(a_port, request.encode())
     assert answer.startswith(b"HTTP/1.1 403") and b"addressed to node 'c'" in answer
+
+
+def _signed_head(to: str):
+    from tun2g.http import RequestHead
+
+    head = RequestHead("POST", "/sink", "HTTP/1.1", [("Host", DOMAIN), ("X-Request-Id", "r1"),
+                                                      ("X-Forwarded-For", "10.0.0.1"), ("Content-Length", "3")])
+    head.set(HOP_HEADER, sign(CLUSTER_SECRET.encode(), origin="b", to=to, timestamp=int(time.time() * 1000),
+                              method="POST", host=DOMAIN, target="/sink", request_id="r1",
+                              forwarded_for="10.0.0.1", framing="3"))
+    return head
+
+
+@pytest.mark.parametrize("age, claimed", [(0.0, True), (60.0, False)])
+def test_a_replay_is_refused_with_redis_asked_only_around_the_nodes_start(redis_server, age, claimed):
+    """A node 60 s old refuses a replayed hop from its own memory, with no Redis call; a new one also claims
+    the nonce in Redis, where an earlier process of its id may have left it."""
+    import redis
+
+    from tun2g.cluster import ClusterConfig, ClusterNode
+    from tun2g.cluster.hop import HopRefused
+
+    node = ClusterNode(ClusterConfig(redis_url=redis_server.url, advertise_url="http://127.0.0.1:9",
+                                     secret=CLUSTER_SECRET), "a", local_backends=list, kill_local=lambda _id: None,
+                       started=time.time() - age)
+    try:
+        head = _signed_head("a")
+        value = head.get(HOP_HEADER)
+        assert node.accept_hop(head) is not None
+        keys = redis.Redis.from_url(redis_server.url).keys("tun2g:hop-nonce:*")
+        assert bool(keys) is claimed
+        replay = _signed_head("a")
+        replay.set(HOP_HEADER, value)
+        with pytest.raises(HopRefused, match="nonce already used"):
+            node.accept_hop(replay)
+    finally:
+        node.close()

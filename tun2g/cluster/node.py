@@ -51,8 +51,9 @@ class ClusterNode:
     """
 
     def __init__(self, config: ClusterConfig, node_id: str, *, local_backends: Callable[[], list[Backend]],
-                 kill_local: Callable[[str], None]) -> None:
-        """`local_names` (settable before `start`): more names this node serves, e.g. its TCP routes."""
+                 kill_local: Callable[[str], None], started: float | None = None) -> None:
+        """`local_names` (settable before `start`): more names this node serves, e.g. its TCP routes.
+        `started`: when this node's process began (unix seconds; default now), for the hop nonces."""
         _check_advertise_url(config.advertise_url)
         self.config = config
         self.node_id = node_id
@@ -65,7 +66,7 @@ class ClusterNode:
         self.secret = self._resolve_secret(config)
         self.registry.secret = self.secret  # heartbeats are signed as hops are
         self.forwarder = Forwarder(node_id, self.secret, read_timeout=config.hop_timeout)
-        self.nonces = NonceMemory(WINDOW, started=time.time())
+        self.nonces = NonceMemory(WINDOW, started=time.time() if started is None else started)
         self._closed = False
         self.local_names: Callable[[], Iterable[str]] = lambda: ()
 
