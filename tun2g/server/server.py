@@ -70,9 +70,9 @@ class ControlReader:
     It stops at the end of the stream or at the first malformed message (the pings then go
     unanswered, and the liveness check ends the tunnel)."""
 
-    def __init__(self, server: Server, tunnel: Tunnel) -> None:
-        self._server = server
+    def __init__(self, tunnel: Tunnel, on_event: Callable[[Tunnel, dict], None]) -> None:
         self._tunnel = tunnel
+        self._on_event = on_event
         self._events = EventReader()
 
     def __call__(self) -> None:
@@ -84,7 +84,7 @@ class ControlReader:
                     control.on_readable(None)
                     return
                 for event in self._events.feed(data):
-                    self._server._on_control_event(self._tunnel, event)
+                    self._on_event(self._tunnel, event)
         except (OSError, smux.SessionClosedError, AuthFormatError) as exc:
             control.on_readable(None)
             log.info("control_stream_ended", error=str(exc) or type(exc).__name__, **self._tunnel.log_fields())
@@ -384,7 +384,7 @@ class Server:
         log.info("registered", smux=session.version, **tunnel.log_fields())
         if speaks_events:
             control.settimeout(0)  # read only what is there: see ControlReader
-            control.on_readable(ControlReader(self, tunnel))
+            control.on_readable(ControlReader(tunnel, self._on_control_event))
         return tunnel
 
     def _claim(self, auth: Auth, remote: str, proto: str) -> Auth:
