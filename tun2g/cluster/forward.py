@@ -17,12 +17,16 @@ No wait on another node is unbounded:
   PROBE_TIMEOUT its hops in flight are cut (the client gets a fast 502, or a
   replayable request goes to another node) and the node is skipped (a circuit
   breaker, open) until a probe is answered again. A slow backend behind a live
-  node is never cut: the node itself still answers its health check.
+  node is never cut: the node itself still answers its health check;
+* a node that refuses new connections (a draining node has closed its
+  listener; a dead one's kernel resets its connections) is skipped, but its
+  hops in flight go on: a draining node still answers them.
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import gevent
 
@@ -47,6 +51,18 @@ PROBE_INTERVAL = 0.5  # then (and while the node is skipped) every this often
 PROBE_TIMEOUT = 1.0   # a health check unanswered this long means the node is frozen or gone
 _PROBE_REQUEST = (f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: tun2g-node\r\nConnection: close\r\n"
                   f"User-Agent: tun2g-probe\r\n\r\n").encode()
+
+
+class ProbeFailure(NamedTuple):
+    """Why a node's health check failed; `refused` when the node's kernel said no one listens."""
+
+    reason: str
+    refused: bool
+
+
+def cuts_in_flight(error: OSError) -> bool:
+    """Whether a failure to reach a node should cut its hops in flight: not when it only refused a connection."""
+    return not isinstance(error, ConnectionRefusedError)
 
 
 class Forwarder:
@@ -90,8 +106,11 @@ class Forwarder:
             return False
         return True
 
-    def failed(self, url: str, reason: str) -> None:
-        """The node at `url` did not answer: skip it until its health check is answered again."""
+    def failed(self, url: str, reason: str, cut_in_flight: bool = True) -> None:
+        """The node at `url` did not answer: skip it until its health check is answered again.
+
+        Its kept connections are closed and, with `cut_in_flight`, so are those in use.
+        """
         if self._closed:
             return
         if url not in self._down:
@@ -102,8 +121,9 @@ class Forwarder:
         pool = self._pools.pop(url, None)
         if pool is not None:
             pool.close()
-        for sock in list(self._busy.get(url, {})):
-            _close_quietly(sock)  # wakes the exchanges waiting on it
+        if cut_in_flight:
+            for sock in list(self._busy.get(url, {})):
+                _close_quietly(sock)  # wakes the exchanges waiting on it
         self._watch(url)
 
     def down_since(self, url: str) -> float | None:
@@ -139,30 +159,30 @@ class Forwarder:
                     return
                 if not down and not waiting:
                     continue
-                error = self.probe(url)
-                if error is None and down:
+                failure = self.probe(url)
+                if failure is None and down:
                     self.revive(url, "health check answered")
-                elif error is not None:
-                    self.failed(url, f"health check: {error}")
+                elif failure is not None:
+                    self.failed(url, f"health check: {failure.reason}", cut_in_flight=not failure.refused)
         finally:
             if self._watchers.get(url) is gevent.getcurrent():
                 del self._watchers[url]
 
-    def probe(self, url: str) -> str | None:
+    def probe(self, url: str) -> ProbeFailure | None:
         """None when the node at `url` answers its health check in time (any HTTP status), else why not."""
         try:
             sock, _reader = BackendPool(url, connect_timeout=self.probe_timeout).dial()
         except OSError as exc:
-            return f"cannot connect: {exc}"
+            return ProbeFailure(f"cannot connect: {exc}", refused=not cuts_in_flight(exc))
         try:
             sock.settimeout(self.probe_timeout)
             sock.sendall(_PROBE_REQUEST)
             answer = sock.recv(16)
         except OSError as exc:
-            return f"no answer within {self.probe_timeout:g} s ({exc or type(exc).__name__})"
+            return ProbeFailure(f"no answer within {self.probe_timeout:g} s ({exc or type(exc).__name__})", False)
         finally:
             sock.close()
-        return None if answer.startswith(b"HTTP/") else f"not an HTTP answer: {answer[:16]!r}"
+        return None if answer.startswith(b"HTTP/") else ProbeFailure(f"not an HTTP answer: {answer[:16]!r}", False)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -176,7 +196,7 @@ class Forwarder:
         try:
             sock, reader = pool.dial() if fresh else pool.acquire()
         except OSError as exc:
-            self.failed(url, f"cannot connect: {exc}")
+            self.failed(url, f"cannot connect: {exc}", cut_in_flight=cuts_in_flight(exc))
             raise
         sock.settimeout(self.read_timeout)
         self._busy.setdefault(url, {})[sock] = time.monotonic()

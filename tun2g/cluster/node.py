@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import redis
 
 from tun2g.backend import Backend
-from tun2g.cluster.forward import HOP_READ_TIMEOUT, Forwarder
+from tun2g.cluster.forward import HOP_READ_TIMEOUT, Forwarder, cuts_in_flight
 from tun2g.cluster.hop import HOP_HEADER, WINDOW, Hop, HopRefused, NonceMemory, framing_of, verify
 from tun2g.cluster.registry import DEFAULT_CACHE_TTL, DEFAULT_TTL, ClusterUnavailable, NodeRef, RedisRegistry
 from tun2g.errors import ConfigurationError, NoSuchBackend
@@ -180,9 +180,9 @@ class ClusterNode:
         """Look `domain` up afresh in Redis next time (the cached answer may predate a move)."""
         self.registry.forget(domain)
 
-    def unreachable(self, domain: str, node: NodeRef) -> None:
+    def unreachable(self, domain: str, node: NodeRef, error: OSError) -> None:
         """`node` could not be reached for `domain`: skip it for a while, look `domain` up afresh next time."""
-        self.forwarder.failed(node.url, "unreachable")
+        self.forwarder.failed(node.url, f"unreachable: {error}", cut_in_flight=cuts_in_flight(error))
         self.registry.forget(domain)
         self.registry.suspect(node.node_id)  # evicted soon unless its heartbeats say it lives
 

@@ -231,7 +231,7 @@ class Routing:
                 stream, reader = cluster.forwarder.connect(node.url, fresh=fresh)
             except OSError as exc:
                 self.unreachable_nodes.append(f"{node.node_id}: {exc}")
-                cluster.unreachable(domain, node)
+                cluster.unreachable(domain, node, exc)
                 return
             upstream = NodeUpstream(cluster, node, stream, reader)
             yield upstream

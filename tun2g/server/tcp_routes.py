@@ -417,7 +417,7 @@ class TCPRoutes:
                 sock.sendall(head + first_bytes)
                 answer = _read_head(sock)
             except OSError as exc:
-                cluster.unreachable(name, node)
+                cluster.unreachable(name, node, exc)
                 log.warning("tcp_hop_failed", service=name, node=node.node_id, error=str(exc) or type(exc).__name__)
                 continue
             if not answer[0].startswith(b"HTTP/1.1 101"):
