@@ -127,6 +127,12 @@ def registry_unavailable(request_id: str) -> Page:
                           headers=(("Retry-After", "1"),))
 
 
+def internal_error(request_id: str) -> Page:
+    """500: tun2g itself failed on this request (a bug); the log has the details under its request id."""
+    return _gateway_error(500, "This service failed on this request. Retry; if it happens again, tell its "
+                               "operator this request ID.", request_id)
+
+
 def hop_refused(reason: str, request_id: str) -> Page:
     """403 for a node-to-node request whose signature is forged, stale or malformed."""
     return Page(403, f"tun2g: node-to-node request refused: {reason}\n".encode(), TEXT, request_id=request_id)

@@ -104,6 +104,7 @@ class _Exchange(Protocol[Result]):
     """How one front moves a request over an upstream, and how it answers with a page."""
 
     replayable: bool  # the request can be sent again after a failed attempt (as far as this front knows)
+    answered: bool    # a response began to reach the client: a failure now can only end the connection
 
     def through(self, upstream: Upstream, meter: Meter | None) -> Result: ...
 
@@ -133,6 +134,7 @@ class _SocketExchange:
     """Relays between the public socket and the upstream, bodies streamed both ways."""
 
     replayable = True  # forward_exchange itself says (UpstreamError.replayable) whether the body allows it
+    answered = False
 
     def __init__(self, request: Request, reader: MessageReader, sock: ByteStream,
                  timeouts: ExchangeTimeouts | None = None) -> None:
@@ -150,6 +152,7 @@ class _SocketExchange:
         if self._request.hsts:
             response.set("Strict-Transport-Security", self._request.hsts)
         self._response = response
+        self.answered = True
 
     def limit(self, timeouts: ExchangeTimeouts | None, max_body: int | None) -> None:
         self._timeouts = timeouts
@@ -182,6 +185,7 @@ class _SocketExchange:
 
     def page(self, page: pages.Page) -> Outcome:
         self._response = None
+        self.answered = True
         page = _dressed(self._request, page)
         return Outcome(page.status, pages.send_page(self._sock, page, self._request.head), 0, len(page.body))
 
@@ -200,6 +204,8 @@ class _SocketExchange:
 
 class _ResponseExchange:
     """Sends a head and a body and returns the response for the caller to read."""
+
+    answered = False  # the caller gets the response (or a page) only when the exchange returns
 
     def __init__(self, request: Request, body: Body, timeouts: ExchangeTimeouts | None = None) -> None:
         self._request = request
@@ -367,6 +373,17 @@ class Pipeline:
         else:  # the origin node prepared it, and named it: keep that id in this node's log and pages
             request.id = head.get("X-Request-Id") or request.id
             request.public = False
+        try:
+            return self._route(request, exchange, hop)
+        except Exception as exc:  # a bug in tun2g: the visitor gets a page and the log the traceback, by request id
+            log.error("internal_error", host=request.host, request_id=request.id, error=repr(exc), exc_info=True)
+            if exchange.answered:
+                raise  # a response is under way: only ending the connection tells the client it broke
+            return self._finish(request, exchange, exchange.page(pages.internal_error(request.id)), "-")
+
+    def _route(self, request: Request, exchange: _Exchange[Result], hop: Hop | None) -> Result:
+        """Route the prepared request, apply its edge policy and relay it over the first upstream that takes it."""
+        head = request.head
         routing = self.router.route(head, request.id, hop)
         if request.public and self.policies is not None:
             refusal = self._policy_step(request, routing.route, exchange)
