@@ -15,20 +15,22 @@ import gevent
 import gevent.event
 import pytest
 
+from tests.fixtures.backends import read_until_suffix
+from tests.fixtures.tunnel import wait_until
 from tun2g.cluster.forward import Forwarder
+
+class CountingForwarder(Forwarder):
+    """A forwarder that counts the health checks it makes."""
+
+    probes = 0
+
+    def probe(self, url):
+        self.probes += 1
+        return super().probe(url)
+
 
 REQUEST = b"POST /sink HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\r\nbody"
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-def _read_answer(sock) -> bytes:
-    data = b""
-    while not data.endswith(b"ok"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_a_node_refusing_new_connections_still_answers_its_hop_in_flight():
@@ -40,16 +42,14 @@ def test_a_node_refusing_new_connections_still_answers_its_hop_in_flight():
     def serve_one() -> None:
         conn, _address = listener.accept()
         with conn:
-            data = b""
-            while not data.endswith(b"body"):
-                data += conn.recv(4096)
+            read_until_suffix(conn, b"body")
             received.set()
             answer_now.wait(timeout=10)
             conn.sendall(ANSWER)
 
     node = gevent.spawn(serve_one)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    forwarder = Forwarder("n1", b"s" * 32, probe_after=0.05, probe_interval=0.05, probe_timeout=0.5)
+    forwarder = CountingForwarder("n1", b"s" * 32, probe_after=0.05, probe_interval=0.05, probe_timeout=0.5)
     try:
         sock, _reader = forwarder.connect(url)
         sock.sendall(REQUEST)
@@ -58,9 +58,9 @@ def test_a_node_refusing_new_connections_still_answers_its_hop_in_flight():
         with pytest.raises(ConnectionRefusedError):
             forwarder.connect(url, fresh=True)
         assert not forwarder.available(url)
-        gevent.sleep(0.3)  # several probe rounds (each refused) run meanwhile: the cadence under test, not a wait
+        wait_until(lambda: forwarder.probes >= 3, timeout=5, message="health checks of the refusing node")
         answer_now.set()
-        assert _read_answer(sock) == ANSWER
+        assert read_until_suffix(sock, b"ok") == ANSWER
     finally:
         forwarder.close()
         listener.close()
@@ -78,7 +78,7 @@ def test_a_node_that_accepts_and_never_answers_has_its_hop_cut():
         sock.sendall(REQUEST)
         started = time.monotonic()
         with pytest.raises(OSError):
-            _read_answer(sock)  # the read timeout is 75 s; the health check cuts it first
+            read_until_suffix(sock, b"ok")  # the read timeout is 75 s; the health check cuts it first
         assert time.monotonic() - started < 5
         assert not forwarder.available(url)
     finally:

@@ -9,6 +9,7 @@ from tun2g import smux
 from tun2g.client import AuthRejected
 from tun2g.control import Auth, decode_reply
 
+from tests.fixtures.backends import read_until_suffix
 from tests.fixtures.tunnel import DOMAIN, USER, wait_until
 
 
@@ -25,12 +26,7 @@ def _handshake(deployment, payload: bytes) -> dict | None:
         assert control.id == 2, "the server opens the control stream with id 2, like Go"
         control.sendall(payload)
         control.settimeout(5)
-        line = b""
-        while not line.endswith(b"\n"):
-            data = control.recv(4096)
-            if not data:
-                break
-            line += data
+        line = read_until_suffix(control, b"\n")
         return decode_reply(line.strip()) if line else None
     finally:
         session.close()

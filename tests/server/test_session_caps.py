@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from tests.fixtures.backends import read_until_suffix
 from tests.fixtures.tunnel import DOMAIN, USER, wait_until
 from tun2g import smux
 from tun2g.control import Auth, decode_reply
@@ -21,12 +22,7 @@ def _handshake(deployment, token: str, domain: str = DOMAIN) -> tuple[smux.Sessi
     control = session.accept_stream(timeout=5)
     control.sendall(Auth(token, domain, tun2g=1).encode())
     control.settimeout(5)
-    line = b""
-    while not line.endswith(b"\n"):
-        data = control.recv(4096)
-        if not data:
-            break
-        line += data
+    line = read_until_suffix(control, b"\n")
     return session, (decode_reply(line.strip()) if line else None)
 
 
