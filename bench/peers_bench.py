@@ -10,6 +10,9 @@ One nginx (`return 200 "hello, world\\n"`) is the backend of every system:
 - `direct`: wrk to that nginx;
 - `chain`: nginx -> nginx -> backend, two more nginx processes proxying with keep-alive upstreams
   (`proxy_http_version 1.1`, `keepalive 64`): the best a two-hop path costs in C;
+- `greenlet-chain`, `callback-chain`: the Python floors of any two-hop design, two relay processes
+  in a row (bench/http_layer_bench.py's relays: one recv and one send each way, no HTTP work), with a
+  greenlet per connection, or from event-loop callbacks;
 - `tun2g`, `tun2g-tls`: `tun2g server` + `tun2g client` of this working tree, plain and TLS tunnel,
   access log on (the default, as users run it; the server logs to a file);
   `tun2g-nolog`, `tun2g-tls-nolog`: the same with `--no-access-log`;
@@ -43,7 +46,7 @@ from common import GoPeerUnavailable, start_go_peer
 
 DOMAIN = rcb.DOMAIN
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_SYSTEMS = ("direct", "chain", "tun2g", "tun2g-tls", "tun2g-nolog", "tun2g-tls-nolog", "go", "go-tls")
+ALL_SYSTEMS = ("direct", "chain", "greenlet-chain", "callback-chain", "tun2g", "tun2g-tls", "tun2g-nolog", "tun2g-tls-nolog", "go", "go-tls")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 CHAIN_CONF = """\
@@ -128,6 +131,23 @@ def start_chain(workdir: Path, backend_port: int) -> System:
         services.append(service)
         tc.wait_until(lambda: service.check_alive() or tc.port_open(port), 10, f"nginx {name} on {port}")
     return System("chain", front_port, {"front": services[1].pid, "middle": services[0].pid},
+                  lambda: [service.stop() for service in reversed(services)])
+
+
+RELAY_FLAGS = {"greenlet-chain": "--serve-greenlet-relay", "callback-chain": "--serve-callback-relay"}
+
+
+def start_relay_chain(name: str, workdir: Path, backend_port: int) -> System:
+    """Two of bench/http_layer_bench.py's relays in a row in front of the backend (small answers only)."""
+    relay = Path(__file__).with_name("http_layer_bench.py")
+    middle_port, front_port = tc.free_port(), tc.free_port()
+    services = []
+    for role, port, upstream in (("middle", middle_port, backend_port), ("front", front_port, middle_port)):
+        service = tc.Service(f"{name} {role}", [sys.executable, str(relay), RELAY_FLAGS[name], str(port),
+                                                 str(upstream)], workdir / f"{name}-{role}.log")
+        services.append(service)
+        tc.wait_until(lambda: service.check_alive() or tc.port_open(port), 10, f"{name} {role} on {port}")
+    return System(name, front_port, {"front": services[1].pid, "middle": services[0].pid},
                   lambda: [service.stop() for service in reversed(services)])
 
 
@@ -223,6 +243,11 @@ def verdicts(results: dict, counts: list[int]) -> list[str]:
             verdict = "MET" if ours <= 2 * chain else "NOT MET"
             lines.append(f"- {name}, 64 conn: server + client CPU {ours:.0f} µs/req <= 2x the nginx chain's "
                          f"{chain:.0f}: {verdict} ({ours / chain:.1f}x)")
+    for floor in RELAY_FLAGS:
+        theirs, chain = cpu(floor, 64), cpu("chain", 64)
+        if theirs and chain:
+            lines.append(f"- {floor}, 64 conn (no HTTP work at all): {theirs:.0f} µs/req, {theirs / chain:.1f}x "
+                         f"the nginx chain's CPU")
     one = results.get(("tun2g", 1))
     direct, go = results.get(("direct", 1)), results.get(("go", 1))
     if one and direct:
@@ -276,6 +301,8 @@ def main() -> None:
                 add(System("direct", backend_port, {}))
             elif name == "chain":
                 add(start_chain(workdir, backend_port))
+            elif name in RELAY_FLAGS:
+                add(start_relay_chain(name, workdir, backend_port))
             elif name.startswith("tun2g"):
                 tls, log = "-tls" in name, not name.endswith("-nolog")
                 for label, source in trees:
