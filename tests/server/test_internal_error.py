@@ -62,11 +62,13 @@ def test_a_bug_under_a_round_trip_returns_the_500_page():
     assert response.head.status == 500 and response.head.get("X-Request-Id")
 
 
-def test_the_greenlet_being_killed_is_not_taken_for_a_bug():
-    class KilledRouter(Router):
+@pytest.mark.parametrize("error", [gevent.GreenletExit(), ConnectionResetError(104, "reset by the client")])
+def test_a_killed_greenlet_or_a_broken_client_socket_is_not_taken_for_a_bug(error, log_lines):
+    class FailingRouter(Router):
         def route(self, head, request_id, hop=None):
-            raise gevent.GreenletExit
+            raise error
 
-    pipeline = Pipeline(KilledRouter(Tunnels()), access_log=False)
-    with pytest.raises(gevent.GreenletExit):
+    pipeline = Pipeline(FailingRouter(Tunnels()), access_log=False)
+    with pytest.raises(type(error)):
         pipeline.round_trip(RequestHead("GET", "/", "HTTP/1.1", [("Host", "app.test")]))
+    assert "internal_error" not in log_lines()

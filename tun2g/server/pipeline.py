@@ -375,6 +375,8 @@ class Pipeline:
             request.public = False
         try:
             return self._route(request, exchange, hop)
+        except (OSError, DownstreamError):
+            raise  # the public client's socket broke: the front ends the connection quietly, as before
         except Exception as exc:  # a bug in tun2g: the visitor gets a page and the log the traceback, by request id
             log.error("internal_error", host=request.host, request_id=request.id, error=repr(exc), exc_info=True)
             if exchange.answered:
