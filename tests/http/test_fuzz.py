@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tun2g.control import AuthFormatError, JSONObjectReader
@@ -42,6 +42,17 @@ def events_of(data: bytes, pieces: list[int]) -> list:
     return list(parser.events)
 
 
+def outcome(events: list) -> list[str]:
+    """The events as they mean: a body split across reads comes as several pieces, joined here."""
+    joined: list = []
+    for event in events:
+        if type(event) is bytes and joined and type(joined[-1]) is bytes:
+            joined[-1] += event
+        else:
+            joined.append(event)
+    return [repr(event) for event in joined]
+
+
 @given(st.binary(max_size=600), st.lists(st.integers(1, 64), max_size=12))
 def test_the_request_parser_never_raises_on_arbitrary_bytes(data, pieces):
     for event in events_of(data, pieces):  # only events: heads, bodies, markers, HTTPError instances
@@ -56,12 +67,14 @@ TARGETS = st.sampled_from(["/", "/a?b", "http://x.test/p", "HTTPS://y.test:8443"
 
 @given(METHODS, TARGETS, st.lists(st.tuples(NAMES, VALUES), max_size=8), st.binary(max_size=40),
        st.lists(st.integers(1, 32), max_size=6))
+@example("GET", "http://x.test/p", [("Host", "00000"), ("Content-Length", "2"), ("000000000000", "000")],
+         b"\x00\x00", [1, 1, 18, 32, 32])  # a body split across reads: two pieces, the same bytes (seen in CI)
 def test_parsed_heads_are_origin_form_with_one_host_whatever_the_split(method, target, headers, tail, pieces):
     raw = f"{method} {target} HTTP/1.1\r\n".encode() + b"".join(
         f"{k}: {v}\r\n".encode() for k, v in headers) + b"\r\n" + tail
     whole = events_of(raw, [])
     split = events_of(raw, pieces)
-    assert [repr(e) for e in whole] == [repr(e) for e in split]  # the split never changes the outcome
+    assert outcome(whole) == outcome(split)  # the split never changes the outcome
     for event in whole:
         if isinstance(event, HeadEvent):
             head = event.head
