@@ -1,4 +1,5 @@
-"""The forwarder cuts hops in flight only to a node that stopped answering, never to one that only refuses new connections.
+"""The forwarder cuts hops in flight only to a node that stopped answering, not to one that only refuses
+new connections.
 
 A draining node closes its listener (new connections are refused) and still
 answers the hops it has: cutting them would fail a POST that cannot be sent
@@ -18,6 +19,7 @@ import pytest
 from tests.fixtures.backends import read_until_suffix
 from tests.fixtures.tunnel import wait_until
 from tun2g.cluster.forward import Forwarder
+
 
 class CountingForwarder(Forwarder):
     """A forwarder that counts the health checks it makes."""

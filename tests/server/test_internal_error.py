@@ -52,8 +52,23 @@ def test_a_bug_on_the_public_socket_answers_500_with_the_request_id_and_logs_the
     logged = log_lines()
     errors = [line for line in logged.splitlines() if "event=internal_error" in line]
     assert len(errors) == 2 and "KeyError" in errors[0] and "Traceback" in errors[0]
-    assert f"request_id={request_id}" in errors[1]
+    assert f"request_id={request_id}" in errors[1] and "KeyError" in errors[1]
+    assert "Traceback" not in errors[1]  # one traceback per TRACEBACK_INTERVAL
     assert "status=500" in logged  # the access line counts it
+
+
+def test_a_flood_of_requests_hitting_a_bug_logs_every_id_and_one_traceback(log_lines):
+    pipeline = Pipeline(BrokenRouter(Tunnels()), access_log=False)
+    ids = set()
+    for _ in range(200):
+        response = pipeline.round_trip(RequestHead("GET", "/", "HTTP/1.1", [("Host", "app.test")]))
+        assert response.head.status == 500
+        ids.add(response.head.get("X-Request-Id"))
+    errors = [line for line in log_lines().splitlines() if "event=internal_error" in line]
+    assert len(ids) == 200 and len(errors) == 200
+    assert all(any(f"request_id={request_id}" in line for line in errors) for request_id in ids)
+    assert sum("Traceback" in line for line in errors) == 1
+    assert sum(map(len, errors)) < 200 * 400  # short lines after the first, not 200 tracebacks
 
 
 def test_a_bug_under_a_round_trip_returns_the_500_page():

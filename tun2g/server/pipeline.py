@@ -313,6 +313,7 @@ class Pipeline:
         # Bounds on each exchange's waits (response head, stalled bodies, the client leaving);
         # `tun2g.server.process` sets them from its defaults. None: unbounded.
         self.timeouts = timeouts
+        self._next_traceback = 0.0  # monotonic: when an internal error's traceback is logged again
 
     def set_trusted_proxies(self, cidrs: Iterable[str]) -> None:
         """Believe the forwarding headers of these peers from the next request on (a config reload)."""
@@ -378,7 +379,12 @@ class Pipeline:
         except (OSError, DownstreamError):
             raise  # the public client's socket broke: the front ends the connection quietly, as before
         except Exception as exc:  # a bug in tun2g: the visitor gets a page and the log the traceback, by request id
-            log.error("internal_error", host=request.host, request_id=request.id, error=repr(exc), exc_info=True)
+            now = time.monotonic()
+            traceback = now >= self._next_traceback  # a bug a visitor can trigger at will must not flood the log
+            if traceback:
+                self._next_traceback = now + TRACEBACK_INTERVAL
+            log.error("internal_error", host=request.host, request_id=request.id, error=repr(exc),
+                      exc_info=traceback)
             if exchange.answered:
                 raise  # a response is under way: only ending the connection tells the client it broke
             return self._finish(request, exchange, exchange.page(pages.internal_error(request.id)), "-")
@@ -506,6 +512,7 @@ class TrustedProxies:
         return known
 
 
+TRACEBACK_INTERVAL = 10.0  # seconds: every internal error is logged, its traceback at most once this often
 _HOP_NAME = HOP_HEADER.lower()
 _ROUTE_NAME = ROUTE_HEADER.lower()  # only this server tells a multi-route client a stream's route
 # A request id a caller may choose (as Heroku's router allows): a plain token, so it is safe in logs and pages.
