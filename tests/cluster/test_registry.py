@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gevent
 import pytest
 import redis
 from gevent.event import Event
@@ -15,11 +16,11 @@ from tun2g.errors import NoSuchBackend
 class Node:
     """A registry plus the local backends it publishes (what a Server would list)."""
 
-    def __init__(self, url: str, node_id: str, **options):
+    def __init__(self, url: str, node_id: str, registry_class=RedisRegistry, **options):
         self.backends = []
         self.killed = []
         self.kill_seen = Event()
-        self.registry = RedisRegistry(url, node_id, f"http://{node_id}.internal:8080",
+        self.registry = registry_class(url, node_id, f"http://{node_id}.internal:8080",
                                       snapshot=lambda: list(self.backends), on_kill=self._on_kill, **options)
 
     def _on_kill(self, backend_id):
@@ -66,11 +67,10 @@ def test_the_whole_cluster_is_listed_with_each_backends_node(nodes):
 
 
 def test_lookups_are_cached_and_concurrent_misses_share_one_redis_call(nodes, redis_server):
-    import gevent
-
     a, b = nodes("a"), nodes("b", cache_ttl=30)
     a.add("b1", "app.test")
     wait_until(lambda: a.registry.publish_now() and a.registry._published == {"app.test"})
+    wait_until(lambda: b.registry.listening, message="b's subscription confirmed (only then are answers cached)")
     before = redis_command_counts(redis_server.url)
     results = gevent.joinall([gevent.spawn(b.registry.lookup, "app.test") for _ in range(50)], raise_error=True)
     for _ in range(100):
@@ -87,8 +87,53 @@ def test_a_change_invalidates_other_nodes_caches_over_pubsub(nodes):
     wait_until(lambda: b.registry.lookup("app.test") != [], message="invalidation of b's cached miss")
 
 
+def test_no_answer_is_cached_while_invalidations_cannot_reach_the_node(nodes, redis_server):
+    a = nodes("a")
+    b = Node(redis_server.url, "b", cache_ttl=60)  # never started: not subscribed to invalidations
+    try:
+        assert b.registry.lookup("app.test") == []
+        a.add("b1", "app.test")
+        wait_until(lambda: b.registry.lookup("app.test") != [], timeout=5,
+                   message="b asking Redis again rather than trusting a miss nobody can invalidate")
+    finally:
+        b.registry.close()
+
+
+class HeldAnswers(RedisRegistry):
+    """A registry whose Redis answers wait for `release`, so a change can land while a query is in flight."""
+
+    def __init__(self, *args, **options):
+        super().__init__(*args, **options)
+        self.answered, self.release, self.invalidated = Event(), Event(), Event()
+
+    def _fetch(self, domain):
+        nodes = super()._fetch(domain)
+        self.answered.set()
+        self.release.wait(5)
+        return nodes
+
+    def _on_message(self, channel, data):
+        super()._on_message(channel, data)
+        if channel.endswith("invalidate"):
+            self.invalidated.set()
+
+
+def test_an_answer_older_than_a_change_heard_meanwhile_is_not_cached(nodes, redis_server):
+    a, b = nodes("a"), nodes("b", registry_class=HeldAnswers, cache_ttl=60)
+    held = b.registry
+    wait_until(lambda: held.listening, message="b's subscription confirmed")
+    miss = gevent.spawn(held.lookup, "app.test")
+    try:
+        assert held.answered.wait(5)  # Redis said "nobody" ...
+        a.add("b1", "app.test")
+        assert held.invalidated.wait(5)  # ... then the change was heard before that answer was stored
+    finally:
+        held.release.set()
+    assert miss.get(timeout=5) == []
+    assert held.lookup("app.test") == [NodeRef("a", "http://a.internal:8080")]
+
+
 def test_a_node_that_stops_refreshing_expires_within_the_ttl(nodes):
-    import gevent
     import time
 
     a, b = nodes("a", ttl=1.0), nodes("b", cache_ttl=0)

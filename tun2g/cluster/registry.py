@@ -160,6 +160,10 @@ class RedisRegistry:
         self._tls_refresh: gevent.Greenlet | None = None
         self._cache: dict[str, _CacheEntry] = {}
         self._pending: dict[str, AsyncResult] = {}
+        # An answer is cached as fresh only if invalidations could reach it: the subscription is
+        # confirmed by Redis, and none arrived while its query was in flight (it may predate the change).
+        self.listening = False
+        self._invalidations = 0
         self._changed = Event()
         self._closed = Event()
         self._tasks: list = []
@@ -402,6 +406,7 @@ class RedisRegistry:
         return pending
 
     def _ask_redis(self, domain: str, entry: _CacheEntry | None, now: float) -> list[NodeRef]:
+        invalidations = self._invalidations
         try:
             nodes = self._fetch(domain)
         except (redis.RedisError, OSError) as exc:
@@ -412,7 +417,8 @@ class RedisRegistry:
             # Redis came back (maybe empty) and the nodes republish within TTL/3:
             # until then an empty answer means "not yet known", so keep the last one.
             nodes = entry.nodes
-        self._remember(domain, _CacheEntry(now, now + self.ttl, nodes))
+        fresh = self.listening and invalidations == self._invalidations
+        self._remember(domain, _CacheEntry(now if fresh else float("-inf"), now + self.ttl, nodes))
         return nodes
 
     def _remember(self, domain: str, entry: _CacheEntry) -> None:
@@ -444,6 +450,7 @@ class RedisRegistry:
 
     def _invalidate(self, domain: str) -> None:
         """The answer for `domain` changed: ask Redis next time, but keep it for an outage."""
+        self._invalidations += 1
         entry = self._cache.get(domain)
         if entry is not None:
             entry.fetched = float("-inf")
@@ -559,20 +566,22 @@ class RedisRegistry:
 
     def _listen_loop(self) -> None:
         delay = 0.1
+        channels = (self._key("kill"), self._key("invalidate"), self._key("heartbeat"))
         while not self._closed.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()
             try:
-                pubsub.subscribe(self._key("kill"), self._key("invalidate"), self._key("heartbeat"))
-                self.outage.succeeded()
-                # (Re)subscribed: Redis may have restarted empty, and we may have missed invalidations.
-                for domain in list(self._cache):
-                    self._invalidate(domain)
-                self.changed()
+                pubsub.subscribe(*channels)
+                confirmed = 0
                 delay = 0.1
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=self.ttl)
-                    if message is not None:
+                    kind = message and message["type"]
+                    if kind == "message":
                         self._on_message(message["channel"], message["data"])
+                    elif kind == "subscribe":
+                        confirmed += 1
+                        if confirmed == len(channels):
+                            self._subscribed()
             except (redis.RedisError, OSError) as exc:
                 self.outage.failed(exc)
                 self._closed.wait(delay)  # reconnect backoff
@@ -582,7 +591,18 @@ class RedisRegistry:
                 self._closed.wait(delay)
                 delay = min(self.ttl / 3, delay * 2)
             finally:
+                self.listening = False
                 pubsub.close()
+
+    def _subscribed(self) -> None:
+        """Redis confirmed the subscription: from now on invalidations reach this node."""
+        self.outage.succeeded()
+        # Redis may have restarted empty, and invalidations sent before now were missed.
+        for domain in list(self._cache):
+            self._invalidate(domain)
+        self._invalidations += 1  # a query in flight may predate a missed change
+        self.listening = True
+        self.changed()
 
     def _on_message(self, channel: str, data: str) -> None:
         if channel == self._key("heartbeat"):
