@@ -27,7 +27,7 @@ from .errors import SessionClosedError
 from .frame import FIN, SYN
 from .state import SessionState
 from .stream import Stream
-from .timer import shared_timer
+from .timer import deadlines, shared_timer
 from .writer import FrameWriter
 
 # recv() this much at a time: a few frames per call at full speed, so per-call
@@ -91,6 +91,7 @@ class Session:
         self._writer = FrameWriter(transport, config.max_frame_size, self._state.version, self._on_write_error)
         self._reader: gevent.Greenlet | None = None  # the reader greenlet, while there is one
         self._loop = gevent.get_hub().loop
+        self._deadlines = deadlines()  # the timeouts of its streams' blocked calls
         self._watcher = None  # the fd watcher of hub reads (capabilities.hub_reads)
         if capabilities_of(transport).hub_reads:
             self._watcher = self._loop.io(transport.fileno(), 1)

@@ -350,15 +350,21 @@ class Stream:
         return time.monotonic() + self._timeout
 
     def _wait(self, event: Event, deadline: float | None, what: str) -> float | None:
-        """Block on ``event`` until it is set or the stream's timeout expires."""
+        """Block on ``event`` until it is set or the stream's deadline passes; the caller re-checks
+        its condition and calls again, and a call past the deadline raises the timeout."""
         deadline = self._start_deadline(deadline, what)
         event.clear()
         if deadline is None:
             event.wait()
+        elif time.monotonic() >= deadline:
+            self._raise_timeout(what)
         else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not event.wait(remaining):
-                self._raise_timeout(what)
+            deadlines = self.session._deadlines
+            watch = deadlines.wake_at(deadline, event)
+            try:
+                event.wait()
+            finally:
+                deadlines.cancel(watch)
         return deadline
 
     def _raise_timeout(self, what: str) -> None:
