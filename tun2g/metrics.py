@@ -63,6 +63,27 @@ class Count:
         self.value += amount
 
 
+class Durations:
+    """A histogram as plain numbers (per-bucket counts and a sum), made a Prometheus family when scraped."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket (the last: above every bound)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """One duration."""
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        """The histogram family, unlabelled."""
+        return HistogramMetricFamily(name, documentation, buckets=_cumulative(self.bounds, self.counts),
+                                     sum_value=self.total)
+
+
 class DomainMetrics:
     """The figures of one domain (or of `other`, or of `none`), found once per request by a dict lookup."""
 
@@ -96,14 +117,12 @@ class AcmeMetrics:
 
     def __init__(self) -> None:
         self.started, self.succeeded, self.failed, self.renewals = Count(), Count(), Count(), Count()
-        self.buckets = [0] * (len(ACME_SECONDS_BUCKETS) + 1)  # per bucket (the last: above every bound)
-        self.seconds_sum = 0.0
+        self.seconds = Durations(ACME_SECONDS_BUCKETS)
 
     def issued(self, seconds: float) -> None:
         """One order that produced a certificate after `seconds`."""
         self.succeeded.inc()
-        self.buckets[bisect_left(ACME_SECONDS_BUCKETS, seconds)] += 1
-        self.seconds_sum += seconds
+        self.seconds.observe(seconds)
 
     def families(self, ns: str) -> Iterator[Metric]:
         """The Prometheus families, built at scrape time."""
@@ -112,9 +131,7 @@ class AcmeMetrics:
                                   ("failed", self.failed, "ACME orders that failed (the log line has the error)")):
             yield CounterMetricFamily(f"{ns}_acme_orders_{name}", text, value=count.value)
         yield CounterMetricFamily(f"{ns}_acme_renewals", "Certificates renewed by this node", value=self.renewals.value)
-        yield HistogramMetricFamily(f"{ns}_acme_issue_seconds", "From an order begun to its certificate stored",
-                                    buckets=_cumulative(ACME_SECONDS_BUCKETS, self.buckets),
-                                    sum_value=self.seconds_sum)
+        yield self.seconds.family(f"{ns}_acme_issue_seconds", "From an order begun to its certificate stored")
 
 
 class TCPRouteMetrics:

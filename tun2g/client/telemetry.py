@@ -13,25 +13,25 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tun2g.http import ExchangeResult, RequestHead, ResponseHead
-from tun2g.log import get_logger
-from tun2g.metrics import Count
+from tun2g.log import debugging, get_logger
+from tun2g.metrics import STATUS_CLASSES, Count, Durations
 
 if TYPE_CHECKING:
     from tun2g.client.inspector import Capture, Inspector
 
-__all__ = ["CONTENT_TYPE_LATEST", "ClientMetrics", "ExchangeObserver", "Observed", "Served", "status_class"]
+__all__ = ["CONTENT_TYPE_LATEST", "ClientMetrics", "ExchangeObserver", "Observed", "Served"]
 
 log = get_logger("tun2g.client.client")
 
 
-def status_class(status: int) -> str:
-    """"2xx" for 204; "error" for 0 (no response)."""
-    return f"{status // 100}xx" if 100 <= status < 600 else "error"
+# The client's request durations (finer than the server's: one backend, no queueing across domains).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SERVED_CLASSES = (*STATUS_CLASSES, "error")  # the labels of ClientMetrics.served
 
 
 class Served(NamedTuple):
@@ -50,17 +50,13 @@ class ClientMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("tun2g_client_requests", "Requests served through the tunnel, by status class",
-                                ["status_class"], registry=self.registry)
-        self.duration = Histogram("tun2g_client_request_duration_seconds",
-                                  "From the request head to the end of the response",
-                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                  registry=self.registry)
-        # Counted with every write of a body (a download shows while it runs): plain numbers, since
-        # prometheus-client's children take a (gevent) lock per increment; exported when scraped.
+        # Counted per exchange or with every write of a body (a download shows while it runs) as plain
+        # numbers, since prometheus-client's children take a (gevent) lock per increment; exported when scraped.
+        self.served = [0] * len(_SERVED_CLASSES)  # by status class, "error" (no response) last
+        self.duration = Durations(DURATION_BUCKETS)
         self.bytes_in = Count()   # request bytes written to the backend (heads and framing included)
         self.bytes_out = Count()  # response bytes written to the server (heads and framing included)
-        self.registry.register(_BytesCollector(self))
+        self.registry.register(_ServedCollector(self))
         self.backend_errors = Counter("tun2g_client_backend_errors", "Requests the backend failed "
                                       "(unreachable, or no valid response)", ["kind"], registry=self.registry)
         self.reconnects = Counter("tun2g_client_reconnects", "Tunnel (re)connections after the first",
@@ -70,12 +66,10 @@ class ClientMetrics:
                                         "Exchanges the inspector did not push to its open pages live (their "
                                         "backlog was full); they are still listed",
                                         registry=self.registry)
-        self._by_class = {name: self.requests.labels(name) for name in ("1xx", "2xx", "3xx", "4xx", "5xx")}
 
     def request_served(self, status: int, seconds: float) -> None:
         """One exchange ended (its bytes were counted as they moved)."""
-        counter = self._by_class.get(status_class(status))
-        (counter or self.requests.labels(status_class(status))).inc()
+        self.served[status // 100 - 1 if 100 <= status < 600 else -1] += 1
         self.duration.observe(seconds)
 
     def render(self) -> bytes:
@@ -83,7 +77,7 @@ class ClientMetrics:
         return generate_latest(self.registry)
 
 
-class _BytesCollector:
+class _ServedCollector:
     def __init__(self, metrics: ClientMetrics) -> None:
         self._metrics = metrics
 
@@ -91,10 +85,19 @@ class _BytesCollector:
         return self.collect()
 
     def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        requests = CounterMetricFamily("tun2g_client_requests", "Requests served through the tunnel, by status class",
+                                       labels=("status_class",))
+        for name, count in zip(_SERVED_CLASSES, metrics.served):
+            if count:  # as a labelled counter would: a class appears with its first request
+                requests.add_metric((name,), count)
+        yield requests
+        yield metrics.duration.family("tun2g_client_request_duration_seconds",
+                                      "From the request head to the end of the response")
         family = CounterMetricFamily("tun2g_client_bytes", "Bytes relayed: in = request to the backend, "
                                      "out = response to the server; counted as they move", labels=("direction",))
-        family.add_metric(("in",), self._metrics.bytes_in.value)
-        family.add_metric(("out",), self._metrics.bytes_out.value)
+        family.add_metric(("in",), metrics.bytes_in.value)
+        family.add_metric(("out",), metrics.bytes_out.value)
         yield family
 
 
@@ -109,7 +112,8 @@ class ExchangeObserver:
 
     def begin(self, head: RequestHead, stream_id: int | None = None) -> Observed:
         """Observe the exchange ``head`` starts (call before the Client rewrites its target)."""
-        log.debug("request", method=head.method, path=head.target, stream=stream_id)
+        if debugging():
+            log.debug("request", method=head.method, path=head.target, stream=stream_id)
         return Observed(self, head)
 
 
@@ -151,8 +155,9 @@ class Observed:
         seconds = time.monotonic() - self._started
         request_bytes = result.request_bytes if result is not None else 0
         response_bytes = result.response_bytes if result is not None else 0
-        log.debug("response", method=self._method, path=self._path, status=status, ms=round(seconds * 1000, 1),
-                  bytes_in=request_bytes, bytes_out=response_bytes, error=error)
+        if debugging():
+            log.debug("response", method=self._method, path=self._path, status=status,
+                      ms=round(seconds * 1000, 1), bytes_in=request_bytes, bytes_out=response_bytes, error=error)
         if self._capture is not None and observer.inspector is not None:
             self._capture.response_complete = result is not None and result.response_complete
             observer.inspector.finish(self._capture, status, error)
