@@ -67,6 +67,9 @@ COMMAND_TIMEOUT = 2.0
 MAX_CACHED_DOMAINS = 10_000
 # A cached answer that pub/sub invalidated waits this long for Redis before it is served anyway.
 INVALIDATED_WAIT = 0.2
+# While this node's subscription is not confirmed (starting, resubscribing), no invalidation can
+# reach it: an answer is trusted at most this long (the default cache TTL), whatever the cache TTL.
+UNHEARD_CACHE_TTL = 1.0
 # The live nodes' tunnel addresses, told to every client that logs in, are read at most this often.
 TUNNEL_NODES_CACHE = 1.0
 # Hop nonces are claimed in Redis (SET NX) with these timeouts: a slow Redis must not hold requests.
@@ -160,8 +163,9 @@ class RedisRegistry:
         self._tls_refresh: gevent.Greenlet | None = None
         self._cache: dict[str, _CacheEntry] = {}
         self._pending: dict[str, AsyncResult] = {}
-        # An answer is cached as fresh only if invalidations could reach it: the subscription is
-        # confirmed by Redis, and none arrived while its query was in flight (it may predate the change).
+        # An answer is cached for the cache TTL only if invalidations could reach it: the subscription
+        # is confirmed by Redis (else UNHEARD_CACHE_TTL), and none arrived while its query was in
+        # flight (it may predate the change: then it is not cached as fresh at all).
         self.listening = False
         self._invalidations = 0
         self._changed = Event()
@@ -417,8 +421,13 @@ class RedisRegistry:
             # Redis came back (maybe empty) and the nodes republish within TTL/3:
             # until then an empty answer means "not yet known", so keep the last one.
             nodes = entry.nodes
-        fresh = self.listening and invalidations == self._invalidations
-        self._remember(domain, _CacheEntry(now if fresh else float("-inf"), now + self.ttl, nodes))
+        if invalidations != self._invalidations:
+            fetched = float("-inf")  # a change was heard while the query was in flight: ask again next time
+        elif self.listening:
+            fetched = now
+        else:  # no invalidation can reach this node yet: trust the answer briefly only
+            fetched = now - max(0.0, self.cache_ttl - UNHEARD_CACHE_TTL)
+        self._remember(domain, _CacheEntry(fetched, now + self.ttl, nodes))
         return nodes
 
     def _remember(self, domain: str, entry: _CacheEntry) -> None:
