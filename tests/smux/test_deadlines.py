@@ -27,7 +27,7 @@ def test_a_wait_is_woken_after_its_deadline_never_before_and_at_most_two_ticks_l
     deadlines = Deadlines()
     lateness = [_wait_until_set(Event(), deadlines, time.monotonic() + delay) for delay in (0.0, 0.01, 0.07, 0.12)]
     assert all(0 <= late for late in lateness), lateness
-    assert max(lateness) < 2 * RESOLUTION + 0.25, lateness  # a tick, a loop turn on a busy machine
+    assert max(lateness) < 2 * RESOLUTION + 0.5, lateness  # a tick, and loop turns on a busy machine
     assert len(deadlines) == 0
 
 
