@@ -188,25 +188,25 @@ class _Watch:
         self.waits = waits
 
 
-_timers: dict[int, SharedTimer] = {}
-_deadlines: dict[int, Deadlines] = {}
+# Per hub (one per thread running gevent): (the hub, its object), the hub kept to tell a new hub
+# that reuses a dead one's id from it.
+_per_hub: dict[tuple[type, int], tuple[object, object]] = {}
+
+
+def _of_this_hub(kind: type):
+    """The current hub's instance of `kind` (made with no arguments on first use)."""
+    hub = gevent.get_hub()
+    found = _per_hub.get((kind, id(hub)))
+    if found is None or found[0] is not hub:
+        found = _per_hub[(kind, id(hub))] = (hub, kind())
+    return found[1]
 
 
 def shared_timer() -> SharedTimer:
     """The SharedTimer of the current thread's hub (made on first use)."""
-    hub = gevent.get_hub()
-    timer = _timers.get(id(hub))
-    if timer is None or getattr(timer, "_hub", None) is not hub:
-        timer = _timers[id(hub)] = SharedTimer()
-        timer._hub = hub  # type: ignore[attr-defined]
-    return timer
+    return _of_this_hub(SharedTimer)
 
 
 def deadlines() -> Deadlines:
-    """The Deadlines of the current thread's hub (made on first use)."""
-    hub = gevent.get_hub()
-    found = _deadlines.get(id(hub))
-    if found is None or found._hub is not hub:  # type: ignore[attr-defined]
-        found = _deadlines[id(hub)] = Deadlines(hub.loop)
-        found._hub = hub  # type: ignore[attr-defined]
-    return found
+    """The Deadlines of the current thread's hub (made on first use), on that hub's loop."""
+    return _of_this_hub(Deadlines)
