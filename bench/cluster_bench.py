@@ -97,6 +97,7 @@ class Point:
     wrk: tc.WrkResult
     redis_per_request: float
     lookups_per_request: float
+    cpu_us: dict[str, float]  # CPU per request of each process of the path (user + system), microseconds
 
 
 class Cluster:
@@ -145,6 +146,7 @@ class Cluster:
                              workdir / "haproxy.log")
         stack.callback(haproxy.stop)
         self.services.append(haproxy)
+        self.haproxy = haproxy
         for port in self.frontends.values():
             tc.wait_until(lambda: self._alive() or tc.port_open(port), 10, "haproxy")
         self.redis = redis.Redis(port=self.redis_port)
@@ -174,6 +176,11 @@ class Cluster:
             service.check_alive()
         return False
 
+    def processes(self) -> dict[str, tc.Service]:
+        """The processes a request may cross, by name: the nodes, the tunnel client and HAProxy."""
+        assert self.client is not None
+        return {**self.nodes, "client": self.client, "haproxy": self.haproxy}
+
     def commandstats(self) -> dict:
         return {name.removeprefix("cmdstat_"): values["calls"]
                 for name, values in self.redis.info("commandstats").items()}
@@ -195,15 +202,18 @@ def measure(cluster: Cluster | None, name: str, port: int, connections: int, dur
             idle_rate: float = 0.0) -> Point:
     """wrk one path; Redis commands per request net of the idle background rate."""
     before = cluster.commandstats() if cluster else {}
+    processes = cluster.processes() if cluster else {}
+    cpu_before = {who: cpu_seconds(service) for who, service in processes.items()}
     started = time.monotonic()
     result = tc.run_wrk(port, DOMAIN, connections, duration)
     if cluster is None:
-        return Point(name, result, 0.0, 0.0)
+        return Point(name, result, 0.0, 0.0, {})
     delta = commands_since(cluster, before)
     requests = max(1, result.requests)
     background = idle_rate * (time.monotonic() - started)
+    cpu = {who: (cpu_seconds(service) - cpu_before[who]) / requests * 1e6 for who, service in processes.items()}
     return Point(name, result, max(0.0, sum(delta.values()) - background) / requests,
-                 delta.get("zrangebyscore", 0) / requests)
+                 delta.get("zrangebyscore", 0) / requests, cpu)
 
 
 def hop_forwards(cluster: Cluster) -> float:
@@ -291,12 +301,15 @@ def scaling(args: argparse.Namespace, duration: float) -> int:
 
 
 def table(points: list[Point], local: Point) -> str:
-    rows = [["path", "req/s", "vs local", "p50 ms", "p99 ms", "Redis cmds/req (net)", "lookups/req", "errors"]]
+    rows = [["path", "req/s", "vs local", "p50 ms", "p99 ms", "CPU µs/req per process", "tun2g sum",
+             "Redis cmds/req (net)", "lookups/req", "errors"]]
     for point in points:
+        busy = {who: us for who, us in point.cpu_us.items() if us >= 1}  # an idle node's timers are not the path's
         rows.append([point.name, f"{point.wrk.requests_per_s:,.0f}",
                      f"{point.wrk.requests_per_s / local.wrk.requests_per_s:.2f}", f"{point.wrk.p50_ms:.2f}",
-                     f"{point.wrk.p99_ms:.2f}", f"{point.redis_per_request:.4f}",
-                     f"{point.lookups_per_request:.5f}", point.wrk.errors or "-"])
+                     f"{point.wrk.p99_ms:.2f}", " + ".join(f"{who} {us:.0f}" for who, us in busy.items()) or "-",
+                     f"{sum(us for who, us in busy.items() if who != 'haproxy'):.0f}" if busy else "-",
+                     f"{point.redis_per_request:.4f}", f"{point.lookups_per_request:.5f}", point.wrk.errors or "-"])
     return format_table(rows[0], rows[1:])
 
 

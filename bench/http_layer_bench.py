@@ -6,11 +6,13 @@ It starts nginx (or, without nginx, a small gevent backend) as the backend, a
 one-process gevent proxy built on tun2g.http, and drives both with wrk in the
 same run, so the ratio column compares like with like. Prints a table.
 
-Two floors come with it, for small answers (`/`): what one gevent process costs
+Three floors come with it, for small answers (`/`): what one gevent process costs
 per relayed request when it does no HTTP work at all (one recv and one send each
 way on a kept-alive upstream), written in the two styles gevent allows: a
 greenlet per connection blocking on its sockets (`greenlet relay`), and
-event-loop callbacks with non-blocking sockets and no greenlet (`callback relay`).
+event-loop callbacks with non-blocking sockets and no greenlet (`callback relay`);
+and the callback relay with the least HTTP work any proxy does, httptools parsing
+each request and response as it passes (`callback HTTP relay`).
 """
 
 from __future__ import annotations
@@ -196,8 +198,90 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
     gevent.wait()
 
 
+def serve_callback_http_relay(port: int, backend_port: int) -> None:
+    """A floor with the least HTTP work a proxy needs: the callback relay, with httptools (llhttp) parsing every
+    request (its URL and headers, kept as a router would need them) and every response (to find where it ends),
+    the bytes forwarded as read."""
+    import gevent
+    import httptools
+    loop = gevent.get_hub().loop
+    relays = set()
+
+    class Head:
+        """What a router reads of a request: its target and headers."""
+
+        def __init__(self) -> None:
+            self.target, self.headers, self.done = b"", [], 0
+
+        def on_url(self, url: bytes) -> None:
+            self.target += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+        def on_message_complete(self) -> None:
+            self.done += 1
+
+    class Relay:
+        def __init__(self, client: socket.socket) -> None:
+            self.client, self.upstream = client, socket.create_connection(("127.0.0.1", backend_port))
+            client.setblocking(False)
+            self.upstream.setblocking(False)
+            self.request, self.response = Head(), Head()
+            self.requests = httptools.HttpRequestParser(self.request)
+            self.responses = httptools.HttpResponseParser(self.response)
+            self.watchers = [loop.io(client.fileno(), 1), loop.io(self.upstream.fileno(), 1)]
+            self.watchers[0].start(self.from_client)
+            self.watchers[1].start(self.from_upstream)
+            relays.add(self)
+
+        def from_client(self) -> None:
+            data = _take(self.client)
+            if data is None:
+                return
+            if data:
+                self.request.headers = []
+                self.requests.feed_data(data)
+                self.upstream.send(data)
+                return
+            for watcher in self.watchers:
+                watcher.stop()
+            self.client.close()
+            self.upstream.close()
+            relays.discard(self)
+
+        def from_upstream(self) -> None:
+            data = _take(self.upstream)
+            if data:
+                self.response.headers = []
+                self.responses.feed_data(data)
+                self.client.send(data)
+
+    def _take(sock: socket.socket) -> bytes | None:
+        try:
+            return sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _address = listener.accept()
+            except BlockingIOError:
+                return
+            Relay(client)
+    accepting = loop.io(listener.fileno(), 1)
+    accepting.start(accept)
+    gevent.wait()
+
+
 PROXIES = {"tun2g.http": "--serve-proxy", "greenlet relay": "--serve-greenlet-relay",
-           "callback relay": "--serve-callback-relay"}
+           "callback relay": "--serve-callback-relay", "callback HTTP relay": "--serve-callback-http-relay"}
 
 
 def run_wrk(port: int, path: str, connections: int, seconds: float, server_pid: int | None = None) -> dict:
@@ -236,9 +320,10 @@ def main() -> None:
     parser.add_argument("--serve-proxy", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-greenlet-relay", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-callback-relay", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-callback-http-relay", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for serve in (serve_proxy, serve_greenlet_relay, serve_callback_relay):
+    for serve in (serve_proxy, serve_greenlet_relay, serve_callback_relay, serve_callback_http_relay):
         ports = getattr(args, serve.__name__)
         if ports:
             serve(*ports)
@@ -269,7 +354,7 @@ def main() -> None:
                 wait_for_port(port)
             print(f"backend: {backend_name}; each proxy: one gevent process; wrk -t1, {args.seconds:g}s each;"
                   f" load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-            print(f"{'proxy':<16}{'path':<10}{'conns':>6}{'direct req/s':>14}{'proxy req/s':>13}{'ratio':>7}"
+            print(f"{'proxy':<21}{'path':<10}{'conns':>6}{'direct req/s':>14}{'proxy req/s':>13}{'ratio':>7}"
                   f"{'proxy MB/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'proxy CPU us/req':>18}  notes")
             for path in ("/", "/big.bin"):
                 for connections in (int(c) for c in args.connections.split(",")):
@@ -278,7 +363,7 @@ def main() -> None:
                         if path != "/" and name != "tun2g.http":
                             continue  # the relays do no HTTP framing: one recv is one small answer
                         proxied = run_wrk(port, path, connections, args.seconds, proxy.pid)
-                        print(f"{name:<16}{path:<10}{connections:>6}{direct['rps']:>14.0f}{proxied['rps']:>13.0f}"
+                        print(f"{name:<21}{path:<10}{connections:>6}{direct['rps']:>14.0f}{proxied['rps']:>13.0f}"
                               f"{proxied['rps'] / direct['rps']:>7.2f}{proxied['mbps']:>12.1f}"
                               f"{proxied['p50']:>8.2f}{proxied['p99']:>8.2f}{proxied['cpu_us']:>18.1f}  "
                               f"{proxied['errors']}", flush=True)

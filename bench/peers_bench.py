@@ -13,6 +13,10 @@ One nginx (`return 200 "hello, world\\n"`) is the backend of every system:
 - `greenlet-chain`, `callback-chain`: the Python floors of any two-hop design, two relay processes
   in a row (bench/http_layer_bench.py's relays: one recv and one send each way, no HTTP work), with a
   greenlet per connection, or from event-loop callbacks;
+- `callback-http-chain`: the floor of any two-hop design that reads HTTP: the callback relays, with
+  httptools (llhttp, C) parsing every request and response that passes (target, headers, where it ends);
+- `http-chain`: two processes of tun2g.http's own proxy path in a row (MessageReader, forward_exchange,
+  BackendPool, a greenlet per connection): tun2g's HTTP layer with no tunnel, routing or policy;
 - `tun2g`, `tun2g-tls`: `tun2g server` + `tun2g client` of this working tree, plain and TLS tunnel,
   access log on (the default, as users run it; the server logs to a file);
   `tun2g-nolog`, `tun2g-tls-nolog`: the same with `--no-access-log`;
@@ -46,7 +50,7 @@ from common import GoPeerUnavailable, start_go_peer
 
 DOMAIN = rcb.DOMAIN
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_SYSTEMS = ("direct", "chain", "greenlet-chain", "callback-chain", "tun2g", "tun2g-tls", "tun2g-nolog",
+ALL_SYSTEMS = ("direct", "chain", "greenlet-chain", "callback-chain", "callback-http-chain", "http-chain", "tun2g", "tun2g-tls", "tun2g-nolog",
                "tun2g-tls-nolog", "go", "go-tls")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -135,7 +139,10 @@ def start_chain(workdir: Path, backend_port: int) -> System:
                   lambda: [service.stop() for service in reversed(services)])
 
 
-RELAY_FLAGS = {"greenlet-chain": "--serve-greenlet-relay", "callback-chain": "--serve-callback-relay"}
+RELAY_FLAGS = {"greenlet-chain": "--serve-greenlet-relay", "callback-chain": "--serve-callback-relay",
+               "callback-http-chain": "--serve-callback-http-relay", "http-chain": "--serve-proxy"}
+FLOOR_WORK = {"greenlet-chain": "no HTTP work at all", "callback-chain": "no HTTP work at all",
+              "callback-http-chain": "httptools parsing only", "http-chain": "tun2g.http's proxy, no tunnel"}
 
 
 def start_relay_chain(name: str, workdir: Path, backend_port: int) -> System:
@@ -247,7 +254,7 @@ def verdicts(results: dict, counts: list[int]) -> list[str]:
     for floor in RELAY_FLAGS:
         theirs, chain = cpu(floor, 64), cpu("chain", 64)
         if theirs and chain:
-            lines.append(f"- {floor}, 64 conn (no HTTP work at all): {theirs:.0f} µs/req, {theirs / chain:.1f}x "
+            lines.append(f"- {floor}, 64 conn ({FLOOR_WORK[floor]}): {theirs:.0f} µs/req, {theirs / chain:.1f}x "
                          f"the nginx chain's CPU")
     one = results.get(("tun2g", 1))
     direct, go = results.get(("direct", 1)), results.get(("go", 1))
