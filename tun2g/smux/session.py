@@ -20,7 +20,7 @@ from typing import Callable
 import gevent
 from gevent.event import Event
 
-from tun2g.transport.base import capabilities_of
+from tun2g.transport.base import capabilities_of, recv_without_waiting
 
 from .config import ACCEPT_BACKLOG, Config
 from .errors import SessionClosedError
@@ -94,6 +94,7 @@ class Session:
         self._deadlines = deadlines()  # the timeouts of its streams' blocked calls
         self._watcher = None  # the fd watcher of hub reads (capabilities.hub_reads)
         if capabilities_of(transport).hub_reads:
+            self._recv_now, self._short_read_drains = recv_without_waiting(transport)
             self._watcher = self._loop.io(transport.fileno(), 1)
             self._resume_hub_reads()
         else:
@@ -282,21 +283,17 @@ class Session:
         reader greenlet when the budget is spent or dispatching must wait for the application."""
         if self._closed or self._reader is not None:
             return
-        state, transport = self._state, self._transport
+        state, recv = self._state, self._recv_now
         try:
             for _ in range(HUB_READS):
                 if state.budget <= 0:
                     self._read_from_greenlet(None)
                     return
-                previous = transport.gettimeout()
-                transport.settimeout(0.0)
+                size = self._read_size()
                 try:
-                    data = transport.recv(self._read_size())
+                    data = recv(size)
                 except (BlockingIOError, ssl.SSLWantReadError):
                     return  # the watcher calls again when more comes
-                finally:
-                    if not self._closed:
-                        transport.settimeout(previous)
                 if not len(data):
                     self._peer_closed()
                     return
@@ -306,6 +303,8 @@ class Session:
                     return
                 if not self._dispatch(received):
                     return
+                if self._short_read_drains and len(data) < size:
+                    return  # nothing more is there: the watcher calls when something comes
             self._loop.run_callback(self._read_in_hub)  # more may be waiting: after the others' turn
         except Exception as exc:
             self._read_failed(exc)

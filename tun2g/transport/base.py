@@ -10,6 +10,7 @@ described here, in the one place that knows them.
 
 from __future__ import annotations
 
+import _socket
 import enum
 import socket
 import ssl
@@ -97,6 +98,32 @@ def close_watch_of(stream) -> CloseWatch:
     """``capabilities_of(stream).close_watch``, without a socket's family lookup (the relay asks per exchange)."""
     kind = _kind_of(stream)
     return CloseWatch.PEEK if kind is _SOCKET else capabilities_of(stream).close_watch
+
+
+def recv_without_waiting(stream) -> tuple[Callable[[int], bytes], bool]:
+    """``(recv, drains)`` for a stream with ``hub_reads``: ``recv(size)`` never waits (it raises
+    BlockingIOError, or ssl.SSLWantReadError, when nothing has come), and with ``drains`` a read
+    shorter than ``size`` proves the stream holds nothing more (its fd becomes readable again first).
+
+    A gevent stream socket is read through the non-blocking socket object it wraps (its own recv
+    would wait), sparing two timeout changes per read. Anything else, TLS included (a short read may
+    leave decrypted bytes in OpenSSL, which the fd does not show), reads with its timeout at 0.
+    """
+    raw = getattr(stream, "_sock", None) if _kind_of(stream) is _SOCKET else None
+    if isinstance(raw, _socket.socket) and raw.type == socket.SOCK_STREAM and raw.gettimeout() == 0.0:
+        return raw.recv, True
+
+    def recv(size: int) -> bytes:
+        previous = stream.gettimeout()
+        stream.settimeout(0.0)
+        try:
+            return stream.recv(size)
+        finally:
+            try:
+                stream.settimeout(previous)
+            except OSError:
+                pass  # closed meanwhile
+    return recv, False
 
 
 # Markers: a socket (its family decides), a type whose objects may declare `capabilities`.
