@@ -142,7 +142,37 @@ def serve_greenlet_relay(port: int, backend_port: int) -> None:
 
 def serve_callback_relay(port: int, backend_port: int) -> None:
     """A floor: the same relay from event-loop callbacks on non-blocking sockets, with no greenlet at all."""
+    _serve_callback_relays(port, backend_port, parse=False)
+
+
+def serve_callback_http_relay(port: int, backend_port: int) -> None:
+    """A floor with the least HTTP work a proxy needs: the callback relay, with httptools (llhttp) parsing every
+    request (its URL and headers, kept as a router would need them) and every response (to find where it ends),
+    the bytes forwarded as read."""
+    _serve_callback_relays(port, backend_port, parse=True)
+
+
+class _Head:
+    """What a router reads of a request: its target and headers (httptools' callbacks fill it)."""
+
+    def __init__(self) -> None:
+        self.target, self.headers, self.done = b"", [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_message_complete(self) -> None:
+        self.done += 1
+
+
+def _serve_callback_relays(port: int, backend_port: int, parse: bool) -> None:
+    """Relays from fd-watcher callbacks (one kept upstream connection per client connection); with `parse`,
+    every message is fed to httptools on its way."""
     import gevent
+    import httptools
     loop = gevent.get_hub().loop
     relays = set()  # the live relays (the watchers' callbacks are their only other reference)
 
@@ -151,6 +181,9 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
             self.client, self.upstream = client, socket.create_connection(("127.0.0.1", backend_port))
             client.setblocking(False)
             self.upstream.setblocking(False)
+            self.request, self.response = _Head(), _Head()
+            self.requests = httptools.HttpRequestParser(self.request) if parse else None
+            self.responses = httptools.HttpResponseParser(self.response) if parse else None
             self.watchers = [loop.io(client.fileno(), 1), loop.io(self.upstream.fileno(), 1)]
             self.watchers[0].start(self.from_client)
             self.watchers[1].start(self.from_upstream)
@@ -161,6 +194,9 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
             if data is None:
                 return
             if data:
+                if self.requests is not None:
+                    self.request.headers = []
+                    self.requests.feed_data(data)
                 self.upstream.send(data)  # a small request: the kernel takes it whole
                 return
             for watcher in self.watchers:
@@ -172,16 +208,10 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
         def from_upstream(self) -> None:
             data = _take(self.upstream)
             if data:
+                if self.responses is not None:
+                    self.response.headers = []
+                    self.responses.feed_data(data)
                 self.client.send(data)
-
-    def _take(sock: socket.socket) -> bytes | None:
-        """What a non-blocking socket holds: None when nothing yet, b"" at its end (or on an error)."""
-        try:
-            return sock.recv(65536)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
 
     listener = socket.create_server(("127.0.0.1", port), backlog=1024)
     listener.setblocking(False)
@@ -198,86 +228,14 @@ def serve_callback_relay(port: int, backend_port: int) -> None:
     gevent.wait()
 
 
-def serve_callback_http_relay(port: int, backend_port: int) -> None:
-    """A floor with the least HTTP work a proxy needs: the callback relay, with httptools (llhttp) parsing every
-    request (its URL and headers, kept as a router would need them) and every response (to find where it ends),
-    the bytes forwarded as read."""
-    import gevent
-    import httptools
-    loop = gevent.get_hub().loop
-    relays = set()
-
-    class Head:
-        """What a router reads of a request: its target and headers."""
-
-        def __init__(self) -> None:
-            self.target, self.headers, self.done = b"", [], 0
-
-        def on_url(self, url: bytes) -> None:
-            self.target += url
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self.headers.append((name, value))
-
-        def on_message_complete(self) -> None:
-            self.done += 1
-
-    class Relay:
-        def __init__(self, client: socket.socket) -> None:
-            self.client, self.upstream = client, socket.create_connection(("127.0.0.1", backend_port))
-            client.setblocking(False)
-            self.upstream.setblocking(False)
-            self.request, self.response = Head(), Head()
-            self.requests = httptools.HttpRequestParser(self.request)
-            self.responses = httptools.HttpResponseParser(self.response)
-            self.watchers = [loop.io(client.fileno(), 1), loop.io(self.upstream.fileno(), 1)]
-            self.watchers[0].start(self.from_client)
-            self.watchers[1].start(self.from_upstream)
-            relays.add(self)
-
-        def from_client(self) -> None:
-            data = _take(self.client)
-            if data is None:
-                return
-            if data:
-                self.request.headers = []
-                self.requests.feed_data(data)
-                self.upstream.send(data)
-                return
-            for watcher in self.watchers:
-                watcher.stop()
-            self.client.close()
-            self.upstream.close()
-            relays.discard(self)
-
-        def from_upstream(self) -> None:
-            data = _take(self.upstream)
-            if data:
-                self.response.headers = []
-                self.responses.feed_data(data)
-                self.client.send(data)
-
-    def _take(sock: socket.socket) -> bytes | None:
-        try:
-            return sock.recv(65536)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return b""
-
-    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
-    listener.setblocking(False)
-
-    def accept() -> None:
-        while True:
-            try:
-                client, _address = listener.accept()
-            except BlockingIOError:
-                return
-            Relay(client)
-    accepting = loop.io(listener.fileno(), 1)
-    accepting.start(accept)
-    gevent.wait()
+def _take(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket holds: None when nothing yet, b"" at its end (or on an error)."""
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 PROXIES = {"tun2g.http": "--serve-proxy", "greenlet relay": "--serve-greenlet-relay",
