@@ -33,7 +33,7 @@ def test_a_plain_socket_is_read_directly_and_a_short_read_says_it_is_drained():
         assert recv(100) == b""  # the peer's FIN
 
 
-def test_tls_reads_with_its_timeout_at_zero_and_puts_it_back(kcp_certs):
+def test_tls_reads_with_its_timeout_at_zero_and_is_never_taken_for_drained(kcp_certs):
     client_end, server_end = tcp_pair()
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(kcp_certs.cert_file, kcp_certs.key_file)
@@ -43,7 +43,7 @@ def test_tls_reads_with_its_timeout_at_zero_and_puts_it_back(kcp_certs):
     with client, server:
         server.settimeout(3.0)
         recv, drains = recv_without_waiting(server)
-        assert not drains  # a short TLS read may leave plaintext in OpenSSL that the fd does not show
+        assert not drains
         with pytest.raises((ssl.SSLWantReadError, BlockingIOError)):
             recv(100)
         assert server.gettimeout() == 3.0
@@ -51,6 +51,12 @@ def test_tls_reads_with_its_timeout_at_zero_and_puts_it_back(kcp_certs):
         wait_read(server.fileno(), 5)
         assert recv(100) == b"hello"
         assert server.gettimeout() == 3.0
+        assert server.pending() == 0  # nothing decrypted is left, and still not taken for drained (above)
+        client.sendall(b"x" * 1000)  # one record; read 10 bytes of it: the rest waits in OpenSSL, not in the fd
+        wait_read(server.fileno(), 5)
+        assert recv(10) == b"x" * 10
+        assert server.pending() == 990
+        assert recv(2000) == b"x" * 990
 
 
 def test_frames_written_one_by_one_each_reach_the_stream_after_short_reads():

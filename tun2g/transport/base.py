@@ -106,8 +106,10 @@ def recv_without_waiting(stream) -> tuple[Callable[[int], bytes], bool]:
     shorter than ``size`` proves the stream holds nothing more (its fd becomes readable again first).
 
     A gevent stream socket is read through the non-blocking socket object it wraps (its own recv
-    would wait), sparing two timeout changes per read. Anything else, TLS included (a short read may
-    leave decrypted bytes in OpenSSL, which the fd does not show), reads with its timeout at 0.
+    would wait), sparing two timeout changes per read. Anything else, TLS included, reads with its
+    timeout at 0 and never drains: OpenSSL may hold bytes the fd does not show, even when
+    ``pending()`` says no plaintext is left (tests/smux's 3 MiB over TLS fails when a short read
+    with nothing pending is taken for drained).
     """
     raw = getattr(stream, "_sock", None) if _kind_of(stream) is _SOCKET else None
     if isinstance(raw, _socket.socket) and raw.type == socket.SOCK_STREAM and raw.gettimeout() == 0.0:
