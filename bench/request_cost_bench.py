@@ -8,9 +8,12 @@
 
 Both trees (`--candidate` defaults to the working tree) run their own `tun2g server` + `tun2g client` (plain tunnel, or TLS
 with --tls) in front of one nginx. Each round runs wrk at every connection
-count against each tree in turn, so load from elsewhere on the machine hits
-both alike; the table gives medians over the rounds of req/s and of the
-server's and the client's CPU µs per request (the steadier figure).
+count against each tree in turn (the order reversed every other round), so load
+from elsewhere on the machine hits both alike; the table gives medians over the
+rounds of req/s and of the server's and the client's CPU µs per request (the
+steadier figure). A second table pairs the trees round by round: each tree's
+figures over the first tree's in the same round, their median and range. Drift
+between rounds cancels there, so it is the figure to quote.
 
 With `--modes`, the working tree (or `--candidate`) runs once per mode instead:
 `off` (--no-metrics --no-inspect), `metrics` (--no-inspect), `capture` (metrics,
@@ -227,7 +230,7 @@ def main() -> None:
         samples: dict = {}
         for round_number in range(args.rounds):
             for connections in counts:
-                for name, tunnel in tunnels:
+                for name, tunnel in (tunnels if round_number % 2 == 0 else tunnels[::-1]):
                     figures = tunnel.measure(connections, args.seconds)
                     samples.setdefault((name, connections), []).append(figures)
                     print(f"  round {round_number + 1}, {connections:>3} conn, {name}: {figures[0]:7.0f} req/s, "
@@ -241,6 +244,27 @@ def main() -> None:
         for name, _ in tunnels:
             rps, server, client = (statistics.median(column) for column in zip(*samples[name, connections]))
             print(f"| {name:<14} | {connections:>4} | {rps:7.0f} | {server:13.1f} | {client:13.1f} |")
+    if len(tunnels) > 1:
+        print(paired_ratios(samples, [name for name, _ in tunnels], counts))
+
+
+def paired_ratios(samples: dict, names: list[str], counts: list[int]) -> str:
+    """Each tree against the first, round by round: a round's trees ran back to back, so their ratio shrugs off
+    the drift between rounds that moves the medians above (on these machines, 10-20% in an hour). The median of
+    the rounds' ratios, and their lowest and highest."""
+    base = names[0]
+    lines = [f"\nratios to {base}, paired by round: median (lowest-highest)",
+             "| tree           | conn | req/s              | server CPU         | client CPU         |",
+             "|----------------|------|--------------------|--------------------|--------------------|"]
+    for connections in counts:
+        for name in names[1:]:
+            pairs = list(zip(samples[base, connections], samples[name, connections]))
+            cells = []
+            for column in range(3):
+                ratios = sorted(b[column] / a[column] for a, b in pairs if a[column] > 0)
+                cells.append(f"{statistics.median(ratios):.3f} ({ratios[0]:.2f}-{ratios[-1]:.2f})" if ratios else "-")
+            lines.append(f"| {name:<14} | {connections:>4} | {cells[0]:<18} | {cells[1]:<18} | {cells[2]:<18} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
