@@ -50,8 +50,8 @@ from common import GoPeerUnavailable, start_go_peer
 
 DOMAIN = rcb.DOMAIN
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_SYSTEMS = ("direct", "chain", "greenlet-chain", "callback-chain", "callback-http-chain", "http-chain", "tun2g", "tun2g-tls", "tun2g-nolog",
-               "tun2g-tls-nolog", "go", "go-tls")
+ALL_SYSTEMS = ("direct", "chain", "greenlet-chain", "callback-chain", "callback-http-chain", "http-chain",
+               "tun2g", "tun2g-tls", "tun2g-nolog", "tun2g-tls-nolog", "go", "go-tls")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 CHAIN_CONF = """\
