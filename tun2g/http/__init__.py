@@ -24,13 +24,14 @@ from .parser import CHUNKED, UNTIL_CLOSE, MessageParser
 from .pool import BackendPool
 from .reader import MessageReader
 from .relay import (DownstreamError, ExchangeResult, ExchangeTimeouts, UpstreamError, UpstreamTimeout,
-                    forward_exchange, send_all, serve_requests)
+                    downstream_response_head, forward_exchange, send_all, serve_requests, upstream_request_head)
 
 __all__ = [
     "serve_requests",
     "BackendPool", "CHUNKED", "DownstreamError", "ExchangeResult", "ExchangeTimeouts", "HOP_BY_HOP", "HTTPError",
     "LAST_CHUNK",
     "MessageParser", "MessageReader", "RequestHead", "ResponseHead", "UNTIL_CLOSE", "UpstreamError", "UpstreamTimeout",
-    "encode_chunk", "encode_request_head", "encode_response_head", "forward_exchange", "forwardable_headers",
-    "send_all", "simple_response", "strip_hop_by_hop", "write_request_head", "write_response_head",
+    "downstream_response_head", "encode_chunk", "encode_request_head", "encode_response_head", "forward_exchange",
+    "forwardable_headers", "send_all", "simple_response", "strip_hop_by_hop", "upstream_request_head",
+    "write_request_head", "write_response_head",
 ]

@@ -7,7 +7,7 @@ import re
 import select
 import socket as stdlib_socket
 import time
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from gevent import monkey, socket, ssl
@@ -84,12 +84,16 @@ class BackendPool:
         response for another visitor, maybe another site's (response-queue poisoning).
         ``replayable`` is accepted for compatibility; every reuse is checked.
         """
+        return self.take_idle() or self.dial()
+
+    def take_idle(self) -> tuple[Any, MessageReader] | None:
+        """An idle connection still open, ``(sock, reader)``, or None; never dials (see `acquire`)."""
         while self._idle:
             sock, reader, _released = self._idle.pop()
             if reader.idle and _still_idle(sock):
                 return sock, reader
             sock.close()
-        return self.dial()
+        return None
 
     def dial(self):
         """A new connection: ``(sock, reader)``. Raises ``OSError`` if dialing fails."""
@@ -106,8 +110,13 @@ class BackendPool:
 
     def forward_exchange(self, request: RequestHead, request_reader: MessageReader, downstream, *,
                          response_filter: Callable[[ResponseHead], None] | None = None,
-                         timeouts: ExchangeTimeouts | None = None, meter: Meter | None = None) -> ExchangeResult:
+                         timeouts: ExchangeTimeouts | None = None, meter: Meter | None = None,
+                         connection=None, sent: int | None = None) -> ExchangeResult:
         """``forward_exchange`` over a pooled connection, released afterwards.
+
+        ``connection`` and ``sent``: a connection taken from this pool (`take_idle`) that the
+        request already went up on (``sent`` bytes, as ``forward_exchange`` takes it); a retry
+        sends it again on another.
 
         A kept-alive connection may be closed by the backend just as we reuse it;
         a bodyless request that fails that way is retried once on a new connection
@@ -117,12 +126,15 @@ class BackendPool:
         """
         replayable = request_reader.body_complete
         while True:
-            sock, reader = self.acquire(replayable)
+            if connection is not None:
+                (sock, reader), connection = connection, None
+            else:
+                (sock, reader), sent = self.acquire(replayable), None
             reused, reusable = reader.messages_read > 0, False
             try:
                 result = forward_exchange(request, request_reader, sock, downstream,
                                           response_filter=response_filter, upstream_reader=reader,
-                                          timeouts=timeouts, meter=meter)
+                                          timeouts=timeouts, meter=meter, sent=sent)
                 reusable = result.upstream_reusable
                 return result
             except UpstreamError:

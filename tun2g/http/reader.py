@@ -82,6 +82,29 @@ class MessageReader:
             raise HTTPError(502, "the connection closed before a response arrived")
         return head
 
+    def expect_response(self, request_method: str) -> None:
+        """Say which request the next response answers, before `feed` gives it bytes (HEAD has no body)."""
+        self._parser_for(False).request_method = request_method
+
+    def feed(self, data: bytes) -> None:
+        """Parse bytes read elsewhere without waiting (b"": EOF); the next reads take them first.
+
+        A reader whose `complete` is true then reads nothing from its socket for that message.
+        """
+        self._parser.receive_data(data)
+
+    @property
+    def next_event(self):
+        """The first event parsed and not yet read (a `HeadEvent`, bytes, END, CLOSED, an HTTPError), or None."""
+        events = self._events
+        return events[0] if events else None
+
+    @property
+    def complete(self) -> bool:
+        """Whether a whole message (or an error, or the end of the connection) is parsed and not yet read."""
+        events = self._events
+        return bool(events) and (type(events[0]) is not HeadEvent or END in events)
+
     def read_final_response_head(self, request_method: str,
                                  on_interim: Callable[[ResponseHead], None] | None = None) -> ResponseHead:
         """The final response head (or a 101), passing each other 1xx head to ``on_interim`` (else skipping it)."""

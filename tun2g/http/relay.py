@@ -109,7 +109,8 @@ class ExchangeResult:
 def forward_exchange(request: RequestHead, request_reader: MessageReader, upstream, downstream, *,
                      response_filter: Callable[[ResponseHead], None] | None = None,
                      upstream_reader: MessageReader | None = None, close_upstream: bool = False,
-                     timeouts: ExchangeTimeouts | None = None, meter: Meter | None = None) -> ExchangeResult:
+                     timeouts: ExchangeTimeouts | None = None, meter: Meter | None = None,
+                     sent: int | None = None) -> ExchangeResult:
     """Send ``request`` and its body (read from ``request_reader``) upstream and relay the response downstream.
 
     Hop-by-hop headers are dropped both ways and framing is set here. A request
@@ -122,11 +123,17 @@ def forward_exchange(request: RequestHead, request_reader: MessageReader, upstre
     (or, with ``timeouts.watch_downstream``, leaves while the response is awaited);
     an upstream failing (or stalling past ``timeouts.body``) mid-body closes ``downstream`` and returns
     keep_alive=False. Socket timeouts set for ``timeouts`` are unset again on return.
-    ``meter`` is told of every write as it happens (see `Meter`).
+    ``meter`` is told of every write as it happens (see `Meter`). ``sent``: the bodiless request has
+    gone upstream already (that many bytes, told to the meter), e.g. from an event-loop callback;
+    only its response is relayed, and the response timeout counts from this call.
     """
     if upstream_reader is None:
         upstream_reader = MessageReader(upstream)
     exchange = _Exchange(request, request_reader, upstream, downstream, upstream_reader, close_upstream)
+    if sent is not None:
+        exchange.request_bytes = sent
+        exchange.request_sent = True
+        exchange.sent_at = time.monotonic()
     if meter is not None:
         exchange.meter = meter
     if timeouts is None:
@@ -185,7 +192,8 @@ class _Exchange:
                 elif watch is CloseWatch.PEEK:
                     # A libev timer, not a greenlet: the common fast response costs a start and a stop.
                     timer = gevent.get_hub().loop.timer(WATCH_AFTER)
-            self._send_request()
+            if not self.request_sent:
+                self._send_request()
             if timer is not None:
                 timer.start(self._head_is_slow)
             head = self._read_final_head()
@@ -217,20 +225,8 @@ class _Exchange:
 
     def _send_request(self) -> None:
         request, reader = self.request, self.request_reader
-        # The framing goes out as the parser measured it, never as a copied header: a body the
-        # next hop would not expect is the next request on a kept-alive connection (smuggling).
-        headers = forwardable_headers(request.headers, keep_length=False)
-        upgrade = request.get("Upgrade") if reader.upgrade else None
-        connection = None
-        if upgrade:
-            headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
-        elif self.close_upstream:
-            connection = "close"
-        framing = reader.framing
-        chunked = framing == CHUNKED
-        length = framing if framing > 0 or (framing == 0 and request.method in _BODY_METHODS) else None
-        payload = encode_request_head(request, chunked=chunked, connection=connection, headers=headers,
-                                      content_length=length)
+        payload = upstream_request_head(request, reader, self.close_upstream)
+        chunked = reader.framing == CHUNKED
         body = b""
         if not reader.body_complete:
             body = reader.take_ready_body()
@@ -370,18 +366,9 @@ class _Exchange:
             self._send_down(encode_response_head(head, headers=forwardable_headers(head.headers)), b"")
 
     def _relay_response(self, head: ResponseHead) -> ExchangeResult:
-        reader, request_reader = self.upstream_reader, self.request_reader
-        client_speaks_11 = self.request.version == "HTTP/1.1"
-        chunked_out = reader.framing < 0 and client_speaks_11
-        keep_alive = (request_reader.keep_alive and request_reader.body_complete and not request_reader.upgrade
-                      and (reader.framing >= 0 or client_speaks_11))
-        connection = ("keep-alive" if not client_speaks_11 else None) if keep_alive else "close"
-        # A bodyless answer's Content-Length (HEAD, 204, 304) describes another response: copied.
-        # Any other's is the framing the parser measured.
-        bodyless = head.status < 200 or head.status in (204, 304) or self.request.method == "HEAD"
-        payload = encode_response_head(head, chunked=chunked_out, connection=connection,
-                                       headers=forwardable_headers(head.headers, keep_length=bodyless),
-                                       content_length=None if bodyless or reader.framing < 0 else reader.framing)
+        reader = self.upstream_reader
+        payload, keep_alive = downstream_response_head(head, self.request, self.request_reader, reader)
+        chunked_out = reader.framing < 0 and self.request.version == "HTTP/1.1"
         body = reader.take_ready_body()
         payload += _framed(body, chunked_out)
         complete = reader.body_complete
@@ -438,6 +425,45 @@ class _Exchange:
         self.response_bytes += _copy_raw(self.upstream, self.downstream, b"", self.meter.down)
         self.request_bytes += upward.get()
         return self._result(101, False, False, upgraded=True)
+
+
+def upstream_request_head(request: RequestHead, reader: MessageReader, close_upstream: bool = False) -> bytes:
+    """The head that goes upstream for ``request``, as ``reader`` parsed it: hop-by-hop fields dropped, the
+    framing as measured, ``Connection: close`` with ``close_upstream`` (see `forward_exchange`)."""
+    # The framing goes out as the parser measured it, never as a copied header: a body the
+    # next hop would not expect is the next request on a kept-alive connection (smuggling).
+    headers = forwardable_headers(request.headers, keep_length=False)
+    upgrade = request.get("Upgrade") if reader.upgrade else None
+    connection = None
+    if upgrade:
+        headers += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
+    elif close_upstream:
+        connection = "close"
+    framing = reader.framing
+    length = framing if framing > 0 or (framing == 0 and request.method in _BODY_METHODS) else None
+    return encode_request_head(request, chunked=framing == CHUNKED, connection=connection, headers=headers,
+                               content_length=length)
+
+
+def downstream_response_head(head: ResponseHead, request: RequestHead, request_reader: MessageReader,
+                             reader: MessageReader) -> tuple[bytes, bool]:
+    """``(the head that goes downstream, whether the downstream connection stays open after it)`` for the
+    final response ``head`` as ``reader`` parsed it, answering ``request`` as ``request_reader`` parsed it.
+
+    An unframed body (chunked or until close) goes on chunked to an HTTP/1.1 client.
+    """
+    client_speaks_11 = request.version == "HTTP/1.1"
+    chunked_out = reader.framing < 0 and client_speaks_11
+    keep_alive = (request_reader.keep_alive and request_reader.body_complete and not request_reader.upgrade
+                  and (reader.framing >= 0 or client_speaks_11))
+    connection = ("keep-alive" if not client_speaks_11 else None) if keep_alive else "close"
+    # A bodyless answer's Content-Length (HEAD, 204, 304) describes another response: copied.
+    # Any other's is the framing the parser measured.
+    bodyless = head.status < 200 or head.status in (204, 304) or request.method == "HEAD"
+    payload = encode_response_head(head, chunked=chunked_out, connection=connection,
+                                   headers=forwardable_headers(head.headers, keep_length=bodyless),
+                                   content_length=None if bodyless or reader.framing < 0 else reader.framing)
+    return payload, keep_alive
 
 
 class _NoMeter:
@@ -510,16 +536,18 @@ def _copy_raw(source, sink, first: bytes, count: Callable[[int, bytes], None]) -
 
 def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
                    reject: Callable[[HTTPError], bytes], *, head_timeout: float | None = None,
-                   idle_timeout: float | None = None) -> None:
+                   idle_timeout: float | None = None, reader: MessageReader | None = None) -> None:
     """Read request heads from ``sock`` and pass each to ``handle`` while it returns True.
 
     A malformed or oversized head is answered with ``reject(error)`` and ends the
     connection; the peer leaving ends it quietly. The caller closes ``sock``.
     ``head_timeout``: each head must arrive whole within it (else a 408, or a quiet
     close if nothing came); ``idle_timeout``: a kept-alive connection waits at most
-    this long for its next request (see `MessageReader.read_request_head`).
+    this long for its next request (see `MessageReader.read_request_head`). ``reader``: the one
+    that has read ``sock`` so far, if any (what it holds is served first).
     """
-    reader = MessageReader(sock)
+    if reader is None:
+        reader = MessageReader(sock)
     try:
         while True:
             try:

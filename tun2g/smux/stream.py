@@ -167,6 +167,21 @@ class Stream:
         self.session._after_stream_call()
         return count
 
+    def recv_nowait(self, bufsize: int) -> bytes | None:
+        """Up to ``bufsize`` bytes already here, never waiting: None when none has come, b"" at EOF;
+        raises like recv on a reset or a dead session (for a reader driven by `on_readable`)."""
+        state = self._state
+        if not state.chunks:
+            if state.reset_message is not None:
+                raise StreamResetError(state.reset_message)
+            if state.fin_received or state.read_closed:
+                return b""
+            self.session._raise_if_closed()
+            return None
+        data = self.session._state.read(state, bufsize)
+        self.session._after_stream_call()
+        return data
+
     def peek_first_byte(self) -> bytes:
         """The next unread byte, left unread (b"" at EOF); waits like recv.
 

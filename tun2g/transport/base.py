@@ -100,6 +100,15 @@ def close_watch_of(stream) -> CloseWatch:
     return CloseWatch.PEEK if kind is _SOCKET else capabilities_of(stream).close_watch
 
 
+def nonblocking_socket(stream) -> _socket.socket | None:
+    """The non-blocking socket a gevent stream socket wraps (its ``send`` and ``recv`` raise
+    BlockingIOError instead of waiting), or None for anything else (TLS included)."""
+    raw = getattr(stream, "_sock", None) if _kind_of(stream) is _SOCKET else None
+    if isinstance(raw, _socket.socket) and raw.type == socket.SOCK_STREAM and raw.gettimeout() == 0.0:
+        return raw
+    return None
+
+
 def recv_without_waiting(stream) -> tuple[Callable[[int], bytes], bool]:
     """``(recv, drains)`` for a stream with ``hub_reads``: ``recv(size)`` never waits (it raises
     BlockingIOError, or ssl.SSLWantReadError, when nothing has come), and with ``drains`` a read
@@ -111,8 +120,8 @@ def recv_without_waiting(stream) -> tuple[Callable[[int], bytes], bool]:
     ``pending()`` says no plaintext is left (tests/smux's 3 MiB over TLS fails when a short read
     with nothing pending is taken for drained).
     """
-    raw = getattr(stream, "_sock", None) if _kind_of(stream) is _SOCKET else None
-    if isinstance(raw, _socket.socket) and raw.type == socket.SOCK_STREAM and raw.gettimeout() == 0.0:
+    raw = nonblocking_socket(stream)
+    if raw is not None:
         return raw.recv, True
 
     def recv(size: int) -> bytes:
