@@ -8,6 +8,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit
 
@@ -22,18 +23,20 @@ from tun2g.control import (HEALTH_HOST, HEALTH_PATH, INSTANCE_ID, LEAVING, LIVEN
                            MAX_REPLY_SIZE, MAX_SERVER_EVENT_SIZE, MOVE, NODES, PING, PONG, ROUTE_HEADER,
                            STREAM_IDLE_SECONDS, Auth, AuthFormatError, EventReader, decode_reply, encode_event)
 from tun2g.errors import ConfigurationError, Tun2Error
+from tun2g.client.kept_stream import KeptStream, LoopExchange
 from tun2g.client.telemetry import ExchangeObserver, Served
-from tun2g.http import (BackendPool, DownstreamError, ExchangeTimeouts, HTTPError, MessageReader, RequestHead,
-                        UpstreamError, serve_requests)
+from tun2g.http import (BackendPool, DownstreamError, ExchangeResult, ExchangeTimeouts, HTTPError, MessageReader,
+                        RequestHead, UpstreamError, serve_requests, upstream_request_head)
 from tun2g.log import get_logger
 from tun2g.storage import StorageError
 from tun2g.storage.routing import normalize_route_key
 from tun2g.tcp.wire import is_preamble_start
+from tun2g.transport.base import nonblocking_socket
 
 if TYPE_CHECKING:
     from tun2g.client.inspector import Inspector
     from tun2g.client.tcp_forward import TCPForwarder
-    from tun2g.client.telemetry import ClientMetrics
+    from tun2g.client.telemetry import ClientMetrics, Observed
     from tun2g.transport.kcp_conn import KCPOptions
 
 log = get_logger(__name__)
@@ -541,20 +544,24 @@ class Client:
             # A tun2 server's FIN ends the exchange (its reader is gone, e.g. a stream it
             # reset for a too-slow public reader): stop relaying the response into the void.
             stream.peer_fin_ends_writes = True
-            if self._idle_workers:
-                get_hub().loop.run_callback(self._idle_workers.pop().switch, (stream, peer_ip))
-            else:
-                self._handlers.spawn(self._stream_worker, stream, peer_ip)
+            self._in_worker(partial(self._serve_stream, stream, peer_ip))
 
-    def _stream_worker(self, stream, peer_ip: str) -> None:
-        """Serve ``stream``, then wait (parked, up to MAX_IDLE_WORKERS of us) for the next one."""
+    def _in_worker(self, task: Callable[[], None]) -> None:
+        """Run ``task`` in a parked worker greenlet, or a new one (callable from the event loop)."""
+        if self._idle_workers:
+            get_hub().loop.run_callback(self._idle_workers.pop().switch, task)
+        else:
+            self._handlers.spawn(self._worker, task)
+
+    def _worker(self, task: Callable[[], None]) -> None:
+        """Run ``task``, then wait (parked, up to MAX_IDLE_WORKERS of us) for the next one."""
         while True:
-            self._serve_stream(stream, peer_ip)
+            task()
             if self._closed.is_set() or len(self._idle_workers) >= MAX_IDLE_WORKERS:
                 return
             waiter = Waiter()
             self._idle_workers.append(waiter)
-            stream, peer_ip = waiter.get()
+            task = waiter.get()
 
     def _serve_stream(self, stream, peer_ip: str) -> None:
         """Serve the HTTP exchanges the server sends on one stream (``peer_ip``: the server's address)."""
@@ -572,38 +579,157 @@ class Client:
                 finally:
                     self._active_streams -= 1
                 return
+        kept = KeptStream(stream, MessageReader(stream), peer_ip, on_request=self._request_from_loop,
+                          on_unreadable=self._serve_kept, idle_seconds=2 * STREAM_IDLE_SECONDS)
+        self._serve_kept(kept)
+
+    def _serve_kept(self, kept: KeptStream, head: RequestHead | None = None,
+                    pool: BackendPool | None = None) -> None:
+        """In a worker: serve ``kept``'s next exchange (``head``, read already, else the next one read),
+        then park the stream, or close it when the exchange leaves it closed."""
+        stream = kept.stream
+
+        def proxy(head: RequestHead, reader: MessageReader) -> bool:
+            if self._proxy(head, reader, stream, kept.peer_ip, pool):
+                kept.park()
+            return False  # parked, or to be closed: either way this worker is done with it
+
         self._active_streams += 1
         try:
-            serve_requests(stream, lambda head, reader: self._proxy(head, reader, stream, peer_ip), _reject,
-                           idle_timeout=2 * STREAM_IDLE_SECONDS)
+            if head is not None:
+                proxy(head, kept.reader)
+            else:
+                serve_requests(stream, proxy, _reject, idle_timeout=2 * STREAM_IDLE_SECONDS, reader=kept.reader)
         finally:
             self._active_streams -= 1
-            stream.close()
-            log.debug("stream_closed", stream=getattr(stream, "id", None))
+            if not kept.parked:
+                kept.close()
 
-    def _proxy(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, peer_ip: str) -> bool:
-        if head.target == HEALTH_PATH and (head.host or "") == HEALTH_HOST and head.method == "GET":
+    def _request_from_loop(self, kept: KeptStream, head: RequestHead) -> None:
+        """A request read by a parked stream's callback: sent up from here when that needs no wait
+        (one non-blocking send on an idle plain-HTTP backend connection), else given to a worker."""
+        reader = kept.reader
+        if not reader.body_complete or reader.upgrade or self._is_health_check(head):
+            self._in_worker(partial(self._serve_kept, kept, head))
+            return
+        pool = self._pool_for(head)
+        connection = pool.take_idle() if pool.scheme == "http" else None
+        raw = None if connection is None else nonblocking_socket(connection[0])
+        target = None
+        if raw is not None:
+            try:
+                target = pool.join_path(head.target)
+            except HTTPError:
+                pass  # a target climbing out of the backend's path: the worker answers it with a page
+        if connection is None or raw is None or target is None:  # no idle plain connection: the worker dials
+            if connection is not None:
+                pool.release(connection[0], connection[1], True)
+            self._in_worker(partial(self._serve_kept, kept, head, pool))
+            return
+        observed = self._observer.begin(head, kept.stream.id) if self._observer is not None else None
+        head.target = target
+        head.append_to("X-Forwarded-For", kept.peer_ip)
+        payload = upstream_request_head(head, reader)
+        try:
+            sent = raw.send(payload)
+        except OSError:  # BlockingIOError included; a kept connection the backend reset
+            sent = 0
+        self._active_streams += 1
+        if sent != len(payload):
+            connection[0].close()  # it holds part of a request, or nothing more can go on it
+            self._in_worker(partial(self._forward_kept, kept, head, pool, observed))
+            return
+        if observed is not None:
+            observed.up(sent, b"")
+        LoopExchange(kept, head, pool, connection, raw, sent, observed, handover=self._exchange_to_worker,
+                     done=self._loop_exchange_done, abandoned=self._loop_exchange_abandoned)
+
+    def _forward_kept(self, kept: KeptStream, head: RequestHead, pool: BackendPool, observed: Observed | None,
+                      connection=None, sent: int | None = None) -> None:
+        """In a worker: go on with an exchange a callback started (counted in flight already), then park
+        the stream, or close it."""
+        keep_alive = False
+        try:
+            keep_alive = self._forward(head, kept.reader, kept.stream, pool, observed, connection, sent)
+        finally:
+            self._active_streams -= 1
+            kept.park() if keep_alive else kept.close()
+
+    def _write_kept(self, kept: KeptStream, pending: bytes, keep_alive: bool) -> None:
+        """In a worker: write the response a callback relayed but could not write without waiting."""
+        try:
+            kept.stream.sendall(pending)
+        except (OSError, smux.SessionClosedError, smux.StreamResetError) as exc:
+            log.debug("request_abandoned", stream=kept.stream.id, reason=str(exc))
+            keep_alive = False
+        finally:
+            self._active_streams -= 1
+            kept.park() if keep_alive else kept.close()
+
+    def _exchange_to_worker(self, exchange: LoopExchange) -> None:
+        self._in_worker(partial(self._forward_kept, exchange.kept, exchange.head, exchange.pool, exchange.observed,
+                                exchange.connection, exchange.sent))
+
+    def _loop_exchange_done(self, exchange: LoopExchange, result: ExchangeResult) -> None:
+        exchange.pool.release(exchange.connection[0], exchange.connection[1], result.upstream_reusable)
+        self.requests_served += 1
+        if exchange.observed is not None:
+            exchange.observed.finish(result.status, result)
+        if exchange.pending:
+            self._in_worker(partial(self._write_kept, exchange.kept, exchange.pending, result.keep_alive))
+            return
+        self._active_streams -= 1
+        exchange.kept.park() if result.keep_alive else exchange.kept.close()
+
+    def _loop_exchange_abandoned(self, exchange: LoopExchange, why: str) -> None:
+        log.debug("request_abandoned", stream=exchange.kept.stream.id, reason=why)
+        exchange.connection[0].close()
+        self._active_streams -= 1
+        if exchange.observed is not None:
+            exchange.observed.finish(0, None, why)
+        exchange.kept.close()
+
+    @staticmethod
+    def _is_health_check(head: RequestHead) -> bool:
+        return head.target == HEALTH_PATH and (head.host or "") == HEALTH_HOST and head.method == "GET"
+
+    def _proxy(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, peer_ip: str,
+               pool: BackendPool | None = None) -> bool:
+        """Serve one exchange in this greenlet (``pool``: the route's, when the route header was read
+        already); whether the stream stays open for another."""
+        if self._is_health_check(head):
             # The server's health ping: answered here, so a slow backend /health
             # cannot make the server drop a healthy tunnel (the original did).
             self.health_checks += 1
             stream.sendall(pages.health_ok().encode(close=not head.keep_alive))
             return head.keep_alive
-        pool = self._pool_for(head)
+        if pool is None:
+            pool = self._pool_for(head)
         observed = self._observer.begin(head, stream.id) if self._observer is not None else None
+        try:
+            head.target = pool.join_path(head.target)
+        except HTTPError as exc:  # a target climbing out of the backend URL's path
+            log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
+            try:
+                stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
+            finally:
+                if observed is not None:
+                    observed.finish(exc.status, None, exc.message)
+            return False
+        head.append_to("X-Forwarded-For", peer_ip)
+        return self._forward(head, reader, stream, pool, observed)
+
+    def _forward(self, head: RequestHead, reader: MessageReader, stream: smux.Stream, pool: BackendPool,
+                 observed: Observed | None, connection=None, sent: int | None = None) -> bool:
+        """Forward ``head`` (prepared for ``pool``'s backend) and relay the answer, or answer the failure;
+        ``connection`` and ``sent``: the request went up already (see BackendPool.forward_exchange)."""
         status, result, error, failure = 0, None, None, None
         try:
             try:
-                head.target = pool.join_path(head.target)
-            except HTTPError as exc:  # a target climbing out of the backend URL's path
-                log.warning("request_refused", status=exc.status, reason=exc.message, path=head.target[:200])
-                status, error = exc.status, exc.message
-                stream.sendall(pages.malformed_request(exc.status, exc.message).encode())
-                return False
-            head.append_to("X-Forwarded-For", peer_ip)
-            try:
                 result = pool.forward_exchange(
                     head, reader, stream, timeouts=_WATCH_THE_SERVER, meter=observed,
-                    response_filter=None if observed is None else observed.response_filter)
+                    response_filter=None if observed is None else observed.response_filter,
+                    connection=connection, sent=sent)
             except UpstreamError as exc:
                 log.warning("backend_failed", backend=pool.url, error=str(exc))
                 status, error, failure = 502, str(exc), "bad_response"
