@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # The largest response body relayed from callbacks (bigger ones are streamed by a greenlet): it is
-# buffered whole before its one write, and a stream's window (256 KiB) takes it without waiting.
-SMALL_BODY = 64 * 1024
+# buffered whole before its one write, which a stream's window (64 KiB by default) mostly takes at once.
+SMALL_BODY = 32 * 1024
 
 
 class KeptStream:

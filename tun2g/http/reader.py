@@ -90,8 +90,9 @@ class MessageReader:
         """Parse bytes read elsewhere without waiting (b"": EOF); the next reads take them first.
 
         A reader whose `complete` is true then reads nothing from its socket for that message.
+        One fed before any read or `expect_response` reads requests.
         """
-        self._parser.receive_data(data)
+        (self._parser or self._parser_for(True)).receive_data(data)
 
     @property
     def next_event(self):
