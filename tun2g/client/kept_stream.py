@@ -22,6 +22,7 @@ from tun2g.http import (BackendPool, ExchangeResult, MessageReader, RequestHead,
 from tun2g.http.parser import CLOSED, HeadEvent
 from tun2g.http.reader import RECV_SIZE
 from tun2g.log import get_logger
+from tun2g.transport.base import read_watcher
 
 if TYPE_CHECKING:
     import _socket
@@ -145,12 +146,12 @@ class LoopExchange:
         self._done = done
         self._abandoned = abandoned
         connection[1].expect_response(head.method)
-        self._watcher = watcher = get_hub().loop.io(raw.fileno(), 1)
+        self._watcher = watcher = read_watcher(connection[0])
         watcher.start(self._response_readable)
         kept.stream.on_peer_closed(self._server_left)
 
     def _stop(self) -> None:
-        self._watcher.close()
+        self._watcher.stop()
         self.kept.stream.on_peer_closed(None)
 
     def _server_left(self) -> None:

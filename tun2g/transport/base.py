@@ -17,6 +17,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
+import gevent
+
 
 @runtime_checkable
 class ByteStream(Protocol):
@@ -107,6 +109,16 @@ def nonblocking_socket(stream) -> _socket.socket | None:
     if isinstance(raw, _socket.socket) and raw.type == socket.SOCK_STREAM and raw.gettimeout() == 0.0:
         return raw
     return None
+
+
+def read_watcher(sock):
+    """An fd watcher for ``sock`` being readable, to ``start(callback)`` and ``stop()`` again: a gevent
+    socket's own (idle while no greenlet reads it, so no new watcher, fcntl or epoll_ctl per use), else
+    a new one. Stop it before any greenlet reads the socket."""
+    watcher = getattr(sock, "_read_event", None) if _kind_of(sock) is _SOCKET else None
+    if watcher is None or watcher.active:
+        watcher = gevent.get_hub().loop.io(sock.fileno(), 1)
+    return watcher
 
 
 def recv_without_waiting(stream) -> tuple[Callable[[int], bytes], bool]:
