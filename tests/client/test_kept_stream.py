@@ -24,6 +24,7 @@ from gevent.server import StreamServer
 
 from tests.fixtures.tunnel import DOMAIN, wait_until
 from tun2g import smux
+from tun2g.client.client import Client, ClientConfig
 from tun2g.client.kept_stream import SMALL_BODY, KeptStream, LoopExchange
 from tun2g.http import BackendPool, HTTPError, MessageReader
 from tun2g.transport.base import nonblocking_socket
@@ -318,3 +319,31 @@ def test_a_response_the_window_cannot_take_is_left_for_a_worker_to_write():
     finally:
         for end in (server, client, backend_end, proxy_end):
             end.close()
+
+
+def test_a_malformed_request_on_a_kept_stream_gets_its_page_from_a_worker():
+    """What a parked stream reads that is no request is answered by a worker greenlet, never in the hub:
+    here the server's window is full, so writing the page must wait (in the hub it could not)."""
+    smux_config = smux.Config(version=2)
+    left, right = gsocket.socketpair()
+    server = smux.Session(left, client=False, config=smux_config)
+    session = smux.Session(right, client=True, config=smux_config)
+    config = ClientConfig(server_addr="127.0.0.1:9", token="t", domain="app.test", backend_url="http://127.0.0.1:9")
+    client = Client(config)
+    try:
+        opened = server.open_stream()
+        accepted = session.accept_stream(timeout=5)
+        accepted.sendall(b"x" * 262144)  # the whole first window, unread so far
+        client._keep(accepted, "127.0.0.1").park()
+        opened.sendall(b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        opened.settimeout(5)
+        received = b""
+        while chunk := opened.recv(65536):
+            received += chunk
+        answer = received[262144:]
+        assert received[:262144] == b"x" * 262144
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer  # then the FIN
+    finally:
+        client.close()
+        server.close()
+        session.close()

@@ -579,9 +579,13 @@ class Client:
                 finally:
                     self._active_streams -= 1
                 return
-        kept = KeptStream(stream, MessageReader(stream), peer_ip, on_request=self._request_from_loop,
-                          on_unreadable=self._serve_kept, idle_seconds=2 * STREAM_IDLE_SECONDS)
-        self._serve_kept(kept)
+        self._serve_kept(self._keep(stream, peer_ip))
+
+    def _keep(self, stream: smux.Stream, peer_ip: str) -> KeptStream:
+        """``stream`` as a kept request stream, its next requests handed to this client."""
+        return KeptStream(stream, MessageReader(stream), peer_ip, on_request=self._request_from_loop,
+                          on_unreadable=lambda kept: self._in_worker(partial(self._serve_kept, kept)),
+                          idle_seconds=2 * STREAM_IDLE_SECONDS)
 
     def _serve_kept(self, kept: KeptStream, head: RequestHead | None = None,
                     pool: BackendPool | None = None) -> None:
@@ -653,7 +657,7 @@ class Client:
             keep_alive = self._forward(head, kept.reader, kept.stream, pool, observed, connection, sent)
         finally:
             self._active_streams -= 1
-            kept.park() if keep_alive else kept.close()
+            self._after_exchange(kept, keep_alive)
 
     def _write_kept(self, kept: KeptStream, pending: bytes, keep_alive: bool) -> None:
         """In a worker: write the response a callback relayed but could not write without waiting."""
@@ -664,7 +668,14 @@ class Client:
             keep_alive = False
         finally:
             self._active_streams -= 1
-            kept.park() if keep_alive else kept.close()
+            self._after_exchange(kept, keep_alive)
+
+    @staticmethod
+    def _after_exchange(kept: KeptStream, keep_alive: bool) -> None:
+        if keep_alive:
+            kept.park()
+        else:
+            kept.close()
 
     def _exchange_to_worker(self, exchange: LoopExchange) -> None:
         self._in_worker(partial(self._forward_kept, exchange.kept, exchange.head, exchange.pool, exchange.observed,
@@ -679,7 +690,7 @@ class Client:
             self._in_worker(partial(self._write_kept, exchange.kept, exchange.pending, result.keep_alive))
             return
         self._active_streams -= 1
-        exchange.kept.park() if result.keep_alive else exchange.kept.close()
+        self._after_exchange(exchange.kept, result.keep_alive)
 
     def _loop_exchange_abandoned(self, exchange: LoopExchange, why: str) -> None:
         log.debug("request_abandoned", stream=exchange.kept.stream.id, reason=why)
