@@ -79,3 +79,65 @@ def test_response_on_a_closed_connection_raises(pair):
     theirs.close()
     with pytest.raises(HTTPError, match="closed before a response"):
         MessageReader(ours).read_response_head("GET")
+
+
+class _Unread:
+    """A socket that must never be read: a fed reader answers from what it was fed."""
+
+    def recv(self, size):
+        raise AssertionError("read the socket although the message was fed whole")
+
+    def settimeout(self, timeout):
+        pass
+
+
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("cut", range(1, len(RESPONSE)))
+def test_a_fed_response_is_complete_only_once_whole_and_is_then_read_without_the_socket(cut):
+    reader = MessageReader(_Unread())
+    reader.expect_response("GET")
+    reader.feed(RESPONSE[:cut])
+    assert not reader.complete
+    head_parsed = reader.next_event is not None
+    assert head_parsed == (cut >= RESPONSE.index(b"\r\n\r\n") + 4)
+    reader.feed(RESPONSE[cut:])
+    assert reader.complete
+    head = reader.read_final_response_head("GET")
+    assert head.status == 200 and reader.take_ready_body() == b"hello" and reader.body_complete
+    assert reader.idle and reader.next_event is None
+
+
+def test_a_fed_reader_reports_bytes_past_the_response_errors_and_the_end():
+    junk = MessageReader(_Unread())
+    junk.expect_response("GET")
+    junk.feed(RESPONSE + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nevil")  # a second answer, unasked
+    assert junk.complete
+    junk.read_final_response_head("GET")
+    assert junk.take_ready_body() == b"hello" and not junk.idle  # the pool must not keep this connection
+    broken = MessageReader(_Unread())
+    broken.expect_response("GET")
+    broken.feed(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+    assert broken.complete and isinstance(broken.next_event, HTTPError)
+    with pytest.raises(HTTPError):
+        broken.read_final_response_head("GET")
+    closed = MessageReader(_Unread())
+    closed.expect_response("GET")
+    closed.feed(b"")
+    assert closed.complete  # EOF before any response: the reader raises it as a 502's cause
+    with pytest.raises(HTTPError):
+        closed.read_final_response_head("GET")
+
+
+def test_a_reader_fed_before_any_read_reads_requests_and_a_head_response_has_no_body():
+    requests = MessageReader(_Unread())
+    requests.feed(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert requests.read_request_head().target == "/a" and requests.body_complete
+    assert requests.next_event is not None  # the pipelined one, already parsed
+    assert requests.read_request_head().target == "/b"
+    head = MessageReader(_Unread())
+    head.expect_response("HEAD")
+    head.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert head.complete and head.read_final_response_head("HEAD").get("Content-Length") == "5"
+    assert head.body_complete and head.idle

@@ -9,6 +9,7 @@ import gevent
 import pytest
 from gevent.event import Event
 
+from tests.fixtures.tunnel import wait_until
 from tests.smux.conftest import PSH, assert_session_finished, quiet_config, read_to_eof, serve_echo, sha256, tcp_pair
 from tun2g.smux import Config, Session, SessionClosedError, StreamIdsExhaustedError
 
@@ -376,6 +377,28 @@ def test_writes_after_the_peers_fin_are_allowed_unless_the_stream_opts_out(pair)
     accepted.peer_fin_ends_writes = True
     with pytest.raises(BrokenPipeError, match="the peer closed it"):
         accepted.sendall(b"into the void")
+
+
+def test_recv_nowait_never_waits_and_tells_nothing_yet_from_the_end(make_pair):
+    pair = make_pair(client_config=quiet_config(), server_config=quiet_config())
+    stream = pair.client.open_stream()
+    stream.sendall(b"abc")
+    accepted = pair.server.accept_stream(timeout=5)
+    wait_until(lambda: accepted.readable_now, timeout=5, message="the data")
+    assert accepted.recv_nowait(2) == b"ab" and accepted.recv_nowait(10) == b"c"
+    assert accepted.recv_nowait(10) is None  # nothing yet: no wait, no timeout
+    stream.shutdown(socket.SHUT_WR)
+    wait_until(lambda: accepted.readable_now, timeout=5, message="the FIN")
+    assert accepted.recv_nowait(10) == b""
+    second = pair.client.open_stream()
+    second.sendall(b"x")
+    other = pair.server.accept_stream(timeout=5)
+    wait_until(lambda: other.readable_now, timeout=5, message="the second stream's data")
+    assert other.recv_nowait(10) == b"x"
+    pair.client.close()
+    wait_until(lambda: pair.server.is_closed, timeout=5, message="the session's end")
+    with pytest.raises(SessionClosedError):
+        other.recv_nowait(10)
 
 
 def test_on_readable_calls_back_for_data_and_eof_and_stops_when_unregistered(make_pair):

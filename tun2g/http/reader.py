@@ -104,7 +104,10 @@ class MessageReader:
     def complete(self) -> bool:
         """Whether a whole message (or an error, or the end of the connection) is parsed and not yet read."""
         events = self._events
-        return bool(events) and (type(events[0]) is not HeadEvent or END in events)
+        if not events:
+            return False
+        # Identity first: `END in events` compares with == (a HeadEvent's dataclass __eq__).
+        return events[-1] is END or type(events[0]) is not HeadEvent or any(event is END for event in events)
 
     def read_final_response_head(self, request_method: str,
                                  on_interim: Callable[[ResponseHead], None] | None = None) -> ResponseHead:
