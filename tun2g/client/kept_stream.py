@@ -4,7 +4,7 @@ A tun2g server sends one exchange after another on a kept stream (docs/protocol.
 Between them the stream holds no greenlet: its readable callback parses what arrives. The
 `Client` decides what to do with each request head; the common one (bodiless, to a plain-HTTP
 backend with an idle pooled connection) goes up with one non-blocking send, and its response,
-parsed from the backend socket's watcher callback, goes down in one write once whole. Whatever
+parsed from the backend socket's watcher callback, is queued whole for the session's next write. Whatever
 would wait (a body, a big or unframed response, a full window, a dial, an error page) goes to a
 worker greenlet running the one complete implementation (`Client._forward`), from the point
 reached, and the stream is parked again when that exchange leaves it open. docs/performance.md
@@ -187,8 +187,8 @@ class LoopExchange:
         if observed is not None:
             observed.down(len(payload), body)
         result = ExchangeResult(head.status, keep_alive, reader.keep_alive, False, self.sent, len(payload))
-        if not self.kept.stream.send_nowait(payload):
-            self.pending = payload  # the window is short or the writer busy: a greenlet writes it
+        if not self.kept.stream.queue_nowait(payload):  # written with the other streams' of this turn
+            self.pending = payload  # the window is short or much is queued: a greenlet writes it
         self._done(self, result)
 
 

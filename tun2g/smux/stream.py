@@ -252,15 +252,30 @@ class Stream:
     def send_nowait(self, data: bytes) -> bool:
         """Send all of a small ``data`` now or nothing (False): never waits for the peer's window or
         the writer, and writes directly when the session's writer is idle (the liveness ping)."""
+        if not self._room_now(len(data)):
+            return False
+        self.session._writer.send_data_now(self._state.sid, bytes(data))
+        return True
+
+    def queue_nowait(self, data: bytes) -> bool:
+        """Queue all of ``data`` for the session's writer or nothing (False): never waits for the peer's
+        window or the writer. What streams queue in one turn of the loop leaves in one write (a relayed
+        response: at many connections, many responses per write)."""
+        if self.session._writer.queued_bytes + len(data) > QUEUE_WITHOUT_WAITING or not self._room_now(len(data)):
+            return False
+        self.session._writer.send_data(self._state.sid, data)
+        return True
+
+    def _room_now(self, size: int) -> bool:
+        """Whether ``size`` bytes may be sent now, and if so count them as sent (the peer's window)."""
         session, state = self.session, self._state
         try:
             self._check_writable()
-            if session.version is None or session._state.send_window(state) < len(data):
+            if session.version is None or session._state.send_window(state) < size:
                 return False
         except (OSError, SessionClosedError, ProtocolError):
             return False
-        session._state.record_sent(state, len(data))
-        session._writer.send_data_now(state.sid, bytes(data))
+        session._state.record_sent(state, size)
         return True
 
     def _check_writable(self) -> None:
