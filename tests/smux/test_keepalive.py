@@ -230,3 +230,23 @@ def test_send_nowait_writes_a_small_message_directly_or_refuses_it_whole(raw_pee
     finally:
         session.close()
     assert_session_finished(session)
+
+
+def test_queue_nowait_batches_what_streams_queue_in_one_turn_or_refuses_it_whole(raw_peer):
+    peer = raw_peer(version=2)
+    session = Session(peer.session_end, client=False,
+                      config=Config(version=2, keepalive_interval=NEVER, keepalive_timeout=NEVER))
+    try:
+        first, second = session.open_stream(), session.open_stream()
+        peer.read_frames(lambda frames: (SYN, second.id, None) in frames)
+        writes = session._writer.writes
+        assert first.queue_nowait(b"one") and second.queue_nowait(b"two")  # one turn of the loop: no yield
+        peer.read_frames(lambda frames: (PSH, first.id, b"one") in frames and (PSH, second.id, b"two") in frames)
+        assert session._writer.writes == writes + 1 and session._writer.greenlet is None  # one write, from the hub
+        assert not first.queue_nowait(b"x" * (256 * 1024))  # more than the window left: nothing queued
+        assert session._writer.queued_bytes == 0
+        first.shutdown(socket.SHUT_WR)
+        assert not first.queue_nowait(b"late")
+    finally:
+        session.close()
+    assert_session_finished(session)
