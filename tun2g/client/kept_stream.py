@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from gevent.hub import get_hub
 
 from tun2g import smux
-from tun2g.http import (BackendPool, ExchangeResult, MessageReader, RequestHead, downstream_response_head)
+from tun2g.http import BackendPool, ExchangeResult, MessageReader, RequestHead, downstream_response_head
 from tun2g.http.parser import CLOSED, HeadEvent
 from tun2g.http.reader import RECV_SIZE
 from tun2g.log import get_logger
@@ -32,12 +32,12 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # The largest response body relayed from callbacks (bigger ones are streamed by a greenlet): it is
-# buffered whole before its one write, which a stream's window (64 KiB by default) mostly takes at once.
+# buffered whole and queued at once, which a stream's window (64 KiB by default) mostly allows.
 SMALL_BODY = 32 * 1024
 
 
 class KeptStream:
-    """One request stream of the tunnel, with the exchange it carries from callbacks (at most one at a time).
+    """One request stream of the tunnel, waiting between exchanges for its next request head.
 
     ``on_request(kept, head)`` is called from the event loop with each request head read while
     parked (it must not block); ``on_unreadable(kept)`` when what came is not a request (an HTTP
