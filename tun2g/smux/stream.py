@@ -172,12 +172,7 @@ class Stream:
         raises like recv on a reset or a dead session (for a reader driven by `on_readable`)."""
         state = self._state
         if not state.chunks:
-            if state.reset_message is not None:
-                raise StreamResetError(state.reset_message)
-            if state.fin_received or state.read_closed:
-                return b""
-            self.session._raise_if_closed()
-            return None
+            return b"" if self._at_end() else None
         data = self.session._state.read(state, bufsize)
         self.session._after_stream_call()
         return data
@@ -196,13 +191,21 @@ class Stream:
         state = self._state
         deadline = None
         while not state.chunks:
-            if state.reset_message is not None:
-                raise StreamResetError(state.reset_message)
-            if state.fin_received or state.read_closed:
+            if self._at_end():
                 return False
-            self.session._raise_if_closed()
             deadline = self._wait(self._readable, deadline, "reading")
         return True
+
+    def _at_end(self) -> bool:
+        """With nothing buffered: True at EOF (FIN, or closed for reading), False while more may come;
+        raises on a reset or a dead session."""
+        state = self._state
+        if state.reset_message is not None:
+            raise StreamResetError(state.reset_message)
+        if state.fin_received or state.read_closed:
+            return True
+        self.session._raise_if_closed()
+        return False
 
     # --- writing ------------------------------------------------------------------
 
