@@ -34,8 +34,9 @@ pytestmark = pytest.mark.timeout(60)
 
 class ScriptedBackend:
     """Answers request n (counted over all connections) with ``answer(n, head)``: bytes to send (or a
-    list of pieces, each sent alone), None to close the connection unanswered, or ``STALL`` to keep it
-    open and silent. Keeps every request's head and body."""
+    list of pieces, each sent alone; an Event piece holds the connection, unread, until it is set),
+    None to close the connection unanswered, or ``STALL`` to keep it open and silent. Keeps every
+    request's head and body."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
@@ -66,6 +67,9 @@ class ScriptedBackend:
                         self.closed_by_peer.set()
                     return
                 for piece in payload if isinstance(payload, list) else [payload]:
+                    if isinstance(piece, Event):  # hold the connection open, reading nothing more
+                        piece.wait(20)
+                        return
                     sock.sendall(piece)
         except (OSError, HTTPError):
             return
@@ -193,6 +197,31 @@ def test_a_request_with_a_body_on_a_kept_stream_goes_through_a_worker(plain_depl
     assert _get(plain_deployment, "/chunks", method="POST", data=iter([b"chunked ", b"body"])).text == "answer 3"
     assert backend.bodies[2] == b"chunked body" and len(handed) == 2  # a body: a worker pumps it
     assert _get(plain_deployment).text == "answer 4" and len(handed) == 2  # then callbacks again
+
+
+def test_a_kept_connection_that_takes_no_more_bytes_is_dropped_and_the_request_sent_on_another(
+        plain_deployment, start_client, scripted):
+    """The backend stops reading its kept connection: the callback's one non-blocking send cannot go
+    whole, so that connection (maybe holding part of a request) is closed and a worker dials anew."""
+    hold = Event()
+    backend = scripted(lambda n, head: [_ok(b"answer 1"), hold] if n == 1 else _ok(b"answer %d" % n))
+    client, handed = _tunnel(plain_deployment, start_client, backend.url)
+    try:
+        assert _get(plain_deployment).text == "answer 1"
+        kept = client.pool._idle[0][0]
+        raw = nonblocking_socket(kept)
+        filler = b"x" * 65536
+        while True:  # fill what the kernel takes on a connection the backend no longer reads
+            try:
+                raw.send(filler)
+            except BlockingIOError:
+                break
+        assert _get(plain_deployment).text == "answer 2"
+        assert backend.connections == 2 and len(handed) == 2  # the first dial, then this one's
+        assert kept.fileno() == -1  # closed, never to be reused
+        assert _get(plain_deployment).text == "answer 3" and len(handed) == 2  # callbacks again
+    finally:
+        hold.set()
 
 
 def test_the_server_dropping_a_kept_stream_closes_the_backend_connection(plain_deployment, start_client, scripted):
