@@ -25,8 +25,8 @@ from gevent.server import StreamServer
 from tests.fixtures.tunnel import DOMAIN, wait_until
 from tun2g import smux
 from tun2g.client.client import Client, ClientConfig
-from tun2g.client.kept_stream import SMALL_BODY, KeptStream, LoopExchange
-from tun2g.http import BackendPool, HTTPError, MessageReader
+from tun2g.client.kept_stream import KeptStream, LoopExchange
+from tun2g.http import SMALL_BODY, BackendPool, HTTPError, MessageReader
 from tun2g.transport.base import nonblocking_socket
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +34,8 @@ pytestmark = pytest.mark.timeout(60)
 
 class ScriptedBackend:
     """Answers request n (counted over all connections) with ``answer(n, head)``: bytes to send (or a
-    list of pieces, each sent alone; an Event piece holds the connection, unread, until it is set),
+    list of pieces, each sent alone; an Event piece holds the connection, unread, until it is set; a None
+    piece closes it),
     None to close the connection unanswered, or ``STALL`` to keep it open and silent. Keeps every
     request's head and body."""
 
@@ -67,6 +68,8 @@ class ScriptedBackend:
                         self.closed_by_peer.set()
                     return
                 for piece in payload if isinstance(payload, list) else [payload]:
+                    if piece is None:  # close the connection here
+                        return
                     if isinstance(piece, Event):  # hold the connection open, reading nothing more
                         piece.wait(20)
                         return
@@ -164,6 +167,20 @@ def test_a_broken_response_on_a_kept_connection_is_retried_once_then_a_502(plain
     failed = _get(plain_deployment)  # broken on the kept connection, and on the new one (no second retry)
     assert failed.status_code == 502 and "hello" not in failed.text
     assert _get(plain_deployment).text == "answer 6"
+
+
+def test_a_small_response_cut_by_the_backend_goes_to_a_worker_and_never_spins(plain_deployment, start_client,
+                                                                              scripted):
+    # Head and part of a small body, then the backend closes: before the fix the reader never called the
+    # response complete, and the callback (the fd readable at EOF, again and again) waited on it, spinning.
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"
+    backend = scripted(lambda n, head: [cut, None] if n == 2 else _ok(b"answer %d" % n))
+    client, handed = _tunnel(plain_deployment, start_client, backend.url)
+    assert _get(plain_deployment).text == "answer 1"
+    with pytest.raises(requests.exceptions.RequestException):  # the cut reaches the visitor as a cut
+        _get(plain_deployment).content
+    assert len(handed) == 2  # the first exchange's greenlet, and the cut one's hand-over
+    assert _get(plain_deployment).text == "answer 3"
 
 
 def test_responses_that_need_a_greenlet_are_relayed_whole(plain_deployment, start_client, scripted):

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from tun2g.http import CHUNKED, HTTPError, MessageReader
+from tun2g.http import CHUNKED, SMALL_BODY, HTTPError, MessageReader, fed_response_ready
 
 
 @pytest.fixture
@@ -107,6 +107,38 @@ def test_a_fed_response_is_complete_only_once_whole_and_is_then_read_without_the
     head = reader.read_final_response_head("GET")
     assert head.status == 200 and reader.take_ready_body() == b"hello" and reader.body_complete
     assert reader.idle and reader.next_event is None
+
+
+@pytest.mark.parametrize("cut", range(RESPONSE.index(b"\r\n\r\n") + 4, len(RESPONSE)))
+def test_a_fed_response_cut_by_eof_is_complete_but_not_whole_so_no_callback_waits_on_it(cut):
+    # The bug this catches: a body cut by EOF left `complete` false for ever, and a callback reader
+    # (which sees the fd readable again and again at EOF) waited on it, spinning.
+    reader = MessageReader(_Unread())
+    reader.expect_response("GET")
+    reader.feed(RESPONSE[:cut])
+    assert not reader.complete and fed_response_ready(reader) is None
+    reader.feed(b"")
+    assert reader.complete and not reader.whole
+    assert fed_response_ready(reader) is False  # handed to the greenlet relay, which reports the cut
+
+
+def test_fed_response_ready_takes_only_small_final_framed_responses():
+    def verdict(data: bytes, method: str = "GET"):
+        reader = MessageReader(_Unread())
+        reader.expect_response(method)
+        reader.feed(data)
+        return fed_response_ready(reader)
+
+    assert verdict(RESPONSE) is True
+    assert verdict(b"HTTP/1.1 204 No Content\r\n\r\n") is True
+    assert verdict(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD") is True
+    assert verdict(b"HTTP/1.1 100 Continue\r\n\r\n") is False  # interim: the greenlet relays it
+    assert verdict(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n") is False
+    assert verdict(b"HTTP/1.0 200 OK\r\n\r\nuntil close") is False
+    assert verdict(f"HTTP/1.1 200 OK\r\nContent-Length: {SMALL_BODY + 1}\r\n\r\n".encode()) is False
+    assert verdict(f"HTTP/1.1 200 OK\r\nContent-Length: {SMALL_BODY}\r\n\r\n".encode()) is None
+    assert verdict(b"garbage\r\n\r\n") is False
+    assert verdict(b"HTTP/1.1 200 OK\r\nContent-Le") is None
 
 
 def test_a_fed_reader_reports_bytes_past_the_response_errors_and_the_end():

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from gevent.hub import get_hub
 
 from tun2g import smux
-from tun2g.http import BackendPool, ExchangeResult, MessageReader, RequestHead, downstream_response_head
+from tun2g.http import (BackendPool, ExchangeResult, MessageReader, RequestHead, fed_response_ready,
+                        take_small_response)
 from tun2g.http.parser import CLOSED, HeadEvent
 from tun2g.http.reader import RECV_SIZE
 from tun2g.log import get_logger
@@ -30,11 +31,6 @@ if TYPE_CHECKING:
     from tun2g.client.telemetry import Observed
 
 log = get_logger(__name__)
-
-# The largest response body relayed from callbacks (bigger ones are streamed by a greenlet): it is
-# buffered whole and queued at once, which a stream's window (64 KiB by default) mostly allows.
-SMALL_BODY = 32 * 1024
-
 
 class KeptStream:
     """One request stream of the tunnel, waiting between exchanges for its next request head.
@@ -167,31 +163,19 @@ class LoopExchange:
         except OSError:
             data = b""  # a reset: the parser reports the response cut, as at EOF
         reader.feed(data)
-        event = reader.next_event
-        if event is None:
-            return
-        if type(event) is not HeadEvent or not _small_and_final(event):
-            self._stop()
+        ready = fed_response_ready(reader)
+        if ready is None:
+            return  # the rest of the head, or of a body of at most SMALL_BODY
+        self._stop()
+        if not ready:
             self._handover(self)  # an error or EOF included: the greenlet's retry rules apply
             return
-        if not reader.complete:
-            return  # the rest of a body of at most SMALL_BODY
-        self._stop()
-        head = reader.read_final_response_head(self.head.method)
         observed = self.observed
-        if observed is not None and observed.response_filter is not None:
-            observed.response_filter(head)
-        payload, keep_alive = downstream_response_head(head, self.head, self.kept.reader, reader)
-        body = reader.take_ready_body()
-        payload += body
+        head, payload, body, keep_alive = take_small_response(
+            reader, self.head, self.kept.reader, observed.response_filter if observed is not None else None)
         if observed is not None:
             observed.down(len(payload), body)
         result = ExchangeResult(head.status, keep_alive, reader.keep_alive, False, self.sent, len(payload))
         if not self.kept.stream.queue_nowait(payload):  # written with the other streams' of this turn
             self.pending = payload  # the window is short or much is queued: a greenlet writes it
         self._done(self, result)
-
-
-def _small_and_final(event: HeadEvent) -> bool:
-    status = event.head.status  # type: ignore[union-attr]
-    return status >= 200 and 0 <= event.framing <= SMALL_BODY

@@ -23,15 +23,18 @@ from .heads import HOP_BY_HOP, HTTPError, RequestHead, ResponseHead, forwardable
 from .parser import CHUNKED, UNTIL_CLOSE, MessageParser
 from .pool import BackendPool
 from .reader import MessageReader
-from .relay import (DownstreamError, ExchangeResult, ExchangeTimeouts, UpstreamError, UpstreamTimeout,
-                    downstream_response_head, forward_exchange, send_all, serve_requests, upstream_request_head)
+from .relay import (SMALL_BODY, DownstreamError, ExchangeResult, ExchangeTimeouts, Later, UpstreamError,
+                    UpstreamTimeout, downstream_response_head, fed_response_ready, forward_exchange, send_all,
+                    serve_requests, take_small_response, upstream_request_head)
 
 __all__ = [
     "serve_requests",
     "BackendPool", "CHUNKED", "DownstreamError", "ExchangeResult", "ExchangeTimeouts", "HOP_BY_HOP", "HTTPError",
-    "LAST_CHUNK",
+    "LAST_CHUNK", "Later", "SMALL_BODY",
     "MessageParser", "MessageReader", "RequestHead", "ResponseHead", "UNTIL_CLOSE", "UpstreamError", "UpstreamTimeout",
-    "downstream_response_head", "encode_chunk", "encode_request_head", "encode_response_head", "forward_exchange",
-    "forwardable_headers", "send_all", "simple_response", "strip_hop_by_hop", "upstream_request_head",
+    "downstream_response_head", "encode_chunk", "encode_request_head", "encode_response_head", "fed_response_ready",
+    "forward_exchange",
+    "forwardable_headers", "send_all", "simple_response", "strip_hop_by_hop", "take_small_response",
+    "upstream_request_head",
     "write_request_head", "write_response_head",
 ]

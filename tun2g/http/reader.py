@@ -102,12 +102,21 @@ class MessageReader:
 
     @property
     def complete(self) -> bool:
-        """Whether a whole message (or an error, or the end of the connection) is parsed and not yet read."""
+        """Whether a whole message, or an error or the end of the connection, is parsed and not yet read."""
         events = self._events
         if not events:
             return False
-        # Identity first: `END in events` compares with == (a HeadEvent's dataclass __eq__).
-        return events[-1] is END or type(events[0]) is not HeadEvent or any(event is END for event in events)
+        last = events[-1]
+        if last is END or type(events[0]) is not HeadEvent or type(last) not in (bytes, HeadEvent):
+            return True  # the message's end; or an error, EOF or a protocol switch ends what is here
+        return self.whole
+
+    @property
+    def whole(self) -> bool:
+        """Whether a whole message is parsed and not yet read (its end is here, whatever follows it)."""
+        events = self._events
+        # Identity: `END in events` compares with == (a HeadEvent's dataclass __eq__).
+        return bool(events) and (events[-1] is END or any(event is END for event in events))
 
     def read_final_response_head(self, request_method: str,
                                  on_interim: Callable[[ResponseHead], None] | None = None) -> ResponseHead:

@@ -10,16 +10,22 @@ from typing import Callable, Protocol
 import gevent
 
 from tun2g.log import get_logger
-from tun2g.transport.base import CloseWatch, PeerCloseNotifier, capabilities_of, close_watch_of
+from tun2g.transport.base import CloseWatch, PeerCloseNotifier, capabilities_of, close_watch_of, wait_readable
 
 from .encode import LAST_CHUNK, encode_chunk, encode_request_head, encode_response_head
 from .heads import HTTPError, RequestHead, ResponseHead, forwardable_headers
-from .parser import CHUNKED
+from .parser import CHUNKED, HeadEvent
 from .reader import RECV_SIZE, HeadTimeout, MessageReader
 
 # With ``watch_downstream``, a response head slower than this arms the peek at a downstream
 # socket (faster exchanges never pay for a watching greenlet).
 WATCH_AFTER = 0.1
+
+
+# The largest response body relayed from an event-loop callback (bigger ones are streamed by a greenlet):
+# it is buffered whole and written at once, which a stream's window (64 KiB by default) and a socket's
+# buffer mostly take.
+SMALL_BODY = 32 * 1024
 
 
 # RFC 9110 section 9.2.2: requests whose repetition has the effect of one, so a proxy may retry them.
@@ -466,6 +472,35 @@ def downstream_response_head(head: ResponseHead, request: RequestHead, request_r
     return payload, keep_alive
 
 
+def fed_response_ready(reader: MessageReader) -> bool | None:
+    """What the bytes fed to the response ``reader`` (`MessageReader.feed`) allow a callback: True, a final
+    response with a framed body of at most SMALL_BODY is here whole (`take_small_response`); None, more
+    is needed; False, anything else (an interim, bigger or unframed response, an error, EOF), which
+    ``forward_exchange(sent=)`` relays with the same reader."""
+    event = reader.next_event
+    if event is None:
+        return None
+    if type(event) is not HeadEvent or event.head.status < 200 or not 0 <= event.framing <= SMALL_BODY:
+        return False
+    if not reader.complete:
+        return None
+    return reader.whole  # else cut by EOF or broken: the greenlet relays what came, as it would have
+
+
+def take_small_response(reader: MessageReader, request: RequestHead, request_reader: MessageReader,
+                        response_filter: Callable[[ResponseHead], None] | None = None
+                        ) -> tuple[ResponseHead, bytes, bytes, bool]:
+    """The response `fed_response_ready` found whole, as it goes downstream: ``(its head, the bytes to write,
+    the body among them, whether the downstream connection stays open)``; ``response_filter`` may edit the
+    head first, as in `forward_exchange`."""
+    head = reader.read_final_response_head(request.method)
+    if response_filter is not None:
+        response_filter(head)
+    payload, keep_alive = downstream_response_head(head, request, request_reader, reader)
+    body = reader.take_ready_body()
+    return head, payload + body, body, keep_alive
+
+
 class _NoMeter:
     __slots__ = ()
 
@@ -534,10 +569,30 @@ def _copy_raw(source, sink, first: bytes, count: Callable[[int, bytes], None]) -
     return copied
 
 
-def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
+class Later(Protocol):
+    """An exchange that a `serve_requests` handler started and event-loop callbacks go on with.
+
+    The handler returned before its response went out; the serve loop then waits for the peer's next
+    bytes, which for a client that waits for each response is the one wait of the whole exchange.
+    """
+
+    done: bool  # the exchange has ended (its response written, or the connection to be ended)
+    ended: Callable[[], None] | None  # called once it has ended, for the handler's own count
+
+    def wait(self) -> bool:
+        """Wait for the exchange to end; True when the connection may carry another request."""
+        ...
+
+    def abandon(self) -> None:
+        """The peer left (EOF, a reset) before the exchange ended: end it now."""
+        ...
+
+
+def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], "bool | Later"],
                    reject: Callable[[HTTPError], bytes], *, head_timeout: float | None = None,
                    idle_timeout: float | None = None, reader: MessageReader | None = None) -> None:
-    """Read request heads from ``sock`` and pass each to ``handle`` while it returns True.
+    """Read request heads from ``sock`` and pass each to ``handle`` while it returns True (or a `Later`
+    that ends with the connection kept).
 
     A malformed or oversized head is answered with ``reject(error)`` and ends the
     connection; the peer leaving ends it quietly. The caller closes ``sock``.
@@ -563,10 +618,49 @@ def serve_requests(sock, handle: Callable[[RequestHead, MessageReader], bool],
                     sock.settimeout(head_timeout)
                 sock.sendall(reject(exc))
                 return
-            if head is None or not handle(head, reader):
+            if head is None:
+                return
+            kept = handle(head, reader)
+            if kept is True:
+                continue
+            if kept is False or not _await_next(kept, sock, reader, idle_timeout):
                 return
     except (OSError, DownstreamError):
         return  # the peer went away between requests
+
+
+def _await_next(later: Later, sock, reader: MessageReader, idle_timeout: float | None) -> bool:
+    """Wait for the peer's next bytes while ``later`` ends its exchange; False: end the connection.
+
+    The bytes are fed to ``reader`` only once the exchange has ended, so nothing parses the next
+    request while the current one's response may still read ``reader``'s state. The socket's one
+    timeout is the idle timeout meanwhile (a greenlet taking the exchange over sets its own before
+    writing), and nothing here changes it again before the exchange has ended.
+    """
+    if reader.next_event is not None:  # the next request came with this one (pipelined): nothing to wait for
+        return later.wait()
+    data: bytes | None = None
+    try:
+        sock.settimeout(idle_timeout)
+        wait_readable(sock)  # nothing can have come yet: the request has only just gone up
+        data = sock.recv(RECV_SIZE)
+    except socket.timeout:
+        pass
+    except OSError:
+        later.abandon()  # a reset, or the socket closed by the exchange that ended the connection
+        return False
+    if not data:
+        if data == b"" or later.done:  # the peer left, or stayed idle after the response
+            later.abandon()
+            return False
+        if not later.wait():  # the idle wait ran out while the response was awaited: it starts again
+            return False
+        _untime(sock)
+        return True
+    if not later.wait():
+        return False
+    reader.feed(data)  # read_request_head sets the socket's timeout for what is still to come, then unsets it
+    return True
 
 
 def _close_quietly(sock) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import gevent
 from gevent.event import Event
@@ -30,6 +30,12 @@ SLACK = 0.02
 BATCH = 256
 
 TimerCallback = Callable[[], "float | None"]
+
+
+class Settable(Protocol):
+    """What Deadlines wakes: an Event, or anything else with ``set()``."""
+
+    def set(self) -> None: ...
 
 
 class TimerHandle:
@@ -139,8 +145,11 @@ class Deadlines:
         """Waits filed and not yet woken or cancelled."""
         return self._watching
 
-    def wake_at(self, deadline: float, event: Event) -> "_Watch":
-        """Set ``event`` once ``deadline`` (on the clock) has passed, unless cancelled first."""
+    def wake_at(self, deadline: float, event: Settable) -> "_Watch":
+        """Set ``event`` once ``deadline`` (on the clock) has passed, unless cancelled first.
+
+        ``event``: an Event, or any object whose ``set()`` may run from the timer's callback (it must
+        not wait, nor cancel the watch that fired: that one is gone already)."""
         tick = -int(-deadline // self.RESOLUTION)  # the first tick that starts at or after the deadline
         waits = self._ticks.get(tick)
         if waits is None:
@@ -183,7 +192,7 @@ class _Watch:
 
     __slots__ = ("event", "waits")
 
-    def __init__(self, event: Event, waits: set) -> None:
+    def __init__(self, event: Settable, waits: set) -> None:
         self.event = event
         self.waits = waits
 

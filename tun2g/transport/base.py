@@ -121,6 +121,14 @@ def read_watcher(sock):
     return watcher
 
 
+def wait_readable(sock) -> None:
+    """Wait, under ``sock``'s timeout (socket.timeout past it), until it has something to read (data, EOF,
+    an error), reading nothing: for a reader that knows nothing has come yet, a gevent socket's own
+    wait, sparing the recv that would only say EAGAIN. Anything else returns at once (its recv waits)."""
+    if _kind_of(sock) is _SOCKET:
+        sock._wait(sock._read_event)
+
+
 def recv_without_waiting(stream) -> tuple[Callable[[int], bytes], bool]:
     """``(recv, drains)`` for a stream with ``hub_reads``: ``recv(size)`` never waits (it raises
     BlockingIOError, or ssl.SSLWantReadError, when nothing has come), and with ``drains`` a read
