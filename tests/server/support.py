@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
+import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
@@ -12,6 +13,7 @@ from tests.fixtures.backends import read_head
 from tests.fixtures.tunnel import DOMAIN, _start
 from tun2g import smux
 from tun2g.control import Auth, decode_reply
+from tun2g.http import MessageReader
 
 
 def bounded_deployment(tmp_path, data_dir, **bounds):
@@ -131,3 +133,49 @@ def handshake(deployment, level: int, token: str) -> tuple[smux.Session, smux.St
         assert data, "the server closed the control stream before its reply"
         line += data
     return session, control, decode_reply(line.strip())
+
+
+# Between the pieces of a hand-made answer: long enough that each arrives in a read of its own.
+PIECE_PAUSE = 0.005
+
+
+class HandMadeClient:
+    """A tun2g-level client speaking smux by hand: answers each request on a stream with ``answer(n, head)``
+    (bytes to write; a list of pieces, written one by one a moment apart, a None among them closing
+    the stream there; or None to close the stream unanswered), n counting requests across streams."""
+
+    def __init__(self, deployment, answer):
+        self.session, self.control, reply = handshake(deployment, 1, deployment.grant())
+        assert reply["ok"] is True
+        self.answer = answer
+        self.requests = 0
+        self.streams = []
+        self._greenlets = [gevent.spawn(self._accept)]
+
+    def _accept(self):
+        while True:
+            stream = self.session.accept_stream()
+            self.streams.append(stream.id)
+            self._greenlets.append(gevent.spawn(self._serve, stream))
+
+    def _serve(self, stream):
+        reader = MessageReader(stream)
+        while (head := reader.read_request_head()) is not None:
+            while reader.read_body():
+                pass
+            self.requests += 1
+            payload = self.answer(self.requests, head)
+            if payload is None:
+                stream.close()
+                return
+            for piece in payload if isinstance(payload, list) else [payload]:
+                if piece is None:
+                    stream.close()
+                    return
+                stream.sendall(piece)
+                if isinstance(payload, list):
+                    gevent.sleep(PIECE_PAUSE)  # the server gets the pieces in separate reads
+
+    def close(self):
+        gevent.killall(self._greenlets)
+        self.session.close()

@@ -12,9 +12,7 @@ import pytest
 import requests
 
 from tests.fixtures.tunnel import DOMAIN, wait_until
-from tests.server.support import handshake
 from tun2g.client import client as client_module
-from tun2g.http import MessageReader
 from tun2g.server import tunnel as tunnel_module
 
 pytestmark = pytest.mark.timeout(60)
@@ -83,55 +81,6 @@ def test_a_client_closes_a_stream_the_server_left_idle_too_long(plain_deployment
     wait_until(lambda: kept.fin_received, timeout=5, message="the client to close the idle stream")
     assert _get(plain_deployment).status_code == 200  # on a new stream
     assert tunnel._idle_streams[-1][0].id != kept.id
-
-
-class _HandMadeClient:
-    """A tun2g-level client speaking smux by hand: answers each request on a stream with ``answer(n)``
-    (bytes to write, or None to close the stream unanswered), n counting requests across streams."""
-
-    def __init__(self, deployment, answer):
-        self.session, self.control, reply = handshake(deployment, 1, deployment.grant())
-        assert reply["ok"] is True
-        self.answer = answer
-        self.requests = 0
-        self.streams = []
-        self._greenlets = [gevent.spawn(self._accept)]
-
-    def _accept(self):
-        while True:
-            stream = self.session.accept_stream()
-            self.streams.append(stream.id)
-            self._greenlets.append(gevent.spawn(self._serve, stream))
-
-    def _serve(self, stream):
-        reader = MessageReader(stream)
-        while (head := reader.read_request_head()) is not None:
-            while reader.read_body():
-                pass
-            self.requests += 1
-            payload = self.answer(self.requests, head)
-            if payload is None:
-                stream.close()
-                return
-            stream.sendall(payload)
-
-    def close(self):
-        gevent.killall(self._greenlets)
-        self.session.close()
-
-
-@pytest.fixture
-def hand_made_client(plain_deployment):
-    clients = []
-
-    def start(answer) -> _HandMadeClient:
-        client = _HandMadeClient(plain_deployment, answer)
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.close()
 
 
 def _ok(body: bytes) -> bytes:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from gevent.server import StreamServer
 
 from tun2g import pages
-from tun2g.http import HTTPError, MessageReader, RequestHead, serve_requests
+from tun2g.http import HTTPError, Later, MessageReader, RequestHead, serve_requests
 from tun2g.log import get_logger
 from tun2g.tcp.wire import HOP_PATH, is_tcp_hop
 from tun2g.requestid import new_request_id
@@ -193,8 +193,9 @@ class HTTPFront:
         finally:
             sock.close()
 
-    def handle_request(self, head: RequestHead, reader: MessageReader, sock: ByteStream, peer_ip: str) -> bool:
-        """Serve one request; True when the public connection may carry another."""
+    def handle_request(self, head: RequestHead, reader: MessageReader, sock: ByteStream,
+                       peer_ip: str) -> bool | Later:
+        """Serve one request; True when the public connection may carry another (a `Later`: once it ends)."""
         if upgrade.is_tunnel_request(head):  # a tunnel client on the public port (--conn-type upgrade)
             tune(sock)
             sock.sendall(upgrade.SWITCHING_PROTOCOLS)
@@ -214,9 +215,18 @@ class HTTPFront:
             reader.keep_alive = False  # this answer says Connection: close: the client's next request goes elsewhere
         self.requests_in_flight += 1
         try:
-            return self.server.pipeline.serve(head, reader, sock, peer_ip=peer_ip, scheme=self.scheme)
-        finally:
+            kept = self.server.pipeline.serve(head, reader, sock, peer_ip=peer_ip, scheme=self.scheme, later=True)
+        except BaseException:
             self.requests_in_flight -= 1
+            raise
+        if kept is True or kept is False:
+            self.requests_in_flight -= 1
+        else:  # its response is relayed from callbacks; serve_requests holds it
+            kept.ended = self._request_ended
+        return kept
+
+    def _request_ended(self) -> None:
+        self.requests_in_flight -= 1
 
     def _health(self, head: RequestHead, reader: MessageReader, sock: ByteStream) -> bool:
         """The node's own health answer (for balancers and the other nodes), whatever the Host."""

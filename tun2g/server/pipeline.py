@@ -17,17 +17,19 @@ import re
 import socket
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import gevent
+from gevent.event import Event
 
 from tun2g import pages
 from tun2g.cluster import HopRefused
 from tun2g.cluster.hop import HOP_HEADER, Hop
 from tun2g.control import ROUTE_HEADER
 from tun2g.http import DownstreamError, HTTPError, MessageReader, RequestHead, ResponseHead, UpstreamError
-from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers
-from tun2g.http.relay import IDEMPOTENT_METHODS, Meter
+from tun2g.http import ExchangeTimeouts, UpstreamTimeout, forward_exchange, forwardable_headers, upstream_request_head
+from tun2g.http.relay import IDEMPOTENT_METHODS, Later, Meter
 from tun2g.http.client import Body, StreamedResponse, body_pieces, body_is_replayable, send_request
 from tun2g.http.parser import CHUNKED
 from tun2g.log import AccessLog, get_logger
@@ -36,9 +38,11 @@ from tun2g.requestid import new_request_id
 from tun2g.policy import Policy
 from tun2g.server.acme import CHALLENGE_PREFIX
 from tun2g.server.inspect import Capture, Inspector
+from tun2g.server.loop_relay import LoopRelay
 from tun2g.server.policy_step import PolicyBook
-from tun2g.server.router import NodeUpstream, Router, Upstream, routing_key
-from tun2g.transport.base import ByteStream
+from tun2g.server.router import NodeUpstream, Router, Routing, Upstream, routing_key
+from tun2g.smux import Stream
+from tun2g.transport.base import ByteStream, nonblocking_socket
 
 log = get_logger(__name__)
 access = AccessLog(__name__)
@@ -106,7 +110,7 @@ class _Exchange(Protocol[Result]):
     replayable: bool  # the request can be sent again after a failed attempt (as far as this front knows)
     answered: bool    # a response began to reach the client: a failure now can only end the connection
 
-    def through(self, upstream: Upstream, meter: Meter | None) -> Result: ...
+    def through(self, upstream: Upstream, meter: Meter | None) -> Result | _Later: ...
 
     def page(self, page: pages.Page) -> Result: ...
 
@@ -130,19 +134,96 @@ def _dressed(request: Request, page: pages.Page) -> pages.Page:
     return page if template is None else pages.with_custom_body(page, template)
 
 
+class _Later:
+    """A public request whose response event-loop callbacks relay (`LoopRelay`), held by the front's
+    serve loop until the client's next bytes (`tun2g.http.Later`).
+
+    ``resume(outcome)`` is the pipeline's continuation (set when the exchange comes back to it):
+    the finished exchange's `Outcome`, or the `UpstreamError` that ended it, in; the request's final
+    `Outcome` out. ``ended``: called once the exchange has ended (the front's count of requests in flight).
+    """
+
+    __slots__ = ("upstream", "meter", "sent", "sent_at", "relay", "resume", "ended", "done", "keep_alive",
+                 "abandoned", "_sock", "_event")
+
+    def __init__(self, sock: ByteStream, upstream: Upstream, meter: Meter | None, sent: int) -> None:
+        self.upstream = upstream
+        self.meter = meter
+        self.sent = sent  # bytes of the request gone up
+        self.sent_at = time.monotonic()
+        self.relay: LoopRelay | None = None  # while callbacks have the exchange
+        self.resume: Callable[[Outcome | UpstreamError], object] | None = None
+        self.ended: Callable[[], None] | None = None
+        self.done = False
+        self.keep_alive = False
+        self.abandoned = False
+        self._sock = sock
+        self._event: Event | None = None
+
+    def wait(self) -> bool:
+        if not self.done:  # the client sent more before its response went out (pipelining)
+            event = self._event = Event()
+            event.wait()
+        return self.keep_alive
+
+    def abandon(self) -> None:
+        if self.done or self.abandoned:
+            return
+        self.abandoned = True
+        relay = self.relay
+        if relay is not None and relay.abandon():  # still in callbacks: it ends here
+            self.relay = None
+            self.upstream.release(False)
+            self.finish(Outcome(499, False, self.sent, 0))
+        else:  # a greenlet has it: closing the stream ends its wait
+            self.upstream.stream.close()
+
+    def finish(self, outcome: Outcome | UpstreamError) -> None:
+        """The exchange ended: resume the pipeline (its log line, its metrics) and let the front go on."""
+        assert self.resume is not None
+        try:
+            final = self.resume(outcome)
+        except Exception as exc:  # noqa: BLE001 - in the event loop: the connection ends, the log says why
+            log.error("internal_error", error=repr(exc), exc_info=True)
+            final = Outcome(500, False)
+        assert isinstance(final, Outcome)  # after a failure the next candidate is served from a greenlet
+        self._ended(final.keep_alive and not self.abandoned)
+
+    def _ended(self, keep_alive: bool) -> None:
+        self.done = True
+        self.keep_alive = keep_alive
+        self.resume = None  # it holds the exchange, which holds this: no cycle left for the collector
+        if not keep_alive:
+            try:
+                self._sock.close()  # wakes the front's wait on it
+            except OSError:
+                pass
+        if self._event is not None:
+            self._event.set()
+        if self.ended is not None:
+            self.ended()
+
+
 class _SocketExchange:
-    """Relays between the public socket and the upstream, bodies streamed both ways."""
+    """Relays between the public socket and the upstream, bodies streamed both ways.
+
+    With ``later`` (the front's serve loop holds a `tun2g.http.Later`), a bodiless kept-alive request over
+    a plain socket to a tunnel stream is sent up with one queued write and its response relayed from
+    callbacks (`LoopRelay`); whatever would wait goes on in a greenlet, through the same `_forward`.
+    """
 
     replayable = True  # forward_exchange itself says (UpstreamError.replayable) whether the body allows it
     answered = False
 
     def __init__(self, request: Request, reader: MessageReader, sock: ByteStream,
-                 timeouts: ExchangeTimeouts | None = None) -> None:
+                 timeouts: ExchangeTimeouts | None = None, later: bool = False) -> None:
         self._request = request
         self._reader = reader
         self._sock = sock
         self._timeouts = timeouts
         self._response: ResponseHead | None = None
+        self._raw = nonblocking_socket(sock) if later else None  # written to from callbacks
+        self._later: _Later | None = None
 
     def _stamp(self, response: ResponseHead) -> None:
         policy = self._request.policy
@@ -159,11 +240,19 @@ class _SocketExchange:
         if max_body is not None and self._reader.framing == CHUNKED:  # a declared length was checked already
             self._reader.body_limit = max_body
 
-    def through(self, upstream: Upstream, meter: Meter | None) -> Outcome:
+    def through(self, upstream: Upstream, meter: Meter | None) -> Outcome | _Later:
+        if self._raw is not None:
+            later = self._through_loop(upstream, meter)
+            if later is not None:
+                return later
+        return self._forward(upstream, meter, self._timeouts)
+
+    def _forward(self, upstream: Upstream, meter: Meter | None, timeouts: ExchangeTimeouts | None,
+                 sent: int | None = None) -> Outcome:
         try:
             result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
                                       response_filter=self._stamp, upstream_reader=upstream.reader,
-                                      close_upstream=upstream.single_use, timeouts=self._timeouts, meter=meter)
+                                      close_upstream=upstream.single_use, timeouts=timeouts, meter=meter, sent=sent)
         except DownstreamError as exc:
             upstream.release(False)
             error = exc.http_error
@@ -172,16 +261,120 @@ class _SocketExchange:
             return Outcome(499, False)  # the public client left: only this exchange ends
         except UpstreamTimeout:
             upstream.release(False)
-            # The backend holds the request but does not answer: 504 (the upstream is closed, not retried).
-            seconds = self._timeouts.response if self._timeouts is not None else None
-            log.warning("response_timeout", host=self._request.host, backend=upstream.label, seconds=seconds,
-                        request_id=self._request.id)
-            return self.page(pages.gateway_timeout(seconds or 0, self._request.id))
+            return self._timed_out(upstream)
         except BaseException:
             upstream.release(False)
             raise
         upstream.release(result.upstream_reusable)  # a node connection at a clean boundary is kept for the next
         return Outcome(result.status, result.keep_alive, result.request_bytes, result.response_bytes)
+
+    def _timed_out(self, upstream: Upstream) -> Outcome:
+        # The backend holds the request but does not answer: 504 (the upstream is closed, not retried).
+        seconds = self._timeouts.response if self._timeouts is not None else None
+        log.warning("response_timeout", host=self._request.host, backend=upstream.label, seconds=seconds,
+                    request_id=self._request.id)
+        return self.page(pages.gateway_timeout(seconds or 0, self._request.id))
+
+    # --- from callbacks -----------------------------------------------------------------
+
+    def _through_loop(self, upstream: Upstream, meter: Meter | None) -> _Later | None:
+        """Send the request up a tunnel stream without waiting and leave its response to callbacks;
+        None when that would wait (a body to pump, a full window) or the upstream is no stream."""
+        stream, reader = upstream.stream, self._reader
+        if type(stream) is not Stream or not reader.body_complete or not reader.keep_alive or reader.upgrade:
+            return None
+        head = self._request.head
+        payload = upstream_request_head(head, reader, upstream.single_use)
+        if not stream.queue_nowait(payload):
+            return None
+        if meter is not None:
+            meter.up(len(payload), b"")
+        later = self._later = _Later(self._sock, upstream, meter, len(payload))
+        timeouts = self._timeouts
+        later.relay = LoopRelay(stream, upstream.reader, head, reader, timeouts.response if timeouts else None,
+                                self._stamp, response=self._loop_response, handover=self._loop_handover,
+                                timed_out=self._loop_timed_out)
+        return later
+
+    def _loop_response(self, relay: LoopRelay, head: ResponseHead, payload: bytes, body: bytes,
+                       keep_alive: bool) -> None:
+        later = self._later
+        assert later is not None and self._raw is not None
+        later.relay = None
+        later.upstream.release(relay.reader.keep_alive)
+        try:
+            written = self._raw.send(payload)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the client is gone
+            later.finish(Outcome(499, False, later.sent, 0))
+            return
+        if written < len(payload):  # the client's socket took only part: a greenlet writes the rest
+            gevent.spawn(self._write_rest, payload, written, body, Outcome(head.status, keep_alive, later.sent,
+                                                                           len(payload)))
+            return
+        if later.meter is not None:
+            later.meter.down(len(payload), body)
+        later.finish(Outcome(head.status, keep_alive, later.sent, len(payload)))
+
+    def _loop_handover(self, relay: LoopRelay) -> None:
+        assert self._later is not None
+        self._later.relay = None
+        gevent.spawn(self._go_on, False)
+
+    def _loop_timed_out(self, relay: LoopRelay) -> None:
+        assert self._later is not None
+        self._later.relay = None
+        gevent.spawn(self._go_on, True)
+
+    def _go_on(self, timed_out: bool) -> None:
+        """In a greenlet: finish the exchange the callbacks gave up (`_forward`, from the point reached)."""
+        later = self._later
+        assert later is not None
+        self._raw = None  # another candidate, if it comes to that, is served from here
+        upstream = later.upstream
+        outcome: Outcome | UpstreamError
+        try:
+            if timed_out:
+                upstream.release(False)
+                outcome = self._timed_out(upstream)
+            else:
+                outcome = self._forward(upstream, later.meter, self._remaining_timeouts(later), later.sent)
+        except UpstreamError as exc:
+            outcome = Outcome(499, False, later.sent, 0) if later.abandoned else exc
+        except BaseException:
+            later._ended(False)
+            raise
+        later.finish(outcome)
+
+    def _remaining_timeouts(self, later: _Later) -> ExchangeTimeouts | None:
+        """The exchange's timeouts for the greenlet going on with it: the response's less the time it has
+        waited already; no watching of the client's socket (the front's own wait on it does that)."""
+        timeouts = self._timeouts
+        if timeouts is None:
+            return None
+        response = timeouts.response
+        if response is not None:
+            response = max(0.001, response - (time.monotonic() - later.sent_at))
+        return dataclasses.replace(timeouts, response=response, watch_downstream=False)
+
+    def _write_rest(self, payload: bytes, written: int, body: bytes, outcome: Outcome) -> None:
+        """In a greenlet: write what the client's socket did not take from the callback."""
+        later = self._later
+        assert later is not None
+        timeouts = self._timeouts
+        try:
+            if timeouts is not None and timeouts.body is not None:
+                self._sock.settimeout(timeouts.body)
+            self._sock.sendall(memoryview(payload)[written:])
+        except OSError:
+            later.finish(Outcome(499, False, later.sent, written))
+            return
+        if later.meter is not None:
+            later.meter.down(len(payload), body)
+        later.finish(outcome)
+
+    # -------------------------------------------------------------------------------------
 
     def page(self, page: pages.Page) -> Outcome:
         self._response = None
@@ -321,16 +514,22 @@ class Pipeline:
         self._any_trusted = bool(self.trusted_proxies.networks)
 
     def serve(self, head: RequestHead, reader: MessageReader, sock: ByteStream, *, peer_ip: str,
-              scheme: str) -> bool:
-        """Proxy one request read from a public socket; True when the connection may carry another."""
+              scheme: str, later: bool = False) -> bool | Later:
+        """Proxy one request read from a public socket; True when the connection may carry another.
+
+        ``later``: the caller's serve loop can hold a `tun2g.http.Later` (`serve_requests`), returned for an
+        exchange whose response callbacks relay."""
         request = self._request(head, peer_ip, scheme)
-        return self._run(request, _SocketExchange(request, reader, sock, self.timeouts)).keep_alive
+        result = self._run(request, _SocketExchange(request, reader, sock, self.timeouts, later))
+        return result if type(result) is _Later else result.keep_alive
 
     def round_trip(self, head: RequestHead, body: Body = None, *, peer_ip: str | None = None,
                    scheme: str = "http") -> StreamedResponse:
         """Send one request and return its streamed response (or the page that answers it)."""
         request = self._request(head, peer_ip, scheme)
-        return self._run(request, _ResponseExchange(request, body, self.timeouts))
+        response = self._run(request, _ResponseExchange(request, body, self.timeouts))
+        assert not isinstance(response, _Later)  # only a socket exchange leaves its response to callbacks
+        return response
 
     def client_address(self, head: RequestHead, peer_ip: str) -> str:
         """The client's address: the peer, or behind trusted proxies the last X-Forwarded-For hop they did not add."""
@@ -352,7 +551,7 @@ class Pipeline:
         return Request(head, request_id, head.host or "", peer_ip or "", scheme, time.monotonic(), trusted,
                        hsts=hsts)
 
-    def _run(self, request: Request, exchange: _Exchange[Result]) -> Result:
+    def _run(self, request: Request, exchange: _Exchange[Result]) -> Result | _Later:
         head = request.head
         try:
             hop = self.router.accept_hop(head)
@@ -374,8 +573,13 @@ class Pipeline:
         else:  # the origin node prepared it, and named it: keep that id in this node's log and pages
             request.id = head.get("X-Request-Id") or request.id
             request.public = False
+        return self._guarded(request, exchange, self._route, request, exchange, hop)
+
+    def _guarded(self, request: Request, exchange: _Exchange[Result], step: Callable[..., Result | _Later],
+                 *args) -> Result | _Later:
+        """``step(*args)``, with a bug in tun2g answered by a page (while nothing reached the client) and logged."""
         try:
-            return self._route(request, exchange, hop)
+            return step(*args)
         except (OSError, DownstreamError):
             raise  # the public client's socket broke: the front ends the connection quietly, as before
         except Exception as exc:  # a bug in tun2g: the visitor gets a page and the log the traceback, by request id
@@ -389,35 +593,71 @@ class Pipeline:
                 raise  # a response is under way: only ending the connection tells the client it broke
             return self._finish(request, exchange, exchange.page(pages.internal_error(request.id)), "-")
 
-    def _route(self, request: Request, exchange: _Exchange[Result], hop: Hop | None) -> Result:
+    def _route(self, request: Request, exchange: _Exchange[Result], hop: Hop | None) -> Result | _Later:
         """Route the prepared request, apply its edge policy and relay it over the first upstream that takes it."""
-        head = request.head
-        routing = self.router.route(head, request.id, hop)
+        routing = self.router.route(request.head, request.id, hop)
         if request.public and self.policies is not None:
             refusal = self._policy_step(request, routing.route, exchange)
             if refusal is not None:
                 return self._finish(request, exchange, exchange.page(refusal), "-")
-        meter: Meter | None = None
-        metrics = self.metrics
-        for upstream in routing:
+        return self._relay(request, exchange, routing, iter(routing), None)
+
+    def _relay(self, request: Request, exchange: _Exchange[Result], routing: Routing,
+               candidates: Iterator[Upstream], meter: Meter | None) -> Result | _Later:
+        """Relay over the next of ``candidates`` that serves it: another one after a dead upstream, while
+        nothing reached the client and the request may be sent again."""
+        for upstream in candidates:
             if meter is None:
                 meter = self._meter(request, routing.route)
             try:
                 result = exchange.through(upstream, meter)
             except UpstreamError as exc:
-                if metrics is not None and isinstance(upstream, NodeUpstream):
-                    metrics.hops["failed"].inc()
-                gone = upstream.failed(str(exc))
-                if gone and exc.replayable and exchange.replayable:
+                page = self._upstream_failed(request, exchange, upstream, exc)
+                if page is None:
                     continue  # nothing reached the client: the next upstream serves it
-                return self._finish(request, exchange, exchange.page(upstream.failure_page(str(exc), request.id)),
-                                    upstream.label)
-            if metrics is not None and isinstance(upstream, NodeUpstream):
-                metrics.hops["ok"].inc()
-            return self._finish(request, exchange, result, upstream.label)
-        if metrics is not None and routing.unreachable_nodes:
-            metrics.hops["unreachable"].inc(len(routing.unreachable_nodes))
+                return page
+            if isinstance(result, _Later):  # its callbacks resume here when the exchange ends
+                result.resume = partial(self._resumed, request, exchange, routing, candidates, meter, upstream)
+                return result
+            return self._served(request, exchange, upstream, result)
+        if self.metrics is not None and routing.unreachable_nodes:
+            self.metrics.hops["unreachable"].inc(len(routing.unreachable_nodes))
         return self._finish(request, exchange, exchange.page(routing.page), "-")
+
+    def _resumed(self, request: Request, exchange: _Exchange[Result], routing: Routing,
+                 candidates: Iterator[Upstream], meter: Meter | None, upstream: Upstream,
+                 outcome: Result | UpstreamError) -> Result | _Later:
+        """Where `_relay` left off when callbacks took the exchange: ``outcome`` is how it ended. A failure
+        comes in a greenlet, so the next candidate may be tried."""
+        if not isinstance(outcome, UpstreamError):
+            return self._served(request, exchange, upstream, outcome)
+        return self._guarded(request, exchange, self._next_after, request, exchange, routing, candidates, meter,
+                             upstream, outcome)
+
+    def _next_after(self, request: Request, exchange: _Exchange[Result], routing: Routing,
+                    candidates: Iterator[Upstream], meter: Meter | None, upstream: Upstream,
+                    failure: UpstreamError) -> Result | _Later:
+        """The page for ``upstream``'s failure, or the next candidate's answer when it may have the request."""
+        page = self._upstream_failed(request, exchange, upstream, failure)
+        if page is not None:
+            return page
+        return self._relay(request, exchange, routing, candidates, meter)
+
+    def _upstream_failed(self, request: Request, exchange: _Exchange[Result], upstream: Upstream,
+                         exc: UpstreamError) -> Result | None:
+        """The answer after ``upstream`` failed, or None when the next candidate may serve the request."""
+        if self.metrics is not None and isinstance(upstream, NodeUpstream):
+            self.metrics.hops["failed"].inc()
+        gone = upstream.failed(str(exc))
+        if gone and exc.replayable and exchange.replayable:
+            return None
+        return self._finish(request, exchange, exchange.page(upstream.failure_page(str(exc), request.id)),
+                            upstream.label)
+
+    def _served(self, request: Request, exchange: _Exchange[Result], upstream: Upstream, result: Result) -> Result:
+        if self.metrics is not None and isinstance(upstream, NodeUpstream):
+            self.metrics.hops["ok"].inc()
+        return self._finish(request, exchange, result, upstream.label)
 
     def _policy_step(self, request: Request, route: str | None, exchange: _Exchange) -> pages.Page | None:
         """The route's edge policy (tun2g.server.policy_step), on the node the request came in by only.

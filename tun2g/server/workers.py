@@ -48,7 +48,7 @@ from gevent.lock import Semaphore
 from tun2g import pages
 from tun2g.cluster.hop import HOP_HEADER
 from tun2g.errors import ConfigurationError
-from tun2g.http import RequestHead
+from tun2g.http import Later, RequestHead
 from tun2g.http.encode import encode_request_head
 from tun2g.http.heads import HTTPError
 from tun2g.http.parser import DEFAULT_MAX_HEAD_SIZE, HeadEvent, MessageParser
@@ -489,7 +489,7 @@ class WorkerFront(HTTPFront):
         """A connection a sibling handed over: served here whatever its first request."""
         super().handle(sock, address)
 
-    def handle_request(self, head: RequestHead, reader, sock, peer_ip: str) -> bool:
+    def handle_request(self, head: RequestHead, reader, sock, peer_ip: str) -> bool | Later:
         """A later request on a kept-alive connection, for a route a sibling holds, goes there with its head."""
         if reader.messages_read > 1 and self.link.holders and reader.idle and not isinstance(sock, UpgradedStream) \
                 and _routable(head):
