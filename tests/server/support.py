@@ -150,6 +150,7 @@ class HandMadeClient:
         self.answer = answer
         self.requests = 0
         self.streams = []
+        self.seen = []  # (stream id, head) of every request, in order
         self._greenlets = [gevent.spawn(self._accept)]
 
     def _accept(self):
@@ -164,6 +165,7 @@ class HandMadeClient:
             while reader.read_body():
                 pass
             self.requests += 1
+            self.seen.append((stream.id, head))
             payload = self.answer(self.requests, head)
             if payload is None:
                 stream.close()

@@ -280,3 +280,49 @@ def test_a_client_leaving_while_its_response_is_awaited_frees_the_stream_at_once
                timeout=3, message="the abandoned request released")
     assert counts.relays == 1 and counts.greenlets == 0
     answered.set()
+
+
+def test_a_client_leaving_after_its_stream_went_back_never_touches_the_request_now_on_it(plain_deployment,
+                                                                                      hand_made_client, monkeypatch):
+    """A's response is only partly written (its socket is full: A reads nothing) when its stream, given
+    back, carries B's POST; A leaving then must end A's write only, not B's exchange."""
+    writing = Event()
+    write_rest = pipeline._SocketExchange._write_rest
+
+    def watched(exchange, *args):
+        writing.set()
+        write_rest(exchange, *args)
+
+    monkeypatch.setattr(pipeline._SocketExchange, "_write_rest", watched)
+    answer_b = Event()
+
+    def answer(n, head):
+        if head.method == "POST":
+            answer_b.wait(10)
+            return _ok(b"for b")
+        return _ok(b"x" * SMALL_BODY if head.target == "/a" else b"")
+
+    client = hand_made_client(answer)
+    tunnel = _the_tunnel(plain_deployment)
+    front = plain_deployment.running.front
+    port = plain_deployment.running.http_address[1]
+    a = socket.socket()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a.connect(("127.0.0.1", port))
+    for sent in range(1, 2 * PIPELINED + 1):  # one request after another, each once the last was answered
+        a.sendall(_request("/a"))
+        wait_until(lambda: writing.is_set() or (client.requests == sent and front.requests_in_flight == 0),
+                   interval=0.001, message="the request answered")
+        if writing.is_set():
+            break
+    assert writing.is_set(), "the client's socket never filled"
+    assert tunnel.idle_streams == 1  # A's stream went back when its response had been read
+    with connect(port) as b:
+        b.sendall(f"POST /order HTTP/1.1\r\nHost: {DOMAIN}\r\nContent-Length: 4\r\n\r\nonce".encode())
+        wait_until(lambda: client.seen[-1][1].method == "POST", message="B's POST at the client")
+        assert client.seen[-1][0] == client.seen[0][0]  # on the stream A's exchanges gave back
+        a.close()  # A leaves while its write is pending
+        wait_until(lambda: front.connections == 1, message="A's connection ended")
+        answer_b.set()
+        head, body = read_response(b)
+    assert head.startswith(b"HTTP/1.1 200") and body == b"for b"

@@ -143,8 +143,8 @@ class _Later:
     `Outcome` out. ``ended``: called once the exchange has ended (the front's count of requests in flight).
     """
 
-    __slots__ = ("upstream", "meter", "sent", "sent_at", "relay", "resume", "ended", "done", "keep_alive",
-                 "abandoned", "_sock", "_event")
+    __slots__ = ("upstream", "meter", "sent", "sent_at", "relay", "in_use", "resume", "ended", "done",
+                 "keep_alive", "abandoned", "_sock", "_event")
 
     def __init__(self, sock: ByteStream, upstream: Upstream, meter: Meter | None, sent: int) -> None:
         self.upstream = upstream
@@ -152,6 +152,7 @@ class _Later:
         self.sent = sent  # bytes of the request gone up
         self.sent_at = time.monotonic()
         self.relay: LoopRelay | None = None  # while callbacks have the exchange
+        self.in_use: Upstream | None = None  # while a greenlet relays over an upstream (not given back yet)
         self.resume: Callable[[Outcome | UpstreamError], object] | None = None
         self.ended: Callable[[], None] | None = None
         self.done = False
@@ -175,8 +176,10 @@ class _Later:
             self.relay = None
             self.upstream.release(False)
             self.finish(Outcome(499, False, self.sent, 0))
-        else:  # a greenlet has it: closing the stream ends its wait
-            self.upstream.stream.close()
+        elif self.in_use is not None:  # a greenlet relays over it: closing it ends the greenlet's wait
+            self.in_use.stream.close()
+        # Else its upstream went back already (another request may hold it now): the greenlet writing to
+        # the client fails on its own once the front closes the client's socket.
 
     def finish(self, outcome: Outcome | UpstreamError) -> None:
         """The exchange ended: resume the pipeline (its log line, its metrics) and let the front go on."""
@@ -249,10 +252,18 @@ class _SocketExchange:
 
     def _forward(self, upstream: Upstream, meter: Meter | None, timeouts: ExchangeTimeouts | None,
                  sent: int | None = None) -> Outcome:
+        later = self._later
+        if later is not None:
+            later.in_use = upstream  # a client leaving meanwhile closes it (`_Later.abandon`) until it goes back
         try:
-            result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
-                                      response_filter=self._stamp, upstream_reader=upstream.reader,
-                                      close_upstream=upstream.single_use, timeouts=timeouts, meter=meter, sent=sent)
+            try:
+                result = forward_exchange(self._request.head, self._reader, upstream.stream, self._sock,
+                                          response_filter=self._stamp, upstream_reader=upstream.reader,
+                                          close_upstream=upstream.single_use, timeouts=timeouts, meter=meter,
+                                          sent=sent)
+            finally:
+                if later is not None:
+                    later.in_use = None
         except DownstreamError as exc:
             upstream.release(False)
             error = exc.http_error
