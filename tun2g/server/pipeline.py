@@ -38,7 +38,7 @@ from tun2g.requestid import new_request_id
 from tun2g.policy import Policy
 from tun2g.server.acme import CHALLENGE_PREFIX
 from tun2g.server.inspect import Capture, Inspector
-from tun2g.server.loop_relay import LoopRelay
+from tun2g.server.loop_relay import LoopRelay, SocketSource, StreamSource
 from tun2g.server.policy_step import PolicyBook
 from tun2g.server.router import NodeUpstream, Router, Routing, Upstream, routing_key
 from tun2g.smux import Stream
@@ -211,8 +211,9 @@ class _SocketExchange:
     """Relays between the public socket and the upstream, bodies streamed both ways.
 
     With ``later`` (the front's serve loop holds a `tun2g.http.Later`), a bodiless kept-alive request over
-    a plain socket to a tunnel stream is sent up with one queued write and its response relayed from
-    callbacks (`LoopRelay`); whatever would wait goes on in a greenlet, through the same `_forward`.
+    a plain socket is sent up without waiting (a tunnel stream: one queued write; a node connection:
+    one non-blocking send) and its response relayed from callbacks (`LoopRelay`); whatever would
+    wait goes on in a greenlet, through the same `_forward`.
     """
 
     replayable = True  # forward_exchange itself says (UpstreamError.replayable) whether the body allows it
@@ -245,9 +246,9 @@ class _SocketExchange:
 
     def through(self, upstream: Upstream, meter: Meter | None) -> Outcome | _Later:
         if self._raw is not None:
-            later = self._through_loop(upstream, meter)
-            if later is not None:
-                return later
+            result = self._through_loop(upstream, meter)
+            if result is not None:
+                return result
         return self._forward(upstream, meter, self._timeouts)
 
     def _forward(self, upstream: Upstream, meter: Meter | None, timeouts: ExchangeTimeouts | None,
@@ -288,24 +289,52 @@ class _SocketExchange:
 
     # --- from callbacks -----------------------------------------------------------------
 
-    def _through_loop(self, upstream: Upstream, meter: Meter | None) -> _Later | None:
-        """Send the request up a tunnel stream without waiting and leave its response to callbacks;
-        None when that would wait (a body to pump, a full window) or the upstream is no stream."""
-        stream, reader = upstream.stream, self._reader
-        if type(stream) is not Stream or not reader.body_complete or not reader.keep_alive or reader.upgrade:
+    def _through_loop(self, upstream: Upstream, meter: Meter | None) -> Outcome | _Later | None:
+        """Send the request up without waiting and leave its response to callbacks; None when that
+        would wait (a body to pump, a full window, a socket that takes none of it) or the upstream
+        cannot be watched (TLS). A node connection that takes only part of the head gets the rest
+        from this greenlet, which then relays the exchange itself (the Outcome)."""
+        reader = self._reader
+        if not reader.body_complete or not reader.keep_alive or reader.upgrade:
             return None
+        stream = upstream.stream
         head = self._request.head
-        payload = upstream_request_head(head, reader, upstream.single_use)
-        if not stream.queue_nowait(payload):
-            return None
+        if type(stream) is Stream:
+            payload = upstream_request_head(head, reader, upstream.single_use)
+            if not stream.queue_nowait(payload):
+                return None
+            source: StreamSource | SocketSource = StreamSource(stream)
+        else:  # a kept connection to the node that holds the tunnel
+            raw = nonblocking_socket(stream)
+            if raw is None:
+                return None
+            payload = upstream_request_head(head, reader, upstream.single_use)
+            try:
+                sent = raw.send(payload)
+            except OSError:  # BlockingIOError included: the greenlet path sends it, under its retry rules
+                return None
+            if sent < len(payload):
+                return self._send_rest(upstream, meter, payload, sent)
+            source = SocketSource(stream, raw)
         if meter is not None:
             meter.up(len(payload), b"")
         later = self._later = _Later(self._sock, upstream, meter, len(payload))
         timeouts = self._timeouts
-        later.relay = LoopRelay(stream, upstream.reader, head, reader, timeouts.response if timeouts else None,
+        later.relay = LoopRelay(source, upstream.reader, head, reader, timeouts.response if timeouts else None,
                                 self._stamp, response=self._loop_response, handover=self._loop_handover,
                                 timed_out=self._loop_timed_out)
         return later
+
+    def _send_rest(self, upstream: Upstream, meter: Meter | None, payload: bytes, sent: int) -> Outcome:
+        """The rest of a head a node connection took only part of, then the exchange, from this greenlet."""
+        try:
+            upstream.stream.sendall(memoryview(payload)[sent:])
+        except OSError as exc:
+            upstream.release(False)
+            raise UpstreamError(f"cannot send the request upstream: {exc}", replayable=True) from exc
+        if meter is not None:
+            meter.up(len(payload), b"")
+        return self._forward(upstream, meter, self._timeouts, len(payload))
 
     def _loop_response(self, relay: LoopRelay, head: ResponseHead, payload: bytes, body: bytes,
                        keep_alive: bool) -> None:
@@ -343,6 +372,8 @@ class _SocketExchange:
         later = self._later
         assert later is not None
         self._raw = None  # another candidate, if it comes to that, is served from here
+        if self._timeouts is not None:  # and never watches the client's socket: the front's wait does
+            self._timeouts = dataclasses.replace(self._timeouts, watch_downstream=False)
         upstream = later.upstream
         outcome: Outcome | UpstreamError
         try:
@@ -360,14 +391,12 @@ class _SocketExchange:
 
     def _remaining_timeouts(self, later: _Later) -> ExchangeTimeouts | None:
         """The exchange's timeouts for the greenlet going on with it: the response's less the time it has
-        waited already; no watching of the client's socket (the front's own wait on it does that)."""
+        waited already."""
         timeouts = self._timeouts
-        if timeouts is None:
-            return None
-        response = timeouts.response
-        if response is not None:
-            response = max(0.001, response - (time.monotonic() - later.sent_at))
-        return dataclasses.replace(timeouts, response=response, watch_downstream=False)
+        if timeouts is None or timeouts.response is None:
+            return timeouts
+        waited = time.monotonic() - later.sent_at
+        return dataclasses.replace(timeouts, response=max(0.001, timeouts.response - waited))
 
     def _write_rest(self, payload: bytes, written: int, body: bytes, outcome: Outcome) -> None:
         """In a greenlet: write what the client's socket did not take from the callback."""
