@@ -219,7 +219,7 @@ class HTTPFront:
         except BaseException:
             self.requests_in_flight -= 1
             raise
-        if kept is True or kept is False:
+        if kept is True or kept is False or kept.done:
             self.requests_in_flight -= 1
         else:  # its response is relayed from callbacks; serve_requests holds it
             kept.ended = self._request_ended
