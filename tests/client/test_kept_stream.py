@@ -367,6 +367,41 @@ def test_a_response_the_window_cannot_take_is_left_for_a_worker_to_write():
             end.close()
 
 
+def test_a_server_fin_scheduled_as_the_response_ended_leaves_the_next_exchange_alone(stream_pair):
+    """The server's FIN schedules the exchange's "server left" call; when the whole response is handled
+    in the same loop turn, that call runs late, after the connection went back to the pool and the next
+    exchange started watching it. It must do nothing: before the fix it stopped the next exchange's
+    watcher (the socket's own) and closed its connection, and that request waited until its visitor
+    gave up (a 3 s stall in a benchmark, then a 499)."""
+    _opened, accepted = stream_pair
+    backend_end, proxy_end = gsocket.socketpair()
+    pool = BackendPool("http://127.0.0.1:9")
+    connection = (proxy_end, MessageReader(proxy_end))
+    ended = []
+
+    def exchange_on(kept):
+        kept.reader.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return LoopExchange(kept, kept.reader.read_request_head(), pool, connection, nonblocking_socket(proxy_end),
+                            30, None, handover=lambda e: ended.append(("handover", e)),
+                            done=lambda e, result: ended.append(("done", e)),
+                            abandoned=lambda e, why: ended.append(("abandoned", e)))
+
+    try:
+        first = exchange_on(_kept(accepted)[0])
+        backend_end.sendall(_ok(b"first"))
+        wait_until(lambda: ended, timeout=5, message="the first response")
+        assert [kind for kind, _ in ended] == ["done"]
+        exchange_on(_kept(accepted)[0])  # the next exchange on the same pooled connection
+        first._server_left()  # the late call, as the loop runs it
+        backend_end.sendall(_ok(b"second"))
+        wait_until(lambda: len(ended) == 2, timeout=5, message="the second response")
+        assert [kind for kind, _ in ended] == ["done", "done"]
+        assert proxy_end.fileno() != -1  # the connection was not closed under the second exchange
+    finally:
+        backend_end.close()
+        proxy_end.close()
+
+
 def test_a_malformed_request_on_a_kept_stream_gets_its_page_from_a_worker():
     """What a parked stream reads that is no request is answered by a worker greenlet, never in the hub:
     here the server's window is full, so writing the page must wait (in the hub it could not)."""

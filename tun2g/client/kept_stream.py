@@ -123,7 +123,7 @@ class LoopExchange:
     after ``done``, ``pending`` holds the response if it could not be written without waiting.
     """
 
-    __slots__ = ("kept", "head", "pool", "connection", "raw", "sent", "observed", "pending", "_watcher",
+    __slots__ = ("kept", "head", "pool", "connection", "raw", "sent", "observed", "pending", "active", "_watcher",
                  "_handover", "_done", "_abandoned")
 
     def __init__(self, kept: KeptStream, head: RequestHead, pool: BackendPool, connection: tuple,
@@ -138,6 +138,7 @@ class LoopExchange:
         self.sent = sent
         self.observed = observed
         self.pending = b""
+        self.active = True  # until one of the three ends it
         self._handover = handover
         self._done = done
         self._abandoned = abandoned
@@ -147,14 +148,21 @@ class LoopExchange:
         kept.stream.on_peer_closed(self._server_left)
 
     def _stop(self) -> None:
+        self.active = False
         self._watcher.stop()
         self.kept.stream.on_peer_closed(None)
 
     def _server_left(self) -> None:
+        # Scheduled by the server's FIN, it may run after the response ended the exchange in the same loop
+        # turn: the connection may then be the next exchange's (its watcher too), and is left alone.
+        if not self.active:
+            return
         self._stop()
         self._abandoned(self, "the server dropped the stream while the response was awaited")
 
     def _response_readable(self) -> None:
+        if not self.active:
+            return
         reader = self.connection[1]
         try:
             data = self.raw.recv(RECV_SIZE)
