@@ -375,6 +375,10 @@ class _SocketExchange:
         if self._timeouts is not None:  # and never watches the client's socket: the front's wait does
             self._timeouts = dataclasses.replace(self._timeouts, watch_downstream=False)
         upstream = later.upstream
+        if later.abandoned:  # the client left before this greenlet ran: nothing to wait for
+            upstream.release(False)
+            later.finish(Outcome(499, False, later.sent, 0))
+            return
         outcome: Outcome | UpstreamError
         try:
             if timed_out:
